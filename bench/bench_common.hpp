@@ -1,0 +1,104 @@
+// bench/bench_common.hpp — shared pieces of the benchmark suite: FMA peak, counters, inputs, memory.
+#pragma once
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <map>
+#include <new>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <polyattn/polyattn.hpp>
+#include <polyattn/detail/simd.hpp>
+
+#if POLYATTN_HAS_OPENMP
+#include <omp.h>
+#endif
+
+namespace polyattn::bench {
+
+/// Runs `iters` rounds of kChains independent FMA chains on full vectors: the machine's fp32
+/// FMA throughput, with enough chains to hide the FMA latency on every x86 core we know.
+inline float fma_chains(std::int64_t iters, float seed) {
+  using B = xsimd::batch<float>;
+  constexpr int kChains = 12;  // 12 accumulators + 2 operands fit 16 vector registers
+  B acc[kChains];
+  for (int c = 0; c < kChains; ++c) acc[c] = B(seed + float(c));
+  const B mul(0.999999f), add(1e-7f);
+  for (std::int64_t i = 0; i < iters; ++i) {
+#pragma GCC unroll 12
+    for (int c = 0; c < kChains; ++c) acc[c] = xsimd::fma(acc[c], mul, add);
+  }
+  B sum(0.f);
+  for (int c = 0; c < kChains; ++c) sum += acc[c];
+  return xsimd::hadd(sum);
+}
+
+inline double fma_flops_per_iter() { return 12.0 * 2.0 * double(xsimd::batch<float>::size); }
+
+/// Measured fp32 FMA peak in GFLOP/s for `threads` threads (each running the chains), cached.
+inline double measured_peak_gflops(int threads) {
+  static std::map<int, double> cache;
+  auto it = cache.find(threads);
+  if (it != cache.end()) return it->second;
+  const std::int64_t iters = 20'000'000;
+  double best = 0;
+  for (int rep = 0; rep < 3; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    float sink = 0;
+#if POLYATTN_HAS_OPENMP
+#pragma omp parallel num_threads(threads) reduction(+ : sink)
+    sink += fma_chains(iters, 1.0f + float(omp_get_thread_num()));
+#else
+    sink += fma_chains(iters, 1.0f);
+#endif
+    benchmark::DoNotOptimize(sink);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, fma_flops_per_iter() * double(iters) * threads / s * 1e-9);
+  }
+  return cache[threads] = best;
+}
+
+/// GFLOP/s and % of the measured peak as rate counters (divided by the measured time).
+inline void set_flop_counters(benchmark::State& state, double flops_per_iter, int threads) {
+  state.counters["GFLOP/s"] = benchmark::Counter(flops_per_iter * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["pct_peak"] =
+      benchmark::Counter(flops_per_iter * 1e-9 / measured_peak_gflops(threads) * 100.0,
+                         benchmark::Counter::kIsIterationInvariantRate);
+}
+
+/// Exact-attention FLOPs (DESIGN §5): 4·Nq·Nk·d, half of it when causal with Nq = Nk.
+inline double attention_flops(std::int64_t n, std::int64_t d, bool causal) {
+  const double f = 4.0 * double(n) * double(n) * double(d);
+  return causal ? f / 2 : f;
+}
+
+inline std::vector<float> random_vector(std::size_t n, std::uint64_t seed) {
+  std::vector<float> x(n);
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<float> nd;
+  for (float& e : x) e = nd(gen);
+  return x;
+}
+
+/// One head of q, k, v, out with N(0,1) entries (single batch and head: the case where the
+/// kernels must still keep every core busy).
+struct head_inputs {
+  std::int64_t n, d;
+  std::vector<float> q, k, v, out;
+  head_inputs(std::int64_t n_, std::int64_t d_)
+      : n(n_), d(d_), q(random_vector(std::size_t(n * d), 1)), k(random_vector(std::size_t(n * d), 2)),
+        v(random_vector(std::size_t(n * d), 3)), out(std::size_t(n * d)) {}
+  tensor_view<const float, 4> qv() const { return {q.data(), {1, 1, n, d}}; }
+  tensor_view<const float, 4> kv() const { return {k.data(), {1, 1, n, d}}; }
+  tensor_view<const float, 4> vv() const { return {v.data(), {1, 1, n, d}}; }
+  tensor_view<float, 4> ov() { return {out.data(), {1, 1, n, d}}; }
+};
+
+}  // namespace polyattn::bench

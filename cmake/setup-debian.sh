@@ -1,0 +1,18 @@
+#!/bin/sh
+# Installs what building, testing and benchmarking polyattn needs on Debian 12 (bookworm),
+# and nothing when it is all there already. Run as root or with sudo available.
+set -eu
+packages="cmake make g++ libeigen3-dev libxsimd-dev catch2 libbenchmark-dev python3-matplotlib"
+missing=""
+for p in $packages; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -z "$missing" ]; then
+  echo "setup-debian: all dependencies present"
+  exit 0
+fi
+echo "setup-debian: installing$missing"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing

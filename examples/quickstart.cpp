@@ -1,0 +1,31 @@
+// examples/quickstart.cpp — the README's first example: exact and polynomial attention on one batch.
+#include <polyattn/polyattn.hpp>
+
+#include <cstdio>
+#include <random>
+#include <vector>
+
+int main() {
+  const std::int64_t B = 1, H = 4, N = 1024, d = 64;
+  std::vector<float> q(B * H * N * d), k(q.size()), v(q.size()), out(q.size());
+  std::mt19937 gen(0);
+  std::normal_distribution<float> normal;
+  for (auto* t : {&q, &k, &v})
+    for (float& x : *t) x = normal(gen);
+
+  // Views over [batch, heads, seq, dim] buffers; inputs are read-only views.
+  using cview = polyattn::tensor_view<const float, 4>;
+  const cview Q(q.data(), {B, H, N, d}), K(k.data(), {B, H, N, d}), V(v.data(), {B, H, N, d});
+  polyattn::tensor_view<float, 4> O(out.data(), {B, H, N, d});
+
+  polyattn::softmax_options causal;
+  causal.causal = true;
+  polyattn::flash_attention<float>(Q, K, V, O, causal);  // exact softmax, O(N·d) memory
+  std::printf("flash      out[0,0,N-1,0] = %+.5f\n", O(0, 0, N - 1, 0));
+
+  polyattn::polynomial_options poly;  // w = (q·k)^4 / (1 + Σ w), the PolySketchFormer kernel
+  poly.causal = true;
+  poly.scale = 1.0 / 8;  // q, k here are N(0, 1); a model would LayerNorm them
+  polyattn::polynomial_attention<float>(Q, K, V, O, poly);
+  std::printf("polynomial out[0,0,N-1,0] = %+.5f\n", O(0, 0, N - 1, 0));
+}

@@ -1,0 +1,101 @@
+// polyattn/detail/gemm.hpp — the register-blocked GEMM micro-kernel every kernel's matrix products use.
+#pragma once
+
+#include "simd.hpp"
+
+namespace polyattn::detail {
+
+/// Register tile of the micro-kernel: kMr rows of C (one broadcast each) times kNr vectors.
+/// 16 vector registers (SSE/AVX2): 6 x 2 = 12 accumulators + 2 loads + 1 broadcast.
+/// 32 registers (AVX-512): 6 x 4 = 24 accumulators + 4 loads + 1 broadcast.
+template <class T, class Arch>
+struct gemm_tile {
+#if XSIMD_WITH_AVX512F
+  static constexpr bool wide_register_file = std::is_base_of<xsimd::avx512f, Arch>::value;
+#else
+  static constexpr bool wide_register_file = false;
+#endif
+  static constexpr int kMr = 6;
+  static constexpr int kNr = wide_register_file ? 4 : 2;
+};
+
+/// C[MR x NR·W] (+)= A[MR x kc] · B[kc x NR·W] with A(i, p) = a[i·a_rs + p·a_cs] broadcast
+/// and B row p = b + p·ldb loaded as NR vectors.
+template <int MR, int NR, class T, class Arch>
+inline void gemm_micro(index_t kc, const T* a, index_t a_rs, index_t a_cs, const T* b, index_t ldb, T* c,
+                       index_t ldc, bool accumulate) {
+  using B = batch<T, Arch>;
+  constexpr index_t W = B::size;
+  B acc[MR][NR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int n = 0; n < NR; ++n) acc[m][n] = B(T(0));
+  for (index_t p = 0; p < kc; ++p) {
+    const T* bp = b + p * ldb;
+    const T* ap = a + p * a_cs;
+    B bv[NR];
+#pragma GCC unroll 4
+    for (int n = 0; n < NR; ++n) bv[n] = B::load_unaligned(bp + n * W);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const B av(ap[m * a_rs]);
+#pragma GCC unroll 4
+      for (int n = 0; n < NR; ++n) acc[m][n] = xsimd::fma(av, bv[n], acc[m][n]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int n = 0; n < NR; ++n) {
+      T* cp = c + m * ldc + n * W;
+      if (accumulate)
+        (B::load_unaligned(cp) + acc[m][n]).store_unaligned(cp);
+      else
+        acc[m][n].store_unaligned(cp);
+    }
+}
+
+template <int MR, int NR, class T, class Arch>
+inline void gemm_row_panel(index_t nv, index_t kc, const T* a, index_t a_rs, index_t a_cs, const T* b, index_t ldb,
+                           T* c, index_t ldc, bool accumulate) {
+  constexpr index_t W = simd_width<T, Arch>;
+  index_t j = 0;
+  for (; j + NR <= nv; j += NR) gemm_micro<MR, NR, T, Arch>(kc, a, a_rs, a_cs, b + j * W, ldb, c + j * W, ldc, accumulate);
+  if constexpr (NR > 1) {
+    if (j < nv) {
+      // remainder of fewer than NR vectors: peel one vector at a time through the NR-1 variant
+      gemm_row_panel<MR, NR - 1, T, Arch>(nv - j, kc, a, a_rs, a_cs, b + j * W, ldb, c + j * W, ldc, accumulate);
+    }
+  }
+}
+
+template <int MR, class T, class Arch>
+inline void gemm_rows_tail(index_t rows, index_t nv, index_t kc, const T* a, index_t a_rs, index_t a_cs, const T* b,
+                           index_t ldb, T* c, index_t ldc, bool accumulate) {
+  if constexpr (MR > 0) {
+    if (rows == MR)
+      gemm_row_panel<MR, gemm_tile<T, Arch>::kNr, T, Arch>(nv, kc, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
+    else
+      gemm_rows_tail<MR - 1, T, Arch>(rows, nv, kc, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
+  }
+}
+
+/// C[m x n] = (accumulate ? C : 0) + A[m x k] · B[k x n].
+/// A is addressed through two strides (so A or Aᵀ of a row-major buffer both work) and read
+/// one scalar at a time; B and C are row-major and read/written in whole vectors, so their
+/// rows must be readable/writable up to n rounded up to the vector width.
+template <class T, class Arch = default_arch>
+void gemm(index_t m, index_t n, index_t k, const T* a, index_t a_rs, index_t a_cs, const T* b, index_t ldb, T* c,
+          index_t ldc, bool accumulate) {
+  constexpr int MR = gemm_tile<T, Arch>::kMr;
+  constexpr int NR = gemm_tile<T, Arch>::kNr;
+  const index_t nv = ceil_div(n, simd_width<T, Arch>);
+  index_t i = 0;
+  for (; i + MR <= m; i += MR)
+    gemm_row_panel<MR, NR, T, Arch>(nv, k, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc, accumulate);
+  if (i < m)
+    gemm_rows_tail<MR - 1, T, Arch>(m - i, nv, k, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc, accumulate);
+}
+
+}  // namespace polyattn::detail

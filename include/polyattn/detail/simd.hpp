@@ -1,0 +1,50 @@
+// polyattn/detail/simd.hpp — xsimd helpers: architecture traits, aligned scratch, vector loops.
+#pragma once
+
+#include <type_traits>
+#include <vector>
+
+#include <xsimd/xsimd.hpp>
+
+#include "../config.hpp"
+
+namespace polyattn::detail {
+
+/// Kernels are templated on Arch (default: the best ISA the user's compile flags enable),
+/// never on a -march of ours (DESIGN §4).
+using default_arch = xsimd::default_arch;
+
+template <class T, class Arch>
+using batch = xsimd::batch<T, Arch>;
+
+template <class T, class Arch>
+inline constexpr index_t simd_width = static_cast<index_t>(xsimd::batch<T, Arch>::size);
+
+/// Scratch buffers: 64-byte aligned so a full AVX-512 vector never straddles a cache line.
+template <class T>
+using aligned_vector = std::vector<T, xsimd::aligned_allocator<T, 64>>;
+
+constexpr index_t round_up(index_t n, index_t m) { return (n + m - 1) / m * m; }
+constexpr index_t ceil_div(index_t n, index_t m) { return (n + m - 1) / m; }
+
+/// x[i] *= a for i in [0, n); n a multiple of the vector width.
+template <class T, class Arch>
+inline void scale_padded(T* x, index_t n, T a) {
+  using B = batch<T, Arch>;
+  const B av(a);
+  for (index_t i = 0; i < n; i += B::size) (B::load_unaligned(x + i) * av).store_unaligned(x + i);
+}
+
+/// Integer power by squaring, vectorised; p >= 1.
+template <class T, class Arch>
+inline batch<T, Arch> ipow(batch<T, Arch> base, int p) {
+  batch<T, Arch> result(T(1));
+  for (;;) {
+    if (p & 1) result *= base;
+    p >>= 1;
+    if (!p) return result;
+    base *= base;
+  }
+}
+
+}  // namespace polyattn::detail

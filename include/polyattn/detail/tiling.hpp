@@ -1,0 +1,141 @@
+// polyattn/detail/tiling.hpp — the tiled exact-attention engine shared by softmax, flash and polynomial.
+//
+// One task = one (batch, head, block of kBlockQ queries). Per task:
+//   Qᵀ (scaled, padded to whole vectors) is packed once;
+//   for each key block:  Sᵀ = K_blk · Qᵀ       (keys are rows, queries are SIMD lanes)
+//                        mask, then Weights::apply turns Sᵀ into weights Pᵀ in place and
+//                        updates per-query state (running max / sums) lane-parallel;
+//                        O += P · V_blk
+//   out = O / denominator.
+// Keeping queries in lanes makes every per-query reduction (row max, row sum) a plain
+// vertical vector operation: no horizontal adds anywhere in the inner loops.
+// The kernels differ only in the Weights policy (softmax.hpp, polynomial.hpp).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "../tensor_view.hpp"
+#include "gemm.hpp"
+#include "threading.hpp"
+
+namespace polyattn::detail {
+
+inline constexpr index_t kBlockQ = 64;  // queries per task (a multiple of every kNr·W)
+inline constexpr index_t kBlockK = 128;  // keys per block of the flash kernels (measured, see bench_exact)
+
+template <class T>
+struct attention_problem {
+  tensor_view<const T, 4> q, k, v;
+  tensor_view<T, 4> out;
+  bool causal = false;
+  T scale = T(1);
+  index_t block_k = kBlockK;  // keys per block; >= Nk materialises a whole score row block
+  int threads = 1;
+};
+
+template <class T>
+struct attention_scratch {
+  aligned_vector<T> qt, st, o, vpack, m, l, alpha;
+};
+
+/// Runs the engine for every (batch, head, query block). Weights must provide
+///   static T masked_score();                       value a masked score is set to
+///   void init(T* m, T* l, index_t lanes) const;    per-query state before the first block
+///   void apply(T* st, index_t rows, index_t ld, index_t lanes, T* m, T* l, T* alpha) const;
+///       turn scores into weights in place; alpha[i] = factor to rescale O row i by (or
+///       leave alpha untouched and return false when O needs no rescaling)
+///   T inverse_denominator(T m, T l) const;         final per-query factor (0 for empty rows)
+template <class T, class Weights, class Arch = default_arch>
+void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights) {
+  const index_t B = pb.q.extent(0), H = pb.q.extent(1), Nq = pb.q.extent(2), d = pb.q.extent(3);
+  const index_t Hk = pb.k.extent(1), Nk = pb.k.extent(2), dv = pb.v.extent(3);
+  if (B == 0 || H == 0 || Nq == 0 || dv == 0) return;
+  constexpr index_t W = simd_width<T, Arch>;
+  const index_t group = H / Hk;
+  const index_t n_qblocks = ceil_div(Nq, kBlockQ);
+  const index_t heads = B * H;
+  const index_t offset = Nk - Nq;  // bottom-right alignment: query i sits at position i + offset
+  const index_t block_k = std::max<index_t>(1, std::min(pb.block_k, std::max<index_t>(Nk, 1)));
+  const index_t dvp = round_up(dv, W);
+  const bool pack_v = dv % W != 0;
+  const int workers = static_cast<int>(std::min<index_t>(pb.threads, heads * n_qblocks));
+  std::vector<attention_scratch<T>> scratch(std::max(workers, 1));
+
+  // Heaviest blocks first (the last query blocks of a causal head see the most keys) so the
+  // dynamic schedule ends with small tasks on both cores.
+  parallel_for(pb.threads, heads * n_qblocks, [&](index_t task, int worker) {
+    const index_t qb = n_qblocks - 1 - task / heads;
+    const index_t bh = task % heads;
+    const index_t b = bh / H, h = bh % H, hk = h / group;
+    const index_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, Nq - i0);
+    const index_t lanes = round_up(nq, W);
+    attention_scratch<T>& s = scratch[worker];
+    if (s.qt.empty()) {
+      s.qt.assign(static_cast<std::size_t>(std::max<index_t>(d, 1) * kBlockQ), T(0));
+      s.st.assign(static_cast<std::size_t>(block_k * kBlockQ), T(0));
+      s.o.assign(static_cast<std::size_t>(kBlockQ * dvp), T(0));
+      s.m.assign(kBlockQ, T(0));
+      s.l.assign(kBlockQ, T(0));
+      s.alpha.assign(kBlockQ, T(0));
+      if (pack_v) s.vpack.assign(static_cast<std::size_t>(block_k * dvp), T(0));
+    }
+    T* qt = s.qt.data();
+    T* st = s.st.data();
+    T* o = s.o.data();
+
+    // Qᵀ [d x lanes], scaled; padding lanes are zero queries whose results are never stored.
+    // (with d == 0 nothing is read: do not form pointers into a possibly null view)
+    const T* qrow = d > 0 ? &pb.q(b, h, i0, 0) : nullptr;
+    const index_t qs = pb.q.stride(2);
+    for (index_t c = 0; c < d; ++c) {
+      T* dst = qt + c * lanes;
+      for (index_t i = 0; i < nq; ++i) dst[i] = pb.scale * qrow[i * qs + c];
+      for (index_t i = nq; i < lanes; ++i) dst[i] = T(0);
+    }
+    std::fill(o, o + nq * dvp, T(0));
+    weights.init(s.m.data(), s.l.data(), lanes);
+
+    // Keys a query of this block may see: all, or up to the last query's position.
+    const index_t key_end = pb.causal ? std::min(Nk, i0 + nq + offset) : Nk;
+    const T* kbase = d > 0 && Nk > 0 ? &pb.k(b, hk, 0, 0) : qt;
+    const T* vbase = Nk > 0 ? &pb.v(b, hk, 0, 0) : nullptr;
+    const index_t ks = d > 0 ? pb.k.stride(2) : 0, vs = pb.v.stride(2);
+    for (index_t j0 = 0; j0 < key_end; j0 += block_k) {
+      const index_t nk = std::min(block_k, key_end - j0);
+      gemm<T, Arch>(nk, lanes, d, kbase + j0 * ks, ks, 1, qt, lanes, st, lanes, false);
+      if (pb.causal && j0 + nk - 1 > i0 + offset) {
+        // key j is visible to query i iff j <= i + offset: mask the first j - offset - i0 lanes
+        for (index_t r = 0; r < nk; ++r) {
+          const index_t hidden = std::min(lanes, j0 + r - offset - i0);
+          T* row = st + r * lanes;
+          for (index_t i = 0; i < hidden; ++i) row[i] = Weights::masked_score();
+        }
+      }
+      if (weights.apply(st, nk, lanes, lanes, s.m.data(), s.l.data(), s.alpha.data()))
+        for (index_t i = 0; i < nq; ++i) scale_padded<T, Arch>(o + i * dvp, dvp, s.alpha[i]);
+      const T* vsrc = vbase + j0 * vs;
+      index_t ldv = vs;
+      if (pack_v) {
+        for (index_t r = 0; r < nk; ++r) {
+          std::copy(vsrc + r * vs, vsrc + r * vs + dv, s.vpack.data() + r * dvp);
+          std::fill(s.vpack.data() + r * dvp + dv, s.vpack.data() + (r + 1) * dvp, T(0));
+        }
+        vsrc = s.vpack.data();
+        ldv = dvp;
+      }
+      // O[nq x dv] += P · V with P(i, j) = Pᵀ(j, i) = st[j·lanes + i]
+      gemm<T, Arch>(nq, dv, nk, st, 1, lanes, vsrc, ldv, o, dvp, true);
+    }
+
+    const index_t os = pb.out.stride(2);
+    T* orow = &pb.out(b, h, i0, 0);
+    for (index_t i = 0; i < nq; ++i) {
+      const T f = weights.inverse_denominator(s.m[i], s.l[i]);
+      for (index_t c = 0; c < dv; ++c) orow[i * os + c] = o[i * dvp + c] * f;
+    }
+  });
+}
+
+}  // namespace polyattn::detail

@@ -1,0 +1,161 @@
+// polyattn/detail/validation.hpp — argument checks run once at every entry point (DESIGN §2).
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <limits>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#include "../tensor_view.hpp"
+
+namespace polyattn::detail {
+
+template <class T, std::size_t R>
+std::string shape_string(const tensor_view<T, R>& v) {
+  std::ostringstream os;
+  os << '[';
+  for (std::size_t r = 0; r < R; ++r) os << (r ? ", " : "") << v.extent(r);
+  os << ']';
+  return os.str();
+}
+
+[[noreturn]] inline void fail(const char* function, const std::string& message) {
+  throw std::invalid_argument(std::string("polyattn::") + function + ": " + message);
+}
+
+/// Well-formedness of one view: non-negative extents and strides, a data pointer whenever
+/// there are elements, and a contiguous innermost dimension.
+template <class T, std::size_t R>
+void check_view(const char* function, const char* name, const tensor_view<T, R>& v) {
+  for (std::size_t r = 0; r < R; ++r) {
+    if (v.extent(r) < 0)
+      fail(function, std::string("argument '") + name + "' has a negative extent in dimension " + std::to_string(r) +
+                         ", shape " + shape_string(v));
+    if (v.stride(r) < 0)
+      fail(function, std::string("argument '") + name + "' has a negative stride in dimension " +
+                         std::to_string(r) + ", shape " + shape_string(v));
+  }
+  // the element count and the furthest offset must fit 63 bits (DESIGN §2: 64-bit indices)
+  constexpr index_t kMax = std::numeric_limits<index_t>::max();
+  index_t count = 1, reach = 0;
+  bool empty = false;
+  for (std::size_t r = 0; r < R; ++r) empty = empty || v.extent(r) == 0;
+  for (std::size_t r = 0; r < R && !empty; ++r) {
+    const index_t e = v.extent(r), st = v.stride(r);
+    if (count > kMax / e || (st > 0 && e - 1 > (kMax - reach) / st))
+      fail(function, std::string("argument '") + name + "' is too large for 64-bit indexing, shape " + shape_string(v));
+    count *= e;
+    reach += (e - 1) * st;
+  }
+  if (v.size() > 0 && v.data() == nullptr)
+    fail(function, std::string("argument '") + name + "' is a null pointer with shape " + shape_string(v));
+  if (v.extent(R - 1) > 1 && v.stride(R - 1) != 1)
+    fail(function, std::string("argument '") + name + "' must be contiguous in its innermost dimension (stride " +
+                       std::to_string(v.stride(R - 1)) + "), shape " + shape_string(v));
+}
+
+/// An output must address distinct elements: no zero stride over an extent > 1, and, taking
+/// the dimensions by increasing stride, each stride must step past everything the smaller
+/// dimensions span (the usual sufficient test for a non-self-overlapping strided layout).
+template <class T, std::size_t R>
+void check_writable(const char* function, const char* name, const tensor_view<T, R>& v) {
+  if (v.size() == 0) return;
+  std::array<std::size_t, R> order{};
+  for (std::size_t r = 0; r < R; ++r) order[r] = r;
+  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return v.stride(a) < v.stride(b); });
+  index_t span = 0;  // offset reach of the dimensions taken so far
+  for (std::size_t r : order) {
+    if (v.extent(r) <= 1) continue;
+    if (v.stride(r) == 0)
+      fail(function, std::string("output '") + name + "' has stride 0 in dimension " + std::to_string(r) +
+                         ", shape " + shape_string(v));
+    if (v.stride(r) <= span)
+      fail(function, std::string("output '") + name + "' overlaps itself: stride " + std::to_string(v.stride(r)) +
+                         " of dimension " + std::to_string(r) + " is within the span of smaller strides, shape " +
+                         shape_string(v));
+    span += (v.extent(r) - 1) * v.stride(r);
+  }
+}
+
+/// Byte range [first, last) spanned by a view; empty views span nothing.
+template <class T, std::size_t R>
+std::pair<std::uintptr_t, std::uintptr_t> byte_span(const tensor_view<T, R>& v) {
+  if (v.size() == 0) return {0, 0};
+  index_t last = 0;
+  for (std::size_t r = 0; r < R; ++r) last += (v.extent(r) - 1) * v.stride(r);
+  const auto first = reinterpret_cast<std::uintptr_t>(v.data());
+  return {first, first + static_cast<std::uintptr_t>(last + 1) * sizeof(T)};
+}
+
+/// `out` must not share memory with an input. The test is on the address ranges the views
+/// span, so interleaved-but-disjoint views of one buffer are (conservatively) rejected too.
+template <class T, std::size_t R, class U, std::size_t S>
+void check_no_overlap(const char* function, const char* out_name, const tensor_view<T, R>& out,
+                      const char* in_name, const tensor_view<U, S>& in) {
+  const auto a = byte_span(out);
+  const auto b = byte_span(in);
+  if (a.first < a.second && b.first < b.second && a.first < b.second && b.first < a.second)
+    fail(function, std::string("output '") + out_name + "' " + shape_string(out) + " overlaps input '" + in_name +
+                       "' " + shape_string(in));
+}
+
+template <class A, class B>
+void check_same_extent(const char* function, const char* what, const char* an, const A& a, std::size_t ad,
+                       const char* bn, const B& b, std::size_t bd) {
+  if (a.extent(ad) != b.extent(bd))
+    fail(function, std::string(what) + " mismatch: argument '" + an + "' has shape " + shape_string(a) +
+                       " but '" + bn + "' has shape " + shape_string(b));
+}
+
+/// Shape contract of every attention entry point (DESIGN §2):
+/// q [B, H, Nq, d], k [B, Hk, Nk, d], v [B, Hk, Nk, dv], out [B, H, Nq, dv], H % Hk == 0.
+/// Argument names are passed in so linear attention can call them phi_q / phi_k.
+template <class TQ, class TK, class TV, class TO>
+void check_attention(const char* function, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
+                     const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, const char* qn = "q",
+                     const char* kn = "k") {
+  check_view(function, qn, q);
+  check_view(function, kn, k);
+  check_view(function, "v", v);
+  check_view(function, "out", out);
+  check_writable(function, "out", out);
+  check_same_extent(function, "batch size", kn, k, 0, qn, q, 0);
+  check_same_extent(function, "batch size", "v", v, 0, qn, q, 0);
+  check_same_extent(function, "batch size", "out", out, 0, qn, q, 0);
+  check_same_extent(function, "head count", "out", out, 1, qn, q, 1);
+  check_same_extent(function, "head count", "v", v, 1, kn, k, 1);
+  check_same_extent(function, "head dim", kn, k, 3, qn, q, 3);
+  check_same_extent(function, "key count", "v", v, 2, kn, k, 2);
+  check_same_extent(function, "query count", "out", out, 2, qn, q, 2);
+  check_same_extent(function, "value dim", "out", out, 3, "v", v, 3);
+  const index_t h = q.extent(1), hk = k.extent(1);
+  if ((hk == 0 && h != 0) || (hk != 0 && h % hk != 0))
+    fail(function, std::string("grouped-query attention needs the query head count to be a multiple of the kv head "
+                               "count: argument '") + qn + "' has shape " + shape_string(q) + " but '" + kn +
+                       "' has shape " + shape_string(k));
+  check_no_overlap(function, "out", out, qn, q);
+  check_no_overlap(function, "out", out, kn, k);
+  check_no_overlap(function, "out", out, "v", v);
+}
+
+inline void check_threads(const char* function, int threads) {
+  if (threads < 0) fail(function, "option 'threads' must be >= 0 (0 = all available), got " + std::to_string(threads));
+}
+
+/// Full-precision formatting for option values in messages (std::to_string prints 6 decimals).
+inline std::string format_value(double x) {
+  std::ostringstream os;
+  os.precision(17);
+  os << x;
+  return os.str();
+}
+
+inline void check_finite_scale(const char* function, const char* name, double value) {
+  if (!(value == value) || value == 1.0 / 0.0 || value == -1.0 / 0.0)
+    fail(function, std::string("option '") + name + "' must be finite, got " + format_value(value));
+}
+
+}  // namespace polyattn::detail

@@ -1,0 +1,59 @@
+// polyattn/options.hpp — option aggregates of every entry point (DESIGN §2).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+
+#include "config.hpp"
+
+namespace polyattn {
+
+/// Options of `softmax_attention` and `flash_attention`.
+struct softmax_options {
+  bool causal = false;           ///< bottom-right aligned causal mask (DESIGN §1)
+  std::optional<double> scale{}; ///< logit scale; unset means 1/sqrt(head_dim)
+  int threads = 0;               ///< 0 = all available
+};
+
+/// Options of `polynomial_attention`: w_ij = (scale·q_i·k_j)^degree, out_i = Σ w v / (β + Σ w).
+struct polynomial_options {
+  bool causal = false;
+  int degree = 4;                ///< even and positive
+  double scale = 1.0;
+  double normalizer_bias = 1.0;  ///< β ≥ 0
+  int threads = 0;
+};
+
+/// Scaling convention of a random sketch (DESIGN §1).
+enum class sketch_scaling {
+  unbiased,   ///< c = 1/sqrt(r) per degree-2 node: E[s(x)·s(y)] = (x·y)^(p/2)
+  reference,  ///< the paper's code: every leaf divided by sqrt(r)
+};
+
+/// Options of a `polysketch` feature map.
+struct sketch_options {
+  int degree = 4;                  ///< p ∈ {2, 4, 8, 16}
+  index_t sketch_size = 32;        ///< r
+  std::uint64_t seed = 0;
+  bool packed = true;              ///< r(r+1)/2 features instead of r²
+  sketch_scaling scaling = sketch_scaling::unbiased;
+};
+
+/// Options of `polysketch_attention`.
+struct polysketch_options {
+  bool causal = false;
+  index_t block_size = 256;        ///< b of the block algorithm; semantic only with local_exact
+  bool local_exact = false;        ///< exact degree-p weights inside the query's block
+  double scale = 1.0;
+  double normalizer_bias = 1.0;
+  int threads = 0;
+};
+
+/// Options of `linear_attention` for caller-supplied non-negative features.
+struct linear_options {
+  bool causal = false;
+  double normalizer_bias = 0.0;
+  int threads = 0;
+};
+
+}  // namespace polyattn

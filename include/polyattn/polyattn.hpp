@@ -1,0 +1,10 @@
+// polyattn/polyattn.hpp — umbrella header: the whole public API of polyattn.
+#pragma once
+
+#include "config.hpp"
+#include "version.hpp"
+#include "tensor_view.hpp"
+#include "options.hpp"
+#include "softmax.hpp"
+#include "flash.hpp"
+#include "polynomial.hpp"

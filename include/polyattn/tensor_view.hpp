@@ -1,0 +1,85 @@
+// polyattn/tensor_view.hpp — tensor_view<T, Rank>: a non-owning strided view (pointer, extents, strides).
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <type_traits>
+
+#include "config.hpp"
+
+namespace polyattn {
+
+/// A non-owning view of a strided tensor, close to `std::mdspan` with `layout_stride`.
+/// Extents and strides are in elements. Attention kernels use Rank 4 with layout
+/// `[batch, heads, seq, dim]`; the innermost dimension must be contiguous (stride 1).
+/// Use `tensor_view<const T>` for inputs; a mutable view converts to a const one implicitly.
+template <class T, std::size_t Rank = 4>
+class tensor_view {
+ public:
+  using element_type = T;
+  using value_type = std::remove_cv_t<T>;
+  using index_type = index_t;
+  using extents_type = std::array<index_t, Rank>;
+  static constexpr std::size_t rank = Rank;
+
+  constexpr tensor_view() noexcept = default;
+
+  /// Contiguous row-major view (the last dimension varies fastest).
+  constexpr tensor_view(T* data, const extents_type& extents) noexcept
+      : data_(data), extents_(extents), strides_(contiguous_strides(extents)) {}
+
+  /// General strided view. Strides may be zero (broadcast) for inputs, never negative.
+  constexpr tensor_view(T* data, const extents_type& extents, const extents_type& strides) noexcept
+      : data_(data), extents_(extents), strides_(strides) {}
+
+  /// Mutable -> const conversion.
+  template <class U, class = std::enable_if_t<std::is_same_v<const U, T> && !std::is_same_v<U, T>>>
+  constexpr tensor_view(const tensor_view<U, Rank>& other) noexcept  // NOLINT(google-explicit-constructor)
+      : data_(other.data()), extents_(other.extents()), strides_(other.strides()) {}
+
+  constexpr T* data() const noexcept { return data_; }
+  constexpr index_t extent(std::size_t r) const noexcept { return extents_[r]; }
+  constexpr index_t stride(std::size_t r) const noexcept { return strides_[r]; }
+  constexpr const extents_type& extents() const noexcept { return extents_; }
+  constexpr const extents_type& strides() const noexcept { return strides_; }
+
+  /// Number of elements (product of extents).
+  constexpr index_t size() const noexcept {
+    index_t n = 1;
+    for (std::size_t r = 0; r < Rank; ++r) n *= extents_[r];
+    return n;
+  }
+  constexpr bool empty() const noexcept { return size() == 0; }
+
+  template <class... I, class = std::enable_if_t<sizeof...(I) == Rank>>
+  constexpr T& operator()(I... idx) const noexcept {
+    const index_t ix[Rank] = {static_cast<index_t>(idx)...};
+    index_t off = 0;
+    for (std::size_t r = 0; r < Rank; ++r) off += ix[r] * strides_[r];
+    return data_[off];
+  }
+
+  static constexpr extents_type contiguous_strides(const extents_type& e) noexcept {
+    extents_type s{};
+    index_t acc = 1;
+    for (std::size_t r = Rank; r-- > 0;) {
+      s[r] = acc;
+      acc *= e[r];
+    }
+    return s;
+  }
+
+ private:
+  T* data_ = nullptr;
+  extents_type extents_{};
+  extents_type strides_{};
+};
+
+/// View a `[batch, seq, heads, dim]` tensor (the layout of many frameworks) as the
+/// `[batch, heads, seq, dim]` view the kernels take, without copying.
+template <class T>
+constexpr tensor_view<T, 4> view_bnhd(T* data, index_t batch, index_t seq, index_t heads, index_t dim) noexcept {
+  return tensor_view<T, 4>(data, {batch, heads, seq, dim}, {seq * heads * dim, dim, heads * dim, 1});
+}
+
+}  // namespace polyattn

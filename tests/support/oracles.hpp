@@ -1,0 +1,97 @@
+// tests/support/oracles.hpp — double-precision reference kernels written literally from DESIGN §1.
+//
+// Each oracle materialises the full weight matrix of a head and normalises it row by row.
+// They share no code with the library: no tiling, no SIMD, no online softmax.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include <polyattn/tensor_view.hpp>
+
+namespace polyattn::test {
+
+/// Dense [B, H, Nq, dv] result in double, contiguous.
+struct dense_result {
+  index_t batch = 0, heads = 0, rows = 0, cols = 0;
+  std::vector<double> data;
+  double operator()(index_t b, index_t h, index_t i, index_t c) const {
+    return data[static_cast<std::size_t>(((b * heads + h) * rows + i) * cols + c)];
+  }
+  double& at(index_t b, index_t h, index_t i, index_t c) {
+    return data[static_cast<std::size_t>(((b * heads + h) * rows + i) * cols + c)];
+  }
+};
+
+/// Causal visibility with bottom-right alignment: key j is allowed for query i iff
+/// j <= i + (Nk - Nq).
+inline bool visible(bool causal, index_t i, index_t j, index_t nq, index_t nk) { return !causal || j <= i + (nk - nq); }
+
+/// out_i = Σ_j W_ij v_j / (bias + Σ_j W_ij), 0 when the denominator is 0. `weight(b, h, i, j, s)`
+/// maps the scaled score s = scale·q_i·k_j of an allowed pair to its weight; masked pairs get 0.
+template <class Acc, class T, class WeightRow>
+dense_result dense_attention(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+                             bool causal, double scale, double bias, WeightRow weight_row) {
+  dense_result r{q.extent(0), q.extent(1), q.extent(2), v.extent(3), {}};
+  r.data.assign(static_cast<std::size_t>(r.batch * r.heads * r.rows * r.cols), 0.0);
+  const index_t nq = q.extent(2), nk = k.extent(2), d = q.extent(3), group = q.extent(1) / std::max<index_t>(k.extent(1), 1);
+  for (index_t b = 0; b < r.batch; ++b)
+    for (index_t h = 0; h < r.heads; ++h) {
+      const index_t hk = h / group;
+      // the full Nq x Nk score and weight matrices of this head
+      std::vector<double> s(static_cast<std::size_t>(nq * nk), 0.0);  // scores rounded to Acc
+      std::vector<bool> allowed(static_cast<std::size_t>(nq * nk), false);
+      for (index_t i = 0; i < nq; ++i)
+        for (index_t j = 0; j < nk; ++j) {
+          Acc dot = 0;
+          for (index_t c = 0; c < d; ++c) dot += static_cast<Acc>(q(b, h, i, c)) * static_cast<Acc>(k(b, hk, j, c));
+          s[i * nk + j] = static_cast<double>(static_cast<Acc>(scale) * dot);
+          allowed[i * nk + j] = visible(causal, i, j, nq, nk);
+        }
+      for (index_t i = 0; i < nq; ++i) {
+        std::vector<double> w = weight_row(i, &s[i * nk], allowed, i * nk, nk);
+        Acc denom = static_cast<Acc>(bias);
+        for (index_t j = 0; j < nk; ++j) denom += static_cast<Acc>(w[j]);
+        for (index_t c = 0; c < r.cols; ++c) {
+          Acc acc = 0;
+          for (index_t j = 0; j < nk; ++j) acc += static_cast<Acc>(w[j]) * static_cast<Acc>(v(b, hk, j, c));
+          r.at(b, h, i, c) = denom != Acc(0) ? static_cast<double>(acc / denom) : 0.0;
+        }
+      }
+    }
+  return r;
+}
+
+/// Softmax attention: W_ij = exp(s_ij - max_j s_ij) over allowed j (the max only for range).
+/// With Acc = float this is the naive fp32 implementation flash is measured against (DESIGN §6).
+template <class T, class Acc = double>
+dense_result softmax_oracle(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+                            bool causal, double scale) {
+  return dense_attention<Acc, T>(q, k, v, causal, scale, 0.0,
+                            [](index_t, const double* s, const std::vector<bool>& allowed, index_t base, index_t nk) {
+                              double mx = -INFINITY;
+                              for (index_t j = 0; j < nk; ++j)
+                                if (allowed[base + j]) mx = std::max(mx, s[j]);
+                              std::vector<double> w(static_cast<std::size_t>(nk), 0.0);
+                              for (index_t j = 0; j < nk; ++j)
+                                if (allowed[base + j]) w[j] = static_cast<double>(std::exp(static_cast<Acc>(s[j] - mx)));
+                              return w;
+                            });
+}
+
+/// Polynomial attention: W_ij = s_ij^p over allowed j, normaliser β + Σ W.
+template <class T, class Acc = double>
+dense_result polynomial_oracle(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+                               bool causal, int degree, double scale, double bias) {
+  return dense_attention<Acc, T>(q, k, v, causal, scale, bias,
+                            [degree](index_t, const double* s, const std::vector<bool>& allowed, index_t base,
+                                     index_t nk) {
+                              std::vector<double> w(static_cast<std::size_t>(nk), 0.0);
+                              for (index_t j = 0; j < nk; ++j)
+                                if (allowed[base + j]) w[j] = static_cast<double>(std::pow(static_cast<Acc>(s[j]), degree));
+                              return w;
+                            });
+}
+
+}  // namespace polyattn::test

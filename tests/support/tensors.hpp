@@ -1,0 +1,60 @@
+// tests/support/tensors.hpp — owning test tensors with views, random inputs.
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include <polyattn/tensor_view.hpp>
+
+namespace polyattn::test {
+
+/// An owning [B, H, N, D] tensor. With `layout_bnhd` the storage is [B, N, H, D] and the view
+/// is strided, to exercise the non-contiguous path the kernels must accept.
+template <class T>
+struct tensor4 {
+  std::vector<T> storage;
+  tensor_view<T, 4> view;
+
+  tensor4() = default;
+  tensor4(index_t b, index_t h, index_t n, index_t d, bool layout_bnhd = false)
+      : storage(static_cast<std::size_t>(b * h * n * d), T(0)) {
+    view = layout_bnhd ? view_bnhd(storage.data(), b, n, h, d) : tensor_view<T, 4>(storage.data(), {b, h, n, d});
+  }
+  tensor4(const tensor4& o) : storage(o.storage) { view = rebase(o); }
+  tensor4& operator=(const tensor4& o) {
+    storage = o.storage;
+    view = rebase(o);
+    return *this;
+  }
+  tensor_view<const T, 4> cview() const { return view; }
+  T& operator()(index_t b, index_t h, index_t n, index_t d) { return view(b, h, n, d); }
+  T operator()(index_t b, index_t h, index_t n, index_t d) const { return view(b, h, n, d); }
+
+ private:
+  tensor_view<T, 4> rebase(const tensor4& o) {
+    return tensor_view<T, 4>(storage.data(), o.view.extents(), o.view.strides());
+  }
+};
+
+/// Fills every element of the view with N(0, sigma²) values from a fixed seed.
+template <class T>
+void fill_normal(tensor4<T>& t, std::uint64_t seed, double sigma = 1.0) {
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<double> nd(0.0, sigma);
+  const auto& v = t.view;
+  for (index_t b = 0; b < v.extent(0); ++b)
+    for (index_t h = 0; h < v.extent(1); ++h)
+      for (index_t n = 0; n < v.extent(2); ++n)
+        for (index_t d = 0; d < v.extent(3); ++d) t(b, h, n, d) = static_cast<T>(nd(gen));
+}
+
+template <class T>
+tensor4<T> random_tensor(index_t b, index_t h, index_t n, index_t d, std::uint64_t seed, bool bnhd = false,
+                         double sigma = 1.0) {
+  tensor4<T> t(b, h, n, d, bnhd);
+  fill_normal(t, seed, sigma);
+  return t;
+}
+
+}  // namespace polyattn::test
