@@ -8,3 +8,4 @@
 #include "softmax.hpp"
 #include "flash.hpp"
 #include "polynomial.hpp"
+#include "linear.hpp"

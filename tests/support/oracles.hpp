@@ -95,3 +95,48 @@ dense_result polynomial_oracle(tensor_view<const T, 4> q, tensor_view<const T, 4
 }
 
 }  // namespace polyattn::test
+
+namespace polyattn::test {
+
+/// The most general form of DESIGN §1: out_i = Σ_j w(b, h, i, j) v_j / (bias + Σ_j w) over the
+/// allowed j, with the weight of a pair supplied by the caller. Used for linear and
+/// PolySketch attention, whose weights come from features or sketches.
+template <class T, class Weight>
+dense_result weighted_oracle(index_t batch, index_t heads, index_t nq, tensor_view<const T, 4> v, bool causal,
+                             double bias, Weight weight) {
+  dense_result r{batch, heads, nq, v.extent(3), {}};
+  r.data.assign(static_cast<std::size_t>(batch * heads * nq * r.cols), 0.0);
+  const index_t nk = v.extent(2), group = heads / std::max<index_t>(v.extent(1), 1);
+  std::vector<double> w(static_cast<std::size_t>(nk));
+  for (index_t b = 0; b < batch; ++b)
+    for (index_t h = 0; h < heads; ++h)
+      for (index_t i = 0; i < nq; ++i) {
+        double denom = bias;
+        for (index_t j = 0; j < nk; ++j) {
+          w[j] = visible(causal, i, j, nq, nk) ? weight(b, h, i, j) : 0.0;
+          denom += w[j];
+        }
+        for (index_t c = 0; c < r.cols; ++c) {
+          double acc = 0;
+          for (index_t j = 0; j < nk; ++j) acc += w[j] * static_cast<double>(v(b, h / group, j, c));
+          r.at(b, h, i, c) = denom != 0.0 ? acc / denom : 0.0;
+        }
+      }
+  return r;
+}
+
+/// Linear attention: w_ij = φq_i · φk_j.
+template <class T>
+dense_result linear_oracle(tensor_view<const T, 4> phi_q, tensor_view<const T, 4> phi_k, tensor_view<const T, 4> v,
+                           bool causal, double bias) {
+  const index_t group = phi_q.extent(1) / std::max<index_t>(phi_k.extent(1), 1);
+  return weighted_oracle<T>(phi_q.extent(0), phi_q.extent(1), phi_q.extent(2), v, causal, bias,
+                            [&](index_t b, index_t h, index_t i, index_t j) {
+                              double dot = 0;
+                              for (index_t f = 0; f < phi_q.extent(3); ++f)
+                                dot += double(phi_q(b, h, i, f)) * double(phi_k(b, h / group, j, f));
+                              return dot;
+                            });
+}
+
+}  // namespace polyattn::test

@@ -1,6 +1,8 @@
 // polyattn/detail/simd.hpp — xsimd helpers: architecture traits, aligned scratch, vector loops.
 #pragma once
 
+#include <cstddef>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -20,9 +22,26 @@ using batch = xsimd::batch<T, Arch>;
 template <class T, class Arch>
 inline constexpr index_t simd_width = static_cast<index_t>(xsimd::batch<T, Arch>::size);
 
+/// 64-byte aligned allocation through C++17 aligned operator new, so applications (and our
+/// benchmark's memory counter) see every byte polyattn allocates.
+template <class T>
+struct aligned_allocator {
+  using value_type = T;
+  static constexpr std::align_val_t kAlign{64};
+  aligned_allocator() noexcept = default;
+  template <class U>
+  aligned_allocator(const aligned_allocator<U>&) noexcept {}  // NOLINT(google-explicit-constructor)
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlign)); }
+  void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, kAlign); }
+  template <class U>
+  bool operator==(const aligned_allocator<U>&) const noexcept { return true; }
+  template <class U>
+  bool operator!=(const aligned_allocator<U>&) const noexcept { return false; }
+};
+
 /// Scratch buffers: 64-byte aligned so a full AVX-512 vector never straddles a cache line.
 template <class T>
-using aligned_vector = std::vector<T, xsimd::aligned_allocator<T, 64>>;
+using aligned_vector = std::vector<T, aligned_allocator<T>>;
 
 constexpr index_t round_up(index_t n, index_t m) { return (n + m - 1) / m * m; }
 constexpr index_t ceil_div(index_t n, index_t m) { return (n + m - 1) / m; }
