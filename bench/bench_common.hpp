@@ -17,6 +17,8 @@
 #include <polyattn/polyattn.hpp>
 #include <polyattn/detail/simd.hpp>
 
+#include "memory_counter.hpp"
+
 #if POLYATTN_HAS_OPENMP
 #include <omp.h>
 #endif
@@ -77,6 +79,28 @@ inline void set_flop_counters(benchmark::State& state, double flops_per_iter, in
 inline double attention_flops(std::int64_t n, std::int64_t d, bool causal) {
   const double f = 4.0 * double(n) * double(n) * double(d);
   return causal ? f / 2 : f;
+}
+
+/// Sequence lengths of the sweep: powers of two from 256 to 65536.
+inline std::vector<std::int64_t> sweep_lengths() {
+  std::vector<std::int64_t> n;
+  for (std::int64_t x = 256; x <= 65536; x *= 2) n.push_back(x);
+  return n;
+}
+
+/// Runs the timed loop of `run` and sets the extra-memory and tokens/s counters. The
+/// extra memory is the peak of bytes allocated (through operator new) above the level
+/// before the loop: every call frees its scratch, so that is one call's scratch.
+template <class F>
+void run_attention_benchmark(benchmark::State& state, std::int64_t tokens, F&& run) {
+  reset_allocation_peak();
+  const std::int64_t base = allocated_bytes_now();
+  for (auto _ : state) {
+    run();
+    benchmark::ClobberMemory();
+  }
+  state.counters["extra_MiB"] = double(allocated_bytes_peak() - base) / (1024.0 * 1024.0);
+  state.counters["tokens/s"] = benchmark::Counter(double(tokens), benchmark::Counter::kIsIterationInvariantRate);
 }
 
 inline std::vector<float> random_vector(std::size_t n, std::uint64_t seed) {

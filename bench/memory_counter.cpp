@@ -3,6 +3,8 @@
 #include "memory_counter.hpp"
 
 #include <atomic>
+#include <cstddef>
+#include <cstdint>
 #include <cstdlib>
 #include <new>
 

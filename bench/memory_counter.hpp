@@ -10,13 +10,4 @@ std::int64_t allocated_bytes_now();
 std::int64_t allocated_bytes_peak();
 void reset_allocation_peak();  // peak := now
 
-/// Peak bytes allocated above the level at entry while f() runs.
-template <class F>
-std::int64_t extra_bytes_of(F&& f) {
-  reset_allocation_peak();
-  const std::int64_t base = allocated_bytes_now();
-  f();
-  return allocated_bytes_peak() - base;
-}
-
 }  // namespace polyattn::bench

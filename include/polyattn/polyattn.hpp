@@ -9,3 +9,5 @@
 #include "flash.hpp"
 #include "polynomial.hpp"
 #include "linear.hpp"
+#include "sketch.hpp"
+#include "polysketch.hpp"

@@ -1,0 +1,63 @@
+// bench/bench_polysketch.cpp — polysketch_attention and linear_attention over the sequence length;
+// the report divides flash_attention's time (bench_exact.cpp, same run) by theirs.
+#include "bench_common.hpp"
+
+namespace polyattn::bench {
+namespace {
+
+/// Args: N, d, causal, threads, r, local_exact. p = 4, packed, block 256 (DESIGN §5).
+void BM_polysketch(benchmark::State& state) {
+  const std::int64_t n = state.range(0), d = state.range(1);
+  polysketch_options o;
+  o.causal = state.range(2) != 0;
+  o.threads = int(state.range(3));
+  o.local_exact = state.range(5) != 0;
+  o.block_size = 256;
+  o.scale = 1.0 / std::sqrt(double(d));
+  sketch_options so;
+  so.degree = 4;
+  so.sketch_size = state.range(4);
+  const polysketch<float> sketch(d, so);
+  head_inputs in(n, d);
+  run_attention_benchmark(state, n,
+                          [&] { polysketch_attention<float>(in.qv(), in.kv(), in.vv(), in.ov(), sketch, o); });
+  state.counters["feature_dim"] = double(sketch.feature_dim());
+}
+
+/// Args: N, d (of v), causal, threads, m. Linear attention on given non-negative features.
+void BM_linear(benchmark::State& state) {
+  const std::int64_t n = state.range(0), d = state.range(1), m = state.range(4);
+  std::vector<float> pq = random_vector(std::size_t(n * m), 7), pk = random_vector(std::size_t(n * m), 8);
+  for (float& x : pq) x *= x;
+  for (float& x : pk) x *= x;
+  head_inputs in(n, d);
+  linear_options o;
+  o.causal = state.range(2) != 0;
+  o.threads = int(state.range(3));
+  const tensor_view<const float, 4> fq(pq.data(), {1, 1, n, m}), fk(pk.data(), {1, 1, n, m});
+  run_attention_benchmark(state, n, [&] { linear_attention<float>(fq, fk, in.vv(), in.ov(), o); });
+}
+
+BENCHMARK(BM_polysketch)->Name("polysketch_attention")->Apply([](benchmark::internal::Benchmark* b) {
+  b->ArgNames({"N", "d", "causal", "threads", "r", "local_exact"});
+  for (std::int64_t n : sweep_lengths())
+    for (std::int64_t d : {64, 128})
+      for (int causal : {0, 1})
+        for (int t : {1, 2})
+          for (std::int64_t r : {16, 32, 64})
+            for (int le : {0, 1})
+              if (r == 32 || (d == 64 && causal == 1)) b->Args({n, d, causal, t, r, le});
+  b->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.1);
+});
+
+BENCHMARK(BM_linear)->Name("linear_attention")->Apply([](benchmark::internal::Benchmark* b) {
+  b->ArgNames({"N", "d", "causal", "threads", "m"});
+  for (std::int64_t n : sweep_lengths())
+    for (std::int64_t d : {64, 128})
+      for (int causal : {0, 1})
+        for (int t : {1, 2}) b->Args({n, d, causal, t, 528});
+  b->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.1);
+});
+
+}  // namespace
+}  // namespace polyattn::bench

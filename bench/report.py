@@ -1,0 +1,213 @@
+#!/usr/bin/python3
+"""Turns polyattn_bench's JSON output into a markdown table and a PNG plot.
+
+usage: report.py RESULTS.json OUTDIR
+
+Writes OUTDIR/report.md and OUTDIR/report.png. Fails loudly (non-zero exit, message on
+stderr) when the JSON lacks what a table or plot needs, rather than drawing an empty picture.
+"""
+import json
+import math
+import os
+import sys
+
+KERNELS = [  # (label, benchmark name, extra args that select the variant)
+    ("softmax_attention", "softmax_attention", {}),
+    ("flash_attention", "flash_attention", {}),
+    ("polynomial_attention (p=4)", "polynomial_attention", {}),
+    ("polysketch r=32", "polysketch_attention", {"r": 32, "local_exact": 0}),
+    ("polysketch r=32 local_exact", "polysketch_attention", {"r": 32, "local_exact": 1}),
+    ("linear_attention m=528", "linear_attention", {"m": 528}),
+]
+EXACT = ["softmax_attention", "flash_attention", "polynomial_attention"]
+
+
+def die(msg):
+    print(f"report.py: error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def parse_name(name):
+    """'flash_attention/N:1024/d:64/causal:1/threads:2/min_time:0.100/real_time' -> (kernel, args)."""
+    parts = name.split("/")
+    args = {}
+    for p in parts[1:]:
+        if ":" in p:
+            k, v = p.split(":", 1)
+            try:
+                args[k] = int(v)
+            except ValueError:
+                pass
+    return parts[0], args
+
+
+def to_ms(b):
+    scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[b["time_unit"]]
+    return b["real_time"] * scale
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        die(f"cannot read {path}: {e}")
+    rows = []
+    for b in data.get("benchmarks", []):
+        if b.get("run_type", "iteration") != "iteration" or "error_occurred" in b:
+            continue
+        kernel, args = parse_name(b["name"])
+        rows.append({"kernel": kernel, "args": args, "ms": to_ms(b), "bench": b})
+    if not rows:
+        die(f"{path} holds no benchmark results")
+    return data.get("context", {}), rows
+
+
+def select(rows, kernel, want):
+    out = {}
+    for r in rows:
+        if r["kernel"] != kernel:
+            continue
+        if all(r["args"].get(k) == v for k, v in want.items()):
+            out[r["args"]["N"]] = r
+    return out
+
+
+def fmt_ms(ms):
+    if ms is None:
+        return "–"
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+def crossover(flash, sketch):
+    """Smallest N from which polysketch stays faster than flash (None if never)."""
+    ns = sorted(set(flash) & set(sketch))
+    cross = None
+    for n in reversed(ns):
+        if sketch[n]["ms"] < flash[n]["ms"]:
+            cross = n
+        else:
+            break
+    return cross
+
+
+def main():
+    if len(sys.argv) != 3:
+        die("usage: report.py RESULTS.json OUTDIR")
+    ctx, rows = load(sys.argv[1])
+    outdir = sys.argv[2]
+    os.makedirs(outdir, exist_ok=True)
+    threads = max(r["args"].get("threads", 1) for r in rows if "threads" in r["args"])
+    peak = {r["args"]["threads"]: r["bench"].get("GFLOP/s") for r in rows if r["kernel"] == "peak"}
+
+    lines = ["# polyattn benchmark report", ""]
+    lines.append(
+        f"CPU: {ctx.get('cpu_model', '?')}, ISA: {ctx.get('isa', '?')}, compiler: {ctx.get('compiler', '?')}, "
+        f"threads: {threads}; measured fp32 FMA peak: "
+        + ", ".join(f"{peak[t]:.0f} GFLOP/s ({t} thread{'s' if t > 1 else ''})" for t in sorted(peak))
+    )
+    lines.append("")
+    figures = {}
+    for d in (64, 128):
+        sel = {label: select(rows, k, dict(extra, d=d, causal=1, threads=threads)) for label, k, extra in KERNELS}
+        ns = sorted(set().union(*[set(s) for s in sel.values()]))
+        if not ns:
+            continue
+        flash = sel["flash_attention"]
+        sketch = sel["polysketch r=32 local_exact"]
+        lines.append(f"## Causal attention, one head, d = {d}, {threads} threads: time per call (ms)")
+        lines.append("")
+        header = ["N"] + [label for label, _, _ in KERNELS] + ["flash / polysketch (local_exact)"]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for n in ns:
+            cells = [str(n)] + [fmt_ms(sel[label][n]["ms"]) if n in sel[label] else "–" for label, _, _ in KERNELS]
+            ratio = flash[n]["ms"] / sketch[n]["ms"] if n in flash and n in sketch else None
+            cells.append(f"{ratio:.1f}×" if ratio else "–")
+            lines.append("| " + " | ".join(cells) + " |")
+        cross = crossover(flash, sketch)
+        lines.append("")
+        lines.append(f"polysketch (r = 32, local_exact) is faster than flash from N = {cross}." if cross else
+                     "polysketch (r = 32, local_exact) is not faster than flash at any measured N.")
+        big = [n for n in (32768, 65536) if n in sketch]
+        if len(big) == 2:
+            lines.append(f"time(65536) / time(32768) of polysketch: {sketch[65536]['ms'] / sketch[32768]['ms']:.2f}.")
+        if 65536 in sketch:
+            mib = {label: sel[label][65536]["bench"].get("extra_MiB") for label, _, _ in KERNELS if 65536 in sel[label]}
+            lines.append("Extra memory at N = 65536 (MiB): " +
+                         ", ".join(f"{k} {v:.1f}" for k, v in mib.items() if v is not None) + ".")
+        lines.append("")
+        figures[d] = sel
+
+    # exact kernels: GFLOP/s and % of peak for every configuration measured
+    exact_rows = [r for r in rows if r["kernel"] in EXACT and "GFLOP/s" in r["bench"]]
+    if exact_rows:
+        lines.append("## Exact kernels: GFLOP/s and % of the measured FMA peak")
+        lines.append("")
+        lines.append("| kernel | N | d | causal | threads | ms | GFLOP/s | % of peak |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for r in sorted(exact_rows, key=lambda r: (r["kernel"], r["args"]["d"], r["args"]["causal"],
+                                                    r["args"]["threads"], r["args"]["N"])):
+            a, b = r["args"], r["bench"]
+            lines.append(f"| {r['kernel']} | {a['N']} | {a['d']} | {a['causal']} | {a['threads']} | {fmt_ms(r['ms'])} | "
+                         f"{b['GFLOP/s']:.1f} | {b['pct_peak']:.0f} % |")
+        lines.append("")
+
+    if 64 not in figures:
+        die("no causal d = 64 results: nothing to plot (did the filter exclude them?)")
+    with open(os.path.join(outdir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot(figures[64], rows, threads, os.path.join(outdir, "report.png"))
+    print(f"report.py: wrote {os.path.join(outdir, 'report.md')} and {os.path.join(outdir, 'report.png')}")
+
+
+def plot(sel, rows, threads, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        die(f"matplotlib is missing ({e}); install python3-matplotlib and run with /usr/bin/python3")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.2))
+    drawn = 0
+    for label, _, _ in KERNELS:
+        pts = sorted((n, r["ms"]) for n, r in sel[label].items())
+        if pts:
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            drawn += 1
+    if drawn == 0:
+        die("no series to plot")
+    cross = crossover(sel["flash_attention"], sel["polysketch r=32 local_exact"])
+    if cross:
+        ax1.axvline(cross, color="grey", linestyle=":", linewidth=1)
+        ax1.annotate(f"polysketch faster\nfrom N = {cross}", xy=(cross, ax1.get_ylim()[0]), xytext=(6, 40),
+                     textcoords="offset points", fontsize=8, color="grey")
+    ax1.set_xscale("log", base=2)
+    ax1.set_yscale("log")
+    ax1.set_xlabel("sequence length N")
+    ax1.set_ylabel("time per call (ms)")
+    ax1.set_title(f"causal attention, one head, d = 64, {threads} threads")
+    ax1.grid(True, which="both", alpha=0.3)
+    ax1.legend(fontsize=8)
+
+    for kernel in EXACT:
+        for causal, style in ((1, "-"), (0, "--")):
+            pts = sorted((r["args"]["N"], r["bench"]["pct_peak"]) for r in rows
+                         if r["kernel"] == kernel and r["args"].get("d") == 64 and r["args"].get("causal") == causal
+                         and r["args"].get("threads") == threads and "pct_peak" in r["bench"])
+            if pts:
+                ax2.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
+                         label=f"{kernel} {'causal' if causal else 'non-causal'}")
+    ax2.set_xscale("log", base=2)
+    ax2.set_ylim(0, 100)
+    ax2.set_xlabel("sequence length N")
+    ax2.set_ylabel("% of measured fp32 FMA peak")
+    ax2.set_title(f"exact kernels, d = 64, {threads} threads (causal counts unmasked FLOPs)")
+    ax2.grid(True, alpha=0.3)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
