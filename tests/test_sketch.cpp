@@ -472,7 +472,7 @@ TEMPLATE_TEST_CASE("polysketch rows do not depend on the block they are sketched
 
 // ==== feature identities =========================================================================
 
-TEMPLATE_TEST_CASE("polysketch features: phi(x)·phi(y) = (s(x)·s(y))^2, packed·packed = unpacked·unpacked", "[sketch]",
+TEMPLATE_TEST_CASE("polysketch features: phi(x).phi(y) = (s(x).s(y))^2, packed.packed = unpacked.unpacked", "[sketch]",
                    float, double) {
   using T = TestType;
   const double eps = std::numeric_limits<T>::epsilon();
@@ -504,7 +504,7 @@ TEMPLATE_TEST_CASE("polysketch features: phi(x)·phi(y) = (s(x)·s(y))^2, packed
 
 // ==== statistics over seeds ========================================================================
 
-TEST_CASE("polysketch is unbiased: E[s(x)·s(y)] = (x·y)^(p/2) over seeds", "[sketch][statistics]") {
+TEST_CASE("polysketch is unbiased: E[s(x).s(y)] = (x.y)^(p/2) over seeds", "[sketch][statistics]") {
   const double cosine = 0.9;
   struct setting {
     int degree;
@@ -539,7 +539,7 @@ TEST_CASE("polysketch variance falls as r grows", "[sketch][statistics]") {
   CHECK(ratio < 16);
 }
 
-TEMPLATE_TEST_CASE("polysketch reference scaling is unbiased / r on s·s at p = 4 (same seed)", "[sketch]", float, double) {
+TEMPLATE_TEST_CASE("polysketch reference scaling is unbiased / r on s.s at p = 4 (same seed)", "[sketch]", float, double) {
   using T = TestType;
   for (std::uint64_t seed : {0, 1, 2}) {
     const index_t r = 24, d = 10;

@@ -24,8 +24,10 @@
 // unbiased (default): c = 1/√r at every node, which makes E[s(x)·s(y)] = (x·y)^{p/2} when the
 //   leaves are i.i.d. N(0, 1). It is folded into the leaves: each leaf is N(0, 1)/r^{1/4}, so
 //   every node's product carries (r^{-1/4})² = 1/√r.
-// reference (the paper's code): every leaf is N(0, 1)/√r and c = 1; at p = 4 the kernel
-//   (s·s)² is r² times smaller than the unbiased one (s·s is r times smaller).
+// reference (the paper's code): every leaf is N(0, 1)/√r and c = 1. Each of the p/2 − 1 nodes
+//   then carries an extra 1/√r, so s·s is r^{p/2−1} times smaller than with unbiased scaling
+//   (r at p = 4, r³ at p = 8) and the kernel (s·s)² r^{p−2} times (r² at p = 4).
+// Degree 2 (the identity) has no leaves: sketch_size, seed and scaling do not matter.
 // from_matrices: c = 1 and the leaves exactly as given. leaves() returns the leaves as used
 //   (scaling folded in), so from_matrices(sk.leaves(), sk.options()) reproduces sk.
 //
@@ -278,13 +280,12 @@ class polysketch {
     check_input_cols(fn, x);
     const index_t n = x.rows(), r = r_, R = r_pad_;
     matrix<T> out(n, r);
-    const index_t chunk = std::min(n, kRowChunk);
-    detail::aligned_vector<T> tree(static_cast<std::size_t>(scratch_size(chunk)));
-    detail::aligned_vector<T> sb(static_cast<std::size_t>(chunk * R));
+    feature_buffers buf(*this, n);
     for (index_t c0 = 0; c0 < n; c0 += kRowChunk) {
       const index_t rows = std::min(kRowChunk, n - c0);
-      sketch_rows(x.data() + c0 * x.outerStride(), x.outerStride(), rows, T(1), sb.data(), R, tree.data());
-      for (index_t i = 0; i < rows; ++i) std::copy(sb.data() + i * R, sb.data() + i * R + r, out.data() + (c0 + i) * r);
+      sketch_rows(x.data() + c0 * x.outerStride(), x.outerStride(), rows, T(1), buf.s.data(), R, buf.tree.data());
+      for (index_t i = 0; i < rows; ++i)
+        std::copy(buf.s.data() + i * R, buf.s.data() + i * R + r, out.data() + (c0 + i) * r);
     }
     return out;
   }
@@ -295,7 +296,8 @@ class polysketch {
     check_ready(fn);
     check_input_cols(fn, x);
     matrix<T> phi(x.rows(), feature_dim());
-    run_features(x.data(), x.outerStride(), x.rows(), phi.data(), feature_dim());
+    feature_buffers buf(*this, x.rows());
+    run_features(x.data(), x.outerStride(), x.rows(), phi.data(), feature_dim(), buf);
     return phi;
   }
 
@@ -320,9 +322,10 @@ class polysketch {
                            "; 'x' has shape " + detail::shape_string(x));
     detail::check_no_overlap(fn, "phi", phi, "x", x);
     if (x.empty()) return;
+    feature_buffers buf(*this, x.extent(2));
     for (index_t b = 0; b < x.extent(0); ++b)
       for (index_t h = 0; h < x.extent(1); ++h)
-        run_features(&x(b, h, 0, 0), x.stride(2), x.extent(2), &phi(b, h, 0, 0), phi.stride(2));
+        run_features(&x(b, h, 0, 0), x.stride(2), x.extent(2), &phi(b, h, 0, 0), phi.stride(2), buf);
   }
 
  private:
@@ -508,16 +511,20 @@ class polysketch {
                            std::to_string(d_) + ")");
   }
 
-  /// Sketch and expand n rows chunk by chunk (scratch O(kRowChunk · features)).
-  void run_features(const T* x, index_t ldx, index_t n, T* phi, index_t ldphi) const {
-    if (n <= 0) return;
-    const index_t chunk = std::min(n, kRowChunk), R = r_pad_;
-    detail::aligned_vector<T> tree(static_cast<std::size_t>(scratch_size(chunk)));
-    detail::aligned_vector<T> sb(static_cast<std::size_t>(chunk * R));
+  /// Scratch of the user-facing functions for up to n rows at a time: O(kRowChunk · r), not O(n).
+  struct feature_buffers {
+    detail::aligned_vector<T> tree, s;
+    feature_buffers(const polysketch& sk, index_t n)
+        : tree(static_cast<std::size_t>(sk.scratch_size(std::min(n, kRowChunk)))),
+          s(static_cast<std::size_t>(std::min(std::max<index_t>(n, 0), kRowChunk) * sk.r_pad_)) {}
+  };
+
+  /// Sketch and expand n rows chunk by chunk.
+  void run_features(const T* x, index_t ldx, index_t n, T* phi, index_t ldphi, feature_buffers& buf) const {
     for (index_t c0 = 0; c0 < n; c0 += kRowChunk) {
       const index_t rows = std::min(kRowChunk, n - c0);
-      sketch_rows(x + c0 * ldx, ldx, rows, T(1), sb.data(), R, tree.data());
-      expand_rows(sb.data(), R, rows, phi + c0 * ldphi, ldphi);
+      sketch_rows(x + c0 * ldx, ldx, rows, T(1), buf.s.data(), r_pad_, buf.tree.data());
+      expand_rows(buf.s.data(), r_pad_, rows, phi + c0 * ldphi, ldphi);
     }
   }
 
