@@ -32,14 +32,20 @@ struct view_feature_source {
     ld = phi_q.stride(2);
     return &phi_q(b, h, i0, 0);
   }
-  void local_weights(index_t b, index_t h, index_t hk, index_t i0, index_t nq, index_t j0, index_t nk, T* w,
-                     index_t ldw, block_scratch<T>& s) const {
-    const index_t m = feature_dim();
-    T* kt = s.buffer(0, static_cast<std::size_t>(m * ldw)).data();  // φ(K_c)ᵀ, padded columns zero
-    for (index_t j = 0; j < nk; ++j)
-      for (index_t f = 0; f < m; ++f) kt[f * ldw + j] = phi_k(b, hk, j0 + j, f);
-    for (index_t f = 0; f < m; ++f) std::fill(kt + f * ldw + nk, kt + (f + 1) * ldw, T(0));
-    gemm<T, Arch>(nq, nk, m, &phi_q(b, h, i0, 0), phi_q.stride(2), 1, kt, ldw, w, ldw, false);
+  void prepare_local_keys(index_t b, index_t hk, index_t j0, index_t nk, block_scratch<T>& s) const {
+    const index_t m = feature_dim(), ld = round_up(nk, simd_width<T, Arch>);
+    T* kt = s.buffer(0, static_cast<std::size_t>(m * ld)).data();  // φ(K_c)ᵀ, padding columns zero
+    for (index_t j = 0; j < nk; ++j) {
+      const T* row = &phi_k(b, hk, j0 + j, 0);
+      for (index_t f = 0; f < m; ++f) kt[f * ld + j] = row[f];
+    }
+    for (index_t f = 0; f < m; ++f) std::fill(kt + f * ld + nk, kt + (f + 1) * ld, T(0));
+    s.key_ld = ld;
+  }
+  void local_weights(index_t b, index_t h, index_t i0, index_t nq, index_t nk, T* w, index_t ldw,
+                     block_scratch<T>& s) const {
+    gemm<T, Arch>(nq, nk, feature_dim(), &phi_q(b, h, i0, 0), phi_q.stride(2), 1, s.extra[0].data(), s.key_ld, w,
+                  ldw, false);
   }
 };
 

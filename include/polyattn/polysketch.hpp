@@ -57,34 +57,45 @@ struct sketch_feature_source {
     return expand(sketch_block(q, b, h, i0, n, scale, kSketchQ, s), n, s, ld);
   }
 
-  void local_weights(index_t b, index_t h, index_t hk, index_t i0, index_t nq, index_t j0, index_t nk, T* w,
-                     index_t ldw, block_scratch<T>& s) const {
+  void prepare_local_keys(index_t b, index_t hk, index_t j0, index_t nk, block_scratch<T>& s) const {
+    const index_t ld = round_up(nk, simd_width<T, Arch>);
+    s.key_ld = ld;
+    if (local_exact) {  // Kᵀ [d x ld]
+      const index_t d = k.extent(3);
+      T* kt = s.buffer(kTransposed, static_cast<std::size_t>(std::max<index_t>(d, 1) * ld)).data();
+      transpose_rows(k, b, hk, j0, nk, d, kt, ld);
+    } else {  // s(K)ᵀ [r x ld]
+      const index_t r = sketch->sketch_dim(), lds = sketch_ld();
+      const T* sk = sketch_block(k, b, hk, j0, nk, T(1), kSketchK, s);
+      T* kt = s.buffer(kTransposed, static_cast<std::size_t>(std::max<index_t>(r, 1) * ld)).data();
+      for (index_t j = 0; j < nk; ++j)
+        for (index_t f = 0; f < r; ++f) kt[f * ld + j] = sk[j * lds + f];
+      for (index_t f = 0; f < r; ++f) std::fill(kt + f * ld + nk, kt + (f + 1) * ld, T(0));
+    }
+  }
+
+  void local_weights(index_t b, index_t h, index_t i0, index_t nq, index_t nk, T* w, index_t ldw,
+                     block_scratch<T>& s) const {
     using B = batch<T, Arch>;
+    const T* kt = s.extra[kTransposed].data();
+    const index_t cols = round_up(nk, B::size);
     if (local_exact) {
-      // exact (scale·q·k)^p: W = (scale·Q) Kᵀ, then the power
-      const index_t d = q.extent(3);
-      T* kt = s.buffer(kTransposed, static_cast<std::size_t>(std::max<index_t>(d, 1) * ldw)).data();
-      transpose_rows(k, b, hk, j0, nk, d, kt, ldw);
-      gemm<T, Arch>(nq, nk, d, &q(b, h, i0, 0), q.stride(2), 1, kt, ldw, w, ldw, false);
+      // exact (scale·q·k)^p: (Q Kᵀ) then scale and power
+      gemm<T, Arch>(nq, nk, q.extent(3), &q(b, h, i0, 0), q.stride(2), 1, kt, s.key_ld, w, ldw, false);
       const B sc(scale);
       const int p = sketch->degree();
       for (index_t i = 0; i < nq; ++i)
-        for (index_t j = 0; j < ldw; j += B::size) {
+        for (index_t j = 0; j < cols; j += B::size) {
           T* x = w + i * ldw + j;
           ipow<T, Arch>(B::load_unaligned(x) * sc, p).store_unaligned(x);
         }
     } else {
-      // sketched (s(q)·s(k))²: the r x r Gram of the block's sketches, squared
-      const index_t r = sketch->sketch_dim(), ld = sketch_ld();
-      const T* sq = s.buffer(kSketchQ, 0).data();  // left by query_features
-      const T* sk = sketch_block(k, b, hk, j0, nk, T(1), kSketchK, s);
-      T* kt = s.buffer(kTransposed, static_cast<std::size_t>(std::max<index_t>(r, 1) * ldw)).data();
-      for (index_t j = 0; j < nk; ++j)
-        for (index_t f = 0; f < r; ++f) kt[f * ldw + j] = sk[j * ld + f];
-      for (index_t f = 0; f < r; ++f) std::fill(kt + f * ldw + nk, kt + (f + 1) * ldw, T(0));
-      gemm<T, Arch>(nq, nk, r, sq, ld, 1, kt, ldw, w, ldw, false);
+      // sketched (s(scale·q)·s(k))²: the r-dimensional Gram matrix of the sketches, squared
+      const index_t lds = sketch_ld();
+      const T* sq = s.extra[kSketchQ].data() + (i0 - s.query_i0) * lds;  // left by query_features
+      gemm<T, Arch>(nq, nk, sketch->sketch_dim(), sq, lds, 1, kt, s.key_ld, w, ldw, false);
       for (index_t i = 0; i < nq; ++i)
-        for (index_t j = 0; j < ldw; j += B::size) {
+        for (index_t j = 0; j < cols; j += B::size) {
           T* x = w + i * ldw + j;
           const B g = B::load_unaligned(x);
           (g * g).store_unaligned(x);
