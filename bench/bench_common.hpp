@@ -51,7 +51,7 @@ inline double measured_peak_gflops(int threads) {
   if (it != cache.end()) return it->second;
   const std::int64_t iters = 20'000'000;
   double best = 0;
-  for (int rep = 0; rep < 3; ++rep) {
+  for (int rep = 0; rep < 5; ++rep) {  // best of 5: the machine is shared and noisy
     const auto t0 = std::chrono::steady_clock::now();
     float sink = 0;
 #if POLYATTN_HAS_OPENMP
@@ -87,6 +87,23 @@ inline std::vector<std::int64_t> sweep_lengths() {
   for (std::int64_t x = 256; x <= 65536; x *= 2) n.push_back(x);
   return n;
 }
+
+/// What polyattn_bench registers. `default`: 2 threads, the causal d = 64 picture up to
+/// N = 65536 and the other exact shapes up to 16384 (a few minutes on 2 cores); `full`: 1 and
+/// 2 threads, every shape up to 65536, sketch sizes 16/32/64 (the better part of an hour).
+struct sweep {
+  bool full = false;
+  std::vector<int> threads() const { return full ? std::vector<int>{1, 2} : std::vector<int>{2}; }
+};
+
+/// Exact kernels cost N²: one repetition above 16384 keeps the sweep's time reasonable
+/// (those runs last seconds, so a single one is already stable), three below.
+inline void set_repetitions(benchmark::internal::Benchmark* b, std::int64_t n) {
+  b->Repetitions(n > 16384 ? 1 : 3);
+}
+
+void register_exact_benchmarks(const sweep& s);
+void register_polysketch_benchmarks(const sweep& s);
 
 /// Runs the timed loop of `run` and sets the extra-memory and tokens/s counters. The
 /// extra memory is the peak of bytes allocated (through operator new) above the level

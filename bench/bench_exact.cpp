@@ -10,7 +10,6 @@ void BM_fma_peak(benchmark::State& state) {
   for (auto _ : state) benchmark::DoNotOptimize(measured_peak_gflops(threads));
   state.counters["GFLOP/s"] = measured_peak_gflops(threads);
 }
-BENCHMARK(BM_fma_peak)->Name("peak/fma_fp32")->ArgName("threads")->Arg(1)->Arg(2)->Iterations(1)->Unit(benchmark::kMillisecond);
 
 enum class exact_kernel { softmax, flash, polynomial };
 
@@ -41,21 +40,30 @@ void BM_exact(benchmark::State& state) {
   set_flop_counters(state, attention_flops(n, d, causal), threads);
 }
 
-/// softmax_attention materialises 64 x N scores per thread; above 16384 it is only slow.
-template <std::int64_t MaxN>
-void exact_args(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"N", "d", "causal", "threads"});
-  for (std::int64_t n : sweep_lengths())
-    for (std::int64_t d : {64, 128})
-      for (int causal : {0, 1})
-        for (int threads : {1, 2})
-          if (n <= MaxN) b->Args({n, d, causal, threads});
-  b->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.1);
-}
-
-BENCHMARK(BM_exact<exact_kernel::flash>)->Name("flash_attention")->Apply(exact_args<65536>);
-BENCHMARK(BM_exact<exact_kernel::polynomial>)->Name("polynomial_attention")->Apply(exact_args<65536>);
-BENCHMARK(BM_exact<exact_kernel::softmax>)->Name("softmax_attention")->Apply(exact_args<16384>);
-
 }  // namespace
+
+void register_exact_benchmarks(const sweep& s) {
+  benchmark::RegisterBenchmark("peak/fma_fp32", BM_fma_peak)
+      ->ArgName("threads")->Arg(1)->Arg(2)->Iterations(1)->Unit(benchmark::kMillisecond);
+  const std::pair<const char*, void (*)(benchmark::State&)> kernels[] = {
+      {"flash_attention", BM_exact<exact_kernel::flash>},
+      {"polynomial_attention", BM_exact<exact_kernel::polynomial>},
+      {"softmax_attention", BM_exact<exact_kernel::softmax>}};
+  for (const auto& [name, fn] : kernels) {
+    const bool softmax = std::string(name) == "softmax_attention";
+    for (std::int64_t n : sweep_lengths())
+      for (std::int64_t d : {64, 128})
+        for (int causal : {0, 1})
+          for (int threads : s.threads()) {
+            // softmax_attention materialises 64 x N scores per thread: slow, not interesting, above 16384
+            std::int64_t max_n = softmax ? 16384 : 65536;
+            if (!s.full && !(d == 64 && causal == 1)) max_n = std::min<std::int64_t>(max_n, softmax ? 4096 : 16384);
+            if (n > max_n) continue;
+            auto* b = benchmark::RegisterBenchmark(name, fn);
+            b->ArgNames({"N", "d", "causal", "threads"})->Args({n, d, causal, threads});
+            b->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.1);
+            set_repetitions(b, n);
+          }
+  }
+}
 }  // namespace polyattn::bench

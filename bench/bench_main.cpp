@@ -1,4 +1,5 @@
 // bench/bench_main.cpp — main of polyattn_bench: records the machine in the benchmark context.
+#include <cstdio>
 #include <fstream>
 #include <string>
 #include <thread>
@@ -28,6 +29,25 @@ std::string compiler() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // --sweep=default|full chooses what is registered (see polyattn::bench::sweep)
+  polyattn::bench::sweep sweep;
+  int kept = 1;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--sweep=full") {
+      sweep.full = true;
+    } else if (arg == "--sweep=default") {
+      sweep.full = false;
+    } else if (arg.rfind("--sweep", 0) == 0) {
+      std::fprintf(stderr, "polyattn_bench: unknown %s (use --sweep=default or --sweep=full)\n", arg.c_str());
+      return 1;
+    } else {
+      argv[kept++] = argv[i];
+    }
+  }
+  argc = kept;
+  polyattn::bench::register_exact_benchmarks(sweep);
+  polyattn::bench::register_polysketch_benchmarks(sweep);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::AddCustomContext("cpu_model", cpu_model());
@@ -35,6 +55,7 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("simd_width_float", std::to_string(xsimd::batch<float>::size));
   benchmark::AddCustomContext("compiler", compiler());
   benchmark::AddCustomContext("polyattn_version", POLYATTN_VERSION_STRING);
+  benchmark::AddCustomContext("sweep", sweep.full ? "full" : "default");
   benchmark::AddCustomContext("openmp", POLYATTN_HAS_OPENMP ? "yes" : "no");
   benchmark::AddCustomContext("hardware_threads", std::to_string(std::thread::hardware_concurrency()));
   benchmark::AddCustomContext("fma_peak_gflops_1thread", std::to_string(polyattn::bench::measured_peak_gflops(1)));

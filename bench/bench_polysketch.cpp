@@ -38,26 +38,26 @@ void BM_linear(benchmark::State& state) {
   run_attention_benchmark(state, n, [&] { linear_attention<float>(fq, fk, in.vv(), in.ov(), o); });
 }
 
-BENCHMARK(BM_polysketch)->Name("polysketch_attention")->Apply([](benchmark::internal::Benchmark* b) {
-  b->ArgNames({"N", "d", "causal", "threads", "r", "local_exact"});
-  for (std::int64_t n : sweep_lengths())
-    for (std::int64_t d : {64, 128})
-      for (int causal : {0, 1})
-        for (int t : {1, 2})
-          for (std::int64_t r : {16, 32, 64})
-            for (int le : {0, 1})
-              if (r == 32 || (d == 64 && causal == 1)) b->Args({n, d, causal, t, r, le});
-  b->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.1);
-});
-
-BENCHMARK(BM_linear)->Name("linear_attention")->Apply([](benchmark::internal::Benchmark* b) {
-  b->ArgNames({"N", "d", "causal", "threads", "m"});
-  for (std::int64_t n : sweep_lengths())
-    for (std::int64_t d : {64, 128})
-      for (int causal : {0, 1})
-        for (int t : {1, 2}) b->Args({n, d, causal, t, 528});
-  b->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.1);
-});
-
 }  // namespace
+
+void register_polysketch_benchmarks(const sweep& s) {
+  for (std::int64_t n : sweep_lengths())
+    for (std::int64_t d : {64, 128})
+      for (int causal : {0, 1})
+        for (int t : s.threads()) {
+          for (std::int64_t r : {16, 32, 64})
+            for (int le : {0, 1}) {
+              // r = 16 and 64 only on the DESIGN §5 shape (causal, d = 64), and only in the full sweep
+              if (r != 32 && !(s.full && d == 64 && causal == 1)) continue;
+              auto* b = benchmark::RegisterBenchmark("polysketch_attention", BM_polysketch);
+              b->ArgNames({"N", "d", "causal", "threads", "r", "local_exact"})->Args({n, d, causal, t, r, le});
+              b->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.1)->Repetitions(3);
+            }
+          if (d == 64 || s.full) {
+            auto* b = benchmark::RegisterBenchmark("linear_attention", BM_linear);
+            b->ArgNames({"N", "d", "causal", "threads", "m"})->Args({n, d, causal, t, 528});
+            b->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.1)->Repetitions(3);
+          }
+        }
+}
 }  // namespace polyattn::bench

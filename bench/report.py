@@ -52,11 +52,20 @@ def load(path):
             data = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         die(f"cannot read {path}: {e}")
-    rows = []
+    # per run: the median over repetitions when there were several, else the single run
+    chosen = {}
     for b in data.get("benchmarks", []):
-        if b.get("run_type", "iteration") != "iteration" or "error_occurred" in b:
+        if "error_occurred" in b:
             continue
-        kernel, args = parse_name(b["name"])
+        key = b.get("run_name", b["name"])
+        if b.get("run_type") == "aggregate":
+            if b.get("aggregate_name") == "median":
+                chosen[key] = b
+        elif key not in chosen:
+            chosen[key] = b
+    rows = []
+    for key, b in chosen.items():
+        kernel, args = parse_name(key)
         rows.append({"kernel": kernel, "args": args, "ms": to_ms(b), "bench": b})
     if not rows:
         die(f"{path} holds no benchmark results")

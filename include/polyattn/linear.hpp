@@ -28,7 +28,7 @@ struct view_feature_source {
     ld = phi_k.stride(2);
     return &phi_k(b, hk, j0, 0);
   }
-  const T* query_features(index_t b, index_t h, index_t i0, index_t, block_scratch<T>&, index_t& ld) const {
+  const T* query_features(index_t b, index_t h, index_t i0, index_t, block_scratch<T>&, index_t& ld, bool) const {
     ld = phi_q.stride(2);
     return &phi_q(b, h, i0, 0);
   }

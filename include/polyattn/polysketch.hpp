@@ -53,7 +53,13 @@ struct sketch_feature_source {
   const T* key_features(index_t b, index_t hk, index_t j0, index_t n, block_scratch<T>& s, index_t& ld) const {
     return expand(sketch_block(k, b, hk, j0, n, T(1), kSketchK, s), n, s, ld);
   }
-  const T* query_features(index_t b, index_t h, index_t i0, index_t n, block_scratch<T>& s, index_t& ld) const {
+  const T* query_features(index_t b, index_t h, index_t i0, index_t n, block_scratch<T>& s, index_t& ld,
+                          bool features) const {
+    if (!features) {  // only the sketches, for the sketched local weights
+      if (!local_exact) sketch_block(q, b, h, i0, n, scale, kSketchQ, s);
+      ld = 0;
+      return nullptr;
+    }
     return expand(sketch_block(q, b, h, i0, n, scale, kSketchQ, s), n, s, ld);
   }
 

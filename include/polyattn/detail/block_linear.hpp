@@ -117,8 +117,9 @@ inline T sum(const T* x, index_t n) {
 ///   index_t feature_dim() const;
 ///   bool has_local() const;     whether the query's own block gets local weights
 ///   const T* key_features(b, hk, j0, n, scratch&, index_t& ld) const;    φ(K) rows
-///   const T* query_features(b, h, i0, n, scratch&, index_t& ld) const;   φ(Q) rows of a query
-///       block (the source may keep per-query data, e.g. sketches, in scratch)
+///   const T* query_features(b, h, i0, n, scratch&, index_t& ld, bool features) const;
+///       φ(Q) rows of a query block (the source may keep per-query data, e.g. sketches, in
+///       scratch); with features == false only that per-query data is needed
 ///   void prepare_local_keys(b, hk, j0, nk, scratch&) const;             once per query block
 ///   void local_weights(b, h, i0, nq, nk, T* w, index_t ldw, scratch&) const;
 ///       W[i][j] (unmasked, ≥ 0) for queries i0 .. i0+nq (a sub-range of the query block whose
@@ -232,10 +233,14 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
         T* den = ensure(s.den, bs);
         index_t ldphi = 0;
         s.query_i0 = i0;
-        const T* phi = src.query_features(b, h, i0, nq, s, ldphi);
+        // causal block 0 sees no earlier block: no features needed, only local weights
+        const bool no_state = pb.causal && c == 0;
+        const T* phi = src.query_features(b, h, i0, nq, s, ldphi, !no_state);
         // the state of the keys this block sees through the features
         const T* z = nullptr;
-        if (pb.causal && c == needed) {  // the last block: every block before it
+        if (no_state) {
+          z = nullptr;
+        } else if (pb.causal && c == needed) {  // the last block: every block before it
           z = total.data();
         } else if (pb.causal) {  // prefix of the earlier ranges + prefix within the range
           T* zx = ensure(s.zx, state);
@@ -252,8 +257,13 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
         } else {
           z = total.data();
         }
-        gemm<T, Arch>(nq, dv, m, phi, ldphi, 1, z, dvp, num, dvp, false);
-        for (index_t i = 0; i < nq; ++i) den[i] = dot<T, Arch>(phi + i * ldphi, z + m * dvp, m);
+        if (z) {
+          gemm<T, Arch>(nq, dv, m, phi, ldphi, 1, z, dvp, num, dvp, false);
+          for (index_t i = 0; i < nq; ++i) den[i] = dot<T, Arch>(phi + i * ldphi, z + m * dvp, m);
+        } else {
+          std::fill(num, num + nq * dvp, T(0));
+          std::fill(den, den + nq, T(0));
+        }
         if (local && c >= 0) {
           const index_t j0 = c * bs, nk = std::min(bs, pb.nk - j0);
           const index_t ldw = round_up(nk, W);
