@@ -55,7 +55,7 @@ void register_exact_benchmarks(const sweep& s) {
       for (std::int64_t d : {64, 128})
         for (int causal : {0, 1})
           for (int threads : s.threads()) {
-            // softmax_attention materialises 64 x N scores per thread: slow, not interesting, above 16384
+            // softmax_attention materialises 48 x N scores per thread: slow, not interesting, above 16384
             std::int64_t max_n = softmax ? 16384 : 65536;
             if (!s.full && !(d == 64 && causal == 1)) max_n = std::min<std::int64_t>(max_n, softmax ? 4096 : 16384);
             if (n > max_n) continue;

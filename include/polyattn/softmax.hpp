@@ -82,8 +82,8 @@ using input_view = typename identity<tensor_view<const T, 4>>::type;
 }  // namespace detail
 
 /// Exact softmax attention, out_i = Σ_j softmax_j(scale·q_i·k_j) v_j over allowed j (DESIGN §1).
-/// Materialises the scores of 64 queries against all their keys at a time (scratch
-/// O(threads · 64 · Nk)); `flash_attention` is the O(tile)-memory online version.
+/// Materialises the scores of detail::kBlockQ (48) queries against all their keys at a time (scratch
+/// O(threads · 48 · Nk)); `flash_attention` is the O(tile)-memory online version.
 template <class T>
 void softmax_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
                        tensor_view<T, 4> out, const softmax_options& opts = {}) {

@@ -25,11 +25,11 @@ struct attention_shape {
   }
 };
 
-/// DESIGN §6: odd head dims, lengths around tile sizes (64 queries, 128 keys), 97, 113, 1025,
+/// DESIGN §6: odd head dims, lengths around tile sizes (48 queries, 128 keys), 97, 113, 1025,
 /// Nq != Nk, Nq = 1, B·H > 1 with GQA, strided views.
 inline std::vector<attention_shape> design_shapes() {
   return {
-      {1, 1, 1, 1, 1, 1, 1, false},       {1, 1, 1, 5, 5, 3, 3, false},
+      {1, 1, 1, 1, 1, 1, 1, false},       {1, 1, 1, 5, 5, 3, 3, false},       {1, 1, 1, 47, 49, 16, 16, false},
       {1, 1, 1, 63, 63, 59, 59, false},   {1, 1, 1, 64, 64, 64, 64, false},
       {1, 1, 1, 65, 65, 111, 17, false},  {1, 1, 1, 127, 127, 16, 16, false},
       {1, 1, 1, 128, 128, 32, 32, false}, {1, 1, 1, 129, 129, 32, 40, false},

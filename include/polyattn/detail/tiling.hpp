@@ -22,8 +22,8 @@
 
 namespace polyattn::detail {
 
-inline constexpr index_t kBlockQ = 64;  // queries per task (a multiple of every kNr·W)
-inline constexpr index_t kBlockK = 128;  // keys per block of the flash kernels (measured, see bench_exact)
+inline constexpr index_t kBlockQ = 48;  // queries per task: 8 row tiles of 6, 6 AVX2 / 3 AVX-512 lane vectors
+inline constexpr index_t kBlockK = 128;  // keys per block (64/192/256 measured no better, see README)
 
 template <class T>
 struct attention_problem {
