@@ -16,15 +16,11 @@ void flash_attention(detail::input_view<T> q, detail::input_view<T> k, detail::i
 
 inline matrix<float> flash_attention(const eigen_input<float>& q, const eigen_input<float>& k,
                                      const eigen_input<float>& v, const softmax_options& opts = {}) {
-  matrix<float> out(q.rows(), v.cols());
-  flash_attention<float>(detail::head_view(q), detail::head_view(k), detail::head_view(v), detail::head_view(out), opts);
-  return out;
+  return detail::single_head<float>(flash_attention<float>, q, k, v, opts);
 }
 inline matrix<double> flash_attention(const eigen_input<double>& q, const eigen_input<double>& k,
                                       const eigen_input<double>& v, const softmax_options& opts = {}) {
-  matrix<double> out(q.rows(), v.cols());
-  flash_attention<double>(detail::head_view(q), detail::head_view(k), detail::head_view(v), detail::head_view(out), opts);
-  return out;
+  return detail::single_head<double>(flash_attention<double>, q, k, v, opts);
 }
 
 }  // namespace polyattn

@@ -79,17 +79,11 @@ void linear_attention(detail::input_view<T> phi_q, detail::input_view<T> phi_k, 
 
 inline matrix<float> linear_attention(const eigen_input<float>& phi_q, const eigen_input<float>& phi_k,
                                       const eigen_input<float>& v, const linear_options& opts = {}) {
-  matrix<float> out(phi_q.rows(), v.cols());
-  linear_attention<float>(detail::head_view(phi_q), detail::head_view(phi_k), detail::head_view(v),
-                          detail::head_view(out), opts);
-  return out;
+  return detail::single_head<float>(linear_attention<float>, phi_q, phi_k, v, opts);
 }
 inline matrix<double> linear_attention(const eigen_input<double>& phi_q, const eigen_input<double>& phi_k,
                                        const eigen_input<double>& v, const linear_options& opts = {}) {
-  matrix<double> out(phi_q.rows(), v.cols());
-  linear_attention<double>(detail::head_view(phi_q), detail::head_view(phi_k), detail::head_view(v),
-                           detail::head_view(out), opts);
-  return out;
+  return detail::single_head<double>(linear_attention<double>, phi_q, phi_k, v, opts);
 }
 
 }  // namespace polyattn

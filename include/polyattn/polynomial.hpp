@@ -74,17 +74,11 @@ void polynomial_attention(detail::input_view<T> q, detail::input_view<T> k, deta
 
 inline matrix<float> polynomial_attention(const eigen_input<float>& q, const eigen_input<float>& k,
                                           const eigen_input<float>& v, const polynomial_options& opts = {}) {
-  matrix<float> out(q.rows(), v.cols());
-  polynomial_attention<float>(detail::head_view(q), detail::head_view(k), detail::head_view(v), detail::head_view(out),
-                              opts);
-  return out;
+  return detail::single_head<float>(polynomial_attention<float>, q, k, v, opts);
 }
 inline matrix<double> polynomial_attention(const eigen_input<double>& q, const eigen_input<double>& k,
                                            const eigen_input<double>& v, const polynomial_options& opts = {}) {
-  matrix<double> out(q.rows(), v.cols());
-  polynomial_attention<double>(detail::head_view(q), detail::head_view(k), detail::head_view(v),
-                               detail::head_view(out), opts);
-  return out;
+  return detail::single_head<double>(polynomial_attention<double>, q, k, v, opts);
 }
 
 }  // namespace polyattn

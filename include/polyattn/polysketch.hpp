@@ -154,18 +154,12 @@ void polysketch_attention(detail::input_view<T> q, detail::input_view<T> k, deta
 inline matrix<float> polysketch_attention(const eigen_input<float>& q, const eigen_input<float>& k,
                                           const eigen_input<float>& v, const polysketch<float>& sketch,
                                           const polysketch_options& opts = {}) {
-  matrix<float> out(q.rows(), v.cols());
-  polysketch_attention<float>(detail::head_view(q), detail::head_view(k), detail::head_view(v), detail::head_view(out),
-                              sketch, opts);
-  return out;
+  return detail::single_head<float>(polysketch_attention<float>, q, k, v, sketch, opts);
 }
 inline matrix<double> polysketch_attention(const eigen_input<double>& q, const eigen_input<double>& k,
                                            const eigen_input<double>& v, const polysketch<double>& sketch,
                                            const polysketch_options& opts = {}) {
-  matrix<double> out(q.rows(), v.cols());
-  polysketch_attention<double>(detail::head_view(q), detail::head_view(k), detail::head_view(v),
-                               detail::head_view(out), sketch, opts);
-  return out;
+  return detail::single_head<double>(polysketch_attention<double>, q, k, v, sketch, opts);
 }
 
 }  // namespace polyattn

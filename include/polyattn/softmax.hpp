@@ -93,15 +93,11 @@ void softmax_attention(detail::input_view<T> q, detail::input_view<T> k, detail:
 /// Single-head overloads: q [Nq, d], k [Nk, d], v [Nk, dv] -> out [Nq, dv].
 inline matrix<float> softmax_attention(const eigen_input<float>& q, const eigen_input<float>& k,
                                        const eigen_input<float>& v, const softmax_options& opts = {}) {
-  matrix<float> out(q.rows(), v.cols());
-  softmax_attention<float>(detail::head_view(q), detail::head_view(k), detail::head_view(v), detail::head_view(out), opts);
-  return out;
+  return detail::single_head<float>(softmax_attention<float>, q, k, v, opts);
 }
 inline matrix<double> softmax_attention(const eigen_input<double>& q, const eigen_input<double>& k,
                                         const eigen_input<double>& v, const softmax_options& opts = {}) {
-  matrix<double> out(q.rows(), v.cols());
-  softmax_attention<double>(detail::head_view(q), detail::head_view(k), detail::head_view(v), detail::head_view(out), opts);
-  return out;
+  return detail::single_head<double>(softmax_attention<double>, q, k, v, opts);
 }
 
 }  // namespace polyattn

@@ -25,5 +25,15 @@ tensor_view<T, 4> head_view(matrix<T>& m) {
   return {m.data(), {1, 1, m.rows(), m.cols()}, {0, 0, m.cols(), 1}};
 }
 
+/// The body of every single-head overload: q [Nq, d], k [Nk, d], v [Nk, dv] -> out [Nq, dv]
+/// through the view entry point `kernel` (validation included).
+template <class T, class Kernel, class... Extra>
+matrix<T> single_head(Kernel kernel, const Eigen::Ref<const matrix<T>>& q, const Eigen::Ref<const matrix<T>>& k,
+                      const Eigen::Ref<const matrix<T>>& v, const Extra&... extra) {
+  matrix<T> out(q.rows(), v.cols());
+  kernel(head_view<T>(q), head_view<T>(k), head_view<T>(v), head_view<T>(out), extra...);
+  return out;
+}
+
 }  // namespace detail
 }  // namespace polyattn
