@@ -58,8 +58,9 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("sweep", sweep.full ? "full" : "default");
   benchmark::AddCustomContext("openmp", POLYATTN_HAS_OPENMP ? "yes" : "no");
   benchmark::AddCustomContext("hardware_threads", std::to_string(std::thread::hardware_concurrency()));
-  benchmark::AddCustomContext("fma_peak_gflops_1thread", std::to_string(polyattn::bench::measured_peak_gflops(1)));
-  benchmark::AddCustomContext("fma_peak_gflops_2threads", std::to_string(polyattn::bench::measured_peak_gflops(2)));
+  benchmark::AddCustomContext("fma_peak_gflops_1thread", std::to_string(polyattn::bench::concurrent_fma_gflops(1)));
+  benchmark::AddCustomContext("fma_gflops_2threads_concurrent",
+                              std::to_string(polyattn::bench::concurrent_fma_gflops(2)));
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;
