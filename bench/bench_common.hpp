@@ -96,7 +96,7 @@ inline std::vector<std::int64_t> sweep_lengths() {
 
 /// What polyattn_bench registers. `default`: 2 threads, the causal d = 64 picture up to
 /// N = 65536 and the other exact shapes up to 16384 (a few minutes on 2 cores); `full`: 1 and
-/// 2 threads, every shape up to 65536, sketch sizes 16/32/64 (the better part of an hour).
+/// 2 threads, every shape up to 65536, sketch sizes 16/32/64 (about 15 minutes).
 struct sweep {
   bool full = false;
   std::vector<int> threads() const { return full ? std::vector<int>{1, 2} : std::vector<int>{2}; }
