@@ -12,7 +12,7 @@ namespace polyattn {
 namespace detail {
 
 /// Key blocks of the causal linear algorithm; the result does not depend on it (up to
-/// rounding). 256 measured best on Zen 3 for m = 528, dv = 64 (bench_polysketch).
+/// rounding). 256, the block of the PolySketch benchmarks; other sizes were not measured.
 inline constexpr index_t kLinearBlock = 256;
 
 /// Features read straight from the caller's views; the local (diagonal-block) weights of the
@@ -35,11 +35,7 @@ struct view_feature_source {
   void prepare_local_keys(index_t b, index_t hk, index_t j0, index_t nk, block_scratch<T>& s) const {
     const index_t m = feature_dim(), ld = round_up(nk, simd_width<T, Arch>);
     T* kt = s.buffer(0, static_cast<std::size_t>(m * ld)).data();  // φ(K_c)ᵀ, padding columns zero
-    for (index_t j = 0; j < nk; ++j) {
-      const T* row = &phi_k(b, hk, j0 + j, 0);
-      for (index_t f = 0; f < m; ++f) kt[f * ld + j] = row[f];
-    }
-    for (index_t f = 0; f < m; ++f) std::fill(kt + f * ld + nk, kt + (f + 1) * ld, T(0));
+    pack_transposed(&phi_k(b, hk, j0, 0), phi_k.stride(2), nk, m, T(1), kt, ld);
     s.key_ld = ld;
   }
   void local_weights(index_t b, index_t h, index_t i0, index_t nq, index_t nk, T* w, index_t ldw,

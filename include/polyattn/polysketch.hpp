@@ -69,14 +69,12 @@ struct sketch_feature_source {
     if (local_exact) {  // Kᵀ [d x ld]
       const index_t d = k.extent(3);
       T* kt = s.buffer(kTransposed, static_cast<std::size_t>(std::max<index_t>(d, 1) * ld)).data();
-      transpose_rows(k, b, hk, j0, nk, d, kt, ld);
+      pack_transposed(&k(b, hk, j0, 0), k.stride(2), nk, d, T(1), kt, ld);
     } else {  // s(K)ᵀ [r x ld]
       const index_t r = sketch->sketch_dim(), lds = sketch_ld();
       const T* sk = sketch_block(k, b, hk, j0, nk, T(1), kSketchK, s);
       T* kt = s.buffer(kTransposed, static_cast<std::size_t>(std::max<index_t>(r, 1) * ld)).data();
-      for (index_t j = 0; j < nk; ++j)
-        for (index_t f = 0; f < r; ++f) kt[f * ld + j] = sk[j * lds + f];
-      for (index_t f = 0; f < r; ++f) std::fill(kt + f * ld + nk, kt + (f + 1) * ld, T(0));
+      pack_transposed(sk, lds, nk, r, T(1), kt, ld);
     }
   }
 
@@ -107,16 +105,6 @@ struct sketch_feature_source {
           (g * g).store_unaligned(x);
         }
     }
-  }
-
-  /// xᵀ of rows j0 .. j0+n of head (b, h): [d x ld], padding columns zero.
-  static void transpose_rows(const tensor_view<const T, 4>& x, index_t b, index_t h, index_t j0, index_t n, index_t d,
-                             T* xt, index_t ld) {
-    for (index_t j = 0; j < n; ++j) {
-      const T* row = &x(b, h, j0 + j, 0);
-      for (index_t c = 0; c < d; ++c) xt[c * ld + j] = row[c];
-    }
-    for (index_t c = 0; c < d; ++c) std::fill(xt + c * ld + n, xt + (c + 1) * ld, T(0));
   }
 };
 

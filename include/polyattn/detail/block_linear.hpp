@@ -152,11 +152,7 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
     }
     ld = dvp;
     T* vp = ensure(s.vpack, bs * dvp);
-    for (index_t r = 0; r < n; ++r) {
-      const T* row = &v(b, hk, j0 + r, 0);
-      std::copy(row, row + dv, vp + r * dvp);
-      std::fill(vp + r * dvp + dv, vp + (r + 1) * dvp, T(0));
-    }
+    pack_rows(&v(b, hk, j0, 0), v.stride(2), n, dv, vp, dvp);
     return vp;
   };
 
@@ -168,8 +164,8 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
   // Prefix sums run in two levels: within ranges of kRangeBlocks consecutive blocks (while a
   // block's state is still in cache), then over the range totals. The range length is fixed,
   // so the order of every sum, and hence every bit of the result, is independent of threads.
-  const index_t needed_max = pb.causal ? nblk - 1 : nblk;
-  const index_t n_ranges = ceil_div(std::max<index_t>(needed_max, 0), kRangeBlocks);
+  const index_t needed = pb.causal ? nblk - 1 : nblk;  // blocks whose state anyone reads
+  const index_t n_ranges = ceil_div(std::max<index_t>(needed, 0), kRangeBlocks);
   aligned_vector<T> ranges(static_cast<std::size_t>(std::max<index_t>(n_ranges, 1) * state));  // totals, then prefixes
   // slices of state elements for the parallel range prefix
   const index_t slice = round_up(std::max<index_t>(4096, ceil_div(state, 16)), W);
@@ -178,7 +174,6 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
   for (index_t b = 0; b < pb.batch; ++b)
     for (index_t hk = 0; hk < pb.kv_heads; ++hk) {
       // (a) block states, a range of blocks per task; causal queries never need the last block's
-      const index_t needed = needed_max;
       parallel_for(workers, n_ranges, [&](index_t r, int worker) {
         block_scratch<T>& s = scratch[static_cast<std::size_t>(worker)];
         T* run = ranges.data() + r * state;
@@ -239,7 +234,7 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
         // the state of the keys this block sees through the features
         const T* z = nullptr;
         if (no_state) {
-          z = nullptr;
+          // nothing: only local weights
         } else if (pb.causal && c == needed) {  // the last block: every block before it
           z = total.data();
         } else if (pb.causal) {  // prefix of the earlier ranges + prefix within the range

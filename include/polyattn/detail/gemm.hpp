@@ -1,6 +1,8 @@
 // polyattn/detail/gemm.hpp — the register-blocked GEMM micro-kernel every kernel's matrix products use.
 #pragma once
 
+#include <algorithm>
+
 #include "simd.hpp"
 
 namespace polyattn::detail {
@@ -96,6 +98,28 @@ void gemm(index_t m, index_t n, index_t k, const T* a, index_t a_rs, index_t a_c
     gemm_row_panel<MR, NR, T, Arch>(nv, k, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc, accumulate);
   if (i < m)
     gemm_rows_tail<MR - 1, T, Arch>(m - i, nv, k, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc, accumulate);
+}
+
+/// Packs a B operand from rows: dst[c·ld_dst + i] = factor · src[i·ld_src + c] for i < n,
+/// c < cols, and zeros in the padding columns [n, ld_dst) of each dst row (the micro-kernel
+/// reads whole vectors).
+template <class T>
+inline void pack_transposed(const T* src, index_t ld_src, index_t n, index_t cols, T factor, T* dst, index_t ld_dst) {
+  for (index_t c = 0; c < cols; ++c) {
+    T* row = dst + c * ld_dst;
+    for (index_t i = 0; i < n; ++i) row[i] = factor * src[i * ld_src + c];
+    std::fill(row + n, row + ld_dst, T(0));
+  }
+}
+
+/// Packs a B operand row by row: dst row r = the cols values of src row r, then zeros up to
+/// ld_dst, for r < n.
+template <class T>
+inline void pack_rows(const T* src, index_t ld_src, index_t n, index_t cols, T* dst, index_t ld_dst) {
+  for (index_t r = 0; r < n; ++r) {
+    std::copy(src + r * ld_src, src + r * ld_src + cols, dst + r * ld_dst);
+    std::fill(dst + r * ld_dst + cols, dst + (r + 1) * ld_dst, T(0));
+  }
 }
 
 }  // namespace polyattn::detail
