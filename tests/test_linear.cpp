@@ -33,7 +33,7 @@ void check_linear(const linear_shape& s, bool causal, double bias, index_t block
     linear_attention<T>(in.pq.view, in.pk.view, in.v.view, in.out.view, o);
   } else {  // the engine with another block size: the result must not depend on it
     const detail::block_problem pb{s.batch, s.heads, s.kv_heads, s.nq, s.nk, s.dv, block, causal, 2};
-    detail::run_block_linear<T>(pb, detail::view_feature_source<T>{in.pq.view, in.pk.view, causal}, in.v.view,
+    detail::run_block_linear<T>(pb, detail::view_feature_source<T>{s.m}, in.pq.view, in.pk.view, in.v.view,
                                 in.out.view, T(bias));
   }
   const dense_result exact = linear_oracle<T>(in.pq.view, in.pk.view, in.v.view, causal, bias);

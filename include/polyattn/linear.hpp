@@ -12,36 +12,23 @@ namespace polyattn {
 namespace detail {
 
 /// Key blocks of the causal linear algorithm; the result does not depend on it (up to
-/// rounding). 256, the block of the PolySketch benchmarks; other sizes were not measured.
+/// rounding). 256, the block of the PolySketch benchmarks.
 inline constexpr index_t kLinearBlock = 256;
 
-/// Features read straight from the caller's views; the local (diagonal-block) weights of the
-/// causal algorithm are φ(q_i)·φ(k_j) from a block Gram matrix.
-template <class T, class Arch = default_arch>
+/// Caller-supplied features: the raw rows are the features (no copy), and the local weights of
+/// the causal algorithm's own block are φ(q_i)·φ(k_j) (power 1).
+template <class T>
 struct view_feature_source {
-  tensor_view<const T, 4> phi_q, phi_k;
-  bool causal;
+  index_t m;
 
-  index_t feature_dim() const { return phi_q.extent(3); }
-  bool has_local() const { return causal; }
-  const T* key_features(index_t b, index_t hk, index_t j0, index_t, block_scratch<T>&, index_t& ld) const {
-    ld = phi_k.stride(2);
-    return &phi_k(b, hk, j0, 0);
-  }
-  const T* query_features(index_t b, index_t h, index_t i0, index_t, block_scratch<T>&, index_t& ld, bool) const {
-    ld = phi_q.stride(2);
-    return &phi_q(b, h, i0, 0);
-  }
-  void prepare_local_keys(index_t b, index_t hk, index_t j0, index_t nk, block_scratch<T>& s) const {
-    const index_t m = feature_dim(), ld = round_up(nk, simd_width<T, Arch>);
-    T* kt = s.buffer(0, static_cast<std::size_t>(m * ld)).data();  // φ(K_c)ᵀ, padding columns zero
-    pack_transposed(&phi_k(b, hk, j0, 0), phi_k.stride(2), nk, m, T(1), kt, ld);
-    s.key_ld = ld;
-  }
-  void local_weights(index_t b, index_t h, index_t i0, index_t nq, index_t nk, T* w, index_t ldw,
-                     block_scratch<T>& s) const {
-    gemm<T, Arch>(nq, nk, feature_dim(), &phi_q(b, h, i0, 0), phi_q.stride(2), 1, s.extra[0].data(), s.key_ld, w,
-                  ldw, false);
+  index_t feature_dim() const { return m; }
+  index_t key_dim() const { return m; }
+  local_form<T> local() const { return {m, 1, T(1)}; }
+  bool local_when_noncausal() const { return false; }
+  block_rows<T> prepare(const T* x, index_t ldx, index_t, bool, row_buffers<T>&) const { return {x, ldx, x, ldx}; }
+  const T* features(const block_rows<T>& rows, index_t r0, index_t, aligned_vector<T>&, index_t& ld) const {
+    ld = rows.ld_base;
+    return rows.base + r0 * rows.ld_base;
   }
 };
 
@@ -69,7 +56,7 @@ void linear_attention(detail::input_view<T> phi_q, detail::input_view<T> phi_k, 
           for (index_t c = 0; c < out.extent(3); ++c) out(b, h, i, c) = T(0);
     return;
   }
-  detail::run_block_linear<T>(pb, detail::view_feature_source<T>{phi_q, phi_k, opts.causal}, v, out,
+  detail::run_block_linear<T>(pb, detail::view_feature_source<T>{phi_q.extent(3)}, phi_q, phi_k, v, out,
                               static_cast<T>(opts.normalizer_bias));
 }
 

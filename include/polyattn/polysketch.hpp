@@ -15,96 +15,37 @@
 namespace polyattn {
 namespace detail {
 
-/// Features φ(scale·q), φ(k) computed block by block from the sketch (never stored for the
-/// whole sequence). Local weights of the query's own block are either the exact
-/// (scale·q·k)^p (local_exact) or the sketched (s(scale·q)·s(k))², computed from the
-/// r-dimensional Gram matrix and never from m-dimensional features (DESIGN §1).
-template <class T, class Arch = default_arch>
+/// PolySketch as a feature source of the block algorithm: a block's rows are sketched once
+/// (s(scale·q) for queries, s(k) for keys) and expanded to φ = s ⊗ s a chunk of rows at a time,
+/// never for the whole sequence. Local weights of the query's own block are the sketched
+/// (s(scale·q)·s(k))², from the r-dimensional sketches and never from m-dimensional features,
+/// or with local_exact the exact (scale·q·k)^p from the raw rows.
+template <class T>
 struct sketch_feature_source {
   const polysketch<T>* sketch;
-  tensor_view<const T, 4> q, k;
   T scale;
-  bool causal, local_exact;
-  index_t block;
-
-  // scratch slots in block_scratch::extra
-  enum : std::size_t { kSketchQ = 1, kSketchK = 2, kTree = 3, kTransposed = 4 };
+  bool local_exact;
 
   index_t feature_dim() const { return sketch->feature_dim(); }
-  bool has_local() const { return causal || local_exact; }
-  index_t sketch_ld() const { return round_up(sketch->sketch_dim(), simd_width<T, Arch>); }
-
-  const T* sketch_block(const tensor_view<const T, 4>& x, index_t b, index_t h, index_t i0, index_t n, T factor,
-                        std::size_t slot, block_scratch<T>& s) const {
-    const index_t ld = sketch_ld();
-    T* out = s.buffer(slot, static_cast<std::size_t>(block * ld)).data();
-    T* tree = s.buffer(kTree, static_cast<std::size_t>(std::max<index_t>(sketch->scratch_size(block), 1))).data();
-    sketch->sketch_rows(&x(b, h, i0, 0), x.stride(2), n, factor, out, ld, tree);
-    return out;
+  index_t key_dim() const { return sketch->head_dim(); }
+  local_form<T> local() const {
+    if (local_exact) return {sketch->head_dim(), sketch->degree(), scale};
+    return {sketch->sketch_dim(), 2, T(1)};
   }
-
-  const T* expand(const T* sk, index_t n, block_scratch<T>& s, index_t& ld) const {
+  bool local_when_noncausal() const { return local_exact; }
+  block_rows<T> prepare(const T* x, index_t ldx, index_t n, bool query, row_buffers<T>& buf) const {
+    const index_t lds = sketch->sketch_stride();
+    T* s = ensure(buf.rows, std::max<index_t>(n, 1) * lds);
+    T* tree = ensure(buf.tree, std::max<index_t>(sketch->scratch_size(n), 1));
+    sketch->sketch_rows(x, ldx, n, query ? scale : T(1), s, lds, tree);
+    if (local_exact) return {s, lds, x, ldx};
+    return {s, lds, s, lds};
+  }
+  const T* features(const block_rows<T>& rows, index_t r0, index_t n, aligned_vector<T>& buf, index_t& ld) const {
     ld = feature_dim();
-    T* phi = ensure(s.phi, block * ld);
-    sketch->expand_rows(sk, sketch_ld(), n, phi, ld);
+    T* phi = ensure(buf, kChunkRows * ld);
+    sketch->expand_rows(rows.base + r0 * rows.ld_base, rows.ld_base, n, phi, ld);
     return phi;
-  }
-
-  const T* key_features(index_t b, index_t hk, index_t j0, index_t n, block_scratch<T>& s, index_t& ld) const {
-    return expand(sketch_block(k, b, hk, j0, n, T(1), kSketchK, s), n, s, ld);
-  }
-  const T* query_features(index_t b, index_t h, index_t i0, index_t n, block_scratch<T>& s, index_t& ld,
-                          bool features) const {
-    if (!features) {  // only the sketches, for the sketched local weights
-      if (!local_exact) sketch_block(q, b, h, i0, n, scale, kSketchQ, s);
-      ld = 0;
-      return nullptr;
-    }
-    return expand(sketch_block(q, b, h, i0, n, scale, kSketchQ, s), n, s, ld);
-  }
-
-  void prepare_local_keys(index_t b, index_t hk, index_t j0, index_t nk, block_scratch<T>& s) const {
-    const index_t ld = round_up(nk, simd_width<T, Arch>);
-    s.key_ld = ld;
-    if (local_exact) {  // Kᵀ [d x ld]
-      const index_t d = k.extent(3);
-      T* kt = s.buffer(kTransposed, static_cast<std::size_t>(std::max<index_t>(d, 1) * ld)).data();
-      pack_transposed(&k(b, hk, j0, 0), k.stride(2), nk, d, T(1), kt, ld);
-    } else {  // s(K)ᵀ [r x ld]
-      const index_t r = sketch->sketch_dim(), lds = sketch_ld();
-      const T* sk = sketch_block(k, b, hk, j0, nk, T(1), kSketchK, s);
-      T* kt = s.buffer(kTransposed, static_cast<std::size_t>(std::max<index_t>(r, 1) * ld)).data();
-      pack_transposed(sk, lds, nk, r, T(1), kt, ld);
-    }
-  }
-
-  void local_weights(index_t b, index_t h, index_t i0, index_t nq, index_t nk, T* w, index_t ldw,
-                     block_scratch<T>& s) const {
-    using B = batch<T, Arch>;
-    const T* kt = s.extra[kTransposed].data();
-    const index_t cols = round_up(nk, B::size);
-    if (local_exact) {
-      // exact (scale·q·k)^p: (Q Kᵀ) then scale and power
-      gemm<T, Arch>(nq, nk, q.extent(3), &q(b, h, i0, 0), q.stride(2), 1, kt, s.key_ld, w, ldw, false);
-      const B sc(scale);
-      const int p = sketch->degree();
-      for (index_t i = 0; i < nq; ++i)
-        for (index_t j = 0; j < cols; j += B::size) {
-          T* x = w + i * ldw + j;
-          ipow<T, Arch>(B::load_unaligned(x) * sc, p).store_unaligned(x);
-        }
-    } else {
-      // sketched (s(scale·q)·s(k))²: the r-dimensional Gram matrix of the sketches, squared
-      const index_t lds = sketch_ld();
-      const T* sq = s.extra[kSketchQ].data() + (i0 - s.query_i0) * lds;  // left by query_features
-      gemm<T, Arch>(nq, nk, sketch->sketch_dim(), sq, lds, 1, kt, s.key_ld, w, ldw, false);
-      for (index_t i = 0; i < nq; ++i)
-        for (index_t j = 0; j < cols; j += B::size) {
-          T* x = w + i * ldw + j;
-          const B g = B::load_unaligned(x);
-          (g * g).store_unaligned(x);
-        }
-    }
   }
 };
 
@@ -134,9 +75,8 @@ void polysketch_attention(detail::input_view<T> q, detail::input_view<T> k, deta
                          " but 'q' has shape " + detail::shape_string(q));
   const detail::block_problem pb{q.extent(0), q.extent(1), k.extent(1), q.extent(2), k.extent(2), v.extent(3),
                                  opts.block_size, opts.causal, detail::resolve_threads(opts.threads)};
-  const detail::sketch_feature_source<T> src{&sketch, q, k, static_cast<T>(opts.scale), opts.causal, opts.local_exact,
-                                             opts.block_size};
-  detail::run_block_linear<T>(pb, src, v, out, static_cast<T>(opts.normalizer_bias));
+  const detail::sketch_feature_source<T> src{&sketch, static_cast<T>(opts.scale), opts.local_exact};
+  detail::run_block_linear<T>(pb, src, q, k, v, out, static_cast<T>(opts.normalizer_bias));
 }
 
 inline matrix<float> polysketch_attention(const eigen_input<float>& q, const eigen_input<float>& k,

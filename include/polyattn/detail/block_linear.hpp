@@ -1,63 +1,37 @@
-// polyattn/detail/block_linear.hpp — the block algorithm of linear attention ("lower-triangular
-// multiplication", PolySketchFormer §3) shared by linear_attention and polysketch_attention.
+// polyattn/detail/block_linear.hpp — drivers of the block algorithm shared by linear_attention and
+// polysketch_attention: the chunked causal scan and the non-causal form (docs/design.md).
 //
-// Keys are split into blocks of `block` positions. With features φ (dimension m):
-//   (a) per key block c, in parallel:  Z_c = φ(K_c)ᵀ V_c  (m x dv)  and  z_c = Σ_j φ(k_j)  (m)
-//   (b) in block order:                Z_c <- Σ_{c' < c} Z_c'  (causal: exclusive prefix), total
-//       (in two levels: within ranges of kRangeBlocks blocks during (a), then over ranges)
-//   (c) per query block, in parallel:
-//         num_i = φ(q_i) · Z_c  + Σ_j W_ij v_j        den_i = φ(q_i) · z_c + Σ_j W_ij
-//         out_i = num_i / (β + den_i)   (0 when that is 0)
-// where W are the weights of the keys in the query's own block (causal: up to the query's
-// position), computed by the feature source: features, a sketch Gram matrix, or exact
-// polynomial weights. Memory: one (m x dv + m) state per key block, linear in N, plus
-// O(block²) scratch per thread. Each task's result depends only on its index and the
-// prefix is summed in a fixed order, so results are identical for any thread count.
+// Causal, per (batch, kv head) sequence, blocks of b keys at absolute positions c·b:
+//   for each block c in order:  output pass of the block's queries (every query head of the
+//                               kv head) from the running state S and the block's own keys;
+//                               then the state pass S += φ(K_c)ᵀ[V_c], Σ φ(K_c).
+// The running state stays in cache; memory is O(threads · (m·dv + b·m)), independent of N.
+//
+// Parallelism and determinism. Blocks are grouped into at most kSuperChunks contiguous
+// super-chunks (a count fixed independently of the thread count). S is kept in two levels:
+// a prefix over finished super-chunks and a running sum within the current one, each summed
+// in a fixed order. Every super-chunk's total is therefore the same bits whoever computes it,
+// so the sequence can be cut at super-chunk boundaries into P ranges scanned in parallel: a
+// pre-pass computes the totals of the super-chunks before the last range (in parallel), each
+// range starts from their prefix, and the results are bitwise identical for any P. P grows
+// with the thread count only while there are fewer sequences than threads; the pre-pass costs
+// (P−1)/P of the state updates (25 % of the state FLOPs at P = 2, nothing at P = 1).
+//
+// Explicit state: a scan can start from a linear_state (Z, z, the position, the raw rows of the
+// unfinished block) and leave the final state in it, so a sequence cut anywhere continues
+// exactly (streaming decode, chunked prefill, sequence parallelism).
 #pragma once
 
 #include <algorithm>
-#include <memory>
+#include <stdexcept>
 #include <vector>
 
 #include "../tensor_view.hpp"
-#include "gemm.hpp"
+#include "block_passes.hpp"
+#include "linear_state.hpp"
 #include "threading.hpp"
 
 namespace polyattn::detail {
-
-/// Per-worker scratch of the block algorithm; sources keep their own buffers in `extra`.
-template <class T>
-struct block_scratch {
-  aligned_vector<T> phi, vpack, w, num, den, zx;
-  index_t query_i0 = 0;  // first query of the block whose features were computed last
-  index_t key_ld = 0;    // leading dimension of the keys prepared for local weights
-  std::vector<aligned_vector<T>> extra;
-  aligned_vector<T>& buffer(std::size_t i, std::size_t n) {
-    if (extra.size() <= i) extra.resize(i + 1);
-    if (extra[i].size() < n) extra[i].assign(n, T(0));
-    return extra[i];
-  }
-};
-
-template <class T>
-inline T* ensure(aligned_vector<T>& v, index_t n) {
-  if (static_cast<index_t>(v.size()) < n) v.assign(static_cast<std::size_t>(n), T(0));
-  return v.data();
-}
-
-/// An uninitialised aligned array (the block states are written before they are read, and
-/// zero-filling tens of MiB would cost a pass over memory).
-template <class T>
-struct raw_buffer {
-  struct deleter {
-    void operator()(T* p) const noexcept { ::operator delete(p, std::align_val_t{64}); }
-  };
-  std::unique_ptr<T, deleter> ptr;
-  explicit raw_buffer(index_t n)
-      : ptr(static_cast<T*>(::operator new(static_cast<std::size_t>(std::max<index_t>(n, 1)) * sizeof(T),
-                                           std::align_val_t{64}))) {}
-  T* data() const noexcept { return ptr.get(); }
-};
 
 struct block_problem {
   index_t batch, heads, kv_heads, nq, nk, dv, block;
@@ -65,232 +39,278 @@ struct block_problem {
   int threads;
 };
 
-/// Rows of queries whose local weights are computed together: in a causal block the
-/// sub-block of rows [a, a + kLocalRows) needs keys only up to its last position, which
-/// skips most of the block's upper triangle.
-inline constexpr index_t kLocalRows = 64;
+/// Super-chunks per sequence: the unit of the parallel pre-pass. 12 splits evenly into
+/// 1, 2, 3, 4 or 6 ranges.
+inline constexpr index_t kSuperChunks = 12;
 
-/// Blocks per range of the two-level prefix (see run_block_linear).
-inline constexpr index_t kRangeBlocks = 8;
+/// floor(a / b) for b > 0.
+constexpr index_t floor_div(index_t a, index_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
-/// acc[f] += Σ_rows x[r·ld + f] for f < m, m a multiple of the vector width (padded).
-template <class T, class Arch>
-inline void add_rows(const T* x, index_t ld, index_t rows, index_t m, T* acc) {
-  using B = batch<T, Arch>;
-  constexpr index_t W = simd_width<T, Arch>;
-  for (index_t f = 0; f + W <= m; f += W) {
-    B s = B::load_unaligned(acc + f);
-    for (index_t r = 0; r < rows; ++r) s += B::load_unaligned(x + r * ld + f);
-    s.store_unaligned(acc + f);
+/// Pointer to row i of (b, h) of a view, or nullptr when the view holds no elements (no
+/// pointer arithmetic on a null pointer).
+template <class T>
+inline T* row_ptr(const tensor_view<T, 4>& x, index_t b, index_t h, index_t i) {
+  return x.size() > 0 ? &x(b, h, i, 0) : nullptr;
+}
+
+/// Block bookkeeping of one call: absolute positions, blocks, super-chunks, ranges.
+struct scan_plan {
+  index_t b = 1;        // block size
+  index_t p0 = 0;       // absolute position of the first new key
+  index_t pending = 0;  // keys of the unfinished block carried in (a state)
+  index_t offset = 0;   // query i sits at absolute position p0 + offset + i
+  index_t c0 = 0, c_end = -1;  // first and last key block (absolute); none when c_end < c0
+  index_t per_chunk = 1, n_chunks = 0;
+  index_t ranges = 1;  // P
+
+  index_t chunk_first(index_t g) const { return c0 + g * per_chunk; }
+  index_t chunk_last(index_t g) const { return std::min(c_end, c0 + (g + 1) * per_chunk - 1); }
+  index_t range_chunk(index_t r) const { return r * n_chunks / ranges; }  // first super-chunk of range r
+  /// Query rows [i0, i1) whose positions fall in block c.
+  std::pair<index_t, index_t> query_rows(index_t c, index_t nq) const {
+    const index_t i0 = std::clamp<index_t>(c * b - p0 - offset, 0, nq);
+    const index_t i1 = std::clamp<index_t>((c + 1) * b - p0 - offset, 0, nq);
+    return {i0, i1};
   }
-  for (index_t f = m - m % W; f < m; ++f)
-    for (index_t r = 0; r < rows; ++r) acc[f] += x[r * ld + f];
-}
+};
 
-/// Σ_f a[f]·b[f].
-template <class T, class Arch>
-inline T dot(const T* a, const T* b, index_t n) {
-  using B = batch<T, Arch>;
-  constexpr index_t W = simd_width<T, Arch>;
-  B s(T(0));
-  index_t f = 0;
-  for (; f + W <= n; f += W) s = xsimd::fma(B::load_unaligned(a + f), B::load_unaligned(b + f), s);
-  T r = xsimd::hadd(s);
-  for (; f < n; ++f) r += a[f] * b[f];
-  return r;
-}
-
-/// Σ_j x[j].
-template <class T, class Arch>
-inline T sum(const T* x, index_t n) {
-  using B = batch<T, Arch>;
-  constexpr index_t W = simd_width<T, Arch>;
-  B s(T(0));
-  index_t j = 0;
-  for (; j + W <= n; j += W) s += B::load_unaligned(x + j);
-  T r = xsimd::hadd(s);
-  for (; j < n; ++j) r += x[j];
-  return r;
-}
-
-/// Runs the block algorithm. Source provides
-///   index_t feature_dim() const;
-///   bool has_local() const;     whether the query's own block gets local weights
-///   const T* key_features(b, hk, j0, n, scratch&, index_t& ld) const;    φ(K) rows
-///   const T* query_features(b, h, i0, n, scratch&, index_t& ld, bool features) const;
-///       φ(Q) rows of a query block (the source may keep per-query data, e.g. sketches, in
-///       scratch); with features == false only that per-query data is needed
-///   void prepare_local_keys(b, hk, j0, nk, scratch&) const;             once per query block
-///   void local_weights(b, h, i0, nq, nk, T* w, index_t ldw, scratch&) const;
-///       W[i][j] (unmasked, ≥ 0) for queries i0 .. i0+nq (a sub-range of the query block whose
-///       features were computed last) and the first nk prepared keys
+/// Runs linear attention with the block algorithm. q holds the raw query rows [B, H, Nq, ·]
+/// and k the raw key rows [B, Hk, Nk, src.key_dim()] the source turns into features and local
+/// rows. `states` (causal only, nullptr for none) points to batch·kv_heads states (index
+/// b·Hk + hk) at one common position: the scan starts from them and leaves the final state in
+/// them. With states, Nq <= Nk (queries are the last Nq of the new keys' positions).
 template <class T, class Source, class Arch = default_arch>
-void run_block_linear(const block_problem& pb, const Source& src, tensor_view<const T, 4> v, tensor_view<T, 4> out,
-                      T bias) {
-  if (pb.batch == 0 || pb.heads == 0 || pb.nq == 0 || pb.dv == 0) return;
+void run_block_linear(const block_problem& pb, const Source& src, tensor_view<const T, 4> q,
+                      tensor_view<const T, 4> k, tensor_view<const T, 4> v, tensor_view<T, 4> out, T bias,
+                      linear_state<T>* states = nullptr) {
   constexpr index_t W = simd_width<T, Arch>;
-  const index_t m = src.feature_dim();
-  const index_t bs = pb.block;
-  const index_t nblk = ceil_div(pb.nk, bs);
-  const index_t dv = pb.dv, dvp = round_up(dv, W), mp = round_up(m, W);
-  const bool pack_v = dv % W != 0;  // the GEMMs read B rows in whole vectors
-  const index_t offset = pb.nk - pb.nq;  // query i sits at position i + offset
+  const index_t n_seq = pb.batch * pb.kv_heads;
+  if (n_seq == 0 || (pb.nq == 0 && !states) || (pb.dv == 0 && !states)) return;
+  if (states && (!pb.causal || pb.nq > pb.nk))
+    throw std::logic_error("polyattn: a linear_state needs causal attention with Nq <= Nk");
+  const index_t m = src.feature_dim(), dv = pb.dv, dvp = round_up(dv, W), kdim = src.key_dim();
+  const index_t S = m * dvp + round_up(m, W);  // a state: Z [m x dvp], then z
   const index_t group = pb.heads / pb.kv_heads;
-  const bool local = src.has_local();
-  const index_t state = m * dvp + mp;  // Z_c (m x dvp) then z_c (m, padded)
-  const index_t kept = std::max<index_t>(nblk, 1);
-  raw_buffer<T> zs(kept * state);
-  aligned_vector<T> total(static_cast<std::size_t>(state), T(0));
-  const int workers = std::max(1, pb.threads);
-  std::vector<block_scratch<T>> scratch(static_cast<std::size_t>(workers));
+  const bool local = pb.causal || src.local_when_noncausal();
+  const bool direct_v = dv % W == 0;  // value rows are a GEMM B operand as they are
 
-  // V rows j0 .. j0+n of kv head (b, hk) as a B operand: the view itself, or a padded copy
-  auto values = [&](index_t b, index_t hk, index_t j0, index_t n, block_scratch<T>& s, index_t& ld) -> const T* {
-    if (!pack_v) {
-      ld = v.stride(2);
-      return &v(b, hk, j0, 0);
+  scan_plan plan;
+  // Without a state to continue, a block longer than the keys means "all keys in block 0"
+  // whatever its length, so time and scratch follow the keys, not the option.
+  plan.b = states ? pb.block : std::min(pb.block, std::max<index_t>(pb.nk, 1));
+  plan.p0 = states ? states[0].position : 0;
+  plan.pending = states ? states[0].pending() : 0;
+  plan.offset = pb.nk - pb.nq;
+  if (pb.nk > 0) {
+    plan.c0 = floor_div(plan.p0, plan.b);
+    plan.c_end = floor_div(plan.p0 + pb.nk - 1, plan.b);
+    const index_t n_blocks = plan.c_end - plan.c0 + 1;
+    plan.per_chunk = ceil_div(n_blocks, kSuperChunks);
+    plan.n_chunks = ceil_div(n_blocks, plan.per_chunk);
+    plan.ranges = std::max<index_t>(1, std::min(ceil_div(pb.threads, n_seq), plan.n_chunks));
+  }
+  const int workers = std::max(1, pb.threads);
+  std::vector<scan_workspace<T>> scratch(static_cast<std::size_t>(workers));
+
+  // Inputs of the states, copied before any task runs so that a range may write its
+  // sequence's final state while another range still starts from the initial one.
+  aligned_vector<T> start, start_keys, start_vals;
+  if (states) {
+    start.assign(static_cast<std::size_t>(n_seq * S), T(0));
+    start_keys.assign(static_cast<std::size_t>(n_seq * plan.b * std::max<index_t>(kdim, 1)), T(0));
+    start_vals.assign(static_cast<std::size_t>(n_seq * plan.b * dvp), T(0));
+    for (index_t s = 0; s < n_seq; ++s) {
+      const linear_state<T>& st = states[s];
+      if (st.position != plan.p0 || st.block != plan.b || st.feature_dim != m || st.key_dim != kdim ||
+          st.value_dim != dv)
+        throw std::logic_error("polyattn: linear_state does not match the problem");
+      T* z0 = start.data() + s * S;
+      for (index_t f = 0; f < m; ++f) {
+        std::copy(st.Z.data() + f * dv, st.Z.data() + (f + 1) * dv, z0 + f * dvp);
+        z0[m * dvp + f] = st.z[static_cast<std::size_t>(f)];
+      }
+      std::copy(st.keys.begin(), st.keys.begin() + plan.pending * kdim, start_keys.begin() + s * plan.b * kdim);
+      pack_rows(st.values.data(), dv, plan.pending, dv, start_vals.data() + s * plan.b * dvp, dvp);
     }
-    ld = dvp;
-    T* vp = ensure(s.vpack, bs * dvp);
-    pack_rows(&v(b, hk, j0, 0), v.stride(2), n, dv, vp, dvp);
-    return vp;
+  }
+
+  // The keys and values of block c of sequence (bi, hk), assembled with the carried rows when
+  // the block started before this call.
+  auto fetch = [&](index_t bi, index_t hk, index_t c, scan_workspace<T>& ws) {
+    key_block<T> kb;
+    kb.first = c * plan.b;
+    const index_t start_pos = std::max(kb.first, plan.p0 - plan.pending);
+    const index_t end_pos = std::min(kb.first + plan.b, plan.p0 + pb.nk);
+    kb.n = end_pos - start_pos;
+    const index_t carried = std::max<index_t>(0, plan.p0 - start_pos);  // rows from the state
+    const index_t j0 = start_pos + carried - plan.p0, fresh = kb.n - carried;  // rows of this call
+    if (carried == 0) {
+      kb.raw = row_ptr(k, bi, hk, j0);
+      kb.ld_raw = k.stride(2);
+      if (direct_v) {
+        kb.vals = row_ptr(v, bi, hk, j0);
+        kb.ld_vals = v.stride(2);
+      } else {
+        T* vp = ensure(ws.vpack, plan.b * dvp);
+        if (dv > 0) pack_rows(row_ptr(v, bi, hk, j0), v.stride(2), kb.n, dv, vp, dvp);
+        kb.vals = vp;
+        kb.ld_vals = dvp;
+      }
+      return kb;
+    }
+    const index_t s = bi * pb.kv_heads + hk;
+    T* kbuf = ensure(ws.kblock, plan.b * std::max<index_t>(kdim, 1));
+    T* vbuf = ensure(ws.vblock, plan.b * dvp);
+    std::copy(start_keys.data() + s * plan.b * kdim, start_keys.data() + (s * plan.b + carried) * kdim, kbuf);
+    std::copy(start_vals.data() + s * plan.b * dvp, start_vals.data() + (s * plan.b + carried) * dvp, vbuf);
+    if (fresh > 0) {
+      pack_rows(row_ptr(k, bi, hk, j0), k.stride(2), fresh, kdim, kbuf + carried * kdim, kdim);
+      if (dv > 0) pack_rows(row_ptr(v, bi, hk, j0), v.stride(2), fresh, dv, vbuf + carried * dvp, dvp);
+    }
+    kb.raw = kbuf;
+    kb.ld_raw = kdim;
+    kb.vals = vbuf;
+    kb.ld_vals = dvp;
+    return kb;
   };
 
-  // Query block c = the queries whose positions fall in key block c = floor(pos / block).
-  // Blocks c < 0 hold positions < 0, which exist when Nq > Nk: they see no key when causal
-  // and every key through the features otherwise.
-  const index_t first_block = offset >= 0 ? offset / bs : -ceil_div(-offset, bs);
-  const index_t n_qblocks = nblk - first_block;
-  // Prefix sums run in two levels: within ranges of kRangeBlocks consecutive blocks (while a
-  // block's state is still in cache), then over the range totals. The range length is fixed,
-  // so the order of every sum, and hence every bit of the result, is independent of threads.
-  const index_t needed = pb.causal ? nblk - 1 : nblk;  // blocks whose state anyone reads
-  const index_t n_ranges = ceil_div(std::max<index_t>(needed, 0), kRangeBlocks);
-  aligned_vector<T> ranges(static_cast<std::size_t>(std::max<index_t>(n_ranges, 1) * state));  // totals, then prefixes
-  // slices of state elements for the parallel range prefix
-  const index_t slice = round_up(std::max<index_t>(4096, ceil_div(state, 16)), W);
-  const index_t n_slices = ceil_div(state, slice);
-
-  for (index_t b = 0; b < pb.batch; ++b)
-    for (index_t hk = 0; hk < pb.kv_heads; ++hk) {
-      // (a) block states, a range of blocks per task; causal queries never need the last block's
-      parallel_for(workers, n_ranges, [&](index_t r, int worker) {
-        block_scratch<T>& s = scratch[static_cast<std::size_t>(worker)];
-        T* run = ranges.data() + r * state;
-        std::fill(run, run + state, T(0));
-        for (index_t c = r * kRangeBlocks; c < std::min(needed, (r + 1) * kRangeBlocks); ++c) {
-          const index_t j0 = c * bs, n = std::min(bs, pb.nk - j0);
-          index_t ldphi = 0, ldv = 0;
-          const T* phi = src.key_features(b, hk, j0, n, s, ldphi);
-          const T* vals = values(b, hk, j0, n, s, ldv);
-          T* z = zs.data() + c * state;
-          // Z_c[f][:] = Σ_p φ(k_p)[f] · v_p   (A(f, p) = φ[p·ld + f])
-          gemm<T, Arch>(m, dv, n, phi, 1, ldphi, vals, ldv, z, dvp, false);
-          T* zsum = z + m * dvp;
-          std::fill(zsum, zsum + mp, T(0));
-          add_rows<T, Arch>(phi, ldphi, n, m, zsum);
-          // causal: the slot becomes the prefix within the range; the range total accumulates
-          for (index_t e = 0; e < state; ++e) {
-            const T t = z[e];
-            if (pb.causal) z[e] = run[e];
-            run[e] += t;
-          }
-        }
-      });
-      // (b) exclusive prefix over the range totals, and the grand total (parallel over slices)
-      parallel_for(workers, n_slices, [&](index_t sl, int) {
-        const index_t e0 = sl * slice, e1 = std::min(state, e0 + slice);
-        T* tot = total.data();
-        std::fill(tot + e0, tot + e1, T(0));
-        for (index_t r = 0; r < n_ranges; ++r) {
-          T* z = ranges.data() + r * state;
-          for (index_t e = e0; e < e1; ++e) {
-            const T t = z[e];
-            z[e] = tot[e];
-            tot[e] += t;
-          }
-        }
-      });
-      // (c) outputs, every query head of this kv head
-      parallel_for(workers, group * n_qblocks, [&](index_t task, int worker) {
-        block_scratch<T>& s = scratch[static_cast<std::size_t>(worker)];
-        const index_t h = hk * group + task / n_qblocks;
-        const index_t c = first_block + task % n_qblocks;
-        const index_t i0 = std::max<index_t>(0, c * bs - offset);
-        const index_t i1 = std::min<index_t>(pb.nq, (c + 1) * bs - offset);
-        const index_t nq = i1 - i0;
-        if (nq <= 0) return;
-        if (c < 0 && pb.causal) {  // positions < 0: no visible key
-          for (index_t i = 0; i < nq; ++i) std::fill(&out(b, h, i0 + i, 0), &out(b, h, i0 + i, 0) + dv, T(0));
-          return;
-        }
-        T* num = ensure(s.num, bs * dvp);
-        T* den = ensure(s.den, bs);
-        index_t ldphi = 0;
-        s.query_i0 = i0;
-        // causal block 0 sees no earlier block: no features needed, only local weights
-        const bool no_state = pb.causal && c == 0;
-        const T* phi = src.query_features(b, h, i0, nq, s, ldphi, !no_state);
-        // the state of the keys this block sees through the features
-        const T* z = nullptr;
-        if (no_state) {
-          // nothing: only local weights
-        } else if (pb.causal && c == needed) {  // the last block: every block before it
-          z = total.data();
-        } else if (pb.causal) {  // prefix of the earlier ranges + prefix within the range
-          T* zx = ensure(s.zx, state);
-          const T* within = zs.data() + c * state;
-          const T* before = ranges.data() + (c / kRangeBlocks) * state;
-          for (index_t e = 0; e < state; ++e) zx[e] = before[e] + within[e];
-          z = zx;
-        } else if (local && c >= 0) {
-          // every block but the query's own, whose keys get local weights
-          T* zx = ensure(s.zx, state);
-          const T* zc = zs.data() + c * state;
-          for (index_t e = 0; e < state; ++e) zx[e] = total[e] - zc[e];
-          z = zx;
-        } else {
-          z = total.data();
-        }
-        if (z) {
-          gemm<T, Arch>(nq, dv, m, phi, ldphi, 1, z, dvp, num, dvp, false);
-          for (index_t i = 0; i < nq; ++i) den[i] = dot<T, Arch>(phi + i * ldphi, z + m * dvp, m);
-        } else {
-          std::fill(num, num + nq * dvp, T(0));
-          std::fill(den, den + nq, T(0));
-        }
-        if (local && c >= 0) {
-          const index_t j0 = c * bs, nk = std::min(bs, pb.nk - j0);
-          const index_t ldw = round_up(nk, W);
-          T* w = ensure(s.w, kLocalRows * round_up(bs, W));
-          index_t ldv = 0;
-          src.prepare_local_keys(b, hk, j0, nk, s);
-          const T* vals = values(b, hk, j0, nk, s, ldv);
-          for (index_t a = 0; a < nq; a += kLocalRows) {
-            const index_t rows = std::min(kLocalRows, nq - a);
-            // causal: keys j0 .. (last position of these rows); others: the whole block
-            const index_t keys = pb.causal ? std::min(nk, i0 + a + rows - 1 + offset - j0 + 1) : nk;
-            src.local_weights(b, h, i0 + a, rows, keys, w, ldw, s);
-            for (index_t i = 0; i < rows; ++i) {
-              T* wr = w + i * ldw;
-              if (pb.causal) {
-                const index_t visible = std::max<index_t>(0, i0 + a + i + offset - j0 + 1);  // keys j0 .. pos_i
-                if (visible < keys) std::fill(wr + visible, wr + keys, T(0));
-              }
-              den[a + i] += sum<T, Arch>(wr, keys);
-            }
-            gemm<T, Arch>(rows, dv, keys, w, ldw, 1, vals, ldv, num + a * dvp, dvp, true);
-          }
-        }
-        for (index_t i = 0; i < nq; ++i) {
-          const T denom = bias + den[i];
-          const T f = denom != T(0) ? T(1) / denom : T(0);
-          const T* row = num + i * dvp;
-          T* o = &out(b, h, i0 + i, 0);
-          for (index_t x = 0; x < dv; ++x) o[x] = row[x] * f;
-        }
-      });
+  // The state pass over super-chunk g of sequence s into `total` (zeroed first).
+  auto chunk_total = [&](index_t s, index_t g, scan_workspace<T>& ws, T* total) {
+    std::fill(total, total + S, T(0));
+    for (index_t c = plan.chunk_first(g); c <= plan.chunk_last(g); ++c) {
+      const key_block<T> kb = fetch(s / pb.kv_heads, s % pb.kv_heads, c, ws);
+      const block_rows<T> kr = src.prepare(kb.raw, kb.ld_raw, kb.n, false, ws.krows);
+      state_pass<T, Source, Arch>(src, kr, kb.vals, kb.ld_vals, kb.n, dv, ws, total);
     }
+  };
+
+  // Pre-pass: totals of the super-chunks that a range other than the first starts after
+  // (causal), or of every super-chunk (non-causal, when more than one range).
+  const index_t n_pre = plan.ranges > 1 ? (pb.causal ? plan.range_chunk(plan.ranges - 1) : plan.n_chunks) : 0;
+  aligned_vector<T> totals(static_cast<std::size_t>(n_seq * n_pre * S));
+  parallel_for(workers, n_seq * n_pre, [&](index_t task, int worker) {
+    const index_t s = task / n_pre, g = task % n_pre;
+    chunk_total(s, g, scratch[static_cast<std::size_t>(worker)], totals.data() + (s * n_pre + g) * S);
+  });
+
+  // prefix = the state before super-chunk g0 of sequence s: the carried state, then the
+  // super-chunk totals in order
+  auto start_prefix = [&](index_t s, index_t g0, T* prefix) {
+    if (states)
+      std::copy(start.data() + s * S, start.data() + (s + 1) * S, prefix);
+    else
+      std::fill(prefix, prefix + S, T(0));
+    for (index_t g = 0; g < g0; ++g) add_states(prefix, totals.data() + (s * n_pre + g) * S, S, prefix);
+  };
+
+  if (pb.causal) {
+    // rows with positions before the first key see nothing (Nq > Nk without a state)
+    const index_t blind = std::min(pb.nq, std::max<index_t>(0, -(plan.p0 + plan.offset)));
+    for (index_t bi = 0; bi < pb.batch; ++bi)
+      for (index_t h = 0; h < pb.heads; ++h)
+        for (index_t i = 0; i < blind && dv > 0; ++i) std::fill(&out(bi, h, i, 0), &out(bi, h, i, 0) + dv, T(0));
+    parallel_for(workers, n_seq * plan.ranges, [&](index_t task, int worker) {
+      scan_workspace<T>& ws = scratch[static_cast<std::size_t>(worker)];
+      const index_t s = task / plan.ranges, r = task % plan.ranges;
+      const index_t bi = s / pb.kv_heads, hk = s % pb.kv_heads;
+      const index_t g_begin = plan.range_chunk(r), g_end = plan.range_chunk(r + 1);
+      T* prefix = ensure(ws.prefix, S);
+      T* run = ensure(ws.run, S);
+      start_prefix(s, g_begin, prefix);
+      key_block<T> kb;
+      for (index_t g = g_begin; g < g_end; ++g) {
+        std::fill(run, run + S, T(0));
+        for (index_t c = plan.chunk_first(g); c <= plan.chunk_last(g); ++c) {
+          kb = fetch(bi, hk, c, ws);
+          const block_rows<T> kr = src.prepare(kb.raw, kb.ld_raw, kb.n, false, ws.krows);
+          const index_t ldkt = prepare_local_keys<T, Source, Arch>(src, kr, kb.n, ws);
+          // the state the block's queries read: everything before block c
+          const bool has_prefix = states || g > 0, has_run = c > plan.chunk_first(g);
+          const T* state = nullptr;
+          if (has_prefix && has_run) {
+            T* zx = ensure(ws.zx, S);
+            add_states(prefix, run, S, zx);
+            state = zx;
+          } else if (has_prefix) {
+            state = prefix;
+          } else if (has_run) {
+            state = run;
+          }
+          for (index_t hq = hk * group; hq < (hk + 1) * group; ++hq) {
+            const auto [i0, i1] = plan.query_rows(c, pb.nq);
+            if (i1 <= i0) continue;
+            const block_rows<T> qr = src.prepare(&q(bi, hq, i0, 0), q.stride(2), i1 - i0, true, ws.qrows);
+            output_pass<T, Source, Arch>(src, qr, i1 - i0, plan.p0 + plan.offset + i0, state, &kb, ldkt, true, dv,
+                                         bias, ws, row_ptr(out, bi, hq, i0), out.stride(2));
+          }
+          const bool complete = kb.n == plan.b;
+          if (c < plan.c_end || (states && complete))
+            state_pass<T, Source, Arch>(src, kr, kb.vals, kb.ld_vals, kb.n, dv, ws, run);
+        }
+        add_states(prefix, run, S, prefix);
+      }
+      if (states && r == plan.ranges - 1) {  // the final state of the sequence
+        linear_state<T>& st = states[s];
+        for (index_t f = 0; f < m; ++f) {
+          std::copy(prefix + f * dvp, prefix + f * dvp + dv, st.Z.data() + f * dv);
+          st.z[static_cast<std::size_t>(f)] = prefix[m * dvp + f];
+        }
+        const index_t left = kb.n == plan.b ? 0 : kb.n;  // rows of the unfinished last block
+        for (index_t i = 0; i < left; ++i) {
+          std::copy(kb.raw + i * kb.ld_raw, kb.raw + i * kb.ld_raw + kdim, st.keys.data() + i * kdim);
+          std::copy(kb.vals + i * kb.ld_vals, kb.vals + i * kb.ld_vals + dv, st.values.data() + i * dv);
+        }
+      }
+    });
+    if (states)
+      for (index_t s = 0; s < n_seq; ++s) states[s].position = plan.p0 + pb.nk;
+    return;
+  }
+
+  // Non-causal: out_i = φ(q_i)·(total) [+ the query's own block weighed locally, minus its
+  // features' share]. Query blocks are parallel tasks; queries at negative positions
+  // (Nq > Nk) belong to no key block and read the total only.
+  aligned_vector<T> grand(static_cast<std::size_t>(n_seq * S));
+  parallel_for(workers, n_seq, [&](index_t s, int worker) {
+    T* total = grand.data() + s * S;
+    start_prefix(s, n_pre, total);
+    if (n_pre == 0) {  // one range: the super-chunk totals were not precomputed
+      scan_workspace<T>& ws = scratch[static_cast<std::size_t>(worker)];
+      T* run = ensure(ws.run, S);
+      for (index_t g = 0; g < plan.n_chunks; ++g) {
+        chunk_total(s, g, ws, run);
+        add_states(total, run, S, total);
+      }
+    }
+  });
+  const index_t qc_first = floor_div(plan.offset, plan.b);
+  const index_t n_qblocks = plan.c_end - qc_first + 1;
+  parallel_for(workers, pb.batch * pb.heads * n_qblocks, [&](index_t task, int worker) {
+    scan_workspace<T>& ws = scratch[static_cast<std::size_t>(worker)];
+    const index_t bh = task / n_qblocks, c = qc_first + task % n_qblocks;
+    const index_t bi = bh / pb.heads, hq = bh % pb.heads, hk = hq / group, s = bi * pb.kv_heads + hk;
+    const auto [i0, i1] = plan.query_rows(c, pb.nq);
+    if (i1 <= i0) return;
+    const T* total = grand.data() + s * S;
+    const T* state = total;
+    key_block<T> kb;
+    index_t ldkt = 0;
+    const bool own_block = local && c >= 0;
+    if (own_block) {  // the block's keys are weighed locally: read total − (their state)
+      kb = fetch(bi, hk, c, ws);
+      const block_rows<T> kr = src.prepare(kb.raw, kb.ld_raw, kb.n, false, ws.krows);
+      ldkt = prepare_local_keys<T, Source, Arch>(src, kr, kb.n, ws);
+      T* own = ensure(ws.run, S);
+      std::fill(own, own + S, T(0));
+      state_pass<T, Source, Arch>(src, kr, kb.vals, kb.ld_vals, kb.n, dv, ws, own);
+      T* zx = ensure(ws.zx, S);
+      for (index_t e = 0; e < S; ++e) zx[e] = total[e] - own[e];
+      state = zx;
+    }
+    const block_rows<T> qr = src.prepare(&q(bi, hq, i0, 0), q.stride(2), i1 - i0, true, ws.qrows);
+    output_pass<T, Source, Arch>(src, qr, i1 - i0, plan.offset + i0, state, own_block ? &kb : nullptr, ldkt, false,
+                                 dv, bias, ws, row_ptr(out, bi, hq, i0), out.stride(2));
+  });
 }
 
 }  // namespace polyattn::detail

@@ -1,0 +1,229 @@
+// polyattn/detail/block_passes.hpp — the two passes of chunked linear attention on one block of keys.
+//
+// Linear attention in blocks of b keys ("lower-triangular multiplication", PolySketchFormer §3;
+// the chunked form of flash-linear-attention; docs/design.md, "Block algorithm"):
+//   state pass   S += φ(K_c)ᵀ [V_c]  (Z, m x dv)  and  z += Σ_j φ(k_j)   over the block's keys
+//   output pass  num_i = φ(q_i)·Z + Σ_{j in block, allowed} w_ij v_j
+//                den_i = φ(q_i)·z + Σ_{j in block, allowed} w_ij
+//                out_i = num_i / (β + den_i)       (0 when that is 0)
+// where w_ij are the local weights of the keys in the query's own block,
+//   w_ij = (local_scale · a_i·b_j)^local_power
+// with a, b the "local rows" a feature source prepares: φ itself (linear attention, power 1),
+// the sketches s(q), s(k) (PolySketch, power 2), or q, k (local_exact, power p, scale).
+//
+// A feature source turns raw rows into what the passes need, always through explicit return
+// values (no state hidden in scratch):
+//   index_t feature_dim() const;                  m
+//   index_t key_dim() const;                      width of a raw key row
+//   local_form local() const;                     {dim, power, scale} of the local weights
+//   bool local_when_noncausal() const;            non-causal attention uses local weights too
+//   block_rows<T> prepare(const T* x, index_t ldx, index_t n, bool query, row_buffers<T>&) const;
+//       per-row data of n raw rows (queries or keys): the base rows features expand from and
+//       the local rows
+//   const T* features(const block_rows<T>&, index_t r0, index_t n, aligned_vector<T>& buf, index_t& ld) const;
+//       φ of prepared rows r0 .. r0+n (possibly a pointer into the rows themselves)
+// Features are expanded kChunkRows rows at a time, so a block's m-dimensional features are
+// never held in full: the working set of either pass stays in L2.
+#pragma once
+
+#include <algorithm>
+
+#include "gemm.hpp"
+#include "simd.hpp"
+
+namespace polyattn::detail {
+
+/// Rows of features (and of local weights) computed per step of either pass.
+inline constexpr index_t kChunkRows = 64;
+
+/// Local weights w = (scale · a·b)^power over local rows of width dim.
+template <class T>
+struct local_form {
+  index_t dim;
+  int power;
+  T scale;
+};
+
+/// What a feature source prepared for a block of rows (pointers into the caller's rows or into
+/// the row_buffers it was given).
+template <class T>
+struct block_rows {
+  const T* base = nullptr;  ///< rows features are expanded from
+  index_t ld_base = 0;
+  const T* local = nullptr;  ///< rows of the local weights' dot products
+  index_t ld_local = 0;
+};
+
+/// Buffers a source writes prepared rows into (one set for queries, one for keys).
+template <class T>
+struct row_buffers {
+  aligned_vector<T> rows, tree;
+};
+
+template <class T>
+inline T* ensure(aligned_vector<T>& v, index_t n) {
+  if (static_cast<index_t>(v.size()) < n) v.assign(static_cast<std::size_t>(n), T(0));
+  return v.data();
+}
+
+/// Per-worker scratch of the passes and drivers: O(kChunkRows·m + b·(d + dv) + state).
+template <class T>
+struct scan_workspace {
+  row_buffers<T> qrows, krows;
+  aligned_vector<T> phi;             // features of kChunkRows rows
+  aligned_vector<T> kt;              // local key rows transposed, [local dim x round_up(b, W)]
+  aligned_vector<T> kblock, vblock;  // a block assembled from pending and new rows
+  aligned_vector<T> vpack;           // values as a GEMM B operand (dv not a multiple of W)
+  aligned_vector<T> w, num, den;     // local weights, numerators, denominators of kChunkRows rows
+  aligned_vector<T> zx;              // the state a query block reads
+  aligned_vector<T> run, prefix;     // a scan's running state within a super-chunk, and before it
+};
+
+/// acc[f] += Σ_rows x[r·ld + f] for f < m.
+template <class T, class Arch>
+inline void add_rows(const T* x, index_t ld, index_t rows, index_t m, T* acc) {
+  using B = batch<T, Arch>;
+  constexpr index_t W = simd_width<T, Arch>;
+  for (index_t f = 0; f + W <= m; f += W) {
+    B s = B::load_unaligned(acc + f);
+    for (index_t r = 0; r < rows; ++r) s += B::load_unaligned(x + r * ld + f);
+    s.store_unaligned(acc + f);
+  }
+  for (index_t f = m - m % W; f < m; ++f)
+    for (index_t r = 0; r < rows; ++r) acc[f] += x[r * ld + f];
+}
+
+/// Σ_f a[f]·b[f].
+template <class T, class Arch>
+inline T dot(const T* a, const T* b, index_t n) {
+  using B = batch<T, Arch>;
+  constexpr index_t W = simd_width<T, Arch>;
+  B s(T(0));
+  index_t f = 0;
+  for (; f + W <= n; f += W) s = xsimd::fma(B::load_unaligned(a + f), B::load_unaligned(b + f), s);
+  T r = xsimd::hadd(s);
+  for (; f < n; ++f) r += a[f] * b[f];
+  return r;
+}
+
+/// Σ_j x[j].
+template <class T, class Arch>
+inline T sum(const T* x, index_t n) {
+  using B = batch<T, Arch>;
+  constexpr index_t W = simd_width<T, Arch>;
+  B s(T(0));
+  index_t j = 0;
+  for (; j + W <= n; j += W) s += B::load_unaligned(x + j);
+  T r = xsimd::hadd(s);
+  for (; j < n; ++j) r += x[j];
+  return r;
+}
+
+/// dst[e] = a[e] + b[e].
+template <class T>
+inline void add_states(const T* a, const T* b, index_t n, T* dst) {
+  for (index_t e = 0; e < n; ++e) dst[e] = a[e] + b[e];
+}
+
+/// The keys of one block as both passes see them.
+template <class T>
+struct key_block {
+  index_t first = 0;  ///< absolute position of the block's first key
+  index_t n = 0;      ///< keys in the block
+  const T* raw = nullptr;
+  index_t ld_raw = 0;  ///< raw key rows
+  const T* vals = nullptr;
+  index_t ld_vals = 0;  ///< value rows, readable in whole vectors up to dv rounded up
+};
+
+/// State pass: state += (φ(K)ᵀ V, Σ φ(K)) over the n prepared key rows. The state is
+/// [m x dvp] then [m]; the sum runs in chunks of kChunkRows rows, always in the same order.
+template <class T, class Source, class Arch>
+void state_pass(const Source& src, const block_rows<T>& keys, const T* vals, index_t ldv, index_t n, index_t dv,
+                scan_workspace<T>& ws, T* state) {
+  const index_t m = src.feature_dim(), dvp = round_up(dv, simd_width<T, Arch>);
+  T* Z = state;
+  T* z = state + m * dvp;
+  for (index_t a = 0; a < n; a += kChunkRows) {
+    const index_t rows = std::min(kChunkRows, n - a);
+    index_t ld = 0;
+    const T* phi = src.features(keys, a, rows, ws.phi, ld);
+    // Z[f][:] += Σ_r φ_r[f] · v_r   (A(f, r) = φ[r·ld + f])
+    gemm<T, Arch>(m, dv, rows, phi, 1, ld, vals + a * ldv, ldv, Z, dvp, true);
+    add_rows<T, Arch>(phi, ld, rows, m, z);
+  }
+}
+
+/// Local keys of the block a query block weighs directly: the local key rows transposed into
+/// ws.kt. Returns the leading dimension of ws.kt.
+template <class T, class Source, class Arch>
+index_t prepare_local_keys(const Source& src, const block_rows<T>& keys, index_t n, scan_workspace<T>& ws) {
+  const index_t ld = round_up(std::max<index_t>(n, 1), simd_width<T, Arch>);
+  const index_t dim = src.local().dim;
+  T* kt = ensure(ws.kt, std::max<index_t>(dim, 1) * ld);
+  pack_transposed(keys.local, keys.ld_local, n, dim, T(1), kt, ld);
+  return ld;
+}
+
+/// Output pass for n query rows whose absolute positions are first_pos .. first_pos+n−1, all in
+/// the block of `kb`: reads `state` (nullptr: nothing before the block) and, when kt is given,
+/// weighs the block's keys locally (ws.kt from prepare_local_keys, leading dimension ldkt),
+/// causally masked when `causal`. Writes out rows (stride ldo).
+template <class T, class Source, class Arch>
+void output_pass(const Source& src, const block_rows<T>& q, index_t n, index_t first_pos, const T* state,
+                 const key_block<T>* kb, index_t ldkt, bool causal, index_t dv, T bias, scan_workspace<T>& ws, T* out,
+                 index_t ldo) {
+  using B = batch<T, Arch>;
+  constexpr index_t W = simd_width<T, Arch>;
+  const index_t m = src.feature_dim(), dvp = round_up(dv, W);
+  const local_form<T> lf = src.local();
+  T* num = ensure(ws.num, kChunkRows * dvp);
+  T* den = ensure(ws.den, kChunkRows);
+  for (index_t a = 0; a < n; a += kChunkRows) {
+    const index_t rows = std::min(kChunkRows, n - a);
+    if (state) {
+      index_t ld = 0;
+      const T* phi = src.features(q, a, rows, ws.phi, ld);
+      gemm<T, Arch>(rows, dv, m, phi, ld, 1, state, dvp, num, dvp, false);
+      const T* z = state + m * dvp;
+      for (index_t i = 0; i < rows; ++i) den[i] = dot<T, Arch>(phi + i * ld, z, m);
+    } else {
+      std::fill(num, num + rows * dvp, T(0));
+      std::fill(den, den + rows, T(0));
+    }
+    if (kb && kb->n > 0) {
+      // causal: keys up to the last row's position; otherwise the whole block
+      const index_t last = first_pos + a + rows - 1;
+      const index_t keys = causal ? std::min(kb->n, last - kb->first + 1) : kb->n;
+      if (keys > 0) {
+        const index_t ldw = round_up(keys, W);
+        T* w = ensure(ws.w, kChunkRows * round_up(std::max<index_t>(kb->n, 1), W));
+        gemm<T, Arch>(rows, keys, lf.dim, q.local + a * q.ld_local, q.ld_local, 1, ws.kt.data(), ldkt, w, ldw, false);
+        const B sc(lf.scale);
+        for (index_t i = 0; i < rows; ++i) {
+          T* wr = w + i * ldw;
+          if (lf.power != 1 || lf.scale != T(1))
+            for (index_t j = 0; j < ldw; j += W) ipow<T, Arch>(B::load_unaligned(wr + j) * sc, lf.power).store_unaligned(wr + j);
+          if (causal) {
+            const index_t visible = std::max<index_t>(0, first_pos + a + i - kb->first + 1);  // keys first .. pos_i
+            if (visible < keys) std::fill(wr + visible, wr + keys, T(0));
+          }
+          den[i] += sum<T, Arch>(wr, keys);
+        }
+        gemm<T, Arch>(rows, dv, keys, w, ldw, 1, kb->vals, kb->ld_vals, num, dvp, true);
+      }
+    }
+    for (index_t i = 0; i < rows; ++i) {
+      const T denom = bias + den[i];
+      const T* row = num + i * dvp;
+      T* o = out + (a + i) * ldo;
+      // divide rather than multiply by 1/denom: a subnormal denominator must not overflow
+      if (denom != T(0))
+        for (index_t x = 0; x < dv; ++x) o[x] = row[x] / denom;
+      else
+        std::fill(o, o + dv, T(0));
+    }
+  }
+}
+
+}  // namespace polyattn::detail
