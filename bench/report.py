@@ -162,6 +162,25 @@ def main():
                          f"{b['GFLOP/s']:.1f} | {b['pct_peak']:.0f} % |")
         lines.append("")
 
+    # linear kernels: % of peak by the FLOP model (causal rows)
+    lin_rows = [r for r in rows if r["kernel"] in ("polysketch_attention", "linear_attention")
+                and "pct_peak" in r["bench"]]
+    if lin_rows:
+        lines.append("## Linear kernels (causal): % of the measured FMA peak by the FLOP model, extra memory")
+        lines.append("")
+        lines.append("FLOPs per token: 4·m·(dv+1) for the state, b/2·(2·local dim + 2·dv) for the local block, "
+                     "8·d·r for the two degree-4 sketches (docs/design.md).")
+        lines.append("")
+        lines.append("| kernel | N | d | r / m | local_exact | threads | ms | GFLOP/s (model) | % of peak | extra MiB |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        for r in sorted(lin_rows, key=lambda r: (r["kernel"], r["args"]["d"], r["args"].get("r", r["args"].get("m", 0)),
+                                                  r["args"].get("local_exact", 0), r["args"]["threads"], r["args"]["N"])):
+            a, b = r["args"], r["bench"]
+            lines.append(f"| {r['kernel']} | {a['N']} | {a['d']} | {a.get('r', a.get('m'))} | {a.get('local_exact', '–')} | "
+                         f"{a['threads']} | {fmt_ms(r['ms'])} | {b['GFLOP/s']:.1f} | {b['pct_peak']:.0f} % | "
+                         f"{b.get('extra_MiB', float('nan')):.1f} |")
+        lines.append("")
+
     if 64 not in figures:
         die("no causal d = 64 results: nothing to plot (did the filter exclude them?)")
     with open(os.path.join(outdir, "report.md"), "w") as f:

@@ -190,3 +190,15 @@ TEST_CASE("block size larger than the sequence costs what the keys need", "[poly
 }
 
 }  // namespace
+
+TEST_CASE("linear kernels take any thread count without allocating per requested thread", "[linear][threads]") {
+  tensor4<float> pq = random_features<float>(1, 1, 40, 4, 71, false), pk = random_features<float>(1, 1, 40, 4, 72, false);
+  tensor4<float> v = random_tensor<float>(1, 1, 40, 3, 73), ref(1, 1, 40, 3), out(1, 1, 40, 3);
+  linear_options o;
+  o.causal = true;
+  o.threads = 1;
+  linear_attention<float>(pq.cview(), pk.cview(), v.cview(), ref.view, o);
+  o.threads = std::numeric_limits<int>::max();
+  linear_attention<float>(pq.cview(), pk.cview(), v.cview(), out.view, o);
+  CHECK(bitwise_equal<float>(ref.cview(), out.cview()));
+}

@@ -109,7 +109,9 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
     plan.n_chunks = ceil_div(n_blocks, plan.per_chunk);
     plan.ranges = std::max<index_t>(1, std::min(ceil_div(pb.threads, n_seq), plan.n_chunks));
   }
-  const int workers = std::max(1, pb.threads);
+  // never more workers (and workspaces) than the widest phase has tasks
+  const index_t widest = std::max(n_seq * kSuperChunks, pb.batch * pb.heads * (ceil_div(pb.nq, plan.b) + 1));
+  const int workers = static_cast<int>(std::clamp<index_t>(pb.threads, 1, std::max<index_t>(widest, 1)));
   std::vector<scan_workspace<T>> scratch(static_cast<std::size_t>(workers));
 
   // Inputs of the states, copied before any task runs so that a range may write its
