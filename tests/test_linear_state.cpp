@@ -94,7 +94,7 @@ void check_pieces_sketch(bool local_exact, int degree) {
   so.sketch_size = 8;
   so.seed = 3;
   const polysketch<T> sk(d, so);
-  const detail::sketch_feature_source<T> src{&sk, T(scale), local_exact};
+  const detail::sketch_feature_source<T> src{&sk, T(scale), local_exact, degree, T(scale)};
   const dense_result exact =
       polysketch_oracle<T>(sk, q.cview(), k.cview(), v.cview(), true, scale, 1.0, local_exact, block);
   const double mag = max_abs_of<T>(v.cview());
@@ -157,7 +157,7 @@ TEST_CASE("block scan: bitwise identical for any thread count, with and without 
       CHECK(bitwise_equal<float>(ref.cview(), out.cview()));
     }
     // continued from a state (cut at 1000), for 1 and 3 threads
-    const detail::sketch_feature_source<float> src{&sk, 1.0f, le};
+    const detail::sketch_feature_source<float> src{&sk, 1.0f, le, 4, 1.0f};
     tensor4<float> a(1, 1, N, d), b(1, 1, N, d);
     run_in_pieces<float>(src, 64, {1000, N - 1000}, q.cview(), k.cview(), v.cview(), a.view, 1.0f, 1);
     run_in_pieces<float>(src, 64, {1000, N - 1000}, q.cview(), k.cview(), v.cview(), b.view, 1.0f, 3);

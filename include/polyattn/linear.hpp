@@ -23,9 +23,10 @@ struct view_feature_source {
 
   index_t feature_dim() const { return m; }
   index_t key_dim() const { return m; }
+  index_t key_dim2() const { return 0; }
   local_form<T> local() const { return {m, 1, T(1)}; }
   bool local_when_noncausal() const { return false; }
-  block_rows<T> prepare(const T* x, index_t ldx, index_t, bool, row_buffers<T>&) const { return {x, ldx, x, ldx}; }
+  block_rows<T> prepare(const raw_rows<T>& x, index_t, bool, row_buffers<T>&) const { return {x.x, x.ld, x.x, x.ld}; }
   const T* features(const block_rows<T>& rows, index_t r0, index_t, aligned_vector<T>&, index_t& ld) const {
     ld = rows.ld_base;
     return rows.base + r0 * rows.ld_base;

@@ -49,6 +49,18 @@ struct polysketch_options {
   int threads = 0;
 };
 
+/// Options of `sketched_attention` (caller-supplied sketches s(q), s(k), e.g. learned ones):
+/// w_ij = (s(q_i)·s(k_j))², and with local_exact (scale·q_i·k_j)^degree in the query's block.
+struct sketched_options {
+  bool causal = false;
+  index_t block_size = 256;        ///< b of the block algorithm; semantic only with local_exact
+  bool local_exact = false;        ///< exact degree-p weights inside the query's block
+  int degree = 4;                  ///< p of the exact local weights (even, positive)
+  double scale = 1.0;              ///< scale of the exact local weights (s(q) is used as given)
+  double normalizer_bias = 1.0;
+  int threads = 0;
+};
+
 /// Options of `linear_attention` for caller-supplied non-negative features.
 struct linear_options {
   bool causal = false;

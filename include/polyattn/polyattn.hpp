@@ -11,3 +11,4 @@
 #include "linear.hpp"
 #include "sketch.hpp"
 #include "polysketch.hpp"
+#include "sketched.hpp"

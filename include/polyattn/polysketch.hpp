@@ -15,31 +15,41 @@
 namespace polyattn {
 namespace detail {
 
-/// PolySketch as a feature source of the block algorithm: a block's rows are sketched once
-/// (s(scale·q) for queries, s(k) for keys) and expanded to φ = s ⊗ s a chunk of rows at a time,
-/// never for the whole sequence. Local weights of the query's own block are the sketched
+/// Sketches as a feature source of the block algorithm: a block's primary rows are sketched
+/// once (s(scale·q) for queries, s(k) for keys) and expanded to φ = s ⊗ s a chunk of rows at a
+/// time, never for the whole sequence. Local weights of the query's own block are the sketched
 /// (s(scale·q)·s(k))², from the r-dimensional sketches and never from m-dimensional features,
-/// or with local_exact the exact (scale·q·k)^p from the raw rows.
+/// or with local_exact the exact (exact_scale·q·k)^exact_degree.
+/// PolySketch: `sketch` is the random feature map, the raw rows are q and k, and the exact
+/// weights use them too (no secondary rows). Caller sketches (sketched_attention): `sketch` is
+/// the identity of dimension r (only its expansion is used), the primary rows are s(q), s(k)
+/// and, with local_exact, the secondary rows q, k give the exact weights.
 template <class T>
 struct sketch_feature_source {
   const polysketch<T>* sketch;
-  T scale;
+  T scale;  ///< factor of query rows before sketching
   bool local_exact;
+  int exact_degree;
+  T exact_scale;
+  bool exact_from_secondary = false;  ///< exact weights from the secondary rows (caller sketches)
+  index_t secondary_dim = 0;          ///< width of the secondary rows carried per token
 
   index_t feature_dim() const { return sketch->feature_dim(); }
   index_t key_dim() const { return sketch->head_dim(); }
+  index_t key_dim2() const { return secondary_dim; }
   local_form<T> local() const {
-    if (local_exact) return {sketch->head_dim(), sketch->degree(), scale};
+    if (local_exact) return {exact_from_secondary ? secondary_dim : sketch->head_dim(), exact_degree, exact_scale};
     return {sketch->sketch_dim(), 2, T(1)};
   }
   bool local_when_noncausal() const { return local_exact; }
-  block_rows<T> prepare(const T* x, index_t ldx, index_t n, bool query, row_buffers<T>& buf) const {
+  block_rows<T> prepare(const raw_rows<T>& x, index_t n, bool query, row_buffers<T>& buf) const {
     const index_t lds = sketch->sketch_stride();
     T* s = ensure(buf.rows, std::max<index_t>(n, 1) * lds);
     T* tree = ensure(buf.tree, std::max<index_t>(sketch->scratch_size(n), 1));
-    sketch->sketch_rows(x, ldx, n, query ? scale : T(1), s, lds, tree);
-    if (local_exact) return {s, lds, x, ldx};
-    return {s, lds, s, lds};
+    sketch->sketch_rows(x.x, x.ld, n, query ? scale : T(1), s, lds, tree);
+    if (!local_exact) return {s, lds, s, lds};
+    if (exact_from_secondary) return {s, lds, x.x2, x.ld2};
+    return {s, lds, x.x, x.ld};
   }
   const T* features(const block_rows<T>& rows, index_t r0, index_t n, aligned_vector<T>& buf, index_t& ld) const {
     ld = feature_dim();
@@ -75,7 +85,8 @@ void polysketch_attention(detail::input_view<T> q, detail::input_view<T> k, deta
                          " but 'q' has shape " + detail::shape_string(q));
   const detail::block_problem pb{q.extent(0), q.extent(1), k.extent(1), q.extent(2), k.extent(2), v.extent(3),
                                  opts.block_size, opts.causal, detail::resolve_threads(opts.threads)};
-  const detail::sketch_feature_source<T> src{&sketch, static_cast<T>(opts.scale), opts.local_exact};
+  const detail::sketch_feature_source<T> src{&sketch, static_cast<T>(opts.scale), opts.local_exact, sketch.degree(),
+                                             static_cast<T>(opts.scale)};
   detail::run_block_linear<T>(pb, src, q, k, v, out, static_cast<T>(opts.normalizer_bias));
 }
 

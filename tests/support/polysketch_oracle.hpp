@@ -46,4 +46,25 @@ dense_result polysketch_oracle(const polysketch<T>& sk, tensor_view<const T, 4> 
   });
 }
 
+/// sketched_attention literally: w_ij = (sq_i·sk_j)², except with local_exact where
+/// floor(pos_i / block) == floor(j / block): w_ij = (scale·q_i·k_j)^degree.
+template <class T>
+dense_result sketched_oracle(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> sq,
+                             tensor_view<const T, 4> sk, tensor_view<const T, 4> v, bool causal, double scale,
+                             double bias, bool local_exact, index_t block, int degree) {
+  const index_t heads = q.extent(1), group = heads / k.extent(1), nq = q.extent(2), nk = k.extent(2);
+  auto floor_div = [](index_t a, index_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); };
+  return weighted_oracle<T>(q.extent(0), heads, nq, v, causal, bias, [&](index_t b, index_t h, index_t i, index_t j) {
+    const index_t hk = h / group;
+    const index_t pos = i + nk - nq;
+    double dot = 0;
+    if (local_exact && floor_div(pos, block) == j / block) {
+      for (index_t c = 0; c < q.extent(3); ++c) dot += double(q(b, h, i, c)) * double(k(b, hk, j, c));
+      return std::pow(scale * dot, degree);
+    }
+    for (index_t c = 0; c < sq.extent(3); ++c) dot += double(sq(b, h, i, c)) * double(sk(b, hk, j, c));
+    return dot * dot;
+  });
+}
+
 }  // namespace polyattn::test

@@ -76,19 +76,22 @@ struct scan_plan {
 
 /// Runs linear attention with the block algorithm. q holds the raw query rows [B, H, Nq, ·]
 /// and k the raw key rows [B, Hk, Nk, src.key_dim()] the source turns into features and local
-/// rows. `states` (causal only, nullptr for none) points to batch·kv_heads states (index
+/// rows; q2 and k2 the secondary rows of a source that has them (key width src.key_dim2()).
+/// `states` (causal only, nullptr for none) points to batch·kv_heads states (index
 /// b·Hk + hk) at one common position: the scan starts from them and leaves the final state in
 /// them. With states, Nq <= Nk (queries are the last Nq of the new keys' positions).
 template <class T, class Source, class Arch = default_arch>
 void run_block_linear(const block_problem& pb, const Source& src, tensor_view<const T, 4> q,
                       tensor_view<const T, 4> k, tensor_view<const T, 4> v, tensor_view<T, 4> out, T bias,
-                      linear_state<T>* states = nullptr) {
+                      linear_state<T>* states = nullptr, tensor_view<const T, 4> q2 = {},
+                      tensor_view<const T, 4> k2 = {}) {
   constexpr index_t W = simd_width<T, Arch>;
   const index_t n_seq = pb.batch * pb.kv_heads;
   if (n_seq == 0 || (pb.nq == 0 && !states) || (pb.dv == 0 && !states)) return;
   if (states && (!pb.causal || pb.nq > pb.nk))
     throw std::logic_error("polyattn: a linear_state needs causal attention with Nq <= Nk");
-  const index_t m = src.feature_dim(), dv = pb.dv, dvp = round_up(dv, W), kdim = src.key_dim();
+  const index_t m = src.feature_dim(), dv = pb.dv, dvp = round_up(dv, W);
+  const index_t kdim1 = src.key_dim(), kdim2 = src.key_dim2(), kdim = kdim1 + kdim2;  // a carried key row: [primary | secondary]
   const index_t S = m * dvp + round_up(m, W);  // a state: Z [m x dvp], then z
   const index_t group = pb.heads / pb.kv_heads;
   const bool local = pb.causal || src.local_when_noncausal();
@@ -136,6 +139,10 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
     }
   }
 
+  auto query_rows = [&](index_t bi, index_t hq, index_t i0) {
+    return raw_rows<T>{&q(bi, hq, i0, 0), q.stride(2), src.key_dim2() > 0 ? &q2(bi, hq, i0, 0) : nullptr, q2.stride(2)};
+  };
+
   // The keys and values of block c of sequence (bi, hk), assembled with the carried rows when
   // the block started before this call.
   auto fetch = [&](index_t bi, index_t hk, index_t c, scan_workspace<T>& ws) {
@@ -147,8 +154,7 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
     const index_t carried = std::max<index_t>(0, plan.p0 - start_pos);  // rows from the state
     const index_t j0 = start_pos + carried - plan.p0, fresh = kb.n - carried;  // rows of this call
     if (carried == 0) {
-      kb.raw = row_ptr(k, bi, hk, j0);
-      kb.ld_raw = k.stride(2);
+      kb.raw = {row_ptr(k, bi, hk, j0), k.stride(2), kdim2 > 0 ? row_ptr(k2, bi, hk, j0) : nullptr, k2.stride(2)};
       if (direct_v) {
         kb.vals = row_ptr(v, bi, hk, j0);
         kb.ld_vals = v.stride(2);
@@ -166,11 +172,11 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
     std::copy(start_keys.data() + s * plan.b * kdim, start_keys.data() + (s * plan.b + carried) * kdim, kbuf);
     std::copy(start_vals.data() + s * plan.b * dvp, start_vals.data() + (s * plan.b + carried) * dvp, vbuf);
     if (fresh > 0) {
-      pack_rows(row_ptr(k, bi, hk, j0), k.stride(2), fresh, kdim, kbuf + carried * kdim, kdim);
+      pack_rows(row_ptr(k, bi, hk, j0), k.stride(2), fresh, kdim1, kbuf + carried * kdim, kdim);
+      if (kdim2 > 0) pack_rows(row_ptr(k2, bi, hk, j0), k2.stride(2), fresh, kdim2, kbuf + carried * kdim + kdim1, kdim);
       if (dv > 0) pack_rows(row_ptr(v, bi, hk, j0), v.stride(2), fresh, dv, vbuf + carried * dvp, dvp);
     }
-    kb.raw = kbuf;
-    kb.ld_raw = kdim;
+    kb.raw = {kbuf, kdim, kbuf + kdim1, kdim};
     kb.vals = vbuf;
     kb.ld_vals = dvp;
     return kb;
@@ -181,7 +187,7 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
     std::fill(total, total + S, T(0));
     for (index_t c = plan.chunk_first(g); c <= plan.chunk_last(g); ++c) {
       const key_block<T> kb = fetch(s / pb.kv_heads, s % pb.kv_heads, c, ws);
-      const block_rows<T> kr = src.prepare(kb.raw, kb.ld_raw, kb.n, false, ws.krows);
+      const block_rows<T> kr = src.prepare(kb.raw, kb.n, false, ws.krows);
       state_pass<T, Source, Arch>(src, kr, kb.vals, kb.ld_vals, kb.n, dv, ws, total);
     }
   };
@@ -224,7 +230,7 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
         std::fill(run, run + S, T(0));
         for (index_t c = plan.chunk_first(g); c <= plan.chunk_last(g); ++c) {
           kb = fetch(bi, hk, c, ws);
-          const block_rows<T> kr = src.prepare(kb.raw, kb.ld_raw, kb.n, false, ws.krows);
+          const block_rows<T> kr = src.prepare(kb.raw, kb.n, false, ws.krows);
           const index_t ldkt = prepare_local_keys<T, Source, Arch>(src, kr, kb.n, ws);
           // the state the block's queries read: everything before block c
           const bool has_prefix = states || g > 0, has_run = c > plan.chunk_first(g);
@@ -241,7 +247,7 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
           for (index_t hq = hk * group; hq < (hk + 1) * group; ++hq) {
             const auto [i0, i1] = plan.query_rows(c, pb.nq);
             if (i1 <= i0) continue;
-            const block_rows<T> qr = src.prepare(&q(bi, hq, i0, 0), q.stride(2), i1 - i0, true, ws.qrows);
+            const block_rows<T> qr = src.prepare(query_rows(bi, hq, i0), i1 - i0, true, ws.qrows);
             output_pass<T, Source, Arch>(src, qr, i1 - i0, plan.p0 + plan.offset + i0, state, &kb, ldkt, true, dv,
                                          bias, ws, row_ptr(out, bi, hq, i0), out.stride(2));
           }
@@ -259,7 +265,9 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
         }
         const index_t left = kb.n == plan.b ? 0 : kb.n;  // rows of the unfinished last block
         for (index_t i = 0; i < left; ++i) {
-          std::copy(kb.raw + i * kb.ld_raw, kb.raw + i * kb.ld_raw + kdim, st.keys.data() + i * kdim);
+          std::copy(kb.raw.x + i * kb.raw.ld, kb.raw.x + i * kb.raw.ld + kdim1, st.keys.data() + i * kdim);
+          if (kdim2 > 0)
+            std::copy(kb.raw.x2 + i * kb.raw.ld2, kb.raw.x2 + i * kb.raw.ld2 + kdim2, st.keys.data() + i * kdim + kdim1);
           std::copy(kb.vals + i * kb.ld_vals, kb.vals + i * kb.ld_vals + dv, st.values.data() + i * dv);
         }
       }
@@ -300,7 +308,7 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
     const bool own_block = local && c >= 0;
     if (own_block) {  // the block's keys are weighed locally: read total − (their state)
       kb = fetch(bi, hk, c, ws);
-      const block_rows<T> kr = src.prepare(kb.raw, kb.ld_raw, kb.n, false, ws.krows);
+      const block_rows<T> kr = src.prepare(kb.raw, kb.n, false, ws.krows);
       ldkt = prepare_local_keys<T, Source, Arch>(src, kr, kb.n, ws);
       T* own = ensure(ws.run, S);
       std::fill(own, own + S, T(0));
@@ -309,7 +317,7 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
       for (index_t e = 0; e < S; ++e) zx[e] = total[e] - own[e];
       state = zx;
     }
-    const block_rows<T> qr = src.prepare(&q(bi, hq, i0, 0), q.stride(2), i1 - i0, true, ws.qrows);
+    const block_rows<T> qr = src.prepare(query_rows(bi, hq, i0), i1 - i0, true, ws.qrows);
     output_pass<T, Source, Arch>(src, qr, i1 - i0, plan.offset + i0, state, own_block ? &kb : nullptr, ldkt, false,
                                  dv, bias, ws, row_ptr(out, bi, hq, i0), out.stride(2));
   });

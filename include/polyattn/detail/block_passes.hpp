@@ -14,10 +14,11 @@
 // A feature source turns raw rows into what the passes need, always through explicit return
 // values (no state hidden in scratch):
 //   index_t feature_dim() const;                  m
-//   index_t key_dim() const;                      width of a raw key row
+//   index_t key_dim() const, key_dim2() const;    widths of a token's raw key rows (primary,
+//                                                 secondary: 0 when the source has one)
 //   local_form local() const;                     {dim, power, scale} of the local weights
 //   bool local_when_noncausal() const;            non-causal attention uses local weights too
-//   block_rows<T> prepare(const T* x, index_t ldx, index_t n, bool query, row_buffers<T>&) const;
+//   block_rows<T> prepare(const raw_rows<T>& x, index_t n, bool query, row_buffers<T>&) const;
 //       per-row data of n raw rows (queries or keys): the base rows features expand from and
 //       the local rows
 //   const T* features(const block_rows<T>&, index_t r0, index_t n, aligned_vector<T>& buf, index_t& ld) const;
@@ -42,6 +43,16 @@ struct local_form {
   index_t dim;
   int power;
   T scale;
+};
+
+/// Raw rows of a block as the caller gave them: primary rows and, for sources that take two
+/// inputs per token (caller sketches with exact local weights: s(k) and k), secondary rows.
+template <class T>
+struct raw_rows {
+  const T* x = nullptr;
+  index_t ld = 0;
+  const T* x2 = nullptr;
+  index_t ld2 = 0;
 };
 
 /// What a feature source prepared for a block of rows (pointers into the caller's rows or into
@@ -130,8 +141,7 @@ template <class T>
 struct key_block {
   index_t first = 0;  ///< absolute position of the block's first key
   index_t n = 0;      ///< keys in the block
-  const T* raw = nullptr;
-  index_t ld_raw = 0;  ///< raw key rows
+  raw_rows<T> raw;  ///< raw key rows
   const T* vals = nullptr;
   index_t ld_vals = 0;  ///< value rows, readable in whole vectors up to dv rounded up
 };
