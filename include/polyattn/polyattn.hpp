@@ -12,3 +12,4 @@
 #include "sketch.hpp"
 #include "polysketch.hpp"
 #include "sketched.hpp"
+#include "cache.hpp"

@@ -39,6 +39,15 @@ struct block_problem {
   int threads;
 };
 
+/// Everything a call of run_block_linear allocates; a caller that calls it repeatedly (a
+/// cache decoding token by token) keeps one and saves the allocation and the page faults.
+template <class T>
+struct linear_workspace {
+  std::vector<scan_workspace<T>> workers;
+  aligned_vector<T> start, start_keys, start_vals;  // the states' inputs
+  aligned_vector<T> totals, grand;                  // super-chunk totals, non-causal totals
+};
+
 /// Super-chunks per sequence: the unit of the parallel pre-pass. 12 splits evenly into
 /// 1, 2, 3, 4 or 6 ranges.
 inline constexpr index_t kSuperChunks = 12;
@@ -51,6 +60,12 @@ constexpr index_t floor_div(index_t a, index_t b) { return a >= 0 ? a / b : -((-
 template <class T>
 inline T* row_ptr(const tensor_view<T, 4>& x, index_t b, index_t h, index_t i) {
   return x.size() > 0 ? &x(b, h, i, 0) : nullptr;
+}
+
+/// dst row r = the cols values of src row r, for r < n (no padding written).
+template <class T>
+inline void copy_rows(const T* src, index_t ld_src, index_t n, index_t cols, T* dst, index_t ld_dst) {
+  for (index_t r = 0; r < n; ++r) std::copy(src + r * ld_src, src + r * ld_src + cols, dst + r * ld_dst);
 }
 
 /// Block bookkeeping of one call: absolute positions, blocks, super-chunks, ranges.
@@ -84,7 +99,7 @@ template <class T, class Source, class Arch = default_arch>
 void run_block_linear(const block_problem& pb, const Source& src, tensor_view<const T, 4> q,
                       tensor_view<const T, 4> k, tensor_view<const T, 4> v, tensor_view<T, 4> out, T bias,
                       linear_state<T>* states = nullptr, tensor_view<const T, 4> q2 = {},
-                      tensor_view<const T, 4> k2 = {}) {
+                      tensor_view<const T, 4> k2 = {}, linear_workspace<T>* workspace = nullptr) {
   constexpr index_t W = simd_width<T, Arch>;
   const index_t n_seq = pb.batch * pb.kv_heads;
   if (n_seq == 0 || (pb.nq == 0 && !states) || (pb.dv == 0 && !states)) return;
@@ -115,15 +130,20 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
   // never more workers (and workspaces) than the widest phase has tasks
   const index_t widest = std::max(n_seq * kSuperChunks, pb.batch * pb.heads * (ceil_div(pb.nq, plan.b) + 1));
   const int workers = static_cast<int>(std::clamp<index_t>(pb.threads, 1, std::max<index_t>(widest, 1)));
-  std::vector<scan_workspace<T>> scratch(static_cast<std::size_t>(workers));
+  linear_workspace<T> own;
+  linear_workspace<T>& wsp = workspace ? *workspace : own;
+  if (static_cast<int>(wsp.workers.size()) < workers) wsp.workers.resize(static_cast<std::size_t>(workers));
+  std::vector<scan_workspace<T>>& scratch = wsp.workers;
 
   // Inputs of the states, copied before any task runs so that a range may write its
   // sequence's final state while another range still starts from the initial one.
-  aligned_vector<T> start, start_keys, start_vals;
+  aligned_vector<T>& start = wsp.start;
+  aligned_vector<T>& start_keys = wsp.start_keys;
+  aligned_vector<T>& start_vals = wsp.start_vals;
   if (states) {
-    start.assign(static_cast<std::size_t>(n_seq * S), T(0));
-    start_keys.assign(static_cast<std::size_t>(n_seq * plan.b * std::max<index_t>(kdim, 1)), T(0));
-    start_vals.assign(static_cast<std::size_t>(n_seq * plan.b * dvp), T(0));
+    ensure(start, n_seq * S);
+    ensure(start_keys, n_seq * plan.b * std::max<index_t>(kdim, 1));
+    ensure(start_vals, n_seq * plan.b * dvp);
     for (index_t s = 0; s < n_seq; ++s) {
       const linear_state<T>& st = states[s];
       if (st.position != plan.p0 || st.block != plan.b || st.feature_dim != m || st.key_dim != kdim ||
@@ -172,8 +192,10 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
     std::copy(start_keys.data() + s * plan.b * kdim, start_keys.data() + (s * plan.b + carried) * kdim, kbuf);
     std::copy(start_vals.data() + s * plan.b * dvp, start_vals.data() + (s * plan.b + carried) * dvp, vbuf);
     if (fresh > 0) {
-      pack_rows(row_ptr(k, bi, hk, j0), k.stride(2), fresh, kdim1, kbuf + carried * kdim, kdim);
-      if (kdim2 > 0) pack_rows(row_ptr(k2, bi, hk, j0), k2.stride(2), fresh, kdim2, kbuf + carried * kdim + kdim1, kdim);
+      // a carried row is [primary | secondary]: plain strided copies (pack_rows would zero-pad
+      // past the primary part into the secondary one, and past the last row)
+      copy_rows(row_ptr(k, bi, hk, j0), k.stride(2), fresh, kdim1, kbuf + carried * kdim, kdim);
+      if (kdim2 > 0) copy_rows(row_ptr(k2, bi, hk, j0), k2.stride(2), fresh, kdim2, kbuf + carried * kdim + kdim1, kdim);
       if (dv > 0) pack_rows(row_ptr(v, bi, hk, j0), v.stride(2), fresh, dv, vbuf + carried * dvp, dvp);
     }
     kb.raw = {kbuf, kdim, kbuf + kdim1, kdim};
@@ -195,10 +217,10 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
   // Pre-pass: totals of the super-chunks that a range other than the first starts after
   // (causal), or of every super-chunk (non-causal, when more than one range).
   const index_t n_pre = plan.ranges > 1 ? (pb.causal ? plan.range_chunk(plan.ranges - 1) : plan.n_chunks) : 0;
-  aligned_vector<T> totals(static_cast<std::size_t>(n_seq * n_pre * S));
+  T* totals = ensure(wsp.totals, std::max<index_t>(n_seq * n_pre * S, 1));
   parallel_for(workers, n_seq * n_pre, [&](index_t task, int worker) {
     const index_t s = task / n_pre, g = task % n_pre;
-    chunk_total(s, g, scratch[static_cast<std::size_t>(worker)], totals.data() + (s * n_pre + g) * S);
+    chunk_total(s, g, scratch[static_cast<std::size_t>(worker)], totals + (s * n_pre + g) * S);
   });
 
   // prefix = the state before super-chunk g0 of sequence s: the carried state, then the
@@ -208,7 +230,7 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
       std::copy(start.data() + s * S, start.data() + (s + 1) * S, prefix);
     else
       std::fill(prefix, prefix + S, T(0));
-    for (index_t g = 0; g < g0; ++g) add_states(prefix, totals.data() + (s * n_pre + g) * S, S, prefix);
+    for (index_t g = 0; g < g0; ++g) add_states(prefix, totals + (s * n_pre + g) * S, S, prefix);
   };
 
   if (pb.causal) {
@@ -280,9 +302,9 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
   // Non-causal: out_i = φ(q_i)·(total) [+ the query's own block weighed locally, minus its
   // features' share]. Query blocks are parallel tasks; queries at negative positions
   // (Nq > Nk) belong to no key block and read the total only.
-  aligned_vector<T> grand(static_cast<std::size_t>(n_seq * S));
+  T* grand = ensure(wsp.grand, n_seq * S);
   parallel_for(workers, n_seq, [&](index_t s, int worker) {
-    T* total = grand.data() + s * S;
+    T* total = grand + s * S;
     start_prefix(s, n_pre, total);
     if (n_pre == 0) {  // one range: the super-chunk totals were not precomputed
       scan_workspace<T>& ws = scratch[static_cast<std::size_t>(worker)];
@@ -301,7 +323,7 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
     const index_t bi = bh / pb.heads, hq = bh % pb.heads, hk = hq / group, s = bi * pb.kv_heads + hk;
     const auto [i0, i1] = plan.query_rows(c, pb.nq);
     if (i1 <= i0) return;
-    const T* total = grand.data() + s * S;
+    const T* total = grand + s * S;
     const T* state = total;
     key_block<T> kb;
     index_t ldkt = 0;

@@ -1,0 +1,323 @@
+// polyattn/cache.hpp — causal state objects: polysketch_cache, sketched_cache, linear_cache.
+//
+// Linear attention's causal past is a fixed-size state (docs/design.md §7.3). A cache holds it
+// for every (batch, kv head) sequence and continues the sequence call after call: a prefill,
+// then one-token decode steps, or any other split, gives the causal rows the one-shot kernel
+// gives on the whole sequence (up to rounding). Per token the work is O(m·dv + b·d) and the
+// memory per kv head O(m·dv + b·(d + dv)), whatever the length.
+//
+// Sequence parallelism: with lengths that are multiples of block_size a cache's state is a
+// plain sum over its keys, so P processes holding consecutive chunks can each summarise their
+// chunk (append, export_summary), add the summaries of the chunks before theirs (one exclusive
+// prefix sum, e.g. MPI_Exscan) and continue from it (import_summary, forward):
+// examples/sequence_parallel_mpi.cpp.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "detail/block_linear.hpp"
+#include "detail/validation.hpp"
+#include "linear.hpp"
+#include "options.hpp"
+#include "polysketch.hpp"
+#include "sketched.hpp"
+#include "tensor_view.hpp"
+
+namespace polyattn {
+namespace detail {
+
+/// What the three caches share: the states, the checks of a call against the cache, the
+/// summaries. A call with bad arguments throws std::invalid_argument and leaves the cache as
+/// it was; an exception from inside the kernel (out of memory) resets the cache.
+template <class T>
+class cache_core {
+ public:
+  index_t length() const noexcept { return states_.empty() ? 0 : states_.front().position; }
+
+  void reset() {
+    for (auto& s : states_) s.reset();
+    heads_ = 0;
+  }
+
+  std::size_t memory_bytes() const noexcept {
+    std::size_t n = 0;
+    for (const auto& s : states_) n += s.memory_bytes();
+    return n;
+  }
+
+  /// Values in a summary: batch · kv_heads · (m·dv + m).
+  index_t summary_size() const noexcept { return batch_ * kv_heads_ * (m_ * dv_ + m_); }
+
+  /// The state summary Σ φ(k)vᵀ, Σ φ(k) of every (batch, kv head), in that order. The length
+  /// must be a multiple of block_size (no unfinished block).
+  std::vector<T> export_summary_as(const char* fn) const {
+    if (length() % block_ != 0)
+      fail(fn, "the cache holds " + std::to_string(length()) + " tokens, not a multiple of block_size " +
+                   std::to_string(block_) + ": the unfinished block has no summary");
+    std::vector<T> out;
+    out.reserve(static_cast<std::size_t>(summary_size()));
+    for (const auto& s : states_) {
+      out.insert(out.end(), s.Z.begin(), s.Z.end());
+      out.insert(out.end(), s.z.begin(), s.z.end());
+    }
+    return out;
+  }
+
+  /// Replaces the state by a summary (e.g. the sum of the summaries of the chunks before this
+  /// one) at `position`, a multiple of block_size.
+  void import_summary_as(const char* fn, const std::vector<T>& summary, index_t position) {
+    if (static_cast<index_t>(summary.size()) != summary_size())
+      fail(fn, "argument 'summary' holds " + std::to_string(summary.size()) + " values but the cache's summary has " +
+                   std::to_string(summary_size()) + " (batch " + std::to_string(batch_) + " x kv heads " +
+                   std::to_string(kv_heads_) + " x (m·dv + m) = " + std::to_string(m_ * dv_ + m_) + ")");
+    if (position < 0 || position % block_ != 0)
+      fail(fn, "argument 'position' must be a non-negative multiple of block_size " + std::to_string(block_) +
+                   ", got " + std::to_string(position));
+    auto it = summary.begin();
+    for (auto& s : states_) {
+      std::copy(it, it + m_ * dv_, s.Z.begin());
+      it += m_ * dv_;
+      std::copy(it, it + m_, s.z.begin());
+      it += m_;
+      s.position = position;
+    }
+  }
+
+ protected:
+  cache_core(const char* fn, index_t batch, index_t kv_heads, index_t value_dim, index_t block, bool causal,
+             int threads, index_t m, index_t key_dim)
+      : batch_(batch), kv_heads_(kv_heads), dv_(value_dim), block_(block), m_(m), threads_(threads) {
+    if (!causal)
+      fail(fn, "a cache attends causally: option 'causal' must be true (the one-shot kernels do non-causal attention)");
+    check_threads(fn, threads);
+    if (batch < 1 || kv_heads < 1 || value_dim < 1)
+      fail(fn, "batch, kv_heads and value_dim must be >= 1, got batch " + std::to_string(batch) + ", kv_heads " +
+                   std::to_string(kv_heads) + ", value_dim " + std::to_string(value_dim));
+    if (block <= 0) fail(fn, "option 'block_size' must be positive, got " + std::to_string(block));
+    // a state keeps the raw rows of one block: bound it before allocating
+    constexpr index_t kMaxBlock = index_t(1) << 20;
+    if (block > kMaxBlock)
+      fail(fn, "option 'block_size' is " + std::to_string(block) + ": a cache keeps one block of keys and values per "
+               "kv head, at most " + std::to_string(kMaxBlock) + " rows");
+    for (index_t s = 0; s < batch * kv_heads; ++s) states_.emplace_back(block, m, key_dim, value_dim);
+  }
+
+  /// Checks a call: q [B, H, n, dq], k [B, Hk, n, dk], v [B, Hk, n, dv], out [B, H, n, dv] with
+  /// the cache's batch, kv heads and value dim, the head count of earlier calls, and the same
+  /// token count n for queries and keys.
+  void check_call(const char* fn, const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
+                  const tensor_view<const T, 4>& v, const tensor_view<T, 4>& out, index_t head_dim) const {
+    check_attention(fn, q, k, v, out);
+    if (q.extent(2) != k.extent(2))
+      fail(fn, "a cache call appends n tokens and attends their n queries: 'q' has shape " + shape_string(q) +
+                   " but 'k' has shape " + shape_string(k));
+    if (k.extent(0) != batch_ || k.extent(1) != kv_heads_ || v.extent(3) != dv_ || k.extent(3) != head_dim)
+      fail(fn, "argument 'k' has shape " + shape_string(k) + " and 'v' " + shape_string(v) + " but the cache holds [" +
+                   std::to_string(batch_) + ", " + std::to_string(kv_heads_) + ", n, " + std::to_string(head_dim) +
+                   "] keys and [" + std::to_string(batch_) + ", " + std::to_string(kv_heads_) + ", n, " +
+                   std::to_string(dv_) + "] values");
+    if (heads_ != 0 && q.extent(1) != heads_)
+      fail(fn, "argument 'q' has shape " + shape_string(q) + " but earlier calls had " + std::to_string(heads_) +
+                   " query heads (reset() to change)");
+  }
+
+  /// Appends keys without queries: k [B, Hk, n, key_dim], v [B, Hk, n, dv] (k2: secondary rows).
+  template <class Source>
+  void append_keys(const char* fn, const Source& src, const tensor_view<const T, 4>& k, const tensor_view<const T, 4>& v,
+                   index_t key_dim, T bias, const tensor_view<const T, 4>& k2 = {}) {
+    const tensor_view<const T, 4> q(k.data(), {k.extent(0), k.extent(1), 0, k.extent(3)});
+    const tensor_view<T, 4> out(nullptr, {k.extent(0), k.extent(1), 0, v.extent(3)});
+    check_attention(fn, q, k, v, out);
+    if (k.extent(0) != batch_ || k.extent(1) != kv_heads_ || v.extent(3) != dv_ || k.extent(3) != key_dim)
+      fail(fn, "argument 'k' has shape " + shape_string(k) + " and 'v' " + shape_string(v) + " but the cache holds [" +
+                   std::to_string(batch_) + ", " + std::to_string(kv_heads_) + ", n, " + std::to_string(key_dim) +
+                   "] keys and [" + std::to_string(batch_) + ", " + std::to_string(kv_heads_) + ", n, " +
+                   std::to_string(dv_) + "] values");
+    const tensor_view<const T, 4> q2(k2.data(), {k2.extent(0), k2.extent(1), 0, k2.extent(3)});
+    run(src, q, k, v, out, bias, q2, k2);
+  }
+
+  /// Runs the engine on the states; any exception from inside resets the cache.
+  template <class Source>
+  void run(const Source& src, const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
+           const tensor_view<const T, 4>& v, const tensor_view<T, 4>& out, T bias,
+           const tensor_view<const T, 4>& q2 = {}, const tensor_view<const T, 4>& k2 = {}) {
+    const index_t n = k.extent(2);
+    if (n == 0) return;
+    const block_problem pb{batch_, q.extent(1), kv_heads_, q.extent(2), n, dv_, block_, true,
+                           resolve_threads(threads_)};
+    try {
+      run_block_linear<T>(pb, src, q, k, v, out, bias, states_.data(), q2, k2, &workspace_);
+    } catch (...) {
+      reset();
+      throw;
+    }
+    if (q.extent(2) > 0) heads_ = q.extent(1);
+  }
+
+  index_t batch_, kv_heads_, dv_, block_, m_;
+  int threads_;
+  index_t heads_ = 0;  // query heads, fixed by the first call with queries
+  std::vector<linear_state<T>> states_;
+  linear_workspace<T> workspace_;
+};
+
+}  // namespace detail
+
+/// Streaming PolySketch attention: the causal state of polysketch_attention with the same
+/// sketch and options (which must be causal), continued call after call.
+template <class T>
+class polysketch_cache : public detail::cache_core<T> {
+ public:
+  polysketch_cache(const polysketch<T>& sketch, index_t batch, index_t kv_heads, index_t value_dim,
+                   const polysketch_options& opts)
+      : detail::cache_core<T>("polysketch_cache", batch, kv_heads, value_dim, opts.block_size, opts.causal, opts.threads,
+                              checked(sketch).feature_dim(), sketch.head_dim()),
+        sketch_(sketch),
+        opts_(opts) {
+    constexpr const char* fn = "polysketch_cache";
+    detail::check_finite_scale(fn, "scale", opts.scale);
+    detail::check_normalizer_bias(fn, opts.normalizer_bias);
+  }
+
+  /// Appends n tokens (k, v: [batch, kv_heads, n, ·]) and writes the outputs of their n
+  /// queries (q: [batch, H, n, d]) attending causally to everything so far.
+  void forward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v, tensor_view<T, 4> out) {
+    this->check_call("polysketch_cache::forward", q, k, v, out, sketch_.head_dim());
+    this->run(source(), q, k, v, out, static_cast<T>(opts_.normalizer_bias));
+  }
+
+  /// Appends n tokens without queries (k, v: [batch, kv_heads, n, ·]), e.g. a chunk to summarise.
+  void append(detail::input_view<T> k, detail::input_view<T> v) {
+    this->append_keys("polysketch_cache::append", source(), k, v, sketch_.head_dim(),
+                      static_cast<T>(opts_.normalizer_bias));
+  }
+
+  std::vector<T> export_summary() const { return this->export_summary_as("polysketch_cache::export_summary"); }
+  void import_summary(const std::vector<T>& summary, index_t position) {
+    this->import_summary_as("polysketch_cache::import_summary", summary, position);
+  }
+
+  const polysketch<T>& sketch() const noexcept { return sketch_; }
+  const polysketch_options& options() const noexcept { return opts_; }
+
+ private:
+  static const polysketch<T>& checked(const polysketch<T>& sk) {
+    if (sk.degree() == 0) detail::fail("polysketch_cache", "argument 'sketch' is empty (default-constructed)");
+    return sk;
+  }
+  detail::sketch_feature_source<T> source() const {
+    return {&sketch_, static_cast<T>(opts_.scale), opts_.local_exact, sketch_.degree(), static_cast<T>(opts_.scale)};
+  }
+
+  polysketch<T> sketch_;
+  polysketch_options opts_;
+};
+
+/// Streaming attention on caller-supplied sketches: the causal state of sketched_attention
+/// with the same options (which must be causal).
+template <class T>
+class sketched_cache : public detail::cache_core<T> {
+ public:
+  /// sketch_dim r of sq/sk, head_dim d of q/k (read only with local_exact).
+  sketched_cache(index_t sketch_dim, index_t head_dim, index_t batch, index_t kv_heads, index_t value_dim,
+                 const sketched_options& opts)
+      : detail::cache_core<T>("sketched_cache", batch, kv_heads, value_dim, opts.block_size, opts.causal, opts.threads,
+                              identity(sketch_dim).feature_dim(), sketch_dim + (opts.local_exact ? head_dim : 0)),
+        expand_(identity(sketch_dim)),
+        d_(head_dim),
+        opts_(opts) {
+    constexpr const char* fn = "sketched_cache";
+    if (head_dim < 0) detail::fail(fn, "argument 'head_dim' must be >= 0, got " + std::to_string(head_dim));
+    detail::check_degree(fn, opts.degree);
+    detail::check_finite_scale(fn, "scale", opts.scale);
+    detail::check_normalizer_bias(fn, opts.normalizer_bias);
+  }
+
+  /// Appends n tokens (k [B, Hk, n, d], sk [B, Hk, n, r], v) and attends their n queries
+  /// (q [B, H, n, d], sq [B, H, n, r]) causally to everything so far.
+  void forward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> sq, detail::input_view<T> sk,
+               detail::input_view<T> v, tensor_view<T, 4> out) {
+    constexpr const char* fn = "sketched_cache::forward";
+    this->check_call(fn, q, k, v, out, d_);
+    detail::check_sketches(fn, q, k, sq, sk, out);
+    if (sq.extent(3) != expand_.head_dim())
+      detail::fail(fn, "argument 'sq' has shape " + detail::shape_string(sq) + " but the cache was built for sketch size " +
+                           std::to_string(expand_.head_dim()));
+    this->run(source(), sq, sk, v, out, static_cast<T>(opts_.normalizer_bias), q, k);
+  }
+
+  /// Appends n tokens without queries (k [B, Hk, n, d], sk [B, Hk, n, r], v).
+  void append(detail::input_view<T> k, detail::input_view<T> sk, detail::input_view<T> v) {
+    constexpr const char* fn = "sketched_cache::append";
+    if (opts_.local_exact) {  // the exact local weights read k: [B, Hk, n, d] like sk
+      detail::check_view(fn, "k", k);
+      if (k.extent(0) != sk.extent(0) || k.extent(1) != sk.extent(1) || k.extent(2) != sk.extent(2) || k.extent(3) != d_)
+        detail::fail(fn, "argument 'k' has shape " + detail::shape_string(k) + " but 'sk' has shape " +
+                             detail::shape_string(sk) + " and the cache's head dim is " + std::to_string(d_));
+    }
+    this->append_keys(fn, source(), sk, v, expand_.head_dim(), static_cast<T>(opts_.normalizer_bias), k);
+  }
+
+  std::vector<T> export_summary() const { return this->export_summary_as("sketched_cache::export_summary"); }
+  void import_summary(const std::vector<T>& summary, index_t position) {
+    this->import_summary_as("sketched_cache::import_summary", summary, position);
+  }
+
+ private:
+  static polysketch<T> identity(index_t r) {
+    if (r < 1) detail::fail("sketched_cache", "argument 'sketch_dim' must be >= 1, got " + std::to_string(r));
+    sketch_options o;
+    o.degree = 2;
+    return polysketch<T>(r, o);
+  }
+
+  detail::sketch_feature_source<T> source() const {
+    return {&expand_, T(1), opts_.local_exact, opts_.degree, static_cast<T>(opts_.scale), opts_.local_exact,
+            opts_.local_exact ? d_ : 0};
+  }
+
+  polysketch<T> expand_;  // s ⊗ s expansion of the caller's sketches
+  index_t d_;
+  sketched_options opts_;
+};
+
+/// Streaming linear attention on caller features: the causal state of linear_attention with
+/// the same options (which must be causal).
+template <class T>
+class linear_cache : public detail::cache_core<T> {
+ public:
+  linear_cache(index_t feature_dim, index_t batch, index_t kv_heads, index_t value_dim, const linear_options& opts)
+      : detail::cache_core<T>("linear_cache", batch, kv_heads, value_dim, detail::kLinearBlock, opts.causal,
+                              opts.threads, positive(feature_dim), feature_dim),
+        opts_(opts) {
+    detail::check_normalizer_bias("linear_cache", opts.normalizer_bias);
+  }
+
+  /// Appends n tokens (phi_k [B, Hk, n, m], v) and attends their n queries (phi_q [B, H, n, m]).
+  void forward(detail::input_view<T> phi_q, detail::input_view<T> phi_k, detail::input_view<T> v, tensor_view<T, 4> out) {
+    this->check_call("linear_cache::forward", phi_q, phi_k, v, out, this->m_);
+    this->run(detail::view_feature_source<T>{this->m_}, phi_q, phi_k, v, out, static_cast<T>(opts_.normalizer_bias));
+  }
+
+  /// Appends n tokens without queries (phi_k [B, Hk, n, m], v).
+  void append(detail::input_view<T> phi_k, detail::input_view<T> v) {
+    this->append_keys("linear_cache::append", detail::view_feature_source<T>{this->m_}, phi_k, v, this->m_,
+                      static_cast<T>(opts_.normalizer_bias));
+  }
+
+  std::vector<T> export_summary() const { return this->export_summary_as("linear_cache::export_summary"); }
+  void import_summary(const std::vector<T>& summary, index_t position) {
+    this->import_summary_as("linear_cache::import_summary", summary, position);
+  }
+
+ private:
+  static index_t positive(index_t m) {
+    if (m < 1) detail::fail("linear_cache", "argument 'feature_dim' must be >= 1, got " + std::to_string(m));
+    return m;
+  }
+  linear_options opts_;
+};
+
+}  // namespace polyattn
