@@ -82,6 +82,14 @@ def select(rows, kernel, want):
     return out
 
 
+def select_by(rows, kernel, key):
+    return {r["args"][key]: r for r in rows if r["kernel"] == kernel and key in r["args"]}
+
+
+def fmt_us(row):
+    return f"{row['ms'] * 1e3:.3g}" if row else "–"
+
+
 def fmt_ms(ms):
     if ms is None:
         return "–"
@@ -181,6 +189,24 @@ def main():
                          f"{b.get('extra_MiB', float('nan')):.1f} |")
         lines.append("")
 
+    # decode: one token against a cached context
+    decode = {k: select_by(rows, k, "context") for k in ("decode_flash", "decode_polysketch")}
+    if decode["decode_flash"] or decode["decode_polysketch"]:
+        lines.append("## Decode step: one query against a cached context, one head, d = 64, 1 thread")
+        lines.append("")
+        lines.append("flash_attention with Nq = 1 over the cached K, V against polysketch_cache (r = 32, b = 256, "
+                     "local_exact) appending one token; bytes kept per sequence and kv head.")
+        lines.append("")
+        lines.append("| context | flash µs | polysketch_cache µs | flash / polysketch | KV cache KiB | polysketch state KiB |")
+        lines.append("|---|---|---|---|---|---|")
+        for c in sorted(set(decode["decode_flash"]) | set(decode["decode_polysketch"])):
+            f, p = decode["decode_flash"].get(c), decode["decode_polysketch"].get(c)
+            ratio = f"{f['ms'] / p['ms']:.1f}×" if f and p else "–"
+            lines.append(f"| {c} | {fmt_us(f)} | {fmt_us(p)} | {ratio} | "
+                         f"{f['bench'].get('state_KiB', float('nan')) if f else float('nan'):.0f} | "
+                         f"{p['bench'].get('state_KiB', float('nan')) if p else float('nan'):.0f} |")
+        lines.append("")
+
     if 64 not in figures:
         die("no causal d = 64 results: nothing to plot (did the filter exclude them?)")
     with open(os.path.join(outdir, "report.md"), "w") as f:
@@ -196,7 +222,10 @@ def plot(sel, rows, threads, path):
         import matplotlib.pyplot as plt
     except ImportError as e:
         die(f"matplotlib is missing ({e}); install python3-matplotlib and run with /usr/bin/python3")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.2))
+    decode = {k: select_by(rows, k, "context") for k in ("decode_flash", "decode_polysketch")}
+    panels = 3 if any(decode.values()) else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5.2))
+    ax1, ax2 = axes[0], axes[1]
     drawn = 0
     for label, _, _ in KERNELS:
         pts = sorted((n, r["ms"]) for n, r in sel[label].items())
@@ -234,6 +263,19 @@ def plot(sel, rows, threads, path):
     ax2.set_title(f"exact kernels, d = 64, {threads} threads (causal counts unmasked FLOPs)")
     ax2.grid(True, alpha=0.3)
     ax2.legend(fontsize=8)
+    if panels == 3:
+        ax3 = axes[2]
+        for k, label in (("decode_flash", "flash_attention, Nq = 1"), ("decode_polysketch", "polysketch_cache, n = 1")):
+            pts = sorted((c, r["ms"] * 1e3) for c, r in decode[k].items())
+            if pts:
+                ax3.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax3.set_xscale("log", base=2)
+        ax3.set_yscale("log")
+        ax3.set_xlabel("context length")
+        ax3.set_ylabel("time per decode step (µs)")
+        ax3.set_title("decode step, one head, d = 64, 1 thread")
+        ax3.grid(True, which="both", alpha=0.3)
+        ax3.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

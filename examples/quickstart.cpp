@@ -1,6 +1,7 @@
 // examples/quickstart.cpp — the README's first example: exact, polynomial and PolySketch attention.
 #include <polyattn/polyattn.hpp>
 
+#include <cmath>
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -42,4 +43,17 @@ int main() {
   ps.local_exact = true;  // exact weights inside each query's block of 256 keys
   polyattn::polysketch_attention<float>(Q, K, V, O, sketch, ps);
   std::printf("polysketch out[0,0,N-1,0] = %+.5f\n", O(0, 0, N - 1, 0));
+  const float last = O(0, 0, N - 1, 0);
+
+  // Streaming: the same attention as a causal state, fed a prefill then one token at a time.
+  polyattn::polysketch_cache<float> cache(sketch, B, H, d, ps);  // batch, kv heads, value dim
+  auto rows = [&](std::vector<float>& x, std::int64_t t0, std::int64_t n) {  // tokens t0 .. t0+n-1
+    return polyattn::tensor_view<float, 4>(x.data() + t0 * d, {B, H, n, d}, {H * N * d, N * d, d, 1});
+  };
+  cache.forward(rows(q, 0, N - 8), rows(k, 0, N - 8), rows(v, 0, N - 8), rows(out, 0, N - 8));  // prefill
+  for (std::int64_t t = N - 8; t < N; ++t)                                                     // decode steps
+    cache.forward(rows(q, t, 1), rows(k, t, 1), rows(v, t, 1), rows(out, t, 1));
+  std::printf("cache      out[0,0,N-1,0] = %+.5f after %lld tokens, %zu KiB of state\n", O(0, 0, N - 1, 0),
+              static_cast<long long>(cache.length()), cache.memory_bytes() / 1024);
+  if (std::abs(O(0, 0, N - 1, 0) - last) > 1e-4f * (1 + std::abs(last))) return 1;  // the stream gives the same rows
 }
