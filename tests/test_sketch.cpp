@@ -313,7 +313,7 @@ TEST_CASE("sketch seeded leaves follow the documented stream order and scaling",
       index_t mismatches = 0;
       for (int k = 0; k < n_leaves; ++k) {
         const bool is_h = std::find(h_at.begin(), h_at.end(), k) != h_at.end();
-        const matrix<double>& leaf = sk.leaves()[static_cast<std::size_t>(k)];
+        const matrix<double> leaf = sk.leaves()[static_cast<std::size_t>(k)];
         REQUIRE(leaf.rows() == (is_h ? r : d));
         REQUIRE(leaf.cols() == r);
         for (index_t i = 0; i < leaf.rows(); ++i)
@@ -334,15 +334,17 @@ TEST_CASE("sketch seeds: same seed same leaves, different seed different, float 
       o2.seed = 124;
       const polysketch<double> c(11, o2);
       const polysketch<float> f(11, o);
-      REQUIRE(a.leaves().size() == c.leaves().size());
+      const auto la = a.leaves(), lb = b.leaves(), lc = c.leaves();
+      const auto lf = f.leaves();
+      REQUIRE(la.size() == lc.size());
       index_t same_ab = 0, same_ac = 0, total = 0, float_mismatch = 0;
-      for (std::size_t k = 0; k < a.leaves().size(); ++k)
-        for (index_t i = 0; i < a.leaves()[k].rows(); ++i)
-          for (index_t j = 0; j < a.leaves()[k].cols(); ++j) {
+      for (std::size_t k = 0; k < la.size(); ++k)
+        for (index_t i = 0; i < la[k].rows(); ++i)
+          for (index_t j = 0; j < la[k].cols(); ++j) {
             ++total;
-            same_ab += a.leaves()[k](i, j) == b.leaves()[k](i, j);
-            same_ac += a.leaves()[k](i, j) == c.leaves()[k](i, j);
-            float_mismatch += f.leaves()[k](i, j) != static_cast<float>(a.leaves()[k](i, j));
+            same_ab += la[k](i, j) == lb[k](i, j);
+            same_ac += la[k](i, j) == lc[k](i, j);
+            float_mismatch += lf[k](i, j) != static_cast<float>(la[k](i, j));
           }
       CHECK(same_ab == total);
       CHECK(same_ac == 0);

@@ -28,8 +28,15 @@
 //   then carries an extra 1/√r, so s·s is r^{p/2−1} times smaller than with unbiased scaling
 //   (r at p = 4, r³ at p = 8) and the kernel (s·s)² r^{p−2} times (r² at p = 4).
 // Degree 2 (the identity) has no leaves: sketch_size, seed and scaling do not matter.
-// from_matrices: c = 1 and the leaves exactly as given. leaves() returns the leaves as used
-//   (scaling folded in), so from_matrices(sk.leaves(), sk.options()) reproduces sk.
+// from_matrices: c = 1 and the leaves exactly as given. leaves() returns (a copy of) the leaves
+//   as used (scaling folded in), so from_matrices(sk.leaves(), sk.options()) reproduces sk.
+//
+// ---- ISA independence ------------------------------------------------------------------------
+// A sketch's stored layout (leaves, packed G and H, the sketch stride) does not depend on the
+// ISA the constructing translation unit was compiled for: strides are padded to 64 bytes and
+// the leaves live in polyattn's own buffers, not in Eigen matrices (whose allocation depends on
+// each file's alignment flags). A sketch built in a file compiled for x86-64 is used safely by
+// kernels compiled with -mavx2 or -mavx512f (tests/mixed_isa).
 //
 // ---- seeded draw (portable, see detail/random.hpp) -----------------------------------------
 // One detail::normal_stream(opts.seed) (splitmix64 -> 53-bit uniforms -> Marsaglia polar,
@@ -89,6 +96,11 @@ class polysketch {
   using value_type = T;
   /// The vector width W of the raw kernels (xsimd::batch<T> of the default architecture).
   static constexpr index_t simd_width = static_cast<index_t>(xsimd::batch<T>::size);
+  /// Padding granularity of the stored layout: 64 bytes, the widest vector of any ISA, and not
+  /// the vector width of the translation unit that constructs the sketch, so a sketch built in
+  /// a file compiled for one ISA is used safely by kernels compiled for another.
+  static constexpr index_t layout_pad = static_cast<index_t>(64 / sizeof(T));
+  static_assert(layout_pad % simd_width == 0, "polysketch: the layout padding must be a multiple of the vector width");
   /// Rows processed per pass of the sketch tree; scratch_size(n) stops growing beyond it.
   static constexpr index_t kRowChunk = 128;
 
@@ -159,14 +171,22 @@ class polysketch {
   int degree() const noexcept { return degree_; }
   /// r, or head_dim for degree 2 (identity sketch s(x) = x).
   index_t sketch_dim() const noexcept { return r_; }
-  /// Row stride the raw kernels need for sketches: sketch_dim() rounded up to simd_width.
+  /// Row stride the raw kernels need for sketches: sketch_dim() rounded up to layout_pad.
   index_t sketch_stride() const noexcept { return r_pad_; }
   /// packed: r(r+1)/2, unpacked: r² (r = sketch_dim()).
   index_t feature_dim() const noexcept { return opts_.packed ? r_ * (r_ + 1) / 2 : r_ * r_; }
   bool packed() const noexcept { return opts_.packed; }
   const sketch_options& options() const noexcept { return opts_; }
   /// The leaves as used (scaling folded in), in the documented order.
-  const std::vector<matrix<T>>& leaves() const noexcept { return leaves_; }
+  /// A copy, by value: the sketch keeps its leaves in its own buffers rather than in Eigen
+  /// matrices, whose allocation depends on the compile flags of each translation unit.
+  std::vector<matrix<T>> leaves() const {
+    std::vector<matrix<T>> out;
+    for (const leaf_storage& l : leaves_) out.push_back(Eigen::Map<const matrix<T>>(l.data.data(), l.rows, l.cols));
+    return out;
+  }
+  /// Number of leaves (0, 2, 6, 14 for p = 2, 4, 8, 16).
+  std::size_t leaf_count() const noexcept { return leaves_.size(); }
 
   // ---- raw kernels (no allocation, no validation, vectorised) -----------------------------
 
@@ -408,15 +428,22 @@ class polysketch {
     d_ = head_dim;
     opts_ = opts;
     degree_ = opts.degree;
-    leaves_ = std::move(leaves);
+    leaves_.clear();
+    for (const matrix<T>& L : leaves) {
+      leaf_storage l{L.rows(), L.cols(), {}};
+      l.data.resize(static_cast<std::size_t>(L.rows() * L.cols()));
+      for (index_t i = 0; i < L.rows(); ++i)
+        for (index_t j = 0; j < L.cols(); ++j) l.data[static_cast<std::size_t>(i * L.cols() + j)] = L(i, j);
+      leaves_.push_back(std::move(l));
+    }
     if (degree_ == 2) {
       r_ = d_;
-      r_pad_ = detail::round_up(r_, simd_width);
+      r_pad_ = detail::round_up(r_, layout_pad);
       leaf_nodes_ = 0;
       return;
     }
     r_ = opts.sketch_size;
-    const index_t R = detail::round_up(r_, simd_width);
+    const index_t R = detail::round_up(r_, layout_pad);
     r_pad_ = R;
     leaf_nodes_ = degree_ / 4;
     const index_t ldp = 2 * leaf_nodes_ * R;
@@ -429,9 +456,9 @@ class polysketch {
     std::vector<index_t> free_blocks;
     for (index_t l = leaf_nodes_ - 1; l >= 0; --l) free_blocks.push_back(2 * l + 1);
     index_t next_leaf = 0, next_leaf_node = 0, next_h = 0;
-    auto copy_leaf = [&](const matrix<T>& L, T* dst, index_t ld) {
-      for (index_t i = 0; i < L.rows(); ++i)
-        for (index_t j = 0; j < L.cols(); ++j) dst[i * ld + j] = L(i, j);
+    auto copy_leaf = [&](const leaf_storage& L, T* dst, index_t ld) {
+      for (index_t i = 0; i < L.rows; ++i)
+        for (index_t j = 0; j < L.cols; ++j) dst[i * ld + j] = L(i, j);
     };
     // post-order walk in leaf order; returns the block holding the node's sketch
     auto build = [&](auto& self, int m, bool root) -> index_t {
@@ -533,7 +560,13 @@ class polysketch {
   index_t r_ = 0, r_pad_ = 0;
   index_t leaf_nodes_ = 0;  // L = p/4 degree-2 nodes at the bottom of the tree
   sketch_options opts_{};
-  std::vector<matrix<T>> leaves_;
+  /// A leaf, row-major: ISA-independent storage (see leaves()).
+  struct leaf_storage {
+    index_t rows, cols;
+    detail::aligned_vector<T> data;
+    T operator()(index_t i, index_t j) const { return data[static_cast<std::size_t>(i * cols + j)]; }
+  };
+  std::vector<leaf_storage> leaves_;
   detail::aligned_vector<T> g_;  // [d, 2L·R]: the G leaves side by side, zero padded
   detail::aligned_vector<T> h_;  // 2(L−1) blocks [r, R]: the H leaves, zero padded
   std::vector<combine_step> steps_;
