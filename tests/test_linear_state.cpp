@@ -7,6 +7,7 @@
 
 #include "support/linear_battery.hpp"
 #include "support/polysketch_oracle.hpp"
+#include "support/throws.hpp"
 
 using namespace polyattn;
 using namespace polyattn::test;
@@ -201,4 +202,30 @@ TEST_CASE("linear kernels take any thread count without allocating per requested
   o.threads = std::numeric_limits<int>::max();
   linear_attention<float>(pq.cview(), pk.cview(), v.cview(), out.view, o);
   CHECK(bitwise_equal<float>(ref.cview(), out.cview()));
+}
+
+TEST_CASE("hardening: empty sketch, options that overflow float, oversized sketches", "[polysketch][validation]") {
+  tensor4<float> q(1, 1, 4, 3), k(1, 1, 4, 3), v(1, 1, 4, 2), out(1, 1, 4, 2);
+  polysketch_options o;
+  o.causal = true;
+  o.local_exact = true;
+  require_invalid_argument([&] { polysketch_attention<float>(q.view, k.view, v.view, out.view, polysketch<float>(), o); },
+                           {"polyattn::polysketch_attention", "'sketch' is empty"});
+  const polysketch<float> sk(3, sketch_options{});
+  for (const char* which : {"scale", "normalizer_bias"}) {
+    polysketch_options big = o;
+    (std::string(which) == "scale" ? big.scale : big.normalizer_bias) = 1e39;
+    require_invalid_argument([&] { polysketch_attention<float>(q.view, k.view, v.view, out.view, sk, big); },
+                             {"polyattn::polysketch_attention", which, "overflows float"});
+    // the same value is fine in double
+    tensor4<double> qd(1, 1, 4, 3), kd(1, 1, 4, 3), vd(1, 1, 4, 2), od(1, 1, 4, 2);
+    REQUIRE_NOTHROW(polysketch_attention<double>(qd.view, kd.view, vd.view, od.view, polysketch<double>(3, sketch_options{}), big));
+  }
+  linear_options lo;
+  lo.normalizer_bias = 1e39;
+  require_invalid_argument([&] { linear_attention<float>(q.view, k.view, v.view, out.view, lo); },
+                           {"polyattn::linear_attention", "normalizer_bias", "overflows float"});
+  sketch_options huge;
+  huge.sketch_size = 100000;
+  require_invalid_argument([&] { polysketch<float>(8, huge); }, {"polyattn::polysketch", "sketch size 100000", "5000050000 features"});
 }

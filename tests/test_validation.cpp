@@ -319,6 +319,36 @@ TEMPLATE_TEST_CASE("validation rejects a negative extent", "[validation][view]",
     }
 }
 
+TEMPLATE_TEST_CASE("validation names a negative extent given to the contiguous constructor", "[validation][view]",
+                   ALL_APIS) {
+  // the contiguous strides of a negative extent are negative in the dimensions before it: the
+  // message must still name the extent and its dimension
+  for (const std::string arg : kArgs)
+    for (std::size_t dim = 0; dim < 4; ++dim) {
+      INFO("argument " << arg << ", dimension " << dim);
+      problem p;
+      ext4 bad{};
+      p.with_arg(arg, [&](auto& view) {
+        bad = view.extents();
+        bad[dim] = -bad[dim];
+        view = std::decay_t<decltype(view)>(view.data(), bad);
+      });
+      require_invalid_argument([&] { TestType::run(p); },
+                               {fn_name<TestType>(), "'" + arg + "'", "negative extent in dimension " + std::to_string(dim)});
+    }
+}
+
+TEMPLATE_TEST_CASE("validation rejects absurd extents without overflowing (contiguous constructor)",
+                   "[validation][view]", ALL_APIS) {
+  for (const std::string arg : kArgs) {
+    INFO("argument " << arg);
+    problem p;
+    const index_t e = index_t(1) << 20;  // 2^80 elements: the strides and the size wrap, never overflow
+    p.with_arg(arg, [&](auto& view) { view = std::decay_t<decltype(view)>(view.data(), {e, e, e, e}); });
+    require_invalid_argument([&] { TestType::run(p); }, {fn_name<TestType>(), "'" + arg + "'"});
+  }
+}
+
 TEMPLATE_TEST_CASE("validation rejects a negative stride", "[validation][view]", ALL_APIS) {
   for (const std::string arg : kArgs)
     for (std::size_t dim = 0; dim < 3; ++dim) {

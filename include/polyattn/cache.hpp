@@ -179,6 +179,8 @@ class polysketch_cache : public detail::cache_core<T> {
     constexpr const char* fn = "polysketch_cache";
     detail::check_finite_scale(fn, "scale", opts.scale);
     detail::check_normalizer_bias(fn, opts.normalizer_bias);
+    detail::check_representable<T>(fn, "scale", opts.scale);
+    detail::check_representable<T>(fn, "normalizer_bias", opts.normalizer_bias);
   }
 
   /// Appends n tokens (k, v: [batch, kv_heads, n, ·]) and writes the outputs of their n
@@ -233,6 +235,8 @@ class sketched_cache : public detail::cache_core<T> {
     detail::check_degree(fn, opts.degree);
     detail::check_finite_scale(fn, "scale", opts.scale);
     detail::check_normalizer_bias(fn, opts.normalizer_bias);
+    detail::check_representable<T>(fn, "scale", opts.scale);
+    detail::check_representable<T>(fn, "normalizer_bias", opts.normalizer_bias);
   }
 
   /// Appends n tokens (k [B, Hk, n, d], sk [B, Hk, n, r], v) and attends their n queries
@@ -293,6 +297,7 @@ class linear_cache : public detail::cache_core<T> {
                               opts.threads, positive(feature_dim), feature_dim),
         opts_(opts) {
     detail::check_normalizer_bias("linear_cache", opts.normalizer_bias);
+    detail::check_representable<T>("linear_cache", "normalizer_bias", opts.normalizer_bias);
   }
 
   /// Appends n tokens (phi_k [B, Hk, n, m], v) and attends their n queries (phi_q [B, H, n, m]).

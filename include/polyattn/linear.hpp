@@ -47,6 +47,7 @@ void linear_attention(detail::input_view<T> phi_q, detail::input_view<T> phi_k, 
   detail::check_attention(fn, phi_q, phi_k, v, out, "phi_q", "phi_k");
   detail::check_threads(fn, opts.threads);
   detail::check_normalizer_bias(fn, opts.normalizer_bias);
+  detail::check_representable<T>(fn, "normalizer_bias", opts.normalizer_bias);
   const detail::block_problem pb{phi_q.extent(0), phi_q.extent(1), phi_k.extent(1), phi_q.extent(2),
                                  phi_k.extent(2), v.extent(3),      detail::kLinearBlock, opts.causal,
                                  detail::resolve_threads(opts.threads)};

@@ -78,6 +78,9 @@ void polysketch_attention(detail::input_view<T> q, detail::input_view<T> k, deta
   detail::check_threads(fn, opts.threads);
   detail::check_finite_scale(fn, "scale", opts.scale);
   detail::check_normalizer_bias(fn, opts.normalizer_bias);
+  detail::check_representable<T>(fn, "scale", opts.scale);
+  detail::check_representable<T>(fn, "normalizer_bias", opts.normalizer_bias);
+  if (sketch.degree() == 0) detail::fail(fn, "argument 'sketch' is empty (default-constructed)");
   if (opts.block_size <= 0)
     detail::fail(fn, "option 'block_size' must be positive, got " + std::to_string(opts.block_size));
   if (sketch.head_dim() != q.extent(3))

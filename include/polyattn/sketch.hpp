@@ -123,6 +123,7 @@ class polysketch {
                            std::to_string(opts.sketch_size));
     check_size(fn, "argument 'head_dim'", head_dim);
     if (opts.degree > 2) check_size(fn, "option 'sketch_size'", opts.sketch_size);
+    check_feature_dim(fn, opts.degree > 2 ? opts.sketch_size : head_dim, opts.packed);
     std::vector<matrix<T>> leaves;
     if (opts.degree > 2) {
       const index_t r = opts.sketch_size;
@@ -151,6 +152,7 @@ class polysketch {
       detail::fail(fn, "degree 2 (the identity sketch) has no leaves to take the head dim from: call "
                        "from_matrices(head_dim, {}, opts) or polysketch(head_dim, opts)");
     check_leaves(fn, leaves, opts.degree, -1);
+    check_feature_dim(fn, leaves[0].cols(), opts.packed);
     const index_t d = leaves[0].rows();
     return polysketch(d, opts, std::move(leaves), 0);
   }
@@ -163,6 +165,7 @@ class polysketch {
     check_size(fn, "argument 'head_dim'", head_dim);
     check_degree(fn, opts.degree);
     check_leaves(fn, leaves, opts.degree, head_dim);
+    check_feature_dim(fn, opts.degree > 2 ? leaves[0].cols() : head_dim, opts.packed);
     return polysketch(head_dim, opts, std::move(leaves), 0);
   }
 
@@ -370,6 +373,18 @@ class polysketch {
   static void check_size(const char* fn, const char* what, index_t v) {
     constexpr index_t kMax = index_t(1) << 24;
     if (v > kMax) detail::fail(fn, std::string(what) + " must be <= " + std::to_string(kMax) + ", got " + std::to_string(v));
+  }
+
+  /// Bound on the feature dimension m (r(r+1)/2 packed, r² unpacked), so that attention's
+  /// m x dv states stay allocatable: a clear error instead of a failed allocation of hundreds
+  /// of GB at first use.
+  static void check_feature_dim(const char* fn, index_t r, bool packed) {
+    constexpr index_t kMaxFeatures = index_t(1) << 24;
+    const index_t m = packed ? r * (r + 1) / 2 : r * r;
+    if (m > kMaxFeatures)
+      detail::fail(fn, "sketch size " + std::to_string(r) + " gives " + std::to_string(m) + " features (" +
+                           (packed ? "r(r+1)/2" : "r²") + "): an attention state of " + std::to_string(m) +
+                           " x value dim values; at most " + std::to_string(kMaxFeatures) + " features are supported");
   }
 
   /// Role of each leaf in the documented order: true for an H leaf [r, r], false for a G leaf [d, r].

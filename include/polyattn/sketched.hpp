@@ -54,6 +54,8 @@ void sketched_attention(detail::input_view<T> q, detail::input_view<T> k, detail
   detail::check_degree(fn, opts.degree);
   detail::check_finite_scale(fn, "scale", opts.scale);
   detail::check_normalizer_bias(fn, opts.normalizer_bias);
+  detail::check_representable<T>(fn, "scale", opts.scale);
+  detail::check_representable<T>(fn, "normalizer_bias", opts.normalizer_bias);
   detail::check_block_size(fn, opts.block_size);
   const index_t r = sq.extent(3);
   sketch_options identity;

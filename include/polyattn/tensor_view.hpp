@@ -3,6 +3,7 @@
 
 #include <array>
 #include <cstddef>
+#include <cstdint>
 #include <type_traits>
 
 #include "config.hpp"
@@ -43,11 +44,12 @@ class tensor_view {
   constexpr const extents_type& extents() const noexcept { return extents_; }
   constexpr const extents_type& strides() const noexcept { return strides_; }
 
-  /// Number of elements (product of extents).
+  /// Number of elements (product of extents). Computed with wrap-around, never signed
+  /// overflow: the entry points reject views too large for 64-bit indexing before using it.
   constexpr index_t size() const noexcept {
-    index_t n = 1;
-    for (std::size_t r = 0; r < Rank; ++r) n *= extents_[r];
-    return n;
+    std::uint64_t n = 1;
+    for (std::size_t r = 0; r < Rank; ++r) n *= static_cast<std::uint64_t>(extents_[r]);
+    return static_cast<index_t>(n);
   }
   constexpr bool empty() const noexcept { return size() == 0; }
 
@@ -59,12 +61,14 @@ class tensor_view {
     return data_[off];
   }
 
+  /// Row-major strides of the extents (wrapping rather than overflowing for absurd extents,
+  /// which validation then reports).
   static constexpr extents_type contiguous_strides(const extents_type& e) noexcept {
     extents_type s{};
-    index_t acc = 1;
+    std::uint64_t acc = 1;
     for (std::size_t r = Rank; r-- > 0;) {
-      s[r] = acc;
-      acc *= e[r];
+      s[r] = static_cast<index_t>(acc);
+      acc *= static_cast<std::uint64_t>(e[r]);
     }
     return s;
   }
@@ -79,7 +83,9 @@ class tensor_view {
 /// `[batch, heads, seq, dim]` view the kernels take, without copying.
 template <class T>
 constexpr tensor_view<T, 4> view_bnhd(T* data, index_t batch, index_t seq, index_t heads, index_t dim) noexcept {
-  return tensor_view<T, 4>(data, {batch, heads, seq, dim}, {seq * heads * dim, dim, heads * dim, 1});
+  using u = std::uint64_t;  // wrap-around instead of signed overflow for absurd sizes
+  const auto hd = static_cast<index_t>(u(heads) * u(dim)), shd = static_cast<index_t>(u(seq) * u(heads) * u(dim));
+  return tensor_view<T, 4>(data, {batch, heads, seq, dim}, {shd, dim, hd, 1});
 }
 
 }  // namespace polyattn

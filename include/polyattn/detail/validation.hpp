@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <sstream>
@@ -30,10 +31,11 @@ std::string shape_string(const tensor_view<T, R>& v) {
 /// there are elements, and a contiguous innermost dimension.
 template <class T, std::size_t R>
 void check_view(const char* function, const char* name, const tensor_view<T, R>& v) {
-  for (std::size_t r = 0; r < R; ++r) {
+  for (std::size_t r = 0; r < R; ++r)  // every extent first: a bad extent makes bad contiguous strides
     if (v.extent(r) < 0)
       fail(function, std::string("argument '") + name + "' has a negative extent in dimension " + std::to_string(r) +
                          ", shape " + shape_string(v));
+  for (std::size_t r = 0; r < R; ++r) {
     if (v.stride(r) < 0)
       fail(function, std::string("argument '") + name + "' has a negative stride in dimension " +
                          std::to_string(r) + ", shape " + shape_string(v));
@@ -151,6 +153,16 @@ inline std::string format_value(double x) {
   os.precision(17);
   os << x;
   return os.str();
+}
+
+/// An option given in double must stay finite in the kernel's precision T (1e39 is a finite
+/// double but inf as a float).
+template <class T>
+void check_representable(const char* function, const char* name, double value) {
+  if (std::abs(value) > static_cast<double>(std::numeric_limits<T>::max()))
+    fail(function, std::string("option '") + name + "' = " + format_value(value) + " overflows " +
+                       (sizeof(T) == 4 ? "float" : "the kernel's precision") + " (largest finite " +
+                       format_value(static_cast<double>(std::numeric_limits<T>::max())) + ")");
 }
 
 inline void check_finite_scale(const char* function, const char* name, double value) {
