@@ -99,10 +99,11 @@ template <class T, class Source, class Arch = default_arch>
 void run_block_linear(const block_problem& pb, const Source& src, tensor_view<const T, 4> q,
                       tensor_view<const T, 4> k, tensor_view<const T, 4> v, tensor_view<T, 4> out, T bias,
                       linear_state<T>* states = nullptr, tensor_view<const T, 4> q2 = {},
-                      tensor_view<const T, 4> k2 = {}, linear_workspace<T>* workspace = nullptr) {
+                      tensor_view<const T, 4> k2 = {}, linear_workspace<T>* workspace = nullptr,
+                      tensor_view<T, 3> stats = {}) {
   constexpr index_t W = simd_width<T, Arch>;
   const index_t n_seq = pb.batch * pb.kv_heads;
-  if (n_seq == 0 || (pb.nq == 0 && !states) || (pb.dv == 0 && !states)) return;
+  if (n_seq == 0 || (pb.nq == 0 && !states) || (pb.dv == 0 && !states && stats.size() == 0)) return;
   if (states && (!pb.causal || pb.nq > pb.nk))
     throw std::logic_error("polyattn: a linear_state needs causal attention with Nq <= Nk");
   const index_t m = src.feature_dim(), dv = pb.dv, dvp = round_up(dv, W);
@@ -159,6 +160,8 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
     }
   }
 
+  // where row i0 of head (bi, hq) writes its statistic (β + Σ w), if wanted
+  auto stats_at = [&](index_t bi, index_t hq, index_t i0) { return stats.size() > 0 ? &stats(bi, hq, i0) : nullptr; };
   auto query_rows = [&](index_t bi, index_t hq, index_t i0) {
     return raw_rows<T>{&q(bi, hq, i0, 0), q.stride(2), src.key_dim2() > 0 ? &q2(bi, hq, i0, 0) : nullptr, q2.stride(2)};
   };
@@ -238,7 +241,10 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
     const index_t blind = std::min(pb.nq, std::max<index_t>(0, -(plan.p0 + plan.offset)));
     for (index_t bi = 0; bi < pb.batch; ++bi)
       for (index_t h = 0; h < pb.heads; ++h)
-        for (index_t i = 0; i < blind && dv > 0; ++i) std::fill(&out(bi, h, i, 0), &out(bi, h, i, 0) + dv, T(0));
+        for (index_t i = 0; i < blind; ++i) {
+          if (dv > 0) std::fill(&out(bi, h, i, 0), &out(bi, h, i, 0) + dv, T(0));
+          if (stats.size() > 0) stats(bi, h, i) = bias;
+        }
     parallel_for(workers, n_seq * plan.ranges, [&](index_t task, int worker) {
       scan_workspace<T>& ws = scratch[static_cast<std::size_t>(worker)];
       const index_t s = task / plan.ranges, r = task % plan.ranges;
@@ -271,7 +277,8 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
             if (i1 <= i0) continue;
             const block_rows<T> qr = src.prepare(query_rows(bi, hq, i0), i1 - i0, true, ws.qrows);
             output_pass<T, Source, Arch>(src, qr, i1 - i0, plan.p0 + plan.offset + i0, state, &kb, ldkt, true, dv,
-                                         bias, ws, row_ptr(out, bi, hq, i0), out.stride(2));
+                                         bias, ws, row_ptr(out, bi, hq, i0), out.stride(2), stats_at(bi, hq, i0),
+                                         stats.stride(2));
           }
           const bool complete = kb.n == plan.b;
           if (c < plan.c_end || (states && complete))
@@ -341,7 +348,8 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
     }
     const block_rows<T> qr = src.prepare(query_rows(bi, hq, i0), i1 - i0, true, ws.qrows);
     output_pass<T, Source, Arch>(src, qr, i1 - i0, plan.offset + i0, state, own_block ? &kb : nullptr, ldkt, false,
-                                 dv, bias, ws, row_ptr(out, bi, hq, i0), out.stride(2));
+                                 dv, bias, ws, row_ptr(out, bi, hq, i0), out.stride(2), stats_at(bi, hq, i0),
+                                 stats.stride(2));
   });
 }
 

@@ -178,11 +178,12 @@ index_t prepare_local_keys(const Source& src, const block_rows<T>& keys, index_t
 /// Output pass for n query rows whose absolute positions are first_pos .. first_pos+n−1, all in
 /// the block of `kb`: reads `state` (nullptr: nothing before the block) and, when kt is given,
 /// weighs the block's keys locally (ws.kt from prepare_local_keys, leading dimension ldkt),
-/// causally masked when `causal`. Writes out rows (stride ldo).
+/// causally masked when `causal`. Writes out rows (stride ldo) and, when `stats` is given, each
+/// row's β + Σ w (stride lds).
 template <class T, class Source, class Arch>
 void output_pass(const Source& src, const block_rows<T>& q, index_t n, index_t first_pos, const T* state,
                  const key_block<T>* kb, index_t ldkt, bool causal, index_t dv, T bias, scan_workspace<T>& ws, T* out,
-                 index_t ldo) {
+                 index_t ldo, T* stats = nullptr, index_t lds = 0) {
   using B = batch<T, Arch>;
   constexpr index_t W = simd_width<T, Arch>;
   const index_t m = src.feature_dim(), dvp = round_up(dv, W);
@@ -225,6 +226,7 @@ void output_pass(const Source& src, const block_rows<T>& q, index_t n, index_t f
     }
     for (index_t i = 0; i < rows; ++i) {
       const T denom = bias + den[i];
+      if (stats) stats[(a + i) * lds] = denom;  // the backward pass's row statistic
       const T* row = num + i * dvp;
       T* o = out + (a + i) * ldo;
       // divide rather than multiply by 1/denom: a subnormal denominator must not overflow
