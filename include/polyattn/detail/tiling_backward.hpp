@@ -1,0 +1,207 @@
+// polyattn/detail/tiling_backward.hpp — the backward pass of the tiled exact engine (softmax, flash, polynomial).
+//
+// FlashAttention-2 style: nothing N² is stored. Scores are recomputed tile by tile from q, k
+// and the per-row statistic the forward saved, and the gradients are produced by two kinds
+// of tasks run in one parallel loop, each writing only what it owns:
+//   key-block task   (batch, kv head, kBwdBlockK keys): dK, dV of its keys, summing over the
+//                    query heads of its GQA group and their query blocks in a fixed order;
+//   query-block task (batch, head, kBwdBlockQ queries): dQ of its queries over its key blocks.
+// Per tile (keys in rows, queries in SIMD lanes, as in the forward):
+//   Sᵀ  = K_blk · Qᵀ              (Q scaled)
+//   dPᵀ = V_blk · dOᵀ
+//   Pᵀ, dSᵀ = Weights::backward_tile(Sᵀ, dPᵀ, row constant, D)   with D_i = dO_i · O_i
+//   key task:   dV += Pᵀ · dO,  dK += dSᵀ · (scale·Q)
+//   query task: dQ += dS · K    (scaled at the end)
+// The score and dP tiles are computed twice (once per task kind): 14·Nq·Nk·d FLOPs instead of
+// the 10 of a single pass with atomically accumulated dQ, in exchange for results that depend
+// only on the task index (bitwise identical for any thread count) and O(threads · tile) memory.
+// docs/design_exact.md has the algorithm, the alternatives and the measurements.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "../tensor_view.hpp"
+#include "gemm.hpp"
+#include "mask.hpp"
+#include "threading.hpp"
+
+namespace polyattn::detail {
+
+inline constexpr index_t kBwdBlockQ = 64;  // queries per tile: 4 AVX-512 / 8 AVX2 lane vectors
+inline constexpr index_t kBwdBlockK = 96;  // keys per tile: 16 row panels of the 6-row micro-kernel
+
+template <class T>
+struct attention_backward_problem {
+  tensor_view<const T, 4> q, k, v, out, dout;
+  tensor_view<const T, 3> stats;
+  tensor_view<T, 4> dq, dk, dv;
+  bool causal = false;
+  T scale = T(1);
+  int threads = 1;
+};
+
+template <class T>
+struct attention_backward_scratch {
+  aligned_vector<T> qt, dot, qrows, dorows, st, pt, dpt, kacc, vacc, kpack, c, dd, stat;
+};
+
+template <class T, std::size_t R>
+void fill_zero(const tensor_view<T, R>& t) {
+  static_assert(R == 4, "gradients are rank 4");
+  for (index_t a = 0; a < t.extent(0); ++a)
+    for (index_t b = 0; b < t.extent(1); ++b)
+      for (index_t i = 0; i < t.extent(2); ++i) std::fill_n(&t(a, b, i, 0), t.extent(3), T(0));
+}
+
+/// Runs the backward engine. Weights provides (besides the forward interface)
+///   void backward_init(const T* stat, index_t n, index_t lanes, T* c) const;  per-lane constant
+///   void backward_tile(const T* st, T* pt, T* dpt, index_t rows, index_t ld, index_t lanes,
+///                      const T* c, const T* dd) const;   Sᵀ, dPᵀ -> Pᵀ, dSᵀ (in place of dPᵀ)
+template <class T, class Weights, class Arch = default_arch>
+void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const Weights& weights) {
+  const index_t B = pb.q.extent(0), H = pb.q.extent(1), Nq = pb.q.extent(2), d = pb.q.extent(3);
+  const index_t Hk = pb.k.extent(1), Nk = pb.k.extent(2), dval = pb.v.extent(3);
+  if (B == 0 || H == 0) return;
+  if (Nq == 0 || Nk == 0 || dval == 0) {
+    // no query, no key or no value: every gradient is 0 (dS = P ∘ (dP − D) with dP = D = 0)
+    fill_zero(pb.dq);
+    fill_zero(pb.dk);
+    fill_zero(pb.dv);
+    return;
+  }
+  constexpr index_t W = simd_width<T, Arch>;
+  constexpr index_t BQ = kBwdBlockQ, BK = kBwdBlockK;
+  const index_t group = H / Hk;
+  const index_t n_qblocks = ceil_div(Nq, BQ), n_kblocks = ceil_div(Nk, BK);
+  const index_t dp = round_up(std::max<index_t>(d, 1), W), dvp = round_up(dval, W);
+  const bool pack_k = d % W != 0;
+  const attention_mask mask{pb.causal, Nq, Nk};
+  const index_t key_tasks = B * Hk * n_kblocks, query_tasks = B * H * n_qblocks;
+  const int workers = static_cast<int>(std::min<index_t>(pb.threads, key_tasks + query_tasks));
+  std::vector<attention_backward_scratch<T>> scratch(std::max(workers, 1));
+
+  const index_t ks = pb.k.stride(2), vs = pb.v.stride(2);
+
+  // Loads query block [i0, i0 + nq) of head (b, h): Qᵀ scaled and dOᵀ (queries in lanes, zero
+  // padding lanes), the per-lane constants from the statistic, D_i = dO_i·O_i, and for key
+  // tasks the rows scale·Q and dO as B operands.
+  auto load_queries = [&](attention_backward_scratch<T>& s, index_t b, index_t h, index_t i0, index_t nq,
+                          index_t lanes, bool rows) {
+    const T* qrow = d > 0 ? &pb.q(b, h, i0, 0) : nullptr;
+    const T* dorow = &pb.dout(b, h, i0, 0);
+    const T* orow = &pb.out(b, h, i0, 0);
+    const index_t qs = pb.q.stride(2), dos = pb.dout.stride(2), os = pb.out.stride(2);
+    pack_transposed(qrow, qs, nq, d, pb.scale, s.qt.data(), lanes);
+    pack_transposed(dorow, dos, nq, dval, T(1), s.dot.data(), lanes);
+    for (index_t i = 0; i < nq; ++i) {
+      s.stat[i] = pb.stats(b, h, i0 + i);
+      T acc(0);
+      for (index_t c = 0; c < dval; ++c) acc += dorow[i * dos + c] * orow[i * os + c];
+      s.dd[i] = acc;
+    }
+    std::fill(s.dd.begin() + nq, s.dd.begin() + lanes, T(0));
+    weights.backward_init(s.stat.data(), nq, lanes, s.c.data());
+    if (rows) {
+      for (index_t i = 0; i < nq; ++i) {
+        T* dst = s.qrows.data() + i * dp;
+        for (index_t c = 0; c < d; ++c) dst[c] = pb.scale * qrow[i * qs + c];
+        std::fill(dst + d, dst + dp, T(0));
+      }
+      pack_rows(dorow, dos, nq, dval, s.dorows.data(), dvp);
+    }
+  };
+
+  // One tile: keys [j0, j0 + nk) of kv head (b, hk) against the loaded query block.
+  auto tile = [&](attention_backward_scratch<T>& s, const T* kblk, const T* vblk, index_t i0, index_t nq,
+                  index_t lanes, index_t j0, index_t nk) {
+    gemm<T, Arch>(nk, lanes, d, kblk, ks, 1, s.qt.data(), lanes, s.st.data(), lanes, false);
+    gemm<T, Arch>(nk, lanes, dval, vblk, vs, 1, s.dot.data(), lanes, s.dpt.data(), lanes, false);
+    weights.backward_tile(s.st.data(), s.pt.data(), s.dpt.data(), nk, lanes, lanes, s.c.data(), s.dd.data());
+    if (mask.partial(i0, nq, j0, nk)) {
+      mask.hide(s.pt.data(), lanes, lanes, i0, j0, nk, T(0));
+      mask.hide(s.dpt.data(), lanes, lanes, i0, j0, nk, T(0));
+    }
+  };
+
+  // Task order: heaviest first so the dynamic schedule ends on small tasks. Under the causal
+  // mask the first key blocks and the last query blocks see the most of the other side.
+  parallel_for(pb.threads, key_tasks + query_tasks, [&](index_t task, int worker) {
+    attention_backward_scratch<T>& s = scratch[worker];
+    if (s.qt.empty()) {
+      s.qt.assign(static_cast<std::size_t>(dp * BQ), T(0));
+      s.dot.assign(static_cast<std::size_t>(dvp * BQ), T(0));
+      s.qrows.assign(static_cast<std::size_t>(BQ * dp), T(0));
+      s.dorows.assign(static_cast<std::size_t>(BQ * dvp), T(0));
+      s.st.assign(static_cast<std::size_t>(BK * BQ), T(0));
+      s.pt.assign(static_cast<std::size_t>(BK * BQ), T(0));
+      s.dpt.assign(static_cast<std::size_t>(BK * BQ), T(0));
+      s.kacc.assign(static_cast<std::size_t>(BK * dp), T(0));
+      s.vacc.assign(static_cast<std::size_t>(BK * dvp), T(0));
+      if (pack_k) s.kpack.assign(static_cast<std::size_t>(BK * dp), T(0));
+      s.c.assign(BQ, T(0));
+      s.dd.assign(BQ, T(0));
+      s.stat.assign(BQ, T(0));
+    }
+    // (with d == 0 nothing is read from k: do not form pointers into a possibly null view)
+    if (task < key_tasks) {
+      // ---- dK, dV of keys [j0, j0 + nk) of kv head (b, hk)
+      const index_t kb = task / (B * Hk), bhk = task % (B * Hk);
+      const index_t b = bhk / Hk, hk = bhk % Hk;
+      const index_t j0 = kb * BK, nk = std::min(BK, Nk - j0);
+      const T* kblk = d > 0 ? &pb.k(b, hk, j0, 0) : s.qt.data();
+      const T* vblk = &pb.v(b, hk, j0, 0);
+      std::fill(s.kacc.begin(), s.kacc.begin() + nk * dp, T(0));
+      std::fill(s.vacc.begin(), s.vacc.begin() + nk * dvp, T(0));
+      const index_t first = mask.query_begin(j0, nk) / BQ * BQ, last = mask.query_end(j0, nk);
+      for (index_t g = 0; g < group; ++g) {
+        const index_t h = hk * group + g;
+        for (index_t i0 = first; i0 < last; i0 += BQ) {
+          const index_t nq = std::min(BQ, Nq - i0), lanes = round_up(nq, W);
+          load_queries(s, b, h, i0, nq, lanes, true);
+          tile(s, kblk, vblk, i0, nq, lanes, j0, nk);
+          // dV[nk x dv] += Pᵀ · dO ; dK[nk x d] += dSᵀ · (scale·Q)
+          gemm<T, Arch>(nk, dval, nq, s.pt.data(), lanes, 1, s.dorows.data(), dvp, s.vacc.data(), dvp, true);
+          if (d > 0)
+            gemm<T, Arch>(nk, d, nq, s.dpt.data(), lanes, 1, s.qrows.data(), dp, s.kacc.data(), dp, true);
+        }
+      }
+      for (index_t r = 0; r < nk; ++r) {
+        if (d > 0) std::copy_n(s.kacc.data() + r * dp, d, &pb.dk(b, hk, j0 + r, 0));
+        std::copy_n(s.vacc.data() + r * dvp, dval, &pb.dv(b, hk, j0 + r, 0));
+      }
+    } else {
+      // ---- dQ of queries [i0, i0 + nq) of head (b, h)
+      const index_t t = task - key_tasks;
+      const index_t qb = n_qblocks - 1 - t / (B * H), bh = t % (B * H);
+      const index_t b = bh / H, h = bh % H, hk = h / group;
+      const index_t i0 = qb * BQ, nq = std::min(BQ, Nq - i0), lanes = round_up(nq, W);
+      if (d == 0) return;  // dq is empty
+      load_queries(s, b, h, i0, nq, lanes, false);
+      T* qacc = s.qrows.data();  // dQ accumulator [nq x dp]; the rows are not needed here
+      std::fill(qacc, qacc + nq * dp, T(0));
+      const index_t key_end = mask.key_end(i0, nq);
+      for (index_t j0 = mask.key_begin(i0, nq) / BK * BK; j0 < key_end; j0 += BK) {
+        const index_t nk = std::min(BK, key_end - j0);
+        const T* kblk = &pb.k(b, hk, j0, 0);
+        tile(s, kblk, &pb.v(b, hk, j0, 0), i0, nq, lanes, j0, nk);
+        const T* kb = kblk;
+        index_t ldk = ks;
+        if (pack_k) {
+          pack_rows(kblk, ks, nk, d, s.kpack.data(), dp);
+          kb = s.kpack.data();
+          ldk = dp;
+        }
+        // dQ[nq x d] += dS · K with dS(i, j) = dSᵀ(j, i) = dpt[j·lanes + i]
+        gemm<T, Arch>(nq, d, nk, s.dpt.data(), 1, lanes, kb, ldk, qacc, dp, true);
+      }
+      for (index_t i = 0; i < nq; ++i) {
+        T* dst = &pb.dq(b, h, i0 + i, 0);
+        for (index_t c = 0; c < d; ++c) dst[c] = pb.scale * qacc[i * dp + c];
+      }
+    }
+  });
+}
+
+}  // namespace polyattn::detail
