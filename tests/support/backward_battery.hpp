@@ -16,6 +16,9 @@ namespace polyattn::test {
 /// The fp32 gradients must be within this multiple of a naive fp32 implementation's error
 /// (plus a few ulps of the gradient's magnitude, for results naive code gets almost exactly).
 inline constexpr double kGradientErrorMultiple = 2.0;
+/// With scores of order 100 the probabilities exp(s − lse) inherit the absolute rounding error
+/// of the fp32 lse (the naive code subtracts the exact row max instead): measured 1.9× there.
+inline constexpr double kLargeLogitErrorMultiple = 4.0;
 
 /// Owning [B, H, Nq] statistics; with `padded` the rows are strided (a gap after each head).
 template <class T>
@@ -115,7 +118,8 @@ inline double max_abs_value(const dense_result& a) {
 /// most kGradientErrorMultiple × the naive fp32 implementation's; double: an ulp budget of
 /// the gradient's magnitude that grows with the largest |score|.
 template <class Kernel, class T>
-void check_backward_against_oracle(const attention_shape& s, const exact_case_options& o, double sigma = 1.0) {
+void check_backward_against_oracle(const attention_shape& s, const exact_case_options& o, double sigma = 1.0,
+                                   double multiple = kGradientErrorMultiple) {
   INFO(Kernel::name << " " << s.str() << " causal=" << o.causal << " degree=" << o.degree << " bias="
                     << o.normalizer_bias);
   backward_inputs<T> in(s, 4321 + static_cast<std::uint64_t>(s.nq * 7 + s.nk * 13 + s.d), sigma);
@@ -151,7 +155,7 @@ void check_backward_against_oracle(const attention_shape& s, const exact_case_op
     if constexpr (std::is_same_v<T, float>) {
       const double naive_err = max_abs_error(*naive_of[which], *pair.second);
       INFO("naive fp32 error " << naive_err);
-      CHECK(e.max_abs <= kGradientErrorMultiple * naive_err + average_tolerance<T>(magnitude, 16));
+      CHECK(e.max_abs <= multiple * naive_err + average_tolerance<T>(magnitude, 16));
     } else {
       const double bound = std::max(1.0, score_bound<T>(in.q.cview(), in.k.cview(), Kernel::effective_scale(o, s.d)));
       CHECK(e.max_abs <= average_tolerance<T>(std::max(magnitude, 1.0) * bound, 256.0 * o.degree));
