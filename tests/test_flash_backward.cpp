@@ -72,3 +72,20 @@ TEST_CASE("flash_attention with stats writes the same out as without", "[flash][
   flash_attention<float>(in.q.view, in.k.view, in.v.view, out2.view, {true}, st.view);
   CHECK(bitwise_equal<float>(in.out.cview(), out2.cview()));
 }
+
+TEMPLATE_TEST_CASE("both backward schedules match the oracle and are thread invariant", "[flash][polynomial][backward]",
+                   (with_schedule<flash_backward_kernel, detail::backward_schedule::recompute>),
+                   (with_schedule<flash_backward_kernel, detail::backward_schedule::partials>),
+                   (with_schedule<polynomial_backward_kernel, detail::backward_schedule::recompute>),
+                   (with_schedule<polynomial_backward_kernel, detail::backward_schedule::partials>)) {
+  exact_case_options o;
+  o.threads = 2;
+  o.scale = 0.2;
+  for (bool causal : {false, true}) {
+    o.causal = causal;
+    // several query windows of the partials schedule, GQA, strided views, Nq != Nk
+    check_backward_against_oracle<TestType, float>({1, 4, 2, 600, 650, 17, 9, true}, o);
+    check_backward_against_oracle<TestType, double>({2, 2, 1, 1100, 700, 8, 8, false}, o);
+    check_backward_thread_invariance<TestType, float>({1, 2, 1, 1030, 1030, 32, 16, false}, o);
+  }
+}

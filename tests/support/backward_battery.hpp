@@ -69,6 +69,24 @@ struct polynomial_backward_kernel {
   }
 };
 
+/// Either kernel with an explicit work schedule of the backward engine (the entry points use
+/// detail::kDefaultBackwardSchedule; both schedules must give correct, thread-invariant results).
+template <class Kernel, detail::backward_schedule S>
+struct with_schedule : Kernel {
+  template <class T>
+  static void backward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+                       tensor_view<const T, 4> out, tensor_view<const T, 4> dout, tensor_view<const T, 3> stats,
+                       tensor_view<T, 4> dq, tensor_view<T, 4> dk, tensor_view<T, 4> dv, const exact_case_options& o) {
+    detail::attention_backward_problem<T> pb{q,  k,  v,  out, dout, stats, dq, dk, dv, o.causal,
+                                             static_cast<T>(Kernel::effective_scale(o, q.extent(3))),
+                                             o.threads, S};
+    if constexpr (Kernel::polynomial)
+      detail::run_tiled_attention_backward<T>(pb, detail::polynomial_weights<T>{o.degree, static_cast<T>(o.normalizer_bias)});
+    else
+      detail::run_tiled_attention_backward<T>(pb, detail::softmax_weights<T>{});
+  }
+};
+
 template <class Kernel, class T, class Acc = double>
 dense_gradients gradients_oracle(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
                                  tensor_view<const T, 4> dout, const exact_case_options& o) {

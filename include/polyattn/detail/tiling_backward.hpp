@@ -32,6 +32,19 @@ namespace polyattn::detail {
 inline constexpr index_t kBwdBlockQ = 64;  // queries per tile: 4 AVX-512 / 8 AVX2 lane vectors
 inline constexpr index_t kBwdBlockK = 96;  // keys per tile: 16 row panels of the 6-row micro-kernel
 
+/// How the work is split (docs/design_exact.md compares them):
+///   recompute — key-block tasks write dK, dV; query-block tasks write dQ; the score and dP
+///               tiles are computed by both (14·Nq·Nk·d FLOPs);
+///   partials  — per query window of kPartialWindow queries, kPartialChunks tasks each own a
+///               fixed slice of the window's key range, write dK, dV of their keys (accumulated
+///               over windows in order) and a partial dQ; the partials are summed in chunk order
+///               (10·Nq·Nk·d FLOPs, kPartialChunks · kPartialWindow · d scratch).
+enum class backward_schedule { recompute, partials };
+
+inline constexpr index_t kPartialWindow = 512;  // queries per window of the partials schedule
+inline constexpr index_t kPartialChunks = 8;    // key slices per window: fixed, never the thread count
+inline constexpr backward_schedule kDefaultBackwardSchedule = backward_schedule::partials;
+
 template <class T>
 struct attention_backward_problem {
   tensor_view<const T, 4> q, k, v, out, dout;
@@ -40,6 +53,7 @@ struct attention_backward_problem {
   bool causal = false;
   T scale = T(1);
   int threads = 1;
+  backward_schedule schedule = kDefaultBackwardSchedule;
 };
 
 template <class T>
@@ -80,7 +94,9 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
   const attention_mask mask{pb.causal, Nq, Nk};
   const index_t key_tasks = B * Hk * n_kblocks, query_tasks = B * H * n_qblocks;
   const int workers = static_cast<int>(std::min<index_t>(pb.threads, key_tasks + query_tasks));
-  std::vector<attention_backward_scratch<T>> scratch(std::max(workers, 1));
+  // (the partials schedule runs up to min(threads, kPartialChunks) workers)
+  std::vector<attention_backward_scratch<T>> scratch(
+      static_cast<std::size_t>(std::max<index_t>({index_t(workers), std::min<index_t>(pb.threads, kPartialChunks), 1})));
 
   const index_t ks = pb.k.stride(2), vs = pb.v.stride(2);
 
@@ -125,10 +141,7 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
     }
   };
 
-  // Task order: heaviest first so the dynamic schedule ends on small tasks. Under the causal
-  // mask the first key blocks and the last query blocks see the most of the other side.
-  parallel_for(pb.threads, key_tasks + query_tasks, [&](index_t task, int worker) {
-    attention_backward_scratch<T>& s = scratch[worker];
+  auto prepare = [&](attention_backward_scratch<T>& s) {
     if (s.qt.empty()) {
       s.qt.assign(static_cast<std::size_t>(dp * BQ), T(0));
       s.dot.assign(static_cast<std::size_t>(dvp * BQ), T(0));
@@ -144,6 +157,79 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
       s.dd.assign(BQ, T(0));
       s.stat.assign(BQ, T(0));
     }
+  };
+
+  // K rows as the B operand of dQ += dS · K (packed when rows are not whole vectors)
+  auto k_operand = [&](attention_backward_scratch<T>& s, const T* kblk, index_t nk, index_t& ldk) -> const T* {
+    ldk = ks;
+    if (!pack_k) return kblk;
+    pack_rows(kblk, ks, nk, d, s.kpack.data(), dp);
+    ldk = dp;
+    return s.kpack.data();
+  };
+
+  if (pb.schedule == backward_schedule::partials) {
+    constexpr index_t WQ = kPartialWindow, C = kPartialChunks;
+    fill_zero(pb.dk);
+    fill_zero(pb.dv);
+    aligned_vector<T> part(static_cast<std::size_t>(C * WQ * dp), T(0));
+    for (index_t bh = 0; bh < B * H; ++bh) {
+      const index_t b = bh / H, h = bh % H, hk = h / group;
+      for (index_t w0 = 0; w0 < Nq; w0 += WQ) {
+        const index_t nw = std::min(WQ, Nq - w0);
+        const index_t kb_end = ceil_div(mask.key_end(w0, nw), BK);
+        parallel_for(pb.threads, C, [&](index_t c, int worker) {
+          attention_backward_scratch<T>& s = scratch[worker];
+          prepare(s);
+          T* qpart = part.data() + c * WQ * dp;
+          std::fill(qpart, qpart + nw * dp, T(0));
+          for (index_t kb = c * kb_end / C; kb < (c + 1) * kb_end / C; ++kb) {
+            const index_t j0 = kb * BK, nk = std::min(BK, Nk - j0);
+            const T* kblk = d > 0 ? &pb.k(b, hk, j0, 0) : s.qt.data();
+            const T* vblk = &pb.v(b, hk, j0, 0);
+            // dK, dV of these keys so far (earlier windows and heads, in order)
+            for (index_t r = 0; r < nk; ++r) {
+              if (d > 0) std::copy_n(&pb.dk(b, hk, j0 + r, 0), d, s.kacc.data() + r * dp);
+              std::copy_n(&pb.dv(b, hk, j0 + r, 0), dval, s.vacc.data() + r * dvp);
+            }
+            index_t ldk = 0;
+            const T* kop = d > 0 ? k_operand(s, kblk, nk, ldk) : nullptr;
+            const index_t first = std::max(w0, mask.query_begin(j0, nk));
+            for (index_t i0 = w0 + (first - w0) / BQ * BQ; i0 < w0 + nw; i0 += BQ) {
+              const index_t nq = std::min(BQ, w0 + nw - i0), lanes = round_up(nq, W);
+              load_queries(s, b, h, i0, nq, lanes, true);
+              tile(s, kblk, vblk, i0, nq, lanes, j0, nk);
+              gemm<T, Arch>(nk, dval, nq, s.pt.data(), lanes, 1, s.dorows.data(), dvp, s.vacc.data(), dvp, true);
+              if (d > 0) {
+                gemm<T, Arch>(nk, d, nq, s.dpt.data(), lanes, 1, s.qrows.data(), dp, s.kacc.data(), dp, true);
+                gemm<T, Arch>(nq, d, nk, s.dpt.data(), 1, lanes, kop, ldk, qpart + (i0 - w0) * dp, dp, true);
+              }
+            }
+            for (index_t r = 0; r < nk; ++r) {
+              if (d > 0) std::copy_n(s.kacc.data() + r * dp, d, &pb.dk(b, hk, j0 + r, 0));
+              std::copy_n(s.vacc.data() + r * dvp, dval, &pb.dv(b, hk, j0 + r, 0));
+            }
+          }
+        });
+        // dQ of the window: the chunks' partials summed in chunk order
+        for (index_t i = 0; i < nw && d > 0; ++i) {
+          T* dst = &pb.dq(b, h, w0 + i, 0);
+          for (index_t col = 0; col < d; ++col) {
+            T acc = part[static_cast<std::size_t>(i * dp + col)];
+            for (index_t c = 1; c < C; ++c) acc += part[static_cast<std::size_t>((c * WQ + i) * dp + col)];
+            dst[col] = pb.scale * acc;
+          }
+        }
+      }
+    }
+    return;
+  }
+
+  // Task order: heaviest first so the dynamic schedule ends on small tasks. Under the causal
+  // mask the first key blocks and the last query blocks see the most of the other side.
+  parallel_for(pb.threads, key_tasks + query_tasks, [&](index_t task, int worker) {
+    attention_backward_scratch<T>& s = scratch[worker];
+    prepare(s);
     // (with d == 0 nothing is read from k: do not form pointers into a possibly null view)
     if (task < key_tasks) {
       // ---- dK, dV of keys [j0, j0 + nk) of kv head (b, hk)
@@ -186,13 +272,8 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
         const index_t nk = std::min(BK, key_end - j0);
         const T* kblk = &pb.k(b, hk, j0, 0);
         tile(s, kblk, &pb.v(b, hk, j0, 0), i0, nq, lanes, j0, nk);
-        const T* kb = kblk;
-        index_t ldk = ks;
-        if (pack_k) {
-          pack_rows(kblk, ks, nk, d, s.kpack.data(), dp);
-          kb = s.kpack.data();
-          ldk = dp;
-        }
+        index_t ldk = 0;
+        const T* kb = k_operand(s, kblk, nk, ldk);
         // dQ[nq x d] += dS · K with dS(i, j) = dSᵀ(j, i) = dpt[j·lanes + i]
         gemm<T, Arch>(nq, d, nk, s.dpt.data(), 1, lanes, kb, ldk, qacc, dp, true);
       }
