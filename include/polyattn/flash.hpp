@@ -27,8 +27,9 @@ void flash_attention(detail::input_view<T> q, detail::input_view<T> k, detail::i
 /// options): given the forward's out and stats and the gradient dout of a loss with respect
 /// to out, writes (does not accumulate) dq [B, H, Nq, d], dk [B, Hk, Nk, d], dv [B, Hk, Nk, dv].
 /// With GQA, dk and dv of a kv head sum over its group of query heads. Scores are recomputed
-/// tile by tile from q, k and stats (docs/design_exact.md): scratch is O(threads · tile),
-/// results are bitwise identical for any thread count, rows with no allowed key give 0.
+/// tile by tile from q, k and stats (docs/design_exact.md): scratch is O(threads · tile) plus
+/// a fixed dQ-partials buffer (8 · 512 · d values), nothing grows with N; results are bitwise
+/// identical for any thread count; rows with no allowed key give 0.
 template <class T>
 void flash_attention_backward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
                               detail::input_view<T> out, detail::input_view<T> dout,

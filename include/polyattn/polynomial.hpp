@@ -125,7 +125,7 @@ void polynomial_attention(detail::input_view<T> q, detail::input_view<T> k, deta
 /// Backward pass of polynomial_attention with the same options: given the forward's out and
 /// stats (the denominators) and dout, writes (does not accumulate) dq, dk, dv shaped like q,
 /// k, v. With GQA, dk and dv of a kv head sum over its group. Tiled like
-/// flash_attention_backward (docs/design_exact.md): O(threads · tile) scratch, bitwise
+/// flash_attention_backward (docs/design_exact.md): scratch independent of N, bitwise
 /// identical for any thread count, rows with a zero denominator give 0.
 template <class T>
 void polynomial_attention_backward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
