@@ -41,6 +41,7 @@ enum class backward_schedule { recompute, partials };
 
 inline constexpr index_t kPartialWindow = 512;  // queries per window of the partials schedule
 inline constexpr index_t kPartialChunks = 8;    // key slices per window: fixed, never the thread count
+static_assert(kPartialWindow % kBwdBlockQ == 0, "windows are whole query blocks");
 inline constexpr backward_schedule kDefaultBackwardSchedule = backward_schedule::partials;
 
 template <class T>
@@ -57,6 +58,14 @@ struct attention_backward_problem {
 template <class T>
 struct attention_backward_scratch {
   aligned_vector<T> qt, dot, qrows, dorows, st, pt, dpt, kacc, vacc, kpack, c, dd, stat;
+  aligned_vector<T> window;  // partials schedule: the window's packed query blocks
+};
+
+/// A packed query block: Qᵀ (scaled) and dOᵀ with queries in lanes, the rows scale·Q and dO
+/// as B operands, the per-lane constant from the statistic and D_i = dO_i·O_i.
+template <class T>
+struct query_block_pack {
+  T *qt, *dot, *qrows, *dorows, *c, *dd;
 };
 
 template <class T, std::size_t R>
@@ -101,42 +110,53 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
   // Loads query block [i0, i0 + nq) of head (b, h): Qᵀ scaled and dOᵀ (queries in lanes, zero
   // padding lanes), the per-lane constants from the statistic, D_i = dO_i·O_i, and for key
   // tasks the rows scale·Q and dO as B operands.
-  auto load_queries = [&](attention_backward_scratch<T>& s, index_t b, index_t h, index_t i0, index_t nq,
-                          index_t lanes, bool rows) {
+  auto load_queries = [&](attention_backward_scratch<T>& s, const query_block_pack<T>& qp, index_t b, index_t h,
+                          index_t i0, index_t nq, index_t lanes, bool rows) {
     const T* qrow = d > 0 ? &pb.q(b, h, i0, 0) : nullptr;
     const T* dorow = &pb.dout(b, h, i0, 0);
     const T* orow = &pb.out(b, h, i0, 0);
     const index_t qs = pb.q.stride(2), dos = pb.dout.stride(2), os = pb.out.stride(2);
-    pack_transposed(qrow, qs, nq, d, pb.scale, s.qt.data(), lanes);
-    pack_transposed(dorow, dos, nq, dval, T(1), s.dot.data(), lanes);
+    pack_transposed(qrow, qs, nq, d, pb.scale, qp.qt, lanes);
+    pack_transposed(dorow, dos, nq, dval, T(1), qp.dot, lanes);
     for (index_t i = 0; i < nq; ++i) {
       s.stat[i] = pb.stats(b, h, i0 + i);
       T acc(0);
       for (index_t c = 0; c < dval; ++c) acc += dorow[i * dos + c] * orow[i * os + c];
-      s.dd[i] = acc;
+      qp.dd[i] = acc;
     }
-    std::fill(s.dd.begin() + nq, s.dd.begin() + lanes, T(0));
-    weights.backward_init(s.stat.data(), nq, lanes, s.c.data());
+    std::fill(qp.dd + nq, qp.dd + lanes, T(0));
+    weights.backward_init(s.stat.data(), nq, lanes, qp.c);
     if (rows) {
       for (index_t i = 0; i < nq; ++i) {
-        T* dst = s.qrows.data() + i * dp;
+        T* dst = qp.qrows + i * dp;
         for (index_t c = 0; c < d; ++c) dst[c] = pb.scale * qrow[i * qs + c];
         std::fill(dst + d, dst + dp, T(0));
       }
-      pack_rows(dorow, dos, nq, dval, s.dorows.data(), dvp);
+      pack_rows(dorow, dos, nq, dval, qp.dorows, dvp);
     }
   };
 
-  // One tile: keys [j0, j0 + nk) of kv head (b, hk) against the loaded query block.
-  auto tile = [&](attention_backward_scratch<T>& s, const T* kblk, const T* vblk, index_t i0, index_t nq,
-                  index_t lanes, index_t j0, index_t nk) {
-    gemm<T, Arch>(nk, lanes, d, kblk, ks, 1, s.qt.data(), lanes, s.st.data(), lanes, false);
-    gemm<T, Arch>(nk, lanes, dval, vblk, vs, 1, s.dot.data(), lanes, s.dpt.data(), lanes, false);
-    weights.backward_tile(s.st.data(), s.pt.data(), s.dpt.data(), nk, lanes, lanes, s.c.data(), s.dd.data());
+  // One tile: keys [j0, j0 + nk) of kv head (b, hk) against a packed query block.
+  auto tile = [&](attention_backward_scratch<T>& s, const query_block_pack<T>& qp, const T* kblk, const T* vblk,
+                  index_t i0, index_t nq, index_t lanes, index_t j0, index_t nk) {
+    gemm<T, Arch>(nk, lanes, d, kblk, ks, 1, qp.qt, lanes, s.st.data(), lanes, false);
+    gemm<T, Arch>(nk, lanes, dval, vblk, vs, 1, qp.dot, lanes, s.dpt.data(), lanes, false);
+    weights.backward_tile(s.st.data(), s.pt.data(), s.dpt.data(), nk, lanes, lanes, qp.c, qp.dd);
     if (mask.partial(i0, nq, j0, nk)) {
       mask.hide(s.pt.data(), lanes, lanes, i0, j0, nk, T(0));
       mask.hide(s.dpt.data(), lanes, lanes, i0, j0, nk, T(0));
     }
+  };
+
+  auto scratch_pack = [](attention_backward_scratch<T>& s) {
+    return query_block_pack<T>{s.qt.data(), s.dot.data(), s.qrows.data(), s.dorows.data(), s.c.data(), s.dd.data()};
+  };
+  // the partials schedule packs each query block of a window once per task, not once per key block
+  const index_t pack_size = 2 * dp * BQ + 2 * dvp * BQ + 2 * BQ;
+  auto window_pack = [&](attention_backward_scratch<T>& s, index_t block) {
+    T* base = s.window.data() + block * pack_size;
+    return query_block_pack<T>{base, base + dp * BQ, base + (dp + dvp) * BQ, base + (2 * dp + dvp) * BQ,
+                               base + 2 * (dp + dvp) * BQ, base + 2 * (dp + dvp) * BQ + BQ};
   };
 
   auto prepare = [&](attention_backward_scratch<T>& s) {
@@ -181,6 +201,8 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
           prepare(s);
           T* qpart = part.data() + c * WQ * dp;
           std::fill(qpart, qpart + nw * dp, T(0));
+          if (s.window.empty()) s.window.assign(static_cast<std::size_t>(WQ / BQ * pack_size), T(0));
+          bool packed[WQ / BQ] = {};
           for (index_t kb = c * kb_end / C; kb < (c + 1) * kb_end / C; ++kb) {
             const index_t j0 = kb * BK, nk = std::min(BK, Nk - j0);
             const T* kblk = d > 0 ? &pb.k(b, hk, j0, 0) : s.qt.data();
@@ -195,11 +217,14 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
             const index_t first = std::max(w0, mask.query_begin(j0, nk));
             for (index_t i0 = w0 + (first - w0) / BQ * BQ; i0 < w0 + nw; i0 += BQ) {
               const index_t nq = std::min(BQ, w0 + nw - i0), lanes = round_up(nq, W);
-              load_queries(s, b, h, i0, nq, lanes, true);
-              tile(s, kblk, vblk, i0, nq, lanes, j0, nk);
-              gemm<T, Arch>(nk, dval, nq, s.pt.data(), lanes, 1, s.dorows.data(), dvp, s.vacc.data(), dvp, true);
+              const index_t qb = (i0 - w0) / BQ;
+              const query_block_pack<T> qp = window_pack(s, qb);
+              if (!packed[qb]) load_queries(s, qp, b, h, i0, nq, lanes, true);
+              packed[qb] = true;
+              tile(s, qp, kblk, vblk, i0, nq, lanes, j0, nk);
+              gemm<T, Arch>(nk, dval, nq, s.pt.data(), lanes, 1, qp.dorows, dvp, s.vacc.data(), dvp, true);
               if (d > 0) {
-                gemm<T, Arch>(nk, d, nq, s.dpt.data(), lanes, 1, s.qrows.data(), dp, s.kacc.data(), dp, true);
+                gemm<T, Arch>(nk, d, nq, s.dpt.data(), lanes, 1, qp.qrows, dp, s.kacc.data(), dp, true);
                 gemm<T, Arch>(nq, d, nk, s.dpt.data(), 1, lanes, kop, ldk, qpart + (i0 - w0) * dp, dp, true);
               }
             }
@@ -243,8 +268,9 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
         const index_t h = hk * group + g;
         for (index_t i0 = first; i0 < last; i0 += BQ) {
           const index_t nq = std::min(BQ, Nq - i0), lanes = round_up(nq, W);
-          load_queries(s, b, h, i0, nq, lanes, true);
-          tile(s, kblk, vblk, i0, nq, lanes, j0, nk);
+          const query_block_pack<T> qp = scratch_pack(s);
+          load_queries(s, qp, b, h, i0, nq, lanes, true);
+          tile(s, qp, kblk, vblk, i0, nq, lanes, j0, nk);
           // dV[nk x dv] += Pᵀ · dO ; dK[nk x d] += dSᵀ · (scale·Q)
           gemm<T, Arch>(nk, dval, nq, s.pt.data(), lanes, 1, s.dorows.data(), dvp, s.vacc.data(), dvp, true);
           if (d > 0)
@@ -262,14 +288,15 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
       const index_t b = bh / H, h = bh % H, hk = h / group;
       const index_t i0 = qb * BQ, nq = std::min(BQ, Nq - i0), lanes = round_up(nq, W);
       if (d == 0) return;  // dq is empty
-      load_queries(s, b, h, i0, nq, lanes, false);
+      const query_block_pack<T> qp = scratch_pack(s);
+      load_queries(s, qp, b, h, i0, nq, lanes, false);
       T* qacc = s.qrows.data();  // dQ accumulator [nq x dp]; the rows are not needed here
       std::fill(qacc, qacc + nq * dp, T(0));
       const index_t key_end = mask.key_end(i0, nq);
       for (index_t j0 = mask.key_begin(i0, nq) / BK * BK; j0 < key_end; j0 += BK) {
         const index_t nk = std::min(BK, key_end - j0);
         const T* kblk = &pb.k(b, hk, j0, 0);
-        tile(s, kblk, &pb.v(b, hk, j0, 0), i0, nq, lanes, j0, nk);
+        tile(s, qp, kblk, &pb.v(b, hk, j0, 0), i0, nq, lanes, j0, nk);
         index_t ldk = 0;
         const T* kb = k_operand(s, kblk, nk, ldk);
         // dQ[nq x d] += dS · K with dS(i, j) = dSᵀ(j, i) = dpt[j·lanes + i]
