@@ -1,5 +1,5 @@
 // bench/bench_exact.cpp — the exact kernels: softmax_attention, flash_attention, polynomial_attention,
-// and the machine's FMA peak they are measured against.
+// their backward passes, and the machine's FMA peak they are measured against.
 #include "bench_common.hpp"
 
 namespace polyattn::bench {
@@ -42,6 +42,52 @@ void BM_exact(benchmark::State& state) {
   set_flop_counters(state, attention_flops(n, d, causal), threads);
 }
 
+enum class pass { backward, forward_backward };
+
+/// Args: N, d, causal, threads (one head, Nq = Nk = N). The forward that produces out and
+/// stats runs once before the timed loop for `backward`; inside it for `forward_backward`.
+/// FLOPs: 10·N²·d for a backward pass (dS, dP, dV, dK, dQ: five N x N x d products), plus
+/// 4·N²·d for the forward; half of it causal.
+template <exact_kernel K, pass P>
+void BM_exact_backward(benchmark::State& state) {
+  const std::int64_t n = state.range(0), d = state.range(1);
+  const bool causal = state.range(2) != 0;
+  const int threads = int(state.range(3));
+  head_inputs in(n, d);
+  std::vector<float> dout = random_vector(std::size_t(n * d), 4);
+  std::vector<float> stats(static_cast<std::size_t>(n));
+  std::vector<float> dq(std::size_t(n * d)), dk(dq.size()), dv(dq.size());
+  const tensor_view<const float, 4> dov(dout.data(), {1, 1, n, d});
+  const tensor_view<float, 3> sv(stats.data(), {1, 1, n});
+  const tensor_view<float, 4> dqv(dq.data(), {1, 1, n, d}), dkv(dk.data(), {1, 1, n, d}), dvv(dv.data(), {1, 1, n, d});
+  polynomial_options po;  // degree 4, the PolySketchFormer kernel
+  po.causal = causal;
+  po.threads = threads;
+  po.scale = 1.0 / std::sqrt(double(d));
+  softmax_options so;
+  so.causal = causal;
+  so.threads = threads;
+  auto forward = [&] {
+    if constexpr (K == exact_kernel::polynomial)
+      polynomial_attention<float>(in.qv(), in.kv(), in.vv(), in.ov(), po, sv);
+    else
+      flash_attention<float>(in.qv(), in.kv(), in.vv(), in.ov(), so, sv);
+  };
+  auto backward = [&] {
+    if constexpr (K == exact_kernel::polynomial)
+      polynomial_attention_backward<float>(in.qv(), in.kv(), in.vv(), in.ov(), dov, sv, dqv, dkv, dvv, po);
+    else
+      flash_attention_backward<float>(in.qv(), in.kv(), in.vv(), in.ov(), dov, sv, dqv, dkv, dvv, so);
+  };
+  forward();
+  run_attention_benchmark(state, n, [&] {
+    if constexpr (P == pass::forward_backward) forward();
+    backward();
+  });
+  const double f = 10.0 / 4.0 * attention_flops(n, d, causal);
+  set_flop_counters(state, P == pass::forward_backward ? f + attention_flops(n, d, causal) : f, threads);
+}
+
 }  // namespace
 
 void register_exact_benchmarks(const sweep& s) {
@@ -67,5 +113,24 @@ void register_exact_benchmarks(const sweep& s) {
             set_repetitions(b, n);
           }
   }
+  // Backward passes: the causal d = 64 picture to 16384, the other shapes to 4096 (default
+  // sweep); every shape to 16384 (full sweep).
+  const std::pair<const char*, void (*)(benchmark::State&)> backward[] = {
+      {"flash_attention_backward", BM_exact_backward<exact_kernel::flash, pass::backward>},
+      {"polynomial_attention_backward", BM_exact_backward<exact_kernel::polynomial, pass::backward>},
+      {"flash_attention_fwd_bwd", BM_exact_backward<exact_kernel::flash, pass::forward_backward>},
+      {"polynomial_attention_fwd_bwd", BM_exact_backward<exact_kernel::polynomial, pass::forward_backward>}};
+  for (const auto& [name, fn] : backward)
+    for (std::int64_t n : sweep_lengths())
+      for (std::int64_t d : {64, 128})
+        for (int causal : {0, 1})
+          for (int threads : s.threads()) {
+            const std::int64_t max_n = s.full || (d == 64 && causal == 1) ? 16384 : 4096;
+            if (n > max_n) continue;
+            auto* b = benchmark::RegisterBenchmark(name, fn);
+            b->ArgNames({"N", "d", "causal", "threads"})->Args({n, d, causal, threads});
+            b->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.1);
+            set_repetitions(b, n);
+          }
 }
 }  // namespace polyattn::bench

@@ -20,6 +20,9 @@ KERNELS = [  # (label, benchmark name, extra args that select the variant)
     ("linear_attention m=528", "linear_attention", {"m": 528}),
 ]
 EXACT = ["softmax_attention", "flash_attention", "polynomial_attention"]
+# backward passes: GFLOP/s counted as 10·N²·d per backward (14·N²·d forward + backward), half causal
+BACKWARD = ["flash_attention_backward", "polynomial_attention_backward",
+            "flash_attention_fwd_bwd", "polynomial_attention_fwd_bwd"]
 
 
 def die(msg):
@@ -207,6 +210,35 @@ def main():
                          f"{p['bench'].get('state_KiB', float('nan')) if p else float('nan'):.0f} |")
         lines.append("")
 
+    # backward passes: one row per shape, backward and forward + backward side by side
+    bwd_rows = [r for r in rows if r["kernel"] in BACKWARD and "GFLOP/s" in r["bench"]]
+    if bwd_rows:
+        lines.append("## Backward passes: GFLOP/s and % of the measured FMA peak")
+        lines.append("")
+        lines.append("FLOPs: 10·N²·d per backward pass, 14·N²·d for forward + backward; half of it causal. "
+                     "`bwd / fwd` is the backward's time over the forward's (same shape, same run).")
+        lines.append("")
+        lines.append("| kernel | N | d | causal | threads | bwd ms | bwd GFLOP/s | bwd % of peak | fwd+bwd ms | "
+                     "fwd+bwd GFLOP/s | bwd / fwd |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        index = {(r["kernel"], r["args"].get("N"), r["args"].get("d"), r["args"].get("causal"),
+                  r["args"].get("threads")): r for r in rows}
+        for r in sorted((r for r in bwd_rows if r["kernel"].endswith("_backward")),
+                        key=lambda r: (r["kernel"], r["args"]["d"], r["args"]["causal"], r["args"]["threads"],
+                                       r["args"]["N"])):
+            a, b = r["args"], r["bench"]
+            base = r["kernel"][:-len("_backward")]
+            key = (a["N"], a["d"], a["causal"], a["threads"])
+            both = index.get((base + "_fwd_bwd",) + key)
+            fwd = index.get((base,) + key)
+            cells = [base, str(a["N"]), str(a["d"]), str(a["causal"]), str(a["threads"]), fmt_ms(r["ms"]),
+                     f"{b['GFLOP/s']:.1f}", f"{b['pct_peak']:.0f} %",
+                     fmt_ms(both["ms"]) if both else "–",
+                     f"{both['bench']['GFLOP/s']:.1f}" if both else "–",
+                     f"{r['ms'] / fwd['ms']:.2f}" if fwd else "–"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+
     if 64 not in figures:
         die("no causal d = 64 results: nothing to plot (did the filter exclude them?)")
     with open(os.path.join(outdir, "report.md"), "w") as f:
@@ -248,7 +280,7 @@ def plot(sel, rows, threads, path):
     ax1.grid(True, which="both", alpha=0.3)
     ax1.legend(fontsize=8)
 
-    for kernel in EXACT:
+    for kernel in EXACT + BACKWARD[:2]:
         for causal, style in ((1, "-"), (0, "--")):
             pts = sorted((r["args"]["N"], r["bench"]["pct_peak"]) for r in rows
                          if r["kernel"] == kernel and r["args"].get("d") == 64 and r["args"].get("causal") == causal

@@ -1,6 +1,7 @@
-// polyattn/flash.hpp — flash_attention: tiled online-softmax attention in O(tile) memory.
+// polyattn/flash.hpp — flash_attention: tiled online-softmax attention in O(tile) memory, and its backward pass.
 #pragma once
 
+#include "detail/tiling_backward.hpp"
 #include "softmax.hpp"
 
 namespace polyattn {
@@ -14,13 +15,45 @@ void flash_attention(detail::input_view<T> q, detail::input_view<T> k, detail::i
   detail::softmax_family<T>("flash_attention", q, k, v, out, opts, detail::kBlockK);
 }
 
+/// The same, also writing stats [B, H, Nq]: the natural log-sum-exp of each row's scaled
+/// scores over its allowed keys (−∞ for a row with no allowed key), for the backward pass.
+template <class T>
+void flash_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v, tensor_view<T, 4> out,
+                     const softmax_options& opts, tensor_view<T, 3> stats) {
+  detail::softmax_family<T>("flash_attention", q, k, v, out, opts, detail::kBlockK, &stats);
+}
+
+/// Backward pass of softmax attention (flash_attention or softmax_attention with the same
+/// options): given the forward's out and stats and the gradient dout of a loss with respect
+/// to out, writes (does not accumulate) dq [B, H, Nq, d], dk [B, Hk, Nk, d], dv [B, Hk, Nk, dv].
+/// With GQA, dk and dv of a kv head sum over its group of query heads. Scores are recomputed
+/// tile by tile from q, k and stats (docs/design_exact.md): scratch is O(threads · tile) plus
+/// a fixed dQ-partials buffer (8 · 512 · d values), nothing grows with N; results are bitwise
+/// identical for any thread count; rows with no allowed key give 0.
+template <class T>
+void flash_attention_backward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
+                              detail::input_view<T> out, detail::input_view<T> dout,
+                              typename detail::identity<tensor_view<const T, 3>>::type stats, tensor_view<T, 4> dq,
+                              tensor_view<T, 4> dk, tensor_view<T, 4> dv, const softmax_options& opts = {}) {
+  constexpr const char* fn = "flash_attention_backward";
+  detail::check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
+  detail::check_threads(fn, opts.threads);
+  if (opts.scale) detail::check_finite_scale(fn, "scale", *opts.scale);
+  detail::attention_backward_problem<T> pb{q,  k,  v,  out, dout, stats, dq, dk, dv, opts.causal,
+                                           detail::softmax_scale<T>(opts, q.extent(3)),
+                                           detail::resolve_threads(opts.threads)};
+  detail::run_tiled_attention_backward<T>(pb, detail::softmax_weights<T>{});
+}
+
 inline matrix<float> flash_attention(const eigen_input<float>& q, const eigen_input<float>& k,
                                      const eigen_input<float>& v, const softmax_options& opts = {}) {
-  return detail::single_head<float>(flash_attention<float>, q, k, v, opts);
+  return detail::single_head<float>(
+      [](auto... a) { flash_attention<float>(a...); }, q, k, v, opts);
 }
 inline matrix<double> flash_attention(const eigen_input<double>& q, const eigen_input<double>& k,
                                       const eigen_input<double>& v, const softmax_options& opts = {}) {
-  return detail::single_head<double>(flash_attention<double>, q, k, v, opts);
+  return detail::single_head<double>(
+      [](auto... a) { flash_attention<double>(a...); }, q, k, v, opts);
 }
 
 }  // namespace polyattn

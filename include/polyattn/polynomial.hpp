@@ -1,8 +1,9 @@
-// polyattn/polynomial.hpp — polynomial_attention: exact normalised even-degree polynomial attention, tiled.
+// polyattn/polynomial.hpp — polynomial_attention: exact normalised even-degree polynomial attention, tiled, and its backward pass.
 #pragma once
 
 #include <string>
 
+#include "detail/tiling_backward.hpp"
 #include "softmax.hpp"
 
 namespace polyattn {
@@ -42,6 +43,36 @@ struct polynomial_weights {
     const T denom = bias + l;
     return denom > T(0) ? T(1) / denom : T(0);
   }
+
+  /// The saved statistic: the denominator β + Σ_j w_ij.
+  T row_statistic(T, T l) const { return bias + l; }
+
+  // ---- backward (detail/tiling_backward.hpp) ----
+  /// Per-lane constant from the saved denominator: 1/den, 0 for a row with den = 0.
+  void backward_init(const T* stat, index_t n, index_t lanes, T* c) const {
+    for (index_t i = 0; i < n; ++i) c[i] = stat[i] > T(0) ? T(1) / stat[i] : T(0);
+    std::fill(c + n, c + lanes, T(0));
+  }
+
+  /// Scores Sᵀ in; normalised weights Pᵀ = s^p / den into pt and, in place of dPᵀ,
+  /// dSᵀ = dw · p·s^(p−1) with dw = (dP − D) / den, D_i = dO_i·O_i: from
+  /// out_i = Σ_j w_ij v_j / den_i, ∂out_i/∂w_ij = (v_j − out_i) / den_i.
+  void backward_tile(const T* st, T* pt, T* dpt, index_t rows, index_t ld, index_t lanes, const T* c,
+                     const T* dd) const {
+    using B = batch<T, Arch>;
+    const int pm1 = degree - 1;
+    for (index_t col = 0; col < lanes; col += B::size) {
+      const B cv = B::load_unaligned(c + col), dv = B::load_unaligned(dd + col);
+      const B cp = cv * B(static_cast<T>(degree));
+      for (index_t r = 0; r < rows; ++r) {
+        const index_t at = r * ld + col;
+        const B sv = B::load_unaligned(st + at);
+        const B t = ipow<T, Arch>(sv, pm1);  // s^(p-1)
+        (t * sv * cv).store_unaligned(pt + at);
+        ((B::load_unaligned(dpt + at) - dv) * cp * t).store_unaligned(dpt + at);
+      }
+    }
+  }
 };
 
 inline void check_degree(const char* fn, int degree) {
@@ -54,6 +85,25 @@ inline void check_normalizer_bias(const char* fn, double bias) {
     fail(fn, "option 'normalizer_bias' must be finite and >= 0, got " + format_value(bias));
 }
 
+inline void check_polynomial_options(const char* fn, const polynomial_options& opts) {
+  check_threads(fn, opts.threads);
+  check_degree(fn, opts.degree);
+  check_finite_scale(fn, "scale", opts.scale);
+  check_normalizer_bias(fn, opts.normalizer_bias);
+}
+
+template <class T>
+void polynomial_forward(input_view<T> q, input_view<T> k, input_view<T> v, tensor_view<T, 4> out,
+                        const polynomial_options& opts, const tensor_view<T, 3>* stats) {
+  constexpr const char* fn = "polynomial_attention";
+  check_attention(fn, q, k, v, out);
+  if (stats) check_stats_output(fn, q, k, v, out, *stats);
+  check_polynomial_options(fn, opts);
+  attention_problem<T> pb{q, k, v, out, opts.causal, static_cast<T>(opts.scale), kBlockK,
+                          resolve_threads(opts.threads), stats ? *stats : tensor_view<T, 3>{}};
+  run_tiled_attention<T>(pb, polynomial_weights<T>{opts.degree, static_cast<T>(opts.normalizer_bias)});
+}
+
 }  // namespace detail
 
 /// Exact polynomial attention (DESIGN §1): w_ij = (scale·q_i·k_j)^p for even p,
@@ -61,24 +111,46 @@ inline void check_normalizer_bias(const char* fn, double bias) {
 template <class T>
 void polynomial_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
                           tensor_view<T, 4> out, const polynomial_options& opts = {}) {
-  constexpr const char* fn = "polynomial_attention";
-  detail::check_attention(fn, q, k, v, out);
-  detail::check_threads(fn, opts.threads);
-  detail::check_degree(fn, opts.degree);
-  detail::check_finite_scale(fn, "scale", opts.scale);
-  detail::check_normalizer_bias(fn, opts.normalizer_bias);
-  detail::attention_problem<T> pb{q, k, v, out, opts.causal, static_cast<T>(opts.scale), detail::kBlockK,
-                                  detail::resolve_threads(opts.threads)};
-  detail::run_tiled_attention<T>(pb, detail::polynomial_weights<T>{opts.degree, static_cast<T>(opts.normalizer_bias)});
+  detail::polynomial_forward<T>(q, k, v, out, opts, nullptr);
+}
+
+/// The same, also writing stats [B, H, Nq]: each row's denominator β + Σ_j w_ij, for the
+/// backward pass.
+template <class T>
+void polynomial_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
+                          tensor_view<T, 4> out, const polynomial_options& opts, tensor_view<T, 3> stats) {
+  detail::polynomial_forward<T>(q, k, v, out, opts, &stats);
+}
+
+/// Backward pass of polynomial_attention with the same options: given the forward's out and
+/// stats (the denominators) and dout, writes (does not accumulate) dq, dk, dv shaped like q,
+/// k, v. With GQA, dk and dv of a kv head sum over its group. Tiled like
+/// flash_attention_backward (docs/design_exact.md): scratch independent of N, bitwise
+/// identical for any thread count, rows with a zero denominator give 0.
+template <class T>
+void polynomial_attention_backward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
+                                   detail::input_view<T> out, detail::input_view<T> dout,
+                                   typename detail::identity<tensor_view<const T, 3>>::type stats,
+                                   tensor_view<T, 4> dq, tensor_view<T, 4> dk, tensor_view<T, 4> dv,
+                                   const polynomial_options& opts = {}) {
+  constexpr const char* fn = "polynomial_attention_backward";
+  detail::check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
+  detail::check_polynomial_options(fn, opts);
+  detail::attention_backward_problem<T> pb{q,  k,  v,  out, dout, stats, dq, dk, dv, opts.causal,
+                                           static_cast<T>(opts.scale), detail::resolve_threads(opts.threads)};
+  detail::run_tiled_attention_backward<T>(
+      pb, detail::polynomial_weights<T>{opts.degree, static_cast<T>(opts.normalizer_bias)});
 }
 
 inline matrix<float> polynomial_attention(const eigen_input<float>& q, const eigen_input<float>& k,
                                           const eigen_input<float>& v, const polynomial_options& opts = {}) {
-  return detail::single_head<float>(polynomial_attention<float>, q, k, v, opts);
+  return detail::single_head<float>(
+      [](auto... a) { polynomial_attention<float>(a...); }, q, k, v, opts);
 }
 inline matrix<double> polynomial_attention(const eigen_input<double>& q, const eigen_input<double>& k,
                                            const eigen_input<double>& v, const polynomial_options& opts = {}) {
-  return detail::single_head<double>(polynomial_attention<double>, q, k, v, opts);
+  return detail::single_head<double>(
+      [](auto... a) { polynomial_attention<double>(a...); }, q, k, v, opts);
 }
 
 }  // namespace polyattn

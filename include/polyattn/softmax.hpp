@@ -51,6 +51,37 @@ struct softmax_weights {
   }
 
   T inverse_denominator(T, T l) const { return l > T(0) ? T(1) / l : T(0); }
+
+  /// The saved statistic: lse = m + log l, −∞ for a row that saw no key.
+  T row_statistic(T m, T l) const { return l > T(0) ? m + std::log(l) : masked_score(); }
+
+  // ---- backward (detail/tiling_backward.hpp) ----
+  /// Per-lane constant from the saved lse: the lse itself, +∞ for an empty row (every
+  /// exponent then clamps to the bottom of exp's range and p = 0 exactly).
+  void backward_init(const T* stat, index_t n, index_t lanes, T* c) const {
+    for (index_t i = 0; i < n; ++i) c[i] = stat[i] == masked_score() ? std::numeric_limits<T>::infinity() : stat[i];
+    std::fill(c + n, c + lanes, std::numeric_limits<T>::infinity());
+  }
+
+  /// Scores Sᵀ in, probabilities Pᵀ = exp(S − lse) out into pt and, in place of dPᵀ,
+  /// dSᵀ = P ∘ (dP − D) with D_i = dO_i·O_i (the softmax Jacobian, FlashAttention-2 eq. for dS).
+  /// The exponent is clamped to [−1000, 0]: s − lse <= 0 for every allowed score up to
+  /// rounding, the clamp keeps exp's argument finite for masked entries (which `hide`
+  /// overwrites afterwards) and for empty rows (lse = +∞ here).
+  void backward_tile(const T* st, T* pt, T* dpt, index_t rows, index_t ld, index_t lanes, const T* c,
+                     const T* dd) const {
+    using B = batch<T, Arch>;
+    const B lo(T(-1000)), zero(T(0));
+    for (index_t col = 0; col < lanes; col += B::size) {
+      const B cv = B::load_unaligned(c + col), dv = B::load_unaligned(dd + col);
+      for (index_t r = 0; r < rows; ++r) {
+        const index_t at = r * ld + col;
+        const B p = xsimd::exp(xsimd::min(xsimd::max(B::load_unaligned(st + at) - cv, lo), zero));
+        p.store_unaligned(pt + at);
+        (p * (B::load_unaligned(dpt + at) - dv)).store_unaligned(dpt + at);
+      }
+    }
+  }
 };
 
 template <class T>
@@ -62,12 +93,13 @@ T softmax_scale(const softmax_options& opts, index_t head_dim) {
 template <class T>
 void softmax_family(const char* fn, tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
                     tensor_view<T, 4> out,
-                    const softmax_options& opts, index_t block_k) {
+                    const softmax_options& opts, index_t block_k, const tensor_view<T, 3>* stats = nullptr) {
   check_attention(fn, q, k, v, out);
+  if (stats) check_stats_output(fn, q, k, v, out, *stats);
   check_threads(fn, opts.threads);
   if (opts.scale) check_finite_scale(fn, "scale", *opts.scale);
   attention_problem<T> pb{q, k, v, out, opts.causal, softmax_scale<T>(opts, q.extent(3)), block_k,
-                          resolve_threads(opts.threads)};
+                          resolve_threads(opts.threads), stats ? *stats : tensor_view<T, 3>{}};
   run_tiled_attention<T>(pb, softmax_weights<T>{});
 }
 
@@ -90,14 +122,25 @@ void softmax_attention(detail::input_view<T> q, detail::input_view<T> k, detail:
   detail::softmax_family<T>("softmax_attention", q, k, v, out, opts, std::max<index_t>(k.extent(2), 1));
 }
 
+/// The same, also writing the per-row log-sum-exp stats [B, H, Nq]:
+/// stats_i = log Σ_j exp(scale·q_i·k_j) over allowed j (natural log, −∞ for a row with no
+/// allowed key), the statistic `flash_attention_backward` takes.
+template <class T>
+void softmax_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
+                       tensor_view<T, 4> out, const softmax_options& opts, tensor_view<T, 3> stats) {
+  detail::softmax_family<T>("softmax_attention", q, k, v, out, opts, std::max<index_t>(k.extent(2), 1), &stats);
+}
+
 /// Single-head overloads: q [Nq, d], k [Nk, d], v [Nk, dv] -> out [Nq, dv].
 inline matrix<float> softmax_attention(const eigen_input<float>& q, const eigen_input<float>& k,
                                        const eigen_input<float>& v, const softmax_options& opts = {}) {
-  return detail::single_head<float>(softmax_attention<float>, q, k, v, opts);
+  return detail::single_head<float>(
+      [](auto... a) { softmax_attention<float>(a...); }, q, k, v, opts);
 }
 inline matrix<double> softmax_attention(const eigen_input<double>& q, const eigen_input<double>& k,
                                         const eigen_input<double>& v, const softmax_options& opts = {}) {
-  return detail::single_head<double>(softmax_attention<double>, q, k, v, opts);
+  return detail::single_head<double>(
+      [](auto... a) { softmax_attention<double>(a...); }, q, k, v, opts);
 }
 
 }  // namespace polyattn

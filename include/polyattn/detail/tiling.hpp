@@ -6,7 +6,8 @@
 //                        mask, then Weights::apply turns Sᵀ into weights Pᵀ in place and
 //                        updates per-query state (running max / sums) lane-parallel;
 //                        O += P · V_blk
-//   out = O / denominator.
+//   out = O / denominator; optionally the per-query statistic the backward pass needs
+//   (Weights::row_statistic: the log-sum-exp, or β + Σ w).
 // Keeping queries in lanes makes every per-query reduction (row max, row sum) a plain
 // vertical vector operation: no horizontal adds anywhere in the inner loops.
 // The kernels differ only in the Weights policy (softmax.hpp, polynomial.hpp).
@@ -18,6 +19,7 @@
 
 #include "../tensor_view.hpp"
 #include "gemm.hpp"
+#include "mask.hpp"
 #include "threading.hpp"
 
 namespace polyattn::detail {
@@ -33,6 +35,7 @@ struct attention_problem {
   T scale = T(1);
   index_t block_k = kBlockK;  // keys per block; >= Nk materialises a whole score row block
   int threads = 1;
+  tensor_view<T, 3> stats{};  // [B, H, Nq] row statistics, written when non-empty
 };
 
 template <class T>
@@ -47,16 +50,18 @@ struct attention_scratch {
 ///       turn scores into weights in place; alpha[i] = factor to rescale O row i by (or
 ///       leave alpha untouched and return false when O needs no rescaling)
 ///   T inverse_denominator(T m, T l) const;         final per-query factor (0 for empty rows)
+///   T row_statistic(T m, T l) const;               the statistic the backward pass takes
 template <class T, class Weights, class Arch = default_arch>
 void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights) {
   const index_t B = pb.q.extent(0), H = pb.q.extent(1), Nq = pb.q.extent(2), d = pb.q.extent(3);
   const index_t Hk = pb.k.extent(1), Nk = pb.k.extent(2), dv = pb.v.extent(3);
-  if (B == 0 || H == 0 || Nq == 0 || dv == 0) return;
+  // with dv = 0 there is no output, but requested statistics are still computed
+  if (B == 0 || H == 0 || Nq == 0 || (dv == 0 && pb.stats.size() == 0)) return;
   constexpr index_t W = simd_width<T, Arch>;
   const index_t group = H / Hk;
   const index_t n_qblocks = ceil_div(Nq, kBlockQ);
   const index_t heads = B * H;
-  const index_t offset = Nk - Nq;  // bottom-right alignment: query i sits at position i + offset
+  const attention_mask mask{pb.causal, Nq, Nk};
   const index_t block_k = std::max<index_t>(1, std::min(pb.block_k, std::max<index_t>(Nk, 1)));
   const index_t dvp = round_up(dv, W);
   const bool pack_v = dv % W != 0;
@@ -92,24 +97,17 @@ void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights)
     std::fill(o, o + nq * dvp, T(0));
     weights.init(s.m.data(), s.l.data(), lanes);
 
-    // Keys a query of this block may see: all, or up to the last query's position.
-    const index_t key_end = pb.causal ? std::min(Nk, i0 + nq + offset) : Nk;
+    const index_t key_end = mask.key_end(i0, nq);
     const T* kbase = d > 0 && Nk > 0 ? &pb.k(b, hk, 0, 0) : qt;
-    const T* vbase = Nk > 0 ? &pb.v(b, hk, 0, 0) : nullptr;
+    const T* vbase = Nk > 0 && dv > 0 ? &pb.v(b, hk, 0, 0) : nullptr;
     const index_t ks = d > 0 ? pb.k.stride(2) : 0, vs = pb.v.stride(2);
-    for (index_t j0 = 0; j0 < key_end; j0 += block_k) {
+    for (index_t j0 = mask.key_begin(i0, nq); j0 < key_end; j0 += block_k) {
       const index_t nk = std::min(block_k, key_end - j0);
       gemm<T, Arch>(nk, lanes, d, kbase + j0 * ks, ks, 1, qt, lanes, st, lanes, false);
-      if (pb.causal && j0 + nk - 1 > i0 + offset) {
-        // key j is visible to query i iff j <= i + offset: mask the first j - offset - i0 lanes
-        for (index_t r = 0; r < nk; ++r) {
-          const index_t hidden = std::min(lanes, j0 + r - offset - i0);
-          T* row = st + r * lanes;
-          for (index_t i = 0; i < hidden; ++i) row[i] = Weights::masked_score();
-        }
-      }
+      if (mask.partial(i0, nq, j0, nk)) mask.hide(st, lanes, lanes, i0, j0, nk, Weights::masked_score());
       if (weights.apply(st, nk, lanes, lanes, s.m.data(), s.l.data(), s.alpha.data()))
         for (index_t i = 0; i < nq; ++i) scale_padded<T, Arch>(o + i * dvp, dvp, s.alpha[i]);
+      if (dv == 0) continue;
       const T* vsrc = vbase + j0 * vs;
       index_t ldv = vs;
       if (pack_v) {
@@ -122,11 +120,13 @@ void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights)
     }
 
     const index_t os = pb.out.stride(2);
-    T* orow = &pb.out(b, h, i0, 0);
-    for (index_t i = 0; i < nq; ++i) {
+    T* orow = dv > 0 ? &pb.out(b, h, i0, 0) : nullptr;
+    for (index_t i = 0; i < nq && dv > 0; ++i) {
       const T f = weights.inverse_denominator(s.m[i], s.l[i]);
       for (index_t c = 0; c < dv; ++c) orow[i * os + c] = o[i * dvp + c] * f;
     }
+    if (pb.stats.size() > 0)
+      for (index_t i = 0; i < nq; ++i) pb.stats(b, h, i0 + i) = weights.row_statistic(s.m[i], s.l[i]);
   });
 }
 

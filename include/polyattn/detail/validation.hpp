@@ -143,6 +143,78 @@ void check_attention(const char* function, const tensor_view<TQ, 4>& q, const te
   check_no_overlap(function, "out", out, "v", v);
 }
 
+/// Every extent of `a` equals the matching extent of `b` (a gradient or dout against its tensor).
+template <class A, class B>
+void check_same_shape(const char* function, const char* an, const A& a, const char* bn, const B& b) {
+  for (std::size_t r = 0; r < A::rank; ++r)
+    if (a.extent(r) != b.extent(r))
+      fail(function, std::string("shape mismatch: argument '") + an + "' has shape " + shape_string(a) +
+                         " but must have the shape of '" + bn + "' " + shape_string(b));
+}
+
+/// stats [B, H, Nq] for q [B, H, Nq, d].
+template <class TS, class TQ>
+void check_stats_shape(const char* function, const tensor_view<TS, 3>& stats, const tensor_view<TQ, 4>& q) {
+  check_view(function, "stats", stats);
+  if (stats.extent(0) != q.extent(0) || stats.extent(1) != q.extent(1) || stats.extent(2) != q.extent(2))
+    fail(function, "shape mismatch: argument 'stats' has shape " + shape_string(stats) +
+                       " but must be [batch, heads, queries] = [" + std::to_string(q.extent(0)) + ", " +
+                       std::to_string(q.extent(1)) + ", " + std::to_string(q.extent(2)) + "] for 'q' " +
+                       shape_string(q));
+}
+
+/// Two outputs of one call must not share memory.
+template <class T, std::size_t R, class U, std::size_t S>
+void check_outputs_disjoint(const char* function, const char* an, const tensor_view<T, R>& a, const char* bn,
+                            const tensor_view<U, S>& b) {
+  const auto x = byte_span(a);
+  const auto y = byte_span(b);
+  if (x.first < x.second && y.first < y.second && x.first < y.second && y.first < x.second)
+    fail(function, std::string("outputs '") + an + "' " + shape_string(a) + " and '" + bn + "' " + shape_string(b) +
+                       " overlap");
+}
+
+/// The forward overloads that also write stats [B, H, Nq]: a distinct, writable output.
+template <class TQ, class TK, class TV, class TO, class TS>
+void check_stats_output(const char* function, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
+                        const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, const tensor_view<TS, 3>& stats) {
+  check_stats_shape(function, stats, q);
+  check_writable(function, "stats", stats);
+  check_no_overlap(function, "stats", stats, "q", q);
+  check_no_overlap(function, "stats", stats, "k", k);
+  check_no_overlap(function, "stats", stats, "v", v);
+  check_outputs_disjoint(function, "out", out, "stats", stats);
+}
+
+/// The backward entry points: the forward's shape rules for q, k, v, out, then dout shaped
+/// like out, stats [B, H, Nq], dq/dk/dv shaped like q/k/v, writable, disjoint from every
+/// input and from each other.
+template <class T>
+void check_backward(const char* function, const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
+                    const tensor_view<const T, 4>& v, const tensor_view<const T, 4>& out,
+                    const tensor_view<const T, 4>& dout, const tensor_view<const T, 3>& stats,
+                    const tensor_view<T, 4>& dq, const tensor_view<T, 4>& dk, const tensor_view<T, 4>& dv) {
+  check_attention(function, q, k, v, out);
+  check_view(function, "dout", dout);
+  check_same_shape(function, "dout", dout, "out", out);
+  check_stats_shape(function, stats, q);
+  const std::pair<const char*, const tensor_view<T, 4>*> grads[] = {{"dq", &dq}, {"dk", &dk}, {"dv", &dv}};
+  const std::pair<const char*, const tensor_view<const T, 4>*> inputs[] = {
+      {"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"dout", &dout}};
+  for (const auto& [name, g] : grads) check_view(function, name, *g);
+  check_same_shape(function, "dq", dq, "q", q);
+  check_same_shape(function, "dk", dk, "k", k);
+  check_same_shape(function, "dv", dv, "v", v);
+  for (const auto& [name, g] : grads) {
+    check_writable(function, name, *g);
+    for (const auto& [in_name, in] : inputs) check_no_overlap(function, name, *g, in_name, *in);
+    check_no_overlap(function, name, *g, "stats", stats);
+  }
+  check_outputs_disjoint(function, "dq", dq, "dk", dk);
+  check_outputs_disjoint(function, "dq", dq, "dv", dv);
+  check_outputs_disjoint(function, "dk", dk, "dv", dv);
+}
+
 inline void check_threads(const char* function, int threads) {
   if (threads < 0) fail(function, "option 'threads' must be >= 0 (0 = all available), got " + std::to_string(threads));
 }
