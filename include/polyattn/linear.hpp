@@ -2,6 +2,7 @@
 #pragma once
 
 #include "detail/block_linear.hpp"
+#include "detail/block_linear_backward.hpp"
 #include "detail/eigen_bridge.hpp"
 #include "detail/validation.hpp"
 #include "options.hpp"
@@ -62,13 +63,61 @@ void linear_attention(detail::input_view<T> phi_q, detail::input_view<T> phi_k, 
                               static_cast<T>(opts.normalizer_bias));
 }
 
+/// As above, and writes each row's statistic stats_i = β + Σ_j φq_i·φk_j into stats [B, H, Nq]
+/// for linear_attention_backward.
+template <class T>
+void linear_attention(detail::input_view<T> phi_q, detail::input_view<T> phi_k, detail::input_view<T> v,
+                      tensor_view<T, 4> out, const linear_options& opts, tensor_view<T, 3> stats) {
+  constexpr const char* fn = "linear_attention";
+  detail::check_attention(fn, phi_q, phi_k, v, out, "phi_q", "phi_k");
+  detail::check_stats_output(fn, phi_q, phi_k, v, out, stats, "phi_q", "phi_k");
+  detail::check_threads(fn, opts.threads);
+  detail::check_normalizer_bias(fn, opts.normalizer_bias);
+  detail::check_representable<T>(fn, "normalizer_bias", opts.normalizer_bias);
+  const detail::block_problem pb{phi_q.extent(0), phi_q.extent(1), phi_k.extent(1), phi_q.extent(2),
+                                 phi_k.extent(2), v.extent(3),      detail::kLinearBlock, opts.causal,
+                                 detail::resolve_threads(opts.threads)};
+  const T bias = static_cast<T>(opts.normalizer_bias);
+  if (phi_q.extent(3) == 0) {  // no features: every weight is 0
+    for (index_t b = 0; b < out.extent(0); ++b)
+      for (index_t h = 0; h < out.extent(1); ++h)
+        for (index_t i = 0; i < out.extent(2); ++i) {
+          for (index_t c = 0; c < out.extent(3); ++c) out(b, h, i, c) = T(0);
+          stats(b, h, i) = bias;
+        }
+    return;
+  }
+  detail::run_block_linear<T>(pb, detail::view_feature_source<T>{phi_q.extent(3)}, phi_q, phi_k, v, out, bias, nullptr,
+                              {}, {}, nullptr, stats);
+}
+
+/// Gradients of linear_attention: from the forward's inputs, its output `out`, the gradient
+/// `dout` of the loss with respect to out, and the forward's stats, writes dphi_q, dphi_k, dv
+/// (shaped like phi_q, phi_k, v; overwritten). With GQA, dphi_k and dv of a kv head sum over its
+/// query heads. Memory O(threads · (b·m + m·dv)); the same bits for any thread count.
+template <class T>
+void linear_attention_backward(detail::input_view<T> phi_q, detail::input_view<T> phi_k, detail::input_view<T> v,
+                               detail::input_view<T> out, detail::input_view<T> dout,
+                               tensor_view<const T, 3> stats, tensor_view<T, 4> dphi_q, tensor_view<T, 4> dphi_k,
+                               tensor_view<T, 4> dv, const linear_options& opts = {}) {
+  constexpr const char* fn = "linear_attention_backward";
+  detail::check_backward<T>(fn, phi_q, phi_k, v, out, dout, stats, dphi_q, dphi_k, dv, "phi_q", "phi_k", "dphi_q",
+                         "dphi_k");
+  detail::check_threads(fn, opts.threads);
+  detail::check_normalizer_bias(fn, opts.normalizer_bias);
+  const detail::block_problem pb{phi_q.extent(0), phi_q.extent(1), phi_k.extent(1), phi_q.extent(2),
+                                 phi_k.extent(2), v.extent(3),      detail::kLinearBlock, opts.causal,
+                                 detail::resolve_threads(opts.threads)};
+  detail::run_linear_backward<T>(pb, phi_q, phi_k, v, out, dout, stats, dphi_q, dphi_k, dv);
+}
+
 inline matrix<float> linear_attention(const eigen_input<float>& phi_q, const eigen_input<float>& phi_k,
                                       const eigen_input<float>& v, const linear_options& opts = {}) {
-  return detail::single_head<float>(linear_attention<float>, phi_q, phi_k, v, opts);
+  return detail::single_head<float>([](auto... a) { linear_attention<float>(a...); }, phi_q, phi_k, v, opts);
 }
 inline matrix<double> linear_attention(const eigen_input<double>& phi_q, const eigen_input<double>& phi_k,
                                        const eigen_input<double>& v, const linear_options& opts = {}) {
-  return detail::single_head<double>(linear_attention<double>, phi_q, phi_k, v, opts);
+  return detail::single_head<double>([](auto... a) { linear_attention<double>(a...); }, phi_q, phi_k, v, opts);
 }
 
 }  // namespace polyattn

@@ -177,11 +177,12 @@ void check_outputs_disjoint(const char* function, const char* an, const tensor_v
 /// The forward overloads that also write stats [B, H, Nq]: a distinct, writable output.
 template <class TQ, class TK, class TV, class TO, class TS>
 void check_stats_output(const char* function, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
-                        const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, const tensor_view<TS, 3>& stats) {
+                        const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, const tensor_view<TS, 3>& stats,
+                        const char* qn = "q", const char* kn = "k") {
   check_stats_shape(function, stats, q);
   check_writable(function, "stats", stats);
-  check_no_overlap(function, "stats", stats, "q", q);
-  check_no_overlap(function, "stats", stats, "k", k);
+  check_no_overlap(function, "stats", stats, qn, q);
+  check_no_overlap(function, "stats", stats, kn, k);
   check_no_overlap(function, "stats", stats, "v", v);
   check_outputs_disjoint(function, "out", out, "stats", stats);
 }
@@ -193,26 +194,27 @@ template <class T>
 void check_backward(const char* function, const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
                     const tensor_view<const T, 4>& v, const tensor_view<const T, 4>& out,
                     const tensor_view<const T, 4>& dout, const tensor_view<const T, 3>& stats,
-                    const tensor_view<T, 4>& dq, const tensor_view<T, 4>& dk, const tensor_view<T, 4>& dv) {
-  check_attention(function, q, k, v, out);
+                    const tensor_view<T, 4>& dq, const tensor_view<T, 4>& dk, const tensor_view<T, 4>& dv,
+                    const char* qn = "q", const char* kn = "k", const char* dqn = "dq", const char* dkn = "dk") {
+  check_attention(function, q, k, v, out, qn, kn);
   check_view(function, "dout", dout);
   check_same_shape(function, "dout", dout, "out", out);
   check_stats_shape(function, stats, q);
-  const std::pair<const char*, const tensor_view<T, 4>*> grads[] = {{"dq", &dq}, {"dk", &dk}, {"dv", &dv}};
+  const std::pair<const char*, const tensor_view<T, 4>*> grads[] = {{dqn, &dq}, {dkn, &dk}, {"dv", &dv}};
   const std::pair<const char*, const tensor_view<const T, 4>*> inputs[] = {
-      {"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"dout", &dout}};
+      {qn, &q}, {kn, &k}, {"v", &v}, {"out", &out}, {"dout", &dout}};
   for (const auto& [name, g] : grads) check_view(function, name, *g);
-  check_same_shape(function, "dq", dq, "q", q);
-  check_same_shape(function, "dk", dk, "k", k);
+  check_same_shape(function, dqn, dq, qn, q);
+  check_same_shape(function, dkn, dk, kn, k);
   check_same_shape(function, "dv", dv, "v", v);
   for (const auto& [name, g] : grads) {
     check_writable(function, name, *g);
     for (const auto& [in_name, in] : inputs) check_no_overlap(function, name, *g, in_name, *in);
     check_no_overlap(function, name, *g, "stats", stats);
   }
-  check_outputs_disjoint(function, "dq", dq, "dk", dk);
-  check_outputs_disjoint(function, "dq", dq, "dv", dv);
-  check_outputs_disjoint(function, "dk", dk, "dv", dv);
+  check_outputs_disjoint(function, dqn, dq, dkn, dk);
+  check_outputs_disjoint(function, dqn, dq, "dv", dv);
+  check_outputs_disjoint(function, dkn, dk, "dv", dv);
 }
 
 inline void check_threads(const char* function, int threads) {
