@@ -18,6 +18,7 @@
 #include <polyattn/sketch.hpp>
 
 #include "support/sketch_oracle.hpp"
+#include "support/throws.hpp"
 
 using namespace polyattn;
 using namespace polyattn::test;
@@ -732,4 +733,59 @@ TEST_CASE("polysketch sketch/features validate their arguments", "[sketch][valid
   expect_invalid([&] { sk.features(cv(shared.data() + 50, {1, 1, 5, 4}), mv(shared.data(), {1, 1, 5, 36})); },
                  {fn, "output 'phi'", "[1, 1, 5, 36]", "overlaps input 'x'", "[1, 1, 5, 4]"});
   expect_invalid([&] { empty.features(cv(xs.data(), {2, 3, 5, 4}), mv(ps.data(), {2, 3, 5, 36})); }, {fn, "empty"});
+}
+
+// ==== sketch_backward ==============================================================================
+
+TEST_CASE("polysketch::sketch_backward against finite differences, for x and every leaf", "[sketch][backward]") {
+  for (int degree : {2, 4, 8, 16}) {
+    sketch_options o;
+    o.degree = degree;
+    o.sketch_size = 3;
+    o.seed = 9;
+    const index_t d = 4, n = 5, r = degree == 2 ? d : 3;
+    const polysketch<double> sk(d, o);
+    matrix<double> x = matrix<double>::Random(n, d), ds = matrix<double>::Random(n, r);
+    matrix<double> dx;
+    std::vector<matrix<double>> leaf_grads;
+    sk.sketch_backward(x, ds, dx, &leaf_grads);
+    REQUIRE(leaf_grads.size() == sk.leaf_count());
+    // L(x, leaves) = Σ ds ∘ s(x), the sketch rebuilt from (possibly perturbed) leaves
+    auto loss = [&](const matrix<double>& xx, const std::vector<matrix<double>>& leaves) {
+      const polysketch<double> s2 = degree == 2 ? sk : polysketch<double>::from_matrices(leaves, o);
+      return (s2.sketch(xx).array() * ds.array()).sum();
+    };
+    const std::vector<matrix<double>> leaves = sk.leaves();
+    const double eps = 1e-6;
+    for (index_t i = 0; i < n; ++i)
+      for (index_t c = 0; c < d; ++c) {
+        matrix<double> xp = x, xm = x;
+        xp(i, c) += eps;
+        xm(i, c) -= eps;
+        const double fd = (loss(xp, leaves) - loss(xm, leaves)) / (2 * eps);
+        INFO("degree " << degree << " dx(" << i << ", " << c << ")");
+        CHECK(std::abs(fd - dx(i, c)) <= 1e-6 * std::max(1.0, std::abs(fd)));
+      }
+    for (std::size_t l = 0; l < leaves.size(); ++l)
+      for (index_t i = 0; i < leaves[l].rows(); ++i)
+        for (index_t j = 0; j < leaves[l].cols(); ++j) {
+          std::vector<matrix<double>> lp = leaves, lm = leaves;
+          lp[l](i, j) += eps;
+          lm[l](i, j) -= eps;
+          const double fd = (loss(x, lp) - loss(x, lm)) / (2 * eps);
+          INFO("degree " << degree << " leaf " << l << " (" << i << ", " << j << ")");
+          CHECK(std::abs(fd - leaf_grads[l](i, j)) <= 1e-6 * std::max(1.0, std::abs(fd)));
+        }
+  }
+}
+
+TEST_CASE("polysketch::sketch_backward validates its arguments", "[sketch][backward][validation]") {
+  const polysketch<float> sk(6, sketch_options{});
+  matrix<float> x(4, 6), ds(4, 31), dx;
+  require_invalid_argument([&] { sk.sketch_backward(x, ds, dx); },
+                           {"polyattn::polysketch::sketch_backward", "'ds' has shape [4, 31]", "[4, 32]"});
+  matrix<float> x5(4, 5), ds32(4, 32);
+  require_invalid_argument([&] { sk.sketch_backward(x5, ds32, dx); }, {"polyattn::polysketch::sketch_backward", "head dim"});
+  require_invalid_argument([&] { polysketch<float>().sketch_backward(x, ds32, dx); },
+                           {"polyattn::polysketch::sketch_backward", "empty"});
 }

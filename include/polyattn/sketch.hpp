@@ -313,6 +313,81 @@ class polysketch {
     return out;
   }
 
+  /// Gradients of the sketch: for s = sketch(x) and the gradient ds = dL/ds [n, sketch_dim],
+  /// writes dx = dL/dx [n, head_dim] and, when leaf_grads is not null, dL/d(leaf) for every
+  /// leaf in the order of leaves() (resized and overwritten), so a model can learn the tree's
+  /// matrices. Every node of the tree is s = u ∘ w with u = s_a·A, w = s_b·B (a leaf node:
+  /// s_a = s_b = x and A, B = G1, G2), so going back: du = ds ∘ w, dw = ds ∘ u,
+  /// ds_a = du·Aᵀ, ds_b = dw·Bᵀ, dA = s_aᵀ·du, dB = s_bᵀ·dw — the combine plan in reverse.
+  void sketch_backward(const Eigen::Ref<const matrix<T>>& x, const Eigen::Ref<const matrix<T>>& ds, matrix<T>& dx,
+                       std::vector<matrix<T>>* leaf_grads = nullptr) const {
+    constexpr const char* fn = "polysketch::sketch_backward";
+    check_ready(fn);
+    check_input_cols(fn, x);
+    if (ds.rows() != x.rows() || ds.cols() != r_)
+      detail::fail(fn, "argument 'ds' has shape " + detail::matrix_shape_string(ds.rows(), ds.cols()) +
+                           " but must be [n, sketch_dim] = " + detail::matrix_shape_string(x.rows(), r_) +
+                           " for 'x' of shape " + detail::matrix_shape_string(x.rows(), x.cols()));
+    using dyn = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    if (degree_ == 2) {  // s(x) = x
+      dx = ds;
+      if (leaf_grads) leaf_grads->clear();
+      return;
+    }
+    const std::vector<matrix<T>> L = leaves();
+    // forward with a tape, in the documented post-order (children, then the node's own pair)
+    struct node {
+      int left = -1, right = -1;  // child nodes; -1 for a leaf node (whose inputs are x)
+      std::size_t a = 0, b = 0;   // indices of the node's two leaves
+      dyn u, w;                   // u = in_a·A, w = in_b·B; the node's sketch is u ∘ w
+    };
+    std::vector<node> nodes;
+    std::vector<dyn> out;  // each node's sketch
+    std::size_t next = 0;
+    auto forward = [&](auto& self, int m) -> int {
+      node nd;
+      if (m == 2) {
+        nd.a = next++;
+        nd.b = next++;
+        nd.u = x * L[nd.a];
+        nd.w = x * L[nd.b];
+      } else {
+        nd.left = self(self, m / 2);
+        nd.right = self(self, m / 2);
+        nd.a = next++;
+        nd.b = next++;
+        nd.u = out[static_cast<std::size_t>(nd.left)] * L[nd.a];
+        nd.w = out[static_cast<std::size_t>(nd.right)] * L[nd.b];
+      }
+      out.push_back(nd.u.cwiseProduct(nd.w));
+      nodes.push_back(std::move(nd));
+      return static_cast<int>(nodes.size()) - 1;
+    };
+    const int root = forward(forward, degree_ / 2);
+    std::vector<dyn> grads(L.size());
+    for (std::size_t i = 0; i < L.size(); ++i) grads[i] = dyn::Zero(L[i].rows(), L[i].cols());
+    dx = matrix<T>::Zero(x.rows(), x.cols());
+    auto backward = [&](auto& self, int id, const dyn& dsn) -> void {
+      const node& nd = nodes[static_cast<std::size_t>(id)];
+      const dyn du = dsn.cwiseProduct(nd.w), dw = dsn.cwiseProduct(nd.u);
+      if (nd.left < 0) {  // in the forward: u = x·G1, w = x·G2
+        dx.noalias() += du * L[nd.a].transpose() + dw * L[nd.b].transpose();
+        grads[nd.a].noalias() += x.transpose() * du;
+        grads[nd.b].noalias() += x.transpose() * dw;
+        return;
+      }
+      // in the forward: u = s_left·H1, w = s_right·H2
+      const dyn& sl = out[static_cast<std::size_t>(nd.left)];
+      const dyn& sr = out[static_cast<std::size_t>(nd.right)];
+      grads[nd.a].noalias() += sl.transpose() * du;
+      grads[nd.b].noalias() += sr.transpose() * dw;
+      self(self, nd.left, dyn(du * L[nd.a].transpose()));
+      self(self, nd.right, dyn(dw * L[nd.b].transpose()));
+    };
+    backward(backward, root, dyn(ds));
+    if (leaf_grads) leaf_grads->assign(grads.begin(), grads.end());
+  }
+
   /// [n, head_dim] -> [n, feature_dim]: φ(x) = s(x) ⊗ s(x) of every row.
   matrix<T> features(const Eigen::Ref<const matrix<T>>& x) const {
     constexpr const char* fn = "polysketch::features";
