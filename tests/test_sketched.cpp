@@ -130,3 +130,47 @@ TEST_CASE("sketched_attention validates its arguments", "[sketched][validation]"
   require_invalid_argument([&] { sketched_attention<float>(q.view, k.view, sq.view, sk.view, v.view, out.view, o); },
                            {"polyattn::sketched_attention", "normalizer_bias"});
 }
+
+TEST_CASE("sketched_attention and polysketch_attention write the row statistics β + Σ w", "[sketched][stats]") {
+  const attention_shape s{1, 2, 1, 150, 150, 6, 4, false};
+  attention_inputs<double> in(s, 3, 0.4);
+  tensor4<double> sq = random_tensor<double>(1, 2, 150, 5, 4, false, 0.4), sk = random_tensor<double>(1, 1, 150, 5, 5, false, 0.4);
+  for (bool causal : {false, true})
+    for (bool le : {false, true}) {
+      sketched_options o;
+      o.causal = causal;
+      o.local_exact = le;
+      o.block_size = 32;
+      o.normalizer_bias = 0.25;
+      std::vector<double> st(300, -1.0);
+      const tensor_view<double, 3> stats(st.data(), {1, 2, 150});
+      sketched_attention<double>(in.q.view, in.k.view, sq.view, sk.view, in.v.view, in.out.view, o, stats);
+      // β + Σ w from the oracle's weights: the oracle's output with v = 1 is Σ w / (β + Σ w)
+      tensor4<double> ones(1, 1, 150, 1);
+      std::fill(ones.storage.begin(), ones.storage.end(), 1.0);
+      const dense_result frac = sketched_oracle<double>(in.q.cview(), in.k.cview(), sq.cview(), sk.cview(), ones.cview(),
+                                                        causal, o.scale, o.normalizer_bias, le, 32, o.degree);
+      for (index_t h = 0; h < 2; ++h)
+        for (index_t i = 0; i < 150; ++i) {
+          const double mass = 0.25 * frac(0, h, i, 0) / (1 - frac(0, h, i, 0));  // Σ w = β·f / (1 − f)
+          REQUIRE(std::abs(stats(0, h, i) - (0.25 + mass)) <= 1e-9 * (1 + mass));
+        }
+      polysketch_options po;
+      po.causal = causal;
+      po.local_exact = le;
+      po.block_size = 32;
+      po.normalizer_bias = 0.25;
+      const polysketch<double> sketch(6, sketch_options{});
+      tensor4<double> a(1, 2, 150, 4), b(1, 2, 150, 4);
+      polysketch_attention<double>(in.q.view, in.k.view, in.v.view, a.view, sketch, po, stats);
+      polysketch_attention<double>(in.q.view, in.k.view, in.v.view, b.view, sketch, po);
+      CHECK(bitwise_equal<double>(a.cview(), b.cview()));  // the statistics do not change the output
+      for (index_t h = 0; h < 2; ++h)
+        for (index_t i = 0; i < 150; ++i) REQUIRE(stats(0, h, i) >= 0.25);
+    }
+  tensor4<float> q(1, 2, 8, 4), k(1, 1, 10, 4), v(1, 1, 10, 3), out(1, 2, 8, 3), sqf(1, 2, 8, 5), skf(1, 1, 10, 5);
+  std::vector<float> bad(14);
+  require_invalid_argument([&] { sketched_attention<float>(q.view, k.view, sqf.view, skf.view, v.view, out.view, {},
+                                                           tensor_view<float, 3>(bad.data(), {1, 2, 7})); },
+                           {"polyattn::sketched_attention", "'stats' has shape [1, 2, 7]"});
+}

@@ -70,11 +70,15 @@ struct sketch_feature_source {
 /// own block — floor(pos_i / block_size) == floor(j / block_size), j <= pos_i — get the exact
 /// weight (scale·q_i·k_j)^p and earlier keys the sketched one, so block_size is part of the
 /// semantics. Non-causal with local_exact: every key of the query's block is exact.
+namespace detail {
+/// The body of both polysketch_attention overloads; stats (empty: not wanted) gets β + Σ w.
 template <class T>
-void polysketch_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
-                          tensor_view<T, 4> out, const polysketch<T>& sketch, const polysketch_options& opts = {}) {
+void polysketch_attention_impl(input_view<T> q, input_view<T> k, input_view<T> v, tensor_view<T, 4> out,
+                               const polysketch<T>& sketch, const polysketch_options& opts,
+                               const tensor_view<T, 3>* stats) {
   constexpr const char* fn = "polysketch_attention";
-  detail::check_attention(fn, q, k, v, out);
+  check_attention(fn, q, k, v, out);
+  if (stats) check_stats_output(fn, q, k, v, out, *stats);
   detail::check_threads(fn, opts.threads);
   detail::check_finite_scale(fn, "scale", opts.scale);
   detail::check_normalizer_bias(fn, opts.normalizer_bias);
@@ -90,18 +94,34 @@ void polysketch_attention(detail::input_view<T> q, detail::input_view<T> k, deta
                                  opts.block_size, opts.causal, detail::resolve_threads(opts.threads)};
   const detail::sketch_feature_source<T> src{&sketch, static_cast<T>(opts.scale), opts.local_exact, sketch.degree(),
                                              static_cast<T>(opts.scale)};
-  detail::run_block_linear<T>(pb, src, q, k, v, out, static_cast<T>(opts.normalizer_bias));
+  detail::run_block_linear<T>(pb, src, q, k, v, out, static_cast<T>(opts.normalizer_bias), nullptr, {}, {}, nullptr,
+                              stats ? *stats : tensor_view<T, 3>{});
+}
+}  // namespace detail
+
+template <class T>
+void polysketch_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
+                          tensor_view<T, 4> out, const polysketch<T>& sketch, const polysketch_options& opts = {}) {
+  detail::polysketch_attention_impl<T>(q, k, v, out, sketch, opts, nullptr);
+}
+
+/// As above, and writes each row's statistic stats_i = β + Σ_j w_ij into stats [B, H, Nq].
+template <class T>
+void polysketch_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
+                          tensor_view<T, 4> out, const polysketch<T>& sketch, const polysketch_options& opts,
+                          tensor_view<T, 3> stats) {
+  detail::polysketch_attention_impl<T>(q, k, v, out, sketch, opts, &stats);
 }
 
 inline matrix<float> polysketch_attention(const eigen_input<float>& q, const eigen_input<float>& k,
                                           const eigen_input<float>& v, const polysketch<float>& sketch,
                                           const polysketch_options& opts = {}) {
-  return detail::single_head<float>(polysketch_attention<float>, q, k, v, sketch, opts);
+  return detail::single_head<float>([](auto... a) { polysketch_attention<float>(a...); }, q, k, v, sketch, opts);
 }
 inline matrix<double> polysketch_attention(const eigen_input<double>& q, const eigen_input<double>& k,
                                            const eigen_input<double>& v, const polysketch<double>& sketch,
                                            const polysketch_options& opts = {}) {
-  return detail::single_head<double>(polysketch_attention<double>, q, k, v, sketch, opts);
+  return detail::single_head<double>([](auto... a) { polysketch_attention<double>(a...); }, q, k, v, sketch, opts);
 }
 
 }  // namespace polyattn

@@ -43,13 +43,19 @@ void check_sketches(const char* fn, const tensor_view<const T, 4>& q, const tens
 /// q and k are read only for the exact local weights. The same engine as
 /// polysketch_attention, which is sketched_attention(q, k, s(scale·q), s(k), …) with the
 /// sketch's degree. Causal attention runs the block algorithm in time and memory linear in N.
+namespace detail {
+/// The body of both sketched_attention overloads; stats (nullptr: not wanted) gets β + Σ w.
 template <class T>
-void sketched_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> sq,
-                        detail::input_view<T> sk, detail::input_view<T> v, tensor_view<T, 4> out,
-                        const sketched_options& opts = {}) {
+void sketched_attention_impl(input_view<T> q, input_view<T> k, input_view<T> sq, input_view<T> sk, input_view<T> v,
+                             tensor_view<T, 4> out, const sketched_options& opts, const tensor_view<T, 3>* stats) {
   constexpr const char* fn = "sketched_attention";
   detail::check_attention(fn, q, k, v, out);
   detail::check_sketches(fn, q, k, sq, sk, out);
+  if (stats) {
+    check_stats_output(fn, q, k, v, out, *stats);
+    check_no_overlap(fn, "stats", *stats, "sq", sq);
+    check_no_overlap(fn, "stats", *stats, "sk", sk);
+  }
   detail::check_threads(fn, opts.threads);
   detail::check_degree(fn, opts.degree);
   detail::check_finite_scale(fn, "scale", opts.scale);
@@ -66,7 +72,24 @@ void sketched_attention(detail::input_view<T> q, detail::input_view<T> k, detail
   const detail::sketch_feature_source<T> src{&expand, T(1), opts.local_exact, opts.degree,
                                              static_cast<T>(opts.scale), opts.local_exact,
                                              opts.local_exact ? q.extent(3) : 0};
-  detail::run_block_linear<T>(pb, src, sq, sk, v, out, static_cast<T>(opts.normalizer_bias), nullptr, q, k);
+  detail::run_block_linear<T>(pb, src, sq, sk, v, out, static_cast<T>(opts.normalizer_bias), nullptr, q, k, nullptr,
+                              stats ? *stats : tensor_view<T, 3>{});
+}
+}  // namespace detail
+
+template <class T>
+void sketched_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> sq,
+                        detail::input_view<T> sk, detail::input_view<T> v, tensor_view<T, 4> out,
+                        const sketched_options& opts = {}) {
+  detail::sketched_attention_impl<T>(q, k, sq, sk, v, out, opts, nullptr);
+}
+
+/// As above, and writes each row's statistic stats_i = β + Σ_j w_ij into stats [B, H, Nq].
+template <class T>
+void sketched_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> sq,
+                        detail::input_view<T> sk, detail::input_view<T> v, tensor_view<T, 4> out,
+                        const sketched_options& opts, tensor_view<T, 3> stats) {
+  detail::sketched_attention_impl<T>(q, k, sq, sk, v, out, opts, &stats);
 }
 
 }  // namespace polyattn
