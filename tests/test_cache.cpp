@@ -11,11 +11,6 @@ using namespace polyattn::test;
 
 namespace {
 
-template <class T>
-tensor_view<T, 4> rows_of(const tensor_view<T, 4>& x, index_t i0, index_t n) {
-  return tensor_view<T, 4>(&x(0, 0, i0, 0), {x.extent(0), x.extent(1), n, x.extent(3)}, x.strides());
-}
-
 /// A prefill, one-token steps across a block edge, then uneven chunks.
 std::vector<index_t> stream_split(index_t n, index_t block) {
   std::vector<index_t> cuts = {block - 3};

@@ -14,12 +14,6 @@ using namespace polyattn::test;
 
 namespace {
 
-/// Rows [i0, i0 + n) of every (batch, head) of a view, as a view (same strides).
-template <class T>
-tensor_view<T, 4> rows_of(const tensor_view<T, 4>& x, index_t i0, index_t n) {
-  return tensor_view<T, 4>(&x(0, 0, i0, 0), {x.extent(0), x.extent(1), n, x.extent(3)}, x.strides());
-}
-
 /// Runs the causal engine over `cuts` (lengths of consecutive calls) from a fresh state per
 /// (batch, kv head) and writes every call's rows into out.
 template <class T, class Source>

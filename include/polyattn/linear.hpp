@@ -41,26 +41,45 @@ struct view_feature_source {
 /// phi_q [B, H, Nq, m], phi_k [B, Hk, Nk, m], v [B, Hk, Nk, dv], out [B, H, Nq, dv].
 /// Causal attention runs the block algorithm (memory linear in N) and stays parallel for a
 /// single head; β defaults to 0 here.
+namespace detail {
+
 template <class T>
-void linear_attention(detail::input_view<T> phi_q, detail::input_view<T> phi_k, detail::input_view<T> v,
-                      tensor_view<T, 4> out, const linear_options& opts = {}) {
+block_problem linear_problem(const tensor_view<const T, 4>& phi_q, const tensor_view<const T, 4>& phi_k,
+                             const tensor_view<const T, 4>& v, const linear_options& opts) {
+  return {phi_q.extent(0), phi_q.extent(1), phi_k.extent(1), phi_q.extent(2), phi_k.extent(2), v.extent(3),
+          kLinearBlock,    opts.causal,     resolve_threads(opts.threads)};
+}
+
+/// The body of both linear_attention overloads; stats (nullptr: not wanted) gets β + Σ w.
+template <class T>
+void linear_attention_impl(input_view<T> phi_q, input_view<T> phi_k, input_view<T> v, tensor_view<T, 4> out,
+                           const linear_options& opts, const tensor_view<T, 3>* stats) {
   constexpr const char* fn = "linear_attention";
-  detail::check_attention(fn, phi_q, phi_k, v, out, "phi_q", "phi_k");
-  detail::check_threads(fn, opts.threads);
-  detail::check_normalizer_bias(fn, opts.normalizer_bias);
-  detail::check_representable<T>(fn, "normalizer_bias", opts.normalizer_bias);
-  const detail::block_problem pb{phi_q.extent(0), phi_q.extent(1), phi_k.extent(1), phi_q.extent(2),
-                                 phi_k.extent(2), v.extent(3),      detail::kLinearBlock, opts.causal,
-                                 detail::resolve_threads(opts.threads)};
+  check_attention(fn, phi_q, phi_k, v, out, "phi_q", "phi_k");
+  if (stats) check_stats_output(fn, phi_q, phi_k, v, out, *stats, "phi_q", "phi_k");
+  check_threads(fn, opts.threads);
+  check_normalizer_bias(fn, opts.normalizer_bias);
+  check_representable<T>(fn, "normalizer_bias", opts.normalizer_bias);
+  const T bias = static_cast<T>(opts.normalizer_bias);
   if (phi_q.extent(3) == 0) {  // no features: every weight is 0, so every output is 0
     for (index_t b = 0; b < out.extent(0); ++b)
       for (index_t h = 0; h < out.extent(1); ++h)
-        for (index_t i = 0; i < out.extent(2); ++i)
+        for (index_t i = 0; i < out.extent(2); ++i) {
           for (index_t c = 0; c < out.extent(3); ++c) out(b, h, i, c) = T(0);
+          if (stats) (*stats)(b, h, i) = bias;
+        }
     return;
   }
-  detail::run_block_linear<T>(pb, detail::view_feature_source<T>{phi_q.extent(3)}, phi_q, phi_k, v, out,
-                              static_cast<T>(opts.normalizer_bias));
+  run_block_linear<T>(linear_problem<T>(phi_q, phi_k, v, opts), view_feature_source<T>{phi_q.extent(3)}, phi_q, phi_k,
+                      v, out, bias, nullptr, {}, {}, nullptr, stats ? *stats : tensor_view<T, 3>{});
+}
+
+}  // namespace detail
+
+template <class T>
+void linear_attention(detail::input_view<T> phi_q, detail::input_view<T> phi_k, detail::input_view<T> v,
+                      tensor_view<T, 4> out, const linear_options& opts = {}) {
+  detail::linear_attention_impl<T>(phi_q, phi_k, v, out, opts, nullptr);
 }
 
 /// As above, and writes each row's statistic stats_i = β + Σ_j φq_i·φk_j into stats [B, H, Nq]
@@ -68,27 +87,7 @@ void linear_attention(detail::input_view<T> phi_q, detail::input_view<T> phi_k, 
 template <class T>
 void linear_attention(detail::input_view<T> phi_q, detail::input_view<T> phi_k, detail::input_view<T> v,
                       tensor_view<T, 4> out, const linear_options& opts, tensor_view<T, 3> stats) {
-  constexpr const char* fn = "linear_attention";
-  detail::check_attention(fn, phi_q, phi_k, v, out, "phi_q", "phi_k");
-  detail::check_stats_output(fn, phi_q, phi_k, v, out, stats, "phi_q", "phi_k");
-  detail::check_threads(fn, opts.threads);
-  detail::check_normalizer_bias(fn, opts.normalizer_bias);
-  detail::check_representable<T>(fn, "normalizer_bias", opts.normalizer_bias);
-  const detail::block_problem pb{phi_q.extent(0), phi_q.extent(1), phi_k.extent(1), phi_q.extent(2),
-                                 phi_k.extent(2), v.extent(3),      detail::kLinearBlock, opts.causal,
-                                 detail::resolve_threads(opts.threads)};
-  const T bias = static_cast<T>(opts.normalizer_bias);
-  if (phi_q.extent(3) == 0) {  // no features: every weight is 0
-    for (index_t b = 0; b < out.extent(0); ++b)
-      for (index_t h = 0; h < out.extent(1); ++h)
-        for (index_t i = 0; i < out.extent(2); ++i) {
-          for (index_t c = 0; c < out.extent(3); ++c) out(b, h, i, c) = T(0);
-          stats(b, h, i) = bias;
-        }
-    return;
-  }
-  detail::run_block_linear<T>(pb, detail::view_feature_source<T>{phi_q.extent(3)}, phi_q, phi_k, v, out, bias, nullptr,
-                              {}, {}, nullptr, stats);
+  detail::linear_attention_impl<T>(phi_q, phi_k, v, out, opts, &stats);
 }
 
 /// Gradients of linear_attention: from the forward's inputs, its output `out`, the gradient
@@ -105,10 +104,8 @@ void linear_attention_backward(detail::input_view<T> phi_q, detail::input_view<T
                          "dphi_k");
   detail::check_threads(fn, opts.threads);
   detail::check_normalizer_bias(fn, opts.normalizer_bias);
-  const detail::block_problem pb{phi_q.extent(0), phi_q.extent(1), phi_k.extent(1), phi_q.extent(2),
-                                 phi_k.extent(2), v.extent(3),      detail::kLinearBlock, opts.causal,
-                                 detail::resolve_threads(opts.threads)};
-  detail::run_linear_backward<T>(pb, phi_q, phi_k, v, out, dout, stats, dphi_q, dphi_k, dv);
+  detail::run_linear_backward<T>(detail::linear_problem<T>(phi_q, phi_k, v, opts), phi_q, phi_k, v, out, dout, stats,
+                                 dphi_q, dphi_k, dv);
 }
 
 inline matrix<float> linear_attention(const eigen_input<float>& phi_q, const eigen_input<float>& phi_k,

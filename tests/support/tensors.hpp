@@ -49,6 +49,12 @@ void fill_normal(tensor4<T>& t, std::uint64_t seed, double sigma = 1.0) {
         for (index_t d = 0; d < v.extent(3); ++d) t(b, h, n, d) = static_cast<T>(nd(gen));
 }
 
+/// Rows [i0, i0 + n) of every (batch, head) of a view, as a view with the same strides.
+template <class T>
+tensor_view<T, 4> rows_of(const tensor_view<T, 4>& x, index_t i0, index_t n) {
+  return tensor_view<T, 4>(&x(0, 0, i0, 0), {x.extent(0), x.extent(1), n, x.extent(3)}, x.strides());
+}
+
 template <class T>
 tensor4<T> random_tensor(index_t b, index_t h, index_t n, index_t d, std::uint64_t seed, bool bnhd = false,
                          double sigma = 1.0) {
