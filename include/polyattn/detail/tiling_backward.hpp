@@ -71,6 +71,7 @@ struct query_block_pack {
 template <class T, std::size_t R>
 void fill_zero(const tensor_view<T, R>& t) {
   static_assert(R == 4, "gradients are rank 4");
+  if (t.size() == 0) return;  // (possibly a null view: form no element reference)
   for (index_t a = 0; a < t.extent(0); ++a)
     for (index_t b = 0; b < t.extent(1); ++b)
       for (index_t i = 0; i < t.extent(2); ++i) std::fill_n(&t(a, b, i, 0), t.extent(3), T(0));
