@@ -3,6 +3,7 @@
 // sequence; results are bitwise identical however the scan is split over threads; the block
 // size only costs what the keys need.
 #include <polyattn/linear.hpp>
+#include <polyattn/polynomial.hpp>
 #include <polyattn/polysketch.hpp>
 
 #include "support/linear_battery.hpp"
@@ -222,4 +223,22 @@ TEST_CASE("hardening: empty sketch, options that overflow float, oversized sketc
   sketch_options huge;
   huge.sketch_size = 100000;
   require_invalid_argument([&] { polysketch<float>(8, huge); }, {"polyattn::polysketch", "sketch size 100000", "5000050000 features"});
+}
+
+TEST_CASE("subnormal denominators give the weighted average, not inf", "[linear][polynomial][validation]") {
+  // every weight is tiny (a subnormal or smaller sum) and β = 0: the output is still v
+  std::vector<float> one{1e-20f}, v{0.5f}, out{0.0f};
+  const tensor_view<const float, 4> f(one.data(), {1, 1, 1, 1}), vv(v.data(), {1, 1, 1, 1});
+  linear_attention<float>(f, f, vv, tensor_view<float, 4>(out.data(), {1, 1, 1, 1}));  // β = 0 by default
+  CHECK(out[0] == 0.5f);
+  std::vector<float> qk{1e-5f};
+  polynomial_options po;
+  po.normalizer_bias = 0;
+  const tensor_view<const float, 4> x(qk.data(), {1, 1, 1, 1});
+  polynomial_attention<float>(x, x, vv, tensor_view<float, 4>(out.data(), {1, 1, 1, 1}), po);
+  CHECK(out[0] == 0.5f);
+  std::vector<double> tiny{1e-160}, vd{0.5}, od{0.0};
+  const tensor_view<const double, 4> td(tiny.data(), {1, 1, 1, 1}), vdv(vd.data(), {1, 1, 1, 1});
+  linear_attention<double>(td, td, vdv, tensor_view<double, 4>(od.data(), {1, 1, 1, 1}));
+  CHECK(od[0] == 0.5);
 }

@@ -39,10 +39,7 @@ struct polynomial_weights {
     return false;
   }
 
-  T inverse_denominator(T, T l) const {
-    const T denom = bias + l;
-    return denom > T(0) ? T(1) / denom : T(0);
-  }
+  T denominator(T, T l) const { return bias + l; }
 
   /// The saved statistic: the denominator β + Σ_j w_ij.
   T row_statistic(T, T l) const { return bias + l; }

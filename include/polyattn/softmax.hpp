@@ -50,7 +50,7 @@ struct softmax_weights {
     return true;
   }
 
-  T inverse_denominator(T, T l) const { return l > T(0) ? T(1) / l : T(0); }
+  T denominator(T, T l) const { return l; }
 
   /// The saved statistic: lse = m + log l, −∞ for a row that saw no key.
   T row_statistic(T m, T l) const { return l > T(0) ? m + std::log(l) : masked_score(); }

@@ -49,7 +49,7 @@ struct attention_scratch {
 ///   void apply(T* st, index_t rows, index_t ld, index_t lanes, T* m, T* l, T* alpha) const;
 ///       turn scores into weights in place; alpha[i] = factor to rescale O row i by (or
 ///       leave alpha untouched and return false when O needs no rescaling)
-///   T inverse_denominator(T m, T l) const;         final per-query factor (0 for empty rows)
+///   T denominator(T m, T l) const;                 final per-query divisor (0 for empty rows)
 ///   T row_statistic(T m, T l) const;               the statistic the backward pass takes
 template <class T, class Weights, class Arch = default_arch>
 void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights) {
@@ -122,8 +122,9 @@ void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights)
     const index_t os = pb.out.stride(2);
     T* orow = dv > 0 ? &pb.out(b, h, i0, 0) : nullptr;
     for (index_t i = 0; i < nq && dv > 0; ++i) {
-      const T f = weights.inverse_denominator(s.m[i], s.l[i]);
-      for (index_t c = 0; c < dv; ++c) orow[i * os + c] = o[i * dvp + c] * f;
+      // divide (not multiply by 1/den): a subnormal denominator must not overflow to inf
+      const T den = weights.denominator(s.m[i], s.l[i]);
+      for (index_t c = 0; c < dv; ++c) orow[i * os + c] = den > T(0) ? o[i * dvp + c] / den : T(0);
     }
     if (pb.stats.size() > 0)
       for (index_t i = 0; i < nq; ++i) pb.stats(b, h, i0 + i) = weights.row_statistic(s.m[i], s.l[i]);
