@@ -69,7 +69,7 @@ inline double concurrent_fma_gflops(int threads) {
 }
 
 /// The peak % of peak is quoted against: `threads` times one core's measured FMA peak (the
-/// convention of DESIGN §5: "~446 for both"). Measuring both cores at once is reported too
+/// convention of docs/design.md §5). Measuring both cores at once is reported too
 /// (benchmark context), but on a shared VM a busy sibling makes it swing by 2x.
 inline double measured_peak_gflops(int threads) { return threads * concurrent_fma_gflops(1); }
 
@@ -81,7 +81,7 @@ inline void set_flop_counters(benchmark::State& state, double flops_per_iter, in
                          benchmark::Counter::kIsIterationInvariantRate);
 }
 
-/// Exact-attention FLOPs (DESIGN §5): 4·Nq·Nk·d, half of it when causal with Nq = Nk.
+/// Exact-attention FLOPs (docs/design.md §5): 4·Nq·Nk·d, half of it when causal with Nq = Nk.
 inline double attention_flops(std::int64_t n, std::int64_t d, bool causal) {
   const double f = 4.0 * double(n) * double(n) * double(d);
   return causal ? f / 2 : f;

@@ -13,7 +13,7 @@ double linear_model_flops(std::int64_t n, double m, double dv, double local_dim,
   return double(n) * (4.0 * m * (dv + 1.0) + b / 2.0 * (2.0 * local_dim + 2.0 * dv) + sketch);
 }
 
-/// Args: N, d, causal, threads, r, local_exact. p = 4, packed, block 256 (DESIGN §5).
+/// Args: N, d, causal, threads, r, local_exact. p = 4, packed, block 256 (docs/design.md §5).
 void BM_polysketch(benchmark::State& state) {
   const std::int64_t n = state.range(0), d = state.range(1);
   polysketch_options o;

@@ -271,7 +271,7 @@ int main() {
 
   std::printf(
       "\nHow to read it: s(q).s(k) is an unbiased but high-variance estimate of (q.k)^2 whose error is relative\n"
-      "to ||q||^2 ||k||^2 (DESIGN section 1, honest note), and its square, the weight, overestimates (q.k)^4 by\n"
+      "to ||q||^2 ||k||^2 (docs/design.md §1, honest note), and its square, the weight, overestimates (q.k)^4 by\n"
       "that variance, about ||scale q||^4 ||k||^4 / r = 4096 / r here against a mean exact weight of 3 (the mass\n"
       "column): for the nearly orthogonal q, k of real inputs most sketched weight is noise spread over the whole\n"
       "past. Larger r reduces the error. local_exact makes the query's own block exact, so the first block is\n"

@@ -4,7 +4,7 @@
 using namespace polyattn;
 using namespace polyattn::test;
 
-TEMPLATE_TEST_CASE("flash_attention matches the oracle on the DESIGN shapes", "[flash]", float, double) {
+TEMPLATE_TEST_CASE("flash_attention matches the oracle on the shape battery", "[flash]", float, double) {
   for (bool causal : {false, true})
     for (const attention_shape& s : design_shapes()) check_against_oracle<flash_kernel, TestType>(s, {causal, 2});
 }

@@ -1,4 +1,4 @@
-// tests/test_polynomial.cpp — polynomial_attention against the double oracle (DESIGN §1, §6).
+// tests/test_polynomial.cpp — polynomial_attention against the double oracle (docs/design.md §1, §6).
 #include "support/exact_battery.hpp"
 
 using namespace polyattn;
@@ -13,7 +13,7 @@ exact_case_options poly(bool causal, int degree, double scale, double bias = 1.0
 }
 }  // namespace
 
-TEMPLATE_TEST_CASE("polynomial_attention matches the oracle on the DESIGN shapes", "[polynomial]", float, double) {
+TEMPLATE_TEST_CASE("polynomial_attention matches the oracle on the shape battery", "[polynomial]", float, double) {
   for (int degree : {2, 4, 8})
     for (bool causal : {false, true})
       for (const attention_shape& s : design_shapes()) {

@@ -1,4 +1,4 @@
-// tests/test_polysketch.cpp — polysketch_attention against its dense oracle (DESIGN §1, §6).
+// tests/test_polysketch.cpp — polysketch_attention against its dense oracle (docs/design.md §1, §6).
 #include <polyattn/polysketch.hpp>
 
 #include "support/exact_battery.hpp"
@@ -133,7 +133,7 @@ TEMPLATE_TEST_CASE("polysketch_attention without local_exact does not depend on 
 }
 
 TEMPLATE_TEST_CASE("polysketch_attention of degree 2 is exact polynomial attention", "[polysketch]", float, double) {
-  // p = 2: s(x) = x, so φ(q)·φ(k) = (q·k)² exactly (DESIGN §1)
+  // p = 2: s(x) = x, so φ(q)·φ(k) = (q·k)² exactly (docs/design.md §1)
   const attention_shape s{2, 2, 1, 200, 300, 16, 8, false};
   attention_inputs<TestType> in = sketch_inputs<TestType>(s, 21);
   const polysketch<TestType> sk(s.d, {2});

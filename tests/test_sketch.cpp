@@ -1,4 +1,4 @@
-// tests/test_sketch.cpp — polysketch<T> (DESIGN §1, §6): the portable generator, the tree against a
+// tests/test_sketch.cpp — polysketch<T> (docs/design.md §1, §6): the portable generator, the tree against a
 // literal double oracle, the feature identities, unbiasedness over seeds, the raw kernels'
 // contracts, the view overload, and every validation rule.
 #include <catch2/catch.hpp>
@@ -619,7 +619,7 @@ TEMPLATE_TEST_CASE("polysketch features of a strided [B, N, H, d] view", "[sketc
   }
 }
 
-// ==== validation (DESIGN §2: type and message) =====================================================
+// ==== validation (docs/design.md §2: type and message) =====================================================
 
 TEST_CASE("polysketch construction validates its options", "[sketch][validation]") {
   expect_invalid([] { polysketch<float>(0, opts(4, 8)); }, {"polyattn::polysketch: ", "argument 'head_dim'", ">= 1", "got 0"});

@@ -1,10 +1,10 @@
-// tests/test_softmax.cpp — softmax_attention against the double oracle (DESIGN §1, §6).
+// tests/test_softmax.cpp — softmax_attention against the double oracle (docs/design.md §1, §6).
 #include "support/exact_battery.hpp"
 
 using namespace polyattn;
 using namespace polyattn::test;
 
-TEMPLATE_TEST_CASE("softmax_attention matches the oracle on the DESIGN shapes", "[softmax]", float, double) {
+TEMPLATE_TEST_CASE("softmax_attention matches the oracle on the shape battery", "[softmax]", float, double) {
   for (bool causal : {false, true})
     for (const attention_shape& s : design_shapes()) check_against_oracle<softmax_kernel, TestType>(s, {causal, 2});
 }

@@ -1,4 +1,4 @@
-// tests/test_tensor_view.cpp — tensor_view<T, Rank>: strides, element access, conversions, view_bnhd (DESIGN §2).
+// tests/test_tensor_view.cpp — tensor_view<T, Rank>: strides, element access, conversions, view_bnhd (docs/design.md §2).
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -50,7 +50,7 @@ TEST_CASE("tensor_view contiguous constructor computes row-major strides", "[ten
   static_assert(tensor_view<float, 4>::rank == 4);
   static_assert(std::is_same_v<tensor_view<const float, 4>::value_type, float>);
   static_assert(std::is_same_v<tensor_view<const float, 4>::element_type, const float>);
-  static_assert(std::is_same_v<tensor_view<float>::index_type, std::int64_t>, "64-bit indices (DESIGN §2)");
+  static_assert(std::is_same_v<tensor_view<float>::index_type, std::int64_t>, "64-bit indices (docs/design.md §2)");
 }
 
 TEST_CASE("tensor_view operator() addresses data plus the index-stride dot product", "[tensor_view]") {

@@ -1,4 +1,4 @@
-// tests/test_validation.cpp — every argument rule of the exact entry points (DESIGN §2): each bad
+// tests/test_validation.cpp — every argument rule of the exact entry points (docs/design.md §2): each bad
 // input throws std::invalid_argument whose message names the function, the argument and the shapes;
 // the matching valid input does not throw, so every test can fail both ways.
 #include <catch2/catch.hpp>

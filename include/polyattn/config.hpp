@@ -13,7 +13,7 @@
 
 namespace polyattn {
 
-/// All index arithmetic is 64-bit (DESIGN §2): N·d overflows 32 bits at long contexts.
+/// All index arithmetic is 64-bit (docs/design.md §2): N·d overflows 32 bits at long contexts.
 using index_t = std::int64_t;
 
 /// Row-major dynamic matrix: the Eigen type of the single-head overloads.

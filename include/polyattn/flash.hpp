@@ -6,7 +6,7 @@
 
 namespace polyattn {
 
-/// Exact softmax attention (same semantics as `softmax_attention`, DESIGN §1) computed
+/// Exact softmax attention (same semantics as `softmax_attention`, docs/design.md §1) computed
 /// FlashAttention-style: key blocks of detail::kBlockK with an online softmax, so memory is
 /// O(threads · tile) for any length. Causal key blocks above the diagonal are skipped.
 template <class T>

@@ -36,7 +36,7 @@ struct view_feature_source {
 
 }  // namespace detail
 
-/// Linear attention for non-negative features (DESIGN §1):
+/// Linear attention for non-negative features (docs/design.md §1):
 /// out_i = Σ_j (φq_i·φk_j) v_j / (β + Σ_j φq_i·φk_j) over allowed j; a zero denominator gives 0.
 /// phi_q [B, H, Nq, m], phi_k [B, Hk, Nk, m], v [B, Hk, Nk, dv], out [B, H, Nq, dv].
 /// Causal attention runs the block algorithm (memory linear in N) and stays parallel for a

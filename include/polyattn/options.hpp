@@ -1,4 +1,4 @@
-// polyattn/options.hpp — option aggregates of every entry point (DESIGN §2).
+// polyattn/options.hpp — option aggregates of every entry point (docs/design.md §2).
 #pragma once
 
 #include <cstdint>
@@ -10,7 +10,7 @@ namespace polyattn {
 
 /// Options of `softmax_attention` and `flash_attention`.
 struct softmax_options {
-  bool causal = false;           ///< bottom-right aligned causal mask (DESIGN §1)
+  bool causal = false;           ///< bottom-right aligned causal mask (docs/design.md §1)
   std::optional<double> scale{}; ///< logit scale; unset means 1/sqrt(head_dim)
   int threads = 0;               ///< 0 = all available
 };
@@ -24,7 +24,7 @@ struct polynomial_options {
   int threads = 0;
 };
 
-/// Scaling convention of a random sketch (DESIGN §1).
+/// Scaling convention of a random sketch (docs/design.md §1).
 enum class sketch_scaling {
   unbiased,   ///< c = 1/sqrt(r) per degree-2 node: E[s(x)·s(y)] = (x·y)^(p/2)
   reference,  ///< the paper's code: every leaf divided by sqrt(r)

@@ -103,7 +103,7 @@ void polynomial_forward(input_view<T> q, input_view<T> k, input_view<T> v, tenso
 
 }  // namespace detail
 
-/// Exact polynomial attention (DESIGN §1): w_ij = (scale·q_i·k_j)^p for even p,
+/// Exact polynomial attention (docs/design.md §1): w_ij = (scale·q_i·k_j)^p for even p,
 /// out_i = Σ_j w_ij v_j / (β + Σ_j w_ij) over allowed j. Tiled like flash_attention.
 template <class T>
 void polynomial_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,

@@ -61,7 +61,7 @@ struct sketch_feature_source {
 
 }  // namespace detail
 
-/// PolySketch attention (DESIGN §1): polynomial attention with sketched weights
+/// PolySketch attention (docs/design.md §1): polynomial attention with sketched weights
 /// w_ij = φ(scale·q_i)·φ(k_j) = (s(scale·q_i)·s(k_j))² and normaliser β + Σ w.
 ///
 /// Causal attention uses the block algorithm in blocks of `block_size` keys: memory linear

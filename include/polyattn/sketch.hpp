@@ -1,4 +1,4 @@
-// polyattn/sketch.hpp — polysketch<T>: the PolySketch random feature map of degree p ∈ {2, 4, 8, 16} (DESIGN §1).
+// polyattn/sketch.hpp — polysketch<T>: the PolySketch random feature map of degree p ∈ {2, 4, 8, 16} (docs/design.md §1).
 //
 // The sketch s(x) ∈ R^r approximates x^{⊗p/2}: E[s(x)·s(y)] = (x·y)^{p/2} (unbiased scaling),
 // and the features φ(x) = s(x) ⊗ s(x) give φ(x)·φ(y) = (s(x)·s(y))² >= 0, an estimate of
@@ -82,7 +82,7 @@ constexpr int sketch_leaf_count(int degree) { return degree <= 2 ? 0 : 2 * sketc
 
 }  // namespace detail
 
-/// The PolySketch feature map (DESIGN §1); see the comment at the top of this header for the
+/// The PolySketch feature map (docs/design.md §1); see the comment at the top of this header for the
 /// tree, the leaf order, the scaling conventions and the portable seeded draw.
 ///
 /// Two layers: the raw kernels `sketch_rows` / `expand_rows` (no allocation, no checks; the

@@ -13,7 +13,7 @@
 namespace polyattn {
 namespace detail {
 
-/// Softmax weights with a running maximum (DESIGN §1): for every query lane
+/// Softmax weights with a running maximum (docs/design.md §1): for every query lane
 /// m' = max(m, max_j s_j), p_j = exp(s_j - m'), l' = l·exp(m - m') + Σ p_j, O' = O·exp(m - m').
 /// A lane that has seen only masked keys keeps m = -inf; subtracting 0 instead of -inf then
 /// gives p = 0 and alpha = 0 rather than NaN, so fully masked rows end with l = 0 and output 0.
@@ -113,7 +113,7 @@ using input_view = typename identity<tensor_view<const T, 4>>::type;
 
 }  // namespace detail
 
-/// Exact softmax attention, out_i = Σ_j softmax_j(scale·q_i·k_j) v_j over allowed j (DESIGN §1).
+/// Exact softmax attention, out_i = Σ_j softmax_j(scale·q_i·k_j) v_j over allowed j (docs/design.md §1).
 /// Materialises the scores of detail::kBlockQ (48) queries against all their keys at a time (scratch
 /// O(threads · 48 · Nk)); `flash_attention` is the O(tile)-memory online version.
 template <class T>

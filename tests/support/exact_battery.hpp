@@ -1,4 +1,4 @@
-// tests/support/exact_battery.hpp — the DESIGN §6 shape and property checks, for any exact kernel.
+// tests/support/exact_battery.hpp — the docs/design.md §6 shape and property checks, for any exact kernel.
 #pragma once
 
 #include <catch2/catch.hpp>
@@ -25,7 +25,7 @@ struct attention_shape {
   }
 };
 
-/// DESIGN §6: odd head dims, lengths around tile sizes (48 queries, 128 keys), 97, 113, 1025,
+/// docs/design.md §6: odd head dims, lengths around tile sizes (48 queries, 128 keys), 97, 113, 1025,
 /// Nq != Nk, Nq = 1, B·H > 1 with GQA, strided views.
 inline std::vector<attention_shape> design_shapes() {
   return {
@@ -117,7 +117,7 @@ void check_causal_prefix(const attention_shape& s, const exact_case_options& o) 
   CHECK(changed > 0);  // the perturbation is visible to the later rows (the test can fail)
 }
 
-/// Same bits for threads = 1, 2, 3 (DESIGN §2).
+/// Same bits for threads = 1, 2, 3 (docs/design.md §2).
 template <class Kernel, class T>
 void check_thread_invariance(const attention_shape& s, exact_case_options o) {
   attention_inputs<T> in(s, 99);

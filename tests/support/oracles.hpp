@@ -1,4 +1,4 @@
-// tests/support/oracles.hpp — double-precision reference kernels written literally from DESIGN §1.
+// tests/support/oracles.hpp — double-precision reference kernels written literally from docs/design.md §1.
 //
 // Each oracle materialises the full weight matrix of a head and normalises it row by row.
 // They share no code with the library: no tiling, no SIMD, no online softmax.
@@ -64,7 +64,7 @@ dense_result dense_attention(tensor_view<const T, 4> q, tensor_view<const T, 4> 
 }
 
 /// Softmax attention: W_ij = exp(s_ij - max_j s_ij) over allowed j (the max only for range).
-/// With Acc = float this is the naive fp32 implementation flash is measured against (DESIGN §6).
+/// With Acc = float this is the naive fp32 implementation flash is measured against (docs/design.md §6).
 template <class T, class Acc = double>
 dense_result softmax_oracle(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
                             bool causal, double scale) {
@@ -98,7 +98,7 @@ dense_result polynomial_oracle(tensor_view<const T, 4> q, tensor_view<const T, 4
 
 namespace polyattn::test {
 
-/// The most general form of DESIGN §1: out_i = Σ_j w(b, h, i, j) v_j / (bias + Σ_j w) over the
+/// The most general form of docs/design.md §1: out_i = Σ_j w(b, h, i, j) v_j / (bias + Σ_j w) over the
 /// allowed j, with the weight of a pair supplied by the caller. Used for linear and
 /// PolySketch attention, whose weights come from features or sketches.
 template <class T, class Weight>

@@ -1,4 +1,4 @@
-// tests/support/polysketch_oracle.hpp — dense PolySketch attention (DESIGN §1), the full weight
+// tests/support/polysketch_oracle.hpp — dense PolySketch attention (docs/design.md §1), the full weight
 // matrix from sketches, including the local_exact ("mixed") rule.
 #pragma once
 

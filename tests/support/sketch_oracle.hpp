@@ -1,4 +1,4 @@
-// tests/support/sketch_oracle.hpp — the PolySketch tree and features evaluated literally from DESIGN §1, in double.
+// tests/support/sketch_oracle.hpp — the PolySketch tree and features evaluated literally from docs/design.md §1, in double.
 //
 // Shares no code with polyattn/sketch.hpp: plain nested loops over std::vector, leaves consumed
 // in the documented post-order, c = 1 at every node (the leaves passed in are "as used").

@@ -13,7 +13,7 @@
 namespace polyattn::detail {
 
 /// Kernels are templated on Arch (default: the best ISA the user's compile flags enable),
-/// never on a -march of ours (DESIGN §4).
+/// never on a -march of ours (docs/design.md §4).
 using default_arch = xsimd::default_arch;
 
 template <class T, class Arch>

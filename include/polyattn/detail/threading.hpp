@@ -12,7 +12,7 @@
 
 namespace polyattn::detail {
 
-/// threads = 0 means "all available" (DESIGN §2); without OpenMP everything runs on one thread.
+/// threads = 0 means "all available" (docs/design.md §2); without OpenMP everything runs on one thread.
 inline int resolve_threads(int requested) {
 #if POLYATTN_HAS_OPENMP
   return requested > 0 ? requested : std::max(1, omp_get_max_threads());

@@ -1,4 +1,4 @@
-// polyattn/detail/validation.hpp — argument checks run once at every entry point (DESIGN §2).
+// polyattn/detail/validation.hpp — argument checks run once at every entry point (docs/design.md §2).
 #pragma once
 
 #include <algorithm>
@@ -40,7 +40,7 @@ void check_view(const char* function, const char* name, const tensor_view<T, R>&
       fail(function, std::string("argument '") + name + "' has a negative stride in dimension " +
                          std::to_string(r) + ", shape " + shape_string(v));
   }
-  // the element count and the furthest offset must fit 63 bits (DESIGN §2: 64-bit indices)
+  // the element count and the furthest offset must fit 63 bits (docs/design.md §2: 64-bit indices)
   constexpr index_t kMax = std::numeric_limits<index_t>::max();
   index_t count = 1, reach = 0;
   bool empty = false;
@@ -112,7 +112,7 @@ void check_same_extent(const char* function, const char* what, const char* an, c
                        " but '" + bn + "' has shape " + shape_string(b));
 }
 
-/// Shape contract of every attention entry point (DESIGN §2):
+/// Shape contract of every attention entry point (docs/design.md §2):
 /// q [B, H, Nq, d], k [B, Hk, Nk, d], v [B, Hk, Nk, dv], out [B, H, Nq, dv], H % Hk == 0.
 /// Argument names are passed in so linear attention can call them phi_q / phi_k.
 template <class TQ, class TK, class TV, class TO>
