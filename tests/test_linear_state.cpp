@@ -3,6 +3,7 @@
 // sequence; results are bitwise identical however the scan is split over threads; the block
 // size only costs what the keys need.
 #include <polyattn/linear.hpp>
+#include <polyattn/flash.hpp>
 #include <polyattn/polynomial.hpp>
 #include <polyattn/polysketch.hpp>
 
@@ -241,4 +242,22 @@ TEST_CASE("subnormal denominators give the weighted average, not inf", "[linear]
   const tensor_view<const double, 4> td(tiny.data(), {1, 1, 1, 1}), vdv(vd.data(), {1, 1, 1, 1});
   linear_attention<double>(td, td, vdv, tensor_view<double, 4>(od.data(), {1, 1, 1, 1}));
   CHECK(od[0] == 0.5);
+}
+
+TEST_CASE("exact kernels reject options that overflow float", "[polynomial][flash][validation]") {
+  tensor4<float> q(1, 1, 4, 3), k(1, 1, 4, 3), v(1, 1, 4, 2), out(1, 1, 4, 2);
+  polynomial_options po;
+  po.scale = 1e39;
+  require_invalid_argument([&] { polynomial_attention<float>(q.view, k.view, v.view, out.view, po); },
+                           {"polyattn::polynomial_attention", "scale", "overflows float"});
+  po = {};
+  po.normalizer_bias = -1e39;
+  require_invalid_argument([&] { polynomial_attention<float>(q.view, k.view, v.view, out.view, po); },
+                           {"polyattn::polynomial_attention", "normalizer_bias"});
+  softmax_options so;
+  so.scale = 1e39;
+  require_invalid_argument([&] { flash_attention<float>(q.view, k.view, v.view, out.view, so); },
+                           {"polyattn::flash_attention", "scale", "overflows float"});
+  require_invalid_argument([&] { softmax_attention<float>(q.view, k.view, v.view, out.view, so); },
+                           {"polyattn::softmax_attention", "scale", "overflows float"});
 }

@@ -38,7 +38,10 @@ void flash_attention_backward(detail::input_view<T> q, detail::input_view<T> k, 
   constexpr const char* fn = "flash_attention_backward";
   detail::check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
   detail::check_threads(fn, opts.threads);
-  if (opts.scale) detail::check_finite_scale(fn, "scale", *opts.scale);
+  if (opts.scale) {
+    detail::check_finite_scale(fn, "scale", *opts.scale);
+    detail::check_representable<T>(fn, "scale", *opts.scale);
+  }
   detail::attention_backward_problem<T> pb{q,  k,  v,  out, dout, stats, dq, dk, dv, opts.causal,
                                            detail::softmax_scale<T>(opts, q.extent(3)),
                                            detail::resolve_threads(opts.threads)};

@@ -82,11 +82,14 @@ inline void check_normalizer_bias(const char* fn, double bias) {
     fail(fn, "option 'normalizer_bias' must be finite and >= 0, got " + format_value(bias));
 }
 
-inline void check_polynomial_options(const char* fn, const polynomial_options& opts) {
+template <class T>
+void check_polynomial_options(const char* fn, const polynomial_options& opts) {
   check_threads(fn, opts.threads);
   check_degree(fn, opts.degree);
   check_finite_scale(fn, "scale", opts.scale);
   check_normalizer_bias(fn, opts.normalizer_bias);
+  check_representable<T>(fn, "scale", opts.scale);
+  check_representable<T>(fn, "normalizer_bias", opts.normalizer_bias);
 }
 
 template <class T>
@@ -95,7 +98,7 @@ void polynomial_forward(input_view<T> q, input_view<T> k, input_view<T> v, tenso
   constexpr const char* fn = "polynomial_attention";
   check_attention(fn, q, k, v, out);
   if (stats) check_stats_output(fn, q, k, v, out, *stats);
-  check_polynomial_options(fn, opts);
+  check_polynomial_options<T>(fn, opts);
   attention_problem<T> pb{q, k, v, out, opts.causal, static_cast<T>(opts.scale), kBlockK,
                           resolve_threads(opts.threads), stats ? *stats : tensor_view<T, 3>{}};
   run_tiled_attention<T>(pb, polynomial_weights<T>{opts.degree, static_cast<T>(opts.normalizer_bias)});
@@ -132,7 +135,7 @@ void polynomial_attention_backward(detail::input_view<T> q, detail::input_view<T
                                    const polynomial_options& opts = {}) {
   constexpr const char* fn = "polynomial_attention_backward";
   detail::check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
-  detail::check_polynomial_options(fn, opts);
+  detail::check_polynomial_options<T>(fn, opts);
   detail::attention_backward_problem<T> pb{q,  k,  v,  out, dout, stats, dq, dk, dv, opts.causal,
                                            static_cast<T>(opts.scale), detail::resolve_threads(opts.threads)};
   detail::run_tiled_attention_backward<T>(

@@ -97,7 +97,10 @@ void softmax_family(const char* fn, tensor_view<const T, 4> q, tensor_view<const
   check_attention(fn, q, k, v, out);
   if (stats) check_stats_output(fn, q, k, v, out, *stats);
   check_threads(fn, opts.threads);
-  if (opts.scale) check_finite_scale(fn, "scale", *opts.scale);
+  if (opts.scale) {
+    check_finite_scale(fn, "scale", *opts.scale);
+    check_representable<T>(fn, "scale", *opts.scale);
+  }
   attention_problem<T> pb{q, k, v, out, opts.causal, softmax_scale<T>(opts, q.extent(3)), block_k,
                           resolve_threads(opts.threads), stats ? *stats : tensor_view<T, 3>{}};
   run_tiled_attention<T>(pb, softmax_weights<T>{});
