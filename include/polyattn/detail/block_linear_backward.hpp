@@ -155,18 +155,19 @@ void run_linear_backward(const block_problem& pb, tensor_view<const T, 4> pq, te
     T* u = ensure(ws.z, mp);
     std::fill(U, U + m * dvp, T(0));
     std::fill(u, u + mp, T(0));
-    // the queries' contribution to U, u: rows [i0, i1) of every head of the group
-    auto add_queries = [&](index_t i0, index_t i1) {
-      for (index_t h = hk * group; h < (hk + 1) * group; ++h)
-        for (index_t a = i0; a < i1; a += kChunkRows) {
-          const index_t rows = std::min(kChunkRows, i1 - a);
-          row_grads(bi, h, a, rows, ws);
-          gemm<T, Arch>(m, dvv, rows, &pq(bi, h, a, 0), 1, pq.stride(2), ws.g.data(), dvp, U, dvp, true);
-          for (index_t i = 0; i < rows; ++i)
-            for (index_t f = 0; f < m; ++f) u[f] += ws.c[static_cast<std::size_t>(i)] * pq(bi, h, a + i, f);
-        }
+    // query rows a .. a+rows of head h join U, u (their g, c already in ws.g, ws.c)
+    auto add_chunk = [&](index_t h, index_t a, index_t rows) {
+      gemm<T, Arch>(m, dvv, rows, &pq(bi, h, a, 0), 1, pq.stride(2), ws.g.data(), dvp, U, dvp, true);
+      for (index_t i = 0; i < rows; ++i)
+        for (index_t f = 0; f < m; ++f) u[f] += ws.c[static_cast<std::size_t>(i)] * pq(bi, h, a + i, f);
     };
-    if (!pb.causal) add_queries(0, nq);
+    if (!pb.causal)  // every query sees every key: U, u over all of them first
+      for (index_t h = hk * group; h < (hk + 1) * group; ++h)
+        for (index_t a = 0; a < nq; a += kChunkRows) {
+          const index_t rows = std::min(kChunkRows, nq - a);
+          row_grads(bi, h, a, rows, ws);
+          add_chunk(h, a, rows);
+        }
     for (index_t c = nblk - 1; c >= 0; --c) {
       index_t n = 0, ldk = 0;
       pack_keys(bi, hk, c, ws, n, ldk);
@@ -185,9 +186,12 @@ void run_linear_backward(const block_problem& pb, tensor_view<const T, 4> pq, te
           for (index_t a = i0; a < i1; a += kChunkRows) {
             const index_t rows = std::min(kChunkRows, i1 - a);
             const index_t first_pos = a + offset, keys = std::min(n, first_pos + rows - 1 - c * b + 1);
-            if (keys <= 0) continue;
-            const index_t ldw = round_up(keys, W);
             row_grads(bi, h, a, rows, ws);
+            if (keys <= 0) {  // rows before the block's first key: only the suffix for earlier blocks
+              add_chunk(h, a, rows);
+              continue;
+            }
+            const index_t ldw = round_up(keys, W);
             // w = φQ φKᵀ, masked; dW = g Vᵀ + c, masked
             T* w = ensure(ws.w, kChunkRows * ldk);
             gemm<T, Arch>(rows, keys, m, &pq(bi, h, a, 0), pq.stride(2), 1, ws.kt.data(), ldk, w, ldw, false);
@@ -201,8 +205,8 @@ void run_linear_backward(const block_problem& pb, tensor_view<const T, 4> pq, te
             // dk[j] += Σ_i dw_ij φq_i ; dv[j] += Σ_i w_ij g_i
             gemm<T, Arch>(keys, m, rows, dw, 1, ldw, qp, mp, dk, mp, true);
             gemm<T, Arch>(keys, dvv, rows, w, 1, ldw, ws.g.data(), dvp, dvb, dvp, true);
+            add_chunk(h, a, rows);  // the block's queries join the suffix for earlier blocks
           }
-        add_queries(i0, i1);  // the block's queries join the suffix for earlier blocks
       }
       for (index_t j = 0; j < n; ++j) {
         std::copy(dk + j * mp, dk + j * mp + m, &dpk(bi, hk, c * b + j, 0));
