@@ -94,7 +94,7 @@ class cache_core {
     if (batch < 1 || kv_heads < 1 || value_dim < 1)
       fail(fn, "batch, kv_heads and value_dim must be >= 1, got batch " + std::to_string(batch) + ", kv_heads " +
                    std::to_string(kv_heads) + ", value_dim " + std::to_string(value_dim));
-    if (block <= 0) fail(fn, "option 'block_size' must be positive, got " + std::to_string(block));
+    check_block_size(fn, block);
     // a state keeps the raw rows of one block: bound it before allocating
     constexpr index_t kMaxBlock = index_t(1) << 20;
     if (block > kMaxBlock)

@@ -85,8 +85,7 @@ void polysketch_attention_impl(input_view<T> q, input_view<T> k, input_view<T> v
   detail::check_representable<T>(fn, "scale", opts.scale);
   detail::check_representable<T>(fn, "normalizer_bias", opts.normalizer_bias);
   if (sketch.degree() == 0) detail::fail(fn, "argument 'sketch' is empty (default-constructed)");
-  if (opts.block_size <= 0)
-    detail::fail(fn, "option 'block_size' must be positive, got " + std::to_string(opts.block_size));
+  check_block_size(fn, opts.block_size);
   if (sketch.head_dim() != q.extent(3))
     detail::fail(fn, "argument 'sketch' was built for head dim " + std::to_string(sketch.head_dim()) +
                          " but 'q' has shape " + detail::shape_string(q));

@@ -14,10 +14,6 @@
 namespace polyattn {
 namespace detail {
 
-inline void check_block_size(const char* fn, index_t block) {
-  if (block <= 0) fail(fn, "option 'block_size' must be positive, got " + std::to_string(block));
-}
-
 /// Shapes of the sketches next to q and k: sq [B, H, Nq, r], sk [B, Hk, Nk, r], r >= 1.
 template <class T>
 void check_sketches(const char* fn, const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,

@@ -217,6 +217,10 @@ void check_backward(const char* function, const tensor_view<const T, 4>& q, cons
   check_outputs_disjoint(function, dkn, dk, "dv", dv);
 }
 
+inline void check_block_size(const char* function, index_t block) {
+  if (block <= 0) fail(function, "option 'block_size' must be positive, got " + std::to_string(block));
+}
+
 inline void check_threads(const char* function, int threads) {
   if (threads < 0) fail(function, "option 'threads' must be >= 0 (0 = all available), got " + std::to_string(threads));
 }
