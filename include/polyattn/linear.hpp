@@ -32,6 +32,18 @@ struct view_feature_source {
     ld = rows.ld_base;
     return rows.base + r0 * rows.ld_base;
   }
+  // backward (block_linear_backward.hpp): the features are the inputs
+  index_t base_dim() const { return m; }
+  bool local_is_base() const { return true; }
+  index_t leaf_values() const { return 0; }
+  void feature_grad(const block_rows<T>&, index_t, index_t n, const T* dphi, index_t ldphi, T* dbase, index_t ldb,
+                    aligned_vector<T>&) const {
+    copy_rows(dphi, ldphi, n, m, dbase, ldb);
+  }
+  void finish(const raw_rows<T>&, index_t n, bool, const T* dbase, index_t ldb, const T*, index_t,
+              const grad_rows<T>& out, aligned_vector<T>&, T*) const {
+    copy_rows(dbase, ldb, n, m, out.x, out.ld);
+  }
 };
 
 }  // namespace detail
@@ -104,8 +116,9 @@ void linear_attention_backward(detail::input_view<T> phi_q, detail::input_view<T
                          "dphi_k");
   detail::check_threads(fn, opts.threads);
   detail::check_normalizer_bias(fn, opts.normalizer_bias);
-  detail::run_linear_backward<T>(detail::linear_problem<T>(phi_q, phi_k, v, opts), phi_q, phi_k, v, out, dout, stats,
-                                 dphi_q, dphi_k, dv);
+  detail::run_block_backward<T>(detail::linear_problem<T>(phi_q, phi_k, v, opts),
+                                detail::view_feature_source<T>{phi_q.extent(3)}, phi_q, phi_k, v, out, dout, stats,
+                                dphi_q, dphi_k, dv);
 }
 
 inline matrix<float> linear_attention(const eigen_input<float>& phi_q, const eigen_input<float>& phi_k,

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "detail/block_linear.hpp"
+#include "detail/block_linear_backward.hpp"
 #include "detail/eigen_bridge.hpp"
 #include "detail/validation.hpp"
 #include "linear.hpp"
@@ -57,6 +58,29 @@ struct sketch_feature_source {
     sketch->expand_rows(rows.base + r0 * rows.ld_base, rows.ld_base, n, phi, ld);
     return phi;
   }
+  // backward (block_linear_backward.hpp): dφ contracts to ds (expand_rows_backward), ds goes
+  // back through the tree (sketch_rows_backward, with the query scale), and the exact local
+  // weights' gradients go to the rows they were computed from
+  index_t base_dim() const { return sketch->sketch_dim(); }
+  bool local_is_base() const { return !local_exact; }
+  index_t leaf_values() const { return sketch->leaf_values(); }
+  void feature_grad(const block_rows<T>& rows, index_t r0, index_t n, const T* dphi, index_t ldphi, T* dbase,
+                    index_t ldb, aligned_vector<T>& scratch) const {
+    T* sc = ensure(scratch, 2 * (sketch->sketch_dim() + polysketch<T>::simd_width));
+    sketch->expand_rows_backward(rows.base + r0 * rows.ld_base, rows.ld_base, n, dphi, ldphi, dbase, ldb, sc);
+  }
+  void finish(const raw_rows<T>& x, index_t n, bool query, const T* dbase, index_t ldb, const T* dlocal, index_t ldl,
+              const grad_rows<T>& out, aligned_vector<T>& scratch, T* leaf_acc) const {
+    T* sc = ensure(scratch, std::max<index_t>(sketch->backward_scratch_size(n), 1));
+    sketch->sketch_rows_backward(x.x, x.ld, n, query ? scale : T(1), dbase, ldb, out.x, out.ld, leaf_acc, sc);
+    if (!local_exact) return;
+    if (exact_from_secondary) {
+      copy_rows(dlocal, ldl, n, secondary_dim, out.x2, out.ld2);
+      return;
+    }
+    for (index_t i = 0; i < n; ++i)
+      for (index_t c = 0; c < sketch->head_dim(); ++c) out.x[i * out.ld + c] += dlocal[i * ldl + c];
+  }
 };
 
 }  // namespace detail
@@ -71,6 +95,35 @@ struct sketch_feature_source {
 /// weight (scale·q_i·k_j)^p and earlier keys the sketched one, so block_size is part of the
 /// semantics. Non-causal with local_exact: every key of the query's block is exact.
 namespace detail {
+/// The options and the sketch of polysketch_attention and its backward.
+template <class T>
+void check_polysketch_call(const char* fn, const tensor_view<const T, 4>& q, const polysketch<T>& sketch,
+                           const polysketch_options& opts) {
+  check_threads(fn, opts.threads);
+  check_finite_scale(fn, "scale", opts.scale);
+  check_normalizer_bias(fn, opts.normalizer_bias);
+  check_representable<T>(fn, "scale", opts.scale);
+  check_representable<T>(fn, "normalizer_bias", opts.normalizer_bias);
+  if (sketch.degree() == 0) fail(fn, "argument 'sketch' is empty (default-constructed)");
+  check_block_size(fn, opts.block_size);
+  if (sketch.head_dim() != q.extent(3))
+    fail(fn, "argument 'sketch' was built for head dim " + std::to_string(sketch.head_dim()) + " but 'q' has shape " +
+                 shape_string(q));
+}
+
+template <class T>
+block_problem polysketch_problem(const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
+                                 const tensor_view<const T, 4>& v, const polysketch_options& opts) {
+  return {q.extent(0), q.extent(1), k.extent(1), q.extent(2), k.extent(2), v.extent(3),
+          opts.block_size, opts.causal, resolve_threads(opts.threads)};
+}
+
+/// The sketch as a feature source: s(scale·q), s(k); exact local weights (scale·q·k)^p.
+template <class T>
+sketch_feature_source<T> polysketch_source(const polysketch<T>& sketch, const polysketch_options& opts) {
+  return {&sketch, static_cast<T>(opts.scale), opts.local_exact, sketch.degree(), static_cast<T>(opts.scale)};
+}
+
 /// The body of both polysketch_attention overloads; stats (empty: not wanted) gets β + Σ w.
 template <class T>
 void polysketch_attention_impl(input_view<T> q, input_view<T> k, input_view<T> v, tensor_view<T, 4> out,
@@ -79,21 +132,9 @@ void polysketch_attention_impl(input_view<T> q, input_view<T> k, input_view<T> v
   constexpr const char* fn = "polysketch_attention";
   check_attention(fn, q, k, v, out);
   if (stats) check_stats_output(fn, q, k, v, out, *stats);
-  detail::check_threads(fn, opts.threads);
-  detail::check_finite_scale(fn, "scale", opts.scale);
-  detail::check_normalizer_bias(fn, opts.normalizer_bias);
-  detail::check_representable<T>(fn, "scale", opts.scale);
-  detail::check_representable<T>(fn, "normalizer_bias", opts.normalizer_bias);
-  if (sketch.degree() == 0) detail::fail(fn, "argument 'sketch' is empty (default-constructed)");
-  check_block_size(fn, opts.block_size);
-  if (sketch.head_dim() != q.extent(3))
-    detail::fail(fn, "argument 'sketch' was built for head dim " + std::to_string(sketch.head_dim()) +
-                         " but 'q' has shape " + detail::shape_string(q));
-  const detail::block_problem pb{q.extent(0), q.extent(1), k.extent(1), q.extent(2), k.extent(2), v.extent(3),
-                                 opts.block_size, opts.causal, detail::resolve_threads(opts.threads)};
-  const detail::sketch_feature_source<T> src{&sketch, static_cast<T>(opts.scale), opts.local_exact, sketch.degree(),
-                                             static_cast<T>(opts.scale)};
-  detail::run_block_linear<T>(pb, src, q, k, v, out, static_cast<T>(opts.normalizer_bias), nullptr, {}, {}, nullptr,
+  check_polysketch_call<T>(fn, q, sketch, opts);
+  detail::run_block_linear<T>(polysketch_problem(q, k, v, opts), polysketch_source(sketch, opts), q, k, v, out,
+                              static_cast<T>(opts.normalizer_bias), nullptr, {}, {}, nullptr,
                               stats ? *stats : tensor_view<T, 3>{});
 }
 }  // namespace detail
@@ -110,6 +151,30 @@ void polysketch_attention(detail::input_view<T> q, detail::input_view<T> k, deta
                           tensor_view<T, 4> out, const polysketch<T>& sketch, const polysketch_options& opts,
                           tensor_view<T, 3> stats) {
   detail::polysketch_attention_impl<T>(q, k, v, out, sketch, opts, &stats);
+}
+
+/// Gradients of polysketch_attention (docs/design.md §7.6): from the forward's inputs, its
+/// output `out`, the gradient `dout` of the loss with respect to out, and the forward's stats,
+/// writes dq, dk, dv (shaped like q, k, v; overwritten) through the sketch: the block
+/// algorithm's backward gives the gradients of s(scale·q) and s(k), and sketch_rows_backward
+/// takes them through the tree, a block of rows at a time (the sketches are never held for the
+/// whole sequence). With leaf_grads (null: not wanted), also dL/d(leaf) for every leaf of the
+/// sketch in the order of leaves(), resized and overwritten, summed over every head's queries
+/// and keys, so a model can learn the tree's matrices. With GQA, dk and dv of a kv head sum
+/// over its query heads. The same bits for any thread count.
+template <class T>
+void polysketch_attention_backward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
+                                   detail::input_view<T> out, detail::input_view<T> dout,
+                                   tensor_view<const T, 3> stats, tensor_view<T, 4> dq, tensor_view<T, 4> dk,
+                                   tensor_view<T, 4> dv, const polysketch<T>& sketch,
+                                   const polysketch_options& opts = {}, std::vector<matrix<T>>* leaf_grads = nullptr) {
+  constexpr const char* fn = "polysketch_attention_backward";
+  detail::check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
+  detail::check_polysketch_call<T>(fn, q, sketch, opts);
+  detail::aligned_vector<T> acc(static_cast<std::size_t>(leaf_grads ? sketch.leaf_values() : 0));
+  detail::run_block_backward<T>(detail::polysketch_problem(q, k, v, opts), detail::polysketch_source(sketch, opts), q,
+                                k, v, out, dout, stats, dq, dk, dv, {}, {}, {}, {}, leaf_grads ? acc.data() : nullptr);
+  if (leaf_grads) *leaf_grads = sketch.leaf_matrices(acc.data());
 }
 
 inline matrix<float> polysketch_attention(const eigen_input<float>& q, const eigen_input<float>& k,

@@ -294,6 +294,179 @@ class polysketch {
     }
   }
 
+  /// Values of a flat leaf-gradient accumulator: every leaf of leaves(), row-major, back to back.
+  index_t leaf_values() const noexcept {
+    index_t n = 0;
+    for (const leaf_storage& l : leaves_) n += l.rows * l.cols;
+    return n;
+  }
+
+  /// The leaves' shapes filled from a flat array of leaf_values() values in that layout (e.g. a
+  /// leaf-gradient accumulator of sketch_rows_backward).
+  std::vector<matrix<T>> leaf_matrices(const T* flat) const {
+    std::vector<matrix<T>> out;
+    for (const leaf_storage& l : leaves_) {
+      out.push_back(Eigen::Map<const matrix<T>>(flat, l.rows, l.cols));
+      flat += l.rows * l.cols;
+    }
+    return out;
+  }
+
+  /// Scratch (elements of T) sketch_rows_backward needs for n rows: the scaled input and every
+  /// node's u, w and s for min(n, kRowChunk) rows; 0 for degree 2.
+  index_t backward_scratch_size(index_t n) const noexcept {
+    if (degree_ <= 2 || n <= 0) return 0;
+    return std::min(n, kRowChunk) * (d_ + 3 * (degree_ / 2 - 1) * r_);
+  }
+
+  /// Backward of sketch_rows: for s = sketch of (input_scale · x) over n rows and the gradient
+  /// ds (sketch_dim() values per row at ds + i·ldds), writes dx row i = dL/dx_i (head_dim()
+  /// values at dx + i·lddx, overwritten) and, when leaf_acc is not null, adds dL/d(leaf) to it
+  /// (leaf_values() values: the leaves as used, in the order of leaves(), row-major, back to
+  /// back). The tree is evaluated again with a tape (every node's u, w and s) and walked in
+  /// reverse: at a node s = u ∘ w with u = s_a·A, w = s_b·B (a leaf node: s_a = s_b = the
+  /// scaled input, A, B = G1, G2), du = ds ∘ w, dw = ds ∘ u, ds_a = du·Aᵀ, ds_b = dw·Bᵀ,
+  /// dA += s_aᵀ·du, dB += s_bᵀ·dw. scratch: backward_scratch_size(n) elements.
+  void sketch_rows_backward(const T* x, index_t ldx, index_t n, T input_scale, const T* ds, index_t ldds, T* dx,
+                            index_t lddx, T* leaf_acc, T* scratch) const {
+    using dyn = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    using map = Eigen::Map<dyn, 0, Eigen::OuterStride<>>;
+    using cmap = Eigen::Map<const dyn, 0, Eigen::OuterStride<>>;
+    const index_t d = d_, r = r_;
+    if (degree_ == 2) {  // s(x) = input_scale · x
+      for (index_t i = 0; i < n; ++i)
+        for (index_t c = 0; c < d; ++c) dx[i * lddx + c] = input_scale * ds[i * ldds + c];
+      return;
+    }
+    // leaf i's gradient block in leaf_acc
+    auto leaf_grad = [&](index_t i) {
+      index_t off = 0;
+      for (index_t j = 0; j < i; ++j) off += leaves_[static_cast<std::size_t>(j)].rows * leaves_[static_cast<std::size_t>(j)].cols;
+      const leaf_storage& l = leaves_[static_cast<std::size_t>(i)];
+      return map(leaf_acc + off, l.rows, l.cols, Eigen::OuterStride<>(l.cols));
+    };
+    auto leaf = [&](index_t i) {
+      const leaf_storage& l = leaves_[static_cast<std::size_t>(i)];
+      return cmap(l.data.data(), l.rows, l.cols, Eigen::OuterStride<>(l.cols));
+    };
+    for (index_t c0 = 0; c0 < n; c0 += kRowChunk) {
+      const index_t rows = std::min(kRowChunk, n - c0);
+      map xs(scratch, rows, d, Eigen::OuterStride<>(d));
+      xs = input_scale * cmap(x + c0 * ldx, rows, d, Eigen::OuterStride<>(ldx));
+      T* tape = scratch + rows * d;
+      // node k (post-order) keeps u, w, s in three [rows x r] slots
+      auto slot = [&](index_t k, int which) { return map(tape + (3 * k + which) * rows * r, rows, r, Eigen::OuterStride<>(r)); };
+      // a subtree of sketch degree m rooted at post-order index base + m − 2 uses nodes
+      // [base, base + m − 1) and leaves [lbase, lbase + 2(m − 1)); its children are the
+      // subtrees (m/2, base, lbase) and (m/2, base + m/2 − 1, lbase + m − 2)
+      auto forward = [&](auto& self, index_t m, index_t base, index_t lbase) -> void {
+        const index_t k = base + m - 2, a = lbase + 2 * (m - 2);
+        if (m == 2) {
+          slot(k, 0).noalias() = xs * leaf(a);
+          slot(k, 1).noalias() = xs * leaf(a + 1);
+        } else {
+          self(self, m / 2, base, lbase);
+          self(self, m / 2, base + m / 2 - 1, lbase + m - 2);
+          slot(k, 0).noalias() = slot(base + m / 2 - 2, 2) * leaf(a);
+          slot(k, 1).noalias() = slot(base + m - 3, 2) * leaf(a + 1);
+        }
+        slot(k, 2) = slot(k, 0).cwiseProduct(slot(k, 1));
+      };
+      map dxs(dx + c0 * lddx, rows, d, Eigen::OuterStride<>(lddx));
+      dxs.setZero();
+      // ds of node k arrives in its s slot; du, dw overwrite u, w
+      auto backward = [&](auto& self, index_t m, index_t base, index_t lbase) -> void {
+        const index_t k = base + m - 2, a = lbase + 2 * (m - 2);
+        map u = slot(k, 0), w = slot(k, 1);
+        const map g = slot(k, 2);
+        for (index_t i = 0; i < rows; ++i)
+          for (index_t c = 0; c < r; ++c) {
+            const T uc = u(i, c);
+            u(i, c) = g(i, c) * w(i, c);
+            w(i, c) = g(i, c) * uc;
+          }
+        if (m == 2) {
+          dxs.noalias() += u * leaf(a).transpose();
+          dxs.noalias() += w * leaf(a + 1).transpose();
+          if (leaf_acc) {
+            leaf_grad(a).noalias() += xs.transpose() * u;
+            leaf_grad(a + 1).noalias() += xs.transpose() * w;
+          }
+          return;
+        }
+        map sl = slot(base + m / 2 - 2, 2), sr = slot(base + m - 3, 2);
+        if (leaf_acc) {
+          leaf_grad(a).noalias() += sl.transpose() * u;
+          leaf_grad(a + 1).noalias() += sr.transpose() * w;
+        }
+        sl.noalias() = u * leaf(a).transpose();
+        sr.noalias() = w * leaf(a + 1).transpose();
+        self(self, m / 2, base, lbase);
+        self(self, m / 2, base + m / 2 - 1, lbase + m - 2);
+      };
+      const index_t m = degree_ / 2;
+      forward(forward, m, 0, 0);
+      slot(m - 2, 2) = cmap(ds + c0 * ldds, rows, r, Eigen::OuterStride<>(ldds));
+      backward(backward, m, 0, 0);
+      dxs *= input_scale;
+    }
+  }
+
+  /// Backward of expand_rows: ds row i = J_φ(s_i)ᵀ dphi_i (sketch_dim() values at ds + i·ldds,
+  /// overwritten) for the features φ(s_i) of s row i and their gradient dphi row i
+  /// (feature_dim() values at dphi + i·ldphi). packed: with D the upper triangle of dphi,
+  /// ds_k = 2 D_kk s_k + √2 Σ_{j≠k} D_{min(j,k) max(j,k)} s_j; unpacked: ds = (D + Dᵀ) s.
+  /// Every dphi row must be readable simd_width values past feature_dim() (the values there
+  /// are never used), and `scratch` must hold 2·(sketch_dim() + simd_width) elements.
+  void expand_rows_backward(const T* s, index_t lds, index_t n, const T* dphi, index_t ldphi, T* ds, index_t ldds,
+                            T* scratch) const {
+    using B = xsimd::batch<T>;
+    constexpr index_t W = simd_width;
+    const index_t r = r_;
+    const bool packed = opts_.packed;
+    const T c = packed ? static_cast<T>(1.41421356237309504880) : T(1);
+    alignas(64) T iota_v[W];
+    for (index_t t = 0; t < W; ++t) iota_v[t] = static_cast<T>(t);
+    const B iota = B::load_aligned(iota_v);
+    T* sp = scratch;          // s_i with W zeros after it
+    T* acc = scratch + r + W; // the column sums Σ_i D_ij s_i
+    for (index_t row = 0; row < n; ++row) {
+      const T* sr = s + row * lds;
+      const T* dr = dphi + row * ldphi;
+      std::copy(sr, sr + r, sp);
+      std::fill(sp + r, sp + r + W, T(0));
+      std::fill(acc, acc + r + W, T(0));
+      T* out = ds + row * ldds;
+      index_t off = 0;
+      for (index_t i = 0; i < r; ++i) {
+        // segment i: D_ij for j = j0 .. r−1 at dphi[off + (j − j0)]
+        const index_t j0 = packed ? i : 0, len = r - j0;
+        const B si(sp[i]);
+        B dotv(T(0));
+        for (index_t t = 0; t < len; t += W) {
+          // lanes past the segment read other entries (or the row's padding): masked out, so
+          // they never contribute even when not finite
+          const B dseg = xsimd::select(iota < B(static_cast<T>(len - t)), B::load_unaligned(dr + off + t), B(T(0)));
+          dotv = xsimd::fma(dseg, B::load_unaligned(sp + j0 + t), dotv);
+          xsimd::fma(dseg, si, B::load_unaligned(acc + j0 + t)).store_unaligned(acc + j0 + t);
+        }
+        out[i] = xsimd::hadd(dotv);
+        off += len;
+      }
+      // out_k = Σ_j D_kj s_j, acc_k = Σ_i D_ik s_i; packed counts the diagonal in both, with
+      // √2 where 2·1 is due: correct it by (2 − 2√2) D_kk s_k
+      off = 0;
+      for (index_t k = 0; k < r; ++k) {
+        T v = c * (out[k] + acc[k]);
+        if (packed) {
+          v += (T(2) - T(2) * c) * dr[off] * sp[k];
+          off += r - k;
+        }
+        out[k] = v;
+      }
+    }
+  }
+
   // ---- user-facing (validated) ----------------------------------------------------------------
 
   /// [n, head_dim] -> [n, sketch_dim]: the sketch s(x) of every row.
@@ -328,64 +501,13 @@ class polysketch {
       detail::fail(fn, "argument 'ds' has shape " + detail::matrix_shape_string(ds.rows(), ds.cols()) +
                            " but must be [n, sketch_dim] = " + detail::matrix_shape_string(x.rows(), r_) +
                            " for 'x' of shape " + detail::matrix_shape_string(x.rows(), x.cols()));
-    using dyn = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-    if (degree_ == 2) {  // s(x) = x
-      dx = ds;
-      if (leaf_grads) leaf_grads->clear();
-      return;
-    }
-    const std::vector<matrix<T>> L = leaves();
-    // forward with a tape, in the documented post-order (children, then the node's own pair)
-    struct node {
-      int left = -1, right = -1;  // child nodes; -1 for a leaf node (whose inputs are x)
-      std::size_t a = 0, b = 0;   // indices of the node's two leaves
-      dyn u, w;                   // u = in_a·A, w = in_b·B; the node's sketch is u ∘ w
-    };
-    std::vector<node> nodes;
-    std::vector<dyn> out;  // each node's sketch
-    std::size_t next = 0;
-    auto forward = [&](auto& self, int m) -> int {
-      node nd;
-      if (m == 2) {
-        nd.a = next++;
-        nd.b = next++;
-        nd.u = x * L[nd.a];
-        nd.w = x * L[nd.b];
-      } else {
-        nd.left = self(self, m / 2);
-        nd.right = self(self, m / 2);
-        nd.a = next++;
-        nd.b = next++;
-        nd.u = out[static_cast<std::size_t>(nd.left)] * L[nd.a];
-        nd.w = out[static_cast<std::size_t>(nd.right)] * L[nd.b];
-      }
-      out.push_back(nd.u.cwiseProduct(nd.w));
-      nodes.push_back(std::move(nd));
-      return static_cast<int>(nodes.size()) - 1;
-    };
-    const int root = forward(forward, degree_ / 2);
-    std::vector<dyn> grads(L.size());
-    for (std::size_t i = 0; i < L.size(); ++i) grads[i] = dyn::Zero(L[i].rows(), L[i].cols());
-    dx = matrix<T>::Zero(x.rows(), x.cols());
-    auto backward = [&](auto& self, int id, const dyn& dsn) -> void {
-      const node& nd = nodes[static_cast<std::size_t>(id)];
-      const dyn du = dsn.cwiseProduct(nd.w), dw = dsn.cwiseProduct(nd.u);
-      if (nd.left < 0) {  // in the forward: u = x·G1, w = x·G2
-        dx.noalias() += du * L[nd.a].transpose() + dw * L[nd.b].transpose();
-        grads[nd.a].noalias() += x.transpose() * du;
-        grads[nd.b].noalias() += x.transpose() * dw;
-        return;
-      }
-      // in the forward: u = s_left·H1, w = s_right·H2
-      const dyn& sl = out[static_cast<std::size_t>(nd.left)];
-      const dyn& sr = out[static_cast<std::size_t>(nd.right)];
-      grads[nd.a].noalias() += sl.transpose() * du;
-      grads[nd.b].noalias() += sr.transpose() * dw;
-      self(self, nd.left, dyn(du * L[nd.a].transpose()));
-      self(self, nd.right, dyn(dw * L[nd.b].transpose()));
-    };
-    backward(backward, root, dyn(ds));
-    if (leaf_grads) leaf_grads->assign(grads.begin(), grads.end());
+    const index_t n = x.rows();
+    dx.resize(n, d_);
+    detail::aligned_vector<T> acc(static_cast<std::size_t>(leaf_grads ? leaf_values() : 0), T(0));
+    detail::aligned_vector<T> scratch(static_cast<std::size_t>(std::max<index_t>(backward_scratch_size(n), 1)));
+    sketch_rows_backward(x.data(), x.outerStride(), n, T(1), ds.data(), ds.outerStride(), dx.data(), d_,
+                         leaf_grads ? acc.data() : nullptr, scratch.data());
+    if (leaf_grads) *leaf_grads = leaf_matrices(acc.data());
   }
 
   /// [n, head_dim] -> [n, feature_dim]: φ(x) = s(x) ⊗ s(x) of every row.

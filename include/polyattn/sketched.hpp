@@ -15,9 +15,9 @@ namespace polyattn {
 namespace detail {
 
 /// Shapes of the sketches next to q and k: sq [B, H, Nq, r], sk [B, Hk, Nk, r], r >= 1.
-template <class T>
+template <class T, class TO>
 void check_sketches(const char* fn, const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
-                    const tensor_view<const T, 4>& sq, const tensor_view<const T, 4>& sk, const tensor_view<T, 4>& out) {
+                    const tensor_view<const T, 4>& sq, const tensor_view<const T, 4>& sk, const tensor_view<TO, 4>& out) {
   check_view(fn, "sq", sq);
   check_view(fn, "sk", sk);
   for (std::size_t dim : {0, 1, 2})
@@ -40,35 +40,58 @@ void check_sketches(const char* fn, const tensor_view<const T, 4>& q, const tens
 /// polysketch_attention, which is sketched_attention(q, k, s(scale·q), s(k), …) with the
 /// sketch's degree. Causal attention runs the block algorithm in time and memory linear in N.
 namespace detail {
+/// The options of sketched_attention and its backward.
+template <class T>
+void check_sketched_options(const char* fn, const sketched_options& opts) {
+  check_threads(fn, opts.threads);
+  check_degree(fn, opts.degree);
+  check_finite_scale(fn, "scale", opts.scale);
+  check_normalizer_bias(fn, opts.normalizer_bias);
+  check_representable<T>(fn, "scale", opts.scale);
+  check_representable<T>(fn, "normalizer_bias", opts.normalizer_bias);
+  check_block_size(fn, opts.block_size);
+}
+
+/// s(x) = x of dimension r: caller sketches use only a sketch's feature expansion s ⊗ s (packed).
+template <class T>
+polysketch<T> identity_sketch(index_t r) {
+  sketch_options identity;
+  identity.degree = 2;
+  return polysketch<T>(r, identity);
+}
+
+template <class T>
+block_problem sketched_problem(const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
+                               const tensor_view<const T, 4>& v, const sketched_options& opts) {
+  return {q.extent(0), q.extent(1), k.extent(1), q.extent(2), k.extent(2), v.extent(3),
+          opts.block_size, opts.causal, resolve_threads(opts.threads)};
+}
+
+/// Caller sketches as a feature source: primary rows s(q), s(k) expanded by `expand`; with
+/// local_exact the secondary rows q, k give the exact local weights.
+template <class T>
+sketch_feature_source<T> sketched_source(const polysketch<T>& expand, const tensor_view<const T, 4>& q,
+                                         const sketched_options& opts) {
+  return {&expand, T(1), opts.local_exact, opts.degree, static_cast<T>(opts.scale), opts.local_exact,
+          opts.local_exact ? q.extent(3) : 0};
+}
+
 /// The body of both sketched_attention overloads; stats (nullptr: not wanted) gets β + Σ w.
 template <class T>
 void sketched_attention_impl(input_view<T> q, input_view<T> k, input_view<T> sq, input_view<T> sk, input_view<T> v,
                              tensor_view<T, 4> out, const sketched_options& opts, const tensor_view<T, 3>* stats) {
   constexpr const char* fn = "sketched_attention";
   detail::check_attention(fn, q, k, v, out);
-  detail::check_sketches(fn, q, k, sq, sk, out);
+  detail::check_sketches<T>(fn, q, k, sq, sk, out);
   if (stats) {
     check_stats_output(fn, q, k, v, out, *stats);
     check_no_overlap(fn, "stats", *stats, "sq", sq);
     check_no_overlap(fn, "stats", *stats, "sk", sk);
   }
-  detail::check_threads(fn, opts.threads);
-  detail::check_degree(fn, opts.degree);
-  detail::check_finite_scale(fn, "scale", opts.scale);
-  detail::check_normalizer_bias(fn, opts.normalizer_bias);
-  detail::check_representable<T>(fn, "scale", opts.scale);
-  detail::check_representable<T>(fn, "normalizer_bias", opts.normalizer_bias);
-  detail::check_block_size(fn, opts.block_size);
-  const index_t r = sq.extent(3);
-  sketch_options identity;
-  identity.degree = 2;  // s(x) = x: only the feature expansion s ⊗ s (packed) is used
-  const polysketch<T> expand(r, identity);
-  const detail::block_problem pb{q.extent(0), q.extent(1), k.extent(1), q.extent(2), k.extent(2), v.extent(3),
-                                 opts.block_size, opts.causal, detail::resolve_threads(opts.threads)};
-  const detail::sketch_feature_source<T> src{&expand, T(1), opts.local_exact, opts.degree,
-                                             static_cast<T>(opts.scale), opts.local_exact,
-                                             opts.local_exact ? q.extent(3) : 0};
-  detail::run_block_linear<T>(pb, src, sq, sk, v, out, static_cast<T>(opts.normalizer_bias), nullptr, q, k, nullptr,
+  check_sketched_options<T>(fn, opts);
+  const polysketch<T> expand = identity_sketch<T>(sq.extent(3));
+  detail::run_block_linear<T>(sketched_problem(q, k, v, opts), sketched_source(expand, q, opts), sq, sk, v, out,
+                              static_cast<T>(opts.normalizer_bias), nullptr, q, k, nullptr,
                               stats ? *stats : tensor_view<T, 3>{});
 }
 }  // namespace detail
@@ -86,6 +109,55 @@ void sketched_attention(detail::input_view<T> q, detail::input_view<T> k, detail
                         detail::input_view<T> sk, detail::input_view<T> v, tensor_view<T, 4> out,
                         const sketched_options& opts, tensor_view<T, 3> stats) {
   detail::sketched_attention_impl<T>(q, k, sq, sk, v, out, opts, &stats);
+}
+
+/// Gradients of sketched_attention (docs/design.md §7.6): from the forward's inputs, its output
+/// `out`, the gradient `dout` of the loss with respect to out, and the forward's stats, writes
+/// dq, dk (from the exact local weights; zero without local_exact), dsq, dsk and dv, shaped
+/// like q, k, sq, sk, v (overwritten). With GQA, dk, dsk and dv of a kv head sum over its query
+/// heads. Causal: the block algorithm's scans in both directions, memory
+/// O(threads · (m·dv + b·(d + r + dv))); the same bits for any thread count.
+template <class T>
+void sketched_attention_backward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> sq,
+                                 detail::input_view<T> sk, detail::input_view<T> v, detail::input_view<T> out,
+                                 detail::input_view<T> dout, tensor_view<const T, 3> stats, tensor_view<T, 4> dq,
+                                 tensor_view<T, 4> dk, tensor_view<T, 4> dsq, tensor_view<T, 4> dsk,
+                                 tensor_view<T, 4> dv, const sketched_options& opts = {}) {
+  constexpr const char* fn = "sketched_attention_backward";
+  detail::check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
+  detail::check_sketches<T>(fn, q, k, sq, sk, out);
+  const std::pair<const char*, const tensor_view<T, 4>*> sketch_grads[] = {{"dsq", &dsq}, {"dsk", &dsk}};
+  for (const auto& [name, g] : sketch_grads) detail::check_view(fn, name, *g);
+  detail::check_same_shape(fn, "dsq", dsq, "sq", sq);
+  detail::check_same_shape(fn, "dsk", dsk, "sk", sk);
+  const std::pair<const char*, const tensor_view<const T, 4>*> inputs[] = {
+      {"q", &q}, {"k", &k}, {"sq", &sq}, {"sk", &sk}, {"v", &v}, {"out", &out}, {"dout", &dout}};
+  for (const auto& [name, g] : sketch_grads) {
+    detail::check_writable(fn, name, *g);
+    for (const auto& [in_name, in] : inputs) detail::check_no_overlap(fn, name, *g, in_name, *in);
+    detail::check_no_overlap(fn, name, *g, "stats", stats);
+    detail::check_outputs_disjoint(fn, name, *g, "dq", dq);
+    detail::check_outputs_disjoint(fn, name, *g, "dk", dk);
+    detail::check_outputs_disjoint(fn, name, *g, "dv", dv);
+  }
+  detail::check_outputs_disjoint(fn, "dsq", dsq, "dsk", dsk);
+  for (const auto& [name, g] : {std::pair<const char*, const tensor_view<T, 4>*>{"dq", &dq}, {"dk", &dk}, {"dv", &dv}}) {
+    detail::check_no_overlap(fn, name, *g, "sq", sq);
+    detail::check_no_overlap(fn, name, *g, "sk", sk);
+  }
+  detail::check_sketched_options<T>(fn, opts);
+  const polysketch<T> expand = detail::identity_sketch<T>(sq.extent(3));
+  // without local_exact q and k are not read and their gradients are zero; with it they are
+  // the source's secondary rows, whose gradients the driver writes
+  if (!opts.local_exact)
+    for (const tensor_view<T, 4>* g : {&dq, &dk})
+      for (index_t b = 0; b < g->extent(0); ++b)
+        for (index_t h = 0; h < g->extent(1); ++h)
+          for (index_t i = 0; i < g->extent(2); ++i)
+            for (index_t c = 0; c < g->extent(3); ++c) (*g)(b, h, i, c) = T(0);
+  detail::run_block_backward<T>(detail::sketched_problem(q, k, v, opts), detail::sketched_source(expand, q, opts), sq,
+                                sk, v, out, dout, stats, dsq, dsk, dv, q, k, opts.local_exact ? dq : tensor_view<T, 4>{},
+                                opts.local_exact ? dk : tensor_view<T, 4>{});
 }
 
 }  // namespace polyattn

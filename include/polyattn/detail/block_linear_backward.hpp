@@ -1,60 +1,113 @@
-// polyattn/detail/block_linear_backward.hpp — backward pass of linear attention on caller features, by blocks.
+// polyattn/detail/block_linear_backward.hpp — backward pass of the block algorithm, on any feature source
+// (linear_attention on caller features, sketched_attention, polysketch_attention).
 //
-// Forward (docs/design.md §1): w_ij = φq_i·φk_j over allowed j, den_i = β + Σ_j w_ij (the saved
-// statistic), out_i = Σ_j w_ij v_j / den_i. With g_i = dout_i / den_i and c_i = −dout_i·out_i / den_i
-// (zero for a row with den_i = 0, whose output was 0):
+// Forward (docs/design.md §1, §7): w_ij = φq_i·φk_j for keys outside the query's own block and
+// the local weight (scale·a_i·b_j)^p on the local rows inside it; den_i = β + Σ_j w_ij (the
+// saved statistic), out_i = Σ_j w_ij v_j / den_i. With g_i = dout_i / den_i and
+// c_i = −dout_i·out_i / den_i (zero for a row with den_i = 0, whose output was 0):
 //   dw_ij  = g_i·v_j + c_i
-//   dφq_i  = Σ_j dw_ij φk_j = Zᵀ-read:  (Σ_j φk_j v_jᵀ) g_i + c_i Σ_j φk_j   over j allowed for i
-//   dφk_j  = Σ_i dw_ij φq_i = U v_j + u,   U = Σ_i φq_i g_iᵀ, u = Σ_i c_i φq_i   over i that see j
-//   dv_j   = Σ_i w_ij g_i   = Uᵀ φk_j
-// Causal, in blocks of b keys (docs/design.md §7.6): one scan in key order keeps the prefix
-// (Zᵀ, z) for dφq; one scan in reverse keeps the suffix (U, u) over later query blocks for dφk
-// and dv; each block's own pairs are computed directly with the causal mask. The two scans of
-// a sequence are independent tasks, so one head keeps two cores busy, and every result is
-// summed in a fixed order: the same bits for any thread count. With GQA the reverse scan of a
-// kv head accumulates every query head of its group, in head order.
+//   dφq_i  = Z g_i + c_i z,   (Z, z) = (Σ φk_j v_jᵀ, Σ φk_j) over the keys before i's block
+//   dφk_j  = U v_j + u,       (U, u) = (Σ φq_i g_iᵀ, Σ c_i φq_i) over the queries after j's block
+//   dv_j   = Uᵀ φk_j + Σ_{i in j's block} w_ij g_i
+//   local:  da_i += Σ_j dw'_ij b_j,  db_j += Σ_i dw'_ij a_i,  dw'_ij = dw_ij · p·scale·(scale·a_i·b_j)^(p−1)
+// and then the source maps the gradients of its base rows (dφ contracted to ds for sketches)
+// and of its local rows back to its raw inputs (docs/design.md §7.6).
+//
+// Causal, in blocks of b keys: one scan in key order keeps the prefix (Z, z) for the queries;
+// one scan in reverse keeps the suffix (U, u) over later query blocks for the keys; each
+// block's own pairs are computed directly with the causal mask. The two scans of a sequence
+// are independent tasks (one head keeps two cores busy) and every sum runs in a fixed order:
+// the same bits for any thread count. With GQA the reverse scan of a kv head accumulates every
+// query head of its group, in head order. Non-causal: the totals, minus the own block's share
+// when the own block is weighed locally (local_exact), as in the forward.
+//
+// Besides the forward's source interface (block_passes.hpp) a source gives:
+//   index_t base_dim() const;     width of the base rows features expand from (m, or r)
+//   bool local_is_base() const;   the local rows are the base rows (their gradients add up)
+//   index_t leaf_values() const;  size of a learned-parameter gradient (0: none)
+//   void feature_grad(const block_rows<T>&, index_t r0, index_t n, const T* dphi, index_t ldphi,
+//                     T* dbase, index_t ldb, aligned_vector<T>& scratch) const;
+//       dbase rows = J_φᵀ dphi for prepared rows r0 .. r0+n (dphi rows readable W past m)
+//   void finish(const raw_rows<T>& x, index_t n, bool query, const T* dbase, index_t ldb,
+//               const T* dlocal, index_t ldl, const grad_rows<T>& out, aligned_vector<T>& scratch,
+//               T* leaf_acc) const;
+//       the gradients of n raw rows written into out from those of their base and local rows
 #pragma once
 
 #include <algorithm>
+#include <vector>
 
 #include "../tensor_view.hpp"
 #include "block_linear.hpp"
 
 namespace polyattn::detail {
 
+/// Where a source writes the gradients of raw rows: primary rows and secondary rows.
 template <class T>
-struct backward_workspace {
-  aligned_vector<T> kpad, kt, vt, qpad, g, c, w, dw, dq, dk, dvb, state, state_t, z;
+struct grad_rows {
+  T* x = nullptr;
+  index_t ld = 0;
+  T* x2 = nullptr;
+  index_t ld2 = 0;
 };
 
-template <class T, class Arch = default_arch>
-void run_linear_backward(const block_problem& pb, tensor_view<const T, 4> pq, tensor_view<const T, 4> pk,
-                         tensor_view<const T, 4> v, tensor_view<const T, 4> out, tensor_view<const T, 4> dout,
-                         tensor_view<const T, 3> stats, tensor_view<T, 4> dpq, tensor_view<T, 4> dpk,
-                         tensor_view<T, 4> dv) {
+template <class T>
+struct backward_workspace {
+  scan_workspace<T> scan;  // prepared rows, features, local keys transposed (scan.kt)
+  aligned_vector<T> vpad, vt, klocal, qlocal, g, c, w, dw, dphi, dbase, dlocal, kbase, kloc, dvb, state, zt, fin;
+};
+
+template <class T, class Source, class Arch = default_arch>
+void run_block_backward(const block_problem& pb, const Source& src, tensor_view<const T, 4> q,
+                        tensor_view<const T, 4> k, tensor_view<const T, 4> v, tensor_view<const T, 4> out,
+                        tensor_view<const T, 4> dout, tensor_view<const T, 3> stats, tensor_view<T, 4> dq,
+                        tensor_view<T, 4> dk, tensor_view<T, 4> dv, tensor_view<const T, 4> q2 = {},
+                        tensor_view<const T, 4> k2 = {}, tensor_view<T, 4> dq2 = {}, tensor_view<T, 4> dk2 = {},
+                        T* leaf_out = nullptr) {
+  using B = batch<T, Arch>;
   constexpr index_t W = simd_width<T, Arch>;
-  const index_t m = pq.extent(3), dvv = pb.dv, dvp = round_up(std::max<index_t>(dvv, 1), W), mp = round_up(m, W);
+  const index_t m = src.feature_dim(), mp = round_up(m, W), dvv = pb.dv, dvp = round_up(std::max<index_t>(dvv, 1), W);
+  const index_t S = m * dvp + mp;  // a state: [m x dvp] then [mp]
+  const index_t rbp = round_up(src.base_dim(), W);
+  const local_form<T> lf = src.local();
+  const index_t ldl = round_up(std::max<index_t>(lf.dim, 1), W);
+  const bool local_sep = !src.local_is_base();
+  const bool two_inputs = src.key_dim2() > 0;
   const index_t n_seq = pb.batch * pb.kv_heads, group = pb.heads / std::max<index_t>(pb.kv_heads, 1);
   const index_t nq = pb.nq, nk = pb.nk, offset = nk - nq;
+  const index_t LV = leaf_out ? src.leaf_values() : 0;
   auto zero_rows = [](const tensor_view<T, 4>& x) {
     for (index_t b = 0; b < x.extent(0); ++b)
       for (index_t h = 0; h < x.extent(1); ++h)
         for (index_t i = 0; i < x.extent(2); ++i)
           for (index_t c = 0; c < x.extent(3); ++c) x(b, h, i, c) = T(0);
   };
-  zero_rows(dpq);
-  zero_rows(dpk);
-  zero_rows(dv);
+  for (const tensor_view<T, 4>* x : {&dq, &dk, &dv, &dq2, &dk2}) zero_rows(*x);
+  std::fill(leaf_out, leaf_out + LV, T(0));
   if (n_seq == 0 || nq == 0 || nk == 0 || m == 0 || dvv == 0) return;
   const index_t b = std::min(pb.block, nk);
   const index_t nblk = ceil_div(nk, b);
+  const bool local = pb.causal || src.local_when_noncausal();
   const int workers = static_cast<int>(std::clamp<index_t>(pb.threads, 1, 2 * n_seq));
   std::vector<backward_workspace<T>> scratch(static_cast<std::size_t>(workers));
+  aligned_vector<T> leaf_tasks(static_cast<std::size_t>(LV * 2 * n_seq), T(0));
 
   // query rows [i0, i1) of key block c (positions c·b .. (c+1)·b − 1); rows before any key are blind
   auto query_rows = [&](index_t c) {
     return std::pair<index_t, index_t>{std::clamp<index_t>(c * b - offset, 0, nq),
                                        std::clamp<index_t>((c + 1) * b - offset, 0, nq)};
+  };
+  auto raw_q = [&](index_t bi, index_t h, index_t i) {
+    return raw_rows<T>{&q(bi, h, i, 0), q.stride(2), two_inputs ? &q2(bi, h, i, 0) : nullptr, q2.stride(2)};
+  };
+  auto raw_k = [&](index_t bi, index_t hk, index_t j) {
+    return raw_rows<T>{&k(bi, hk, j, 0), k.stride(2), two_inputs ? &k2(bi, hk, j, 0) : nullptr, k2.stride(2)};
+  };
+  auto grads_q = [&](index_t bi, index_t h, index_t i) {
+    return grad_rows<T>{&dq(bi, h, i, 0), dq.stride(2), two_inputs ? &dq2(bi, h, i, 0) : nullptr, dq2.stride(2)};
+  };
+  auto grads_k = [&](index_t bi, index_t hk, index_t j) {
+    return grad_rows<T>{&dk(bi, hk, j, 0), dk.stride(2), two_inputs ? &dk2(bi, hk, j, 0) : nullptr, dk2.stride(2)};
   };
   // g = dout / den [rows x dvp], c = −dout·out / den, for query rows i0 .. i0+rows of head (bi, h)
   auto row_grads = [&](index_t bi, index_t h, index_t i0, index_t rows, backward_workspace<T>& ws) {
@@ -74,146 +127,224 @@ void run_linear_backward(const block_problem& pb, tensor_view<const T, 4> pq, te
       c[i] = -dot / den;
     }
   };
-  // dW = g·Vᵀ + c over the first `keys` keys of the block (vt: Vᵀ packed, ld ldk), causally masked
-  auto local_dw = [&](index_t rows, index_t keys, index_t first_pos, index_t key0, const T* vt, index_t ldk,
-                      backward_workspace<T>& ws, index_t ldw) {
-    T* dw = ensure(ws.dw, kChunkRows * ldk);
-    gemm<T, Arch>(rows, keys, dvv, ws.g.data(), dvp, 1, vt, ldk, dw, ldw, false);
-    for (index_t i = 0; i < rows; ++i) {
-      const index_t visible = pb.causal ? std::clamp<index_t>(first_pos + i - key0 + 1, 0, keys) : keys;
-      T* row = dw + i * ldw;
-      for (index_t j = 0; j < visible; ++j) row[j] += ws.c[static_cast<std::size_t>(i)];
-      std::fill(row + visible, row + keys, T(0));
-    }
-    return dw;
+  // The keys of block c: prepared rows, values padded [n x dvp] and transposed [dv x ldk],
+  // local key rows transposed (ws.scan.kt) and, for the query side, padded [n x ldl].
+  struct block_keys {
+    index_t j0, n, ldk;
+    raw_rows<T> raw;
+    block_rows<T> rows;
   };
-  // keys of block c of sequence (bi, hk): φK padded rows [n x mp], φKᵀ [m x ldk], Vᵀ [dv x ldk]
-  auto pack_keys = [&](index_t bi, index_t hk, index_t c, backward_workspace<T>& ws, index_t& n, index_t& ldk) {
-    const index_t j0 = c * b;
-    n = std::min(b, nk - j0);
-    ldk = round_up(n, W);
-    pack_rows(&pk(bi, hk, j0, 0), pk.stride(2), n, m, ensure(ws.kpad, b * mp), mp);
-    pack_transposed(&pk(bi, hk, j0, 0), pk.stride(2), n, m, T(1), ensure(ws.kt, m * round_up(b, W)), ldk);
-    pack_transposed(&v(bi, hk, j0, 0), v.stride(2), n, dvv, T(1), ensure(ws.vt, dvv * round_up(b, W)), ldk);
+  auto fetch_keys = [&](index_t bi, index_t hk, index_t c, backward_workspace<T>& ws, bool padded_local) {
+    block_keys kb;
+    kb.j0 = c * b;
+    kb.n = std::min(b, nk - kb.j0);
+    kb.raw = raw_k(bi, hk, kb.j0);
+    kb.rows = src.prepare(kb.raw, kb.n, false, ws.scan.krows);
+    pack_rows(&v(bi, hk, kb.j0, 0), v.stride(2), kb.n, dvv, ensure(ws.vpad, b * dvp), dvp);
+    kb.ldk = prepare_local_keys<T, Source, Arch>(src, kb.rows, kb.n, ws.scan);
+    if (local) pack_transposed(&v(bi, hk, kb.j0, 0), v.stride(2), kb.n, dvv, T(1), ensure(ws.vt, dvv * kb.ldk), kb.ldk);
+    if (padded_local) pack_rows(kb.rows.local, kb.rows.ld_local, kb.n, lf.dim, ensure(ws.klocal, b * ldl), ldl);
+    return kb;
+  };
+  // Local pairs of query rows (local rows qloc, ld ldq; absolute positions first_pos ..) with
+  // the first `keys` keys of kb: dw' into ws.dw and, if want_w, the weights into ws.w
+  // ([rows x ldw] each), causally masked when pb.causal.
+  auto local_pairs = [&](const block_keys& kb, const T* qloc, index_t ldq, index_t rows, index_t keys,
+                         index_t first_pos, backward_workspace<T>& ws, bool want_w) {
+    const index_t ldw = round_up(keys, W);
+    T* t = ensure(ws.w, kChunkRows * round_up(b, W));
+    T* dw = ensure(ws.dw, kChunkRows * round_up(b, W));
+    gemm<T, Arch>(rows, keys, lf.dim, qloc, ldq, 1, ws.scan.kt.data(), kb.ldk, t, ldw, false);
+    gemm<T, Arch>(rows, keys, dvv, ws.g.data(), dvp, 1, ws.vt.data(), kb.ldk, dw, ldw, false);
+    const B sc(lf.scale), dfac(static_cast<T>(lf.power) * lf.scale);
+    for (index_t i = 0; i < rows; ++i) {
+      const B ci(ws.c[static_cast<std::size_t>(i)]);
+      T* ti = t + i * ldw;
+      T* di = dw + i * ldw;
+      for (index_t j = 0; j < ldw; j += W) {
+        const B base = B::load_unaligned(ti + j) * sc;
+        const B pm1 = ipow<T, Arch>(base, lf.power - 1);  // (scale·a·b)^(p−1); 1 for p = 1
+        ((B::load_unaligned(di + j) + ci) * dfac * pm1).store_unaligned(di + j);
+        if (want_w) (pm1 * base).store_unaligned(ti + j);
+      }
+      const index_t visible = pb.causal ? std::clamp<index_t>(first_pos + i - kb.j0 + 1, 0, keys) : keys;
+      std::fill(di + visible, di + ldw, T(0));
+      if (want_w) std::fill(ti + visible, ti + ldw, T(0));
+    }
+    return ldw;
+  };
+  // dst [dv x mp] = the first dv columns of state's Z [m x dvp], transposed (a GEMM B operand)
+  auto transpose_state = [&](const T* state, T* dst) {
+    for (index_t x = 0; x < dvv; ++x)
+      for (index_t f = 0; f < mp; ++f) dst[x * mp + f] = f < m ? state[f * dvp + x] : T(0);
   };
 
-  // Task 2s: dφq of every query head of sequence s (prefix scan). Task 2s+1: dφk, dv (suffix scan).
-  parallel_for(workers, 2 * n_seq, [&](index_t task, int worker) {
-    backward_workspace<T>& ws = scratch[static_cast<std::size_t>(worker)];
-    const index_t s = task / 2, bi = s / pb.kv_heads, hk = s % pb.kv_heads;
-    const bool keys_task = task % 2 == 1;
-    if (!keys_task) {
-      // ---- dφq_i = Zᵀ-read g_i + c_i z (earlier blocks) + Σ_{j in block} dw_ij φk_j ----
-      T* zt = ensure(ws.state_t, dvv * mp);  // Zᵀ = Σ v_j φk_jᵀ  [dv x mp]
-      T* z = ensure(ws.z, mp);
-      std::fill(zt, zt + dvv * mp, T(0));
-      std::fill(z, z + mp, T(0));
-      // the keys of block c join (Zᵀ, z)
-      auto add_keys = [&](index_t c, index_t n) {
-        gemm<T, Arch>(dvv, m, n, &v(bi, hk, c * b, 0), 1, v.stride(2), ws.kpad.data(), mp, zt, mp, true);
-        add_rows<T, Arch>(ws.kpad.data(), mp, n, m, z);
-      };
-      if (!pb.causal)  // every key is visible: the total state, then every query against it
-        for (index_t c = 0; c < nblk; ++c) {
-          const index_t n = std::min(b, nk - c * b);
-          pack_rows(&pk(bi, hk, c * b, 0), pk.stride(2), n, m, ensure(ws.kpad, b * mp), mp);
-          add_keys(c, n);
-        }
-      // causal: query block c (its rows) against the prefix and its own keys; non-causal: one
-      // pass over every query row against the total
-      const index_t passes = pb.causal ? nblk : 1;
-      for (index_t c = 0; c < passes; ++c) {
-        index_t n = 0, ldk = 0;
-        if (pb.causal) pack_keys(bi, hk, c, ws, n, ldk);
-        for (index_t h = hk * group; h < (hk + 1) * group; ++h) {
-          const auto [i0, i1] = pb.causal ? query_rows(c) : std::pair<index_t, index_t>{0, nq};
-          for (index_t a = i0; a < i1; a += kChunkRows) {
-            const index_t rows = std::min(kChunkRows, i1 - a);
-            row_grads(bi, h, a, rows, ws);
-            T* dq = ensure(ws.dq, kChunkRows * mp);
-            gemm<T, Arch>(rows, m, dvv, ws.g.data(), dvp, 1, zt, mp, dq, mp, false);
-            for (index_t i = 0; i < rows; ++i)
-              for (index_t f = 0; f < m; ++f) dq[i * mp + f] += ws.c[static_cast<std::size_t>(i)] * z[f];
-            if (pb.causal) {
-              const index_t first_pos = a + offset, keys = std::min(n, first_pos + rows - 1 - c * b + 1);
-              if (keys > 0) {
-                const index_t ldw = round_up(keys, W);
-                const T* dw = local_dw(rows, keys, first_pos, c * b, ws.vt.data(), ldk, ws, ldw);
-                gemm<T, Arch>(rows, m, keys, dw, ldw, 1, ws.kpad.data(), mp, dq, mp, true);
-              }
-            }
-            for (index_t i = 0; i < rows; ++i) std::copy(dq + i * mp, dq + i * mp + m, &dpq(bi, h, a + i, 0));
-          }
-        }
-        if (pb.causal) add_keys(c, n);  // the block joins the prefix
+  // ---- task 2s: the queries of sequence s (prefix scan) ----
+  auto query_task = [&](index_t bi, index_t hk, backward_workspace<T>& ws, T* leaf_acc) {
+    T* state = ensure(ws.state, 2 * S);  // the prefix (causal) or the total (non-causal), then scratch
+    T* zt = ensure(ws.zt, dvv * mp);
+    std::fill(state, state + S, T(0));
+    if (!pb.causal)
+      for (index_t c = 0; c < nblk; ++c) {
+        const index_t n = std::min(b, nk - c * b);
+        const block_rows<T> kr = src.prepare(raw_k(bi, hk, c * b), n, false, ws.scan.krows);
+        pack_rows(&v(bi, hk, c * b, 0), v.stride(2), n, dvv, ensure(ws.vpad, b * dvp), dvp);
+        state_pass<T, Source, Arch>(src, kr, ws.vpad.data(), dvp, n, dvv, ws.scan, state);
       }
-      return;
+    // causal: query block c after the prefix of blocks < c; non-causal: every query block
+    // (negative ones hold the queries before the first key, Nq > Nk) against the total
+    const index_t c_first = pb.causal ? 0 : floor_div(offset, b);
+    for (index_t c = c_first; c < nblk; ++c) {
+      const bool own = local && c >= 0;
+      block_keys kb{};
+      const T* z = state + m * dvp;
+      bool has_state = !pb.causal || c > 0;
+      if (own) kb = fetch_keys(bi, hk, c, ws, true);
+      if (own && !pb.causal) {  // read total − (the block's own state)
+        T* mine = state + S;
+        std::fill(mine, mine + S, T(0));
+        state_pass<T, Source, Arch>(src, kb.rows, ws.vpad.data(), dvp, kb.n, dvv, ws.scan, mine);
+        for (index_t e = 0; e < S; ++e) mine[e] = state[e] - mine[e];
+        transpose_state(mine, zt);
+        z = mine + m * dvp;
+      } else if (has_state) {
+        transpose_state(state, zt);
+      }
+      const auto [i0, i1] = query_rows(c);
+      for (index_t h = hk * group; h < (hk + 1) * group && i1 > i0; ++h) {
+        const block_rows<T> qr = src.prepare(raw_q(bi, h, i0), i1 - i0, true, ws.scan.qrows);
+        for (index_t a = i0; a < i1; a += kChunkRows) {
+          const index_t rows = std::min(kChunkRows, i1 - a);
+          row_grads(bi, h, a, rows, ws);
+          T* dbase = ensure(ws.dbase, kChunkRows * rbp);
+          T* dlocal = ensure(ws.dlocal, kChunkRows * ldl);
+          if (has_state) {
+            T* dphi = ensure(ws.dphi, kChunkRows * mp + W);
+            gemm<T, Arch>(rows, m, dvv, ws.g.data(), dvp, 1, zt, mp, dphi, mp, false);
+            for (index_t i = 0; i < rows; ++i) {
+              const B ci(ws.c[static_cast<std::size_t>(i)]);
+              for (index_t f = 0; f < mp; f += W)
+                xsimd::fma(ci, B::load_unaligned(z + f), B::load_unaligned(dphi + i * mp + f)).store_unaligned(dphi + i * mp + f);
+            }
+            src.feature_grad(qr, a - i0, rows, dphi, mp, dbase, rbp, ws.fin);
+          } else {
+            std::fill(dbase, dbase + rows * rbp, T(0));
+          }
+          if (local_sep) std::fill(dlocal, dlocal + rows * ldl, T(0));
+          const index_t first_pos = a + offset;
+          const index_t keys = !own ? 0 : pb.causal ? std::min(kb.n, first_pos + rows - kb.j0) : kb.n;
+          if (keys > 0) {
+            const T* qloc = qr.local + (a - i0) * qr.ld_local;
+            const index_t ldw = local_pairs(kb, qloc, qr.ld_local, rows, keys, first_pos, ws, false);
+            T* target = local_sep ? dlocal : dbase;
+            gemm<T, Arch>(rows, lf.dim, keys, ws.dw.data(), ldw, 1, ws.klocal.data(), ldl, target,
+                          local_sep ? ldl : rbp, true);
+          }
+          src.finish(raw_q(bi, h, a), rows, true, dbase, rbp, dlocal, ldl, grads_q(bi, h, a), ws.fin, leaf_acc);
+        }
+      }
+      if (pb.causal && c + 1 < nblk)  // the block joins the prefix
+        state_pass<T, Source, Arch>(src, kb.rows, ws.vpad.data(), dvp, kb.n, dvv, ws.scan, state);
     }
-    // ---- dφk_j = U v_j + u, dv_j = Uᵀ φk_j (later query blocks) + the block's own pairs ----
-    T* U = ensure(ws.state, m * dvp);  // Σ φq_i g_iᵀ [m x dvp]
-    T* ut = ensure(ws.state_t, dvv * mp);
-    T* u = ensure(ws.z, mp);
-    std::fill(U, U + m * dvp, T(0));
-    std::fill(u, u + mp, T(0));
-    // query rows a .. a+rows of head h join U, u (their g, c already in ws.g, ws.c)
-    auto add_chunk = [&](index_t h, index_t a, index_t rows) {
-      gemm<T, Arch>(m, dvv, rows, &pq(bi, h, a, 0), 1, pq.stride(2), ws.g.data(), dvp, U, dvp, true);
-      for (index_t i = 0; i < rows; ++i)
-        for (index_t f = 0; f < m; ++f) u[f] += ws.c[static_cast<std::size_t>(i)] * pq(bi, h, a + i, f);
+  };
+
+  // ---- task 2s+1: the keys and values of sequence s (suffix scan) ----
+  auto key_task = [&](index_t bi, index_t hk, backward_workspace<T>& ws, T* leaf_acc) {
+    T* U = ensure(ws.state, 2 * S);  // U [m x dvp], u [mp]; then a block's own share
+    T* ut = ensure(ws.zt, dvv * mp);
+    std::fill(U, U + S, T(0));
+    // query rows a .. a+rows (prepared as qr from row i0) of head h join `acc` (g, c in ws)
+    auto add_queries = [&](const block_rows<T>& qr, index_t from, index_t rows, T* acc, backward_workspace<T>& w) {
+      index_t ld = 0;
+      const T* phi = src.features(qr, from, rows, w.scan.phi, ld);
+      gemm<T, Arch>(m, dvv, rows, phi, 1, ld, w.g.data(), dvp, acc, dvp, true);
+      T* u = acc + m * dvp;
+      for (index_t i = 0; i < rows; ++i) {
+        const T ci = w.c[static_cast<std::size_t>(i)];
+        for (index_t f = 0; f < m; ++f) u[f] += ci * phi[i * ld + f];
+      }
     };
-    if (!pb.causal)  // every query sees every key: U, u over all of them first
+    if (!pb.causal)  // every query sees every key: the total over all of them first
       for (index_t h = hk * group; h < (hk + 1) * group; ++h)
         for (index_t a = 0; a < nq; a += kChunkRows) {
           const index_t rows = std::min(kChunkRows, nq - a);
+          const block_rows<T> qr = src.prepare(raw_q(bi, h, a), rows, true, ws.scan.qrows);
           row_grads(bi, h, a, rows, ws);
-          add_chunk(h, a, rows);
+          add_queries(qr, 0, rows, U, ws);
         }
     for (index_t c = nblk - 1; c >= 0; --c) {
-      index_t n = 0, ldk = 0;
-      pack_keys(bi, hk, c, ws, n, ldk);
-      T* dk = ensure(ws.dk, b * mp);
-      T* dvb = ensure(ws.dvb, b * dvp);
-      // from the suffix (or, non-causal, the total): dk = V Uᵀ-rows + u, dv = φK U
-      for (index_t x = 0; x < dvv; ++x)
-        for (index_t f = 0; f < m; ++f) ut[x * mp + f] = U[f * dvp + x];
-      gemm<T, Arch>(n, m, dvv, &v(bi, hk, c * b, 0), v.stride(2), 1, ut, mp, dk, mp, false);
-      for (index_t j = 0; j < n; ++j)
-        for (index_t f = 0; f < m; ++f) dk[j * mp + f] += u[f];
-      gemm<T, Arch>(n, dvv, m, ws.kpad.data(), mp, 1, U, dvp, dvb, dvp, false);
-      if (pb.causal) {
-        const auto [i0, i1] = query_rows(c);
-        for (index_t h = hk * group; h < (hk + 1) * group; ++h)
+      const block_keys kb = fetch_keys(bi, hk, c, ws, false);
+      const auto [i0, i1] = query_rows(c);
+      const T* Ux = U;
+      if (local && !pb.causal) {  // total − the share of the block's own queries
+        T* mine = U + S;
+        std::fill(mine, mine + S, T(0));
+        for (index_t h = hk * group; h < (hk + 1) * group && i1 > i0; ++h) {
+          const block_rows<T> qr = src.prepare(raw_q(bi, h, i0), i1 - i0, true, ws.scan.qrows);
           for (index_t a = i0; a < i1; a += kChunkRows) {
             const index_t rows = std::min(kChunkRows, i1 - a);
-            const index_t first_pos = a + offset, keys = std::min(n, first_pos + rows - 1 - c * b + 1);
             row_grads(bi, h, a, rows, ws);
-            if (keys <= 0) {  // rows before the block's first key: only the suffix for earlier blocks
-              add_chunk(h, a, rows);
-              continue;
-            }
-            const index_t ldw = round_up(keys, W);
-            // w = φQ φKᵀ, masked; dW = g Vᵀ + c, masked
-            T* w = ensure(ws.w, kChunkRows * ldk);
-            gemm<T, Arch>(rows, keys, m, &pq(bi, h, a, 0), pq.stride(2), 1, ws.kt.data(), ldk, w, ldw, false);
-            for (index_t i = 0; i < rows; ++i) {
-              const index_t visible = std::clamp<index_t>(first_pos + i - c * b + 1, 0, keys);
-              std::fill(w + i * ldw + visible, w + i * ldw + keys, T(0));
-            }
-            const T* dw = local_dw(rows, keys, first_pos, c * b, ws.vt.data(), ldk, ws, ldw);
-            T* qp = ensure(ws.qpad, kChunkRows * mp);
-            pack_rows(&pq(bi, h, a, 0), pq.stride(2), rows, m, qp, mp);
-            // dk[j] += Σ_i dw_ij φq_i ; dv[j] += Σ_i w_ij g_i
-            gemm<T, Arch>(keys, m, rows, dw, 1, ldw, qp, mp, dk, mp, true);
-            gemm<T, Arch>(keys, dvv, rows, w, 1, ldw, ws.g.data(), dvp, dvb, dvp, true);
-            add_chunk(h, a, rows);  // the block's queries join the suffix for earlier blocks
+            add_queries(qr, a - i0, rows, mine, ws);
           }
+        }
+        for (index_t e = 0; e < S; ++e) mine[e] = U[e] - mine[e];
+        Ux = mine;
       }
-      for (index_t j = 0; j < n; ++j) {
-        std::copy(dk + j * mp, dk + j * mp + m, &dpk(bi, hk, c * b + j, 0));
-        std::copy(dvb + j * dvp, dvb + j * dvp + dvv, &dv(bi, hk, c * b + j, 0));
+      transpose_state(Ux, ut);
+      const T* u = Ux + m * dvp;
+      T* kbase = ensure(ws.kbase, b * rbp);
+      T* kloc = ensure(ws.kloc, b * ldl);
+      T* dvb = ensure(ws.dvb, b * dvp);
+      if (local_sep) std::fill(kloc, kloc + kb.n * ldl, T(0));
+      // from the suffix (or, non-causal, the total): dφk = V Uᵀ + u, dv = φK U
+      for (index_t a = 0; a < kb.n; a += kChunkRows) {
+        const index_t rows = std::min(kChunkRows, kb.n - a);
+        T* dphi = ensure(ws.dphi, kChunkRows * mp + W);
+        gemm<T, Arch>(rows, m, dvv, ws.vpad.data() + a * dvp, dvp, 1, ut, mp, dphi, mp, false);
+        for (index_t i = 0; i < rows; ++i)
+          for (index_t f = 0; f < mp; f += W)
+            (B::load_unaligned(dphi + i * mp + f) + B::load_unaligned(u + f)).store_unaligned(dphi + i * mp + f);
+        src.feature_grad(kb.rows, a, rows, dphi, mp, kbase + a * rbp, rbp, ws.fin);
+        index_t ld = 0;
+        const T* phi = src.features(kb.rows, a, rows, ws.scan.phi, ld);
+        gemm<T, Arch>(rows, dvv, m, phi, ld, 1, Ux, dvp, dvb + a * dvp, dvp, false);
       }
+      for (index_t h = hk * group; h < (hk + 1) * group && local && i1 > i0; ++h) {
+        const block_rows<T> qr = src.prepare(raw_q(bi, h, i0), i1 - i0, true, ws.scan.qrows);
+        T* qloc = ensure(ws.qlocal, round_up(b, kChunkRows) * ldl);
+        pack_rows(qr.local, qr.ld_local, i1 - i0, lf.dim, qloc, ldl);
+        for (index_t a = i0; a < i1; a += kChunkRows) {
+          const index_t rows = std::min(kChunkRows, i1 - a);
+          const index_t first_pos = a + offset;
+          const index_t keys = pb.causal ? std::min(kb.n, first_pos + rows - kb.j0) : kb.n;
+          row_grads(bi, h, a, rows, ws);
+          if (keys > 0) {
+            const T* ql = qloc + (a - i0) * ldl;
+            const index_t ldw = local_pairs(kb, ql, ldl, rows, keys, first_pos, ws, true);
+            // db[j] += Σ_i dw'_ij a_i ; dv[j] += Σ_i w_ij g_i
+            T* target = local_sep ? kloc : kbase;
+            gemm<T, Arch>(keys, lf.dim, rows, ws.dw.data(), 1, ldw, ql, ldl, target, local_sep ? ldl : rbp, true);
+            gemm<T, Arch>(keys, dvv, rows, ws.w.data(), 1, ldw, ws.g.data(), dvp, dvb, dvp, true);
+          }
+          if (pb.causal) add_queries(qr, a - i0, rows, U, ws);  // the block's queries join the suffix
+        }
+      }
+      src.finish(kb.raw, kb.n, false, kbase, rbp, kloc, ldl, grads_k(bi, hk, kb.j0), ws.fin, leaf_acc);
+      for (index_t j = 0; j < kb.n; ++j) std::copy(dvb + j * dvp, dvb + j * dvp + dvv, &dv(bi, hk, kb.j0 + j, 0));
     }
+  };
+
+  parallel_for(workers, 2 * n_seq, [&](index_t task, int worker) {
+    backward_workspace<T>& ws = scratch[static_cast<std::size_t>(worker)];
+    const index_t s = task / 2, bi = s / pb.kv_heads, hk = s % pb.kv_heads;
+    T* leaf_acc = LV > 0 ? leaf_tasks.data() + task * LV : nullptr;
+    if (task % 2 == 0)
+      query_task(bi, hk, ws, leaf_acc);
+    else
+      key_task(bi, hk, ws, leaf_acc);
   });
+  for (index_t task = 0; task < 2 * n_seq && LV > 0; ++task)  // in task order: the same bits for any thread count
+    for (index_t e = 0; e < LV; ++e) leaf_out[e] += leaf_tasks[static_cast<std::size_t>(task * LV + e)];
 }
 
 }  // namespace polyattn::detail
