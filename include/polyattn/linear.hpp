@@ -42,7 +42,8 @@ struct view_feature_source {
   }
   void finish(const raw_rows<T>&, index_t n, bool, const T* dbase, index_t ldb, const T*, index_t,
               const grad_rows<T>& out, aligned_vector<T>&, T*) const {
-    copy_rows(dbase, ldb, n, m, out.x, out.ld);
+    for (index_t i = 0; i < n; ++i)
+      for (index_t f = 0; f < m; ++f) out.x[i * out.ld + f] = dbase ? dbase[i * ldb + f] : T(0);
   }
 };
 

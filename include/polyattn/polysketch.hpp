@@ -71,15 +71,18 @@ struct sketch_feature_source {
   }
   void finish(const raw_rows<T>& x, index_t n, bool query, const T* dbase, index_t ldb, const T* dlocal, index_t ldl,
               const grad_rows<T>& out, aligned_vector<T>& scratch, T* leaf_acc) const {
-    T* sc = ensure(scratch, std::max<index_t>(sketch->backward_scratch_size(n), 1));
-    sketch->sketch_rows_backward(x.x, x.ld, n, query ? scale : T(1), dbase, ldb, out.x, out.ld, leaf_acc, sc);
-    if (!local_exact) return;
-    if (exact_from_secondary) {
-      copy_rows(dlocal, ldl, n, secondary_dim, out.x2, out.ld2);
-      return;
+    if (dbase) {
+      T* sc = ensure(scratch, std::max<index_t>(sketch->backward_scratch_size(n), 1));
+      sketch->sketch_rows_backward(x.x, x.ld, n, query ? scale : T(1), dbase, ldb, out.x, out.ld, leaf_acc, sc);
+    } else {
+      for (index_t i = 0; i < n; ++i) std::fill(out.x + i * out.ld, out.x + i * out.ld + sketch->head_dim(), T(0));
     }
-    for (index_t i = 0; i < n; ++i)
-      for (index_t c = 0; c < sketch->head_dim(); ++c) out.x[i * out.ld + c] += dlocal[i * ldl + c];
+    if (exact_from_secondary)  // the exact weights' rows q, k
+      for (index_t i = 0; i < n; ++i)
+        for (index_t c = 0; c < secondary_dim; ++c) out.x2[i * out.ld2 + c] = dlocal ? dlocal[i * ldl + c] : T(0);
+    else if (local_exact && dlocal)  // the exact weights use the sketch's own input rows
+      for (index_t i = 0; i < n; ++i)
+        for (index_t c = 0; c < sketch->head_dim(); ++c) out.x[i * out.ld + c] += dlocal[i * ldl + c];
   }
 };
 

@@ -312,11 +312,13 @@ class polysketch {
     return out;
   }
 
-  /// Scratch (elements of T) sketch_rows_backward needs for n rows: the scaled input and every
-  /// node's u, w and s for min(n, kRowChunk) rows; 0 for degree 2.
+  /// Scratch (elements of T) sketch_rows_backward needs for n rows: the scaled input, its
+  /// gradient, every node's u, w and s for min(n, kRowChunk) rows, and one leaf's gradient;
+  /// 0 for degree 2.
   index_t backward_scratch_size(index_t n) const noexcept {
     if (degree_ <= 2 || n <= 0) return 0;
-    return std::min(n, kRowChunk) * (d_ + 3 * (degree_ / 2 - 1) * r_);
+    const index_t dp = detail::round_up(d_, layout_pad);
+    return std::min(n, kRowChunk) * (d_ + dp + 3 * (degree_ / 2 - 1) * r_pad_) + std::max(d_, r_) * r_pad_;
   }
 
   /// Backward of sketch_rows: for s = sketch of (input_scale · x) over n rows and the gradient
@@ -326,89 +328,99 @@ class polysketch {
   /// back). The tree is evaluated again with a tape (every node's u, w and s) and walked in
   /// reverse: at a node s = u ∘ w with u = s_a·A, w = s_b·B (a leaf node: s_a = s_b = the
   /// scaled input, A, B = G1, G2), du = ds ∘ w, dw = ds ∘ u, ds_a = du·Aᵀ, ds_b = dw·Bᵀ,
-  /// dA += s_aᵀ·du, dB += s_bᵀ·dw. scratch: backward_scratch_size(n) elements.
+  /// dA += s_aᵀ·du, dB += s_bᵀ·dw. scratch: backward_scratch_size(n) elements. Runs on the
+  /// calling thread (its products are polyattn's GEMM, never a parallel library call).
   void sketch_rows_backward(const T* x, index_t ldx, index_t n, T input_scale, const T* ds, index_t ldds, T* dx,
                             index_t lddx, T* leaf_acc, T* scratch) const {
-    using dyn = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-    using map = Eigen::Map<dyn, 0, Eigen::OuterStride<>>;
-    using cmap = Eigen::Map<const dyn, 0, Eigen::OuterStride<>>;
-    const index_t d = d_, r = r_;
+    using B = xsimd::batch<T>;
+    const index_t d = d_, r = r_, R = r_pad_, dp = detail::round_up(d_, layout_pad), ldp = 2 * leaf_nodes_ * R;
     if (degree_ == 2) {  // s(x) = input_scale · x
       for (index_t i = 0; i < n; ++i)
         for (index_t c = 0; c < d; ++c) dx[i * lddx + c] = input_scale * ds[i * ldds + c];
       return;
     }
-    // leaf i's gradient block in leaf_acc
-    auto leaf_grad = [&](index_t i) {
-      index_t off = 0;
-      for (index_t j = 0; j < i; ++j) off += leaves_[static_cast<std::size_t>(j)].rows * leaves_[static_cast<std::size_t>(j)].cols;
-      const leaf_storage& l = leaves_[static_cast<std::size_t>(i)];
-      return map(leaf_acc + off, l.rows, l.cols, Eigen::OuterStride<>(l.cols));
-    };
-    auto leaf = [&](index_t i) {
-      const leaf_storage& l = leaves_[static_cast<std::size_t>(i)];
-      return cmap(l.data.data(), l.rows, l.cols, Eigen::OuterStride<>(l.cols));
-    };
     for (index_t c0 = 0; c0 < n; c0 += kRowChunk) {
       const index_t rows = std::min(kRowChunk, n - c0);
-      map xs(scratch, rows, d, Eigen::OuterStride<>(d));
-      xs = input_scale * cmap(x + c0 * ldx, rows, d, Eigen::OuterStride<>(ldx));
-      T* tape = scratch + rows * d;
-      // node k (post-order) keeps u, w, s in three [rows x r] slots
-      auto slot = [&](index_t k, int which) { return map(tape + (3 * k + which) * rows * r, rows, r, Eigen::OuterStride<>(r)); };
+      T* xs = scratch;            // [rows x d] the scaled input
+      T* dxs = xs + rows * d;     // [rows x dp] its gradient
+      T* tape = dxs + rows * dp;  // node k (post-order): u, w, s, each [rows x R]
+      T* tmp = tape + 3 * (degree_ / 2 - 1) * rows * R;  // one leaf's gradient [leaf rows x R]
+      for (index_t i = 0; i < rows; ++i)
+        for (index_t c = 0; c < d; ++c) xs[i * d + c] = input_scale * x[(c0 + i) * ldx + c];
+      auto slot = [&](index_t k, int which) { return tape + (3 * k + which) * rows * R; };
+      // leaf i as a B operand of A·leaf: a G leaf in g_ (ld ldp), an H leaf in h_ (ld R)
+      auto leaf_g = [&](index_t i) { return g_.data() + leaf_at_[static_cast<std::size_t>(i)]; };
+      auto leaf_h = [&](index_t i) { return h_.data() + leaf_at_[static_cast<std::size_t>(i)]; };
+      // ... and transposed, of A·leafᵀ (ld dp for a G leaf, R for an H leaf)
+      auto leaf_t = [&](index_t i) { return lt_.data() + lt_at_[static_cast<std::size_t>(i)]; };
+      // acc block of leaf i += Aᵀ·D over the chunk's rows (A [rows x a_cols], D [rows x R])
+      auto add_leaf_grad = [&](index_t i, const T* a, index_t lda, const T* dmat) {
+        if (!leaf_acc) return;
+        index_t off = 0;
+        for (index_t j = 0; j < i; ++j) off += leaves_[static_cast<std::size_t>(j)].rows * leaves_[static_cast<std::size_t>(j)].cols;
+        const leaf_storage& l = leaves_[static_cast<std::size_t>(i)];
+        detail::gemm<T>(l.rows, R, rows, a, 1, lda, dmat, R, tmp, R, false);
+        for (index_t p = 0; p < l.rows; ++p)
+          for (index_t q = 0; q < l.cols; ++q) leaf_acc[off + p * l.cols + q] += tmp[p * R + q];
+      };
       // a subtree of sketch degree m rooted at post-order index base + m − 2 uses nodes
       // [base, base + m − 1) and leaves [lbase, lbase + 2(m − 1)); its children are the
       // subtrees (m/2, base, lbase) and (m/2, base + m/2 − 1, lbase + m − 2)
       auto forward = [&](auto& self, index_t m, index_t base, index_t lbase) -> void {
         const index_t k = base + m - 2, a = lbase + 2 * (m - 2);
         if (m == 2) {
-          slot(k, 0).noalias() = xs * leaf(a);
-          slot(k, 1).noalias() = xs * leaf(a + 1);
+          detail::gemm<T>(rows, R, d, xs, d, 1, leaf_g(a), ldp, slot(k, 0), R, false);
+          detail::gemm<T>(rows, R, d, xs, d, 1, leaf_g(a + 1), ldp, slot(k, 1), R, false);
         } else {
           self(self, m / 2, base, lbase);
           self(self, m / 2, base + m / 2 - 1, lbase + m - 2);
-          slot(k, 0).noalias() = slot(base + m / 2 - 2, 2) * leaf(a);
-          slot(k, 1).noalias() = slot(base + m - 3, 2) * leaf(a + 1);
+          detail::gemm<T>(rows, R, r, slot(base + m / 2 - 2, 2), R, 1, leaf_h(a), R, slot(k, 0), R, false);
+          detail::gemm<T>(rows, R, r, slot(base + m - 3, 2), R, 1, leaf_h(a + 1), R, slot(k, 1), R, false);
         }
-        slot(k, 2) = slot(k, 0).cwiseProduct(slot(k, 1));
+        T* u = slot(k, 0);
+        T* w = slot(k, 1);
+        T* sk = slot(k, 2);
+        for (index_t e = 0; e < rows * R; e += simd_width)
+          (B::load_unaligned(u + e) * B::load_unaligned(w + e)).store_unaligned(sk + e);
       };
-      map dxs(dx + c0 * lddx, rows, d, Eigen::OuterStride<>(lddx));
-      dxs.setZero();
       // ds of node k arrives in its s slot; du, dw overwrite u, w
       auto backward = [&](auto& self, index_t m, index_t base, index_t lbase) -> void {
         const index_t k = base + m - 2, a = lbase + 2 * (m - 2);
-        map u = slot(k, 0), w = slot(k, 1);
-        const map g = slot(k, 2);
-        for (index_t i = 0; i < rows; ++i)
-          for (index_t c = 0; c < r; ++c) {
-            const T uc = u(i, c);
-            u(i, c) = g(i, c) * w(i, c);
-            w(i, c) = g(i, c) * uc;
-          }
+        T* u = slot(k, 0);
+        T* w = slot(k, 1);
+        const T* g = slot(k, 2);
+        for (index_t e = 0; e < rows * R; e += simd_width) {
+          const B gv = B::load_unaligned(g + e), uv = B::load_unaligned(u + e), wv = B::load_unaligned(w + e);
+          (gv * wv).store_unaligned(u + e);
+          (gv * uv).store_unaligned(w + e);
+        }
         if (m == 2) {
-          dxs.noalias() += u * leaf(a).transpose();
-          dxs.noalias() += w * leaf(a + 1).transpose();
-          if (leaf_acc) {
-            leaf_grad(a).noalias() += xs.transpose() * u;
-            leaf_grad(a + 1).noalias() += xs.transpose() * w;
-          }
+          detail::gemm<T>(rows, dp, r, u, R, 1, leaf_t(a), dp, dxs, dp, true);
+          detail::gemm<T>(rows, dp, r, w, R, 1, leaf_t(a + 1), dp, dxs, dp, true);
+          add_leaf_grad(a, xs, d, u);
+          add_leaf_grad(a + 1, xs, d, w);
           return;
         }
-        map sl = slot(base + m / 2 - 2, 2), sr = slot(base + m - 3, 2);
-        if (leaf_acc) {
-          leaf_grad(a).noalias() += sl.transpose() * u;
-          leaf_grad(a + 1).noalias() += sr.transpose() * w;
-        }
-        sl.noalias() = u * leaf(a).transpose();
-        sr.noalias() = w * leaf(a + 1).transpose();
+        T* sl = slot(base + m / 2 - 2, 2);
+        T* sr = slot(base + m - 3, 2);
+        add_leaf_grad(a, sl, R, u);
+        add_leaf_grad(a + 1, sr, R, w);
+        detail::gemm<T>(rows, R, r, u, R, 1, leaf_t(a), R, sl, R, false);
+        detail::gemm<T>(rows, R, r, w, R, 1, leaf_t(a + 1), R, sr, R, false);
         self(self, m / 2, base, lbase);
         self(self, m / 2, base + m / 2 - 1, lbase + m - 2);
       };
       const index_t m = degree_ / 2;
       forward(forward, m, 0, 0);
-      slot(m - 2, 2) = cmap(ds + c0 * ldds, rows, r, Eigen::OuterStride<>(ldds));
+      T* root = slot(m - 2, 2);
+      for (index_t i = 0; i < rows; ++i) {
+        std::copy(ds + (c0 + i) * ldds, ds + (c0 + i) * ldds + r, root + i * R);
+        std::fill(root + i * R + r, root + (i + 1) * R, T(0));
+      }
+      std::fill(dxs, dxs + rows * dp, T(0));
       backward(backward, m, 0, 0);
-      dxs *= input_scale;
+      for (index_t i = 0; i < rows; ++i)
+        for (index_t c = 0; c < d; ++c) dx[(c0 + i) * lddx + c] = input_scale * dxs[i * dp + c];
     }
   }
 
@@ -663,6 +675,22 @@ class polysketch {
     // H leaves to [r, R] blocks of h_. The scratch P has the same 2L column blocks: after the
     // leaf products, leaf node l's sketch is in block 2l and the odd blocks are free.
     g_.assign(static_cast<std::size_t>(d_ * ldp), T(0));
+    // every leaf transposed and zero padded, [cols, round_up(rows, layout_pad)], back to back:
+    // the B operands of sketch_rows_backward
+    leaf_at_.assign(leaves_.size(), 0);
+    lt_at_.clear();
+    index_t lt_size = 0;
+    for (const leaf_storage& l : leaves_) {
+      lt_at_.push_back(lt_size);
+      lt_size += l.cols * detail::round_up(l.rows, layout_pad);
+    }
+    lt_.assign(static_cast<std::size_t>(lt_size), T(0));
+    for (std::size_t i = 0; i < leaves_.size(); ++i) {
+      const leaf_storage& l = leaves_[i];
+      const index_t ld = detail::round_up(l.rows, layout_pad);
+      for (index_t a = 0; a < l.rows; ++a)
+        for (index_t b = 0; b < l.cols; ++b) lt_[static_cast<std::size_t>(lt_at_[i] + b * ld + a)] = l(a, b);
+    }
     h_.assign(static_cast<std::size_t>(2 * (leaf_nodes_ - 1) * r_ * R), T(0));
     steps_.clear();
     std::vector<index_t> free_blocks;
@@ -676,7 +704,9 @@ class polysketch {
     auto build = [&](auto& self, int m, bool root) -> index_t {
       if (m == 2) {
         const index_t l = next_leaf_node++;
+        leaf_at_[static_cast<std::size_t>(next_leaf)] = 2 * l * R;
         copy_leaf(leaves_[static_cast<std::size_t>(next_leaf++)], g_.data() + 2 * l * R, ldp);
+        leaf_at_[static_cast<std::size_t>(next_leaf)] = (2 * l + 1) * R;
         copy_leaf(leaves_[static_cast<std::size_t>(next_leaf++)], g_.data() + (2 * l + 1) * R, ldp);
         return 2 * l;
       }
@@ -687,6 +717,7 @@ class polysketch {
       st.b = b;
       for (index_t* off : {&st.h1, &st.h2}) {
         *off = next_h * r_ * R;
+        leaf_at_[static_cast<std::size_t>(next_leaf)] = *off;
         copy_leaf(leaves_[static_cast<std::size_t>(next_leaf++)], h_.data() + *off, R);
         ++next_h;
       }
@@ -782,6 +813,9 @@ class polysketch {
   detail::aligned_vector<T> g_;  // [d, 2L·R]: the G leaves side by side, zero padded
   detail::aligned_vector<T> h_;  // 2(L−1) blocks [r, R]: the H leaves, zero padded
   std::vector<combine_step> steps_;
+  std::vector<index_t> leaf_at_;  // leaf i in the packed layout: column offset in g_ (a G leaf) or offset in h_ (an H leaf)
+  detail::aligned_vector<T> lt_;  // the leaves transposed and padded (see init)
+  std::vector<index_t> lt_at_;    // leaf i's offset in lt_
 };
 
 }  // namespace polyattn

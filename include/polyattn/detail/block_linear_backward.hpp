@@ -13,13 +13,18 @@
 // and then the source maps the gradients of its base rows (dφ contracted to ds for sketches)
 // and of its local rows back to its raw inputs (docs/design.md §7.6).
 //
-// Causal, in blocks of b keys: one scan in key order keeps the prefix (Z, z) for the queries;
-// one scan in reverse keeps the suffix (U, u) over later query blocks for the keys; each
-// block's own pairs are computed directly with the causal mask. The two scans of a sequence
-// are independent tasks (one head keeps two cores busy) and every sum runs in a fixed order:
-// the same bits for any thread count. With GQA the reverse scan of a kv head accumulates every
-// query head of its group, in head order. Non-causal: the totals, minus the own block's share
-// when the own block is weighed locally (local_exact), as in the forward.
+// Causal, in blocks of b keys: one scan in key order keeps the prefix (Z, z) for the queries
+// and computes each block's own pairs directly with the causal mask, for both sides (dq, and
+// the block's share of dk and dv); one scan in reverse keeps the suffix (U, u) over later query
+// blocks for the state's share of dk and dv. Per token that is two state updates and three
+// read-outs of m x dv, split 2 : 3 between the scans, with the local pairs on the lighter one.
+// The two scans of a sequence are independent tasks (one head keeps two cores busy). A key
+// block's two shares meet in the caller's dk and dv: whichever scan delivers second adds its
+// share to the first's under a per-block flag, and since a + b == b + a exactly, the result is
+// the same bits for any thread count and either order. Every other sum runs in a fixed order.
+// With GQA the scans of a kv head take every query head of its group, in head order.
+// Non-causal: the totals, minus the own block's share when the own block is weighed locally
+// (local_exact), as in the forward.
 //
 // Besides the forward's source interface (block_passes.hpp) a source gives:
 //   index_t base_dim() const;     width of the base rows features expand from (m, or r)
@@ -31,10 +36,14 @@
 //   void finish(const raw_rows<T>& x, index_t n, bool query, const T* dbase, index_t ldb,
 //               const T* dlocal, index_t ldl, const grad_rows<T>& out, aligned_vector<T>& scratch,
 //               T* leaf_acc) const;
-//       the gradients of n raw rows written into out from those of their base and local rows
+//       the gradients of n raw rows written into out (every column of x and x2) from those of
+//       their base rows (dbase; nullptr: zero) and separate local rows (dlocal; nullptr: zero)
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "../tensor_view.hpp"
@@ -55,6 +64,7 @@ template <class T>
 struct backward_workspace {
   scan_workspace<T> scan;  // prepared rows, features, local keys transposed (scan.kt)
   aligned_vector<T> vpad, vt, klocal, qlocal, g, c, w, dw, dphi, dbase, dlocal, kbase, kloc, dvb, state, zt, fin;
+  aligned_vector<T> tk, tk2;  // a key block's share of the raw key gradients, before delivery
 };
 
 template <class T, class Source, class Arch = default_arch>
@@ -127,23 +137,26 @@ void run_block_backward(const block_problem& pb, const Source& src, tensor_view<
       c[i] = -dot / den;
     }
   };
-  // The keys of block c: prepared rows, values padded [n x dvp] and transposed [dv x ldk],
-  // local key rows transposed (ws.scan.kt) and, for the query side, padded [n x ldl].
+  // The keys of block c: prepared rows and values padded [n x dvp]; for the local pairs
+  // (`pairs`) also the local key rows transposed (ws.scan.kt) and padded [n x ldl], and the
+  // values transposed [dv x ldk].
   struct block_keys {
     index_t j0, n, ldk;
     raw_rows<T> raw;
     block_rows<T> rows;
   };
-  auto fetch_keys = [&](index_t bi, index_t hk, index_t c, backward_workspace<T>& ws, bool padded_local) {
+  auto fetch_keys = [&](index_t bi, index_t hk, index_t c, backward_workspace<T>& ws, bool pairs) {
     block_keys kb;
     kb.j0 = c * b;
     kb.n = std::min(b, nk - kb.j0);
+    kb.ldk = 0;
     kb.raw = raw_k(bi, hk, kb.j0);
     kb.rows = src.prepare(kb.raw, kb.n, false, ws.scan.krows);
     pack_rows(&v(bi, hk, kb.j0, 0), v.stride(2), kb.n, dvv, ensure(ws.vpad, b * dvp), dvp);
+    if (!pairs) return kb;
     kb.ldk = prepare_local_keys<T, Source, Arch>(src, kb.rows, kb.n, ws.scan);
-    if (local) pack_transposed(&v(bi, hk, kb.j0, 0), v.stride(2), kb.n, dvv, T(1), ensure(ws.vt, dvv * kb.ldk), kb.ldk);
-    if (padded_local) pack_rows(kb.rows.local, kb.rows.ld_local, kb.n, lf.dim, ensure(ws.klocal, b * ldl), ldl);
+    pack_transposed(&v(bi, hk, kb.j0, 0), v.stride(2), kb.n, dvv, T(1), ensure(ws.vt, dvv * kb.ldk), kb.ldk);
+    pack_rows(kb.rows.local, kb.rows.ld_local, kb.n, lf.dim, ensure(ws.klocal, b * ldl), ldl);
     return kb;
   };
   // Local pairs of query rows (local rows qloc, ld ldq; absolute positions first_pos ..) with
@@ -179,7 +192,44 @@ void run_block_backward(const block_problem& pb, const Source& src, tensor_view<
       for (index_t f = 0; f < mp; ++f) dst[x * mp + f] = f < m ? state[f * dvp + x] : T(0);
   };
 
-  // ---- task 2s: the queries of sequence s (prefix scan) ----
+  // A key block's share of dk (primary and secondary rows) and dv, delivered to the caller's
+  // views: the first scan to deliver block c writes, the second adds (see the top of the file).
+  const index_t kd1 = src.key_dim(), kd2 = src.key_dim2(), kdim = kd1 + kd2;
+  std::unique_ptr<std::atomic<int>[]> delivered(new std::atomic<int>[static_cast<std::size_t>(n_seq * nblk)]);
+  for (index_t e = 0; e < n_seq * nblk; ++e) delivered[e].store(0, std::memory_order_relaxed);
+  auto deliver = [&](index_t bi, index_t hk, index_t c, index_t n, const T* tk, const T* tdv) {
+    std::atomic<int>& flag = delivered[(bi * pb.kv_heads + hk) * nblk + c];
+    int expected = 0;
+    const bool first = flag.compare_exchange_strong(expected, 1, std::memory_order_acq_rel);
+    if (!first)
+      while (flag.load(std::memory_order_acquire) != 2) std::this_thread::yield();  // the first is copying
+    const index_t j0 = c * b;
+    for (index_t j = 0; j < n; ++j) {
+      const T* row = tk + j * kdim;
+      T* a = &dk(bi, hk, j0 + j, 0);
+      T* a2 = kd2 > 0 ? &dk2(bi, hk, j0 + j, 0) : nullptr;
+      T* dvr = &dv(bi, hk, j0 + j, 0);
+      const T* dvs = tdv + j * dvp;
+      if (first) {
+        std::copy(row, row + kd1, a);
+        std::copy(row + kd1, row + kdim, a2);
+        std::copy(dvs, dvs + dvv, dvr);
+      } else {
+        for (index_t x = 0; x < kd1; ++x) a[x] += row[x];
+        for (index_t x = 0; x < kd2; ++x) a2[x] += row[kd1 + x];
+        for (index_t x = 0; x < dvv; ++x) dvr[x] += dvs[x];
+      }
+    }
+    if (first) flag.store(2, std::memory_order_release);
+  };
+  // the raw key gradients of block kb from base-row (dbase) and local-row (dlocal) gradients
+  auto key_share = [&](const block_keys& kb, const T* dbase, const T* dlocal, backward_workspace<T>& ws, T* leaf_acc) {
+    T* tk = ensure(ws.tk, b * std::max<index_t>(kdim, 1));
+    src.finish(kb.raw, kb.n, false, dbase, rbp, dlocal, ldl, grad_rows<T>{tk, kdim, tk + kd1, kdim}, ws.fin, leaf_acc);
+    return tk;
+  };
+
+  // ---- task 2s: the queries of sequence s and every block's own pairs (prefix scan) ----
   auto query_task = [&](index_t bi, index_t hk, backward_workspace<T>& ws, T* leaf_acc) {
     T* state = ensure(ws.state, 2 * S);  // the prefix (causal) or the total (non-causal), then scratch
     T* zt = ensure(ws.zt, dvv * mp);
@@ -198,7 +248,7 @@ void run_block_backward(const block_problem& pb, const Source& src, tensor_view<
       const bool own = local && c >= 0;
       block_keys kb{};
       const T* z = state + m * dvp;
-      bool has_state = !pb.causal || c > 0;
+      const bool has_state = !pb.causal || c > 0;
       if (own) kb = fetch_keys(bi, hk, c, ws, true);
       if (own && !pb.causal) {  // read total − (the block's own state)
         T* mine = state + S;
@@ -210,9 +260,19 @@ void run_block_backward(const block_problem& pb, const Source& src, tensor_view<
       } else if (has_state) {
         transpose_state(state, zt);
       }
+      // the block's share of the key-side gradients: local rows (or base rows) and values
+      T* kacc = ensure(ws.kloc, b * ldl);
+      T* dvacc = ensure(ws.dvb, b * dvp);
+      bool any_pairs = false;
+      if (own) {
+        std::fill(kacc, kacc + kb.n * ldl, T(0));
+        std::fill(dvacc, dvacc + kb.n * dvp, T(0));
+      }
       const auto [i0, i1] = query_rows(c);
       for (index_t h = hk * group; h < (hk + 1) * group && i1 > i0; ++h) {
         const block_rows<T> qr = src.prepare(raw_q(bi, h, i0), i1 - i0, true, ws.scan.qrows);
+        T* qloc = own ? ensure(ws.qlocal, round_up(b, kChunkRows) * ldl) : nullptr;
+        if (own) pack_rows(qr.local, qr.ld_local, i1 - i0, lf.dim, qloc, ldl);
         for (index_t a = i0; a < i1; a += kChunkRows) {
           const index_t rows = std::min(kChunkRows, i1 - a);
           row_grads(bi, h, a, rows, ws);
@@ -234,44 +294,54 @@ void run_block_backward(const block_problem& pb, const Source& src, tensor_view<
           const index_t first_pos = a + offset;
           const index_t keys = !own ? 0 : pb.causal ? std::min(kb.n, first_pos + rows - kb.j0) : kb.n;
           if (keys > 0) {
-            const T* qloc = qr.local + (a - i0) * qr.ld_local;
-            const index_t ldw = local_pairs(kb, qloc, qr.ld_local, rows, keys, first_pos, ws, false);
-            T* target = local_sep ? dlocal : dbase;
-            gemm<T, Arch>(rows, lf.dim, keys, ws.dw.data(), ldw, 1, ws.klocal.data(), ldl, target,
+            const T* ql = qloc + (a - i0) * ldl;
+            const index_t ldw = local_pairs(kb, ql, ldl, rows, keys, first_pos, ws, true);
+            // da[i] += Σ_j dw'_ij b_j ; db[j] += Σ_i dw'_ij a_i ; dv[j] += Σ_i w_ij g_i
+            gemm<T, Arch>(rows, lf.dim, keys, ws.dw.data(), ldw, 1, ws.klocal.data(), ldl, local_sep ? dlocal : dbase,
                           local_sep ? ldl : rbp, true);
+            gemm<T, Arch>(keys, lf.dim, rows, ws.dw.data(), 1, ldw, ql, ldl, kacc, ldl, true);
+            gemm<T, Arch>(keys, dvv, rows, ws.w.data(), 1, ldw, ws.g.data(), dvp, dvacc, dvp, true);
+            any_pairs = true;
           }
-          src.finish(raw_q(bi, h, a), rows, true, dbase, rbp, dlocal, ldl, grads_q(bi, h, a), ws.fin, leaf_acc);
+          src.finish(raw_q(bi, h, a), rows, true, dbase, rbp, local_sep ? dlocal : nullptr, ldl, grads_q(bi, h, a),
+                     ws.fin, leaf_acc);
         }
+      }
+      if (any_pairs) {  // kacc holds base-row gradients when the local rows are the base rows
+        const T* tk = key_share(kb, local_sep ? nullptr : kacc, local_sep ? kacc : nullptr, ws, leaf_acc);
+        deliver(bi, hk, c, kb.n, tk, dvacc);
       }
       if (pb.causal && c + 1 < nblk)  // the block joins the prefix
         state_pass<T, Source, Arch>(src, kb.rows, ws.vpad.data(), dvp, kb.n, dvv, ws.scan, state);
     }
   };
 
-  // ---- task 2s+1: the keys and values of sequence s (suffix scan) ----
+  // ---- task 2s+1: the state's share of dk and dv of sequence s (suffix scan) ----
   auto key_task = [&](index_t bi, index_t hk, backward_workspace<T>& ws, T* leaf_acc) {
     T* U = ensure(ws.state, 2 * S);  // U [m x dvp], u [mp]; then a block's own share
     T* ut = ensure(ws.zt, dvv * mp);
     std::fill(U, U + S, T(0));
-    // query rows a .. a+rows (prepared as qr from row i0) of head h join `acc` (g, c in ws)
-    auto add_queries = [&](const block_rows<T>& qr, index_t from, index_t rows, T* acc, backward_workspace<T>& w) {
-      index_t ld = 0;
-      const T* phi = src.features(qr, from, rows, w.scan.phi, ld);
-      gemm<T, Arch>(m, dvv, rows, phi, 1, ld, w.g.data(), dvp, acc, dvp, true);
+    // query rows a .. a+rows of head h, prepared in qr from row i0, join `acc` (their g, c in ws)
+    auto add_queries = [&](index_t bi_, index_t h, index_t i0, index_t i1, T* acc) {
+      const block_rows<T> qr = src.prepare(raw_q(bi_, h, i0), i1 - i0, true, ws.scan.qrows);
       T* u = acc + m * dvp;
-      for (index_t i = 0; i < rows; ++i) {
-        const T ci = w.c[static_cast<std::size_t>(i)];
-        for (index_t f = 0; f < m; ++f) u[f] += ci * phi[i * ld + f];
+      for (index_t a = i0; a < i1; a += kChunkRows) {
+        const index_t rows = std::min(kChunkRows, i1 - a);
+        row_grads(bi_, h, a, rows, ws);
+        index_t ld = 0;
+        const T* phi = src.features(qr, a - i0, rows, ws.scan.phi, ld);
+        gemm<T, Arch>(m, dvv, rows, phi, 1, ld, ws.g.data(), dvp, acc, dvp, true);
+        for (index_t i = 0; i < rows; ++i) {
+          const B ci(ws.c[static_cast<std::size_t>(i)]);
+          const T* pr = phi + i * ld;
+          index_t f = 0;
+          for (; f + W <= m; f += W) xsimd::fma(ci, B::load_unaligned(pr + f), B::load_unaligned(u + f)).store_unaligned(u + f);
+          for (; f < m; ++f) u[f] += ws.c[static_cast<std::size_t>(i)] * pr[f];
+        }
       }
     };
     if (!pb.causal)  // every query sees every key: the total over all of them first
-      for (index_t h = hk * group; h < (hk + 1) * group; ++h)
-        for (index_t a = 0; a < nq; a += kChunkRows) {
-          const index_t rows = std::min(kChunkRows, nq - a);
-          const block_rows<T> qr = src.prepare(raw_q(bi, h, a), rows, true, ws.scan.qrows);
-          row_grads(bi, h, a, rows, ws);
-          add_queries(qr, 0, rows, U, ws);
-        }
+      for (index_t h = hk * group; h < (hk + 1) * group; ++h) add_queries(bi, h, 0, nq, U);
     for (index_t c = nblk - 1; c >= 0; --c) {
       const block_keys kb = fetch_keys(bi, hk, c, ws, false);
       const auto [i0, i1] = query_rows(c);
@@ -279,24 +349,15 @@ void run_block_backward(const block_problem& pb, const Source& src, tensor_view<
       if (local && !pb.causal) {  // total − the share of the block's own queries
         T* mine = U + S;
         std::fill(mine, mine + S, T(0));
-        for (index_t h = hk * group; h < (hk + 1) * group && i1 > i0; ++h) {
-          const block_rows<T> qr = src.prepare(raw_q(bi, h, i0), i1 - i0, true, ws.scan.qrows);
-          for (index_t a = i0; a < i1; a += kChunkRows) {
-            const index_t rows = std::min(kChunkRows, i1 - a);
-            row_grads(bi, h, a, rows, ws);
-            add_queries(qr, a - i0, rows, mine, ws);
-          }
-        }
+        for (index_t h = hk * group; h < (hk + 1) * group && i1 > i0; ++h) add_queries(bi, h, i0, i1, mine);
         for (index_t e = 0; e < S; ++e) mine[e] = U[e] - mine[e];
         Ux = mine;
       }
       transpose_state(Ux, ut);
       const T* u = Ux + m * dvp;
       T* kbase = ensure(ws.kbase, b * rbp);
-      T* kloc = ensure(ws.kloc, b * ldl);
       T* dvb = ensure(ws.dvb, b * dvp);
-      if (local_sep) std::fill(kloc, kloc + kb.n * ldl, T(0));
-      // from the suffix (or, non-causal, the total): dφk = V Uᵀ + u, dv = φK U
+      // dφk = V Uᵀ + u, dv = φK U
       for (index_t a = 0; a < kb.n; a += kChunkRows) {
         const index_t rows = std::min(kChunkRows, kb.n - a);
         T* dphi = ensure(ws.dphi, kChunkRows * mp + W);
@@ -309,28 +370,9 @@ void run_block_backward(const block_problem& pb, const Source& src, tensor_view<
         const T* phi = src.features(kb.rows, a, rows, ws.scan.phi, ld);
         gemm<T, Arch>(rows, dvv, m, phi, ld, 1, Ux, dvp, dvb + a * dvp, dvp, false);
       }
-      for (index_t h = hk * group; h < (hk + 1) * group && local && i1 > i0; ++h) {
-        const block_rows<T> qr = src.prepare(raw_q(bi, h, i0), i1 - i0, true, ws.scan.qrows);
-        T* qloc = ensure(ws.qlocal, round_up(b, kChunkRows) * ldl);
-        pack_rows(qr.local, qr.ld_local, i1 - i0, lf.dim, qloc, ldl);
-        for (index_t a = i0; a < i1; a += kChunkRows) {
-          const index_t rows = std::min(kChunkRows, i1 - a);
-          const index_t first_pos = a + offset;
-          const index_t keys = pb.causal ? std::min(kb.n, first_pos + rows - kb.j0) : kb.n;
-          row_grads(bi, h, a, rows, ws);
-          if (keys > 0) {
-            const T* ql = qloc + (a - i0) * ldl;
-            const index_t ldw = local_pairs(kb, ql, ldl, rows, keys, first_pos, ws, true);
-            // db[j] += Σ_i dw'_ij a_i ; dv[j] += Σ_i w_ij g_i
-            T* target = local_sep ? kloc : kbase;
-            gemm<T, Arch>(keys, lf.dim, rows, ws.dw.data(), 1, ldw, ql, ldl, target, local_sep ? ldl : rbp, true);
-            gemm<T, Arch>(keys, dvv, rows, ws.w.data(), 1, ldw, ws.g.data(), dvp, dvb, dvp, true);
-          }
-          if (pb.causal) add_queries(qr, a - i0, rows, U, ws);  // the block's queries join the suffix
-        }
-      }
-      src.finish(kb.raw, kb.n, false, kbase, rbp, kloc, ldl, grads_k(bi, hk, kb.j0), ws.fin, leaf_acc);
-      for (index_t j = 0; j < kb.n; ++j) std::copy(dvb + j * dvp, dvb + j * dvp + dvv, &dv(bi, hk, kb.j0 + j, 0));
+      deliver(bi, hk, c, kb.n, key_share(kb, kbase, nullptr, ws, leaf_acc), dvb);
+      if (pb.causal)  // the block's queries join the suffix
+        for (index_t h = hk * group; h < (hk + 1) * group && i1 > i0; ++h) add_queries(bi, h, i0, i1, U);
     }
   };
 
