@@ -36,9 +36,10 @@ struct view_feature_source {
   index_t base_dim() const { return m; }
   bool local_is_base() const { return true; }
   index_t leaf_values() const { return 0; }
-  void feature_grad(const block_rows<T>&, index_t, index_t n, const T* dphi, index_t ldphi, T* dbase, index_t ldb,
+  void feature_grad(const block_rows<T>&, index_t, index_t n, const T* dphi_t, index_t ldt, T* dbase, index_t ldb,
                     aligned_vector<T>&) const {
-    copy_rows(dphi, ldphi, n, m, dbase, ldb);
+    for (index_t f = 0; f < m; ++f)
+      for (index_t i = 0; i < n; ++i) dbase[i * ldb + f] = dphi_t[f * ldt + i];
   }
   void finish(const raw_rows<T>&, index_t n, bool, const T* dbase, index_t ldb, const T*, index_t,
               const grad_rows<T>& out, aligned_vector<T>&, T*) const {

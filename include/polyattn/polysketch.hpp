@@ -64,10 +64,10 @@ struct sketch_feature_source {
   index_t base_dim() const { return sketch->sketch_dim(); }
   bool local_is_base() const { return !local_exact; }
   index_t leaf_values() const { return sketch->leaf_values(); }
-  void feature_grad(const block_rows<T>& rows, index_t r0, index_t n, const T* dphi, index_t ldphi, T* dbase,
+  void feature_grad(const block_rows<T>& rows, index_t r0, index_t n, const T* dphi_t, index_t ldt, T* dbase,
                     index_t ldb, aligned_vector<T>& scratch) const {
-    T* sc = ensure(scratch, 2 * (sketch->sketch_dim() + polysketch<T>::simd_width));
-    sketch->expand_rows_backward(rows.base + r0 * rows.ld_base, rows.ld_base, n, dphi, ldphi, dbase, ldb, sc);
+    T* sc = ensure(scratch, 2 * sketch->sketch_dim() * ldt);
+    sketch->expand_rows_backward(rows.base + r0 * rows.ld_base, rows.ld_base, n, dphi_t, ldt, dbase, ldb, sc);
   }
   void finish(const raw_rows<T>& x, index_t n, bool query, const T* dbase, index_t ldb, const T* dlocal, index_t ldl,
               const grad_rows<T>& out, aligned_vector<T>& scratch, T* leaf_acc) const {

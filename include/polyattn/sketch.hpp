@@ -424,59 +424,51 @@ class polysketch {
     }
   }
 
-  /// Backward of expand_rows: ds row i = J_φ(s_i)ᵀ dphi_i (sketch_dim() values at ds + i·ldds,
-  /// overwritten) for the features φ(s_i) of s row i and their gradient dphi row i
-  /// (feature_dim() values at dphi + i·ldphi). packed: with D the upper triangle of dphi,
-  /// ds_k = 2 D_kk s_k + √2 Σ_{j≠k} D_{min(j,k) max(j,k)} s_j; unpacked: ds = (D + Dᵀ) s.
-  /// Every dphi row must be readable simd_width values past feature_dim() (the values there
-  /// are never used), and `scratch` must hold 2·(sketch_dim() + simd_width) elements.
-  void expand_rows_backward(const T* s, index_t lds, index_t n, const T* dphi, index_t ldphi, T* ds, index_t ldds,
+  /// Backward of expand_rows: ds row i = J_φ(s_i)ᵀ dφ_i (sketch_dim() values at ds + i·ldds,
+  /// overwritten) for n <= ldt rows of s, from their feature gradients stored feature-major:
+  /// dφ_i[f] = dphi_t[f·ldt + i], ldt a multiple of simd_width (lanes i >= n must be finite;
+  /// they are not used). With φ_(jk) = c_jk s_j s_k (packed: j <= k, c = 1 on the diagonal
+  /// and √2 off it; unpacked: every j, k, c = 1), ds_j += c_jk dφ_(jk) s_k and
+  /// ds_k += c_jk dφ_(jk) s_j. The rows are the vector lanes, so every feature costs a few
+  /// vector operations for simd_width rows at once. scratch: 2·sketch_dim()·ldt elements.
+  void expand_rows_backward(const T* s, index_t lds, index_t n, const T* dphi_t, index_t ldt, T* ds, index_t ldds,
                             T* scratch) const {
     using B = xsimd::batch<T>;
     constexpr index_t W = simd_width;
     const index_t r = r_;
-    const bool packed = opts_.packed;
-    const T c = packed ? static_cast<T>(1.41421356237309504880) : T(1);
-    alignas(64) T iota_v[W];
-    for (index_t t = 0; t < W; ++t) iota_v[t] = static_cast<T>(t);
-    const B iota = B::load_aligned(iota_v);
-    T* sp = scratch;          // s_i with W zeros after it
-    T* acc = scratch + r + W; // the column sums Σ_i D_ij s_i
-    for (index_t row = 0; row < n; ++row) {
-      const T* sr = s + row * lds;
-      const T* dr = dphi + row * ldphi;
-      std::copy(sr, sr + r, sp);
-      std::fill(sp + r, sp + r + W, T(0));
-      std::fill(acc, acc + r + W, T(0));
-      T* out = ds + row * ldds;
-      index_t off = 0;
-      for (index_t i = 0; i < r; ++i) {
-        // segment i: D_ij for j = j0 .. r−1 at dphi[off + (j − j0)]
-        const index_t j0 = packed ? i : 0, len = r - j0;
-        const B si(sp[i]);
-        B dotv(T(0));
-        for (index_t t = 0; t < len; t += W) {
-          // lanes past the segment read other entries (or the row's padding): masked out, so
-          // they never contribute even when not finite
-          const B dseg = xsimd::select(iota < B(static_cast<T>(len - t)), B::load_unaligned(dr + off + t), B(T(0)));
-          dotv = xsimd::fma(dseg, B::load_unaligned(sp + j0 + t), dotv);
-          xsimd::fma(dseg, si, B::load_unaligned(acc + j0 + t)).store_unaligned(acc + j0 + t);
+    const T sqrt2 = static_cast<T>(1.41421356237309504880);
+    T* st = scratch;           // s transposed [r x ldt], zero lanes past n
+    T* dst = scratch + r * ldt;  // ds transposed [r x ldt]
+    for (index_t j = 0; j < r; ++j) {
+      for (index_t i = 0; i < n; ++i) st[j * ldt + i] = s[i * lds + j];
+      std::fill(st + j * ldt + n, st + (j + 1) * ldt, T(0));
+    }
+    std::fill(dst, dst + r * ldt, T(0));
+    const T* f = dphi_t;
+    for (index_t j = 0; j < r; ++j) {
+      const index_t k0 = opts_.packed ? j : 0;
+      for (index_t k = k0; k < r; ++k, f += ldt) {
+        // the diagonal of φ is s_j²: 2 s_j dφ (packed and unpacked); off it c·s_k and c·s_j
+        const T c = j == k ? T(2) : opts_.packed ? sqrt2 : T(1);
+        const B cv(c);
+        T* dj = dst + j * ldt;
+        T* dk = dst + k * ldt;
+        const T* sj = st + j * ldt;
+        const T* sk = st + k * ldt;
+        if (j == k) {
+          for (index_t i = 0; i < ldt; i += W)
+            xsimd::fma(cv * B::load_unaligned(f + i), B::load_unaligned(sj + i), B::load_unaligned(dj + i)).store_unaligned(dj + i);
+          continue;
         }
-        out[i] = xsimd::hadd(dotv);
-        off += len;
-      }
-      // out_k = Σ_j D_kj s_j, acc_k = Σ_i D_ik s_i; packed counts the diagonal in both, with
-      // √2 where 2·1 is due: correct it by (2 − 2√2) D_kk s_k
-      off = 0;
-      for (index_t k = 0; k < r; ++k) {
-        T v = c * (out[k] + acc[k]);
-        if (packed) {
-          v += (T(2) - T(2) * c) * dr[off] * sp[k];
-          off += r - k;
+        for (index_t i = 0; i < ldt; i += W) {
+          const B g = cv * B::load_unaligned(f + i);
+          xsimd::fma(g, B::load_unaligned(sk + i), B::load_unaligned(dj + i)).store_unaligned(dj + i);
+          xsimd::fma(g, B::load_unaligned(sj + i), B::load_unaligned(dk + i)).store_unaligned(dk + i);
         }
-        out[k] = v;
       }
     }
+    for (index_t i = 0; i < n; ++i)
+      for (index_t j = 0; j < r; ++j) ds[i * ldds + j] = dst[j * ldt + i];
   }
 
   // ---- user-facing (validated) ----------------------------------------------------------------

@@ -30,9 +30,10 @@
 //   index_t base_dim() const;     width of the base rows features expand from (m, or r)
 //   bool local_is_base() const;   the local rows are the base rows (their gradients add up)
 //   index_t leaf_values() const;  size of a learned-parameter gradient (0: none)
-//   void feature_grad(const block_rows<T>&, index_t r0, index_t n, const T* dphi, index_t ldphi,
+//   void feature_grad(const block_rows<T>&, index_t r0, index_t n, const T* dphi_t, index_t ldt,
 //                     T* dbase, index_t ldb, aligned_vector<T>& scratch) const;
-//       dbase rows = J_φᵀ dphi for prepared rows r0 .. r0+n (dphi rows readable W past m)
+//       dbase rows = J_φᵀ dφ for prepared rows r0 .. r0+n, from dφ feature-major: dphi_t[f·ldt + i]
+//       (ldt a multiple of the vector width; lanes i >= n are finite and unused)
 //   void finish(const raw_rows<T>& x, index_t n, bool query, const T* dbase, index_t ldb,
 //               const T* dlocal, index_t ldl, const grad_rows<T>& out, aligned_vector<T>& scratch,
 //               T* leaf_acc) const;
@@ -63,7 +64,7 @@ struct grad_rows {
 template <class T>
 struct backward_workspace {
   scan_workspace<T> scan;  // prepared rows, features, local keys transposed (scan.kt)
-  aligned_vector<T> vpad, vt, klocal, qlocal, g, c, w, dw, dphi, dbase, dlocal, kbase, kloc, dvb, state, zt, fin;
+  aligned_vector<T> vpad, vt, klocal, qlocal, g, gt, c, w, dw, dphi, dbase, dlocal, kbase, kloc, dvb, state, fin;
   aligned_vector<T> tk, tk2;  // a key block's share of the raw key gradients, before delivery
 };
 
@@ -119,27 +120,44 @@ void run_block_backward(const block_problem& pb, const Source& src, tensor_view<
   auto grads_k = [&](index_t bi, index_t hk, index_t j) {
     return grad_rows<T>{&dk(bi, hk, j, 0), dk.stride(2), two_inputs ? &dk2(bi, hk, j, 0) : nullptr, dk2.stride(2)};
   };
-  // g = dout / den [rows x dvp], c = −dout·out / den, for query rows i0 .. i0+rows of head (bi, h)
+  // g = dout / den [rows x dvp] and transposed [dv x kChunkRows], c = −dout·out / den, for
+  // query rows i0 .. i0+rows of head (bi, h). Divisions, not multiplications by 1/den: a
+  // subnormal den must not overflow.
   auto row_grads = [&](index_t bi, index_t h, index_t i0, index_t rows, backward_workspace<T>& ws) {
     T* g = ensure(ws.g, kChunkRows * dvp);
+    T* gt = ensure(ws.gt, dvp * kChunkRows);
     T* c = ensure(ws.c, kChunkRows);
-    for (index_t i = 0; i < rows; ++i) {
-      const T den = stats(bi, h, i0 + i);
+    for (index_t i = 0; i < kChunkRows; ++i) {
+      const T den = i < rows ? stats(bi, h, i0 + i) : T(0);
       T* gi = g + i * dvp;
       std::fill(gi, gi + dvp, T(0));
       c[i] = T(0);
-      if (den == T(0)) continue;  // the row's output was 0 and does not depend on anything
-      T dot = T(0);
-      for (index_t x = 0; x < dvv; ++x) {
-        gi[x] = dout(bi, h, i0 + i, x) / den;
-        dot += dout(bi, h, i0 + i, x) * out(bi, h, i0 + i, x);
+      if (den == T(0)) {  // the row's output was 0 and does not depend on anything (or no row)
+        for (index_t x = 0; x < dvv; ++x) gt[x * kChunkRows + i] = T(0);
+        continue;
       }
-      c[i] = -dot / den;
+      const T* dr = &dout(bi, h, i0 + i, 0);
+      const T* orow = &out(bi, h, i0 + i, 0);
+      const B dn(den);
+      B dot(T(0));
+      index_t x = 0;
+      for (; x + W <= dvv; x += W) {
+        const B d = B::load_unaligned(dr + x);
+        (d / dn).store_unaligned(gi + x);
+        dot = xsimd::fma(d, B::load_unaligned(orow + x), dot);
+      }
+      T tail = T(0);
+      for (; x < dvv; ++x) {
+        gi[x] = dr[x] / den;
+        tail += dr[x] * orow[x];
+      }
+      c[i] = -(xsimd::hadd(dot) + tail) / den;
+      for (x = 0; x < dvv; ++x) gt[x * kChunkRows + i] = gi[x];
     }
   };
   // The keys of block c: prepared rows and values padded [n x dvp]; for the local pairs
-  // (`pairs`) also the local key rows transposed (ws.scan.kt) and padded [n x ldl], and the
-  // values transposed [dv x ldk].
+  // (`pairs`) also the local key rows transposed (ws.scan.kt, ld ldk) and padded [n x ldl];
+  // always the values transposed [dv x ldk].
   struct block_keys {
     index_t j0, n, ldk;
     raw_rows<T> raw;
@@ -153,9 +171,10 @@ void run_block_backward(const block_problem& pb, const Source& src, tensor_view<
     kb.raw = raw_k(bi, hk, kb.j0);
     kb.rows = src.prepare(kb.raw, kb.n, false, ws.scan.krows);
     pack_rows(&v(bi, hk, kb.j0, 0), v.stride(2), kb.n, dvv, ensure(ws.vpad, b * dvp), dvp);
-    if (!pairs) return kb;
-    kb.ldk = prepare_local_keys<T, Source, Arch>(src, kb.rows, kb.n, ws.scan);
+    kb.ldk = round_up(kb.n, W);
     pack_transposed(&v(bi, hk, kb.j0, 0), v.stride(2), kb.n, dvv, T(1), ensure(ws.vt, dvv * kb.ldk), kb.ldk);
+    if (!pairs) return kb;
+    prepare_local_keys<T, Source, Arch>(src, kb.rows, kb.n, ws.scan);
     pack_rows(kb.rows.local, kb.rows.ld_local, kb.n, lf.dim, ensure(ws.klocal, b * ldl), ldl);
     return kb;
   };
@@ -186,10 +205,24 @@ void run_block_backward(const block_problem& pb, const Source& src, tensor_view<
     }
     return ldw;
   };
-  // dst [dv x mp] = the first dv columns of state's Z [m x dvp], transposed (a GEMM B operand)
-  auto transpose_state = [&](const T* state, T* dst) {
-    for (index_t x = 0; x < dvv; ++x)
-      for (index_t f = 0; f < mp; ++f) dst[x * mp + f] = f < m ? state[f * dvp + x] : T(0);
+  // dφᵀ [m x kChunkRows] of `rows` rows from a state (Z or U [m x dvp], z or u [mp]) and the
+  // rows' transposed value-side operand bt [dv x ld_bt] (gᵀ for queries, Vᵀ for keys), plus
+  // the per-row factor of z: c_i for queries, 1 for keys (cvec null)
+  auto state_readout = [&](const T* state, const T* bt, index_t ld_bt, index_t rows, const T* cvec,
+                           backward_workspace<T>& ws) {
+    T* dphi = ensure(ws.dphi, m * kChunkRows);
+    const index_t lanes = round_up(rows, W);
+    gemm<T, Arch>(m, lanes, dvv, state, dvp, 1, bt, ld_bt, dphi, kChunkRows, false);
+    const T* z = state + m * dvp;
+    for (index_t f = 0; f < m; ++f) {
+      const B zf(z[f]);
+      T* row = dphi + f * kChunkRows;
+      for (index_t i = 0; i < lanes; i += W) {
+        const B x = B::load_unaligned(row + i);
+        (cvec ? xsimd::fma(zf, B::load_unaligned(cvec + i), x) : x + zf).store_unaligned(row + i);
+      }
+    }
+    return dphi;
   };
 
   // A key block's share of dk (primary and secondary rows) and dv, delivered to the caller's
@@ -232,7 +265,6 @@ void run_block_backward(const block_problem& pb, const Source& src, tensor_view<
   // ---- task 2s: the queries of sequence s and every block's own pairs (prefix scan) ----
   auto query_task = [&](index_t bi, index_t hk, backward_workspace<T>& ws, T* leaf_acc) {
     T* state = ensure(ws.state, 2 * S);  // the prefix (causal) or the total (non-causal), then scratch
-    T* zt = ensure(ws.zt, dvv * mp);
     std::fill(state, state + S, T(0));
     if (!pb.causal)
       for (index_t c = 0; c < nblk; ++c) {
@@ -247,7 +279,7 @@ void run_block_backward(const block_problem& pb, const Source& src, tensor_view<
     for (index_t c = c_first; c < nblk; ++c) {
       const bool own = local && c >= 0;
       block_keys kb{};
-      const T* z = state + m * dvp;
+      const T* zx = state;  // the state the block's queries read
       const bool has_state = !pb.causal || c > 0;
       if (own) kb = fetch_keys(bi, hk, c, ws, true);
       if (own && !pb.causal) {  // read total − (the block's own state)
@@ -255,10 +287,7 @@ void run_block_backward(const block_problem& pb, const Source& src, tensor_view<
         std::fill(mine, mine + S, T(0));
         state_pass<T, Source, Arch>(src, kb.rows, ws.vpad.data(), dvp, kb.n, dvv, ws.scan, mine);
         for (index_t e = 0; e < S; ++e) mine[e] = state[e] - mine[e];
-        transpose_state(mine, zt);
-        z = mine + m * dvp;
-      } else if (has_state) {
-        transpose_state(state, zt);
+        zx = mine;
       }
       // the block's share of the key-side gradients: local rows (or base rows) and values
       T* kacc = ensure(ws.kloc, b * ldl);
@@ -278,15 +307,9 @@ void run_block_backward(const block_problem& pb, const Source& src, tensor_view<
           row_grads(bi, h, a, rows, ws);
           T* dbase = ensure(ws.dbase, kChunkRows * rbp);
           T* dlocal = ensure(ws.dlocal, kChunkRows * ldl);
-          if (has_state) {
-            T* dphi = ensure(ws.dphi, kChunkRows * mp + W);
-            gemm<T, Arch>(rows, m, dvv, ws.g.data(), dvp, 1, zt, mp, dphi, mp, false);
-            for (index_t i = 0; i < rows; ++i) {
-              const B ci(ws.c[static_cast<std::size_t>(i)]);
-              for (index_t f = 0; f < mp; f += W)
-                xsimd::fma(ci, B::load_unaligned(z + f), B::load_unaligned(dphi + i * mp + f)).store_unaligned(dphi + i * mp + f);
-            }
-            src.feature_grad(qr, a - i0, rows, dphi, mp, dbase, rbp, ws.fin);
+          if (has_state) {  // dφq = Z g + c z, feature-major
+            const T* dphi = state_readout(zx, ws.gt.data(), kChunkRows, rows, ws.c.data(), ws);
+            src.feature_grad(qr, a - i0, rows, dphi, kChunkRows, dbase, rbp, ws.fin);
           } else {
             std::fill(dbase, dbase + rows * rbp, T(0));
           }
@@ -319,7 +342,6 @@ void run_block_backward(const block_problem& pb, const Source& src, tensor_view<
   // ---- task 2s+1: the state's share of dk and dv of sequence s (suffix scan) ----
   auto key_task = [&](index_t bi, index_t hk, backward_workspace<T>& ws, T* leaf_acc) {
     T* U = ensure(ws.state, 2 * S);  // U [m x dvp], u [mp]; then a block's own share
-    T* ut = ensure(ws.zt, dvv * mp);
     std::fill(U, U + S, T(0));
     // query rows a .. a+rows of head h, prepared in qr from row i0, join `acc` (their g, c in ws)
     auto add_queries = [&](index_t bi_, index_t h, index_t i0, index_t i1, T* acc) {
@@ -353,19 +375,13 @@ void run_block_backward(const block_problem& pb, const Source& src, tensor_view<
         for (index_t e = 0; e < S; ++e) mine[e] = U[e] - mine[e];
         Ux = mine;
       }
-      transpose_state(Ux, ut);
-      const T* u = Ux + m * dvp;
       T* kbase = ensure(ws.kbase, b * rbp);
       T* dvb = ensure(ws.dvb, b * dvp);
       // dφk = V Uᵀ + u, dv = φK U
       for (index_t a = 0; a < kb.n; a += kChunkRows) {
         const index_t rows = std::min(kChunkRows, kb.n - a);
-        T* dphi = ensure(ws.dphi, kChunkRows * mp + W);
-        gemm<T, Arch>(rows, m, dvv, ws.vpad.data() + a * dvp, dvp, 1, ut, mp, dphi, mp, false);
-        for (index_t i = 0; i < rows; ++i)
-          for (index_t f = 0; f < mp; f += W)
-            (B::load_unaligned(dphi + i * mp + f) + B::load_unaligned(u + f)).store_unaligned(dphi + i * mp + f);
-        src.feature_grad(kb.rows, a, rows, dphi, mp, kbase + a * rbp, rbp, ws.fin);
+        const T* dphi = state_readout(Ux, ws.vt.data() + a, kb.ldk, rows, nullptr, ws);
+        src.feature_grad(kb.rows, a, rows, dphi, kChunkRows, kbase + a * rbp, rbp, ws.fin);
         index_t ld = 0;
         const T* phi = src.features(kb.rows, a, rows, ws.scan.phi, ld);
         gemm<T, Arch>(rows, dvv, m, phi, ld, 1, Ux, dvp, dvb + a * dvp, dvp, false);
