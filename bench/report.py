@@ -23,6 +23,13 @@ EXACT = ["softmax_attention", "flash_attention", "polynomial_attention"]
 # backward passes: GFLOP/s counted as 10·N²·d per backward (14·N²·d forward + backward), half causal
 BACKWARD = ["flash_attention_backward", "polynomial_attention_backward",
             "flash_attention_fwd_bwd", "polynomial_attention_fwd_bwd"]
+# a training step (forward with stats + backward), causal, d = 64: (label, benchmark name, extra args)
+TRAINING = [
+    ("flash_attention", "flash_attention_fwd_bwd", {}),
+    ("polynomial_attention (p=4)", "polynomial_attention_fwd_bwd", {}),
+    ("polysketch r=32 local_exact", "polysketch_attention_fwd_bwd", {"r": 32, "local_exact": 1}),
+    ("sketched r=32 local_exact", "sketched_attention_fwd_bwd", {"r": 32, "local_exact": 1}),
+]
 
 
 def die(msg):
@@ -239,15 +246,48 @@ def main():
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
 
+    # training step: forward + backward over N, the crossover, and polysketch's backward / forward
+    training = {label: select(rows, k, dict(extra, d=64, causal=1, threads=threads)) for label, k, extra in TRAINING}
+    train_ns = sorted(set().union(*[set(t) for t in training.values()]))
+    if train_ns:
+        flash_t, sketch_t = training["flash_attention"], training["polysketch r=32 local_exact"]
+        bwd = select(rows, "polysketch_attention_backward", {"d": 64, "causal": 1, "threads": threads, "r": 32,
+                                                             "local_exact": 1})
+        fwd = figures.get(64, {}).get("polysketch r=32 local_exact", {})
+        lines.append(f"## Training step (forward with stats + backward), causal, one head, d = 64, {threads} threads: "
+                     "time per step (ms)")
+        lines.append("")
+        header = ["N"] + [label for label, _, _ in TRAINING] + ["flash / polysketch", "polysketch bwd / fwd",
+                                                                "polysketch % of peak (model)", "extra MiB"]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for n in train_ns:
+            cells = [str(n)] + [fmt_ms(training[label][n]["ms"]) if n in training[label] else "–"
+                                for label, _, _ in TRAINING]
+            cells.append(f"{flash_t[n]['ms'] / sketch_t[n]['ms']:.1f}×" if n in flash_t and n in sketch_t else "–")
+            cells.append(f"{bwd[n]['ms'] / fwd[n]['ms']:.2f}" if n in bwd and n in fwd else "–")
+            st = sketch_t.get(n, {}).get("bench", {})
+            cells.append(f"{st['pct_peak']:.0f} %" if "pct_peak" in st else "–")
+            cells.append(f"{st['extra_MiB']:.1f}" if "extra_MiB" in st else "–")
+            lines.append("| " + " | ".join(cells) + " |")
+        cross = crossover(flash_t, sketch_t)
+        lines.append("")
+        lines.append(f"A polysketch training step (r = 32, local_exact) is faster than flash's from N = {cross}." if cross
+                     else "A polysketch training step is not faster than flash's at any measured N.")
+        lines.append("FLOP model of the polysketch step: the forward's (above) plus, per token, 10·m·dv + 4·m for two "
+                     "state updates and three read-outs, b/2·(8·local dim + 6·dv) for the local block, and the "
+                     "sketches again (docs/design.md §7.6).")
+        lines.append("")
+
     if 64 not in figures:
         die("no causal d = 64 results: nothing to plot (did the filter exclude them?)")
     with open(os.path.join(outdir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    plot(figures[64], rows, threads, os.path.join(outdir, "report.png"))
+    plot(figures[64], training if train_ns else None, rows, threads, os.path.join(outdir, "report.png"))
     print(f"report.py: wrote {os.path.join(outdir, 'report.md')} and {os.path.join(outdir, 'report.png')}")
 
 
-def plot(sel, rows, threads, path):
+def plot(sel, training, rows, threads, path):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -255,9 +295,10 @@ def plot(sel, rows, threads, path):
     except ImportError as e:
         die(f"matplotlib is missing ({e}); install python3-matplotlib and run with /usr/bin/python3")
     decode = {k: select_by(rows, k, "context") for k in ("decode_flash", "decode_polysketch")}
-    panels = 3 if any(decode.values()) else 2
+    panels = 2 + (1 if any(decode.values()) else 0) + (1 if training else 0)
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5.2))
     ax1, ax2 = axes[0], axes[1]
+    next_panel = 2
     drawn = 0
     for label, _, _ in KERNELS:
         pts = sorted((n, r["ms"]) for n, r in sel[label].items())
@@ -295,8 +336,9 @@ def plot(sel, rows, threads, path):
     ax2.set_title(f"exact kernels, d = 64, {threads} threads (causal counts unmasked FLOPs)")
     ax2.grid(True, alpha=0.3)
     ax2.legend(fontsize=8)
-    if panels == 3:
-        ax3 = axes[2]
+    if any(decode.values()):
+        ax3 = axes[next_panel]
+        next_panel += 1
         for k, label in (("decode_flash", "flash_attention, Nq = 1"), ("decode_polysketch", "polysketch_cache, n = 1")):
             pts = sorted((c, r["ms"] * 1e3) for c, r in decode[k].items())
             if pts:
@@ -308,6 +350,22 @@ def plot(sel, rows, threads, path):
         ax3.set_title("decode step, one head, d = 64, 1 thread")
         ax3.grid(True, which="both", alpha=0.3)
         ax3.legend(fontsize=8)
+    if training:
+        ax4 = axes[next_panel]
+        for label, _, _ in TRAINING:
+            pts = sorted((n, r["ms"]) for n, r in training[label].items())
+            if pts:
+                ax4.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        cross = crossover(training["flash_attention"], training["polysketch r=32 local_exact"])
+        if cross:
+            ax4.axvline(cross, color="grey", linestyle=":", linewidth=1)
+        ax4.set_xscale("log", base=2)
+        ax4.set_yscale("log")
+        ax4.set_xlabel("sequence length N")
+        ax4.set_ylabel("time per training step (ms)")
+        ax4.set_title(f"forward + backward, causal, d = 64, {threads} threads")
+        ax4.grid(True, which="both", alpha=0.3)
+        ax4.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
