@@ -82,8 +82,10 @@ inline void check_normalizer_bias(const char* fn, double bias) {
     fail(fn, "option 'normalizer_bias' must be finite and >= 0, got " + format_value(bias));
 }
 
-template <class T>
-void check_polynomial_options(const char* fn, const polynomial_options& opts) {
+/// The options polynomial kernels share (polynomial_options, sketched_options): threads,
+/// degree, scale, normalizer_bias.
+template <class T, class Options>
+void check_polynomial_options(const char* fn, const Options& opts) {
   check_threads(fn, opts.threads);
   check_degree(fn, opts.degree);
   check_finite_scale(fn, "scale", opts.scale);

@@ -114,13 +114,6 @@ void check_polysketch_call(const char* fn, const tensor_view<const T, 4>& q, con
                  shape_string(q));
 }
 
-template <class T>
-block_problem polysketch_problem(const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
-                                 const tensor_view<const T, 4>& v, const polysketch_options& opts) {
-  return {q.extent(0), q.extent(1), k.extent(1), q.extent(2), k.extent(2), v.extent(3),
-          opts.block_size, opts.causal, resolve_threads(opts.threads)};
-}
-
 /// The sketch as a feature source: s(scale·q), s(k); exact local weights (scale·q·k)^p.
 template <class T>
 sketch_feature_source<T> polysketch_source(const polysketch<T>& sketch, const polysketch_options& opts) {
@@ -136,7 +129,7 @@ void polysketch_attention_impl(input_view<T> q, input_view<T> k, input_view<T> v
   check_attention(fn, q, k, v, out);
   if (stats) check_stats_output(fn, q, k, v, out, *stats);
   check_polysketch_call<T>(fn, q, sketch, opts);
-  detail::run_block_linear<T>(polysketch_problem(q, k, v, opts), polysketch_source(sketch, opts), q, k, v, out,
+  detail::run_block_linear<T>(block_problem_of(q, k, v, opts), polysketch_source(sketch, opts), q, k, v, out,
                               static_cast<T>(opts.normalizer_bias), nullptr, {}, {}, nullptr,
                               stats ? *stats : tensor_view<T, 3>{});
 }
@@ -175,7 +168,7 @@ void polysketch_attention_backward(detail::input_view<T> q, detail::input_view<T
   detail::check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
   detail::check_polysketch_call<T>(fn, q, sketch, opts);
   detail::aligned_vector<T> acc(static_cast<std::size_t>(leaf_grads ? sketch.leaf_values() : 0));
-  detail::run_block_backward<T>(detail::polysketch_problem(q, k, v, opts), detail::polysketch_source(sketch, opts), q,
+  detail::run_block_backward<T>(detail::block_problem_of(q, k, v, opts), detail::polysketch_source(sketch, opts), q,
                                 k, v, out, dout, stats, dq, dk, dv, {}, {}, {}, {}, leaf_grads ? acc.data() : nullptr);
   if (leaf_grads) *leaf_grads = sketch.leaf_matrices(acc.data());
 }

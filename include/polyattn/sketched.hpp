@@ -43,12 +43,7 @@ namespace detail {
 /// The options of sketched_attention and its backward.
 template <class T>
 void check_sketched_options(const char* fn, const sketched_options& opts) {
-  check_threads(fn, opts.threads);
-  check_degree(fn, opts.degree);
-  check_finite_scale(fn, "scale", opts.scale);
-  check_normalizer_bias(fn, opts.normalizer_bias);
-  check_representable<T>(fn, "scale", opts.scale);
-  check_representable<T>(fn, "normalizer_bias", opts.normalizer_bias);
+  check_polynomial_options<T>(fn, opts);
   check_block_size(fn, opts.block_size);
 }
 
@@ -58,13 +53,6 @@ polysketch<T> identity_sketch(index_t r) {
   sketch_options identity;
   identity.degree = 2;
   return polysketch<T>(r, identity);
-}
-
-template <class T>
-block_problem sketched_problem(const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
-                               const tensor_view<const T, 4>& v, const sketched_options& opts) {
-  return {q.extent(0), q.extent(1), k.extent(1), q.extent(2), k.extent(2), v.extent(3),
-          opts.block_size, opts.causal, resolve_threads(opts.threads)};
 }
 
 /// Caller sketches as a feature source: primary rows s(q), s(k) expanded by `expand`; with
@@ -90,7 +78,7 @@ void sketched_attention_impl(input_view<T> q, input_view<T> k, input_view<T> sq,
   }
   check_sketched_options<T>(fn, opts);
   const polysketch<T> expand = identity_sketch<T>(sq.extent(3));
-  detail::run_block_linear<T>(sketched_problem(q, k, v, opts), sketched_source(expand, q, opts), sq, sk, v, out,
+  detail::run_block_linear<T>(block_problem_of(q, k, v, opts), sketched_source(expand, q, opts), sq, sk, v, out,
                               static_cast<T>(opts.normalizer_bias), nullptr, q, k, nullptr,
                               stats ? *stats : tensor_view<T, 3>{});
 }
@@ -155,7 +143,7 @@ void sketched_attention_backward(detail::input_view<T> q, detail::input_view<T> 
         for (index_t h = 0; h < g->extent(1); ++h)
           for (index_t i = 0; i < g->extent(2); ++i)
             for (index_t c = 0; c < g->extent(3); ++c) (*g)(b, h, i, c) = T(0);
-  detail::run_block_backward<T>(detail::sketched_problem(q, k, v, opts), detail::sketched_source(expand, q, opts), sq,
+  detail::run_block_backward<T>(detail::block_problem_of(q, k, v, opts), detail::sketched_source(expand, q, opts), sq,
                                 sk, v, out, dout, stats, dsq, dsk, dv, q, k, opts.local_exact ? dq : tensor_view<T, 4>{},
                                 opts.local_exact ? dk : tensor_view<T, 4>{});
 }

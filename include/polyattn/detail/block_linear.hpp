@@ -39,6 +39,15 @@ struct block_problem {
   int threads;
 };
 
+/// The problem of a kernel on q [B, H, Nq, ·], k [B, Hk, Nk, ·], v [B, Hk, Nk, dv] with options
+/// that name block_size, causal and threads (polysketch_options, sketched_options).
+template <class T, class Options>
+block_problem block_problem_of(const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
+                               const tensor_view<const T, 4>& v, const Options& opts) {
+  return {q.extent(0), q.extent(1), k.extent(1), q.extent(2), k.extent(2), v.extent(3),
+          opts.block_size, opts.causal, resolve_threads(opts.threads)};
+}
+
 /// Everything a call of run_block_linear allocates; a caller that calls it repeatedly (a
 /// cache decoding token by token) keeps one and saves the allocation and the page faults.
 template <class T>
