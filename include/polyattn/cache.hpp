@@ -147,12 +147,16 @@ class cache_core {
     if (n == 0) return;
     const block_problem pb{batch_, q.extent(1), kv_heads_, q.extent(2), n, dv_, block_, true,
                            resolve_threads(threads_)};
+#if POLYATTN_HAS_EXCEPTIONS
     try {
       run_block_linear<T>(pb, src, q, k, v, out, bias, states_.data(), q2, k2, &workspace_);
     } catch (...) {
       reset();
       throw;
     }
+#else
+    run_block_linear<T>(pb, src, q, k, v, out, bias, states_.data(), q2, k2, &workspace_);
+#endif
     if (q.extent(2) > 0) heads_ = q.extent(1);
   }
 

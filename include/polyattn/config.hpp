@@ -2,8 +2,19 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 
 #include <Eigen/Core>
+
+// Exceptions: polyattn reports bad input with std::invalid_argument. Compiled with
+// -fno-exceptions it cannot: it prints the same message to stderr and aborts instead (as fmt and
+// Eigen do), so a bad call still never runs on.
+#if defined(__cpp_exceptions) || defined(__EXCEPTIONS)
+#define POLYATTN_HAS_EXCEPTIONS 1
+#else
+#define POLYATTN_HAS_EXCEPTIONS 0
+#endif
 
 #if defined(_OPENMP)
 #define POLYATTN_HAS_OPENMP 1
@@ -19,5 +30,20 @@ using index_t = std::int64_t;
 /// Row-major dynamic matrix: the Eigen type of the single-head overloads.
 template <class T>
 using matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+namespace detail {
+
+/// Throws e; without exceptions, prints e.what() and aborts.
+template <class E>
+[[noreturn]] void raise(const E& e) {
+#if POLYATTN_HAS_EXCEPTIONS
+  throw e;
+#else
+  std::fprintf(stderr, "%s\n", e.what());
+  std::abort();
+#endif
+}
+
+}  // namespace detail
 
 }  // namespace polyattn

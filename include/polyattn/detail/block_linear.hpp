@@ -114,7 +114,7 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
   const index_t n_seq = pb.batch * pb.kv_heads;
   if (n_seq == 0 || (pb.nq == 0 && !states) || (pb.dv == 0 && !states && stats.size() == 0)) return;
   if (states && (!pb.causal || pb.nq > pb.nk))
-    throw std::logic_error("polyattn: a linear_state needs causal attention with Nq <= Nk");
+    raise(std::logic_error("polyattn: a linear_state needs causal attention with Nq <= Nk"));
   const index_t m = src.feature_dim(), dv = pb.dv, dvp = round_up(dv, W);
   const index_t kdim1 = src.key_dim(), kdim2 = src.key_dim2(), kdim = kdim1 + kdim2;  // a carried key row: [primary | secondary]
   const index_t S = m * dvp + round_up(m, W);  // a state: Z [m x dvp], then z
@@ -158,7 +158,7 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
       const linear_state<T>& st = states[s];
       if (st.position != plan.p0 || st.block != plan.b || st.feature_dim != m || st.key_dim != kdim ||
           st.value_dim != dv)
-        throw std::logic_error("polyattn: linear_state does not match the problem");
+        raise(std::logic_error("polyattn: linear_state does not match the problem"));
       T* z0 = start.data() + s * S;
       for (index_t f = 0; f < m; ++f) {
         std::copy(st.Z.data() + f * dv, st.Z.data() + (f + 1) * dv, z0 + f * dvp);

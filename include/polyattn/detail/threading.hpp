@@ -34,7 +34,7 @@ void parallel_for(int threads, index_t n_tasks, F&& f) {
     for (index_t t = 0; t < n_tasks; ++t) f(t, 0);
     return;
   }
-#if POLYATTN_HAS_OPENMP
+#if POLYATTN_HAS_OPENMP && POLYATTN_HAS_EXCEPTIONS
   std::exception_ptr error;
 #pragma omp parallel num_threads(workers)
   {
@@ -50,6 +50,13 @@ void parallel_for(int threads, index_t n_tasks, F&& f) {
     }
   }
   if (error) std::rethrow_exception(error);
+#elif POLYATTN_HAS_OPENMP  // -fno-exceptions: a failure inside f aborts the program
+#pragma omp parallel num_threads(workers)
+  {
+    const int worker = omp_get_thread_num();
+#pragma omp for schedule(dynamic, 1)
+    for (index_t t = 0; t < n_tasks; ++t) f(t, worker);
+  }
 #else
   for (index_t t = 0; t < n_tasks; ++t) f(t, 0);
 #endif

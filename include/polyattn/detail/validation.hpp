@@ -24,7 +24,7 @@ std::string shape_string(const tensor_view<T, R>& v) {
 }
 
 [[noreturn]] inline void fail(const char* function, const std::string& message) {
-  throw std::invalid_argument(std::string("polyattn::") + function + ": " + message);
+  raise(std::invalid_argument(std::string("polyattn::") + function + ": " + message));
 }
 
 /// Well-formedness of one view: non-negative extents and strides, a data pointer whenever
