@@ -53,6 +53,7 @@ struct attention_backward_problem {
   T scale = T(1);
   int threads = 1;
   backward_schedule schedule = kDefaultBackwardSchedule;
+  mask_band band{};  // sliding window and global positions (detail/mask.hpp)
 };
 
 template <class T>
@@ -99,7 +100,7 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
   const index_t n_qblocks = ceil_div(Nq, BQ), n_kblocks = ceil_div(Nk, BK);
   const index_t dp = round_up(std::max<index_t>(d, 1), W), dvp = round_up(dval, W);
   const bool pack_k = d % W != 0;
-  const attention_mask mask{pb.causal, Nq, Nk};
+  const attention_mask mask{pb.causal, Nq, Nk, pb.band};
   const index_t key_tasks = B * Hk * n_kblocks, query_tasks = B * H * n_qblocks;
   const int workers = static_cast<int>(std::min<index_t>(pb.threads, key_tasks + query_tasks));
   // (the partials schedule runs up to min(threads, kPartialChunks) workers)
@@ -196,7 +197,10 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
       const index_t b = bh / H, h = bh % H, hk = h / group;
       for (index_t w0 = 0; w0 < Nq; w0 += WQ) {
         const index_t nw = std::min(WQ, Nq - w0);
-        const index_t kb_end = ceil_div(mask.key_end(w0, nw), BK);
+        // the key blocks some query of the window sees, cut into C fixed slices
+        std::vector<index_t> kblocks;
+        mask.for_each_key_block(w0, nw, BK, [&](index_t j0, index_t) { kblocks.push_back(j0); });
+        const index_t L = static_cast<index_t>(kblocks.size());
         parallel_for(pb.threads, C, [&](index_t c, int worker) {
           attention_backward_scratch<T>& s = scratch[worker];
           prepare(s);
@@ -204,8 +208,8 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
           std::fill(qpart, qpart + nw * dp, T(0));
           if (s.window.empty()) s.window.assign(static_cast<std::size_t>(WQ / BQ * pack_size), T(0));
           bool packed[WQ / BQ] = {};
-          for (index_t kb = c * kb_end / C; kb < (c + 1) * kb_end / C; ++kb) {
-            const index_t j0 = kb * BK, nk = std::min(BK, Nk - j0);
+          for (index_t at = c * L / C; at < (c + 1) * L / C; ++at) {
+            const index_t j0 = kblocks[static_cast<std::size_t>(at)], nk = std::min(BK, Nk - j0);
             const T* kblk = d > 0 ? &pb.k(b, hk, j0, 0) : s.qt.data();
             const T* vblk = &pb.v(b, hk, j0, 0);
             // dK, dV of these keys so far (earlier windows and heads, in order)
@@ -215,9 +219,8 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
             }
             index_t ldk = 0;
             const T* kop = d > 0 ? k_operand(s, kblk, nk, ldk) : nullptr;
-            const index_t first = std::max(w0, mask.query_begin(j0, nk));
-            for (index_t i0 = w0 + (first - w0) / BQ * BQ; i0 < w0 + nw; i0 += BQ) {
-              const index_t nq = std::min(BQ, w0 + nw - i0), lanes = round_up(nq, W);
+            mask.for_each_query_block(j0, nk, BQ, [&](index_t i0, index_t nq) {
+              const index_t lanes = round_up(nq, W);
               const index_t qb = (i0 - w0) / BQ;
               const query_block_pack<T> qp = window_pack(s, qb);
               if (!packed[qb]) load_queries(s, qp, b, h, i0, nq, lanes, true);
@@ -228,7 +231,7 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
                 gemm<T, Arch>(nk, d, nq, s.dpt.data(), lanes, 1, qp.qrows, dp, s.kacc.data(), dp, true);
                 gemm<T, Arch>(nq, d, nk, s.dpt.data(), 1, lanes, kop, ldk, qpart + (i0 - w0) * dp, dp, true);
               }
-            }
+            }, w0, w0 + nw);
             for (index_t r = 0; r < nk; ++r) {
               if (d > 0) std::copy_n(s.kacc.data() + r * dp, d, &pb.dk(b, hk, j0 + r, 0));
               std::copy_n(s.vacc.data() + r * dvp, dval, &pb.dv(b, hk, j0 + r, 0));
@@ -264,11 +267,10 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
       const T* vblk = &pb.v(b, hk, j0, 0);
       std::fill(s.kacc.begin(), s.kacc.begin() + nk * dp, T(0));
       std::fill(s.vacc.begin(), s.vacc.begin() + nk * dvp, T(0));
-      const index_t first = mask.query_begin(j0, nk) / BQ * BQ, last = mask.query_end(j0, nk);
       for (index_t g = 0; g < group; ++g) {
         const index_t h = hk * group + g;
-        for (index_t i0 = first; i0 < last; i0 += BQ) {
-          const index_t nq = std::min(BQ, Nq - i0), lanes = round_up(nq, W);
+        mask.for_each_query_block(j0, nk, BQ, [&](index_t i0, index_t nq) {
+          const index_t lanes = round_up(nq, W);
           const query_block_pack<T> qp = scratch_pack(s);
           load_queries(s, qp, b, h, i0, nq, lanes, true);
           tile(s, qp, kblk, vblk, i0, nq, lanes, j0, nk);
@@ -276,7 +278,7 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
           gemm<T, Arch>(nk, dval, nq, s.pt.data(), lanes, 1, s.dorows.data(), dvp, s.vacc.data(), dvp, true);
           if (d > 0)
             gemm<T, Arch>(nk, d, nq, s.dpt.data(), lanes, 1, s.qrows.data(), dp, s.kacc.data(), dp, true);
-        }
+        });
       }
       for (index_t r = 0; r < nk; ++r) {
         if (d > 0) std::copy_n(s.kacc.data() + r * dp, d, &pb.dk(b, hk, j0 + r, 0));
@@ -293,16 +295,14 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
       load_queries(s, qp, b, h, i0, nq, lanes, false);
       T* qacc = s.qrows.data();  // dQ accumulator [nq x dp]; the rows are not needed here
       std::fill(qacc, qacc + nq * dp, T(0));
-      const index_t key_end = mask.key_end(i0, nq);
-      for (index_t j0 = mask.key_begin(i0, nq) / BK * BK; j0 < key_end; j0 += BK) {
-        const index_t nk = std::min(BK, key_end - j0);
+      mask.for_each_key_block(i0, nq, BK, [&](index_t j0, index_t nk) {
         const T* kblk = &pb.k(b, hk, j0, 0);
         tile(s, qp, kblk, &pb.v(b, hk, j0, 0), i0, nq, lanes, j0, nk);
         index_t ldk = 0;
         const T* kb = k_operand(s, kblk, nk, ldk);
         // dQ[nq x d] += dS · K with dS(i, j) = dSᵀ(j, i) = dpt[j·lanes + i]
         gemm<T, Arch>(nq, d, nk, s.dpt.data(), 1, lanes, kb, ldk, qacc, dp, true);
-      }
+      });
       for (index_t i = 0; i < nq; ++i) {
         T* dst = &pb.dq(b, h, i0 + i, 0);
         for (index_t c = 0; c < d; ++c) dst[c] = pb.scale * qacc[i * dp + c];
