@@ -247,11 +247,15 @@ TEST_CASE("the engine mask visits every allowed pair, hides exactly the others, 
                   << "/" << m.window_right << " globals " << m.global.size());
     for (const index_t bq : {index_t(48), index_t(64)})
       for (const index_t bk : {index_t(96), index_t(128), std::max<index_t>(nk, 1)}) {
-        for (index_t i0 = 0; i0 < nq; i0 += bq) {
+        for (index_t i0 = 0; i0 < nq; i0 += bq)
+         for (const bool aligned : {false, true}) {
           const index_t n = std::min(bq, nq - i0);
           std::vector<char> covered(static_cast<std::size_t>(nk), 0);
-          index_t last_end = -1, blocks = 0;
-          mask.for_each_key_block(i0, n, bk, [&](index_t j0, index_t nkeys) {
+          index_t last_end = -1, blocks = 0, computed = 0;
+          mask.for_each_key_block(i0, n, bk, aligned, [&](index_t j0, index_t nkeys) {
+            INFO("aligned " << aligned << " block " << j0 << " + " << nkeys);
+            if (aligned && bk < nk) REQUIRE(j0 % bk == 0);
+            computed += nkeys;
             REQUIRE(j0 >= last_end);  // ascending, disjoint
             REQUIRE(nkeys >= 1);
             REQUIRE(j0 + nkeys <= nk);
@@ -287,6 +291,7 @@ TEST_CASE("the engine mask visits every allowed pair, hides exactly the others, 
           if (m.global.empty() && m.window_left >= 0 && m.window_right >= 0 && bk < nk) {
             const index_t span = n + m.window_left + m.window_right;
             REQUIRE(blocks <= span / bk + 2);
+            if (!aligned) REQUIRE(computed <= span);  // the forward computes no key outside the band
           }
         }
         // the query side: every query block holding a query that sees a key of the block

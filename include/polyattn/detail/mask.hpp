@@ -79,37 +79,44 @@ struct attention_mask {
   }
 
   /// Calls f(j0, nkeys) for the key blocks queries [i0, i0 + n) must visit, in ascending
-  /// order: blocks are aligned to multiples of bk and end at the causal limit. With bk >= Nk
-  /// (the materialising kernel) it is one span from the first to the last key needed.
+  /// order, disjoint, none past the causal limit. The band's keys come as blocks of bk keys
+  /// from the first key of the band (`aligned` = false: the forward, which then computes no
+  /// key left of the band) or from a multiple of bk (`aligned` = true: the backward, whose key
+  /// blocks are work units of their own); a global key outside the band brings its aligned
+  /// block, cut where it meets the band. With bk >= Nk (the materialising kernel) it is one
+  /// span from the first to the last key needed.
   template <class F>
-  void for_each_key_block(index_t i0, index_t n, index_t bk, F&& f) const {
+  void for_each_key_block(index_t i0, index_t n, index_t bk, bool aligned, F&& f) const {
     const index_t limit = key_limit(i0, n);
     if (n <= 0 || limit <= 0) return;
     index_t lo = 0, hi = limit;
     const bool band_only = !all_keys(i0, n);
     if (band_only) band_keys(i0, n, limit, lo, hi);
+    const index_t* gend = band_only ? global_from(limit) : band.global;  // global keys below the limit
     if (bk >= nk) {
-      const index_t* end = global_from(limit);  // global keys below the limit widen the span
-      if (band_only && end != band.global) {
+      if (gend != band.global) {
         lo = std::min(lo, band.global[0]);
-        hi = std::max(hi, *(end - 1) + 1);
+        hi = std::max(hi, *(gend - 1) + 1);
       }
       if (lo < hi) f(lo, hi - lo);
       return;
     }
-    const index_t band_first = lo / bk, band_last = lo < hi ? ceil_blocks(hi, bk) : band_first;
-    index_t next = 0;  // the first block index not emitted yet
-    auto emit = [&](index_t kb) {
-      const index_t j0 = kb * bk;
-      f(j0, std::min(bk, limit - j0));
-      next = kb + 1;
+    if (aligned && lo < hi) {
+      lo = lo / bk * bk;
+      hi = std::min(ceil_blocks(hi, bk) * bk, limit);
+    }
+    index_t covered = 0;  // keys before this were emitted (or lie left of every block)
+    auto global_block = [&](index_t g, index_t stop) {  // the aligned block of global key g, cut at stop
+      if (g < covered) return;
+      const index_t j0 = std::max(covered, g / bk * bk), j1 = std::min({g / bk * bk + bk, stop, limit});
+      f(j0, j1 - j0);
+      covered = j1;
     };
     const index_t* g = band.global;
-    for (; g != global_end() && *g < limit && *g / bk < band_first; ++g)
-      if (*g / bk >= next) emit(*g / bk);
-    for (index_t kb = std::max(next, band_first); kb < band_last; ++kb) emit(kb);
-    for (; g != global_end() && *g < limit; ++g)
-      if (*g / bk >= next) emit(*g / bk);
+    for (; g != gend && *g < lo; ++g) global_block(*g, lo);
+    for (index_t j0 = std::max(lo, covered); j0 < hi; j0 += bk) f(j0, std::min(bk, hi - j0));
+    covered = std::max(covered, hi);
+    for (; g != gend; ++g) global_block(*g, limit);
   }
 
   // ---- query side of a block of keys [j0, j0 + n)

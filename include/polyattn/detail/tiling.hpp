@@ -101,7 +101,7 @@ void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights)
     const T* kbase = d > 0 && Nk > 0 ? &pb.k(b, hk, 0, 0) : qt;
     const T* vbase = Nk > 0 && dv > 0 ? &pb.v(b, hk, 0, 0) : nullptr;
     const index_t ks = d > 0 ? pb.k.stride(2) : 0, vs = pb.v.stride(2);
-    mask.for_each_key_block(i0, nq, block_k, [&](index_t j0, index_t nk) {
+    mask.for_each_key_block(i0, nq, block_k, false, [&](index_t j0, index_t nk) {
       gemm<T, Arch>(nk, lanes, d, kbase + j0 * ks, ks, 1, qt, lanes, st, lanes, false);
       const bool partial = mask.partial(i0, nq, j0, nk);
       if (partial) mask.hide(st, lanes, lanes, i0, j0, nk, Weights::masked_score());

@@ -199,7 +199,7 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
         const index_t nw = std::min(WQ, Nq - w0);
         // the key blocks some query of the window sees, cut into C fixed slices
         std::vector<index_t> kblocks;
-        mask.for_each_key_block(w0, nw, BK, [&](index_t j0, index_t) { kblocks.push_back(j0); });
+        mask.for_each_key_block(w0, nw, BK, true, [&](index_t j0, index_t) { kblocks.push_back(j0); });
         const index_t L = static_cast<index_t>(kblocks.size());
         parallel_for(pb.threads, C, [&](index_t c, int worker) {
           attention_backward_scratch<T>& s = scratch[worker];
@@ -295,7 +295,7 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
       load_queries(s, qp, b, h, i0, nq, lanes, false);
       T* qacc = s.qrows.data();  // dQ accumulator [nq x dp]; the rows are not needed here
       std::fill(qacc, qacc + nq * dp, T(0));
-      mask.for_each_key_block(i0, nq, BK, [&](index_t j0, index_t nk) {
+      mask.for_each_key_block(i0, nq, BK, true, [&](index_t j0, index_t nk) {
         const T* kblk = &pb.k(b, hk, j0, 0);
         tile(s, qp, kblk, &pb.v(b, hk, j0, 0), i0, nq, lanes, j0, nk);
         index_t ldk = 0;
