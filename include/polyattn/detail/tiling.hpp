@@ -19,6 +19,7 @@
 
 #include "../tensor_view.hpp"
 #include "gemm.hpp"
+#include "kv_parts.hpp"
 #include "mask.hpp"
 #include "threading.hpp"
 
@@ -37,6 +38,9 @@ struct attention_problem {
   int threads = 1;
   tensor_view<T, 3> stats{};  // [B, H, Nq] row statistics, written when non-empty
   mask_band band{};           // sliding window and global positions (detail/mask.hpp)
+  // Keys and values in several parts (segmented_view); then k and v above carry only the
+  // shapes of their concatenation and are never read.
+  const kv_parts<T>* segments = nullptr;
 };
 
 template <class T>
@@ -68,6 +72,8 @@ void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights)
   const bool pack_v = dv % W != 0;
   const int workers = static_cast<int>(std::min<index_t>(pb.threads, heads * n_qblocks));
   std::vector<attention_scratch<T>> scratch(std::max(workers, 1));
+  const kv_parts<T> single = pb.segments ? kv_parts<T>{} : kv_parts<T>(pb.k, pb.v);
+  const kv_parts<T>& kv = pb.segments ? *pb.segments : single;
 
   // Heaviest blocks first (the last query blocks of a causal head see the most keys) so the
   // dynamic schedule ends with small tasks on both cores.
@@ -98,17 +104,17 @@ void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights)
     std::fill(o, o + nq * dvp, T(0));
     weights.init(s.m.data(), s.l.data(), lanes);
 
-    const T* kbase = d > 0 && Nk > 0 ? &pb.k(b, hk, 0, 0) : qt;
-    const T* vbase = Nk > 0 && dv > 0 ? &pb.v(b, hk, 0, 0) : nullptr;
-    const index_t ks = d > 0 ? pb.k.stride(2) : 0, vs = pb.v.stride(2);
-    mask.for_each_key_block(i0, nq, block_k, false, [&](index_t j0, index_t nk) {
-      gemm<T, Arch>(nk, lanes, d, kbase + j0 * ks, ks, 1, qt, lanes, st, lanes, false);
+    // one key block, or the piece of it inside one part of a segmented sequence
+    auto key_block = [&](index_t j0, index_t nk, const kv_part<T>& part) {
+      const T* kblk = d > 0 ? part.k_row(b, hk, j0) : qt;
+      const index_t ks = d > 0 ? part.k.stride(2) : 0, vs = part.v.stride(2);
+      gemm<T, Arch>(nk, lanes, d, kblk, ks, 1, qt, lanes, st, lanes, false);
       const bool partial = mask.partial(i0, nq, j0, nk);
       if (partial) mask.hide(st, lanes, lanes, i0, j0, nk, Weights::masked_score());
       if (weights.apply(st, nk, lanes, lanes, s.m.data(), s.l.data(), s.alpha.data()))
         for (index_t i = 0; i < nq; ++i) scale_padded<T, Arch>(o + i * dvp, dvp, s.alpha[i]);
       if (dv == 0) return;
-      const T* vsrc = vbase + j0 * vs;
+      const T* vsrc = part.v_row(b, hk, j0);
       index_t ldv = vs;
       if (pack_v) {
         pack_rows(vsrc, vs, nk, dv, s.vpack.data(), dvp);
@@ -129,7 +135,8 @@ void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights)
           });
       else
         gemm<T, Arch>(nq, dv, nk, st, 1, lanes, vsrc, ldv, o, dvp, true);
-    });
+    };
+    mask.for_each_key_block(i0, nq, block_k, false, [&](index_t j0, index_t nk) { kv.split(j0, nk, key_block); });
 
     const index_t os = pb.out.stride(2);
     T* orow = dv > 0 ? &pb.out(b, h, i0, 0) : nullptr;
