@@ -43,10 +43,11 @@ void BM_exact(benchmark::State& state) {
 }
 
 /// Causal flash attention with a sliding window of w keys before each query (Mistral-style).
-/// Args: N, d, window, threads. FLOPs count only the unmasked pairs, Σ_i min(i + 1, w + 1).
+/// Args: N, d, causal (always 1), window, threads. FLOPs count only the unmasked pairs,
+/// Σ_i min(i + 1, w + 1).
 void BM_flash_window(benchmark::State& state) {
-  const std::int64_t n = state.range(0), d = state.range(1), w = state.range(2);
-  const int threads = int(state.range(3));
+  const std::int64_t n = state.range(0), d = state.range(1), w = state.range(3);
+  const int threads = int(state.range(4));
   head_inputs in(n, d);
   softmax_options o;
   o.causal = true;
@@ -135,7 +136,7 @@ void register_exact_benchmarks(const sweep& s) {
       for (int threads : s.threads()) {
         if (w >= n) continue;  // the full causal kernel
         auto* b = benchmark::RegisterBenchmark("flash_attention_window", BM_flash_window);
-        b->ArgNames({"N", "d", "window", "threads"})->Args({n, 64, w, threads});
+        b->ArgNames({"N", "d", "causal", "window", "threads"})->Args({n, 64, 1, w, threads});
         b->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.1);
         set_repetitions(b, n);
       }
