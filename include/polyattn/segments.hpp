@@ -101,7 +101,7 @@ struct segmented_problem {
 };
 
 template <class T, class Weights>
-void segmented_forward(const char* fn, tensor_view<const T, 4> q, const segmented_view<const T>& k,
+void segmented_forward(tensor_view<const T, 4> q, const segmented_view<const T>& k,
                        const segmented_view<const T>& v, tensor_view<T, 4> out, const tensor_view<T, 3>* stats,
                        bool causal, T scale, index_t block_k, int threads, const mask_band& band,
                        const Weights& weights) {
@@ -133,7 +133,7 @@ void softmax_segmented(const char* fn, tensor_view<const T, 4> q, const segmente
     check_representable<T>(fn, "scale", *opts.scale);
   }
   const index_t n = k.length();
-  segmented_forward<T>(fn, q, k, v, out, stats, opts.causal, softmax_scale<T>(opts, q.extent(3)),
+  segmented_forward<T>(q, k, v, out, stats, opts.causal, softmax_scale<T>(opts, q.extent(3)),
                        materialise ? std::max<index_t>(n, 1) : kBlockK, resolve_threads(opts.threads),
                        checked_mask_band(fn, opts, n), softmax_weights<T>{});
 }
@@ -145,7 +145,7 @@ void polynomial_segmented(tensor_view<const T, 4> q, const segmented_view<const 
   check_segments(fn, q, k, v, out);
   if (stats) check_segmented_stats(fn, q, k, v, out, *stats);
   check_polynomial_options<T>(fn, opts);
-  segmented_forward<T>(fn, q, k, v, out, stats, opts.causal, static_cast<T>(opts.scale), kBlockK,
+  segmented_forward<T>(q, k, v, out, stats, opts.causal, static_cast<T>(opts.scale), kBlockK,
                        resolve_threads(opts.threads), checked_mask_band(fn, opts, k.length()),
                        polynomial_weights<T>{opts.degree, static_cast<T>(opts.normalizer_bias)});
 }
