@@ -83,7 +83,9 @@ TEMPLATE_TEST_CASE("windowed backward passes match the gradient oracle with both
     for (const attention_shape& s : {attention_shape{1, 2, 1, 200, 333, 40, 24, false},
                                      attention_shape{1, 1, 1, 300, 97, 17, 9, false},
                                      attention_shape{2, 4, 2, 97, 113, 19, 33, true}}) {
-      const exact_case_options o = with_mask(m, s.nk);
+      // (one thread: the partials schedule's per-window barriers cost a time slice each on a
+      // loaded machine; thread invariance is its own test below)
+      const exact_case_options o = with_mask(m, s.nk, 1);
       INFO("window " << m.left << "/" << m.right << " globals " << o.global.size());
       check_backward_against_oracle<TestType, float>(s, o);
       check_backward_against_oracle<TestType, double>(s, o);
