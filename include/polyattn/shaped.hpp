@@ -29,7 +29,7 @@ namespace detail {
 
 inline constexpr index_t kSumBlock = 128;         // rows per block of the blocked running sums
 inline constexpr index_t kShapedMinChunk = 512;   // rows per task of the O(N·dv) passes, at least,
-inline constexpr index_t kShapedMaxChunks = 8;    // and at most this many tasks per head
+inline constexpr index_t kShapedMaxChunks = 4;    // and at most this many tasks per head
 /// The backward reconstructs the softmax output from `out` when |α| + |γ| <= kReconstructLimit·|β|
 /// and recomputes it otherwise (docs/design_exact.md, "Shaped attention": the reconstruction's
 /// absolute error grows like (|α| + |γ|)/|β| times the rounding of the values).
@@ -132,6 +132,24 @@ void for_each_row_with_mean(tensor_view<const T, 4> v, index_t batch, index_t he
   });
 }
 
+/// An aligned array of n elements of an arithmetic type, left uninitialised (aligned_vector
+/// zero-fills, which for a buffer the size of out costs as much as the pass that fills it).
+template <class T>
+class uninitialized_buffer {
+ public:
+  explicit uninitialized_buffer(std::size_t n) : data_(n > 0 ? aligned_allocator<T>().allocate(n) : nullptr), n_(n) {}
+  ~uninitialized_buffer() {
+    if (data_) aligned_allocator<T>().deallocate(data_, n_);
+  }
+  uninitialized_buffer(const uninitialized_buffer&) = delete;
+  uninitialized_buffer& operator=(const uninitialized_buffer&) = delete;
+  T* data() const { return data_; }
+
+ private:
+  T* data_;
+  std::size_t n_;
+};
+
 /// x *= factor over every element, in parallel over (batch, head, chunk of rows).
 template <class T>
 void scale_in_place(const tensor_view<T, 4>& x, double factor, int threads) {
@@ -230,8 +248,9 @@ void shaped_backward(input_view<T> q, input_view<T> k, input_view<T> v, input_vi
     if (source == shaped_softmax_output::automatic)
       source = std::abs(alpha) + std::abs(gamma) <= kReconstructLimit * std::abs(beta) ? shaped_softmax_output::reconstruct
                                                                                        : shaped_softmax_output::recompute;
-    // A [B, H, Nq, dv]: the size of out (docs/design_exact.md: the one buffer proportional to N)
-    aligned_vector<T> a_storage(static_cast<std::size_t>(B * H * Nq * dval));
+    // A [B, H, Nq, dv]: the size of out (docs/design_exact.md: the one buffer proportional to
+    // N), every element written below, so it is not zero-filled first
+    const uninitialized_buffer<T> a_storage(static_cast<std::size_t>(B * H * Nq * dval));
     const tensor_view<T, 4> a(a_storage.data(), {B, H, Nq, dval});
     const T scale = shaped_scale<T>(opts, q.extent(3));
     if (source == shaped_softmax_output::reconstruct) {
