@@ -63,9 +63,9 @@ struct shaped_run : backward_inputs<T> {
 };
 
 template <class T, class Acc = double>
-dense_gradients oracle_of(const shaped_run<T>& r, const shaped_case& c) {
+dense_gradients oracle_of(const shaped_run<T>& r, const shaped_case& c, bool gradients = true) {
   return shaped_gradients_oracle<T, Acc>(r.q.cview(), r.k.cview(), r.v.cview(), r.dout.cview(), c.causal,
-                                         scale_of(c, r.q.view.extent(3)), c.co);
+                                         scale_of(c, r.q.view.extent(3)), c.co, gradients);
 }
 
 /// The magnitude outputs and errors are judged against: every term's coefficient times max |v|.
@@ -80,12 +80,12 @@ void check_forward(const attention_shape& s, const shaped_case& c, double sigma 
   INFO("forward " << describe(s, c));
   shaped_run<T> r(s, 1000 + static_cast<std::uint64_t>(s.nq * 7 + s.nk * 13 + s.d), sigma);
   r.forward(c);
-  const dense_gradients exact = oracle_of<T>(r, c);
+  const dense_gradients exact = oracle_of<T>(r, c, false);
   const error_summary e = compare<T>(r.out.cview(), exact.out);
   const double magnitude = term_magnitude(c.co, max_abs_of<T>(r.v.cview()));
   REQUIRE(e.finite);
   if constexpr (std::is_same_v<T, float>) {
-    const dense_gradients naive = oracle_of<T, float>(r, c);
+    const dense_gradients naive = oracle_of<T, float>(r, c, false);
     const double naive_err = max_abs_error(naive.out, exact.out);
     INFO("error " << e.max_abs << " naive fp32 error " << naive_err << " magnitude " << magnitude);
     CHECK(e.max_abs <= 2 * naive_err + average_tolerance<T>(magnitude, 8));
@@ -139,7 +139,7 @@ void check_backward(const attention_shape& s, const shaped_case& c, double sigma
 
 /// The shapes of the exact battery whose queries all sit at key positions (Nq <= Nk), but for
 /// N = 1025 (the engine's tiles are flash's, tested there; the O(N·dv) passes' chunks of 512
-/// rows are crossed by the cases with Nk = 1100 below).
+/// rows are crossed by the cases with Nq = 520, 600 below, its chunks of 512 keys by Nk = 700).
 std::vector<attention_shape> shaped_shapes() {
   std::vector<attention_shape> out;
   for (const attention_shape& s : design_shapes())
@@ -169,7 +169,7 @@ TEMPLATE_TEST_CASE("shaped_attention matches the oracle on the shape battery", "
 }
 
 TEMPLATE_TEST_CASE("shaped_attention: every coefficient set, GQA, strided, Nq < Nk, Nq = 1", "[shaped]", float, double) {
-  const attention_shape shapes[] = {{2, 4, 2, 97, 113, 59, 33, false}, {1, 3, 1, 1, 257, 16, 24, true}};
+  const attention_shape shapes[] = {{2, 4, 2, 37, 53, 19, 13, false}, {1, 3, 1, 1, 257, 16, 24, true}};
   for (const shaped_coefficients& co : kCoefficientSets)
     for (bool causal : {true, false}) {
       shaped_case c;
@@ -177,12 +177,12 @@ TEMPLATE_TEST_CASE("shaped_attention: every coefficient set, GQA, strided, Nq < 
       c.co = co;
       for (const attention_shape& s : shapes) check_forward<TestType>(s, c);
     }
-  // several row chunks of the O(N·dv) pass (512 rows each), Nq < Nk
+  // two row chunks of the O(N·dv) pass (512 rows each), Nq < Nk
   for (bool causal : {true, false}) {
     shaped_case c;
     c.causal = causal;
     c.co = {0.5, 2.0, 1.5};
-    check_forward<TestType>({1, 2, 1, 600, 1100, 8, 8, false}, c);
+    check_forward<TestType>({1, 1, 1, 600, 700, 8, 8, false}, c);
   }
 }
 
@@ -305,14 +305,19 @@ TEMPLATE_TEST_CASE("shaped_attention_backward matches the gradient oracle on the
                    float, double) {
   for (bool causal : {true, false})
     for (const attention_shape& s : shaped_shapes()) {
+      // the larger multi-head shapes only in the forward battery (the softmax engine's
+      // gradients are flash's, tested on all of them; GQA and strided views are below)
+      if (s.batch * s.heads * s.nq * s.nk * (s.d + s.dv) > 3'000'000) continue;
       shaped_case c;
       c.causal = causal;
       check_backward<TestType>(s, c);
     }
 }
 
-TEMPLATE_TEST_CASE("shaped_attention_backward: coefficient sets, both sources of the softmax output", "[shaped][backward]",
-                   float, double) {
+TEST_CASE("shaped_attention_backward: coefficient sets, both sources of the softmax output", "[shaped][backward]") {
+  // fp32 only: its bound (2x the naive fp32 error) is the demanding one; double runs the
+  // battery, the hard inputs and the finite differences
+  using TestType = float;
   const attention_shape shapes[] = {{2, 4, 2, 37, 53, 19, 13, false}, {1, 3, 1, 1, 130, 16, 24, true}};
   for (const shaped_coefficients& co : kCoefficientSets)
     for (source from : {source::reconstruct, source::recompute})
@@ -323,14 +328,14 @@ TEMPLATE_TEST_CASE("shaped_attention_backward: coefficient sets, both sources of
         c.from = from;
         for (const attention_shape& s : shapes) check_backward<TestType>(s, c);
       }
-  // several key chunks of the dv pass (512 keys each), Nq < Nk, GQA
+  // two key chunks of the dv pass (512 keys each), Nq < Nk, GQA
   for (source from : {source::reconstruct, source::recompute})
     for (bool causal : {true, false}) {
       shaped_case c;
       c.causal = causal;
       c.co = {0.5, 2.0, 1.5};
       c.from = from;
-      check_backward<TestType>({1, 2, 1, 300, 1100, 8, 8, false}, c);
+      check_backward<TestType>({1, 2, 1, 100, 700, 8, 8, false}, c);
     }
 }
 
@@ -338,7 +343,7 @@ TEMPLATE_TEST_CASE("shaped_attention_backward at hard inputs: large α or γ, la
                    double) {
   // |α| + |γ| > 4|β|: the automatic choice recomputes the softmax output (reconstructing it
   // from out would cancel the large identity or mean term)
-  const attention_shape s{1, 2, 1, 150, 180, 24, 16, false};
+  const attention_shape s{1, 2, 1, 70, 90, 24, 16, false};
   for (const shaped_coefficients& co : {shaped_coefficients{1000.0, 1.0, 0.0}, shaped_coefficients{0.0, 1.0, 1000.0},
                                         shaped_coefficients{30.0, 0.5, -40.0}, shaped_coefficients{2.0, 1.0, 2.0},
                                         shaped_coefficients{1.0, 0.01, 0.0}})
@@ -400,10 +405,10 @@ TEST_CASE("shaped_attention_backward agrees with finite differences", "[shaped][
 }
 
 TEST_CASE("shaped_attention and its backward are bitwise identical for any thread count", "[shaped][threads]") {
-  // several row chunks of the O(N·dv) passes (512 rows each), GQA, strided views
-  const attention_shape s{1, 4, 2, 1100, 1300, 16, 8, true};
-  for (bool causal : {true, false})
-    for (source from : {source::reconstruct, source::recompute}) {
+  // two row chunks and two key chunks of the O(N·dv) passes (512 each), GQA, strided views
+  const attention_shape s{1, 2, 1, 520, 700, 4, 4, true};
+  for (const auto& [causal, from] : {std::pair{true, source::reconstruct}, std::pair{true, source::recompute},
+                                     std::pair{false, source::reconstruct}}) {
       shaped_case c;
       c.causal = causal;
       c.co = {0.5, 1.5, 0.8};

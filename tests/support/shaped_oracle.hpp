@@ -21,11 +21,12 @@ struct shaped_coefficients {
   double alpha = 1.0, beta = 1.0, gamma = 1.0;
 };
 
-/// Forward (out, stats = lse) and, for dout, the gradients dq, dk, dv of L = Σ dout ∘ out.
+/// Forward (out, stats = lse) and, for dout, the gradients dq, dk, dv of L = Σ dout ∘ out
+/// (left 0 with gradients = false).
 template <class T, class Acc = double>
 dense_gradients shaped_gradients_oracle(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
                                         tensor_view<const T, 4> v, tensor_view<const T, 4> dout, bool causal,
-                                        double scale_d, const shaped_coefficients& co) {
+                                        double scale_d, const shaped_coefficients& co, bool gradients = true) {
   const index_t B = q.extent(0), H = q.extent(1), Nq = q.extent(2), d = q.extent(3);
   const index_t Hk = k.extent(1), Nk = k.extent(2), dv = v.extent(3);
   const index_t group = H / std::max<index_t>(Hk, 1);
@@ -75,6 +76,7 @@ dense_gradients shaped_gradients_oracle(tensor_view<const T, 4> q, tensor_view<c
             g.out.at(b, h, i, c) = static_cast<double>(alpha * V(b, hk, pos, c) + beta * a - gamma * mean);
           }
 
+          if (!gradients) continue;
           // ---------------- backward of row i ----------------
           std::vector<Acc> da(static_cast<std::size_t>(dv)), dp(static_cast<std::size_t>(Nk), Acc(0)), ds(dp);
           for (index_t c = 0; c < dv; ++c) {
