@@ -79,4 +79,27 @@ struct linear_options {
   int threads = 0;
 };
 
+/// Options of `shaped_attention` (shaped attention, "Simplifying Transformer Blocks"):
+/// out_i = α·v_{pos_i} + β·softmax_attention_i − γ·mean_{j allowed} v_j (docs/design_exact.md).
+/// A coefficient of 0 drops its term (it is not computed, so no 0·inf).
+struct shaped_options {
+  bool causal = true;            ///< bottom-right aligned causal mask; false: every key is allowed
+  double alpha = 1.0;            ///< α, weight of the identity term v_{pos_i}
+  double beta = 1.0;             ///< β, weight of the softmax attention term
+  double gamma = 1.0;            ///< γ, weight of the mean of the allowed values
+  std::optional<double> scale{}; ///< logit scale of the softmax term; unset means 1/sqrt(head_dim)
+  int threads = 0;               ///< 0 = all available
+};
+
+/// How `compress_memory` pools a group of `rate` consecutive rows.
+enum class pooling {
+  mean,  ///< the average of the group's rows
+  max,   ///< the elementwise maximum (NaN if the group holds a NaN in that column)
+};
+
+/// Options of `compress_memory` and `compress_memory_backward`.
+struct compress_options {
+  int threads = 0;               ///< 0 = all available
+};
+
 }  // namespace polyattn

@@ -14,3 +14,5 @@
 #include "polysketch.hpp"
 #include "sketched.hpp"
 #include "cache.hpp"
+#include "shaped.hpp"
+#include "compress.hpp"
