@@ -123,10 +123,12 @@ int main() {
 
     // ---- move the oldest n memory rows into the compressed memory, the chunk into the memory
     if (mem_k.size == m) {
-      for (auto [mem, cmem] : {std::pair<ring*, ring*>{&mem_k, &cmem_k}, std::pair<ring*, ring*>{&mem_v, &cmem_v}})
-        cmem->push(n / c, [&](view dst) {
+      for (const auto& pair : {std::pair<ring*, ring*>{&mem_k, &cmem_k}, std::pair<ring*, ring*>{&mem_v, &cmem_v}}) {
+        ring* mem = pair.first;
+        pair.second->push(n / c, [&](view dst) {
           polyattn::compress_memory<float>(mem->rows(mem->head, n), c, polyattn::pooling::mean, dst);
         });
+      }
     }
     mem_k.push(n, [&](view dst) { copy_rows(K, dst); });
     mem_v.push(n, [&](view dst) { copy_rows(V, dst); });
