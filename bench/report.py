@@ -18,6 +18,9 @@ KERNELS = [  # (label, benchmark name, extra args that select the variant)
     ("polysketch r=32", "polysketch_attention", {"r": 32, "local_exact": 0}),
     ("polysketch r=32 local_exact", "polysketch_attention", {"r": 32, "local_exact": 1}),
     ("linear_attention m=528", "linear_attention", {"m": 528}),
+    ("flash window=256", "flash_attention_window", {"window": 256}),
+    ("flash window=512", "flash_attention_window", {"window": 512}),
+    ("flash window=4096", "flash_attention_window", {"window": 4096}),
 ]
 EXACT = ["softmax_attention", "flash_attention", "polynomial_attention"]
 # backward passes: GFLOP/s counted as 10·N²·d per backward (14·N²·d forward + backward), half causal
@@ -156,6 +159,12 @@ def main():
         lines.append("")
         lines.append(f"polysketch (r = 32, local_exact) is faster than flash from N = {cross}." if cross else
                      "polysketch (r = 32, local_exact) is not faster than flash at any measured N.")
+        win = sel.get("flash window=512", {})
+        if 32768 in win and 32768 in flash:
+            w = win[32768]
+            lines.append(f"Causal window w = 512 at N = 32768: {flash[32768]['ms'] / w['ms']:.1f}× faster than full "
+                         f"causal flash, {w['bench'].get('pct_peak', float('nan')):.0f} % of peak counting only the "
+                         "unmasked pairs.")
         big = [n for n in (32768, 65536) if n in sketch]
         if len(big) == 2:
             lines.append(f"time(65536) / time(32768) of polysketch: {sketch[65536]['ms'] / sketch[32768]['ms']:.2f}.")

@@ -8,6 +8,7 @@
 #include "softmax.hpp"
 #include "flash.hpp"
 #include "polynomial.hpp"
+#include "segments.hpp"
 #include "linear.hpp"
 #include "sketch.hpp"
 #include "polysketch.hpp"
