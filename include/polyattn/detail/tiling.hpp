@@ -143,7 +143,10 @@ void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights)
     for (index_t i = 0; i < nq && dv > 0; ++i) {
       // divide (not multiply by 1/den): a subnormal denominator must not overflow to inf
       const T den = weights.denominator(s.m[i], s.l[i]);
-      for (index_t c = 0; c < dv; ++c) orow[i * os + c] = den > T(0) ? o[i * dvp + c] / den : T(0);
+      if (den > T(0))
+        divide_into<T, Arch>(o + i * dvp, dv, den, orow + i * os);
+      else
+        std::fill(orow + i * os, orow + i * os + dv, T(0));
     }
     if (pb.stats.size() > 0)
       for (index_t i = 0; i < nq; ++i) pb.stats(b, h, i0 + i) = weights.row_statistic(s.m[i], s.l[i]);
