@@ -13,3 +13,5 @@
 #include "polysketch.hpp"
 #include "sketched.hpp"
 #include "cache.hpp"
+#include "favor.hpp"
+#include "linformer.hpp"
