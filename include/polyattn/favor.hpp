@@ -287,6 +287,29 @@ class favor_features {
                            " features; 'x' has shape " + detail::shape_string(x));
   }
 
+  /// p[f] = s·h[f] − off for f < n (vectorised, scalar tail); returns max_f p[f].
+  static T logits_row(const T* h, T* p, index_t n, T s, T off) {
+    using B = xsimd::batch<T>;
+    constexpr index_t W = static_cast<index_t>(B::size);
+    const B sv(s), ov(off);
+    B mv(-std::numeric_limits<T>::infinity());
+    index_t f = 0;
+    for (; f + W <= n; f += W) {
+      const B v = xsimd::fms(sv, B::load_unaligned(h + f), ov);
+      v.store_unaligned(p + f);
+      mv = xsimd::max(mv, v);
+    }
+    alignas(64) T lanes[W];
+    mv.store_unaligned(lanes);
+    T mx = lanes[0];
+    for (index_t l = 1; l < W; ++l) mx = std::max(mx, lanes[l]);
+    for (; f < n; ++f) {
+      p[f] = s * h[f] - off;
+      mx = std::max(mx, p[f]);
+    }
+    return mx;
+  }
+
   /// p[f] = exp(p[f] − c) / √m for f < n, vectorised with a scalar tail.
   void exp_row(T* p, index_t n, T c, T inv_sqrt_m) const {
     using B = xsimd::batch<T>;
@@ -326,11 +349,7 @@ class favor_features {
         const T off = half_s2 * n2;
         T* hr = hb + i * mp_;
         T* pr = &phi(b, h, r0 + i, 0);
-        T rmax = -std::numeric_limits<T>::infinity();
-        for (index_t f = 0; f < m_; ++f) {
-          pr[f] = s * hr[f] - off;
-          rmax = std::max(rmax, pr[f]);
-        }
+        const T rmax = logits_row(hr, pr, m_, s, off);
         if (keys)
           cmax = std::max(cmax, rmax);
         else
