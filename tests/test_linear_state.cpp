@@ -6,6 +6,7 @@
 #include <polyattn/flash.hpp>
 #include <polyattn/polynomial.hpp>
 #include <polyattn/polysketch.hpp>
+#include <polyattn/sketched.hpp>
 
 #include "support/linear_battery.hpp"
 #include "support/polysketch_oracle.hpp"
@@ -242,6 +243,57 @@ TEST_CASE("subnormal denominators give the weighted average, not inf", "[linear]
   const tensor_view<const double, 4> td(tiny.data(), {1, 1, 1, 1}), vdv(vd.data(), {1, 1, 1, 1});
   linear_attention<double>(td, td, vdv, tensor_view<double, 4>(od.data(), {1, 1, 1, 1}));
   CHECK(od[0] == 0.5);
+}
+
+TEMPLATE_TEST_CASE("subnormal denominators in every forward kernel, float and double",
+                   "[linear][polynomial][polysketch][sketched][subnormal]", float, double) {
+  // One query, one key, β = 0, a weight of 1e-40 (float) or 1e-316 (double): 1/den overflows,
+  // the output is v (to the resolution of the subnormal weight). x4 is a value whose 4th power
+  // is that weight (degree-2 weights (x·x)², linear weights x·x of features x = x4²), x8 one
+  // whose 8th power is (degree 4 on q·k).
+  using T = TestType;
+  const bool is_float = std::is_same_v<T, float>;
+  const T x4 = is_float ? T(1e-10) : T(1e-79), x8 = is_float ? T(1e-5) : T(3.16e-40);
+  const double tolerance = is_float ? 1e-4 : 1e-6;
+  std::vector<T> a4{x4}, a8{x8}, phi{x4 * x4}, v{T(0.75)}, out{T(0)};
+  const tensor_view<const T, 4> q4(a4.data(), {1, 1, 1, 1}), q8(a8.data(), {1, 1, 1, 1}), f(phi.data(), {1, 1, 1, 1});
+  const tensor_view<const T, 4> vv(v.data(), {1, 1, 1, 1});
+  const tensor_view<T, 4> o(out.data(), {1, 1, 1, 1});
+  auto check = [&](const char* what) {
+    INFO(what << ": out = " << out[0]);
+    CHECK(std::abs(static_cast<double>(out[0]) - 0.75) <= tolerance);
+    out[0] = std::numeric_limits<T>::quiet_NaN();
+  };
+  for (bool causal : {false, true}) {
+    INFO("causal=" << causal);
+    linear_options lo;
+    lo.causal = causal;
+    linear_attention<T>(f, f, vv, o, lo);
+    check("linear_attention");
+    polynomial_options po;
+    po.causal = causal;
+    po.normalizer_bias = 0;
+    polynomial_attention<T>(q8, q8, vv, o, po);
+    check("polynomial_attention");
+    sketch_options so;
+    so.degree = 2;  // the identity sketch: φ(q)·φ(k) = (q·k)²
+    const polysketch<T> sketch(1, so);
+    for (bool local_exact : {false, true}) {
+      polysketch_options ps;
+      ps.causal = causal;
+      ps.local_exact = local_exact;
+      ps.normalizer_bias = 0;
+      polysketch_attention<T>(q4, q4, vv, o, sketch, ps);
+      check(local_exact ? "polysketch_attention local_exact" : "polysketch_attention");
+      sketched_options sk;
+      sk.causal = causal;
+      sk.local_exact = local_exact;
+      sk.degree = 2;
+      sk.normalizer_bias = 0;
+      sketched_attention<T>(q4, q4, q4, q4, vv, o, sk);
+      check(local_exact ? "sketched_attention local_exact" : "sketched_attention");
+    }
+  }
 }
 
 TEST_CASE("exact kernels reject options that overflow float", "[polynomial][flash][validation]") {

@@ -45,27 +45,30 @@ struct polynomial_weights {
   T row_statistic(T, T l) const { return bias + l; }
 
   // ---- backward (detail/tiling_backward.hpp) ----
-  /// Per-lane constant from the saved denominator: 1/den, 0 for a row with den = 0.
+  /// Per-lane constant from the saved denominator: den itself, +∞ for a row with den = 0 (its
+  /// weights then divide to 0). The tile divides by it: 1/den overflows when den is subnormal
+  /// (β = 0, tiny weights) although every w/den is at most 1 (docs/design_exact.md).
   void backward_init(const T* stat, index_t n, index_t lanes, T* c) const {
-    for (index_t i = 0; i < n; ++i) c[i] = stat[i] > T(0) ? T(1) / stat[i] : T(0);
-    std::fill(c + n, c + lanes, T(0));
+    for (index_t i = 0; i < n; ++i) c[i] = stat[i] > T(0) ? stat[i] : std::numeric_limits<T>::infinity();
+    std::fill(c + n, c + lanes, std::numeric_limits<T>::infinity());
   }
 
   /// Scores Sᵀ in; normalised weights Pᵀ = s^p / den into pt and, in place of dPᵀ,
   /// dSᵀ = dw · p·s^(p−1) with dw = (dP − D) / den, D_i = dO_i·O_i: from
-  /// out_i = Σ_j w_ij v_j / den_i, ∂out_i/∂w_ij = (v_j − out_i) / den_i.
+  /// out_i = Σ_j w_ij v_j / den_i, ∂out_i/∂w_ij = (v_j − out_i) / den_i. Both share
+  /// t = s^(p−1) / den, one division per entry (measured: no cost next to the tile's GEMMs).
   void backward_tile(const T* st, T* pt, T* dpt, index_t rows, index_t ld, index_t lanes, const T* c,
                      const T* dd) const {
     using B = batch<T, Arch>;
     const int pm1 = degree - 1;
     for (index_t col = 0; col < lanes; col += B::size) {
       const B cv = B::load_unaligned(c + col), dv = B::load_unaligned(dd + col);
-      const B cp = cv * B(static_cast<T>(degree));
+      const B cp(static_cast<T>(degree));
       for (index_t r = 0; r < rows; ++r) {
         const index_t at = r * ld + col;
         const B sv = B::load_unaligned(st + at);
-        const B t = ipow<T, Arch>(sv, pm1);  // s^(p-1)
-        (t * sv * cv).store_unaligned(pt + at);
+        const B t = ipow<T, Arch>(sv, pm1) / cv;  // s^(p-1) / den
+        (t * sv).store_unaligned(pt + at);
         ((B::load_unaligned(dpt + at) - dv) * cp * t).store_unaligned(dpt + at);
       }
     }

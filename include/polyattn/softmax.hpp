@@ -21,6 +21,18 @@ template <class T, class Arch = default_arch>
 struct softmax_weights {
   static constexpr T masked_score() { return -std::numeric_limits<T>::infinity(); }
 
+  /// The lowest argument handed to xsimd::exp: exp is 0 there in float and double (xsimd
+  /// returns 0 below −88.4 and −708.4), and x / ln 2 still fits an integer. xsimd's exp
+  /// converts x / ln 2 to an integer, which for −∞ (a masked score, a lane's initial max) or a
+  /// huge negative difference is undefined behaviour (clang's -fsanitize=undefined aborts on
+  /// it; the double conversion is a scalar cast). Clamping there changes no result.
+  static constexpr T exp_floor() { return T(-1000); }
+
+  /// exp(max(x, exp_floor())); max(floor, x) keeps a NaN argument NaN.
+  static batch<T, Arch> exp_clamped(const batch<T, Arch>& x) {
+    return xsimd::exp(xsimd::max(batch<T, Arch>(exp_floor()), x));
+  }
+
   void init(T* m, T* l, index_t lanes) const {
     std::fill(m, m + lanes, masked_score());
     std::fill(l, l + lanes, T(0));
@@ -35,11 +47,11 @@ struct softmax_weights {
       const B m_old = B::load_unaligned(m + c);
       const B m_new = xsimd::max(m_old, bmax);
       const B m_use = xsimd::select(m_new == neg_inf, B(T(0)), m_new);
-      const B a = xsimd::exp(m_old - m_use);
+      const B a = exp_clamped(m_old - m_use);
       B sum(T(0));
       for (index_t r = 0; r < rows; ++r) {
         T* p = st + r * ld + c;
-        const B e = xsimd::exp(B::load_unaligned(p) - m_use);
+        const B e = exp_clamped(B::load_unaligned(p) - m_use);
         e.store_unaligned(p);
         sum += e;
       }
@@ -65,13 +77,13 @@ struct softmax_weights {
 
   /// Scores Sᵀ in, probabilities Pᵀ = exp(S − lse) out into pt and, in place of dPᵀ,
   /// dSᵀ = P ∘ (dP − D) with D_i = dO_i·O_i (the softmax Jacobian, FlashAttention-2 eq. for dS).
-  /// The exponent is clamped to [−1000, 0]: s − lse <= 0 for every allowed score up to
+  /// The exponent is clamped to [exp_floor(), 0]: s − lse <= 0 for every allowed score up to
   /// rounding, the clamp keeps exp's argument finite for masked entries (which `hide`
   /// overwrites afterwards) and for empty rows (lse = +∞ here).
   void backward_tile(const T* st, T* pt, T* dpt, index_t rows, index_t ld, index_t lanes, const T* c,
                      const T* dd) const {
     using B = batch<T, Arch>;
-    const B lo(T(-1000)), zero(T(0));
+    const B lo(exp_floor()), zero(T(0));
     for (index_t col = 0; col < lanes; col += B::size) {
       const B cv = B::load_unaligned(c + col), dv = B::load_unaligned(dd + col);
       for (index_t r = 0; r < rows; ++r) {

@@ -117,9 +117,6 @@ void run_block_backward(const block_problem& pb, const Source& src, tensor_view<
   auto grads_q = [&](index_t bi, index_t h, index_t i) {
     return grad_rows<T>{&dq(bi, h, i, 0), dq.stride(2), two_inputs ? &dq2(bi, h, i, 0) : nullptr, dq2.stride(2)};
   };
-  auto grads_k = [&](index_t bi, index_t hk, index_t j) {
-    return grad_rows<T>{&dk(bi, hk, j, 0), dk.stride(2), two_inputs ? &dk2(bi, hk, j, 0) : nullptr, dk2.stride(2)};
-  };
   // g = dout / den [rows x dvp] and transposed [dv x kChunkRows], c = −dout·out / den, for
   // query rows i0 .. i0+rows of head (bi, h). Divisions, not multiplications by 1/den: a
   // subnormal den must not overflow.

@@ -211,17 +211,24 @@ void output_pass(const Source& src, const block_rows<T>& q, index_t n, index_t f
         T* w = ensure(ws.w, kChunkRows * round_up(std::max<index_t>(kb->n, 1), W));
         gemm<T, Arch>(rows, keys, lf.dim, q.local + a * q.ld_local, q.ld_local, 1, ws.kt.data(), ldkt, w, ldw, false);
         const B sc(lf.scale);
+        // keys of the block row i sees (first .. pos_i)
+        auto visible = [&](index_t i) { return causal ? std::clamp<index_t>(first_pos + a + i - kb->first + 1, 0, keys) : keys; };
         for (index_t i = 0; i < rows; ++i) {
           T* wr = w + i * ldw;
           if (lf.power != 1 || lf.scale != T(1))
             for (index_t j = 0; j < ldw; j += W) ipow<T, Arch>(B::load_unaligned(wr + j) * sc, lf.power).store_unaligned(wr + j);
-          if (causal) {
-            const index_t visible = std::max<index_t>(0, first_pos + a + i - kb->first + 1);  // keys first .. pos_i
-            if (visible < keys) std::fill(wr + visible, wr + keys, T(0));
-          }
+          std::fill(wr + visible(i), wr + keys, T(0));
           den[i] += sum<T, Arch>(wr, keys);
         }
-        gemm<T, Arch>(rows, dv, keys, w, ldw, 1, kb->vals, kb->ld_vals, num, dvp, true);
+        // A hidden weight is 0 and 0 · NaN (or ±inf) is NaN: when a value some row of the chunk
+        // may not see is not finite, each row sums only its visible keys (the same terms, so
+        // the same bits; docs/design.md §6).
+        const index_t common = visible(0);  // keys every row of the chunk sees
+        if (common < keys && !rows_finite<T, Arch>(kb->vals + common * kb->ld_vals, kb->ld_vals, keys - common, dv))
+          for (index_t i = 0; i < rows; ++i)
+            gemm<T, Arch>(1, dv, visible(i), w + i * ldw, ldw, 1, kb->vals, kb->ld_vals, num + i * dvp, dvp, true);
+        else
+          gemm<T, Arch>(rows, dv, keys, w, ldw, 1, kb->vals, kb->ld_vals, num, dvp, true);
       }
     }
     for (index_t i = 0; i < rows; ++i) {

@@ -30,6 +30,11 @@ struct attention_mask {
   index_t query_begin(index_t j0, index_t /*n*/) const { return causal ? std::clamp<index_t>(j0 - offset(), 0, nq) : 0; }
   index_t query_end(index_t /*j0*/, index_t /*n*/) const { return nq; }
 
+  /// How many keys of [j0, j0 + nkeys) query i sees: they are the first ones of the range.
+  index_t visible_keys(index_t i, index_t j0, index_t nkeys) const {
+    return causal ? std::clamp<index_t>(i + offset() - j0 + 1, 0, nkeys) : nkeys;
+  }
+
   /// True when some key of [j0, j0 + nkeys) is hidden from some query of [i0, i0 + nqueries):
   /// only such boundary tiles need `hide`.
   bool partial(index_t i0, index_t /*nqueries*/, index_t j0, index_t nkeys) const {

@@ -54,6 +54,26 @@ inline void scale_padded(T* x, index_t n, T a) {
   for (index_t i = 0; i < n; i += B::size) (B::load_unaligned(x + i) * av).store_unaligned(x + i);
 }
 
+/// True when the first `cols` values of each of n rows (stride ld) are all finite. x − x is
+/// 0 for a finite x and NaN for ±inf and NaN, so one sum of differences decides.
+template <class T, class Arch>
+inline bool rows_finite(const T* x, index_t ld, index_t n, index_t cols) {
+  using B = batch<T, Arch>;
+  constexpr index_t W = simd_width<T, Arch>;
+  B acc(T(0));
+  T tail(0);
+  for (index_t r = 0; r < n; ++r) {
+    const T* row = x + r * ld;
+    index_t c = 0;
+    for (; c + W <= cols; c += W) {
+      const B v = B::load_unaligned(row + c);
+      acc += v - v;
+    }
+    for (; c < cols; ++c) tail += row[c] - row[c];
+  }
+  return xsimd::all(acc == B(T(0))) && tail == T(0);
+}
+
 /// Integer power by squaring, vectorised; p >= 1.
 template <class T, class Arch>
 inline batch<T, Arch> ipow(batch<T, Arch> base, int p) {

@@ -115,8 +115,16 @@ void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights)
         vsrc = s.vpack.data();
         ldv = dvp;
       }
-      // O[nq x dv] += P · V with P(i, j) = Pᵀ(j, i) = st[j·lanes + i]
-      gemm<T, Arch>(nq, dv, nk, st, 1, lanes, vsrc, ldv, o, dvp, true);
+      // O[nq x dv] += P · V with P(i, j) = Pᵀ(j, i) = st[j·lanes + i]. A hidden weight is 0
+      // and 0 · NaN (or ±inf) is NaN: when a value some query of the block may not see is not
+      // finite, each query sums only its visible keys (the same terms, so the same bits;
+      // docs/design.md §6).
+      const index_t common = mask.visible_keys(i0, j0, nk);  // keys every query of the block sees
+      if (common < nk && !rows_finite<T, Arch>(vsrc + common * ldv, ldv, nk - common, dv))
+        for (index_t i = 0; i < nq; ++i)
+          gemm<T, Arch>(1, dv, mask.visible_keys(i0 + i, j0, nk), st + i, 1, lanes, vsrc, ldv, o + i * dvp, dvp, true);
+      else
+        gemm<T, Arch>(nq, dv, nk, st, 1, lanes, vsrc, ldv, o, dvp, true);
     }
 
     const index_t os = pb.out.stride(2);
