@@ -30,9 +30,9 @@ void BM_performer(benchmark::State& state) {
   });
 }
 
-/// Args: N, d, threads, kp. Non-causal (Linformer cannot be causal); E, F [kp, N] random.
+/// Args: N, d, causal (always 0: Linformer cannot be causal), threads, kp; E, F [kp, N] random.
 void BM_linformer(benchmark::State& state) {
-  const std::int64_t n = state.range(0), d = state.range(1), kp = state.range(3);
+  const std::int64_t n = state.range(0), d = state.range(1), kp = state.range(4);
   std::vector<float> e = random_vector(std::size_t(kp * n), 11), fm = random_vector(std::size_t(kp * n), 12);
   const float sc = 1.0f / std::sqrt(float(n));
   for (float& x : e) x *= sc;
@@ -40,7 +40,7 @@ void BM_linformer(benchmark::State& state) {
   const tensor_view<const float, 2> ev(e.data(), {kp, n}), fv(fm.data(), {kp, n});
   head_inputs in(n, d);
   linformer_options o;
-  o.threads = int(state.range(2));
+  o.threads = int(state.range(3));
   run_attention_benchmark(state, n, [&] { linformer_attention<float>(in.qv(), in.kv(), in.vv(), ev, fv, in.ov(), o); });
   // projections 2·kp·N·(d + dv), attention 4·N·kp·d (dv = d)
   set_flop_counters(state, 2.0 * double(kp) * double(n) * 2.0 * double(d) + 4.0 * double(n) * double(kp) * double(d),
@@ -56,7 +56,7 @@ void register_performer_benchmarks(const sweep& s) {
       b->ArgNames({"N", "d", "causal", "threads", "m"})->Args({n, 64, 1, t, 256});
       b->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.1)->Repetitions(3);
       auto* l = benchmark::RegisterBenchmark("linformer_attention", BM_linformer);
-      l->ArgNames({"N", "d", "threads", "kp"})->Args({n, 64, t, 256});
+      l->ArgNames({"N", "d", "causal", "threads", "kp"})->Args({n, 64, 0, t, 256});
       l->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.1)->Repetitions(3);
     }
 }
