@@ -1,5 +1,5 @@
 // polyattn/favor.hpp — favor_features<T>: Performer's positive orthogonal random features (FAVOR+) for
-// linear_attention, approximating softmax attention exp(q·k/√d) (docs/design.md §1).
+// linear_attention, approximating softmax attention exp(q·k/√d) (docs/design.md §1, §8.1).
 //
 // ---- the map ---------------------------------------------------------------------------------
 // With x' = d^(−1/4)·x (so that x'_q·x'_k = q·k/√d) and W [m, d]:

@@ -1,5 +1,5 @@
 // polyattn/linformer.hpp — linformer_attention: softmax attention over keys and values projected along the
-// sequence by caller matrices E, F (Linformer, Wang et al. 2020), and its backward pass (docs/design.md §1).
+// sequence by caller matrices E, F (Linformer, Wang et al. 2020), and its backward pass (docs/design.md §1, §8.2).
 //
 // K' = E·K, V' = F·V with E, F [kp, Nk] shared by every batch and head, then exact softmax
 // attention of the queries over the kp projected keys: out = softmax(scale·Q K'ᵀ) V'.
