@@ -10,13 +10,14 @@
 // rows, the mean over 3 seeds of its random map (PolySketch, Performer; Linformer's pooling is
 // deterministic). The exact references are computed in double (flash_attention<double>,
 // polynomial_attention<double>); the approximations run in float, as they would in a model, and
-// their time is the best of 3 calls (one at N = 32768 and with --quick) with every core
-// (threads = 0). The exact kernels' own float times are printed too, for comparison.
+// their time is the best of 3 calls (one at N = 32768 and with --quick), with every core unless
+// --threads says otherwise. The exact kernels' own float times are printed too, for comparison.
 //
-// usage: example_approximation_error [--quick] [--csv FILE]
+// usage: example_approximation_error [--quick] [--csv FILE] [--threads T]
 //   --quick      N = 1024 only (what the test runs, a few seconds)
 //   default      N = 4096 and 32768 (the README table, minutes)
 //   --csv FILE   also write every row as CSV, for examples/approximation_error_plot.py
+//   --threads T  threads of every timed call (default 0: all cores); errors do not depend on it
 //
 // Returns 1 if an output or an error is not finite, if PolySketch's error on random inputs does
 // not fall from r = 16 to r = 128, or if Performer's error on the soft inputs does not fall from
@@ -28,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <string>
@@ -39,6 +41,7 @@ using matd = polyattn::matrix<double>;
 
 constexpr index_t d = 64;
 constexpr int seeds = 3;  // seeds of every random map (PolySketch sketch, Performer W)
+int threads = 0;          // of every timed call (--threads; 0 = all cores)
 
 // Small portable Gaussian generator (splitmix64 + Box–Muller), so the inputs are the same with
 // every standard library (std::normal_distribution is not specified bit for bit).
@@ -188,6 +191,7 @@ polyattn::polynomial_options polynomial_opts() {
   o.degree = 4;
   o.scale = scale;
   o.normalizer_bias = 1.0;
+  o.threads = threads;
   return o;
 }
 
@@ -195,12 +199,13 @@ polyattn::polynomial_options polynomial_opts() {
 
 // The exact kernels in float: their times are the baseline every approximation is compared with.
 void exact_rows(context& c) {
-  polyattn::softmax_options causal;
+  polyattn::softmax_options causal, full;
   causal.causal = true;
+  causal.threads = full.threads = threads;
   double ms = 0;
   timed(c.reps, [&] { return polyattn::flash_attention(c.p.q, c.p.k, c.p.v, causal); }, ms);
   c.add("flash (exact)", "causal", "softmax", -1, ms);
-  timed(c.reps, [&] { return polyattn::flash_attention(c.p.q, c.p.k, c.p.v); }, ms);
+  timed(c.reps, [&] { return polyattn::flash_attention(c.p.q, c.p.k, c.p.v, full); }, ms);
   c.add("flash (exact)", "non-causal", "softmax", -1, ms);
   timed(c.reps, [&] { return polyattn::polynomial_attention(c.p.q, c.p.k, c.p.v, polynomial_opts()); }, ms);
   c.add("polynomial (exact)", "p = 4, causal", "polynomial", -1, ms);
@@ -223,6 +228,7 @@ void polysketch_rows(context& c) {
         o.local_exact = local;
         o.scale = scale;
         o.normalizer_bias = 1.0;
+        o.threads = threads;
         double ms = 0;
         const mat out = timed(c.reps, [&] { return polyattn::polysketch_attention(c.p.q, c.p.k, c.p.v, sketch, o); }, ms);
         err += relative_error(out, c.polynomial_causal) / seeds;
@@ -241,9 +247,11 @@ void performer_rows(context& c) {
       polyattn::favor_options fo;
       fo.features = m;
       fo.seed = static_cast<std::uint64_t>(seed);
+      fo.threads = threads;
       const polyattn::favor_features<float> favor(d, fo);
       polyattn::linear_options o;
       o.causal = true;
+      o.threads = threads;
       double ms = 0;
       const mat out = timed(c.reps, [&] {
         return polyattn::linear_attention(favor.queries(c.p.q), favor.keys(c.p.k), c.p.v, o);
@@ -264,8 +272,10 @@ void linformer_rows(context& c) {
       const index_t j0 = r * c.n / kp, j1 = (r + 1) * c.n / kp;
       for (index_t j = j0; j < j1; ++j) pool(r, j) = 1.0f / static_cast<float>(j1 - j0);
     }
+    polyattn::linformer_options o;
+    o.threads = threads;
     double ms = 0;
-    const mat out = timed(c.reps, [&] { return polyattn::linformer_attention(c.p.q, c.p.k, c.p.v, pool, pool); }, ms);
+    const mat out = timed(c.reps, [&] { return polyattn::linformer_attention(c.p.q, c.p.k, c.p.v, pool, pool, o); }, ms);
     c.add("Linformer (mean pooling)", "kp = " + std::to_string(kp), "softmax, non-causal",
           relative_error(out, c.softmax_full), ms);
   }
@@ -279,11 +289,33 @@ std::string format_error(double e) {
   return buf;
 }
 
-const row* find(const std::vector<row>& rows, const std::string& inputs, const std::string& method,
+const row* find(const std::vector<row>& rows, index_t n, const std::string& inputs, const std::string& method,
                 const std::string& param) {
   for (const row& r : rows)
-    if (r.inputs == inputs && r.method == method && r.param == param) return &r;
+    if (r.n == n && r.inputs == inputs && r.method == method && r.param == param) return &r;
   return nullptr;
+}
+
+/// One line per (method, parameter) at length n: the error on every input set, then the time on
+/// the first input set (the inputs do not change the cost).
+void summary_table(const std::vector<row>& rows, index_t n) {
+  std::vector<std::string> inputs;
+  for (const row& r : rows)
+    if (r.n == n && std::find(inputs.begin(), inputs.end(), r.inputs) == inputs.end()) inputs.push_back(r.inputs);
+  std::printf("N = %lld, relative error by input set:\n\n| method | parameter | exact kernel |", static_cast<long long>(n));
+  for (const std::string& name : inputs) std::printf(" %s |", name.c_str());
+  std::printf(" ms |\n|---|---|---|");
+  for (std::size_t i = 0; i < inputs.size(); ++i) std::printf("---:|");
+  std::printf("---:|\n");
+  for (const row& r : rows) {
+    if (r.n != n || r.inputs != inputs.front()) continue;
+    std::printf("| %s | %s | %s |", r.method.c_str(), r.param.c_str(), r.reference.c_str());
+    for (const std::string& name : inputs) {
+      const row* x = find(rows, n, name, r.method, r.param);
+      std::printf(" %s |", x ? format_error(x->error).c_str() : "-");
+    }
+    std::printf(" %.3g |\n", r.ms);
+  }
 }
 
 int main(int argc, char** argv) {
@@ -294,8 +326,10 @@ int main(int argc, char** argv) {
       quick = true;
     } else if (std::strcmp(argv[a], "--csv") == 0 && a + 1 < argc) {
       csv = argv[++a];
+    } else if (std::strcmp(argv[a], "--threads") == 0 && a + 1 < argc && std::atoi(argv[a + 1]) >= 0) {
+      threads = std::atoi(argv[++a]);
     } else {
-      std::fprintf(stderr, "usage: %s [--quick] [--csv FILE]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--csv FILE] [--threads T]\n", argv[0]);
       return 2;
     }
   }
@@ -329,15 +363,15 @@ int main(int argc, char** argv) {
     }
     // the properties the approximations are supposed to have
     for (const char* method : {"PolySketch", "PolySketch, local_exact"}) {
-      const row *a = find(rows, "random", method, "r = 16"), *b = find(rows, "random", method, "r = 128");
+      const row *a = find(rows, n, "random", method, "r = 16"), *b = find(rows, n, "random", method, "r = 128");
       if (!(a && b && b->error < a->error)) {
         std::printf("FAIL: %s's error on random inputs does not fall from r = 16 to r = 128 (N = %lld)\n", method,
                     static_cast<long long>(n));
         ok = false;
       }
     }
-    const row *p64 = find(rows, "random, soft (x 1/2)", "Performer", "m = 64"),
-              *p512 = find(rows, "random, soft (x 1/2)", "Performer", "m = 512");
+    const row *p64 = find(rows, n, "random, soft (x 1/2)", "Performer", "m = 64"),
+              *p512 = find(rows, n, "random, soft (x 1/2)", "Performer", "m = 512");
     if (!(p64 && p512 && p64->error > 1.5 * p512->error)) {
       std::printf("FAIL: Performer's error on the soft inputs does not fall by 1.5x from m = 64 to m = 512 (N = %lld)\n",
                   static_cast<long long>(n));
@@ -347,9 +381,15 @@ int main(int argc, char** argv) {
 
   std::printf("Relative error ||out - exact||_F / ||exact||_F against the exact kernel each method approximates\n"
               "(double-precision reference; mean over %d seeds of the random maps), and time per call (ms, float,\n"
-              "best of several calls, all cores). One head, d = dv = %lld, scale 1/sqrt(d); PolySketch p = 4, beta = 1,\n"
+              "best of several calls, %s). One head, d = dv = %lld, scale 1/sqrt(d); PolySketch p = 4, beta = 1,\n"
               "block 256; Performer orthogonal features; Linformer E = F = mean pooling over kp segments.\n\n",
-              seeds, static_cast<long long>(d));
+              seeds, threads == 0 ? "all cores" : (std::to_string(threads) + " thread(s)").c_str(),
+              static_cast<long long>(d));
+  for (const index_t n : lengths) {
+    summary_table(rows, n);
+    std::printf("\n");
+  }
+  std::printf("Every row:\n\n");
   std::printf("| inputs | N | method | parameter | exact kernel | rel. error | ms |\n");
   std::printf("|---|---:|---|---|---|---:|---:|\n");
   for (const row& r : rows)
