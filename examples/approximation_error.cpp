@@ -18,6 +18,8 @@
 //   default      N = 4096 and 32768 (the README table, minutes)
 //   --csv FILE   also write every row as CSV, for examples/approximation_error_plot.py
 //   --threads T  threads of every timed call (default 0: all cores); errors do not depend on it
+//   --cpu-time   time = CPU time of the calling thread (with --threads 1): on a shared machine, what
+//                the call costs on an idle core
 //
 // Returns 1 if an output or an error is not finite, if PolySketch's error on random inputs does
 // not fall from r = 16 to r = 128, or if Performer's error on the soft inputs does not fall from
@@ -31,6 +33,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <functional>
 #include <string>
 #include <vector>
@@ -42,6 +45,7 @@ using matd = polyattn::matrix<double>;
 constexpr index_t d = 64;
 constexpr int seeds = 3;  // seeds of every random map (PolySketch sketch, Performer W)
 int threads = 0;          // of every timed call (--threads; 0 = all cores)
+bool cpu_time = false;    // time = CPU time of the calling thread (--cpu-time, with --threads 1)
 
 // Small portable Gaussian generator (splitmix64 + Box–Muller), so the inputs are the same with
 // every standard library (std::normal_distribution is not specified bit for bit).
@@ -145,17 +149,33 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-/// Best wall time of `reps` calls of run (ms), and the output of the last one.
-mat timed(int reps, const std::function<mat()>& run, double& best_ms) {
-  mat out;
-  best_ms = 1e300;
+/// CPU time of the calling thread (s): with threads = 1 every kernel runs on it, so this is the
+/// time the call would take on an idle core even when the machine is shared.
+double thread_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
+/// Best time of `reps` calls of run (ms; wall time, or the thread's CPU time with --cpu-time).
+/// Every call writes into buffers allocated and touched before: the times are the kernels', not
+/// the first-touch page faults of fresh outputs (on the virtual machine of the README's numbers
+/// those cost ~3 ms per MiB, more than a Performer call's arithmetic at N = 32768).
+double timed(int reps, const std::function<void()>& run) {
+  double best_ms = 1e300;
   for (int r = 0; r < reps; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
-    out = run();
-    best_ms = std::min(best_ms, 1e3 * seconds_since(t0));
+    const double c0 = thread_cpu_seconds();
+    run();
+    best_ms = std::min(best_ms, 1e3 * (cpu_time ? thread_cpu_seconds() - c0 : seconds_since(t0)));
   }
-  return out;
+  return best_ms;
 }
+
+using cview = polyattn::tensor_view<const float, 4>;
+using view = polyattn::tensor_view<float, 4>;
+cview head(const mat& x) { return cview(x.data(), {1, 1, x.rows(), x.cols()}); }  // one head [1, 1, rows, cols]
+view head(mat& x) { return view(x.data(), {1, 1, x.rows(), x.cols()}); }
 
 double relative_error(const mat& out, const matd& exact) {
   return (out.cast<double>() - exact).norm() / exact.norm();
@@ -174,6 +194,7 @@ struct context {
   int reps;
   matd softmax_causal, softmax_full, polynomial_causal;  // double references
   std::vector<row>* rows;
+  mat out;  // [n, d], zeroed once: every timed call writes it
   bool finite = true;
 
   void add(const std::string& method, const std::string& param, const std::string& reference, double err,
@@ -202,13 +223,14 @@ void exact_rows(context& c) {
   polyattn::softmax_options causal, full;
   causal.causal = true;
   causal.threads = full.threads = threads;
-  double ms = 0;
-  timed(c.reps, [&] { return polyattn::flash_attention(c.p.q, c.p.k, c.p.v, causal); }, ms);
-  c.add("flash (exact)", "causal", "softmax", -1, ms);
-  timed(c.reps, [&] { return polyattn::flash_attention(c.p.q, c.p.k, c.p.v, full); }, ms);
-  c.add("flash (exact)", "non-causal", "softmax", -1, ms);
-  timed(c.reps, [&] { return polyattn::polynomial_attention(c.p.q, c.p.k, c.p.v, polynomial_opts()); }, ms);
-  c.add("polynomial (exact)", "p = 4, causal", "polynomial", -1, ms);
+  const cview q = head(c.p.q), k = head(c.p.k), v = head(c.p.v);
+  const view out = head(c.out);
+  c.add("flash (exact)", "causal", "softmax", -1,
+        timed(c.reps, [&] { polyattn::flash_attention<float>(q, k, v, out, causal); }));
+  c.add("flash (exact)", "non-causal", "softmax", -1,
+        timed(c.reps, [&] { polyattn::flash_attention<float>(q, k, v, out, full); }));
+  c.add("polynomial (exact)", "p = 4, causal", "polynomial", -1,
+        timed(c.reps, [&] { polyattn::polynomial_attention<float>(q, k, v, out, polynomial_opts()); }));
 }
 
 // PolySketch: degree-4 sketches of size r (r(r+1)/2 packed features), block 256.
@@ -229,10 +251,10 @@ void polysketch_rows(context& c) {
         o.scale = scale;
         o.normalizer_bias = 1.0;
         o.threads = threads;
-        double ms = 0;
-        const mat out = timed(c.reps, [&] { return polyattn::polysketch_attention(c.p.q, c.p.k, c.p.v, sketch, o); }, ms);
-        err += relative_error(out, c.polynomial_causal) / seeds;
-        best = std::min(best, ms);
+        best = std::min(best, timed(c.reps, [&] {
+          polyattn::polysketch_attention<float>(head(c.p.q), head(c.p.k), head(c.p.v), head(c.out), sketch, o);
+        }));
+        err += relative_error(c.out, c.polynomial_causal) / seeds;
       }
       c.add(local ? "PolySketch, local_exact" : "PolySketch", "r = " + std::to_string(r), "polynomial", err, best);
     }
@@ -242,6 +264,7 @@ void polysketch_rows(context& c) {
 // are part of the timed call.
 void performer_rows(context& c) {
   for (const index_t m : {64, 128, 256, 512}) {
+    mat fq = mat::Zero(c.n, m), fk = mat::Zero(c.n, m);
     double err = 0, best = 1e300;
     for (int seed = 1; seed <= seeds; ++seed) {
       polyattn::favor_options fo;
@@ -252,12 +275,12 @@ void performer_rows(context& c) {
       polyattn::linear_options o;
       o.causal = true;
       o.threads = threads;
-      double ms = 0;
-      const mat out = timed(c.reps, [&] {
-        return polyattn::linear_attention(favor.queries(c.p.q), favor.keys(c.p.k), c.p.v, o);
-      }, ms);
-      err += relative_error(out, c.softmax_causal) / seeds;
-      best = std::min(best, ms);
+      best = std::min(best, timed(c.reps, [&] {
+        favor.queries(head(c.p.q), head(fq));
+        favor.keys(head(c.p.k), head(fk));
+        polyattn::linear_attention<float>(head(fq), head(fk), head(c.p.v), head(c.out), o);
+      }));
+      err += relative_error(c.out, c.softmax_causal) / seeds;
     }
     c.add("Performer", "m = " + std::to_string(m), "softmax", err, best);
   }
@@ -272,12 +295,14 @@ void linformer_rows(context& c) {
       const index_t j0 = r * c.n / kp, j1 = (r + 1) * c.n / kp;
       for (index_t j = j0; j < j1; ++j) pool(r, j) = 1.0f / static_cast<float>(j1 - j0);
     }
+    const polyattn::tensor_view<const float, 2> E(pool.data(), {kp, c.n});
     polyattn::linformer_options o;
     o.threads = threads;
-    double ms = 0;
-    const mat out = timed(c.reps, [&] { return polyattn::linformer_attention(c.p.q, c.p.k, c.p.v, pool, pool, o); }, ms);
+    const double ms = timed(c.reps, [&] {
+      polyattn::linformer_attention<float>(head(c.p.q), head(c.p.k), head(c.p.v), E, E, head(c.out), o);
+    });
     c.add("Linformer (mean pooling)", "kp = " + std::to_string(kp), "softmax, non-causal",
-          relative_error(out, c.softmax_full), ms);
+          relative_error(c.out, c.softmax_full), ms);
   }
 }
 
@@ -328,10 +353,16 @@ int main(int argc, char** argv) {
       csv = argv[++a];
     } else if (std::strcmp(argv[a], "--threads") == 0 && a + 1 < argc && std::atoi(argv[a + 1]) >= 0) {
       threads = std::atoi(argv[++a]);
+    } else if (std::strcmp(argv[a], "--cpu-time") == 0) {
+      cpu_time = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--quick] [--csv FILE] [--threads T]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--csv FILE] [--threads T] [--cpu-time]\n", argv[0]);
       return 2;
     }
+  }
+  if (cpu_time && threads != 1) {
+    std::fprintf(stderr, "%s: --cpu-time measures the calling thread: use it with --threads 1\n", argv[0]);
+    return 2;
   }
   const auto t_start = std::chrono::steady_clock::now();
   const std::vector<index_t> lengths = quick ? std::vector<index_t>{1024} : std::vector<index_t>{4096, 32768};
@@ -343,7 +374,7 @@ int main(int argc, char** argv) {
                                 copy_inputs(n), clustered_inputs(n)};
     for (const problem& p : problems) {
       const auto t0 = std::chrono::steady_clock::now();
-      context c{p, n, quick || n >= 32768 ? 1 : 3, {}, {}, {}, &rows};
+      context c{p, n, quick || n >= 32768 ? 1 : 3, {}, {}, {}, &rows, mat::Zero(n, d)};
       const matd q = p.q.cast<double>(), k = p.k.cast<double>(), v = p.v.cast<double>();
       polyattn::softmax_options causal;
       causal.causal = true;
@@ -381,10 +412,10 @@ int main(int argc, char** argv) {
 
   std::printf("Relative error ||out - exact||_F / ||exact||_F against the exact kernel each method approximates\n"
               "(double-precision reference; mean over %d seeds of the random maps), and time per call (ms, float,\n"
-              "best of several calls, %s). One head, d = dv = %lld, scale 1/sqrt(d); PolySketch p = 4, beta = 1,\n"
+              "best of 3 calls, 1 at N = 32768; %s%s). One head, d = dv = %lld, scale 1/sqrt(d); PolySketch p = 4, beta = 1,\n"
               "block 256; Performer orthogonal features; Linformer E = F = mean pooling over kp segments.\n\n",
               seeds, threads == 0 ? "all cores" : (std::to_string(threads) + " thread(s)").c_str(),
-              static_cast<long long>(d));
+              cpu_time ? ", CPU time of the thread" : ", wall time", static_cast<long long>(d));
   for (const index_t n : lengths) {
     summary_table(rows, n);
     std::printf("\n");
