@@ -14,7 +14,7 @@
 // --threads says otherwise. The exact kernels' own float times are printed too, for comparison.
 //
 // usage: example_approximation_error [--quick] [--csv FILE] [--threads T]
-//   --quick      N = 1024 only (what the test runs, a few seconds)
+//   --quick      N = 1024 only (what the test runs, with --threads 1: about a second)
 //   default      N = 4096 and 32768 (the README table, minutes)
 //   --csv FILE   also write every row as CSV, for examples/approximation_error_plot.py
 //   --threads T  threads of every timed call (default 0: all cores); errors do not depend on it
