@@ -5,6 +5,7 @@
 //   PolySketch (r = 16 … 128, local_exact off / on)   vs polynomial attention (p = 4, β = 1), causal
 //   Performer  (favor_features, m = 64 … 512)          vs softmax attention, causal
 //   Linformer  (kp = 64 … 512, mean-pooling E = F)     vs softmax attention, non-causal
+//   sliding window (w = 64, 256, 1024 keys back)       vs softmax attention, causal
 //
 // One head, d = dv = 64, scale 1/√d. The error of a method is ‖out − exact‖_F / ‖exact‖_F over all
 // rows, the mean over 3 seeds of its random map (PolySketch, Performer; Linformer's pooling is
@@ -22,8 +23,9 @@
 //                the call costs on an idle core
 //
 // Returns 1 if an output or an error is not finite, if PolySketch's error on random inputs does
-// not fall from r = 16 to r = 128, or if Performer's error on the soft inputs does not fall from
-// m = 64 to m = 512 by at least 1.5x (1/√m predicts 2.8x).
+// not fall from r = 16 to r = 128, if Performer's error on the soft inputs does not fall from
+// m = 64 to m = 512 by at least 1.5x (1/√m predicts 2.8x), or if a sliding window's error on the
+// soft inputs does not fall from w = 64 to w = 1024.
 #include <polyattn/polyattn.hpp>
 
 #include <algorithm>
@@ -306,6 +308,20 @@ void linformer_rows(context& c) {
   }
 }
 
+// Sliding windows: causal flash where each query sees only its w most recent keys and itself
+// (Mistral-style local attention): exact inside the window, nothing outside it.
+void window_rows(context& c) {
+  for (const index_t w : {64, 256, 1024}) {
+    polyattn::softmax_options o;
+    o.causal = true;
+    o.window_left = w;
+    o.threads = threads;
+    const double ms =
+        timed(c.reps, [&] { polyattn::flash_attention<float>(head(c.p.q), head(c.p.k), head(c.p.v), head(c.out), o); });
+    c.add("sliding window (flash)", "w = " + std::to_string(w), "softmax", relative_error(c.out, c.softmax_causal), ms);
+  }
+}
+
 // ---- driver --------------------------------------------------------------------------------------
 
 std::string format_error(double e) {
@@ -385,6 +401,7 @@ int main(int argc, char** argv) {
       polysketch_rows(c);
       performer_rows(c);
       linformer_rows(c);
+      window_rows(c);
       if (!c.finite) {
         std::printf("FAIL: a non-finite error on '%s', N = %lld\n", p.name.c_str(), static_cast<long long>(n));
         ok = false;
@@ -401,6 +418,13 @@ int main(int argc, char** argv) {
         ok = false;
       }
     }
+    const row *w64 = find(rows, n, "random, soft (x 1/2)", "sliding window (flash)", "w = 64"),
+              *w1024 = find(rows, n, "random, soft (x 1/2)", "sliding window (flash)", "w = 1024");
+    if (!(w64 && w1024 && w1024->error < w64->error)) {
+      std::printf("FAIL: the sliding window's error on the soft inputs does not fall from w = 64 to w = 1024 (N = %lld)\n",
+                  static_cast<long long>(n));
+      ok = false;
+    }
     const row *p64 = find(rows, n, "random, soft (x 1/2)", "Performer", "m = 64"),
               *p512 = find(rows, n, "random, soft (x 1/2)", "Performer", "m = 512");
     if (!(p64 && p512 && p64->error > 1.5 * p512->error)) {
@@ -413,7 +437,8 @@ int main(int argc, char** argv) {
   std::printf("Relative error ||out - exact||_F / ||exact||_F against the exact kernel each method approximates\n"
               "(double-precision reference; mean over %d seeds of the random maps), and time per call (ms, float,\n"
               "best of 3 calls, 1 at N = 32768; %s%s). One head, d = dv = %lld, scale 1/sqrt(d); PolySketch p = 4, beta = 1,\n"
-              "block 256; Performer orthogonal features; Linformer E = F = mean pooling over kp segments.\n\n",
+              "block 256; Performer orthogonal features; Linformer E = F = mean pooling over kp segments;\n"
+              "sliding window: causal flash, each query sees its w previous keys and itself.\n\n",
               seeds, threads == 0 ? "all cores" : (std::to_string(threads) + " thread(s)").c_str(),
               cpu_time ? ", CPU time of the thread" : ", wall time", static_cast<long long>(d));
   for (const index_t n : lengths) {
