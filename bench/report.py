@@ -21,6 +21,12 @@ KERNELS = [  # (label, benchmark name, extra args that select the variant)
     ("flash window=256", "flash_attention_window", {"window": 256}),
     ("flash window=512", "flash_attention_window", {"window": 512}),
     ("flash window=4096", "flash_attention_window", {"window": 4096}),
+    ("performer m=256", "performer_attention", {"m": 256}),
+]
+# non-causal, d = 64: Linformer (kp projected keys) against flash (label, benchmark name, extra args)
+NON_CAUSAL = [
+    ("flash_attention", "flash_attention", {}),
+    ("linformer kp=256", "linformer_attention", {"kp": 256}),
 ]
 EXACT = ["softmax_attention", "flash_attention", "polynomial_attention"]
 # backward passes: GFLOP/s counted as 10·N²·d per backward (14·N²·d forward + backward), half causal
@@ -145,20 +151,27 @@ def main():
             continue
         flash = sel["flash_attention"]
         sketch = sel["polysketch r=32 local_exact"]
+        performer = sel["performer m=256"]
         lines.append(f"## Causal attention, one head, d = {d}, {threads} threads: time per call (ms)")
         lines.append("")
-        header = ["N"] + [label for label, _, _ in KERNELS] + ["flash / polysketch (local_exact)"]
+        lines.append("performer: favor_features (queries and keys) + linear_attention, the feature maps included.")
+        lines.append("")
+        header = ["N"] + [label for label, _, _ in KERNELS] + ["flash / polysketch (local_exact)", "flash / performer"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         for n in ns:
             cells = [str(n)] + [fmt_ms(sel[label][n]["ms"]) if n in sel[label] else "–" for label, _, _ in KERNELS]
-            ratio = flash[n]["ms"] / sketch[n]["ms"] if n in flash and n in sketch else None
-            cells.append(f"{ratio:.1f}×" if ratio else "–")
+            for other in (sketch, performer):
+                ratio = flash[n]["ms"] / other[n]["ms"] if n in flash and n in other else None
+                cells.append(f"{ratio:.1f}×" if ratio else "–")
             lines.append("| " + " | ".join(cells) + " |")
         cross = crossover(flash, sketch)
         lines.append("")
         lines.append(f"polysketch (r = 32, local_exact) is faster than flash from N = {cross}." if cross else
                      "polysketch (r = 32, local_exact) is not faster than flash at any measured N.")
+        if 32768 in flash and 32768 in performer:
+            lines.append(f"Causal performer (m = 256) is {flash[32768]['ms'] / performer[32768]['ms']:.1f}× faster than "
+                         "causal flash at N = 32768.")
         win = sel.get("flash window=512", {})
         if 32768 in win and 32768 in flash:
             w = win[32768]
@@ -174,6 +187,23 @@ def main():
                          ", ".join(f"{k} {v:.1f}" for k, v in mib.items() if v is not None) + ".")
         lines.append("")
         figures[d] = sel
+
+    # non-causal approximations: Linformer against flash
+    non_causal = {label: select(rows, k, dict(extra, d=64, causal=0, threads=threads)) for label, k, extra in NON_CAUSAL}
+    nc_ns = sorted(set(non_causal["linformer kp=256"]))
+    if nc_ns:
+        flash_nc, lin = non_causal["flash_attention"], non_causal["linformer kp=256"]
+        lines.append(f"## Non-causal attention, one head, d = 64, {threads} threads: time per call (ms)")
+        lines.append("")
+        lines.append("linformer: linformer_attention with E, F [kp, N] given (the projections E·K, F·V included).")
+        lines.append("")
+        lines.append("| N | flash_attention | linformer kp=256 | flash / linformer |")
+        lines.append("|---|---|---|---|")
+        for n in nc_ns:
+            f, l = flash_nc.get(n), lin[n]
+            ratio = f"{f['ms'] / l['ms']:.1f}×" if f else "–"
+            lines.append(f"| {n} | {fmt_ms(f['ms']) if f else '–'} | {fmt_ms(l['ms'])} | {ratio} |")
+        lines.append("")
 
     # exact kernels: GFLOP/s and % of peak for every configuration measured
     exact_rows = [r for r in rows if r["kernel"] in EXACT and "GFLOP/s" in r["bench"]]
@@ -340,11 +370,12 @@ def main():
         die("no causal d = 64 results: nothing to plot (did the filter exclude them?)")
     with open(os.path.join(outdir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    plot(figures[64], training if train_ns else None, rows, threads, os.path.join(outdir, "report.png"))
+    plot(figures[64], training if train_ns else None, non_causal if nc_ns else None, rows, threads,
+         os.path.join(outdir, "report.png"))
     print(f"report.py: wrote {os.path.join(outdir, 'report.md')} and {os.path.join(outdir, 'report.png')}")
 
 
-def plot(sel, training, rows, threads, path):
+def plot(sel, training, non_causal, rows, threads, path):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -364,6 +395,10 @@ def plot(sel, training, rows, threads, path):
             drawn += 1
     if drawn == 0:
         die("no series to plot")
+    for label, _, _ in NON_CAUSAL if non_causal else []:
+        pts = sorted((n, r["ms"]) for n, r in non_causal[label].items())
+        if pts:
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], "--", marker="x", label=f"{label} (non-causal)")
     ax1.set_xscale("log", base=2)
     ax1.set_yscale("log")
     cross = crossover(sel["flash_attention"], sel["polysketch r=32 local_exact"])
@@ -374,7 +409,7 @@ def plot(sel, training, rows, threads, path):
                      color="dimgrey")
     ax1.set_xlabel("sequence length N")
     ax1.set_ylabel("time per call (ms)")
-    ax1.set_title(f"causal attention, one head, d = 64, {threads} threads")
+    ax1.set_title(f"attention, one head, d = 64, {threads} threads (dashed: non-causal)")
     ax1.grid(True, which="both", alpha=0.3)
     ax1.legend(fontsize=8)
 

@@ -1,4 +1,5 @@
-// examples/quickstart.cpp — the README's first example: exact, polynomial and PolySketch attention.
+// examples/quickstart.cpp — the README's first example: exact, polynomial and PolySketch attention,
+// then Performer and Linformer.
 #include <polyattn/polyattn.hpp>
 
 #include <cmath>
@@ -66,4 +67,31 @@ int main() {
   std::printf("cache      out[0,0,N-1,0] = %+.5f after %lld tokens, %zu KiB of state\n", O(0, 0, N - 1, 0),
               static_cast<long long>(cache.length()), cache.memory_bytes() / 1024);
   if (std::abs(O(0, 0, N - 1, 0) - last) > 1e-4f * (1 + std::abs(last))) return 1;  // the stream gives the same rows
+
+  // Performer: positive orthogonal random features whose dot products estimate exp(q·k/√d),
+  // then causal linear attention on them (β = 0): an estimate of causal softmax attention.
+  polyattn::favor_options fo;
+  fo.features = 256;
+  fo.seed = 7;
+  const polyattn::favor_features<float> favor(d, fo);
+  std::vector<float> fq(B * H * N * fo.features), fk(fq.size());
+  const polyattn::tensor_view<float, 4> FQ(fq.data(), {B, H, N, fo.features}), FK(fk.data(), {B, H, N, fo.features});
+  favor.queries(Q, FQ);
+  favor.keys(K, FK);  // one stabiliser per (batch, head) sequence: exact after the normaliser
+  polyattn::linear_options lo;
+  lo.causal = true;
+  polyattn::linear_attention<float>(FQ, FK, V, O, lo);
+  std::printf("performer  out[0,0,N-1,0] = %+.5f\n", O(0, 0, N - 1, 0));
+
+  // Linformer (non-causal): softmax over kp = 128 keys and values projected along the sequence
+  // by E, F [kp, N] (a model learns them; here both are mean pooling over 8-token segments).
+  const std::int64_t kp = 128, seg = N / kp;
+  std::vector<float> pool(kp * N, 0.0f);
+  for (std::int64_t r = 0; r < kp; ++r)
+    for (std::int64_t j = r * seg; j < (r + 1) * seg; ++j) pool[r * N + j] = 1.0f / seg;
+  const polyattn::tensor_view<const float, 2> E(pool.data(), {kp, N});
+  polyattn::linformer_attention<float>(Q, K, V, E, E, O);
+  std::printf("linformer  out[0,0,N-1,0] = %+.5f\n", O(0, 0, N - 1, 0));
+  for (float x : out)
+    if (!std::isfinite(x)) return 1;
 }

@@ -79,6 +79,21 @@ struct linear_options {
   int threads = 0;
 };
 
+/// Options of a `favor_features` map (Performer's positive orthogonal random features, favor.hpp).
+struct favor_options {
+  index_t features = 256;   ///< m, the number of random features (rows of W)
+  std::uint64_t seed = 0;   ///< seed of the portable generator (detail/random.hpp)
+  bool orthogonal = true;   ///< W drawn in orthogonal d x d blocks (false: i.i.d. Gaussian rows)
+  int threads = 0;          ///< threads of the view-form map and its backward; 0 = all available
+};
+
+/// Options of `linformer_attention`: softmax attention of the queries over kp projected keys.
+struct linformer_options {
+  bool causal = false;           ///< must stay false: rejected (see linformer.hpp)
+  std::optional<double> scale{}; ///< logit scale; unset means 1/sqrt(head_dim)
+  int threads = 0;               ///< 0 = all available
+};
+
 /// Options of `shaped_attention` (shaped attention, "Simplifying Transformer Blocks"):
 /// out_i = α·v_{pos_i} + β·softmax_attention_i − γ·mean_{j allowed} v_j (docs/design_exact.md).
 /// A coefficient of 0 drops its term (it is not computed, so no 0·inf).

@@ -16,3 +16,5 @@
 #include "cache.hpp"
 #include "shaped.hpp"
 #include "compress.hpp"
+#include "favor.hpp"
+#include "linformer.hpp"

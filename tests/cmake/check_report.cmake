@@ -12,6 +12,7 @@ endif()
 file(READ ${WORK_DIR}/ok/report.md md)
 foreach(expected "| 4096 |" "faster than flash from N = " "flash_attention" "## Backward passes" "| flash_attention | 4096 | 64 | 1 | 2 |"
         "## Training step" "training step (r = 32, local_exact) is faster than flash"
+        "performer m=256" "flash / performer" "## Non-causal attention" "flash / linformer"
         "## Shaped attention" "| shaped fwd+bwd α = 8 ms |")
   string(FIND "${md}" "${expected}" at)
   if(at EQUAL -1)

@@ -1,0 +1,260 @@
+// polyattn/linformer.hpp — linformer_attention: softmax attention over keys and values projected along the
+// sequence by caller matrices E, F (Linformer, Wang et al. 2020), and its backward pass (docs/design.md §1, §8.2).
+//
+// K' = E·K, V' = F·V with E, F [kp, Nk] shared by every batch and head, then exact softmax
+// attention of the queries over the kp projected keys: out = softmax(scale·Q K'ᵀ) V'.
+// The projected K', V' are held in a scratch of kp x (d + dv) values per kv head and the
+// attention itself is flash_attention's kernel (detail/tiling.hpp), not a reimplementation.
+//
+// Why E and F are tensor_view<const T, 2>: they are caller-owned parameters of a model (a
+// framework's buffer, possibly with a padded row stride), and every other entry point takes its
+// tensors as non-owning strided views; an Eigen matrix would force a copy or an Eigen-typed
+// model. The single-head Eigen overload takes Eigen::Ref like the other Eigen overloads.
+//
+// Causal attention is rejected: a projection along the sequence mixes every key, future ones
+// included, into every projected key, so no mask over K' can keep query i from seeing key j > i.
+#pragma once
+
+#include <algorithm>
+#include <string>
+
+#include "detail/gemm.hpp"
+#include "detail/threading.hpp"
+#include "detail/validation.hpp"
+#include "flash.hpp"
+#include "options.hpp"
+#include "tensor_view.hpp"
+
+namespace polyattn {
+namespace detail {
+
+template <class T>
+using matrix_view = typename identity<tensor_view<const T, 2>>::type;
+
+inline constexpr index_t kLinformerRows = 64;   // rows of K' per projection task
+inline constexpr index_t kLinformerKeys = 256;  // keys per packed chunk
+
+/// Projected tensors of one call: [B, Hk, kp, dim] with rows padded to the vector width.
+template <class T>
+struct projected {
+  index_t ld = 0;
+  aligned_vector<T> data;
+  tensor_view<T, 4> view;
+  projected(index_t b, index_t hk, index_t kp, index_t dim) : ld(round_up(std::max<index_t>(dim, 1), 16)) {
+    data.assign(static_cast<std::size_t>(std::max<index_t>(b * hk * kp * ld, 1)), T(0));
+    view = tensor_view<T, 4>(data.data(), {b, hk, kp, dim}, {hk * kp * ld, kp * ld, ld, 1});
+  }
+};
+
+/// out[b, h] = P · x[b, h] for every (batch, head): P [kp, Nk], x [B, Hk, Nk, dim], out padded.
+template <class T>
+void project_sequence(tensor_view<const T, 2> P, tensor_view<const T, 4> x, projected<T>& out, int threads) {
+  const index_t B = x.extent(0), Hk = x.extent(1), nk = x.extent(2), dim = x.extent(3), kp = P.extent(0);
+  const index_t ld = out.ld, blocks = ceil_div(kp, kLinformerRows);
+  if (nk == 0 || dim == 0 || kp == 0) return;  // the scratch is zero already
+  aligned_vector<T> pack(static_cast<std::size_t>(threads * kLinformerKeys * ld));
+  parallel_for(threads, B * Hk * blocks, [&](index_t task, int worker) {
+    const index_t b = task / blocks / Hk, h = task / blocks % Hk, r0 = task % blocks * kLinformerRows;
+    const index_t rows = std::min(kLinformerRows, kp - r0);
+    T* buf = pack.data() + worker * kLinformerKeys * ld;
+    T* c = &out.view(b, h, r0, 0);
+    for (index_t j0 = 0; j0 < nk; j0 += kLinformerKeys) {
+      const index_t cl = std::min(kLinformerKeys, nk - j0);
+      pack_rows(&x(b, h, j0, 0), x.stride(2), cl, dim, buf, ld);
+      gemm<T>(rows, dim, cl, &P(r0, j0), P.stride(0), 1, buf, ld, c, ld, j0 > 0);
+    }
+  });
+}
+
+template <class T>
+void check_projections(const char* fn, tensor_view<const T, 2> E, tensor_view<const T, 2> F,
+                       const tensor_view<const T, 4>& k) {
+  check_view(fn, "E", E);
+  check_view(fn, "F", F);
+  if (E.extent(1) != k.extent(2))
+    fail(fn, "shape mismatch: argument 'E' has shape " + shape_string(E) + " but must be [kp, Nk] with Nk = " +
+                 std::to_string(k.extent(2)) + " keys of 'k' " + shape_string(k));
+  if (F.extent(0) != E.extent(0) || F.extent(1) != E.extent(1))
+    fail(fn, "shape mismatch: argument 'F' has shape " + shape_string(F) + " but must have the shape of 'E' " +
+                 shape_string(E) + " ([kp, Nk])");
+}
+
+inline void check_not_causal(const char* fn, bool causal) {
+  if (causal)
+    fail(fn, "option 'causal' = true is not supported: the projections E·K and F·V mix every key, future ones "
+             "included, into every projected key, so no mask can keep a query from seeing later keys (use "
+             "flash_attention, or favor_features with linear_attention, for causal attention)");
+}
+
+template <class T>
+softmax_options linformer_softmax(const char* fn, const linformer_options& opts) {
+  check_threads(fn, opts.threads);
+  if (opts.scale) {
+    check_finite_scale(fn, "scale", *opts.scale);
+    check_representable<T>(fn, "scale", *opts.scale);
+  }
+  softmax_options so;
+  so.causal = false;
+  so.scale = opts.scale;
+  so.threads = opts.threads;
+  return so;
+}
+
+template <class T>
+void linformer_impl(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+                    tensor_view<const T, 2> E, tensor_view<const T, 2> F, tensor_view<T, 4> out,
+                    const linformer_options& opts, const tensor_view<T, 3>* stats) {
+  constexpr const char* fn = "linformer_attention";
+  check_attention(fn, q, k, v, out);
+  check_not_causal(fn, opts.causal);
+  check_projections(fn, E, F, k);
+  check_no_overlap(fn, "out", out, "E", E);
+  check_no_overlap(fn, "out", out, "F", F);
+  if (stats) {
+    check_stats_output(fn, q, k, v, out, *stats);
+    check_no_overlap(fn, "stats", *stats, "E", E);
+    check_no_overlap(fn, "stats", *stats, "F", F);
+  }
+  const softmax_options so = linformer_softmax<T>(fn, opts);
+  const int threads = resolve_threads(opts.threads);
+  const index_t B = k.extent(0), Hk = k.extent(1), kp = E.extent(0);
+  projected<T> kproj(B, Hk, kp, k.extent(3)), vproj(B, Hk, kp, v.extent(3));
+  project_sequence<T>(E, k, kproj, threads);
+  project_sequence<T>(F, v, vproj, threads);
+  if (stats)
+    flash_attention<T>(q, kproj.view, vproj.view, out, so, *stats);
+  else
+    flash_attention<T>(q, kproj.view, vproj.view, out, so);
+}
+
+}  // namespace detail
+
+/// Linformer attention (non-causal): out = softmax(scale·Q (E K)ᵀ) (F V) per (batch, head).
+/// q [B, H, Nq, d], k [B, Hk, Nk, d], v [B, Hk, Nk, dv], out [B, H, Nq, dv], E and F [kp, Nk]
+/// (row-major views, inner stride 1), the same E and F for every batch and head; GQA as
+/// everywhere (query head h uses kv head h / (H/Hk)). Cost O(kp·Nk·(d + dv) + Nq·kp·(d + dv)),
+/// scratch kp·(d + dv) values per kv head. opts.causal = true throws (see the header comment).
+template <class T>
+void linformer_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
+                         detail::matrix_view<T> E, detail::matrix_view<T> F, tensor_view<T, 4> out,
+                         const linformer_options& opts = {}) {
+  detail::linformer_impl<T>(q, k, v, E, F, out, opts, nullptr);
+}
+
+/// As above, also writing stats [B, H, Nq]: the natural log-sum-exp of each row's scaled scores
+/// over the kp projected keys (as flash_attention's), for linformer_attention_backward.
+template <class T>
+void linformer_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
+                         detail::matrix_view<T> E, detail::matrix_view<T> F, tensor_view<T, 4> out,
+                         const linformer_options& opts, tensor_view<T, 3> stats) {
+  detail::linformer_impl<T>(q, k, v, E, F, out, opts, &stats);
+}
+
+/// Gradients of linformer_attention from its inputs, out, dout = dL/dout and the forward's
+/// stats: K', V' are projected again, flash_attention_backward gives dq and dK', dV', then
+/// dK = Eᵀ dK', dV = Fᵀ dV' per (batch, kv head) and, E and F being shared by every batch and
+/// head, dE = Σ_{batch, kv head} dK' Kᵀ and dF = Σ_{batch, kv head} dV' Vᵀ (with GQA, dK' of a kv
+/// head already sums over its query heads). dq, dk, dv, dE [kp, Nk], dF [kp, Nk] are
+/// overwritten. Bitwise identical for any thread count.
+template <class T>
+void linformer_attention_backward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
+                                  detail::matrix_view<T> E, detail::matrix_view<T> F, detail::input_view<T> out,
+                                  detail::input_view<T> dout,
+                                  typename detail::identity<tensor_view<const T, 3>>::type stats,
+                                  tensor_view<T, 4> dq, tensor_view<T, 4> dk, tensor_view<T, 4> dv,
+                                  tensor_view<T, 2> dE, tensor_view<T, 2> dF, const linformer_options& opts = {}) {
+  using namespace detail;
+  constexpr const char* fn = "linformer_attention_backward";
+  check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
+  check_not_causal(fn, opts.causal);
+  check_projections<T>(fn, E, F, k);
+  const std::pair<const char*, const tensor_view<T, 2>*> pgrads[] = {{"dE", &dE}, {"dF", &dF}};
+  const std::pair<const char*, const tensor_view<const T, 4>*> inputs[] = {
+      {"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"dout", &dout}};
+  const std::pair<const char*, const tensor_view<T, 4>*> grads[] = {{"dq", &dq}, {"dk", &dk}, {"dv", &dv}};
+  for (const auto& [name, g] : pgrads) {
+    check_view(fn, name, *g);
+    check_same_shape(fn, name, *g, "E", E);
+    check_writable(fn, name, *g);
+    for (const auto& [in_name, in] : inputs) check_no_overlap(fn, name, *g, in_name, *in);
+    check_no_overlap(fn, name, *g, "stats", stats);
+    check_no_overlap(fn, name, *g, "E", E);
+    check_no_overlap(fn, name, *g, "F", F);
+    check_outputs_disjoint(fn, name, *g, "dq", dq);
+    check_outputs_disjoint(fn, name, *g, "dk", dk);
+    check_outputs_disjoint(fn, name, *g, "dv", dv);
+  }
+  check_outputs_disjoint(fn, "dE", dE, "dF", dF);
+  for (const auto& [gname, g] : grads) {
+    check_no_overlap(fn, gname, *g, "E", E);
+    check_no_overlap(fn, gname, *g, "F", F);
+  }
+  const softmax_options so = linformer_softmax<T>(fn, opts);
+  const int threads = resolve_threads(opts.threads);
+  const index_t B = k.extent(0), Hk = k.extent(1), nk = k.extent(2), kp = E.extent(0);
+  projected<T> kproj(B, Hk, kp, k.extent(3)), vproj(B, Hk, kp, v.extent(3));
+  project_sequence<T>(E, k, kproj, threads);
+  project_sequence<T>(F, v, vproj, threads);
+  projected<T> dkproj(B, Hk, kp, k.extent(3)), dvproj(B, Hk, kp, v.extent(3));
+  flash_attention_backward<T>(q, kproj.view, vproj.view, out, dout, stats, dq, dkproj.view, dvproj.view, so);
+
+  const index_t chunks = ceil_div(nk, kLinformerKeys);
+  // dX[b, h, j] = Σ_r P[r, j] dX'[b, h, r] for one key chunk of one (batch, kv head)
+  auto back_project = [&](tensor_view<const T, 2> P, const projected<T>& dproj, tensor_view<T, 4> dx) {
+    const index_t dim = dx.extent(3), ld = dproj.ld;
+    aligned_vector<T> tmp(static_cast<std::size_t>(threads * kLinformerKeys * ld));
+    parallel_for(threads, B * Hk * chunks, [&](index_t task, int worker) {
+      const index_t b = task / chunks / Hk, h = task / chunks % Hk, j0 = task % chunks * kLinformerKeys;
+      const index_t cl = std::min(kLinformerKeys, nk - j0);
+      T* c = tmp.data() + worker * kLinformerKeys * ld;
+      if (kp == 0) std::fill(c, c + cl * ld, T(0));
+      else gemm<T>(cl, dim, kp, &P(0, j0), 1, P.stride(0), &dproj.view(b, h, 0, 0), ld, c, ld, false);
+      for (index_t j = 0; j < cl; ++j) std::copy(c + j * ld, c + j * ld + dim, &dx(b, h, j0 + j, 0));
+    });
+  };
+  // dP[:, chunk] = Σ_{b, h} dX'[b, h] · x[b, h, chunk]ᵀ, the (b, h) sum in a fixed order
+  auto project_grad = [&](const projected<T>& dproj, tensor_view<const T, 4> x, tensor_view<T, 2> dP) {
+    const index_t dim = x.extent(3), ld = dproj.ld, lk = kLinformerKeys;
+    aligned_vector<T> tmp(static_cast<std::size_t>(threads * (std::max<index_t>(kp, 1) * lk + std::max<index_t>(dim, 1) * lk)));
+    parallel_for(threads, chunks, [&](index_t task, int worker) {
+      const index_t j0 = task * lk, cl = std::min(lk, nk - j0);
+      T* c = tmp.data() + worker * (std::max<index_t>(kp, 1) * lk + std::max<index_t>(dim, 1) * lk);
+      T* xt = c + std::max<index_t>(kp, 1) * lk;
+      std::fill(c, c + kp * lk, T(0));
+      for (index_t b = 0; b < B; ++b)
+        for (index_t h = 0; h < Hk; ++h) {
+          if (dim == 0) continue;
+          pack_transposed(&x(b, h, j0, 0), x.stride(2), cl, dim, T(1), xt, lk);
+          gemm<T>(kp, cl, dim, &dproj.view(b, h, 0, 0), ld, 1, xt, lk, c, lk, true);
+        }
+      for (index_t r = 0; r < kp; ++r)
+        for (index_t j = 0; j < cl; ++j) dP(r, j0 + j) = c[r * lk + j];
+    });
+  };
+  back_project(E, dkproj, dk);
+  back_project(F, dvproj, dv);
+  project_grad(dkproj, k, dE);
+  project_grad(dvproj, v, dF);
+}
+
+/// Single head: q [Nq, d], k [Nk, d], v [Nk, dv], E, F [kp, Nk] -> out [Nq, dv].
+template <class T>
+matrix<T> linformer_attention_single(const eigen_input<T>& q, const eigen_input<T>& k, const eigen_input<T>& v,
+                                     const eigen_input<T>& E, const eigen_input<T>& F, const linformer_options& opts) {
+  const tensor_view<const T, 2> ev(E.data(), {E.rows(), E.cols()}, {E.outerStride(), 1}),
+      fv(F.data(), {F.rows(), F.cols()}, {F.outerStride(), 1});
+  return detail::single_head<T>([&](auto q4, auto k4, auto v4, auto o4) { linformer_attention<T>(q4, k4, v4, ev, fv, o4, opts); },
+                                q, k, v);
+}
+inline matrix<float> linformer_attention(const eigen_input<float>& q, const eigen_input<float>& k,
+                                         const eigen_input<float>& v, const eigen_input<float>& E,
+                                         const eigen_input<float>& F, const linformer_options& opts = {}) {
+  return linformer_attention_single<float>(q, k, v, E, F, opts);
+}
+inline matrix<double> linformer_attention(const eigen_input<double>& q, const eigen_input<double>& k,
+                                          const eigen_input<double>& v, const eigen_input<double>& E,
+                                          const eigen_input<double>& F, const linformer_options& opts = {}) {
+  return linformer_attention_single<double>(q, k, v, E, F, opts);
+}
+
+}  // namespace polyattn
