@@ -8,14 +8,16 @@
 #
 # BUILD_DIR (default build/test) must hold examples/charlm/train_charlm and kjv.txt
 # (cmake --preset test && cmake --build build/test -j2 --target charlm_data). It takes about an
-# hour of both cores: run it on a quiet machine, every run is timed. STEPS, LONG_STEPS and
-# THREADS override the defaults from the environment.
+# hour of both cores: run it on a quiet machine, every run is timed. STEPS, LONG_STEPS,
+# THREADS, DATA (another text) and DOCS (where the plot and table go) override the defaults
+# from the environment.
 set -eu
 cd "$(dirname "$0")/../.."
 build=${1:-build/test}
 out=${2:-build/charlm_quality}
 bin=$build/examples/charlm/train_charlm
-data=$build/examples/charlm/kjv.txt
+data=${DATA:-$build/examples/charlm/kjv.txt}
+docs=${DOCS:-docs}
 steps=${STEPS:-2000}            # context 256, batch 16: 4096 tokens a step
 long_steps=${LONG_STEPS:-600}   # context 2048, batch 2: 4096 tokens a step
 threads=${THREADS:-2}
@@ -41,4 +43,4 @@ for ctx in 256 2048; do
   run "ctx${ctx}_polysketch" $ctx $batch $n $block -- --attention polysketch --local-exact
   run "ctx${ctx}_learned" $ctx $batch $n $block -- --attention learned --local-exact
 done
-/usr/bin/python3 examples/charlm/plot_quality.py "$out" docs/charlm_quality.png docs/charlm_quality.md
+/usr/bin/python3 examples/charlm/plot_quality.py "$out" "$docs/charlm_quality.png" "$docs/charlm_quality.md"
