@@ -42,6 +42,23 @@ void BM_exact(benchmark::State& state) {
   set_flop_counters(state, attention_flops(n, d, causal), threads);
 }
 
+/// Causal flash attention with a sliding window of w keys before each query (Mistral-style).
+/// Args: N, d, causal (always 1), window, threads. FLOPs count only the unmasked pairs,
+/// Σ_i min(i + 1, w + 1).
+void BM_flash_window(benchmark::State& state) {
+  const std::int64_t n = state.range(0), d = state.range(1), w = state.range(3);
+  const int threads = int(state.range(4));
+  head_inputs in(n, d);
+  softmax_options o;
+  o.causal = true;
+  o.threads = threads;
+  o.window_left = w;
+  run_attention_benchmark(state, n, [&] { flash_attention<float>(in.qv(), in.kv(), in.vv(), in.ov(), o); });
+  double pairs = 0;
+  for (std::int64_t i = 0; i < n; ++i) pairs += double(std::min(i + 1, w + 1));
+  set_flop_counters(state, 4.0 * double(d) * pairs, threads);
+}
+
 enum class pass { backward, forward_backward };
 
 /// Args: N, d, causal, threads (one head, Nq = Nk = N). The forward that produces out and
@@ -113,6 +130,16 @@ void register_exact_benchmarks(const sweep& s) {
             set_repetitions(b, n);
           }
   }
+  // Sliding windows beside full causal flash: the causal d = 64 picture to 65536
+  for (std::int64_t w : {256, 512, 4096})
+    for (std::int64_t n : sweep_lengths())
+      for (int threads : s.threads()) {
+        if (w >= n) continue;  // the full causal kernel
+        auto* b = benchmark::RegisterBenchmark("flash_attention_window", BM_flash_window);
+        b->ArgNames({"N", "d", "causal", "window", "threads"})->Args({n, 64, 1, w, threads});
+        b->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.1);
+        set_repetitions(b, n);
+      }
   // Backward passes: the causal d = 64 picture to 16384, the other shapes to 4096 (default
   // sweep); every shape to 16384 (full sweep).
   const std::pair<const char*, void (*)(benchmark::State&)> backward[] = {

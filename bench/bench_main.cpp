@@ -49,6 +49,7 @@ int main(int argc, char** argv) {
   polyattn::bench::register_exact_benchmarks(sweep);
   polyattn::bench::register_polysketch_benchmarks(sweep);
   polyattn::bench::register_decode_benchmarks(sweep);
+  polyattn::bench::register_shaped_benchmarks(sweep);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::AddCustomContext("cpu_model", cpu_model());

@@ -18,6 +18,9 @@ KERNELS = [  # (label, benchmark name, extra args that select the variant)
     ("polysketch r=32", "polysketch_attention", {"r": 32, "local_exact": 0}),
     ("polysketch r=32 local_exact", "polysketch_attention", {"r": 32, "local_exact": 1}),
     ("linear_attention m=528", "linear_attention", {"m": 528}),
+    ("flash window=256", "flash_attention_window", {"window": 256}),
+    ("flash window=512", "flash_attention_window", {"window": 512}),
+    ("flash window=4096", "flash_attention_window", {"window": 4096}),
 ]
 EXACT = ["softmax_attention", "flash_attention", "polynomial_attention"]
 # backward passes: GFLOP/s counted as 10·N²·d per backward (14·N²·d forward + backward), half causal
@@ -156,6 +159,12 @@ def main():
         lines.append("")
         lines.append(f"polysketch (r = 32, local_exact) is faster than flash from N = {cross}." if cross else
                      "polysketch (r = 32, local_exact) is not faster than flash at any measured N.")
+        win = sel.get("flash window=512", {})
+        if 32768 in win and 32768 in flash:
+            w = win[32768]
+            lines.append(f"Causal window w = 512 at N = 32768: {flash[32768]['ms'] / w['ms']:.1f}× faster than full "
+                         f"causal flash, {w['bench'].get('pct_peak', float('nan')):.0f} % of peak counting only the "
+                         "unmasked pairs.")
         big = [n for n in (32768, 65536) if n in sketch]
         if len(big) == 2:
             lines.append(f"time(65536) / time(32768) of polysketch: {sketch[65536]['ms'] / sketch[32768]['ms']:.2f}.")
@@ -278,6 +287,54 @@ def main():
                      "state updates and three read-outs, b/2·(8·local dim + 6·dv) for the local block, and the "
                      "sketches again (docs/design.md §7.6).")
         lines.append("")
+
+    # shaped attention (SAS) beside flash at the same shapes, same run
+    shaped = [r for r in rows if r["kernel"] == "shaped_attention"]
+    if shaped:
+        index = {(r["kernel"], r["args"].get("N"), r["args"].get("d"), r["args"].get("causal"),
+                  r["args"].get("threads"), r["args"].get("alpha")): r for r in rows}
+        lines.append("## Shaped attention (α·v_pos + β·softmax − γ·mean) against flash_attention, same run")
+        lines.append("")
+        lines.append("Forward time per call; `shaped / flash` is the cost of the identity and mean terms "
+                     "(target: within 10 %).")
+        lines.append("")
+        lines.append("| N | d | causal | threads | flash ms | shaped ms | shaped / flash |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for r in sorted(shaped, key=lambda r: (r["args"]["d"], r["args"]["causal"], r["args"]["threads"],
+                                                r["args"]["N"])):
+            a = r["args"]
+            f = index.get(("flash_attention", a["N"], a["d"], a["causal"], a["threads"], None))
+            ratio = f"{r['ms'] / f['ms']:.3f}" if f else "–"
+            lines.append(f"| {a['N']} | {a['d']} | {a['causal']} | {a['threads']} | {fmt_ms(f['ms']) if f else '–'} | "
+                         f"{fmt_ms(r['ms'])} | {ratio} |")
+        lines.append("")
+        sb = [r for r in rows if r["kernel"] == "shaped_attention_backward" and r["args"].get("alpha") == 1]
+        if sb:
+            lines.append("Backward and forward + backward: flash's, shaped's with α = β = γ = 1 (softmax output "
+                         "reconstructed from out) and with α = 8 (|α| + |γ| > 4|β|: recomputed by one more "
+                         "forward pass); ratios to flash in parentheses.")
+            lines.append("")
+            lines.append("| N | d | causal | threads | flash bwd ms | shaped bwd ms | shaped bwd α = 8 ms | "
+                         "flash fwd+bwd ms | shaped fwd+bwd ms | shaped fwd+bwd α = 8 ms |")
+            lines.append("|---|---|---|---|---|---|---|---|---|---|")
+
+            def cell(kernel, a, alpha, base):
+                r = index.get((kernel, a["N"], a["d"], a["causal"], a["threads"], alpha))
+                if not r:
+                    return "–"
+                return f"{fmt_ms(r['ms'])} ({r['ms'] / base['ms']:.2f}×)" if base else fmt_ms(r["ms"])
+
+            for r in sorted(sb, key=lambda r: (r["args"]["d"], r["args"]["causal"], r["args"]["threads"],
+                                               r["args"]["N"])):
+                a = r["args"]
+                fb = index.get(("flash_attention_backward", a["N"], a["d"], a["causal"], a["threads"], None))
+                ff = index.get(("flash_attention_fwd_bwd", a["N"], a["d"], a["causal"], a["threads"], None))
+                cells = [str(a["N"]), str(a["d"]), str(a["causal"]), str(a["threads"]),
+                         fmt_ms(fb["ms"]) if fb else "–", cell("shaped_attention_backward", a, 1, fb),
+                         cell("shaped_attention_backward", a, 8, fb), fmt_ms(ff["ms"]) if ff else "–",
+                         cell("shaped_attention_fwd_bwd", a, 1, ff), cell("shaped_attention_fwd_bwd", a, 8, ff)]
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
 
     if 64 not in figures:
         die("no causal d = 64 results: nothing to plot (did the filter exclude them?)")

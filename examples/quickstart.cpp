@@ -24,6 +24,16 @@ int main() {
   polyattn::flash_attention<float>(Q, K, V, O, causal);  // exact softmax, O(N·d) memory
   std::printf("flash      out[0,0,N-1,0] = %+.5f\n", O(0, 0, N - 1, 0));
 
+  // Sliding window and global tokens (Longformer): each query sees the 128 keys on either
+  // side of it and token 0, which sees and is seen by every position; key blocks outside the
+  // band are skipped. A causal window (Mistral) is causal = true with window_left = w.
+  polyattn::softmax_options longformer;
+  longformer.window_left = 128;
+  longformer.window_right = 128;
+  longformer.global_positions = {0};
+  polyattn::flash_attention<float>(Q, K, V, O, longformer);
+  std::printf("windowed   out[0,0,N-1,0] = %+.5f\n", O(0, 0, N - 1, 0));
+
   polyattn::polynomial_options poly;  // w = (q·k)^4 / (1 + Σ w), the PolySketchFormer kernel
   poly.causal = true;
   poly.scale = 1.0 / 8;  // q, k here are N(0, 1); a model would LayerNorm them

@@ -42,9 +42,11 @@ void flash_attention_backward(detail::input_view<T> q, detail::input_view<T> k, 
     detail::check_finite_scale(fn, "scale", *opts.scale);
     detail::check_representable<T>(fn, "scale", *opts.scale);
   }
+  const detail::mask_band band = detail::checked_mask_band(fn, opts, k.extent(2));
   detail::attention_backward_problem<T> pb{q,  k,  v,  out, dout, stats, dq, dk, dv, opts.causal,
                                            detail::softmax_scale<T>(opts, q.extent(3)),
-                                           detail::resolve_threads(opts.threads)};
+                                           detail::resolve_threads(opts.threads),
+                                           detail::kDefaultBackwardSchedule, band};
   detail::run_tiled_attention_backward<T>(pb, detail::softmax_weights<T>{});
 }
 

@@ -104,8 +104,9 @@ void polynomial_forward(input_view<T> q, input_view<T> k, input_view<T> v, tenso
   check_attention(fn, q, k, v, out);
   if (stats) check_stats_output(fn, q, k, v, out, *stats);
   check_polynomial_options<T>(fn, opts);
-  attention_problem<T> pb{q, k, v, out, opts.causal, static_cast<T>(opts.scale), kBlockK,
-                          resolve_threads(opts.threads), stats ? *stats : tensor_view<T, 3>{}};
+  const mask_band band = checked_mask_band(fn, opts, k.extent(2));
+  attention_problem<T> pb{q,     k,    v, out, opts.causal, static_cast<T>(opts.scale), kBlockK,
+                          resolve_threads(opts.threads), stats ? *stats : tensor_view<T, 3>{}, band};
   run_tiled_attention<T>(pb, polynomial_weights<T>{opts.degree, static_cast<T>(opts.normalizer_bias)});
 }
 
@@ -141,8 +142,10 @@ void polynomial_attention_backward(detail::input_view<T> q, detail::input_view<T
   constexpr const char* fn = "polynomial_attention_backward";
   detail::check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
   detail::check_polynomial_options<T>(fn, opts);
+  const detail::mask_band band = detail::checked_mask_band(fn, opts, k.extent(2));
   detail::attention_backward_problem<T> pb{q,  k,  v,  out, dout, stats, dq, dk, dv, opts.causal,
-                                           static_cast<T>(opts.scale), detail::resolve_threads(opts.threads)};
+                                           static_cast<T>(opts.scale), detail::resolve_threads(opts.threads),
+                                           detail::kDefaultBackwardSchedule, band};
   detail::run_tiled_attention_backward<T>(
       pb, detail::polynomial_weights<T>{opts.degree, static_cast<T>(opts.normalizer_bias)});
 }

@@ -113,8 +113,9 @@ void softmax_family(const char* fn, tensor_view<const T, 4> q, tensor_view<const
     check_finite_scale(fn, "scale", *opts.scale);
     check_representable<T>(fn, "scale", *opts.scale);
   }
-  attention_problem<T> pb{q, k, v, out, opts.causal, softmax_scale<T>(opts, q.extent(3)), block_k,
-                          resolve_threads(opts.threads), stats ? *stats : tensor_view<T, 3>{}};
+  const mask_band band = checked_mask_band(fn, opts, k.extent(2));
+  attention_problem<T> pb{q,     k,    v, out, opts.causal, softmax_scale<T>(opts, q.extent(3)), block_k,
+                          resolve_threads(opts.threads), stats ? *stats : tensor_view<T, 3>{}, band};
   run_tiled_attention<T>(pb, softmax_weights<T>{});
 }
 

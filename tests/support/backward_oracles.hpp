@@ -30,7 +30,7 @@ inline dense_result zero_result(index_t b, index_t h, index_t n, index_t c) {
 /// polynomial = false: softmax attention; true: polynomial attention of `degree` with bias β.
 template <class T, class Acc = double>
 dense_gradients attention_gradients_oracle(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
-                                           tensor_view<const T, 4> v, tensor_view<const T, 4> dout, bool causal,
+                                           tensor_view<const T, 4> v, tensor_view<const T, 4> dout, const test_mask& mask,
                                            double scale_d, bool polynomial, int degree = 4, double bias_d = 1.0) {
   const index_t B = q.extent(0), H = q.extent(1), Nq = q.extent(2), d = q.extent(3);
   const index_t Hk = k.extent(1), Nk = k.extent(2), dv = v.extent(3);
@@ -50,7 +50,7 @@ dense_gradients attention_gradients_oracle(tensor_view<const T, 4> q, tensor_vie
           std::vector<Acc> s(static_cast<std::size_t>(Nk), Acc(0)), w(s), p(s);
           std::vector<bool> allowed(static_cast<std::size_t>(Nk));
           for (index_t j = 0; j < Nk; ++j) {
-            allowed[j] = visible(causal, i, j, Nq, Nk);
+            allowed[j] = mask(i, j, Nq, Nk);
             Acc dot = 0;
             for (index_t c = 0; c < d; ++c) dot += static_cast<Acc>(q(b, h, i, c)) * static_cast<Acc>(k(b, hk, j, c));
             s[j] = scale * dot;  // s_ij = scale · q_i·k_j

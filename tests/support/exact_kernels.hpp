@@ -14,6 +14,16 @@ struct exact_case_options {
   int degree = 4;            // polynomial only
   double scale = 0;          // 0 = the kernel's default
   double normalizer_bias = 1.0;
+  index_t window_left = -1;  // softmax and polynomial: the band and global positions
+  index_t window_right = -1;
+  std::vector<index_t> global{};
+  test_mask mask() const { return test_mask(causal, window_left, window_right, global); }
+  template <class Options>
+  void set_mask(Options& opts) const {
+    opts.window_left = window_left;
+    opts.window_right = window_right;
+    opts.global_positions = global;
+  }
 };
 
 template <class Derived>
@@ -23,6 +33,7 @@ struct softmax_like {
     s.causal = o.causal;
     s.threads = o.threads;
     if (o.scale != 0) s.scale = o.scale;
+    o.set_mask(s);
     return s;
   }
   static double effective_scale(const exact_case_options& o, index_t d) {
@@ -31,7 +42,7 @@ struct softmax_like {
   template <class T, class Acc = double>
   static dense_result oracle(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
                              const exact_case_options& o) {
-    return softmax_oracle<T, Acc>(q, k, v, o.causal, effective_scale(o, q.extent(3)));
+    return softmax_oracle<T, Acc>(q, k, v, o.mask(), effective_scale(o, q.extent(3)));
   }
 };
 
@@ -62,6 +73,7 @@ struct polynomial_kernel {
     p.degree = o.degree;
     p.scale = o.scale != 0 ? o.scale : 1.0;
     p.normalizer_bias = o.normalizer_bias;
+    o.set_mask(p);
     return p;
   }
   template <class T>
@@ -73,7 +85,7 @@ struct polynomial_kernel {
   template <class T, class Acc = double>
   static dense_result oracle(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
                              const exact_case_options& o) {
-    return polynomial_oracle<T, Acc>(q, k, v, o.causal, o.degree, effective_scale(o, 0), o.normalizer_bias);
+    return polynomial_oracle<T, Acc>(q, k, v, o.mask(), o.degree, effective_scale(o, 0), o.normalizer_bias);
   }
 };
 

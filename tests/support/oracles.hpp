@@ -28,11 +28,33 @@ struct dense_result {
 /// j <= i + (Nk - Nq).
 inline bool visible(bool causal, index_t i, index_t j, index_t nq, index_t nk) { return !causal || j <= i + (nk - nq); }
 
+/// The exact kernels' full mask, written out entry by entry from its definition
+/// (docs/design_exact.md): query i at position p = i + Nk − Nq sees key j iff causality allows
+/// it (j <= p) and j is within the band [p − window_left, p + window_right] (−1: unbounded) or
+/// p or j is a global position. Converts from a plain causal flag.
+struct test_mask {
+  bool causal = false;
+  index_t window_left = -1, window_right = -1;
+  std::vector<index_t> global{};
+  test_mask(bool c = false) : causal(c) {}  // NOLINT: implicit on purpose
+  test_mask(bool c, index_t wl, index_t wr, std::vector<index_t> g)
+      : causal(c), window_left(wl), window_right(wr), global(std::move(g)) {}
+  bool operator()(index_t i, index_t j, index_t nq, index_t nk) const {
+    const index_t p = i + nk - nq;
+    if (!visible(causal, i, j, nq, nk)) return false;
+    const bool left_ok = window_left < 0 || p - j <= window_left;
+    const bool right_ok = window_right < 0 || j - p <= window_right;
+    bool global_pair = false;
+    for (index_t x : global) global_pair = global_pair || x == p || x == j;
+    return (left_ok && right_ok) || global_pair;
+  }
+};
+
 /// out_i = Σ_j W_ij v_j / (bias + Σ_j W_ij), 0 when the denominator is 0. `weight(b, h, i, j, s)`
 /// maps the scaled score s = scale·q_i·k_j of an allowed pair to its weight; masked pairs get 0.
 template <class Acc, class T, class WeightRow>
 dense_result dense_attention(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
-                             bool causal, double scale, double bias, WeightRow weight_row) {
+                             const test_mask& mask, double scale, double bias, WeightRow weight_row) {
   dense_result r{q.extent(0), q.extent(1), q.extent(2), v.extent(3), {}};
   r.data.assign(static_cast<std::size_t>(r.batch * r.heads * r.rows * r.cols), 0.0);
   const index_t nq = q.extent(2), nk = k.extent(2), d = q.extent(3), group = q.extent(1) / std::max<index_t>(k.extent(1), 1);
@@ -47,7 +69,7 @@ dense_result dense_attention(tensor_view<const T, 4> q, tensor_view<const T, 4> 
           Acc dot = 0;
           for (index_t c = 0; c < d; ++c) dot += static_cast<Acc>(q(b, h, i, c)) * static_cast<Acc>(k(b, hk, j, c));
           s[i * nk + j] = static_cast<double>(static_cast<Acc>(scale) * dot);
-          allowed[i * nk + j] = visible(causal, i, j, nq, nk);
+          allowed[i * nk + j] = mask(i, j, nq, nk);
         }
       for (index_t i = 0; i < nq; ++i) {
         std::vector<double> w = weight_row(i, &s[i * nk], allowed, i * nk, nk);
@@ -67,8 +89,8 @@ dense_result dense_attention(tensor_view<const T, 4> q, tensor_view<const T, 4> 
 /// With Acc = float this is the naive fp32 implementation flash is measured against (docs/design.md §6).
 template <class T, class Acc = double>
 dense_result softmax_oracle(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
-                            bool causal, double scale) {
-  return dense_attention<Acc, T>(q, k, v, causal, scale, 0.0,
+                            const test_mask& mask, double scale) {
+  return dense_attention<Acc, T>(q, k, v, mask, scale, 0.0,
                             [](index_t, const double* s, const std::vector<bool>& allowed, index_t base, index_t nk) {
                               double mx = -INFINITY;
                               for (index_t j = 0; j < nk; ++j)
@@ -83,8 +105,8 @@ dense_result softmax_oracle(tensor_view<const T, 4> q, tensor_view<const T, 4> k
 /// Polynomial attention: W_ij = s_ij^p over allowed j, normaliser β + Σ W.
 template <class T, class Acc = double>
 dense_result polynomial_oracle(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
-                               bool causal, int degree, double scale, double bias) {
-  return dense_attention<Acc, T>(q, k, v, causal, scale, bias,
+                               const test_mask& mask, int degree, double scale, double bias) {
+  return dense_attention<Acc, T>(q, k, v, mask, scale, bias,
                             [degree](index_t, const double* s, const std::vector<bool>& allowed, index_t base,
                                      index_t nk) {
                               std::vector<double> w(static_cast<std::size_t>(nk), 0.0);

@@ -105,11 +105,14 @@ void gemm(index_t m, index_t n, index_t k, const T* a, index_t a_rs, index_t a_c
 /// reads whole vectors).
 template <class T>
 inline void pack_transposed(const T* src, index_t ld_src, index_t n, index_t cols, T factor, T* dst, index_t ld_dst) {
-  for (index_t c = 0; c < cols; ++c) {
-    T* row = dst + c * ld_dst;
-    for (index_t i = 0; i < n; ++i) row[i] = factor * src[i * ld_src + c];
-    std::fill(row + n, row + ld_dst, T(0));
+  // Source rows are read contiguously (one pass over each row, the strided side is the
+  // store, which the store buffer absorbs); reading columns instead cost ~5 % of a windowed
+  // flash call, whose tasks are short (docs/design_exact.md, "Windows and global tokens").
+  for (index_t i = 0; i < n; ++i) {
+    const T* row = src + i * ld_src;
+    for (index_t c = 0; c < cols; ++c) dst[c * ld_dst + i] = factor * row[c];
   }
+  for (index_t c = 0; c < cols; ++c) std::fill(dst + c * ld_dst + n, dst + (c + 1) * ld_dst, T(0));
 }
 
 /// Packs a B operand row by row: dst row r = the cols values of src row r, then zeros up to

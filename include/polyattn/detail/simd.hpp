@@ -54,24 +54,43 @@ inline void scale_padded(T* x, index_t n, T a) {
   for (index_t i = 0; i < n; i += B::size) (B::load_unaligned(x + i) * av).store_unaligned(x + i);
 }
 
+/// y[i] = x[i] / den for i in [0, n): vector divisions, which round exactly as scalar ones.
+/// (Divide, not multiply by 1/den: a subnormal den must not overflow to inf.)
+template <class T, class Arch>
+inline void divide_into(const T* x, index_t n, T den, T* y) {
+  using B = batch<T, Arch>;
+  constexpr index_t W = simd_width<T, Arch>;
+  const B dv(den);
+  index_t i = 0;
+  for (; i + W <= n; i += W) (B::load_unaligned(x + i) / dv).store_unaligned(y + i);
+  for (; i < n; ++i) y[i] = x[i] / den;
+}
+
 /// True when the first `cols` values of each of n rows (stride ld) are all finite. x − x is
 /// 0 for a finite x and NaN for ±inf and NaN, so one sum of differences decides.
 template <class T, class Arch>
 inline bool rows_finite(const T* x, index_t ld, index_t n, index_t cols) {
   using B = batch<T, Arch>;
   constexpr index_t W = simd_width<T, Arch>;
-  B acc(T(0));
+  // two independent sums: one chain of dependent adds is latency-bound (~3 % of a windowed
+  // flash call, whose boundary tiles are checked every task)
+  B acc0(T(0)), acc1(T(0));
   T tail(0);
   for (index_t r = 0; r < n; ++r) {
     const T* row = x + r * ld;
     index_t c = 0;
+    for (; c + 2 * W <= cols; c += 2 * W) {
+      const B v0 = B::load_unaligned(row + c), v1 = B::load_unaligned(row + c + W);
+      acc0 += v0 - v0;
+      acc1 += v1 - v1;
+    }
     for (; c + W <= cols; c += W) {
       const B v = B::load_unaligned(row + c);
-      acc += v - v;
+      acc0 += v - v;
     }
     for (; c < cols; ++c) tail += row[c] - row[c];
   }
-  return xsimd::all(acc == B(T(0))) && tail == T(0);
+  return xsimd::all((acc0 + acc1) == B(T(0))) && tail == T(0);
 }
 
 /// Integer power by squaring, vectorised; p >= 1.

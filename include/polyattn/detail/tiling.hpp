@@ -19,6 +19,7 @@
 
 #include "../tensor_view.hpp"
 #include "gemm.hpp"
+#include "kv_parts.hpp"
 #include "mask.hpp"
 #include "threading.hpp"
 
@@ -36,6 +37,10 @@ struct attention_problem {
   index_t block_k = kBlockK;  // keys per block; >= Nk materialises a whole score row block
   int threads = 1;
   tensor_view<T, 3> stats{};  // [B, H, Nq] row statistics, written when non-empty
+  mask_band band{};           // sliding window and global positions (detail/mask.hpp)
+  // Keys and values in several parts (segmented_view); then k and v above carry only the
+  // shapes of their concatenation and are never read.
+  const kv_parts<T>* segments = nullptr;
 };
 
 template <class T>
@@ -61,12 +66,14 @@ void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights)
   const index_t group = H / Hk;
   const index_t n_qblocks = ceil_div(Nq, kBlockQ);
   const index_t heads = B * H;
-  const attention_mask mask{pb.causal, Nq, Nk};
+  const attention_mask mask{pb.causal, Nq, Nk, pb.band};
   const index_t block_k = std::max<index_t>(1, std::min(pb.block_k, std::max<index_t>(Nk, 1)));
   const index_t dvp = round_up(dv, W);
   const bool pack_v = dv % W != 0;
   const int workers = static_cast<int>(std::min<index_t>(pb.threads, heads * n_qblocks));
   std::vector<attention_scratch<T>> scratch(std::max(workers, 1));
+  const kv_parts<T> single = pb.segments ? kv_parts<T>{} : kv_parts<T>(pb.k, pb.v);
+  const kv_parts<T>& kv = pb.segments ? *pb.segments : single;
 
   // Heaviest blocks first (the last query blocks of a causal head see the most keys) so the
   // dynamic schedule ends with small tasks on both cores.
@@ -97,18 +104,17 @@ void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights)
     std::fill(o, o + nq * dvp, T(0));
     weights.init(s.m.data(), s.l.data(), lanes);
 
-    const index_t key_end = mask.key_end(i0, nq);
-    const T* kbase = d > 0 && Nk > 0 ? &pb.k(b, hk, 0, 0) : qt;
-    const T* vbase = Nk > 0 && dv > 0 ? &pb.v(b, hk, 0, 0) : nullptr;
-    const index_t ks = d > 0 ? pb.k.stride(2) : 0, vs = pb.v.stride(2);
-    for (index_t j0 = mask.key_begin(i0, nq); j0 < key_end; j0 += block_k) {
-      const index_t nk = std::min(block_k, key_end - j0);
-      gemm<T, Arch>(nk, lanes, d, kbase + j0 * ks, ks, 1, qt, lanes, st, lanes, false);
-      if (mask.partial(i0, nq, j0, nk)) mask.hide(st, lanes, lanes, i0, j0, nk, Weights::masked_score());
+    // one key block, or the piece of it inside one part of a segmented sequence
+    auto key_block = [&](index_t j0, index_t nk, const kv_part<T>& part) {
+      const T* kblk = d > 0 ? part.k_row(b, hk, j0) : qt;
+      const index_t ks = d > 0 ? part.k.stride(2) : 0, vs = part.v.stride(2);
+      gemm<T, Arch>(nk, lanes, d, kblk, ks, 1, qt, lanes, st, lanes, false);
+      const bool partial = mask.partial(i0, nq, j0, nk);
+      if (partial) mask.hide(st, lanes, lanes, i0, j0, nk, Weights::masked_score());
       if (weights.apply(st, nk, lanes, lanes, s.m.data(), s.l.data(), s.alpha.data()))
         for (index_t i = 0; i < nq; ++i) scale_padded<T, Arch>(o + i * dvp, dvp, s.alpha[i]);
-      if (dv == 0) continue;
-      const T* vsrc = vbase + j0 * vs;
+      if (dv == 0) return;
+      const T* vsrc = part.v_row(b, hk, j0);
       index_t ldv = vs;
       if (pack_v) {
         pack_rows(vsrc, vs, nk, dv, s.vpack.data(), dvp);
@@ -117,22 +123,30 @@ void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights)
       }
       // O[nq x dv] += P · V with P(i, j) = Pᵀ(j, i) = st[j·lanes + i]. A hidden weight is 0
       // and 0 · NaN (or ±inf) is NaN: when a value some query of the block may not see is not
-      // finite, each query sums only its visible keys (the same terms, so the same bits;
-      // docs/design.md §6).
-      const index_t common = mask.visible_keys(i0, j0, nk);  // keys every query of the block sees
-      if (common < nk && !rows_finite<T, Arch>(vsrc + common * ldv, ldv, nk - common, dv))
+      // finite, each query sums only its visible keys (docs/design.md §6). Rows [ca, cb) are
+      // seen by every query of the block, so only the others are checked.
+      index_t ca = 0, cb = nk;
+      if (partial) mask.common_rows(i0, nq, j0, nk, ca, cb);
+      if ((ca > 0 && !rows_finite<T, Arch>(vsrc, ldv, ca, dv)) ||
+          (cb < nk && !rows_finite<T, Arch>(vsrc + cb * ldv, ldv, nk - cb, dv)))
         for (index_t i = 0; i < nq; ++i)
-          gemm<T, Arch>(1, dv, mask.visible_keys(i0 + i, j0, nk), st + i, 1, lanes, vsrc, ldv, o + i * dvp, dvp, true);
+          mask.for_each_visible_run(i0 + i, j0, nk, [&](index_t r0, index_t r1) {
+            gemm<T, Arch>(1, dv, r1 - r0, st + r0 * lanes + i, 1, lanes, vsrc + r0 * ldv, ldv, o + i * dvp, dvp, true);
+          });
       else
         gemm<T, Arch>(nq, dv, nk, st, 1, lanes, vsrc, ldv, o, dvp, true);
-    }
+    };
+    mask.for_each_key_block(i0, nq, block_k, false, [&](index_t j0, index_t nk) { kv.split(j0, nk, key_block); });
 
     const index_t os = pb.out.stride(2);
     T* orow = dv > 0 ? &pb.out(b, h, i0, 0) : nullptr;
     for (index_t i = 0; i < nq && dv > 0; ++i) {
       // divide (not multiply by 1/den): a subnormal denominator must not overflow to inf
       const T den = weights.denominator(s.m[i], s.l[i]);
-      for (index_t c = 0; c < dv; ++c) orow[i * os + c] = den > T(0) ? o[i * dvp + c] / den : T(0);
+      if (den > T(0))
+        divide_into<T, Arch>(o + i * dvp, dv, den, orow + i * os);
+      else
+        std::fill(orow + i * os, orow + i * os + dv, T(0));
     }
     if (pb.stats.size() > 0)
       for (index_t i = 0; i < nq; ++i) pb.stats(b, h, i0 + i) = weights.row_statistic(s.m[i], s.l[i]);

@@ -28,6 +28,7 @@
 
 #include "../tensor_view.hpp"
 #include "gemm.hpp"
+#include "kv_parts.hpp"
 #include "mask.hpp"
 #include "threading.hpp"
 
@@ -53,6 +54,10 @@ struct attention_backward_problem {
   T scale = T(1);
   int threads = 1;
   backward_schedule schedule = kDefaultBackwardSchedule;
+  mask_band band{};  // sliding window and global positions (detail/mask.hpp)
+  // Keys, values and their gradients in several parts (segmented_view); then k, v, dk, dv
+  // above carry only the shapes of their concatenation and are never read or written.
+  const kv_parts<T>* segments = nullptr;
 };
 
 template <class T>
@@ -86,27 +91,42 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
   const index_t B = pb.q.extent(0), H = pb.q.extent(1), Nq = pb.q.extent(2), d = pb.q.extent(3);
   const index_t Hk = pb.k.extent(1), Nk = pb.k.extent(2), dval = pb.v.extent(3);
   if (B == 0 || H == 0) return;
+  const kv_parts<T> single = pb.segments ? kv_parts<T>{} : kv_parts<T>(pb.k, pb.v, pb.dk, pb.dv);
+  const kv_parts<T>& kv = pb.segments ? *pb.segments : single;
+  auto zero_key_gradients = [&] {
+    for (const kv_part<T>& part : kv.parts) {
+      fill_zero(part.dk);
+      fill_zero(part.dv);
+    }
+  };
   if (Nq == 0 || Nk == 0 || dval == 0) {
     // no query, no key or no value: every gradient is 0 (dS = P ∘ (dP − D) with dP = D = 0)
     fill_zero(pb.dq);
-    fill_zero(pb.dk);
-    fill_zero(pb.dv);
+    zero_key_gradients();
     return;
   }
   constexpr index_t W = simd_width<T, Arch>;
   constexpr index_t BQ = kBwdBlockQ, BK = kBwdBlockK;
   const index_t group = H / Hk;
-  const index_t n_qblocks = ceil_div(Nq, BQ), n_kblocks = ceil_div(Nk, BK);
+  const index_t n_qblocks = ceil_div(Nq, BQ);
   const index_t dp = round_up(std::max<index_t>(d, 1), W), dvp = round_up(dval, W);
   const bool pack_k = d % W != 0;
-  const attention_mask mask{pb.causal, Nq, Nk};
-  const index_t key_tasks = B * Hk * n_kblocks, query_tasks = B * H * n_qblocks;
+  const attention_mask mask{pb.causal, Nq, Nk, pb.band};
+  // key blocks of BK keys, cut where a segmented sequence passes from one part to the next
+  struct key_piece {
+    index_t j0, nk;
+    const kv_part<T>* part;
+  };
+  std::vector<key_piece> pieces;
+  for (index_t j0 = 0; j0 < Nk; j0 += BK)
+    kv.split(j0, std::min(BK, Nk - j0), [&](index_t a, index_t n, const kv_part<T>& p) { pieces.push_back({a, n, &p}); });
+  const index_t n_pieces = static_cast<index_t>(pieces.size());
+  const index_t key_tasks = B * Hk * n_pieces, query_tasks = B * H * n_qblocks;
   const int workers = static_cast<int>(std::min<index_t>(pb.threads, key_tasks + query_tasks));
   // (the partials schedule runs up to min(threads, kPartialChunks) workers)
   std::vector<attention_backward_scratch<T>> scratch(
       static_cast<std::size_t>(std::max<index_t>({index_t(workers), std::min<index_t>(pb.threads, kPartialChunks), 1})));
 
-  const index_t ks = pb.k.stride(2), vs = pb.v.stride(2);
 
   // Loads query block [i0, i0 + nq) of head (b, h): Qᵀ scaled and dOᵀ (queries in lanes, zero
   // padding lanes), the per-lane constants from the statistic, D_i = dO_i·O_i, and for key
@@ -137,9 +157,9 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
     }
   };
 
-  // One tile: keys [j0, j0 + nk) of kv head (b, hk) against a packed query block.
-  auto tile = [&](attention_backward_scratch<T>& s, const query_block_pack<T>& qp, const T* kblk, const T* vblk,
-                  index_t i0, index_t nq, index_t lanes, index_t j0, index_t nk) {
+  // One tile: keys [j0, j0 + nk) of kv head (b, hk) (inside one part) against a packed query block.
+  auto tile = [&](attention_backward_scratch<T>& s, const query_block_pack<T>& qp, const T* kblk, index_t ks,
+                  const T* vblk, index_t vs, index_t i0, index_t nq, index_t lanes, index_t j0, index_t nk) {
     gemm<T, Arch>(nk, lanes, d, kblk, ks, 1, qp.qt, lanes, s.st.data(), lanes, false);
     gemm<T, Arch>(nk, lanes, dval, vblk, vs, 1, qp.dot, lanes, s.dpt.data(), lanes, false);
     weights.backward_tile(s.st.data(), s.pt.data(), s.dpt.data(), nk, lanes, lanes, qp.c, qp.dd);
@@ -179,7 +199,8 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
   };
 
   // K rows as the B operand of dQ += dS · K (packed when rows are not whole vectors)
-  auto k_operand = [&](attention_backward_scratch<T>& s, const T* kblk, index_t nk, index_t& ldk) -> const T* {
+  auto k_operand = [&](attention_backward_scratch<T>& s, const T* kblk, index_t ks, index_t nk,
+                       index_t& ldk) -> const T* {
     ldk = ks;
     if (!pack_k) return kblk;
     pack_rows(kblk, ks, nk, d, s.kpack.data(), dp);
@@ -189,14 +210,19 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
 
   if (pb.schedule == backward_schedule::partials) {
     constexpr index_t WQ = kPartialWindow, C = kPartialChunks;
-    fill_zero(pb.dk);
-    fill_zero(pb.dv);
+    zero_key_gradients();
     aligned_vector<T> part(static_cast<std::size_t>(C * WQ * dp), T(0));
+    std::vector<key_piece> kblocks;
     for (index_t bh = 0; bh < B * H; ++bh) {
       const index_t b = bh / H, h = bh % H, hk = h / group;
       for (index_t w0 = 0; w0 < Nq; w0 += WQ) {
         const index_t nw = std::min(WQ, Nq - w0);
-        const index_t kb_end = ceil_div(mask.key_end(w0, nw), BK);
+        // the key blocks some query of the window sees, cut into C fixed slices
+        kblocks.clear();
+        mask.for_each_key_block(w0, nw, BK, true, [&](index_t j0, index_t nk) {
+          kv.split(j0, nk, [&](index_t a, index_t n, const kv_part<T>& p) { kblocks.push_back({a, n, &p}); });
+        });
+        const index_t L = static_cast<index_t>(kblocks.size());
         parallel_for(pb.threads, C, [&](index_t c, int worker) {
           attention_backward_scratch<T>& s = scratch[worker];
           prepare(s);
@@ -204,34 +230,36 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
           std::fill(qpart, qpart + nw * dp, T(0));
           if (s.window.empty()) s.window.assign(static_cast<std::size_t>(WQ / BQ * pack_size), T(0));
           bool packed[WQ / BQ] = {};
-          for (index_t kb = c * kb_end / C; kb < (c + 1) * kb_end / C; ++kb) {
-            const index_t j0 = kb * BK, nk = std::min(BK, Nk - j0);
-            const T* kblk = d > 0 ? &pb.k(b, hk, j0, 0) : s.qt.data();
-            const T* vblk = &pb.v(b, hk, j0, 0);
+          for (index_t at = c * L / C; at < (c + 1) * L / C; ++at) {
+            const key_piece kp = kblocks[static_cast<std::size_t>(at)];
+            const index_t j0 = kp.j0, nk = kp.nk;
+            const kv_part<T>& pt = *kp.part;
+            const T* kblk = d > 0 ? pt.k_row(b, hk, j0) : s.qt.data();
+            const T* vblk = pt.v_row(b, hk, j0);
+            const index_t ks = pt.k.stride(2), vs = pt.v.stride(2);
             // dK, dV of these keys so far (earlier windows and heads, in order)
             for (index_t r = 0; r < nk; ++r) {
-              if (d > 0) std::copy_n(&pb.dk(b, hk, j0 + r, 0), d, s.kacc.data() + r * dp);
-              std::copy_n(&pb.dv(b, hk, j0 + r, 0), dval, s.vacc.data() + r * dvp);
+              if (d > 0) std::copy_n(pt.dk_row(b, hk, j0 + r), d, s.kacc.data() + r * dp);
+              std::copy_n(pt.dv_row(b, hk, j0 + r), dval, s.vacc.data() + r * dvp);
             }
             index_t ldk = 0;
-            const T* kop = d > 0 ? k_operand(s, kblk, nk, ldk) : nullptr;
-            const index_t first = std::max(w0, mask.query_begin(j0, nk));
-            for (index_t i0 = w0 + (first - w0) / BQ * BQ; i0 < w0 + nw; i0 += BQ) {
-              const index_t nq = std::min(BQ, w0 + nw - i0), lanes = round_up(nq, W);
+            const T* kop = d > 0 ? k_operand(s, kblk, ks, nk, ldk) : nullptr;
+            mask.for_each_query_block(j0, nk, BQ, [&](index_t i0, index_t nq) {
+              const index_t lanes = round_up(nq, W);
               const index_t qb = (i0 - w0) / BQ;
               const query_block_pack<T> qp = window_pack(s, qb);
               if (!packed[qb]) load_queries(s, qp, b, h, i0, nq, lanes, true);
               packed[qb] = true;
-              tile(s, qp, kblk, vblk, i0, nq, lanes, j0, nk);
+              tile(s, qp, kblk, ks, vblk, vs, i0, nq, lanes, j0, nk);
               gemm<T, Arch>(nk, dval, nq, s.pt.data(), lanes, 1, qp.dorows, dvp, s.vacc.data(), dvp, true);
               if (d > 0) {
                 gemm<T, Arch>(nk, d, nq, s.dpt.data(), lanes, 1, qp.qrows, dp, s.kacc.data(), dp, true);
                 gemm<T, Arch>(nq, d, nk, s.dpt.data(), 1, lanes, kop, ldk, qpart + (i0 - w0) * dp, dp, true);
               }
-            }
+            }, w0, w0 + nw);
             for (index_t r = 0; r < nk; ++r) {
-              if (d > 0) std::copy_n(s.kacc.data() + r * dp, d, &pb.dk(b, hk, j0 + r, 0));
-              std::copy_n(s.vacc.data() + r * dvp, dval, &pb.dv(b, hk, j0 + r, 0));
+              if (d > 0) std::copy_n(s.kacc.data() + r * dp, d, pt.dk_row(b, hk, j0 + r));
+              std::copy_n(s.vacc.data() + r * dvp, dval, pt.dv_row(b, hk, j0 + r));
             }
           }
         });
@@ -259,28 +287,30 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
       // ---- dK, dV of keys [j0, j0 + nk) of kv head (b, hk)
       const index_t kb = task / (B * Hk), bhk = task % (B * Hk);
       const index_t b = bhk / Hk, hk = bhk % Hk;
-      const index_t j0 = kb * BK, nk = std::min(BK, Nk - j0);
-      const T* kblk = d > 0 ? &pb.k(b, hk, j0, 0) : s.qt.data();
-      const T* vblk = &pb.v(b, hk, j0, 0);
+      const key_piece kp = pieces[static_cast<std::size_t>(kb)];
+      const index_t j0 = kp.j0, nk = kp.nk;
+      const kv_part<T>& pt = *kp.part;
+      const T* kblk = d > 0 ? pt.k_row(b, hk, j0) : s.qt.data();
+      const T* vblk = pt.v_row(b, hk, j0);
+      const index_t ks = pt.k.stride(2), vs = pt.v.stride(2);
       std::fill(s.kacc.begin(), s.kacc.begin() + nk * dp, T(0));
       std::fill(s.vacc.begin(), s.vacc.begin() + nk * dvp, T(0));
-      const index_t first = mask.query_begin(j0, nk) / BQ * BQ, last = mask.query_end(j0, nk);
       for (index_t g = 0; g < group; ++g) {
         const index_t h = hk * group + g;
-        for (index_t i0 = first; i0 < last; i0 += BQ) {
-          const index_t nq = std::min(BQ, Nq - i0), lanes = round_up(nq, W);
+        mask.for_each_query_block(j0, nk, BQ, [&](index_t i0, index_t nq) {
+          const index_t lanes = round_up(nq, W);
           const query_block_pack<T> qp = scratch_pack(s);
           load_queries(s, qp, b, h, i0, nq, lanes, true);
-          tile(s, qp, kblk, vblk, i0, nq, lanes, j0, nk);
+          tile(s, qp, kblk, ks, vblk, vs, i0, nq, lanes, j0, nk);
           // dV[nk x dv] += Pᵀ · dO ; dK[nk x d] += dSᵀ · (scale·Q)
           gemm<T, Arch>(nk, dval, nq, s.pt.data(), lanes, 1, s.dorows.data(), dvp, s.vacc.data(), dvp, true);
           if (d > 0)
             gemm<T, Arch>(nk, d, nq, s.dpt.data(), lanes, 1, s.qrows.data(), dp, s.kacc.data(), dp, true);
-        }
+        });
       }
       for (index_t r = 0; r < nk; ++r) {
-        if (d > 0) std::copy_n(s.kacc.data() + r * dp, d, &pb.dk(b, hk, j0 + r, 0));
-        std::copy_n(s.vacc.data() + r * dvp, dval, &pb.dv(b, hk, j0 + r, 0));
+        if (d > 0) std::copy_n(s.kacc.data() + r * dp, d, pt.dk_row(b, hk, j0 + r));
+        std::copy_n(s.vacc.data() + r * dvp, dval, pt.dv_row(b, hk, j0 + r));
       }
     } else {
       // ---- dQ of queries [i0, i0 + nq) of head (b, h)
@@ -293,16 +323,16 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
       load_queries(s, qp, b, h, i0, nq, lanes, false);
       T* qacc = s.qrows.data();  // dQ accumulator [nq x dp]; the rows are not needed here
       std::fill(qacc, qacc + nq * dp, T(0));
-      const index_t key_end = mask.key_end(i0, nq);
-      for (index_t j0 = mask.key_begin(i0, nq) / BK * BK; j0 < key_end; j0 += BK) {
-        const index_t nk = std::min(BK, key_end - j0);
-        const T* kblk = &pb.k(b, hk, j0, 0);
-        tile(s, qp, kblk, &pb.v(b, hk, j0, 0), i0, nq, lanes, j0, nk);
+      auto key_block = [&](index_t j0, index_t nk, const kv_part<T>& pt) {
+        const T* kblk = pt.k_row(b, hk, j0);
+        const index_t ks = pt.k.stride(2);
+        tile(s, qp, kblk, ks, pt.v_row(b, hk, j0), pt.v.stride(2), i0, nq, lanes, j0, nk);
         index_t ldk = 0;
-        const T* kb = k_operand(s, kblk, nk, ldk);
+        const T* kb = k_operand(s, kblk, ks, nk, ldk);
         // dQ[nq x d] += dS · K with dS(i, j) = dSᵀ(j, i) = dpt[j·lanes + i]
         gemm<T, Arch>(nq, d, nk, s.dpt.data(), 1, lanes, kb, ldk, qacc, dp, true);
-      }
+      };
+      mask.for_each_key_block(i0, nq, BK, true, [&](index_t j0, index_t nk) { kv.split(j0, nk, key_block); });
       for (index_t i = 0; i < nq; ++i) {
         T* dst = &pb.dq(b, h, i0 + i, 0);
         for (index_t c = 0; c < d; ++c) dst[c] = pb.scale * qacc[i * dp + c];

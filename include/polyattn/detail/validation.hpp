@@ -11,6 +11,7 @@
 #include <string>
 
 #include "../tensor_view.hpp"
+#include "mask.hpp"
 
 namespace polyattn::detail {
 
@@ -118,21 +119,21 @@ void check_same_extent(const char* function, const char* what, const char* an, c
 template <class TQ, class TK, class TV, class TO>
 void check_attention(const char* function, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
                      const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, const char* qn = "q",
-                     const char* kn = "k") {
+                     const char* kn = "k", const char* vn = "v") {
   check_view(function, qn, q);
   check_view(function, kn, k);
-  check_view(function, "v", v);
+  check_view(function, vn, v);
   check_view(function, "out", out);
   check_writable(function, "out", out);
   check_same_extent(function, "batch size", kn, k, 0, qn, q, 0);
-  check_same_extent(function, "batch size", "v", v, 0, qn, q, 0);
+  check_same_extent(function, "batch size", vn, v, 0, qn, q, 0);
   check_same_extent(function, "batch size", "out", out, 0, qn, q, 0);
   check_same_extent(function, "head count", "out", out, 1, qn, q, 1);
-  check_same_extent(function, "head count", "v", v, 1, kn, k, 1);
+  check_same_extent(function, "head count", vn, v, 1, kn, k, 1);
   check_same_extent(function, "head dim", kn, k, 3, qn, q, 3);
-  check_same_extent(function, "key count", "v", v, 2, kn, k, 2);
+  check_same_extent(function, "key count", vn, v, 2, kn, k, 2);
   check_same_extent(function, "query count", "out", out, 2, qn, q, 2);
-  check_same_extent(function, "value dim", "out", out, 3, "v", v, 3);
+  check_same_extent(function, "value dim", "out", out, 3, vn, v, 3);
   const index_t h = q.extent(1), hk = k.extent(1);
   if ((hk == 0 && h != 0) || (hk != 0 && h % hk != 0))
     fail(function, std::string("grouped-query attention needs the query head count to be a multiple of the kv head "
@@ -140,7 +141,7 @@ void check_attention(const char* function, const tensor_view<TQ, 4>& q, const te
                        "' has shape " + shape_string(k));
   check_no_overlap(function, "out", out, qn, q);
   check_no_overlap(function, "out", out, kn, k);
-  check_no_overlap(function, "out", out, "v", v);
+  check_no_overlap(function, "out", out, vn, v);
 }
 
 /// Every extent of `a` equals the matching extent of `b` (a gradient or dout against its tensor).
@@ -178,12 +179,12 @@ void check_outputs_disjoint(const char* function, const char* an, const tensor_v
 template <class TQ, class TK, class TV, class TO, class TS>
 void check_stats_output(const char* function, const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
                         const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out, const tensor_view<TS, 3>& stats,
-                        const char* qn = "q", const char* kn = "k") {
+                        const char* qn = "q", const char* kn = "k", const char* vn = "v") {
   check_stats_shape(function, stats, q);
   check_writable(function, "stats", stats);
   check_no_overlap(function, "stats", stats, qn, q);
   check_no_overlap(function, "stats", stats, kn, k);
-  check_no_overlap(function, "stats", stats, "v", v);
+  check_no_overlap(function, "stats", stats, vn, v);
   check_outputs_disjoint(function, "out", out, "stats", stats);
 }
 
@@ -195,26 +196,27 @@ void check_backward(const char* function, const tensor_view<const T, 4>& q, cons
                     const tensor_view<const T, 4>& v, const tensor_view<const T, 4>& out,
                     const tensor_view<const T, 4>& dout, const tensor_view<const T, 3>& stats,
                     const tensor_view<T, 4>& dq, const tensor_view<T, 4>& dk, const tensor_view<T, 4>& dv,
-                    const char* qn = "q", const char* kn = "k", const char* dqn = "dq", const char* dkn = "dk") {
-  check_attention(function, q, k, v, out, qn, kn);
+                    const char* qn = "q", const char* kn = "k", const char* dqn = "dq", const char* dkn = "dk",
+                    const char* vn = "v", const char* dvn = "dv") {
+  check_attention(function, q, k, v, out, qn, kn, vn);
   check_view(function, "dout", dout);
   check_same_shape(function, "dout", dout, "out", out);
   check_stats_shape(function, stats, q);
-  const std::pair<const char*, const tensor_view<T, 4>*> grads[] = {{dqn, &dq}, {dkn, &dk}, {"dv", &dv}};
+  const std::pair<const char*, const tensor_view<T, 4>*> grads[] = {{dqn, &dq}, {dkn, &dk}, {dvn, &dv}};
   const std::pair<const char*, const tensor_view<const T, 4>*> inputs[] = {
-      {qn, &q}, {kn, &k}, {"v", &v}, {"out", &out}, {"dout", &dout}};
+      {qn, &q}, {kn, &k}, {vn, &v}, {"out", &out}, {"dout", &dout}};
   for (const auto& [name, g] : grads) check_view(function, name, *g);
   check_same_shape(function, dqn, dq, qn, q);
   check_same_shape(function, dkn, dk, kn, k);
-  check_same_shape(function, "dv", dv, "v", v);
+  check_same_shape(function, dvn, dv, vn, v);
   for (const auto& [name, g] : grads) {
     check_writable(function, name, *g);
     for (const auto& [in_name, in] : inputs) check_no_overlap(function, name, *g, in_name, *in);
     check_no_overlap(function, name, *g, "stats", stats);
   }
   check_outputs_disjoint(function, dqn, dq, dkn, dk);
-  check_outputs_disjoint(function, dqn, dq, "dv", dv);
-  check_outputs_disjoint(function, dkn, dk, "dv", dv);
+  check_outputs_disjoint(function, dqn, dq, dvn, dv);
+  check_outputs_disjoint(function, dkn, dk, dvn, dv);
 }
 
 inline void check_block_size(const char* function, index_t block) {
@@ -246,6 +248,28 @@ void check_representable(const char* function, const char* name, double value) {
 inline void check_finite_scale(const char* function, const char* name, double value) {
   if (!(value == value) || value == 1.0 / 0.0 || value == -1.0 / 0.0)
     fail(function, std::string("option '") + name + "' must be finite, got " + format_value(value));
+}
+
+/// The window and global-position options of an exact kernel, checked against the key count
+/// Nk, as the engine's mask_band (which points into opts.global_positions).
+template <class Options>
+mask_band checked_mask_band(const char* function, const Options& opts, index_t nk) {
+  auto window = [&](const char* name, index_t w) {
+    if (w < -1)
+      fail(function, std::string("option '") + name + "' must be -1 (unbounded) or >= 0, got " + std::to_string(w));
+  };
+  window("window_left", opts.window_left);
+  window("window_right", opts.window_right);
+  const auto& g = opts.global_positions;
+  for (std::size_t i = 0; i < g.size(); ++i) {
+    if (g[i] < 0 || g[i] >= nk)
+      fail(function, "option 'global_positions' entry " + std::to_string(i) + " is " + std::to_string(g[i]) +
+                         ", outside the key positions [0, " + std::to_string(nk) + ")");
+    if (i > 0 && g[i] <= g[i - 1])
+      fail(function, "option 'global_positions' must be sorted and distinct: entry " + std::to_string(i) + " is " +
+                         std::to_string(g[i]) + " after " + std::to_string(g[i - 1]));
+  }
+  return mask_band{opts.window_left, opts.window_right, g.data(), static_cast<index_t>(g.size())};
 }
 
 }  // namespace polyattn::detail

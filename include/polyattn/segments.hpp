@@ -1,0 +1,272 @@
+// polyattn/segments.hpp — segmented keys and values: the exact kernels over a list of segments.
+//
+// A Compressive Transformer attends to [compressed memory | memory | current chunk]; a paged
+// KV cache keeps a sequence in pages. `segmented_view` lists such parts, each an ordinary
+// [B, Hk, n_s, d] view with its own data and strides, and the overloads below attend to them
+// as one concatenated sequence without copying. Positions run through the segments in order,
+// so the causal mask and windows are aligned to the total length (query i sits at position
+// i + Σ n_s − Nq). Segments of length 0 are allowed. Backward passes write the gradients of
+// the keys and values into segments shaped like them (docs/design_exact.md).
+#pragma once
+
+#include <initializer_list>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "detail/kv_parts.hpp"
+#include "flash.hpp"
+#include "polynomial.hpp"
+#include "softmax.hpp"
+
+namespace polyattn {
+
+/// A sequence stored as segments: part s is a [B, Hk, n_s, d] view; positions run through the
+/// parts in order. The views are held, not the data: it must outlive the call.
+template <class T>
+class segmented_view {
+ public:
+  using view_type = tensor_view<T, 4>;
+  segmented_view() = default;
+  segmented_view(std::initializer_list<view_type> parts) : parts_(parts) {}
+  explicit segmented_view(std::vector<view_type> parts) : parts_(std::move(parts)) {}
+  /// Mutable segments convert to read-only ones.
+  template <class U, std::enable_if_t<std::is_same_v<const U, T> && !std::is_same_v<U, T>, int> = 0>
+  segmented_view(const segmented_view<U>& other)  // NOLINT(google-explicit-constructor)
+      : parts_(other.parts().begin(), other.parts().end()) {}
+
+  const std::vector<view_type>& parts() const { return parts_; }
+  std::size_t size() const { return parts_.size(); }
+  const view_type& operator[](std::size_t s) const { return parts_[s]; }
+  /// The total length Σ n_s.
+  index_t length() const {
+    index_t n = 0;
+    for (const view_type& p : parts_) n += p.extent(2);
+    return n;
+  }
+
+ private:
+  std::vector<view_type> parts_;
+};
+
+namespace detail {
+
+template <class T>
+using segments_in = typename identity<segmented_view<const T>>::type;
+template <class T>
+using segments_out = typename identity<segmented_view<T>>::type;
+
+inline std::string part_name(const char* base, std::size_t s) { return std::string(base) + "[" + std::to_string(s) + "]"; }
+
+/// Each segment checked as the plain kernels check k and v (against q and out), the segment
+/// counts, and the total length.
+template <class T>
+void check_segments(const char* fn, const tensor_view<const T, 4>& q, const segmented_view<const T>& k,
+                    const segmented_view<const T>& v, const tensor_view<T, 4>& out) {
+  if (k.size() == 0) fail(fn, "argument 'k' has no segments (an empty segment stands for no keys)");
+  if (v.size() != k.size())
+    fail(fn, "arguments 'k' and 'v' must have as many segments: " + std::to_string(k.size()) + " and " +
+                 std::to_string(v.size()));
+  index_t total = 0;
+  for (std::size_t s = 0; s < k.size(); ++s) {
+    const std::string kn = part_name("k", s), vn = part_name("v", s);
+    check_attention(fn, q, k[s], v[s], out, "q", kn.c_str(), vn.c_str());
+    if (s > 0) {  // every segment has the first one's kv head count, head dim and value dim
+      check_same_extent(fn, "kv head count", kn.c_str(), k[s], 1, "k[0]", k[0], 1);
+      check_same_extent(fn, "value dim", vn.c_str(), v[s], 3, "v[0]", v[0], 3);
+    }
+    if (k[s].extent(2) > std::numeric_limits<index_t>::max() / 2 - total)
+      fail(fn, "the segments of 'k' are too long together for 64-bit indexing");
+    total += k[s].extent(2);
+  }
+}
+
+/// The engines' view of the segments: parts with their positions, and shape-only views of the
+/// concatenation (null data: the engines read every row through the parts).
+template <class T>
+struct segmented_problem {
+  kv_parts<T> kv;
+  tensor_view<const T, 4> k_shape, v_shape;
+  tensor_view<T, 4> dk_shape{}, dv_shape{};
+
+  segmented_problem(const segmented_view<const T>& k, const segmented_view<const T>& v,
+                    const segmented_view<T>* dk = nullptr, const segmented_view<T>* dv = nullptr) {
+    for (std::size_t s = 0; s < k.size(); ++s)
+      kv.append(k[s], v[s], dk ? (*dk)[s] : tensor_view<T, 4>{}, dv ? (*dv)[s] : tensor_view<T, 4>{});
+    const index_t n = kv.length;
+    k_shape = tensor_view<const T, 4>(nullptr, {k[0].extent(0), k[0].extent(1), n, k[0].extent(3)});
+    v_shape = tensor_view<const T, 4>(nullptr, {v[0].extent(0), v[0].extent(1), n, v[0].extent(3)});
+  }
+};
+
+template <class T, class Weights>
+void segmented_forward(tensor_view<const T, 4> q, const segmented_view<const T>& k,
+                       const segmented_view<const T>& v, tensor_view<T, 4> out, const tensor_view<T, 3>* stats,
+                       bool causal, T scale, index_t block_k, int threads, const mask_band& band,
+                       const Weights& weights) {
+  const segmented_problem<T> sp(k, v);
+  attention_problem<T> pb{q, sp.k_shape, sp.v_shape, out, causal, scale, block_k, threads,
+                          stats ? *stats : tensor_view<T, 3>{}, band, &sp.kv};
+  run_tiled_attention<T>(pb, weights);
+}
+
+template <class T>
+void check_segmented_stats(const char* fn, const tensor_view<const T, 4>& q, const segmented_view<const T>& k,
+                           const segmented_view<const T>& v, const tensor_view<T, 4>& out,
+                           const tensor_view<T, 3>& stats) {
+  for (std::size_t s = 0; s < k.size(); ++s) {
+    const std::string kn = part_name("k", s), vn = part_name("v", s);
+    check_stats_output(fn, q, k[s], v[s], out, stats, "q", kn.c_str(), vn.c_str());
+  }
+}
+
+template <class T>
+void softmax_segmented(const char* fn, tensor_view<const T, 4> q, const segmented_view<const T>& k,
+                       const segmented_view<const T>& v, tensor_view<T, 4> out, const softmax_options& opts,
+                       bool materialise, const tensor_view<T, 3>* stats) {
+  check_segments(fn, q, k, v, out);
+  if (stats) check_segmented_stats(fn, q, k, v, out, *stats);
+  check_threads(fn, opts.threads);
+  if (opts.scale) {
+    check_finite_scale(fn, "scale", *opts.scale);
+    check_representable<T>(fn, "scale", *opts.scale);
+  }
+  const index_t n = k.length();
+  segmented_forward<T>(q, k, v, out, stats, opts.causal, softmax_scale<T>(opts, q.extent(3)),
+                       materialise ? std::max<index_t>(n, 1) : kBlockK, resolve_threads(opts.threads),
+                       checked_mask_band(fn, opts, n), softmax_weights<T>{});
+}
+
+template <class T>
+void polynomial_segmented(tensor_view<const T, 4> q, const segmented_view<const T>& k, const segmented_view<const T>& v,
+                          tensor_view<T, 4> out, const polynomial_options& opts, const tensor_view<T, 3>* stats) {
+  constexpr const char* fn = "polynomial_attention";
+  check_segments(fn, q, k, v, out);
+  if (stats) check_segmented_stats(fn, q, k, v, out, *stats);
+  check_polynomial_options<T>(fn, opts);
+  segmented_forward<T>(q, k, v, out, stats, opts.causal, static_cast<T>(opts.scale), kBlockK,
+                       resolve_threads(opts.threads), checked_mask_band(fn, opts, k.length()),
+                       polynomial_weights<T>{opts.degree, static_cast<T>(opts.normalizer_bias)});
+}
+
+/// The backward's checks: each segment as the plain backward checks k, v, dk, dv, and no
+/// gradient segment overlapping another segment's inputs or gradients.
+template <class T>
+void check_segmented_backward(const char* fn, tensor_view<const T, 4> q, const segmented_view<const T>& k,
+                              const segmented_view<const T>& v, tensor_view<const T, 4> out,
+                              tensor_view<const T, 4> dout, tensor_view<const T, 3> stats, tensor_view<T, 4> dq,
+                              const segmented_view<T>& dk, const segmented_view<T>& dv) {
+  if (k.size() == 0) fail(fn, "argument 'k' has no segments (an empty segment stands for no keys)");
+  if (v.size() != k.size() || dk.size() != k.size() || dv.size() != k.size())
+    fail(fn, "arguments 'k', 'v', 'dk' and 'dv' must have as many segments: " + std::to_string(k.size()) + ", " +
+                 std::to_string(v.size()) + ", " + std::to_string(dk.size()) + " and " + std::to_string(dv.size()));
+  for (std::size_t s = 0; s < k.size(); ++s) {
+    const std::string kn = part_name("k", s), vn = part_name("v", s), dkn = part_name("dk", s), dvn = part_name("dv", s);
+    check_backward<T>(fn, q, k[s], v[s], out, dout, stats, dq, dk[s], dv[s], "q", kn.c_str(), "dq", dkn.c_str(),
+                      vn.c_str(), dvn.c_str());
+    if (s > 0) {
+      check_same_extent(fn, "kv head count", kn.c_str(), k[s], 1, "k[0]", k[0], 1);
+      check_same_extent(fn, "value dim", vn.c_str(), v[s], 3, "v[0]", v[0], 3);
+    }
+    for (std::size_t t = 0; t < k.size(); ++t) {
+      if (t == s) continue;
+      const std::string kt = part_name("k", t), vt = part_name("v", t), dkt = part_name("dk", t), dvt = part_name("dv", t);
+      for (const auto& [gname, g] : {std::pair<const std::string*, const tensor_view<T, 4>*>{&dkn, &dk[s]},
+                                     std::pair<const std::string*, const tensor_view<T, 4>*>{&dvn, &dv[s]}}) {
+        check_no_overlap(fn, gname->c_str(), *g, kt.c_str(), k[t]);
+        check_no_overlap(fn, gname->c_str(), *g, vt.c_str(), v[t]);
+        if (t > s) {
+          check_outputs_disjoint(fn, gname->c_str(), *g, dkt.c_str(), dk[t]);
+          check_outputs_disjoint(fn, gname->c_str(), *g, dvt.c_str(), dv[t]);
+        }
+      }
+    }
+  }
+}
+
+template <class T, class Weights>
+void segmented_backward(tensor_view<const T, 4> q, const segmented_view<const T>& k, const segmented_view<const T>& v,
+                        tensor_view<const T, 4> out, tensor_view<const T, 4> dout, tensor_view<const T, 3> stats,
+                        tensor_view<T, 4> dq, const segmented_view<T>& dk, const segmented_view<T>& dv, bool causal,
+                        T scale, int threads, const mask_band& band, const Weights& weights) {
+  const segmented_problem<T> sp(k, v, &dk, &dv);
+  attention_backward_problem<T> pb{q,  sp.k_shape, sp.v_shape, out,    dout,  stats,
+                                   dq, sp.dk_shape, sp.dv_shape, causal, scale, threads,
+                                   kDefaultBackwardSchedule, band, &sp.kv};
+  run_tiled_attention_backward<T>(pb, weights);
+}
+
+}  // namespace detail
+
+/// softmax_attention over segmented keys and values (attended as their concatenation).
+template <class T>
+void softmax_attention(detail::input_view<T> q, detail::segments_in<T> k, detail::segments_in<T> v,
+                       tensor_view<T, 4> out, const softmax_options& opts = {}) {
+  detail::softmax_segmented<T>("softmax_attention", q, k, v, out, opts, true, nullptr);
+}
+template <class T>
+void softmax_attention(detail::input_view<T> q, detail::segments_in<T> k, detail::segments_in<T> v,
+                       tensor_view<T, 4> out, const softmax_options& opts, tensor_view<T, 3> stats) {
+  detail::softmax_segmented<T>("softmax_attention", q, k, v, out, opts, true, &stats);
+}
+
+/// flash_attention over segmented keys and values (attended as their concatenation).
+template <class T>
+void flash_attention(detail::input_view<T> q, detail::segments_in<T> k, detail::segments_in<T> v, tensor_view<T, 4> out,
+                     const softmax_options& opts = {}) {
+  detail::softmax_segmented<T>("flash_attention", q, k, v, out, opts, false, nullptr);
+}
+template <class T>
+void flash_attention(detail::input_view<T> q, detail::segments_in<T> k, detail::segments_in<T> v, tensor_view<T, 4> out,
+                     const softmax_options& opts, tensor_view<T, 3> stats) {
+  detail::softmax_segmented<T>("flash_attention", q, k, v, out, opts, false, &stats);
+}
+
+/// polynomial_attention over segmented keys and values (attended as their concatenation).
+template <class T>
+void polynomial_attention(detail::input_view<T> q, detail::segments_in<T> k, detail::segments_in<T> v,
+                          tensor_view<T, 4> out, const polynomial_options& opts = {}) {
+  detail::polynomial_segmented<T>(q, k, v, out, opts, nullptr);
+}
+template <class T>
+void polynomial_attention(detail::input_view<T> q, detail::segments_in<T> k, detail::segments_in<T> v,
+                          tensor_view<T, 4> out, const polynomial_options& opts, tensor_view<T, 3> stats) {
+  detail::polynomial_segmented<T>(q, k, v, out, opts, &stats);
+}
+
+/// flash_attention_backward over segmented keys and values: dk, dv are segments shaped like
+/// k, v (written, not accumulated).
+template <class T>
+void flash_attention_backward(detail::input_view<T> q, detail::segments_in<T> k, detail::segments_in<T> v,
+                              detail::input_view<T> out, detail::input_view<T> dout,
+                              typename detail::identity<tensor_view<const T, 3>>::type stats, tensor_view<T, 4> dq,
+                              detail::segments_out<T> dk, detail::segments_out<T> dv, const softmax_options& opts = {}) {
+  constexpr const char* fn = "flash_attention_backward";
+  detail::check_segmented_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
+  detail::check_threads(fn, opts.threads);
+  if (opts.scale) {
+    detail::check_finite_scale(fn, "scale", *opts.scale);
+    detail::check_representable<T>(fn, "scale", *opts.scale);
+  }
+  detail::segmented_backward<T>(q, k, v, out, dout, stats, dq, dk, dv, opts.causal,
+                                detail::softmax_scale<T>(opts, q.extent(3)), detail::resolve_threads(opts.threads),
+                                detail::checked_mask_band(fn, opts, k.length()), detail::softmax_weights<T>{});
+}
+
+/// polynomial_attention_backward over segmented keys and values.
+template <class T>
+void polynomial_attention_backward(detail::input_view<T> q, detail::segments_in<T> k, detail::segments_in<T> v,
+                                   detail::input_view<T> out, detail::input_view<T> dout,
+                                   typename detail::identity<tensor_view<const T, 3>>::type stats,
+                                   tensor_view<T, 4> dq, detail::segments_out<T> dk, detail::segments_out<T> dv,
+                                   const polynomial_options& opts = {}) {
+  constexpr const char* fn = "polynomial_attention_backward";
+  detail::check_segmented_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
+  detail::check_polynomial_options<T>(fn, opts);
+  detail::segmented_backward<T>(q, k, v, out, dout, stats, dq, dk, dv, opts.causal, static_cast<T>(opts.scale),
+                                detail::resolve_threads(opts.threads), detail::checked_mask_band(fn, opts, k.length()),
+                                detail::polynomial_weights<T>{opts.degree, static_cast<T>(opts.normalizer_bias)});
+}
+
+}  // namespace polyattn

@@ -1,0 +1,381 @@
+// polyattn/shaped.hpp — shaped_attention (SAS): identity + softmax attention − mean of the values, and its backward pass.
+//
+// Shaped attention (He & Hofmann, "Simplifying Transformer Blocks", ICLR 2024) replaces the
+// attention matrix A by α·I + β·A − γ·C, where C averages the values a query may see:
+//   out_i = α·v_{pos_i} + β·softmax_attention_i − γ·mean_{j allowed} v_j,   pos_i = i + Nk − Nq.
+// Forward: the flash engine writes the softmax term into `out` (and the lse stats), then one
+// O(N·dv) pass adds the other two terms; the causal mean comes from blocked running sums of v
+// in double. Backward: the softmax term's gradients come from the flash backward engine, fed
+// the softmax output A, which is either reconstructed from `out` or recomputed (the choice and
+// its error analysis are in docs/design_exact.md, "Shaped attention"); the identity and mean
+// terms only touch dv. Both passes add O(N·dv) work to flash's O(N²·d).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "detail/eigen_bridge.hpp"
+#include "detail/tiling.hpp"
+#include "detail/tiling_backward.hpp"
+#include "detail/validation.hpp"
+#include "options.hpp"
+#include "softmax.hpp"
+#include "tensor_view.hpp"
+
+namespace polyattn {
+namespace detail {
+
+inline constexpr index_t kSumBlock = 128;         // rows per block of the blocked running sums
+inline constexpr index_t kShapedMinChunk = 512;   // rows per task of the O(N·dv) passes, at least,
+inline constexpr index_t kShapedMaxChunks = 4;    // and at most this many tasks per head
+/// The backward reconstructs the softmax output from `out` when |α| + |γ| <= kReconstructLimit·|β|
+/// and recomputes it otherwise (docs/design_exact.md, "Shaped attention": the reconstruction's
+/// absolute error grows like (|α| + |γ|)/|β| times the rounding of the values).
+inline constexpr double kReconstructLimit = 4.0;
+
+/// A running sum over scan positions t = 0, 1, 2, … (rows of `cols` values) in double, kept as
+/// the sum of the completed blocks of kSumBlock rows plus the running sum inside the current
+/// block. Every block is summed from zero in order and the blocks are added in order, so
+///  - the rounding error of the sum of rows [0, t] grows like (t/kSumBlock + kSumBlock)·eps
+///    instead of t·eps (32768 rows: 384 roundings of double, far below float's epsilon);
+///  - the sum at t does not depend on where a scan was started: `start(t0)` rebuilds exactly
+///    the state a scan from 0 would have at t0, so the O(N·dv) passes can split a sequence into
+///    chunks (one task each) and still give the same bits for any thread count.
+class blocked_scan {
+ public:
+  explicit blocked_scan(index_t cols)
+      : base_(static_cast<std::size_t>(cols), 0.0), local_(static_cast<std::size_t>(cols), 0.0) {}
+
+  /// The state after rows [0, t0). add_row(t, acc) adds row t into acc[0, cols).
+  template <class AddRow>
+  void start(index_t t0, AddRow&& add_row) {
+    std::fill(base_.begin(), base_.end(), 0.0);
+    std::fill(local_.begin(), local_.end(), 0.0);
+    const index_t block0 = t0 / kSumBlock * kSumBlock;
+    for (index_t b0 = 0; b0 < block0; b0 += kSumBlock) {
+      for (index_t t = b0; t < b0 + kSumBlock; ++t) add_row(t, local_.data());
+      close_block();
+    }
+    for (index_t t = block0; t < t0; ++t) add_row(t, local_.data());
+  }
+
+  /// Adds row t (the position after the last one added) and writes the sum of rows [0, t].
+  template <class AddRow>
+  void next(index_t t, AddRow&& add_row, double* sum) {
+    add_row(t, local_.data());
+    for (std::size_t c = 0; c < base_.size(); ++c) sum[c] = base_[c] + local_[c];
+    if ((t + 1) % kSumBlock == 0) close_block();  // base_ becomes exactly `sum`
+  }
+
+  /// The sum of every row added so far.
+  void total(double* sum) const {
+    for (std::size_t c = 0; c < base_.size(); ++c) sum[c] = base_[c] + local_[c];
+  }
+
+ private:
+  void close_block() {
+    for (std::size_t c = 0; c < base_.size(); ++c) {
+      base_[c] += local_[c];
+      local_[c] = 0.0;
+    }
+  }
+  std::vector<double> base_, local_;
+};
+
+/// Rows per task of an O(N·dv) pass over n rows: at least kShapedMinChunk, at most
+/// kShapedMaxChunks tasks per head (each task rescans the rows before its chunk, so the
+/// total scan work stays below kShapedMaxChunks/2 + 1 times n).
+inline index_t shaped_chunk_rows(index_t n) { return std::max(kShapedMinChunk, ceil_div(n, kShapedMaxChunks)); }
+
+/// Calls f(b, h, hk, i, pos, mean) for every query row i of every (batch, head), where
+/// mean[0, dv) is the mean of the values query i may see (causal: v_0 … v_pos; otherwise all
+/// Nk values), computed in double through blocked_scan; with need_mean = false, mean is not
+/// computed (its contents are unspecified). Tasks are (batch, head, chunk of rows); a task's
+/// writes must go to its own rows.
+template <class T, class RowFn>
+void for_each_row_with_mean(tensor_view<const T, 4> v, index_t batch, index_t heads, index_t nq, bool causal,
+                            bool need_mean, int threads, RowFn&& f) {
+  const index_t Hk = v.extent(1), Nk = v.extent(2), dv = v.extent(3);
+  if (batch == 0 || heads == 0 || nq == 0 || dv == 0) return;
+  const index_t group = heads / Hk, offset = Nk - nq;
+  const index_t chunk = shaped_chunk_rows(nq), n_chunks = ceil_div(nq, chunk);
+  const index_t bh_count = batch * heads;
+  parallel_for(threads, bh_count * n_chunks, [&](index_t task, int) {
+    const index_t c = n_chunks - 1 - task / bh_count;  // later chunks rescan more: first
+    const index_t bh = task % bh_count, b = bh / heads, h = bh % heads, hk = h / group;
+    const index_t i0 = c * chunk, i1 = std::min(nq, i0 + chunk);
+    std::vector<double> sum(static_cast<std::size_t>(dv), 0.0), mean(sum);
+    blocked_scan scan(dv);
+    auto add_row = [&](index_t t, double* acc) {
+      const T* row = &v(b, hk, t, 0);
+      for (index_t col = 0; col < dv; ++col) acc[col] += static_cast<double>(row[col]);
+    };
+    if (need_mean) {
+      if (causal) {
+        scan.start(i0 + offset, add_row);
+      } else {
+        scan.start(Nk, add_row);
+        scan.total(sum.data());
+        for (index_t col = 0; col < dv; ++col) mean[col] = sum[col] / static_cast<double>(Nk);
+      }
+    }
+    for (index_t i = i0; i < i1; ++i) {
+      const index_t pos = i + offset;
+      if (need_mean && causal) {
+        scan.next(pos, add_row, sum.data());
+        for (index_t col = 0; col < dv; ++col) mean[col] = sum[col] / static_cast<double>(pos + 1);
+      }
+      f(b, h, hk, i, pos, static_cast<const double*>(mean.data()));
+    }
+  });
+}
+
+/// An aligned array of n elements of an arithmetic type, left uninitialised (aligned_vector
+/// zero-fills, which for a buffer the size of out costs as much as the pass that fills it).
+template <class T>
+class uninitialized_buffer {
+ public:
+  explicit uninitialized_buffer(std::size_t n) : data_(n > 0 ? aligned_allocator<T>().allocate(n) : nullptr), n_(n) {}
+  ~uninitialized_buffer() {
+    if (data_) aligned_allocator<T>().deallocate(data_, n_);
+  }
+  uninitialized_buffer(const uninitialized_buffer&) = delete;
+  uninitialized_buffer& operator=(const uninitialized_buffer&) = delete;
+  T* data() const { return data_; }
+
+ private:
+  T* data_;
+  std::size_t n_;
+};
+
+/// x *= factor over every element, in parallel over (batch, head, chunk of rows).
+template <class T>
+void scale_in_place(const tensor_view<T, 4>& x, double factor, int threads) {
+  const index_t B = x.extent(0), H = x.extent(1), N = x.extent(2), C = x.extent(3);
+  if (x.size() == 0) return;
+  const index_t chunk = shaped_chunk_rows(N), n_chunks = ceil_div(N, chunk);
+  parallel_for(threads, B * H * n_chunks, [&](index_t task, int) {
+    const index_t bh = task / n_chunks, b = bh / H, h = bh % H, i0 = task % n_chunks * chunk;
+    for (index_t i = i0; i < std::min(N, i0 + chunk); ++i) {
+      T* row = &x(b, h, i, 0);
+      for (index_t c = 0; c < C; ++c) row[c] = static_cast<T>(factor * static_cast<double>(row[c]));
+    }
+  });
+}
+
+template <class T>
+T shaped_scale(const shaped_options& opts, index_t head_dim) {
+  if (opts.scale) return static_cast<T>(*opts.scale);
+  return head_dim > 0 ? static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim))) : T(1);
+}
+
+/// Every option, and Nq <= Nk (each query sits at a key position, whose value is its identity term).
+template <class T, class TQ, class TK>
+void check_shaped(const char* fn, const shaped_options& opts, const tensor_view<TQ, 4>& q,
+                  const tensor_view<TK, 4>& k) {
+  if (q.extent(2) > k.extent(2))
+    fail(fn, "every query must sit at a key position (Nq <= Nk; query i is at position i + Nk - Nq): argument 'q' "
+             "has shape " + shape_string(q) + " but 'k' has shape " + shape_string(k));
+  check_threads(fn, opts.threads);
+  const std::pair<const char*, double> coefficients[] = {{"alpha", opts.alpha}, {"beta", opts.beta}, {"gamma", opts.gamma}};
+  for (const auto& [name, value] : coefficients) {
+    check_finite_scale(fn, name, value);
+    check_representable<T>(fn, name, value);
+  }
+  if (opts.scale) {
+    check_finite_scale(fn, "scale", *opts.scale);
+    check_representable<T>(fn, "scale", *opts.scale);
+  }
+}
+
+template <class T>
+void shaped_forward(input_view<T> q, input_view<T> k, input_view<T> v, tensor_view<T, 4> out,
+                    const shaped_options& opts, const tensor_view<T, 3>* stats) {
+  constexpr const char* fn = "shaped_attention";
+  check_attention(fn, q, k, v, out);
+  if (stats) check_stats_output(fn, q, k, v, out, *stats);
+  check_shaped<T>(fn, opts, q, k);
+  const int threads = resolve_threads(opts.threads);
+  const double alpha = opts.alpha, beta = opts.beta, gamma = opts.gamma;
+  // the softmax term A_i, written into out (and the lse into stats); skipped when β = 0 and
+  // no stats are wanted
+  if (beta != 0 || stats) {
+    attention_problem<T> pb{q, k, v, out, opts.causal, shaped_scale<T>(opts, q.extent(3)), kBlockK, threads,
+                            stats ? *stats : tensor_view<T, 3>{}};
+    run_tiled_attention<T>(pb, softmax_weights<T>{});
+  }
+  // out_i = β·A_i + α·v_pos − γ·mean_i in double, rounded once
+  const index_t dv = v.extent(3);
+  for_each_row_with_mean<T>(v, q.extent(0), q.extent(1), q.extent(2), opts.causal, gamma != 0, threads,
+                            [&](index_t b, index_t h, index_t hk, index_t i, index_t pos, const double* mean) {
+                              T* o = &out(b, h, i, 0);
+                              const T* vp = &v(b, hk, pos, 0);
+                              for (index_t c = 0; c < dv; ++c) {
+                                double acc = 0.0;
+                                if (beta != 0) acc += beta * static_cast<double>(o[c]);
+                                if (alpha != 0) acc += alpha * static_cast<double>(vp[c]);
+                                if (gamma != 0) acc -= gamma * mean[c];
+                                o[c] = static_cast<T>(acc);
+                              }
+                            });
+}
+
+/// Where the backward gets the softmax output A that the flash backward engine needs (its
+/// D_i = dO_i·A_i): from `out` (A = (out − α·v_pos + γ·mean)/β), by running the forward engine
+/// again, or (automatic) by the rule of kReconstructLimit.
+enum class shaped_softmax_output { automatic, reconstruct, recompute };
+
+template <class T>
+void shaped_backward(input_view<T> q, input_view<T> k, input_view<T> v, input_view<T> out, input_view<T> dout,
+                     tensor_view<const T, 3> stats, tensor_view<T, 4> dq, tensor_view<T, 4> dk, tensor_view<T, 4> dv,
+                     const shaped_options& opts, shaped_softmax_output source = shaped_softmax_output::automatic) {
+  constexpr const char* fn = "shaped_attention_backward";
+  check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
+  check_shaped<T>(fn, opts, q, k);
+  const index_t B = q.extent(0), H = q.extent(1), Nq = q.extent(2);
+  const index_t Hk = k.extent(1), Nk = k.extent(2), dval = v.extent(3);
+  const int threads = resolve_threads(opts.threads);
+  const double alpha = opts.alpha, beta = opts.beta, gamma = opts.gamma;
+  const bool softmax = beta != 0 && B > 0 && H > 0;
+
+  // ---- the softmax term: out = … + β·A, so its gradients are β times those of A for dout
+  if (!softmax) {
+    fill_zero(dq);
+    fill_zero(dk);
+  } else {
+    if (source == shaped_softmax_output::automatic)
+      source = std::abs(alpha) + std::abs(gamma) <= kReconstructLimit * std::abs(beta) ? shaped_softmax_output::reconstruct
+                                                                                       : shaped_softmax_output::recompute;
+    // A [B, H, Nq, dv]: the size of out (docs/design_exact.md: the one buffer proportional to
+    // N), every element written below, so it is not zero-filled first
+    const uninitialized_buffer<T> a_storage(static_cast<std::size_t>(B * H * Nq * dval));
+    const tensor_view<T, 4> a(a_storage.data(), {B, H, Nq, dval});
+    const T scale = shaped_scale<T>(opts, q.extent(3));
+    if (source == shaped_softmax_output::reconstruct) {
+      for_each_row_with_mean<T>(v, B, H, Nq, opts.causal, gamma != 0, threads,
+                                [&](index_t b, index_t h, index_t hk, index_t i, index_t pos, const double* mean) {
+                                  const T* o = &out(b, h, i, 0);
+                                  const T* vp = &v(b, hk, pos, 0);
+                                  T* dst = &a(b, h, i, 0);
+                                  for (index_t c = 0; c < dval; ++c) {
+                                    double acc = static_cast<double>(o[c]);
+                                    if (alpha != 0) acc -= alpha * static_cast<double>(vp[c]);
+                                    if (gamma != 0) acc += gamma * mean[c];
+                                    dst[c] = static_cast<T>(acc / beta);
+                                  }
+                                });
+    } else {
+      attention_problem<T> pa{q, k, v, a, opts.causal, scale, kBlockK, threads, {}};
+      run_tiled_attention<T>(pa, softmax_weights<T>{});
+    }
+    attention_backward_problem<T> pb{q, k, v, a, dout, stats, dq, dk, dv, opts.causal, scale, threads};
+    run_tiled_attention_backward<T>(pb, softmax_weights<T>{});
+    if (beta != 1) {
+      scale_in_place(dq, beta, threads);
+      scale_in_place(dk, beta, threads);
+    }
+  }
+
+  // ---- dv: forward  out_i = α·v_pos_i + β·A_i − γ·Σ_{j allowed} v_j / count_i
+  //      so       dv_j = β·dv_j(A) + α·Σ_{i: pos_i = j} dout_i − γ·Σ_{i: j allowed} dout_i / count_i,
+  // summed over the query heads of the kv head's group. Causal: the last sum runs over the
+  // positions p >= j, a suffix sum of g_p = Σ_h dout_{h, p − offset} / (p + 1), scanned from
+  // the last key down (blocked_scan position t = Nk − 1 − p).
+  if (B == 0 || Hk == 0 || Nk == 0 || dval == 0) return;
+  const index_t group = H / Hk, offset = Nk - Nq;
+  const index_t chunk = shaped_chunk_rows(Nk), n_chunks = ceil_div(Nk, chunk);
+  const index_t bhk_count = B * Hk;
+  parallel_for(threads, bhk_count * n_chunks, [&](index_t task, int) {
+    const index_t c = task / bhk_count;  // earlier chunks rescan more of the suffix: first
+    const index_t bhk = task % bhk_count, b = bhk / Hk, hk = bhk % Hk;
+    const index_t j0 = c * chunk, j1 = std::min(Nk, j0 + chunk);
+    std::vector<double> rest(static_cast<std::size_t>(dval), 0.0), tmp(rest), ident(rest);
+    blocked_scan scan(dval);
+    auto add_g = [&](index_t t, double* acc) {  // causal: scan position t is key p = Nk − 1 − t
+      const index_t p = Nk - 1 - t;
+      if (p < offset) return;
+      std::fill(tmp.begin(), tmp.end(), 0.0);
+      for (index_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const T* row = &dout(b, h, p - offset, 0);
+        for (index_t col = 0; col < dval; ++col) tmp[col] += static_cast<double>(row[col]);
+      }
+      for (index_t col = 0; col < dval; ++col) acc[col] += tmp[col] / static_cast<double>(p + 1);
+    };
+    auto add_dout = [&](index_t i, double* acc) {  // non-causal: every query row, every head of the group
+      for (index_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const T* row = &dout(b, h, i, 0);
+        for (index_t col = 0; col < dval; ++col) acc[col] += static_cast<double>(row[col]);
+      }
+    };
+    if (gamma != 0) {
+      if (opts.causal) {
+        scan.start(Nk - j1, add_g);
+      } else {
+        scan.start(Nq, add_dout);
+        scan.total(rest.data());
+        for (index_t col = 0; col < dval; ++col) rest[col] /= static_cast<double>(Nk);
+      }
+    }
+    for (index_t p = j1 - 1; p >= j0; --p) {
+      if (gamma != 0 && opts.causal) scan.next(Nk - 1 - p, add_g, rest.data());
+      std::fill(ident.begin(), ident.end(), 0.0);
+      if (alpha != 0 && p >= offset) add_dout(p - offset, ident.data());
+      T* g = &dv(b, hk, p, 0);
+      for (index_t col = 0; col < dval; ++col) {
+        double acc = softmax ? beta * static_cast<double>(g[col]) : 0.0;
+        if (alpha != 0) acc += alpha * ident[col];
+        if (gamma != 0) acc -= gamma * rest[col];
+        g[col] = static_cast<T>(acc);
+      }
+    }
+  });
+}
+
+}  // namespace detail
+
+/// Shaped attention (docs/design_exact.md, "Shaped attention"):
+/// out_i = α·v_{pos_i} + β·softmax_attention_i − γ·mean_{j allowed} v_j with pos_i = i + Nk − Nq,
+/// "allowed" the causal mask when opts.causal, every key otherwise, and the softmax term exactly
+/// flash_attention's (scale default 1/√d). Every query must sit at a key position: Nq <= Nk.
+/// A coefficient of 0 drops its term. Shapes, GQA, threads and memory as flash_attention.
+template <class T>
+void shaped_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v, tensor_view<T, 4> out,
+                      const shaped_options& opts = {}) {
+  detail::shaped_forward<T>(q, k, v, out, opts, nullptr);
+}
+
+/// The same, also writing stats [B, H, Nq]: the log-sum-exp of the softmax term's scaled scores
+/// (as flash_attention writes it; also when β = 0), for shaped_attention_backward.
+template <class T>
+void shaped_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v, tensor_view<T, 4> out,
+                      const shaped_options& opts, tensor_view<T, 3> stats) {
+  detail::shaped_forward<T>(q, k, v, out, opts, &stats);
+}
+
+/// Backward pass of shaped_attention with the same options: from the forward's out and stats
+/// and dout, writes (does not accumulate) dq, dk, dv shaped like q, k, v; with GQA, dk and dv of
+/// a kv head sum over its group. dq and dk come from the softmax term only (β times flash's
+/// gradients); dv adds the identity and mean terms. When |α| + |γ| <= 4|β| the softmax output is
+/// reconstructed from out, otherwise recomputed by one more forward pass (docs/design_exact.md);
+/// either way one buffer the size of out is allocated. Bitwise identical for any thread count.
+template <class T>
+void shaped_attention_backward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
+                               detail::input_view<T> out, detail::input_view<T> dout,
+                               typename detail::identity<tensor_view<const T, 3>>::type stats, tensor_view<T, 4> dq,
+                               tensor_view<T, 4> dk, tensor_view<T, 4> dv, const shaped_options& opts = {}) {
+  detail::shaped_backward<T>(q, k, v, out, dout, stats, dq, dk, dv, opts);
+}
+
+/// Single-head overloads: q [Nq, d], k [Nk, d], v [Nk, dv] -> out [Nq, dv].
+inline matrix<float> shaped_attention(const eigen_input<float>& q, const eigen_input<float>& k,
+                                      const eigen_input<float>& v, const shaped_options& opts = {}) {
+  return detail::single_head<float>([](auto... a) { shaped_attention<float>(a...); }, q, k, v, opts);
+}
+inline matrix<double> shaped_attention(const eigen_input<double>& q, const eigen_input<double>& k,
+                                       const eigen_input<double>& v, const shaped_options& opts = {}) {
+  return detail::single_head<double>([](auto... a) { shaped_attention<double>(a...); }, q, k, v, opts);
+}
+
+}  // namespace polyattn
