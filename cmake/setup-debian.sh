@@ -2,7 +2,7 @@
 # Installs what building, testing and benchmarking polyattn needs on Debian 12 (bookworm),
 # and nothing when it is all there already. Run as root or with sudo available.
 set -eu
-packages="cmake make g++ clang libclang-rt-14-dev libomp-dev libeigen3-dev libxsimd-dev catch2 libbenchmark-dev python3-matplotlib libopenmpi-dev openmpi-bin"
+packages="cmake make g++ clang libclang-rt-14-dev libomp-dev libeigen3-dev libxsimd-dev catch2 libbenchmark-dev python3-matplotlib libopenmpi-dev openmpi-bin bible-kjv"
 missing=""
 for p in $packages; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -1,8 +1,8 @@
-# Every ```cpp block of the README must appear verbatim in a file under examples/,
+# Every ```cpp block of the README must appear verbatim in a .cpp file under examples/ (or a subfolder),
 # and there must be at least one: the README's code is compiled code.
 cmake_minimum_required(VERSION 3.21)
 file(READ ${README} text)
-file(GLOB sources ${EXAMPLES_DIR}/*.cpp)
+file(GLOB_RECURSE sources ${EXAMPLES_DIR}/*.cpp)
 set(corpus "")
 foreach(f ${sources})
   file(READ ${f} content)
