@@ -105,12 +105,27 @@ void gemm(index_t m, index_t n, index_t k, const T* a, index_t a_rs, index_t a_c
 /// reads whole vectors).
 template <class T>
 inline void pack_transposed(const T* src, index_t ld_src, index_t n, index_t cols, T factor, T* dst, index_t ld_dst) {
-  // Source rows are read contiguously (one pass over each row, the strided side is the
-  // store, which the store buffer absorbs); reading columns instead cost ~5 % of a windowed
-  // flash call, whose tasks are short (docs/design_exact.md, "Windows and global tokens").
-  for (index_t i = 0; i < n; ++i) {
-    const T* row = src + i * ld_src;
-    for (index_t c = 0; c < cols; ++c) dst[c * ld_dst + i] = factor * row[c];
+  // Cache-blocked: a tile of kTile source rows is read column by column (the tile's rows stay
+  // in L1 across the columns) and each column of it is stored as kTile contiguous values. Reading
+  // whole columns of the block (the first version) streams n strided loads per column; writing
+  // whole source rows instead (the second) made every store land 4·ld_dst bytes from the last,
+  // which cost a 256 × 256 feature block of linear_attention more time than its GEMMs
+  // (docs/design.md §8.3).
+  constexpr index_t kTile = 16;
+  for (index_t i0 = 0; i0 < n; i0 += kTile) {
+    const index_t rows = std::min(kTile, n - i0);
+    const T* s = src + i0 * ld_src;
+    if (rows == kTile) {
+      for (index_t c = 0; c < cols; ++c) {
+        T* d = dst + c * ld_dst + i0;
+        for (index_t i = 0; i < kTile; ++i) d[i] = factor * s[i * ld_src + c];
+      }
+    } else {
+      for (index_t c = 0; c < cols; ++c) {
+        T* d = dst + c * ld_dst + i0;
+        for (index_t i = 0; i < rows; ++i) d[i] = factor * s[i * ld_src + c];
+      }
+    }
   }
   for (index_t c = 0; c < cols; ++c) std::fill(dst + c * ld_dst + n, dst + (c + 1) * ld_dst, T(0));
 }
