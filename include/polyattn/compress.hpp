@@ -90,7 +90,8 @@ void compress_memory(detail::input_view<T> x, index_t rate, pooling mode, tensor
                            const index_t r0 = g * rate, r1 = std::min(N, r0 + rate);
                            T* o = &out(b, h, g, 0);
                            if (mode == pooling::mean) {
-                             std::vector<double> acc(static_cast<std::size_t>(d), 0.0);
+                             std::vector<double> sums(detail::to_size(d), 0.0);
+                             double* const acc = sums.data();
                              for (index_t r = r0; r < r1; ++r) {
                                const T* row = &x(b, h, r, 0);
                                for (index_t c = 0; c < d; ++c) acc[c] += static_cast<double>(row[c]);
@@ -137,7 +138,8 @@ void compress_memory_backward(detail::input_view<T> x, index_t rate, pooling mod
                              }
                            } else {
                              // forward: out_c = x_{r*, c} with r* the row max pooling took; so dx_{r*, c} = dout_c
-                             std::vector<index_t> arg(static_cast<std::size_t>(d), r0);
+                             std::vector<index_t> rows_taken(detail::to_size(d), r0);
+                             index_t* const arg = rows_taken.data();
                              for (index_t r = r0 + 1; r < r1; ++r) {
                                const T* row = &x(b, h, r, 0);
                                for (index_t c = 0; c < d; ++c)

@@ -1,9 +1,11 @@
 // polyattn/config.hpp — index type, Eigen matrix alias and build-configuration macros.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <type_traits>
 
 #include <Eigen/Core>
 
@@ -32,6 +34,16 @@ template <class T>
 using matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
 namespace detail {
+
+/// A non-negative index or count as a std::size_t (a container's size or subscript). Every
+/// index polyattn converts is >= 0 by construction (extents are validated, loop counters start
+/// at 0), so the conversion never changes the value; spelled once here instead of a cast at
+/// each subscript, it keeps -Wsign-conversion quiet in users' builds.
+template <class I>
+constexpr std::size_t to_size(I n) noexcept {
+  static_assert(std::is_integral_v<I> && std::is_signed_v<I>, "to_size: a signed index (index_t or int)");
+  return static_cast<std::size_t>(n);
+}
 
 /// Throws e; without exceptions, prints e.what() and aborts.
 template <class E>

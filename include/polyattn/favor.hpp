@@ -297,9 +297,9 @@ class favor_features {
     for (; f + W <= n; f += W) {
       const B v = xsimd::fms(sv, B::load_unaligned(h + f), ov);
       v.store_unaligned(p + f);
-      mv = xsimd::max(mv, v);
+      mv = detail::vmax(mv, v);
     }
-    alignas(64) T lanes[W];
+    alignas(64) T lanes[B::size];
     mv.store_unaligned(lanes);
     T mx = lanes[0];
     for (index_t l = 1; l < W; ++l) mx = std::max(mx, lanes[l]);
@@ -316,7 +316,7 @@ class favor_features {
     constexpr index_t W = static_cast<index_t>(B::size);
     const B cv(c), sv(inv_sqrt_m);
     index_t f = 0;
-    for (; f + W <= n; f += W) (xsimd::exp(B::load_unaligned(p + f) - cv) * sv).store_unaligned(p + f);
+    for (; f + W <= n; f += W) (detail::vexp(B::load_unaligned(p + f) - cv) * sv).store_unaligned(p + f);
     for (; f < n; ++f) p[f] = std::exp(p[f] - c) * inv_sqrt_m;
   }
 

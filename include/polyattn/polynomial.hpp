@@ -26,7 +26,7 @@ struct polynomial_weights {
 
   bool apply(T* st, index_t rows, index_t ld, index_t lanes, T*, T* l, T*) const {
     using B = batch<T, Arch>;
-    for (index_t c = 0; c < lanes; c += B::size) {
+    for (index_t c = 0; c < lanes; c += simd_width<T, Arch>) {
       B sum(T(0));
       for (index_t r = 0; r < rows; ++r) {
         T* p = st + r * ld + c;
@@ -61,7 +61,7 @@ struct polynomial_weights {
                      const T* dd) const {
     using B = batch<T, Arch>;
     const int pm1 = degree - 1;
-    for (index_t col = 0; col < lanes; col += B::size) {
+    for (index_t col = 0; col < lanes; col += simd_width<T, Arch>) {
       const B cv = B::load_unaligned(c + col), dv = B::load_unaligned(dd + col);
       const B cp(static_cast<T>(degree));
       for (index_t r = 0; r < rows; ++r) {

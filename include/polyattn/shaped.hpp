@@ -118,14 +118,14 @@ void for_each_row_with_mean(tensor_view<const T, 4> v, index_t batch, index_t he
       } else {
         scan.start(Nk, add_row);
         scan.total(sum.data());
-        for (index_t col = 0; col < dv; ++col) mean[col] = sum[col] / static_cast<double>(Nk);
+        for (index_t col = 0; col < dv; ++col) mean[to_size(col)] = sum[to_size(col)] / static_cast<double>(Nk);
       }
     }
     for (index_t i = i0; i < i1; ++i) {
       const index_t pos = i + offset;
       if (need_mean && causal) {
         scan.next(pos, add_row, sum.data());
-        for (index_t col = 0; col < dv; ++col) mean[col] = sum[col] / static_cast<double>(pos + 1);
+        for (index_t col = 0; col < dv; ++col) mean[to_size(col)] = sum[to_size(col)] / static_cast<double>(pos + 1);
       }
       f(b, h, hk, i, pos, static_cast<const double*>(mean.data()));
     }
@@ -299,9 +299,9 @@ void shaped_backward(input_view<T> q, input_view<T> k, input_view<T> v, input_vi
       std::fill(tmp.begin(), tmp.end(), 0.0);
       for (index_t h = hk * group; h < (hk + 1) * group; ++h) {
         const T* row = &dout(b, h, p - offset, 0);
-        for (index_t col = 0; col < dval; ++col) tmp[col] += static_cast<double>(row[col]);
+        for (index_t col = 0; col < dval; ++col) tmp[to_size(col)] += static_cast<double>(row[col]);
       }
-      for (index_t col = 0; col < dval; ++col) acc[col] += tmp[col] / static_cast<double>(p + 1);
+      for (index_t col = 0; col < dval; ++col) acc[col] += tmp[to_size(col)] / static_cast<double>(p + 1);
     };
     auto add_dout = [&](index_t i, double* acc) {  // non-causal: every query row, every head of the group
       for (index_t h = hk * group; h < (hk + 1) * group; ++h) {
@@ -315,7 +315,7 @@ void shaped_backward(input_view<T> q, input_view<T> k, input_view<T> v, input_vi
       } else {
         scan.start(Nq, add_dout);
         scan.total(rest.data());
-        for (index_t col = 0; col < dval; ++col) rest[col] /= static_cast<double>(Nk);
+        for (index_t col = 0; col < dval; ++col) rest[to_size(col)] /= static_cast<double>(Nk);
       }
     }
     for (index_t p = j1 - 1; p >= j0; --p) {
@@ -325,8 +325,8 @@ void shaped_backward(input_view<T> q, input_view<T> k, input_view<T> v, input_vi
       T* g = &dv(b, hk, p, 0);
       for (index_t col = 0; col < dval; ++col) {
         double acc = softmax ? beta * static_cast<double>(g[col]) : 0.0;
-        if (alpha != 0) acc += alpha * ident[col];
-        if (gamma != 0) acc -= gamma * rest[col];
+        if (alpha != 0) acc += alpha * ident[to_size(col)];
+        if (gamma != 0) acc -= gamma * rest[to_size(col)];
         g[col] = static_cast<T>(acc);
       }
     }

@@ -20,9 +20,9 @@ void check_sketches(const char* fn, const tensor_view<const T, 4>& q, const tens
                     const tensor_view<const T, 4>& sq, const tensor_view<const T, 4>& sk, const tensor_view<TO, 4>& out) {
   check_view(fn, "sq", sq);
   check_view(fn, "sk", sk);
-  for (std::size_t dim : {0, 1, 2})
+  for (std::size_t dim = 0; dim < 3; ++dim)
     check_same_extent(fn, dim == 0 ? "batch size" : dim == 1 ? "head count" : "query count", "sq", sq, dim, "q", q, dim);
-  for (std::size_t dim : {0, 1, 2})
+  for (std::size_t dim = 0; dim < 3; ++dim)
     check_same_extent(fn, dim == 0 ? "batch size" : dim == 1 ? "head count" : "key count", "sk", sk, dim, "k", k, dim);
   check_same_extent(fn, "sketch size", "sk", sk, 3, "sq", sq, 3);
   if (sq.extent(3) < 1) fail(fn, "argument 'sq' has shape " + shape_string(sq) + ": the sketch size must be >= 1");

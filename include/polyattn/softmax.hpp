@@ -30,7 +30,7 @@ struct softmax_weights {
 
   /// exp(max(x, exp_floor())); max(floor, x) keeps a NaN argument NaN.
   static batch<T, Arch> exp_clamped(const batch<T, Arch>& x) {
-    return xsimd::exp(xsimd::max(batch<T, Arch>(exp_floor()), x));
+    return vexp(vmax(batch<T, Arch>(exp_floor()), x));
   }
 
   void init(T* m, T* l, index_t lanes) const {
@@ -41,11 +41,11 @@ struct softmax_weights {
   bool apply(T* st, index_t rows, index_t ld, index_t lanes, T* m, T* l, T* alpha) const {
     using B = batch<T, Arch>;
     const B neg_inf(masked_score());
-    for (index_t c = 0; c < lanes; c += B::size) {
+    for (index_t c = 0; c < lanes; c += simd_width<T, Arch>) {
       B bmax = neg_inf;
-      for (index_t r = 0; r < rows; ++r) bmax = xsimd::max(bmax, B::load_unaligned(st + r * ld + c));
+      for (index_t r = 0; r < rows; ++r) bmax = vmax(bmax, B::load_unaligned(st + r * ld + c));
       const B m_old = B::load_unaligned(m + c);
-      const B m_new = xsimd::max(m_old, bmax);
+      const B m_new = vmax(m_old, bmax);
       const B m_use = xsimd::select(m_new == neg_inf, B(T(0)), m_new);
       const B a = exp_clamped(m_old - m_use);
       B sum(T(0));
@@ -84,11 +84,11 @@ struct softmax_weights {
                      const T* dd) const {
     using B = batch<T, Arch>;
     const B lo(exp_floor()), zero(T(0));
-    for (index_t col = 0; col < lanes; col += B::size) {
+    for (index_t col = 0; col < lanes; col += simd_width<T, Arch>) {
       const B cv = B::load_unaligned(c + col), dv = B::load_unaligned(dd + col);
       for (index_t r = 0; r < rows; ++r) {
         const index_t at = r * ld + col;
-        const B p = xsimd::exp(xsimd::min(xsimd::max(B::load_unaligned(st + at) - cv, lo), zero));
+        const B p = vexp(vmin(vmax(B::load_unaligned(st + at) - cv, lo), zero));
         p.store_unaligned(pt + at);
         (p * (B::load_unaligned(dpt + at) - dv)).store_unaligned(dpt + at);
       }

@@ -348,11 +348,11 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
       kb = fetch(bi, hk, c, ws);
       const block_rows<T> kr = src.prepare(kb.raw, kb.n, false, ws.krows);
       ldkt = prepare_local_keys<T, Source, Arch>(src, kr, kb.n, ws);
-      T* own = ensure(ws.run, S);
-      std::fill(own, own + S, T(0));
-      state_pass<T, Source, Arch>(src, kr, kb.vals, kb.ld_vals, kb.n, dv, ws, own);
+      T* own_state = ensure(ws.run, S);
+      std::fill(own_state, own_state + S, T(0));
+      state_pass<T, Source, Arch>(src, kr, kb.vals, kb.ld_vals, kb.n, dv, ws, own_state);
       T* zx = ensure(ws.zx, S);
-      for (index_t e = 0; e < S; ++e) zx[e] = total[e] - own[e];
+      for (index_t e = 0; e < S; ++e) zx[e] = total[e] - own_state[e];
       state = zx;
     }
     const block_rows<T> qr = src.prepare(query_rows(bi, hq, i0), i1 - i0, true, ws.qrows);

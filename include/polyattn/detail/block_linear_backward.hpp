@@ -148,7 +148,7 @@ void run_block_backward(const block_problem& pb, const Source& src, tensor_view<
         gi[x] = dr[x] / den;
         tail += dr[x] * orow[x];
       }
-      c[i] = -(xsimd::hadd(dot) + tail) / den;
+      c[i] = -(vsum(dot) + tail) / den;
       for (x = 0; x < dvv; ++x) gt[x * kChunkRows + i] = gi[x];
     }
   };
@@ -226,9 +226,10 @@ void run_block_backward(const block_problem& pb, const Source& src, tensor_view<
   // views: the first scan to deliver block c writes, the second adds (see the top of the file).
   const index_t kd1 = src.key_dim(), kd2 = src.key_dim2(), kdim = kd1 + kd2;
   std::unique_ptr<std::atomic<int>[]> delivered(new std::atomic<int>[static_cast<std::size_t>(n_seq * nblk)]);
-  for (index_t e = 0; e < n_seq * nblk; ++e) delivered[e].store(0, std::memory_order_relaxed);
+  std::atomic<int>* const flags = delivered.get();
+  for (index_t e = 0; e < n_seq * nblk; ++e) flags[e].store(0, std::memory_order_relaxed);
   auto deliver = [&](index_t bi, index_t hk, index_t c, index_t n, const T* tk, const T* tdv) {
-    std::atomic<int>& flag = delivered[(bi * pb.kv_heads + hk) * nblk + c];
+    std::atomic<int>& flag = flags[(bi * pb.kv_heads + hk) * nblk + c];
     int expected = 0;
     const bool first = flag.compare_exchange_strong(expected, 1, std::memory_order_acq_rel);
     if (!first)

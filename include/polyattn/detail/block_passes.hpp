@@ -112,7 +112,7 @@ inline T dot(const T* a, const T* b, index_t n) {
   B s(T(0));
   index_t f = 0;
   for (; f + W <= n; f += W) s = xsimd::fma(B::load_unaligned(a + f), B::load_unaligned(b + f), s);
-  T r = xsimd::hadd(s);
+  T r = vsum(s);
   for (; f < n; ++f) r += a[f] * b[f];
   return r;
 }
@@ -125,7 +125,7 @@ inline T sum(const T* x, index_t n) {
   B s(T(0));
   index_t j = 0;
   for (; j + W <= n; j += W) s += B::load_unaligned(x + j);
-  T r = xsimd::hadd(s);
+  T r = vsum(s);
   for (; j < n; ++j) r += x[j];
   return r;
 }

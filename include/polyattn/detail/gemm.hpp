@@ -28,7 +28,7 @@ inline void gemm_micro(index_t kc, const T* a, index_t a_rs, index_t a_cs, const
                        index_t ldc, bool accumulate) {
   using B = batch<T, Arch>;
   constexpr index_t W = B::size;
-  B acc[MR][NR];
+  B acc[to_size(MR)][to_size(NR)];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
@@ -36,7 +36,7 @@ inline void gemm_micro(index_t kc, const T* a, index_t a_rs, index_t a_cs, const
   for (index_t p = 0; p < kc; ++p) {
     const T* bp = b + p * ldb;
     const T* ap = a + p * a_cs;
-    B bv[NR];
+    B bv[to_size(NR)];
 #pragma GCC unroll 4
     for (int n = 0; n < NR; ++n) bv[n] = B::load_unaligned(bp + n * W);
 #pragma GCC unroll 8

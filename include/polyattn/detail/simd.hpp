@@ -22,6 +22,51 @@ using batch = xsimd::batch<T, Arch>;
 template <class T, class Arch>
 inline constexpr index_t simd_width = static_cast<index_t>(xsimd::batch<T, Arch>::size);
 
+// ---- xsimd calls that reach GCC 12's AVX-512 "undefined" pass-through ----------------------
+// GCC 12's avx512fintrin.h implements unmasked intrinsics (_mm512_max_ps, _mm512_min_pd,
+// _mm512_roundscale_ps, _mm512_cvttps_epi32, _mm512_slli_epi32, _mm512_extractf64x4_pd, ...) as
+// the masked builtins with an all-ones mask and `_mm512_undefined_ps()` as the pass-through
+// operand, whose body is `__m512 __Y = __Y;`. With -march=native (AVX-512) at -O2 / -O3, once
+// xsimd's max, min, exp (its rounding and exponent steps) and hadd are inlined into a polyattn
+// kernel, -Wmaybe-uninitialized reports that self-initialised pass-through ("'__Y' may be used
+// uninitialized", located in avx512fintrin.h) and a user's -Werror build fails. The warning is a
+// false positive: with an all-ones mask no lane of the pass-through is read. Nothing on our side is
+// uninitialised, so no initialisation can silence it; GCC honours a diagnostic pragma at any call
+// site of the inlining chain, so polyattn makes those xsimd calls only through the wrappers below
+// and turns the warning off around them, and only there (clang does not warn: no pragma for it).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+/// xsimd::max(a, b).
+template <class T, class Arch>
+inline xsimd::batch<T, Arch> vmax(const xsimd::batch<T, Arch>& a, const xsimd::batch<T, Arch>& b) {
+  return xsimd::max(a, b);
+}
+
+/// xsimd::min(a, b).
+template <class T, class Arch>
+inline xsimd::batch<T, Arch> vmin(const xsimd::batch<T, Arch>& a, const xsimd::batch<T, Arch>& b) {
+  return xsimd::min(a, b);
+}
+
+/// xsimd::exp(x).
+template <class T, class Arch>
+inline xsimd::batch<T, Arch> vexp(const xsimd::batch<T, Arch>& x) {
+  return xsimd::exp(x);
+}
+
+/// xsimd::hadd(x): the sum of the lanes.
+template <class T, class Arch>
+inline T vsum(const xsimd::batch<T, Arch>& x) {
+  return xsimd::hadd(x);
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
 /// 64-byte aligned allocation through C++17 aligned operator new, so applications (and our
 /// benchmark's memory counter) see every byte polyattn allocates.
 template <class T>
@@ -51,7 +96,7 @@ template <class T, class Arch>
 inline void scale_padded(T* x, index_t n, T a) {
   using B = batch<T, Arch>;
   const B av(a);
-  for (index_t i = 0; i < n; i += B::size) (B::load_unaligned(x + i) * av).store_unaligned(x + i);
+  for (index_t i = 0; i < n; i += simd_width<T, Arch>) (B::load_unaligned(x + i) * av).store_unaligned(x + i);
 }
 
 /// y[i] = x[i] / den for i in [0, n): vector divisions, which round exactly as scalar ones.

@@ -71,7 +71,7 @@ void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights)
   const index_t dvp = round_up(dv, W);
   const bool pack_v = dv % W != 0;
   const int workers = static_cast<int>(std::min<index_t>(pb.threads, heads * n_qblocks));
-  std::vector<attention_scratch<T>> scratch(std::max(workers, 1));
+  std::vector<attention_scratch<T>> scratch(to_size(std::max(workers, 1)));
   const kv_parts<T> single = pb.segments ? kv_parts<T>{} : kv_parts<T>(pb.k, pb.v);
   const kv_parts<T>& kv = pb.segments ? *pb.segments : single;
 
@@ -83,7 +83,7 @@ void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights)
     const index_t b = bh / H, h = bh % H, hk = h / group;
     const index_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, Nq - i0);
     const index_t lanes = round_up(nq, W);
-    attention_scratch<T>& s = scratch[worker];
+    attention_scratch<T>& s = scratch[to_size(worker)];
     if (s.qt.empty()) {
       s.qt.assign(static_cast<std::size_t>(std::max<index_t>(d, 1) * kBlockQ), T(0));
       s.st.assign(static_cast<std::size_t>(block_k * kBlockQ), T(0));
@@ -112,7 +112,7 @@ void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights)
       const bool partial = mask.partial(i0, nq, j0, nk);
       if (partial) mask.hide(st, lanes, lanes, i0, j0, nk, Weights::masked_score());
       if (weights.apply(st, nk, lanes, lanes, s.m.data(), s.l.data(), s.alpha.data()))
-        for (index_t i = 0; i < nq; ++i) scale_padded<T, Arch>(o + i * dvp, dvp, s.alpha[i]);
+        for (index_t i = 0; i < nq; ++i) scale_padded<T, Arch>(o + i * dvp, dvp, s.alpha[to_size(i)]);
       if (dv == 0) return;
       const T* vsrc = part.v_row(b, hk, j0);
       index_t ldv = vs;
@@ -142,14 +142,14 @@ void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights)
     T* orow = dv > 0 ? &pb.out(b, h, i0, 0) : nullptr;
     for (index_t i = 0; i < nq && dv > 0; ++i) {
       // divide (not multiply by 1/den): a subnormal denominator must not overflow to inf
-      const T den = weights.denominator(s.m[i], s.l[i]);
+      const T den = weights.denominator(s.m[to_size(i)], s.l[to_size(i)]);
       if (den > T(0))
         divide_into<T, Arch>(o + i * dvp, dv, den, orow + i * os);
       else
         std::fill(orow + i * os, orow + i * os + dv, T(0));
     }
     if (pb.stats.size() > 0)
-      for (index_t i = 0; i < nq; ++i) pb.stats(b, h, i0 + i) = weights.row_statistic(s.m[i], s.l[i]);
+      for (index_t i = 0; i < nq; ++i) pb.stats(b, h, i0 + i) = weights.row_statistic(s.m[to_size(i)], s.l[to_size(i)]);
   });
 }
 

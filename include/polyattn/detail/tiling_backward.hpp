@@ -140,7 +140,7 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
     pack_transposed(qrow, qs, nq, d, pb.scale, qp.qt, lanes);
     pack_transposed(dorow, dos, nq, dval, T(1), qp.dot, lanes);
     for (index_t i = 0; i < nq; ++i) {
-      s.stat[i] = pb.stats(b, h, i0 + i);
+      s.stat[to_size(i)] = pb.stats(b, h, i0 + i);
       T acc(0);
       for (index_t c = 0; c < dval; ++c) acc += dorow[i * dos + c] * orow[i * os + c];
       qp.dd[i] = acc;
@@ -224,12 +224,12 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
         });
         const index_t L = static_cast<index_t>(kblocks.size());
         parallel_for(pb.threads, C, [&](index_t c, int worker) {
-          attention_backward_scratch<T>& s = scratch[worker];
+          attention_backward_scratch<T>& s = scratch[to_size(worker)];
           prepare(s);
           T* qpart = part.data() + c * WQ * dp;
           std::fill(qpart, qpart + nw * dp, T(0));
           if (s.window.empty()) s.window.assign(static_cast<std::size_t>(WQ / BQ * pack_size), T(0));
-          bool packed[WQ / BQ] = {};
+          bool packed[to_size(WQ / BQ)] = {};
           for (index_t at = c * L / C; at < (c + 1) * L / C; ++at) {
             const key_piece kp = kblocks[static_cast<std::size_t>(at)];
             const index_t j0 = kp.j0, nk = kp.nk;
@@ -280,7 +280,7 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
   // Task order: heaviest first so the dynamic schedule ends on small tasks. Under the causal
   // mask the first key blocks and the last query blocks see the most of the other side.
   parallel_for(pb.threads, key_tasks + query_tasks, [&](index_t task, int worker) {
-    attention_backward_scratch<T>& s = scratch[worker];
+    attention_backward_scratch<T>& s = scratch[to_size(worker)];
     prepare(s);
     // (with d == 0 nothing is read from k: do not form pointers into a possibly null view)
     if (task < key_tasks) {

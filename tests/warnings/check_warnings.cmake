@@ -1,0 +1,43 @@
+# Compiles tests/warnings/all_entry_points.cpp as a user's strict build would and runs it: the
+# flags below plus -Werror, polyattn's include directory as a plain -I (what add_subdirectory and
+# find_package users get), Eigen and xsimd as system headers. Twice: -march=native (AVX-512 where
+# the machine has it) and without any -m flag (baseline x86-64, SSE2). Fails on any warning in
+# the polyattn headers, or if the program (a smoke test of every entry point) does not return 0.
+#
+#   cmake -DCXX=<compiler> -DSOURCE=<cpp> -DINCLUDE_DIR=<polyattn include dir>
+#         -DSYSTEM_DIRS=<dir;dir> -DOPENMP=ON|OFF -DWORK_DIR=<dir> -P check_warnings.cmake
+cmake_minimum_required(VERSION 3.21)
+file(REMOVE_RECURSE ${WORK_DIR})
+file(MAKE_DIRECTORY ${WORK_DIR})
+
+set(flags -std=c++17 -O2 -Wall -Wextra -Wpedantic -Wconversion -Wsign-conversion -Wshadow -Werror)
+if(OPENMP)
+  list(APPEND flags -fopenmp)
+endif()
+list(APPEND flags -I${INCLUDE_DIR})
+foreach(dir IN LISTS SYSTEM_DIRS)
+  list(APPEND flags -isystem ${dir})
+endforeach()
+
+foreach(isa native plain)
+  set(isa_flags)
+  if(isa STREQUAL "native")
+    set(isa_flags -march=native)
+  endif()
+  set(exe ${WORK_DIR}/all_entry_points_${isa})
+  string(TIMESTAMP t0 "%s")
+  execute_process(COMMAND ${CXX} ${flags} ${isa_flags} ${SOURCE} -o ${exe}
+                  RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  string(TIMESTAMP t1 "%s")
+  math(EXPR seconds "${t1} - ${t0}")
+  if(NOT rc EQUAL 0)
+    string(REPLACE ";" " " shown "${CXX} ${flags} ${isa_flags} ${SOURCE}")
+    message(FATAL_ERROR "strict compile (${isa}) failed:\n${shown}\n${out}\n${err}")
+  endif()
+  message(STATUS "${isa}: compiled warning-free in ${seconds} s")
+  execute_process(COMMAND ${exe} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "all_entry_points (${isa}) returned ${rc}:\n${out}\n${err}")
+  endif()
+  message(STATUS "${isa}: ${out}")
+endforeach()
