@@ -15,7 +15,7 @@
 #include <vector>
 
 #include <polyattn/polyattn.hpp>
-#include <polyattn/detail/simd.hpp>
+#include <polyattn/detail/core/simd.hpp>
 
 #include "memory_counter.hpp"
 

@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include <polyattn/detail/random.hpp>
+#include <polyattn/detail/core/random.hpp>
 #include <polyattn/sketch.hpp>
 
 #include "support/sketch_oracle.hpp"
@@ -50,7 +50,7 @@ double mul(double a, double b) {
   return p;
 }
 
-/// Marsaglia's polar method with std::log, as documented in detail/random.hpp.
+/// Marsaglia's polar method with std::log, as documented in detail/core/random.hpp.
 struct polar_with_libm {
   counter_splitmix bits;
   bool has_spare = false;

@@ -16,8 +16,9 @@
 #include <string>
 #include <vector>
 
-#include "detail/block_linear.hpp"
-#include "detail/validation.hpp"
+#include "detail/core/check_options.hpp"
+#include "detail/core/validation.hpp"
+#include "detail/linear/block_linear.hpp"
 #include "linear.hpp"
 #include "options.hpp"
 #include "polysketch.hpp"
@@ -181,10 +182,7 @@ class polysketch_cache : public detail::cache_core<T> {
         sketch_(sketch),
         opts_(opts) {
     constexpr const char* fn = "polysketch_cache";
-    detail::check_finite_scale(fn, "scale", opts.scale);
-    detail::check_normalizer_bias(fn, opts.normalizer_bias);
-    detail::check_representable<T>(fn, "scale", opts.scale);
-    detail::check_representable<T>(fn, "normalizer_bias", opts.normalizer_bias);
+    detail::check_options<T>(fn, opts);
   }
 
   /// Appends n tokens (k, v: [batch, kv_heads, n, ·]) and writes the outputs of their n
@@ -236,11 +234,7 @@ class sketched_cache : public detail::cache_core<T> {
         opts_(opts) {
     constexpr const char* fn = "sketched_cache";
     if (head_dim < 0) detail::fail(fn, "argument 'head_dim' must be >= 0, got " + std::to_string(head_dim));
-    detail::check_degree(fn, opts.degree);
-    detail::check_finite_scale(fn, "scale", opts.scale);
-    detail::check_normalizer_bias(fn, opts.normalizer_bias);
-    detail::check_representable<T>(fn, "scale", opts.scale);
-    detail::check_representable<T>(fn, "normalizer_bias", opts.normalizer_bias);
+    detail::check_options<T>(fn, opts);
   }
 
   /// Appends n tokens (k [B, Hk, n, d], sk [B, Hk, n, r], v) and attends their n queries
@@ -300,8 +294,7 @@ class linear_cache : public detail::cache_core<T> {
       : detail::cache_core<T>("linear_cache", batch, kv_heads, value_dim, detail::kLinearBlock, opts.causal,
                               opts.threads, positive(feature_dim), feature_dim),
         opts_(opts) {
-    detail::check_normalizer_bias("linear_cache", opts.normalizer_bias);
-    detail::check_representable<T>("linear_cache", "normalizer_bias", opts.normalizer_bias);
+    detail::check_options<T>("linear_cache", opts);
   }
 
   /// Appends n tokens (phi_k [B, Hk, n, m], v) and attends their n queries (phi_q [B, H, n, m]).

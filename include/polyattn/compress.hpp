@@ -11,10 +11,11 @@
 #include <string>
 #include <vector>
 
-#include "detail/eigen_bridge.hpp"
-#include "detail/simd.hpp"
-#include "detail/threading.hpp"
-#include "detail/validation.hpp"
+#include "detail/core/check_options.hpp"
+#include "detail/core/eigen_bridge.hpp"
+#include "detail/core/simd.hpp"
+#include "detail/core/threading.hpp"
+#include "detail/core/validation.hpp"
 #include "options.hpp"
 #include "tensor_view.hpp"
 
@@ -24,13 +25,13 @@ namespace detail {
 /// ceil(n / rate) without overflow: the number of groups (rows of the compressed segment).
 inline index_t compressed_length(index_t n, index_t rate) { return n / rate + (n % rate != 0 ? 1 : 0); }
 
-/// rate >= 1, a known pooling mode, threads >= 0.
-inline void check_compress_options(const char* fn, index_t rate, pooling mode, const compress_options& opts) {
+/// rate >= 1 and a known pooling mode (the arguments); the options.
+inline void check_compress_arguments(const char* fn, index_t rate, pooling mode, const compress_options& opts) {
   if (rate < 1) fail(fn, "argument 'rate' must be >= 1, got " + std::to_string(rate));
   if (mode != pooling::mean && mode != pooling::max)
     fail(fn, "argument 'mode' is not a pooling mode (pooling::mean or pooling::max), got the value " +
                  std::to_string(static_cast<int>(mode)));
-  check_threads(fn, opts.threads);
+  check_options(fn, opts);
 }
 
 /// `name` must be [B, H, ceil(N / rate), d] for x [B, H, N, d].
@@ -80,7 +81,7 @@ void compress_memory(detail::input_view<T> x, index_t rate, pooling mode, tensor
   constexpr const char* fn = "compress_memory";
   detail::check_view(fn, "x", x);
   detail::check_view(fn, "out", out);
-  detail::check_compress_options(fn, rate, mode, opts);
+  detail::check_compress_arguments(fn, rate, mode, opts);
   detail::check_compressed_shape(fn, "out", out, x, rate);
   detail::check_writable(fn, "out", out);
   detail::check_no_overlap(fn, "out", out, "x", x);
@@ -119,7 +120,7 @@ void compress_memory_backward(detail::input_view<T> x, index_t rate, pooling mod
   detail::check_view(fn, "x", x);
   detail::check_view(fn, "dout", dout);
   detail::check_view(fn, "dx", dx);
-  detail::check_compress_options(fn, rate, mode, opts);
+  detail::check_compress_arguments(fn, rate, mode, opts);
   detail::check_compressed_shape(fn, "dout", dout, x, rate);
   detail::check_same_shape(fn, "dx", dx, "x", x);
   detail::check_writable(fn, "dx", dx);

@@ -25,7 +25,7 @@
 // (and with causal attention a future key can do that to earlier queries) — logits of LayerNorm-ed
 // d = 64 vectors stay far from it.
 //
-// ---- drawing W (portable, like polysketch: detail/random.hpp) -----------------------------------
+// ---- drawing W (portable, like polysketch: detail/core/random.hpp) -----------------------------------
 // One detail::normal_stream(seed) read in this order:
 //   orthogonal (default): blocks b = 0, 1, … of d rows (the last one truncated to m − b·d rows);
 //     per block a Gaussian d x d matrix G (row-major, d² values), made orthonormal by
@@ -56,12 +56,12 @@
 #include <vector>
 
 #include "config.hpp"
-#include "detail/eigen_bridge.hpp"
-#include "detail/gemm.hpp"
-#include "detail/random.hpp"
-#include "detail/simd.hpp"
-#include "detail/threading.hpp"
-#include "detail/validation.hpp"
+#include "detail/core/eigen_bridge.hpp"
+#include "detail/core/gemm.hpp"
+#include "detail/core/random.hpp"
+#include "detail/core/simd.hpp"
+#include "detail/core/threading.hpp"
+#include "detail/core/validation.hpp"
 #include "options.hpp"
 #include "tensor_view.hpp"
 

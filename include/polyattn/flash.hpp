@@ -1,7 +1,7 @@
 // polyattn/flash.hpp — flash_attention: tiled online-softmax attention in O(tile) memory, and its backward pass.
 #pragma once
 
-#include "detail/tiling_backward.hpp"
+#include "detail/exact/tiling_backward.hpp"
 #include "softmax.hpp"
 
 namespace polyattn {
@@ -33,16 +33,12 @@ void flash_attention(detail::input_view<T> q, detail::input_view<T> k, detail::i
 template <class T>
 void flash_attention_backward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
                               detail::input_view<T> out, detail::input_view<T> dout,
-                              typename detail::identity<tensor_view<const T, 3>>::type stats, tensor_view<T, 4> dq,
+                              detail::stats_input<T> stats, tensor_view<T, 4> dq,
                               tensor_view<T, 4> dk, tensor_view<T, 4> dv, const softmax_options& opts = {}) {
   constexpr const char* fn = "flash_attention_backward";
   detail::check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
-  detail::check_threads(fn, opts.threads);
-  if (opts.scale) {
-    detail::check_finite_scale(fn, "scale", *opts.scale);
-    detail::check_representable<T>(fn, "scale", *opts.scale);
-  }
-  const detail::mask_band band = detail::checked_mask_band(fn, opts, k.extent(2));
+  detail::check_options<T>(fn, opts, k.extent(2));
+  const detail::mask_band band = detail::mask_band_of(opts);
   detail::attention_backward_problem<T> pb{q,  k,  v,  out, dout, stats, dq, dk, dv, opts.causal,
                                            detail::softmax_scale<T>(opts, q.extent(3)),
                                            detail::resolve_threads(opts.threads),

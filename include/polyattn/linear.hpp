@@ -1,12 +1,12 @@
 // polyattn/linear.hpp — linear_attention: causal / non-causal attention for caller-supplied features.
 #pragma once
 
-#include "detail/block_linear.hpp"
-#include "detail/block_linear_backward.hpp"
-#include "detail/eigen_bridge.hpp"
-#include "detail/validation.hpp"
+#include "detail/core/check_options.hpp"
+#include "detail/core/eigen_bridge.hpp"
+#include "detail/core/validation.hpp"
+#include "detail/linear/block_linear.hpp"
+#include "detail/linear/block_linear_backward.hpp"
 #include "options.hpp"
-#include "polynomial.hpp"
 #include "tensor_view.hpp"
 
 namespace polyattn {
@@ -71,9 +71,7 @@ void linear_attention_impl(input_view<T> phi_q, input_view<T> phi_k, input_view<
   constexpr const char* fn = "linear_attention";
   check_attention(fn, phi_q, phi_k, v, out, "phi_q", "phi_k");
   if (stats) check_stats_output(fn, phi_q, phi_k, v, out, *stats, "phi_q", "phi_k");
-  check_threads(fn, opts.threads);
-  check_normalizer_bias(fn, opts.normalizer_bias);
-  check_representable<T>(fn, "normalizer_bias", opts.normalizer_bias);
+  check_options<T>(fn, opts);
   const T bias = static_cast<T>(opts.normalizer_bias);
   if (phi_q.extent(3) == 0) {  // no features: every weight is 0, so every output is 0
     for (index_t b = 0; b < out.extent(0); ++b)
@@ -111,13 +109,12 @@ void linear_attention(detail::input_view<T> phi_q, detail::input_view<T> phi_k, 
 template <class T>
 void linear_attention_backward(detail::input_view<T> phi_q, detail::input_view<T> phi_k, detail::input_view<T> v,
                                detail::input_view<T> out, detail::input_view<T> dout,
-                               tensor_view<const T, 3> stats, tensor_view<T, 4> dphi_q, tensor_view<T, 4> dphi_k,
+                               detail::stats_input<T> stats, tensor_view<T, 4> dphi_q, tensor_view<T, 4> dphi_k,
                                tensor_view<T, 4> dv, const linear_options& opts = {}) {
   constexpr const char* fn = "linear_attention_backward";
   detail::check_backward<T>(fn, phi_q, phi_k, v, out, dout, stats, dphi_q, dphi_k, dv, "phi_q", "phi_k", "dphi_q",
                          "dphi_k");
-  detail::check_threads(fn, opts.threads);
-  detail::check_normalizer_bias(fn, opts.normalizer_bias);
+  detail::check_options<T>(fn, opts);
   detail::run_block_backward<T>(detail::linear_problem<T>(phi_q, phi_k, v, opts),
                                 detail::view_feature_source<T>{phi_q.extent(3)}, phi_q, phi_k, v, out, dout, stats,
                                 dphi_q, dphi_k, dv);

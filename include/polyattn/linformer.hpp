@@ -4,7 +4,7 @@
 // K' = E·K, V' = F·V with E, F [kp, Nk] shared by every batch and head, then exact softmax
 // attention of the queries over the kp projected keys: out = softmax(scale·Q K'ᵀ) V'.
 // The projected K', V' are held in a scratch of kp x (d + dv) values per kv head and the
-// attention itself is flash_attention's kernel (detail/tiling.hpp), not a reimplementation.
+// attention itself is flash_attention's kernel (detail/exact/tiling.hpp), not a reimplementation.
 //
 // Why E and F are tensor_view<const T, 2>: they are caller-owned parameters of a model (a
 // framework's buffer, possibly with a padded row stride), and every other entry point takes its
@@ -18,18 +18,16 @@
 #include <algorithm>
 #include <string>
 
-#include "detail/gemm.hpp"
-#include "detail/threading.hpp"
-#include "detail/validation.hpp"
+#include "detail/core/check_options.hpp"
+#include "detail/core/gemm.hpp"
+#include "detail/core/threading.hpp"
+#include "detail/core/validation.hpp"
 #include "flash.hpp"
 #include "options.hpp"
 #include "tensor_view.hpp"
 
 namespace polyattn {
 namespace detail {
-
-template <class T>
-using matrix_view = typename identity<tensor_view<const T, 2>>::type;
 
 inline constexpr index_t kLinformerRows = 64;   // rows of K' per projection task
 inline constexpr index_t kLinformerKeys = 256;  // keys per packed chunk
@@ -79,20 +77,8 @@ void check_projections(const char* fn, tensor_view<const T, 2> E, tensor_view<co
                  shape_string(E) + " ([kp, Nk])");
 }
 
-inline void check_not_causal(const char* fn, bool causal) {
-  if (causal)
-    fail(fn, "option 'causal' = true is not supported: the projections E·K and F·V mix every key, future ones "
-             "included, into every projected key, so no mask can keep a query from seeing later keys (use "
-             "flash_attention, or favor_features with linear_attention, for causal attention)");
-}
-
-template <class T>
-softmax_options linformer_softmax(const char* fn, const linformer_options& opts) {
-  check_threads(fn, opts.threads);
-  if (opts.scale) {
-    check_finite_scale(fn, "scale", *opts.scale);
-    check_representable<T>(fn, "scale", *opts.scale);
-  }
+/// The softmax options of the attention over the projected keys (options checked by the caller).
+inline softmax_options linformer_softmax(const linformer_options& opts) {
   softmax_options so;
   so.causal = false;
   so.scale = opts.scale;
@@ -106,7 +92,7 @@ void linformer_impl(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor
                     const linformer_options& opts, const tensor_view<T, 3>* stats) {
   constexpr const char* fn = "linformer_attention";
   check_attention(fn, q, k, v, out);
-  check_not_causal(fn, opts.causal);
+  check_options<T>(fn, opts);
   check_projections(fn, E, F, k);
   check_no_overlap(fn, "out", out, "E", E);
   check_no_overlap(fn, "out", out, "F", F);
@@ -115,7 +101,7 @@ void linformer_impl(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor
     check_no_overlap(fn, "stats", *stats, "E", E);
     check_no_overlap(fn, "stats", *stats, "F", F);
   }
-  const softmax_options so = linformer_softmax<T>(fn, opts);
+  const softmax_options so = linformer_softmax(opts);
   const int threads = resolve_threads(opts.threads);
   const index_t B = k.extent(0), Hk = k.extent(1), kp = E.extent(0);
   projected<T> kproj(B, Hk, kp, k.extent(3)), vproj(B, Hk, kp, v.extent(3));
@@ -160,13 +146,13 @@ template <class T>
 void linformer_attention_backward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
                                   detail::matrix_view<T> E, detail::matrix_view<T> F, detail::input_view<T> out,
                                   detail::input_view<T> dout,
-                                  typename detail::identity<tensor_view<const T, 3>>::type stats,
+                                  detail::stats_input<T> stats,
                                   tensor_view<T, 4> dq, tensor_view<T, 4> dk, tensor_view<T, 4> dv,
                                   tensor_view<T, 2> dE, tensor_view<T, 2> dF, const linformer_options& opts = {}) {
   using namespace detail;
   constexpr const char* fn = "linformer_attention_backward";
   check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
-  check_not_causal(fn, opts.causal);
+  check_options<T>(fn, opts);
   check_projections<T>(fn, E, F, k);
   const std::pair<const char*, const tensor_view<T, 2>*> pgrads[] = {{"dE", &dE}, {"dF", &dF}};
   const std::pair<const char*, const tensor_view<const T, 4>*> inputs[] = {
@@ -189,7 +175,7 @@ void linformer_attention_backward(detail::input_view<T> q, detail::input_view<T>
     check_no_overlap(fn, gname, *g, "E", E);
     check_no_overlap(fn, gname, *g, "F", F);
   }
-  const softmax_options so = linformer_softmax<T>(fn, opts);
+  const softmax_options so = linformer_softmax(opts);
   const int threads = resolve_threads(opts.threads);
   const index_t B = k.extent(0), Hk = k.extent(1), nk = k.extent(2), kp = E.extent(0);
   projected<T> kproj(B, Hk, kp, k.extent(3)), vproj(B, Hk, kp, v.extent(3));

@@ -9,30 +9,34 @@
 
 namespace polyattn {
 
-/// Options of `softmax_attention` and `flash_attention` (and their backward).
-/// Sliding windows and global positions (Longformer, Mistral-style windows): query i at
-/// position p = i + Nk − Nq sees key j iff j is in the band [p − window_left, p + window_right]
-/// or p or j is a global position, and (when causal) j <= p; window −1 = unbounded on that
-/// side. Key blocks outside the band are skipped (docs/design_exact.md).
-struct softmax_options {
+/// The mask fields the exact kernels share (softmax_options, polynomial_options inherit them):
+/// the causal flag, a sliding window and global positions (Longformer, Mistral-style windows).
+/// Query i at position p = i + Nk − Nq sees key j iff j is in the band
+/// [p − window_left, p + window_right] or p or j is a global position, and (when causal)
+/// j <= p; window −1 = unbounded on that side. Key blocks outside the band are skipped
+/// (docs/design_exact.md). As a base class it keeps aggregate initialisation: its fields come
+/// first, so `softmax_options{true}` is still a causal softmax.
+struct mask_options {
   bool causal = false;           ///< bottom-right aligned causal mask (docs/design.md §1)
-  std::optional<double> scale{}; ///< logit scale; unset means 1/sqrt(head_dim)
-  int threads = 0;               ///< 0 = all available
   index_t window_left = -1;      ///< keys before the query's position it sees; −1 = all
   index_t window_right = -1;     ///< keys after it; −1 = all
   std::vector<index_t> global_positions{};  ///< sorted distinct key positions in [0, Nk)
 };
 
-/// Options of `polynomial_attention`: w_ij = (scale·q_i·k_j)^degree, out_i = Σ w v / (β + Σ w).
-struct polynomial_options {
-  bool causal = false;
+/// Options of `softmax_attention` and `flash_attention` (and their backward): the mask fields
+/// of mask_options, and
+struct softmax_options : mask_options {
+  std::optional<double> scale{}; ///< logit scale; unset means 1/sqrt(head_dim)
+  int threads = 0;               ///< 0 = all available
+};
+
+/// Options of `polynomial_attention`: w_ij = (scale·q_i·k_j)^degree, out_i = Σ w v / (β + Σ w);
+/// the mask fields of mask_options, and
+struct polynomial_options : mask_options {
   int degree = 4;                ///< even and positive
   double scale = 1.0;
   double normalizer_bias = 1.0;  ///< β ≥ 0
   int threads = 0;
-  index_t window_left = -1;      ///< as in softmax_options
-  index_t window_right = -1;     ///< as in softmax_options
-  std::vector<index_t> global_positions{};  ///< as in softmax_options
 };
 
 /// Scaling convention of a random sketch (docs/design.md §1).
@@ -82,7 +86,7 @@ struct linear_options {
 /// Options of a `favor_features` map (Performer's positive orthogonal random features, favor.hpp).
 struct favor_options {
   index_t features = 256;   ///< m, the number of random features (rows of W)
-  std::uint64_t seed = 0;   ///< seed of the portable generator (detail/random.hpp)
+  std::uint64_t seed = 0;   ///< seed of the portable generator (detail/core/random.hpp)
   bool orthogonal = true;   ///< W drawn in orthogonal d x d blocks (false: i.i.d. Gaussian rows)
   int threads = 0;          ///< threads of the view-form map and its backward; 0 = all available
 };
@@ -97,6 +101,10 @@ struct linformer_options {
 /// Options of `shaped_attention` (shaped attention, "Simplifying Transformer Blocks"):
 /// out_i = α·v_{pos_i} + β·softmax_attention_i − γ·mean_{j allowed} v_j (docs/design_exact.md).
 /// A coefficient of 0 drops its term (it is not computed, so no 0·inf).
+/// `causal` defaults to true, unlike every other options type: shaped attention is the
+/// attention block of a causal language model (SAS), and its identity term v_{pos_i} and the
+/// mean over the keys a query sees are defined with that mask in mind; the default is kept so
+/// existing callers keep their semantics (docs/design.md §2).
 struct shaped_options {
   bool causal = true;            ///< bottom-right aligned causal mask; false: every key is allowed
   double alpha = 1.0;            ///< α, weight of the identity term v_{pos_i}

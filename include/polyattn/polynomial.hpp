@@ -3,7 +3,7 @@
 
 #include <string>
 
-#include "detail/tiling_backward.hpp"
+#include "detail/exact/tiling_backward.hpp"
 #include "softmax.hpp"
 
 namespace polyattn {
@@ -44,7 +44,7 @@ struct polynomial_weights {
   /// The saved statistic: the denominator β + Σ_j w_ij.
   T row_statistic(T, T l) const { return bias + l; }
 
-  // ---- backward (detail/tiling_backward.hpp) ----
+  // ---- backward (detail/exact/tiling_backward.hpp) ----
   /// Per-lane constant from the saved denominator: den itself, +∞ for a row with den = 0 (its
   /// weights then divide to 0). The tile divides by it: 1/den overflows when den is subnormal
   /// (β = 0, tiny weights) although every w/den is at most 1 (docs/design_exact.md).
@@ -75,38 +75,15 @@ struct polynomial_weights {
   }
 };
 
-inline void check_degree(const char* fn, int degree) {
-  if (degree <= 0 || degree % 2 != 0)
-    fail(fn, "option 'degree' must be even and positive (2, 4, 6, ...), got " + std::to_string(degree));
-}
-
-inline void check_normalizer_bias(const char* fn, double bias) {
-  if (!(bias >= 0.0) || bias == 1.0 / 0.0)
-    fail(fn, "option 'normalizer_bias' must be finite and >= 0, got " + format_value(bias));
-}
-
-/// The options polynomial kernels share (polynomial_options, sketched_options): threads,
-/// degree, scale, normalizer_bias.
-template <class T, class Options>
-void check_polynomial_options(const char* fn, const Options& opts) {
-  check_threads(fn, opts.threads);
-  check_degree(fn, opts.degree);
-  check_finite_scale(fn, "scale", opts.scale);
-  check_normalizer_bias(fn, opts.normalizer_bias);
-  check_representable<T>(fn, "scale", opts.scale);
-  check_representable<T>(fn, "normalizer_bias", opts.normalizer_bias);
-}
-
 template <class T>
 void polynomial_forward(input_view<T> q, input_view<T> k, input_view<T> v, tensor_view<T, 4> out,
                         const polynomial_options& opts, const tensor_view<T, 3>* stats) {
   constexpr const char* fn = "polynomial_attention";
   check_attention(fn, q, k, v, out);
   if (stats) check_stats_output(fn, q, k, v, out, *stats);
-  check_polynomial_options<T>(fn, opts);
-  const mask_band band = checked_mask_band(fn, opts, k.extent(2));
+  check_options<T>(fn, opts, k.extent(2));
   attention_problem<T> pb{q,     k,    v, out, opts.causal, static_cast<T>(opts.scale), kBlockK,
-                          resolve_threads(opts.threads), stats ? *stats : tensor_view<T, 3>{}, band};
+                          resolve_threads(opts.threads), stats ? *stats : tensor_view<T, 3>{}, mask_band_of(opts)};
   run_tiled_attention<T>(pb, polynomial_weights<T>{opts.degree, static_cast<T>(opts.normalizer_bias)});
 }
 
@@ -136,13 +113,13 @@ void polynomial_attention(detail::input_view<T> q, detail::input_view<T> k, deta
 template <class T>
 void polynomial_attention_backward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
                                    detail::input_view<T> out, detail::input_view<T> dout,
-                                   typename detail::identity<tensor_view<const T, 3>>::type stats,
+                                   detail::stats_input<T> stats,
                                    tensor_view<T, 4> dq, tensor_view<T, 4> dk, tensor_view<T, 4> dv,
                                    const polynomial_options& opts = {}) {
   constexpr const char* fn = "polynomial_attention_backward";
   detail::check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
-  detail::check_polynomial_options<T>(fn, opts);
-  const detail::mask_band band = detail::checked_mask_band(fn, opts, k.extent(2));
+  detail::check_options<T>(fn, opts, k.extent(2));
+  const detail::mask_band band = detail::mask_band_of(opts);
   detail::attention_backward_problem<T> pb{q,  k,  v,  out, dout, stats, dq, dk, dv, opts.causal,
                                            static_cast<T>(opts.scale), detail::resolve_threads(opts.threads),
                                            detail::kDefaultBackwardSchedule, band};

@@ -3,13 +3,12 @@
 
 #include <string>
 
-#include "detail/block_linear.hpp"
-#include "detail/block_linear_backward.hpp"
-#include "detail/eigen_bridge.hpp"
-#include "detail/validation.hpp"
-#include "linear.hpp"
+#include "detail/core/check_options.hpp"
+#include "detail/core/eigen_bridge.hpp"
+#include "detail/core/validation.hpp"
+#include "detail/linear/block_linear.hpp"
+#include "detail/linear/block_linear_backward.hpp"
 #include "options.hpp"
-#include "polynomial.hpp"
 #include "sketch.hpp"
 #include "tensor_view.hpp"
 
@@ -102,13 +101,8 @@ namespace detail {
 template <class T>
 void check_polysketch_call(const char* fn, const tensor_view<const T, 4>& q, const polysketch<T>& sketch,
                            const polysketch_options& opts) {
-  check_threads(fn, opts.threads);
-  check_finite_scale(fn, "scale", opts.scale);
-  check_normalizer_bias(fn, opts.normalizer_bias);
-  check_representable<T>(fn, "scale", opts.scale);
-  check_representable<T>(fn, "normalizer_bias", opts.normalizer_bias);
+  check_options<T>(fn, opts);
   if (sketch.degree() == 0) fail(fn, "argument 'sketch' is empty (default-constructed)");
-  check_block_size(fn, opts.block_size);
   if (sketch.head_dim() != q.extent(3))
     fail(fn, "argument 'sketch' was built for head dim " + std::to_string(sketch.head_dim()) + " but 'q' has shape " +
                  shape_string(q));
@@ -161,7 +155,7 @@ void polysketch_attention(detail::input_view<T> q, detail::input_view<T> k, deta
 template <class T>
 void polysketch_attention_backward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
                                    detail::input_view<T> out, detail::input_view<T> dout,
-                                   tensor_view<const T, 3> stats, tensor_view<T, 4> dq, tensor_view<T, 4> dk,
+                                   detail::stats_input<T> stats, tensor_view<T, 4> dq, tensor_view<T, 4> dk,
                                    tensor_view<T, 4> dv, const polysketch<T>& sketch,
                                    const polysketch_options& opts = {}, std::vector<matrix<T>>* leaf_grads = nullptr) {
   constexpr const char* fn = "polysketch_attention_backward";

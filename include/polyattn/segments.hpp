@@ -15,7 +15,7 @@
 #include <utility>
 #include <vector>
 
-#include "detail/kv_parts.hpp"
+#include "detail/exact/kv_parts.hpp"
 #include "flash.hpp"
 #include "polynomial.hpp"
 #include "softmax.hpp"
@@ -127,15 +127,11 @@ void softmax_segmented(const char* fn, tensor_view<const T, 4> q, const segmente
                        bool materialise, const tensor_view<T, 3>* stats) {
   check_segments(fn, q, k, v, out);
   if (stats) check_segmented_stats(fn, q, k, v, out, *stats);
-  check_threads(fn, opts.threads);
-  if (opts.scale) {
-    check_finite_scale(fn, "scale", *opts.scale);
-    check_representable<T>(fn, "scale", *opts.scale);
-  }
   const index_t n = k.length();
+  check_options<T>(fn, opts, n);
   segmented_forward<T>(q, k, v, out, stats, opts.causal, softmax_scale<T>(opts, q.extent(3)),
                        materialise ? std::max<index_t>(n, 1) : kBlockK, resolve_threads(opts.threads),
-                       checked_mask_band(fn, opts, n), softmax_weights<T>{});
+                       mask_band_of(opts), softmax_weights<T>{});
 }
 
 template <class T>
@@ -144,9 +140,9 @@ void polynomial_segmented(tensor_view<const T, 4> q, const segmented_view<const 
   constexpr const char* fn = "polynomial_attention";
   check_segments(fn, q, k, v, out);
   if (stats) check_segmented_stats(fn, q, k, v, out, *stats);
-  check_polynomial_options<T>(fn, opts);
+  check_options<T>(fn, opts, k.length());
   segmented_forward<T>(q, k, v, out, stats, opts.causal, static_cast<T>(opts.scale), kBlockK,
-                       resolve_threads(opts.threads), checked_mask_band(fn, opts, k.length()),
+                       resolve_threads(opts.threads), mask_band_of(opts),
                        polynomial_weights<T>{opts.degree, static_cast<T>(opts.normalizer_bias)});
 }
 
@@ -240,32 +236,28 @@ void polynomial_attention(detail::input_view<T> q, detail::segments_in<T> k, det
 template <class T>
 void flash_attention_backward(detail::input_view<T> q, detail::segments_in<T> k, detail::segments_in<T> v,
                               detail::input_view<T> out, detail::input_view<T> dout,
-                              typename detail::identity<tensor_view<const T, 3>>::type stats, tensor_view<T, 4> dq,
+                              detail::stats_input<T> stats, tensor_view<T, 4> dq,
                               detail::segments_out<T> dk, detail::segments_out<T> dv, const softmax_options& opts = {}) {
   constexpr const char* fn = "flash_attention_backward";
   detail::check_segmented_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
-  detail::check_threads(fn, opts.threads);
-  if (opts.scale) {
-    detail::check_finite_scale(fn, "scale", *opts.scale);
-    detail::check_representable<T>(fn, "scale", *opts.scale);
-  }
+  detail::check_options<T>(fn, opts, k.length());
   detail::segmented_backward<T>(q, k, v, out, dout, stats, dq, dk, dv, opts.causal,
                                 detail::softmax_scale<T>(opts, q.extent(3)), detail::resolve_threads(opts.threads),
-                                detail::checked_mask_band(fn, opts, k.length()), detail::softmax_weights<T>{});
+                                detail::mask_band_of(opts), detail::softmax_weights<T>{});
 }
 
 /// polynomial_attention_backward over segmented keys and values.
 template <class T>
 void polynomial_attention_backward(detail::input_view<T> q, detail::segments_in<T> k, detail::segments_in<T> v,
                                    detail::input_view<T> out, detail::input_view<T> dout,
-                                   typename detail::identity<tensor_view<const T, 3>>::type stats,
+                                   detail::stats_input<T> stats,
                                    tensor_view<T, 4> dq, detail::segments_out<T> dk, detail::segments_out<T> dv,
                                    const polynomial_options& opts = {}) {
   constexpr const char* fn = "polynomial_attention_backward";
   detail::check_segmented_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
-  detail::check_polynomial_options<T>(fn, opts);
+  detail::check_options<T>(fn, opts, k.length());
   detail::segmented_backward<T>(q, k, v, out, dout, stats, dq, dk, dv, opts.causal, static_cast<T>(opts.scale),
-                                detail::resolve_threads(opts.threads), detail::checked_mask_band(fn, opts, k.length()),
+                                detail::resolve_threads(opts.threads), detail::mask_band_of(opts),
                                 detail::polynomial_weights<T>{opts.degree, static_cast<T>(opts.normalizer_bias)});
 }
 

@@ -16,10 +16,11 @@
 #include <string>
 #include <vector>
 
-#include "detail/eigen_bridge.hpp"
-#include "detail/tiling.hpp"
-#include "detail/tiling_backward.hpp"
-#include "detail/validation.hpp"
+#include "detail/core/check_options.hpp"
+#include "detail/core/eigen_bridge.hpp"
+#include "detail/core/validation.hpp"
+#include "detail/exact/tiling.hpp"
+#include "detail/exact/tiling_backward.hpp"
 #include "options.hpp"
 #include "softmax.hpp"
 #include "tensor_view.hpp"
@@ -178,16 +179,7 @@ void check_shaped(const char* fn, const shaped_options& opts, const tensor_view<
   if (q.extent(2) > k.extent(2))
     fail(fn, "every query must sit at a key position (Nq <= Nk; query i is at position i + Nk - Nq): argument 'q' "
              "has shape " + shape_string(q) + " but 'k' has shape " + shape_string(k));
-  check_threads(fn, opts.threads);
-  const std::pair<const char*, double> coefficients[] = {{"alpha", opts.alpha}, {"beta", opts.beta}, {"gamma", opts.gamma}};
-  for (const auto& [name, value] : coefficients) {
-    check_finite_scale(fn, name, value);
-    check_representable<T>(fn, name, value);
-  }
-  if (opts.scale) {
-    check_finite_scale(fn, "scale", *opts.scale);
-    check_representable<T>(fn, "scale", *opts.scale);
-  }
+  check_options<T>(fn, opts);
 }
 
 template <class T>
@@ -229,7 +221,7 @@ enum class shaped_softmax_output { automatic, reconstruct, recompute };
 
 template <class T>
 void shaped_backward(input_view<T> q, input_view<T> k, input_view<T> v, input_view<T> out, input_view<T> dout,
-                     tensor_view<const T, 3> stats, tensor_view<T, 4> dq, tensor_view<T, 4> dk, tensor_view<T, 4> dv,
+                     detail::stats_input<T> stats, tensor_view<T, 4> dq, tensor_view<T, 4> dk, tensor_view<T, 4> dv,
                      const shaped_options& opts, shaped_softmax_output source = shaped_softmax_output::automatic) {
   constexpr const char* fn = "shaped_attention_backward";
   check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
@@ -363,7 +355,7 @@ void shaped_attention(detail::input_view<T> q, detail::input_view<T> k, detail::
 template <class T>
 void shaped_attention_backward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
                                detail::input_view<T> out, detail::input_view<T> dout,
-                               typename detail::identity<tensor_view<const T, 3>>::type stats, tensor_view<T, 4> dq,
+                               detail::stats_input<T> stats, tensor_view<T, 4> dq,
                                tensor_view<T, 4> dk, tensor_view<T, 4> dv, const shaped_options& opts = {}) {
   detail::shaped_backward<T>(q, k, v, out, dout, stats, dq, dk, dv, opts);
 }

@@ -38,7 +38,7 @@
 // each file's alignment flags). A sketch built in a file compiled for x86-64 is used safely by
 // kernels compiled with -mavx2 or -mavx512f (tests/mixed_isa).
 //
-// ---- seeded draw (portable, see detail/random.hpp) -----------------------------------------
+// ---- seeded draw (portable, see detail/core/random.hpp) -----------------------------------------
 // One detail::normal_stream(opts.seed) (splitmix64 -> 53-bit uniforms -> Marsaglia polar,
 // log computed portably) is read leaf after leaf in the leaf order above, row-major inside a
 // leaf, the stream continuing across leaves. Each value g becomes g / r^{1/4} (unbiased,
@@ -60,11 +60,11 @@
 #include <vector>
 
 #include "config.hpp"
-#include "detail/eigen_bridge.hpp"
-#include "detail/gemm.hpp"
-#include "detail/random.hpp"
-#include "detail/simd.hpp"
-#include "detail/validation.hpp"
+#include "detail/core/eigen_bridge.hpp"
+#include "detail/core/gemm.hpp"
+#include "detail/core/random.hpp"
+#include "detail/core/simd.hpp"
+#include "detail/core/validation.hpp"
 #include "options.hpp"
 #include "tensor_view.hpp"
 

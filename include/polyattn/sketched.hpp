@@ -3,10 +3,10 @@
 
 #include <string>
 
-#include "detail/block_linear.hpp"
-#include "detail/validation.hpp"
+#include "detail/core/check_options.hpp"
+#include "detail/core/validation.hpp"
+#include "detail/linear/block_linear.hpp"
 #include "options.hpp"
-#include "polynomial.hpp"
 #include "polysketch.hpp"
 #include "sketch.hpp"
 #include "tensor_view.hpp"
@@ -40,13 +40,6 @@ void check_sketches(const char* fn, const tensor_view<const T, 4>& q, const tens
 /// polysketch_attention, which is sketched_attention(q, k, s(scale·q), s(k), …) with the
 /// sketch's degree. Causal attention runs the block algorithm in time and memory linear in N.
 namespace detail {
-/// The options of sketched_attention and its backward.
-template <class T>
-void check_sketched_options(const char* fn, const sketched_options& opts) {
-  check_polynomial_options<T>(fn, opts);
-  check_block_size(fn, opts.block_size);
-}
-
 /// s(x) = x of dimension r: caller sketches use only a sketch's feature expansion s ⊗ s (packed).
 template <class T>
 polysketch<T> identity_sketch(index_t r) {
@@ -76,7 +69,7 @@ void sketched_attention_impl(input_view<T> q, input_view<T> k, input_view<T> sq,
     check_no_overlap(fn, "stats", *stats, "sq", sq);
     check_no_overlap(fn, "stats", *stats, "sk", sk);
   }
-  check_sketched_options<T>(fn, opts);
+  check_options<T>(fn, opts);
   const polysketch<T> expand = identity_sketch<T>(sq.extent(3));
   detail::run_block_linear<T>(block_problem_of(q, k, v, opts), sketched_source(expand, q, opts), sq, sk, v, out,
                               static_cast<T>(opts.normalizer_bias), nullptr, q, k, nullptr,
@@ -108,7 +101,7 @@ void sketched_attention(detail::input_view<T> q, detail::input_view<T> k, detail
 template <class T>
 void sketched_attention_backward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> sq,
                                  detail::input_view<T> sk, detail::input_view<T> v, detail::input_view<T> out,
-                                 detail::input_view<T> dout, tensor_view<const T, 3> stats, tensor_view<T, 4> dq,
+                                 detail::input_view<T> dout, detail::stats_input<T> stats, tensor_view<T, 4> dq,
                                  tensor_view<T, 4> dk, tensor_view<T, 4> dsq, tensor_view<T, 4> dsk,
                                  tensor_view<T, 4> dv, const sketched_options& opts = {}) {
   constexpr const char* fn = "sketched_attention_backward";
@@ -133,7 +126,7 @@ void sketched_attention_backward(detail::input_view<T> q, detail::input_view<T> 
     detail::check_no_overlap(fn, name, *g, "sq", sq);
     detail::check_no_overlap(fn, name, *g, "sk", sk);
   }
-  detail::check_sketched_options<T>(fn, opts);
+  detail::check_options<T>(fn, opts);
   const polysketch<T> expand = detail::identity_sketch<T>(sq.extent(3));
   // without local_exact q and k are not read and their gradients are zero; with it they are
   // the source's secondary rows, whose gradients the driver writes

@@ -4,9 +4,10 @@
 #include <cmath>
 #include <limits>
 
-#include "detail/eigen_bridge.hpp"
-#include "detail/tiling.hpp"
-#include "detail/validation.hpp"
+#include "detail/core/check_options.hpp"
+#include "detail/core/eigen_bridge.hpp"
+#include "detail/core/validation.hpp"
+#include "detail/exact/tiling.hpp"
 #include "options.hpp"
 #include "tensor_view.hpp"
 
@@ -67,7 +68,7 @@ struct softmax_weights {
   /// The saved statistic: lse = m + log l, −∞ for a row that saw no key.
   T row_statistic(T m, T l) const { return l > T(0) ? m + std::log(l) : masked_score(); }
 
-  // ---- backward (detail/tiling_backward.hpp) ----
+  // ---- backward (detail/exact/tiling_backward.hpp) ----
   /// Per-lane constant from the saved lse: the lse itself, +∞ for an empty row (every
   /// exponent then clamps to the bottom of exp's range and p = 0 exactly).
   void backward_init(const T* stat, index_t n, index_t lanes, T* c) const {
@@ -108,24 +109,11 @@ void softmax_family(const char* fn, tensor_view<const T, 4> q, tensor_view<const
                     const softmax_options& opts, index_t block_k, const tensor_view<T, 3>* stats = nullptr) {
   check_attention(fn, q, k, v, out);
   if (stats) check_stats_output(fn, q, k, v, out, *stats);
-  check_threads(fn, opts.threads);
-  if (opts.scale) {
-    check_finite_scale(fn, "scale", *opts.scale);
-    check_representable<T>(fn, "scale", *opts.scale);
-  }
-  const mask_band band = checked_mask_band(fn, opts, k.extent(2));
+  check_options<T>(fn, opts, k.extent(2));
   attention_problem<T> pb{q,     k,    v, out, opts.causal, softmax_scale<T>(opts, q.extent(3)), block_k,
-                          resolve_threads(opts.threads), stats ? *stats : tensor_view<T, 3>{}, band};
+                          resolve_threads(opts.threads), stats ? *stats : tensor_view<T, 3>{}, mask_band_of(opts)};
   run_tiled_attention<T>(pb, softmax_weights<T>{});
 }
-
-/// T is deduced from `out` only, so q, k, v may be passed as mutable or const views.
-template <class T>
-struct identity {
-  using type = T;
-};
-template <class T>
-using input_view = typename identity<tensor_view<const T, 4>>::type;
 
 }  // namespace detail
 

@@ -88,4 +88,21 @@ constexpr tensor_view<T, 4> view_bnhd(T* data, index_t batch, index_t seq, index
   return tensor_view<T, 4>(data, {batch, heads, seq, dim}, {shd, dim, hd, 1});
 }
 
+namespace detail {
+/// T is deduced from the outputs only, so inputs may be passed as mutable or const views.
+template <class T>
+struct identity {
+  using type = T;
+};
+/// An input q, k, v, out or dout [B, H, N, d] of an entry point templated on T.
+template <class T>
+using input_view = typename identity<tensor_view<const T, 4>>::type;
+/// A caller matrix input (Linformer's E, F).
+template <class T>
+using matrix_view = typename identity<tensor_view<const T, 2>>::type;
+/// The stats input [B, H, Nq] of a backward entry point.
+template <class T>
+using stats_input = typename identity<tensor_view<const T, 3>>::type;
+}  // namespace detail
+
 }  // namespace polyattn

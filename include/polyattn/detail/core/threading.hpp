@@ -1,10 +1,10 @@
-// polyattn/detail/threading.hpp — the one parallel loop every kernel uses (OpenMP when available).
+// polyattn/detail/core/threading.hpp — the one parallel loop every kernel uses (OpenMP when available).
 #pragma once
 
 #include <algorithm>
 #include <exception>
 
-#include "../config.hpp"
+#include "../../config.hpp"
 
 #if POLYATTN_HAS_OPENMP
 #include <omp.h>

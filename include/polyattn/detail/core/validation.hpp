@@ -1,4 +1,4 @@
-// polyattn/detail/validation.hpp — argument checks run once at every entry point (docs/design.md §2).
+// polyattn/detail/core/validation.hpp — argument checks run once at every entry point (docs/design.md §2).
 #pragma once
 
 #include <algorithm>
@@ -9,9 +9,9 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
-#include "../tensor_view.hpp"
-#include "mask.hpp"
+#include "../../tensor_view.hpp"
 
 namespace polyattn::detail {
 
@@ -248,28 +248,6 @@ void check_representable(const char* function, const char* name, double value) {
 inline void check_finite_scale(const char* function, const char* name, double value) {
   if (!(value == value) || value == 1.0 / 0.0 || value == -1.0 / 0.0)
     fail(function, std::string("option '") + name + "' must be finite, got " + format_value(value));
-}
-
-/// The window and global-position options of an exact kernel, checked against the key count
-/// Nk, as the engine's mask_band (which points into opts.global_positions).
-template <class Options>
-mask_band checked_mask_band(const char* function, const Options& opts, index_t nk) {
-  auto window = [&](const char* name, index_t w) {
-    if (w < -1)
-      fail(function, std::string("option '") + name + "' must be -1 (unbounded) or >= 0, got " + std::to_string(w));
-  };
-  window("window_left", opts.window_left);
-  window("window_right", opts.window_right);
-  const auto& g = opts.global_positions;
-  for (std::size_t i = 0; i < g.size(); ++i) {
-    if (g[i] < 0 || g[i] >= nk)
-      fail(function, "option 'global_positions' entry " + std::to_string(i) + " is " + std::to_string(g[i]) +
-                         ", outside the key positions [0, " + std::to_string(nk) + ")");
-    if (i > 0 && g[i] <= g[i - 1])
-      fail(function, "option 'global_positions' must be sorted and distinct: entry " + std::to_string(i) + " is " +
-                         std::to_string(g[i]) + " after " + std::to_string(g[i - 1]));
-  }
-  return mask_band{opts.window_left, opts.window_right, g.data(), static_cast<index_t>(g.size())};
 }
 
 }  // namespace polyattn::detail

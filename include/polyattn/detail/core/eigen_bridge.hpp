@@ -1,9 +1,9 @@
-// polyattn/detail/eigen_bridge.hpp — single-head Eigen overloads: Eigen matrices <-> tensor views.
+// polyattn/detail/core/eigen_bridge.hpp — single-head Eigen overloads: Eigen matrices <-> tensor views.
 #pragma once
 
 #include <Eigen/Core>
 
-#include "../tensor_view.hpp"
+#include "../../tensor_view.hpp"
 
 namespace polyattn {
 

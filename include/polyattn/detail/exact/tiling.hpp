@@ -1,4 +1,4 @@
-// polyattn/detail/tiling.hpp — the tiled exact-attention engine shared by softmax, flash and polynomial.
+// polyattn/detail/exact/tiling.hpp — the tiled exact-attention engine shared by softmax, flash and polynomial.
 //
 // One task = one (batch, head, block of kBlockQ queries). Per task:
 //   Qᵀ (scaled, padded to whole vectors) is packed once;
@@ -17,11 +17,11 @@
 #include <cmath>
 #include <limits>
 
-#include "../tensor_view.hpp"
-#include "gemm.hpp"
+#include "../../tensor_view.hpp"
+#include "../core/gemm.hpp"
+#include "../core/threading.hpp"
 #include "kv_parts.hpp"
 #include "mask.hpp"
-#include "threading.hpp"
 
 namespace polyattn::detail {
 
@@ -37,7 +37,7 @@ struct attention_problem {
   index_t block_k = kBlockK;  // keys per block; >= Nk materialises a whole score row block
   int threads = 1;
   tensor_view<T, 3> stats{};  // [B, H, Nq] row statistics, written when non-empty
-  mask_band band{};           // sliding window and global positions (detail/mask.hpp)
+  mask_band band{};           // sliding window and global positions (detail/exact/mask.hpp)
   // Keys and values in several parts (segmented_view); then k and v above carry only the
   // shapes of their concatenation and are never read.
   const kv_parts<T>* segments = nullptr;

@@ -1,4 +1,4 @@
-// polyattn/detail/kv_parts.hpp — the keys and values of the exact engines as parts of one sequence.
+// polyattn/detail/exact/kv_parts.hpp — the keys and values of the exact engines as parts of one sequence.
 //
 // Plain views are one part; `segmented_view` arguments (segments.hpp) are several, attended as
 // their concatenation without copying (docs/design_exact.md, "Segmented keys and values").
@@ -9,7 +9,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "../tensor_view.hpp"
+#include "../../tensor_view.hpp"
 
 namespace polyattn::detail {
 

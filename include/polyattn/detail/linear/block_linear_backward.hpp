@@ -1,4 +1,4 @@
-// polyattn/detail/block_linear_backward.hpp — backward pass of the block algorithm, on any feature source
+// polyattn/detail/linear/block_linear_backward.hpp — backward pass of the block algorithm, on any feature source
 // (linear_attention on caller features, sketched_attention, polysketch_attention).
 //
 // Forward (docs/design.md §1, §7): w_ij = φq_i·φk_j for keys outside the query's own block and
@@ -47,7 +47,7 @@
 #include <thread>
 #include <vector>
 
-#include "../tensor_view.hpp"
+#include "../../tensor_view.hpp"
 #include "block_linear.hpp"
 
 namespace polyattn::detail {

@@ -1,4 +1,4 @@
-// polyattn/detail/gemm.hpp — the register-blocked GEMM micro-kernel every kernel's matrix products use.
+// polyattn/detail/core/gemm.hpp — the register-blocked GEMM micro-kernel every kernel's matrix products use.
 #pragma once
 
 #include <algorithm>

@@ -1,4 +1,4 @@
-// polyattn/detail/linear_state.hpp — the explicit causal state of linear attention for one sequence.
+// polyattn/detail/linear/linear_state.hpp — the explicit causal state of linear attention for one sequence.
 //
 // Causal linear attention's past is a fixed-size summary (docs/design.md, "Explicit state"):
 //   Z = Σ_j φ(k_j) v_jᵀ  [m x dv]  and  z = Σ_j φ(k_j)  [m]
@@ -13,7 +13,7 @@
 
 #include <vector>
 
-#include "../config.hpp"
+#include "../../config.hpp"
 
 namespace polyattn::detail {
 

@@ -1,4 +1,4 @@
-// polyattn/detail/block_linear.hpp — drivers of the block algorithm shared by linear_attention and
+// polyattn/detail/linear/block_linear.hpp — drivers of the block algorithm shared by linear_attention and
 // polysketch_attention: the chunked causal scan and the non-causal form (docs/design.md).
 //
 // Causal, per (batch, kv head) sequence, blocks of b keys at absolute positions c·b:
@@ -26,10 +26,10 @@
 #include <stdexcept>
 #include <vector>
 
-#include "../tensor_view.hpp"
+#include "../../tensor_view.hpp"
+#include "../core/threading.hpp"
 #include "block_passes.hpp"
 #include "linear_state.hpp"
-#include "threading.hpp"
 
 namespace polyattn::detail {
 

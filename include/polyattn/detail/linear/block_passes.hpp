@@ -1,4 +1,4 @@
-// polyattn/detail/block_passes.hpp — the two passes of chunked linear attention on one block of keys.
+// polyattn/detail/linear/block_passes.hpp — the two passes of chunked linear attention on one block of keys.
 //
 // Linear attention in blocks of b keys ("lower-triangular multiplication", PolySketchFormer §3;
 // the chunked form of flash-linear-attention; docs/design.md, "Block algorithm"):
@@ -29,8 +29,8 @@
 
 #include <algorithm>
 
-#include "gemm.hpp"
-#include "simd.hpp"
+#include "../core/gemm.hpp"
+#include "../core/simd.hpp"
 
 namespace polyattn::detail {
 

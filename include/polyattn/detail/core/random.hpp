@@ -1,4 +1,4 @@
-// polyattn/detail/random.hpp — the portable N(0, 1) generator of seeded sketches (splitmix64 + Marsaglia polar).
+// polyattn/detail/core/random.hpp — the portable N(0, 1) generator of seeded sketches (splitmix64 + Marsaglia polar).
 //
 // Why not <random>: std::normal_distribution is implementation-defined (libstdc++, libc++ and
 // MSVC give different numbers for the same engine), so a sketch drawn from it would change

@@ -1,4 +1,4 @@
-// polyattn/detail/mask.hpp — attention_mask: which keys each query sees, as block lists and boundary tiles.
+// polyattn/detail/exact/mask.hpp — attention_mask: which keys each query sees, as block lists and boundary tiles.
 //
 // One mask concept for the forward and the backward engines (FlashAttention's mask.h idea):
 // the mask yields the key blocks a block of queries must visit, the query blocks a block of
@@ -19,7 +19,8 @@
 #include <algorithm>
 #include <limits>
 
-#include "../config.hpp"
+#include "../../config.hpp"
+#include "../../options.hpp"
 
 namespace polyattn::detail {
 
@@ -30,6 +31,12 @@ struct mask_band {
   const index_t* global = nullptr; ///< sorted, distinct key positions in [0, Nk)
   index_t n_global = 0;
 };
+
+/// The band of checked mask options (detail::check_mask); points into opts.global_positions.
+inline mask_band mask_band_of(const mask_options& opts) {
+  return mask_band{opts.window_left, opts.window_right, opts.global_positions.data(),
+                   static_cast<index_t>(opts.global_positions.size())};
+}
 
 struct attention_mask {
   bool causal = false;

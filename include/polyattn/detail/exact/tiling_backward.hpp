@@ -1,4 +1,4 @@
-// polyattn/detail/tiling_backward.hpp — the backward pass of the tiled exact engine (softmax, flash, polynomial).
+// polyattn/detail/exact/tiling_backward.hpp — the backward pass of the tiled exact engine (softmax, flash, polynomial).
 //
 // FlashAttention-2 style: nothing N² is stored. Scores are recomputed tile by tile from q, k
 // and the per-row statistic the forward saved. Per tile (keys in rows, queries in SIMD lanes,
@@ -26,11 +26,11 @@
 #include <limits>
 #include <vector>
 
-#include "../tensor_view.hpp"
-#include "gemm.hpp"
+#include "../../tensor_view.hpp"
+#include "../core/gemm.hpp"
+#include "../core/threading.hpp"
 #include "kv_parts.hpp"
 #include "mask.hpp"
-#include "threading.hpp"
 
 namespace polyattn::detail {
 
@@ -54,7 +54,7 @@ struct attention_backward_problem {
   T scale = T(1);
   int threads = 1;
   backward_schedule schedule = kDefaultBackwardSchedule;
-  mask_band band{};  // sliding window and global positions (detail/mask.hpp)
+  mask_band band{};  // sliding window and global positions (detail/exact/mask.hpp)
   // Keys, values and their gradients in several parts (segmented_view); then k, v, dk, dv
   // above carry only the shapes of their concatenation and are never read or written.
   const kv_parts<T>* segments = nullptr;

@@ -1,4 +1,4 @@
-// polyattn/detail/simd.hpp — xsimd helpers: architecture traits, aligned scratch, vector loops.
+// polyattn/detail/core/simd.hpp — xsimd helpers: architecture traits, aligned scratch, vector loops.
 #pragma once
 
 #include <cstddef>
@@ -6,9 +6,21 @@
 #include <type_traits>
 #include <vector>
 
+// GCC 12 can report the pass-through described below as definitely uninitialised
+// (-Wuninitialized) inside xsimd's own out-of-line exp (-march=native on AVX-512 CPUs whose
+// xsimd arch is avx512bw: no polyattn frame is on that inlining chain), so the include of xsimd
+// itself is where that warning is turned off.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <xsimd/xsimd.hpp>
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
-#include "../config.hpp"
+#include "../../config.hpp"
 
 namespace polyattn::detail {
 

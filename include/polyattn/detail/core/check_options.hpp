@@ -1,0 +1,128 @@
+// polyattn/detail/core/check_options.hpp — one check per options type (docs/design.md §2).
+//
+// Every entry point calls `check_options<T>(fn, opts)` (the exact kernels with the key count
+// too, for the global positions) once, after the shape checks; a bad option throws
+// std::invalid_argument naming the function and the option. An option given in double is
+// also checked to be representable in the kernel's precision T.
+#pragma once
+
+#include <string>
+
+#include "../../options.hpp"
+#include "validation.hpp"
+
+namespace polyattn::detail {
+
+inline void check_degree(const char* fn, int degree) {
+  if (degree <= 0 || degree % 2 != 0)
+    fail(fn, "option 'degree' must be even and positive (2, 4, 6, ...), got " + std::to_string(degree));
+}
+
+inline void check_normalizer_bias(const char* fn, double bias) {
+  if (!(bias >= 0.0) || bias == 1.0 / 0.0)
+    fail(fn, "option 'normalizer_bias' must be finite and >= 0, got " + format_value(bias));
+}
+
+/// A finite value, representable in T (scale, coefficients).
+template <class T>
+void check_coefficient(const char* fn, const char* name, double value) {
+  check_finite_scale(fn, name, value);
+  check_representable<T>(fn, name, value);
+}
+
+/// An optional scale: unset means the kernel's default.
+template <class T>
+void check_optional_scale(const char* fn, const std::optional<double>& scale) {
+  if (scale) check_coefficient<T>(fn, "scale", *scale);
+}
+
+template <class T>
+void check_bias(const char* fn, double bias) {
+  check_normalizer_bias(fn, bias);
+  check_representable<T>(fn, "normalizer_bias", bias);
+}
+
+/// The window and global-position fields against the key count Nk.
+inline void check_mask(const char* fn, const mask_options& opts, index_t nk) {
+  auto window = [&](const char* name, index_t w) {
+    if (w < -1) fail(fn, std::string("option '") + name + "' must be -1 (unbounded) or >= 0, got " + std::to_string(w));
+  };
+  window("window_left", opts.window_left);
+  window("window_right", opts.window_right);
+  const auto& g = opts.global_positions;
+  for (std::size_t i = 0; i < g.size(); ++i) {
+    if (g[i] < 0 || g[i] >= nk)
+      fail(fn, "option 'global_positions' entry " + std::to_string(i) + " is " + std::to_string(g[i]) +
+                   ", outside the key positions [0, " + std::to_string(nk) + ")");
+    if (i > 0 && g[i] <= g[i - 1])
+      fail(fn, "option 'global_positions' must be sorted and distinct: entry " + std::to_string(i) + " is " +
+                   std::to_string(g[i]) + " after " + std::to_string(g[i - 1]));
+  }
+}
+
+template <class T>
+void check_options(const char* fn, const softmax_options& opts, index_t nk) {
+  check_threads(fn, opts.threads);
+  check_optional_scale<T>(fn, opts.scale);
+  check_mask(fn, opts, nk);
+}
+
+/// The fields polynomial weights share (polynomial_options, sketched_options).
+template <class T, class Options>
+void check_polynomial_fields(const char* fn, const Options& opts) {
+  check_threads(fn, opts.threads);
+  check_degree(fn, opts.degree);
+  check_finite_scale(fn, "scale", opts.scale);
+  check_normalizer_bias(fn, opts.normalizer_bias);
+  check_representable<T>(fn, "scale", opts.scale);
+  check_representable<T>(fn, "normalizer_bias", opts.normalizer_bias);
+}
+
+template <class T>
+void check_options(const char* fn, const polynomial_options& opts, index_t nk) {
+  check_polynomial_fields<T>(fn, opts);
+  check_mask(fn, opts, nk);
+}
+
+template <class T>
+void check_options(const char* fn, const sketched_options& opts) {
+  check_polynomial_fields<T>(fn, opts);
+  check_block_size(fn, opts.block_size);
+}
+
+template <class T>
+void check_options(const char* fn, const polysketch_options& opts) {
+  check_threads(fn, opts.threads);
+  check_coefficient<T>(fn, "scale", opts.scale);
+  check_bias<T>(fn, opts.normalizer_bias);
+  check_block_size(fn, opts.block_size);
+}
+
+template <class T>
+void check_options(const char* fn, const linear_options& opts) {
+  check_threads(fn, opts.threads);
+  check_bias<T>(fn, opts.normalizer_bias);
+}
+
+template <class T>
+void check_options(const char* fn, const linformer_options& opts) {
+  if (opts.causal)
+    fail(fn, "option 'causal' = true is not supported: the projections E·K and F·V mix every key, future ones "
+             "included, into every projected key, so no mask can keep a query from seeing later keys (use "
+             "flash_attention, or favor_features with linear_attention, for causal attention)");
+  check_threads(fn, opts.threads);
+  check_optional_scale<T>(fn, opts.scale);
+}
+
+template <class T>
+void check_options(const char* fn, const shaped_options& opts) {
+  check_threads(fn, opts.threads);
+  check_coefficient<T>(fn, "alpha", opts.alpha);
+  check_coefficient<T>(fn, "beta", opts.beta);
+  check_coefficient<T>(fn, "gamma", opts.gamma);
+  check_optional_scale<T>(fn, opts.scale);
+}
+
+inline void check_options(const char* fn, const compress_options& opts) { check_threads(fn, opts.threads); }
+
+}  // namespace polyattn::detail

@@ -1,0 +1,382 @@
+// tests/fingerprint/fingerprint.cpp — a refactoring guard: runs every public entry point on
+// fixed pseudo-random inputs of sizes that cross the tile, block and thread-range boundaries
+// and prints one FNV-1a hash of the bits of each output. Build it from two commits on the same
+// machine with the same flags and diff the outputs: a restructuring that claims "no numeric
+// change" must print the same lines (docs/design.md §3). Not a ctest: the hashes depend on the
+// ISA and compiler, so there is nothing portable to compare against.
+//
+//   polyattn_fingerprint > after.txt; diff before.txt after.txt
+#include <polyattn/polyattn.hpp>
+
+#include <array>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr polyattn::index_t kN = 601;
+
+double uniform(std::size_t x) {
+  x ^= x >> 29;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 32;
+  return static_cast<double>(x % 1000003) / 1000003.0;
+}
+
+using polyattn::index_t;
+using polyattn::matrix;
+using polyattn::tensor_view;
+
+/// An owned contiguous [d0, d1, d2, d3] tensor with deterministic small values.
+template <class T, std::size_t Rank = 4>
+struct tensor {
+  std::array<index_t, Rank> shape{};
+  std::vector<T> data;
+
+  tensor(std::array<index_t, Rank> s, unsigned salt) : shape(s) {
+    std::size_t n = 1;
+    for (index_t e : s) n *= static_cast<std::size_t>(e);
+    data.resize(n);
+    for (std::size_t i = 0; i < n; ++i)
+      data[i] = static_cast<T>(0.9 * uniform(i * 2654435761u + salt * 40503u) - 0.45);
+  }
+  tensor_view<T, Rank> view() { return tensor_view<T, Rank>(data.data(), shape); }
+  tensor_view<const T, Rank> cview() const { return tensor_view<const T, Rank>(data.data(), shape); }
+};
+
+template <class T>
+matrix<T> small_matrix(index_t rows, index_t cols, unsigned salt) {
+  matrix<T> m(rows, cols);
+  for (index_t i = 0; i < rows; ++i)
+    for (index_t j = 0; j < cols; ++j)
+      m(i, j) = static_cast<T>(0.9 * uniform(static_cast<std::size_t>(i * 7919 + j) * 2654435761u + salt * 40503u) - 0.45);
+  return m;
+}
+
+struct checker {
+  int bad = 0;
+  template <class T>
+  void finite(const char* what, const T* p, std::size_t n) {
+    std::uint64_t h = 1469598103934665603ull;
+    const auto* bytes = reinterpret_cast<const unsigned char*>(p);
+    for (std::size_t i = 0; i < n * sizeof(T); ++i) h = (h ^ bytes[i]) * 1099511628211ull;
+    std::printf("%-48s %s n=%zu %016llx\n", what, sizeof(T) == 4 ? "float " : "double", n,
+                static_cast<unsigned long long>(h));
+  }
+  template <class T, std::size_t R>
+  void finite(const char* what, const tensor<T, R>& t) { finite(what, t.data.data(), t.data.size()); }
+  template <class T>
+  void finite(const char* what, const matrix<T>& m) { finite(what, m.data(), static_cast<std::size_t>(m.size())); }
+  template <class T>
+  void finite(const char* what, const std::vector<T>& v) { finite(what, v.data(), v.size()); }
+};
+
+template <class T>
+void exact_kernels(checker& ck, bool causal) {
+  using namespace polyattn;
+  const index_t B = 1, H = 4, Hk = 2, N = kN, d = 37, dv = 29;
+  tensor<T> q({B, H, N, d}, 1), k({B, Hk, N, d}, 2), v({B, Hk, N, dv}, 3), out({B, H, N, dv}, 0);
+  tensor<T> dout({B, H, N, dv}, 4), dq({B, H, N, d}, 0), dk({B, Hk, N, d}, 0), dv_({B, Hk, N, dv}, 0);
+  tensor<T, 3> stats({B, H, N}, 0);
+
+  softmax_options so;
+  so.causal = causal;
+  softmax_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), so);
+  ck.finite("003 softmax_attention out", out);
+  softmax_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), so, stats.view());
+  ck.finite("004 softmax_attention out", out);
+  ck.finite("004 softmax_attention stats", stats);
+  ck.finite("softmax_attention", out);
+  flash_attention<T>(q.cview(), k.cview(), v.cview(), out.view());
+  ck.finite("005 flash_attention out", out);
+  softmax_options windowed = so;
+  windowed.window_left = 70;
+  windowed.window_right = 30;
+  windowed.global_positions = {0, 5, 300};
+  flash_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), windowed, stats.view());
+  ck.finite("006 flash_attention out", out);
+  ck.finite("006 flash_attention stats", stats);
+  flash_attention_backward<T>(q.cview(), k.cview(), v.cview(), out.cview(), dout.cview(), stats.cview(), dq.view(),
+                              dk.view(), dv_.view(), windowed);
+                              ck.finite("007 flash_attention_backward dq", dq);
+                              ck.finite("007 flash_attention_backward dk", dk);
+                              ck.finite("007 flash_attention_backward dv", dv_);
+  ck.finite("flash_attention_backward dq", dq);
+  ck.finite("flash_attention_backward dk", dk);
+
+  polynomial_options po;
+  po.causal = causal;
+  polynomial_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), po);
+  ck.finite("008 polynomial_attention out", out);
+  polynomial_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), po, stats.view());
+  ck.finite("009 polynomial_attention out", out);
+  ck.finite("009 polynomial_attention stats", stats);
+  polynomial_attention_backward<T>(q.cview(), k.cview(), v.cview(), out.cview(), dout.cview(), stats.cview(),
+                                   dq.view(), dk.view(), dv_.view(), po);
+                                   ck.finite("010 polynomial_attention_backward dq", dq);
+                                   ck.finite("010 polynomial_attention_backward dk", dk);
+                                   ck.finite("010 polynomial_attention_backward dv", dv_);
+  ck.finite("polynomial_attention_backward dv", dv_);
+
+  shaped_options sh;
+  sh.causal = causal;
+  shaped_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), sh);
+  ck.finite("011 shaped_attention out", out);
+  shaped_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), sh, stats.view());
+  ck.finite("012 shaped_attention out", out);
+  ck.finite("012 shaped_attention stats", stats);
+  shaped_attention_backward<T>(q.cview(), k.cview(), v.cview(), out.cview(), dout.cview(), stats.cview(), dq.view(),
+                               dk.view(), dv_.view(), sh);
+                               ck.finite("013 shaped_attention_backward dq", dq);
+                               ck.finite("013 shaped_attention_backward dk", dk);
+                               ck.finite("013 shaped_attention_backward dv", dv_);
+  ck.finite("shaped_attention_backward dq", dq);
+
+  // segmented keys and values: [k0 | k1] of lengths 3 and 5
+  tensor<T> k0({B, Hk, 200, d}, 5), k1({B, Hk, N - 200, d}, 6), v0({B, Hk, 200, dv}, 7), v1({B, Hk, N - 200, dv}, 8);
+  tensor<T> dk0({B, Hk, 200, d}, 0), dk1({B, Hk, N - 200, d}, 0), dv0({B, Hk, 200, dv}, 0), dv1({B, Hk, N - 200, dv}, 0);
+  const segmented_view<const T> ks{k0.cview(), k1.cview()}, vs{v0.cview(), v1.cview()};
+  const segmented_view<T> dks{dk0.view(), dk1.view()}, dvs{dv0.view(), dv1.view()};
+  softmax_attention<T>(q.cview(), ks, vs, out.view(), so);
+  ck.finite("014 softmax_attention out", out);
+  softmax_attention<T>(q.cview(), ks, vs, out.view(), so, stats.view());
+  ck.finite("015 softmax_attention out", out);
+  ck.finite("015 softmax_attention stats", stats);
+  flash_attention<T>(q.cview(), ks, vs, out.view(), so);
+  ck.finite("016 flash_attention out", out);
+  flash_attention<T>(q.cview(), ks, vs, out.view(), so, stats.view());
+  ck.finite("017 flash_attention out", out);
+  ck.finite("017 flash_attention stats", stats);
+  flash_attention_backward<T>(q.cview(), ks, vs, out.cview(), dout.cview(), stats.cview(), dq.view(), dks, dvs, so);
+  ck.finite("018 flash_attention_backward dq", dq);
+  ck.finite("018 flash_attention_backward dk0", dk0);
+  ck.finite("018 flash_attention_backward dk1", dk1);
+  ck.finite("018 flash_attention_backward dv1", dv1);
+  ck.finite("018 flash_attention_backward dv0", dv0);
+  ck.finite("segmented flash backward dk1", dk1);
+  polynomial_attention<T>(q.cview(), ks, vs, out.view(), po);
+  ck.finite("019 polynomial_attention out", out);
+  polynomial_attention<T>(q.cview(), ks, vs, out.view(), po, stats.view());
+  ck.finite("020 polynomial_attention out", out);
+  ck.finite("020 polynomial_attention stats", stats);
+  polynomial_attention_backward<T>(q.cview(), ks, vs, out.cview(), dout.cview(), stats.cview(), dq.view(), dks, dvs,
+                                   po);
+                                   ck.finite("021 polynomial_attention_backward dq", dq);
+                                   ck.finite("021 polynomial_attention_backward dk0", dk0);
+                                   ck.finite("021 polynomial_attention_backward dk1", dk1);
+                                   ck.finite("021 polynomial_attention_backward dv1", dv1);
+                                   ck.finite("021 polynomial_attention_backward dv0", dv0);
+  ck.finite("segmented polynomial backward dv0", dv0);
+
+  // Linformer: E, F [kp, Nk]
+  const index_t kp = 40;
+  tensor<T, 2> E({kp, N}, 9), F({kp, N}, 10), dE({kp, N}, 0), dF({kp, N}, 0);
+  linformer_options lo;
+  linformer_attention<T>(q.cview(), k.cview(), v.cview(), E.cview(), F.cview(), out.view(), lo);
+  ck.finite("022 linformer_attention out", out);
+  linformer_attention<T>(q.cview(), k.cview(), v.cview(), E.cview(), F.cview(), out.view(), lo, stats.view());
+  ck.finite("023 linformer_attention out", out);
+  ck.finite("023 linformer_attention stats", stats);
+  linformer_attention_backward<T>(q.cview(), k.cview(), v.cview(), E.cview(), F.cview(), out.cview(), dout.cview(),
+                                  stats.cview(), dq.view(), dk.view(), dv_.view(), dE.view(), dF.view(), lo);
+                                  ck.finite("024 linformer_attention_backward dq", dq);
+                                  ck.finite("024 linformer_attention_backward dk", dk);
+                                  ck.finite("024 linformer_attention_backward dv", dv_);
+                                  ck.finite("024 linformer_attention_backward dE", dE);
+                                  ck.finite("024 linformer_attention_backward dF", dF);
+  ck.finite("linformer_attention_backward dE", dE);
+
+  // compress_memory
+  tensor<T> x({B, H, N, d}, 11), cx({B, H, (N + 2) / 3, d}, 0), dcx({B, H, (N + 2) / 3, d}, 12), dx({B, H, N, d}, 0);
+  for (pooling mode : {pooling::mean, pooling::max}) {
+    compress_memory<T>(x.cview(), 3, mode, cx.view());
+    ck.finite("025 compress_memory cx", cx);
+    compress_memory_backward<T>(x.cview(), 3, mode, dcx.cview(), dx.view());
+    ck.finite("026 compress_memory_backward dx", dx);
+  }
+  ck.finite("compress_memory", cx);
+  ck.finite("compress_memory_backward", dx);
+
+  // the framework layout [batch, seq, heads, dim]
+  std::vector<T> bnhd(static_cast<std::size_t>(B * N * H * d), T(0.1));
+  const tensor_view<T, 4> qb = view_bnhd(bnhd.data(), B, N, H, d);
+  flash_attention<T>(qb, k.cview(), v.cview(), out.view());
+  ck.finite("027 flash_attention out", out);
+  ck.finite("flash_attention on view_bnhd", out);
+
+  // single-head Eigen overloads
+  const matrix<T> mq = small_matrix<T>(N, d, 1), mk = small_matrix<T>(N, d, 2), mv = small_matrix<T>(N, dv, 3);
+  ck.finite("softmax_attention (Eigen)", softmax_attention(mq, mk, mv, so));
+  ck.finite("flash_attention (Eigen)", flash_attention(mq, mk, mv, windowed));
+  ck.finite("polynomial_attention (Eigen)", polynomial_attention(mq, mk, mv, po));
+  ck.finite("shaped_attention (Eigen)", shaped_attention(mq, mk, mv, sh));
+  const matrix<T> mE = small_matrix<T>(kp, N, 4), mF = small_matrix<T>(kp, N, 5);
+  ck.finite("linformer_attention (Eigen)", linformer_attention(mq, mk, mv, mE, mF, lo));
+  const matrix<T> mc = compress_memory(mq, index_t(3), pooling::mean);
+  ck.finite("compress_memory (Eigen)", mc);
+  ck.finite("compress_memory_backward (Eigen)", compress_memory_backward(mq, index_t(3), pooling::max, mc));
+}
+
+template <class T>
+void linear_kernels(checker& ck, bool causal) {
+  using namespace polyattn;
+  const index_t B = 1, H = 2, Hk = 1, N = kN, d = 37, dv = 29, r = 8;
+  tensor<T> q({B, H, N, d}, 1), k({B, Hk, N, d}, 2), v({B, Hk, N, dv}, 3), out({B, H, N, dv}, 0);
+  tensor<T> dout({B, H, N, dv}, 4), dq({B, H, N, d}, 0), dk({B, Hk, N, d}, 0), dv_({B, Hk, N, dv}, 0);
+  tensor<T, 3> stats({B, H, N}, 0);
+
+  // Performer features: FAVOR+ through linear_attention
+  favor_options fo;
+  fo.features = 40;
+  const favor_features<T> favor(d, fo);
+  const index_t m = favor.feature_dim();
+  tensor<T> phq({B, H, N, m}, 0), phk({B, Hk, N, m}, 0), dphq({B, H, N, m}, 0), dphk({B, Hk, N, m}, 0);
+  favor.queries(q.cview(), phq.view());
+  ck.finite("028 queries phq", phq);
+  favor.keys(k.cview(), phk.view());
+  ck.finite("029 keys phk", phk);
+  linear_options lo;
+  lo.causal = causal;
+  linear_attention<T>(phq.cview(), phk.cview(), v.cview(), out.view(), lo);
+  ck.finite("030 linear_attention out", out);
+  linear_attention<T>(phq.cview(), phk.cview(), v.cview(), out.view(), lo, stats.view());
+  ck.finite("031 linear_attention out", out);
+  ck.finite("031 linear_attention stats", stats);
+  linear_attention_backward<T>(phq.cview(), phk.cview(), v.cview(), out.cview(), dout.cview(), stats.cview(),
+                               dphq.view(), dphk.view(), dv_.view(), lo);
+                               ck.finite("032 linear_attention_backward dv", dv_);
+                               ck.finite("032 linear_attention_backward phq", phq);
+                               ck.finite("032 linear_attention_backward phk", phk);
+                               ck.finite("032 linear_attention_backward dphq", dphq);
+                               ck.finite("032 linear_attention_backward dphk", dphk);
+  favor.backward(q.cview(), phq.cview(), dphq.cview(), dq.view());
+  ck.finite("033 backward dq", dq);
+  ck.finite("linear_attention_backward dphi_k", dphk);
+  ck.finite("favor_features::backward", dq);
+  const matrix<T> mq = small_matrix<T>(N, d, 1), mk = small_matrix<T>(N, d, 2), mv = small_matrix<T>(N, dv, 3);
+  const matrix<T> fq = favor.queries(mq), fk = favor.keys(mk);
+  ck.finite("linear_attention (Eigen)", linear_attention(fq, fk, mv, lo));
+  ck.finite("favor_features::backward (Eigen)", favor.backward(mq, fq, fq));
+  const favor_features<T> favor2 = favor_features<T>::from_projection(favor.projection());
+  ck.finite("favor_features::from_projection", favor2.keys(mk));
+
+  // PolySketch
+  sketch_options sko;
+  sko.degree = 4;
+  sko.sketch_size = r;
+  const polysketch<T> sketch(d, sko);
+  const polysketch<T> sketch2 = polysketch<T>::from_matrices(sketch.leaves(), sko);
+  const matrix<T> s = sketch2.sketch(mq);
+  matrix<T> sdx;
+  std::vector<matrix<T>> leaf_grads;
+  sketch.sketch_backward(mq, s, sdx, &leaf_grads);
+  ck.finite("polysketch::sketch_backward", sdx);
+  ck.finite("polysketch::features (Eigen)", sketch.features(mq));
+  tensor<T> phi({B, H, N, sketch.feature_dim()}, 0);
+  sketch.features(q.cview(), phi.view());
+  ck.finite("035 features phi", phi);
+  ck.finite("polysketch::features", phi);
+
+  polysketch_options pso;
+  pso.causal = causal;
+  pso.block_size = 64;
+  pso.local_exact = true;
+  polysketch_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), sketch, pso);
+  ck.finite("036 polysketch_attention out", out);
+  polysketch_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), sketch, pso, stats.view());
+  ck.finite("037 polysketch_attention out", out);
+  ck.finite("037 polysketch_attention stats", stats);
+  polysketch_attention_backward<T>(q.cview(), k.cview(), v.cview(), out.cview(), dout.cview(), stats.cview(),
+                                   dq.view(), dk.view(), dv_.view(), sketch, pso, &leaf_grads);
+                                   ck.finite("038 polysketch_attention_backward dq", dq);
+                                   ck.finite("038 polysketch_attention_backward dk", dk);
+                                   ck.finite("038 polysketch_attention_backward dv", dv_);
+  ck.finite("polysketch_attention_backward dk", dk);
+  for (const matrix<T>& g : leaf_grads) ck.finite("polysketch_attention_backward leaf grads", g);
+  ck.finite("polysketch_attention (Eigen)", polysketch_attention(mq, mk, mv, sketch, pso));
+
+  // caller-supplied sketches
+  tensor<T> sq({B, H, N, r}, 5), sk({B, Hk, N, r}, 6), dsq({B, H, N, r}, 0), dsk({B, Hk, N, r}, 0);
+  sketched_options sdo;
+  sdo.causal = causal;
+  sdo.block_size = 64;
+  sdo.local_exact = true;
+  sketched_attention<T>(q.cview(), k.cview(), sq.cview(), sk.cview(), v.cview(), out.view(), sdo);
+  ck.finite("039 sketched_attention out", out);
+  sketched_attention<T>(q.cview(), k.cview(), sq.cview(), sk.cview(), v.cview(), out.view(), sdo, stats.view());
+  ck.finite("040 sketched_attention out", out);
+  ck.finite("040 sketched_attention stats", stats);
+  sketched_attention_backward<T>(q.cview(), k.cview(), sq.cview(), sk.cview(), v.cview(), out.cview(), dout.cview(),
+                                 stats.cview(), dq.view(), dk.view(), dsq.view(), dsk.view(), dv_.view(), sdo);
+                                 ck.finite("041 sketched_attention_backward dq", dq);
+                                 ck.finite("041 sketched_attention_backward dk", dk);
+                                 ck.finite("041 sketched_attention_backward dv", dv_);
+                                 ck.finite("041 sketched_attention_backward dsq", dsq);
+                                 ck.finite("041 sketched_attention_backward dsk", dsk);
+  ck.finite("sketched_attention_backward dsk", dsk);
+
+  // caches: a prefill of 4 tokens, then 4 one-token steps, then a summary round trip
+  const index_t half = 318;  // prefill 318, 4 steps, append 318: 640 tokens, whole blocks of 64
+  tensor<T> q1({B, H, 1, d}, 7), k1({B, Hk, 1, d}, 8), v1({B, Hk, 1, dv}, 9), o1({B, H, 1, dv}, 0);
+  tensor<T> sq1({B, H, 1, r}, 10), sk1({B, Hk, 1, r}, 11), pq1({B, H, 1, m}, 0), pk1({B, Hk, 1, m}, 0);
+  tensor<T> qh({B, H, half, d}, 12), kh({B, Hk, half, d}, 13), vh({B, Hk, half, dv}, 14), oh({B, H, half, dv}, 0);
+  tensor<T> sqh({B, H, half, r}, 15), skh({B, Hk, half, r}, 16), pqh({B, H, half, m}, 0), pkh({B, Hk, half, m}, 0);
+  favor.queries(q1.cview(), pq1.view());
+  ck.finite("042 queries pq1", pq1);
+  favor.keys(k1.cview(), pk1.view());
+  favor.queries(qh.cview(), pqh.view());
+  favor.keys(kh.cview(), pkh.view());
+  ck.finite("045 keys pkh", pkh);
+
+  polysketch_options cpso = pso;
+  cpso.causal = true;
+  polysketch_cache<T> pc(sketch, B, Hk, dv, cpso);
+  pc.forward(qh.cview(), kh.cview(), vh.cview(), oh.view());
+  ck.finite("046 forward oh", oh);
+  for (int step = 0; step < 4; ++step) pc.forward(q1.cview(), k1.cview(), v1.cview(), o1.view());
+  pc.append(kh.cview(), vh.cview());
+  const std::vector<T> summary = pc.export_summary();
+  pc.import_summary(summary, pc.length());
+  ck.finite("polysketch_cache", o1);
+  ck.finite("polysketch_cache summary", summary);
+
+  sketched_options csdo = sdo;
+  csdo.causal = true;
+  sketched_cache<T> sc(r, d, B, Hk, dv, csdo);
+  sc.forward(qh.cview(), kh.cview(), sqh.cview(), skh.cview(), vh.cview(), oh.view());
+  ck.finite("049 forward oh", oh);
+  sc.forward(q1.cview(), k1.cview(), sq1.cview(), sk1.cview(), v1.cview(), o1.view());
+  ck.finite("050 forward o1", o1);
+  sc.append(kh.cview(), skh.cview(), vh.cview());
+  ck.finite("sketched_cache", o1);
+
+  linear_options clo = lo;
+  clo.causal = true;
+  linear_cache<T> lc(m, B, Hk, dv, clo);
+  lc.forward(pqh.cview(), pkh.cview(), vh.cview(), oh.view());
+  ck.finite("052 forward oh", oh);
+  lc.forward(pq1.cview(), pk1.cview(), v1.cview(), o1.view());
+  ck.finite("053 forward o1", o1);
+  lc.append(pkh.cview(), vh.cview());
+  ck.finite("linear_cache", o1);
+  if (lc.memory_bytes() == 0) ++ck.bad;
+}
+
+}  // namespace
+
+int main() {
+  checker ck;
+  for (bool causal : {true, false}) {
+    std::printf("causal = %d\n", causal ? 1 : 0);
+    exact_kernels<float>(ck, causal);
+    exact_kernels<double>(ck, causal);
+    linear_kernels<float>(ck, causal);
+    linear_kernels<double>(ck, causal);
+  }
+  std::printf("%s\n", ck.bad == 0 ? "all entry points ran" : "some outputs were not finite");
+  return ck.bad == 0 ? 0 : 1;
+}
