@@ -97,9 +97,8 @@ class polysketch {
   using value_type = T;
   /// The vector width W of the raw kernels (xsimd::batch<T> of the default architecture).
   static constexpr index_t simd_width = static_cast<index_t>(xsimd::batch<T>::size);
-  /// Padding granularity of the stored layout: 64 bytes, the widest vector of any ISA, and not
-  /// the vector width of the translation unit that constructs the sketch, so a sketch built in
-  /// a file compiled for one ISA is used safely by kernels compiled for another.
+  /// Padding of the stored layout: 64 bytes, the widest vector of any ISA, not the vector width
+  /// of the constructing file, so a sketch built for one ISA is used safely by kernels of another.
   static constexpr index_t layout_pad = detail::sketch_layout_pad<T>;
   static_assert(layout_pad % simd_width == 0, "polysketch: the layout padding must be a multiple of the vector width");
   /// Rows processed per pass of the sketch tree; scratch_size(n) stops growing beyond it.
@@ -107,19 +106,15 @@ class polysketch {
 
   /// An empty sketch (degree() == 0); the user-facing functions reject it.
   polysketch() = default;
-
   /// Seeded random draw: leaves i.i.d. N(0, 1) from the portable generator, scaled per
-  /// opts.scaling. Throws std::invalid_argument for head_dim < 1, a degree other than
-  /// 2, 4, 8, 16, or (p > 2) sketch_size < 1. For p = 2 the sketch is the identity and
-  /// sketch_size and seed are unused.
+  /// opts.scaling. Throws std::invalid_argument for head_dim < 1, a degree other than 2, 4, 8, 16,
+  /// or (p > 2) sketch_size < 1. For p = 2 the sketch is the identity (sketch_size, seed unused).
   explicit polysketch(index_t head_dim, const sketch_options& opts = {});
-
-  /// Caller-supplied leaves in the documented order, used exactly as given (c = 1).
-  /// opts.degree and opts.packed are used; opts.seed and opts.scaling are ignored and
-  /// sketch_size is taken from the leaves (options().sketch_size reports it). Degree 2 has no
-  /// leaves and hence no head dim to take from them: use the overload with head_dim.
+  /// Caller-supplied leaves in the documented order, used exactly as given (c = 1). opts.degree
+  /// and opts.packed are used, opts.seed and opts.scaling ignored; sketch_size is taken from the
+  /// leaves (options().sketch_size reports it). Degree 2 has no leaves to take the head dim
+  /// from: use the overload with head_dim.
   static polysketch from_matrices(std::vector<matrix<T>> leaves, const sketch_options& opts = {});
-
   /// As above with the head dim given: works for degree 2 (empty leaves) and checks that the
   /// leaves' head dim (rows of G1) equals head_dim for p > 2.
   static polysketch from_matrices(index_t head_dim, std::vector<matrix<T>> leaves, const sketch_options& opts = {});
@@ -135,83 +130,54 @@ class polysketch {
   index_t feature_dim() const noexcept { return detail::sketch_feature_dim(sk_); }
   bool packed() const noexcept { return opts_.packed; }
   const sketch_options& options() const noexcept { return opts_; }
-  /// The leaves as used (scaling folded in), in the documented order.
-  /// A copy, by value: the sketch keeps its leaves in its own buffers rather than in Eigen
-  /// matrices, whose allocation depends on the compile flags of each translation unit.
+  /// The leaves as used (scaling folded in), in the documented order. A copy, by value: the
+  /// sketch keeps its leaves in its own buffers, not in Eigen matrices (whose allocation
+  /// depends on the compile flags of each translation unit).
   std::vector<matrix<T>> leaves() const;
   /// Number of leaves (0, 2, 6, 14 for p = 2, 4, 8, 16).
   std::size_t leaf_count() const noexcept { return sk_.leaves.size(); }
 
   // ---- raw kernels (no allocation, no validation, vectorised; detail/sketch/) -----------------
-
   /// Scratch (elements of T) sketch_rows needs for n rows: min(n, kRowChunk) · 2L · sketch_stride()
   /// with L = p/4 leaf nodes; 0 for degree 2.
   index_t scratch_size(index_t n) const noexcept { return detail::sketch_scratch_size(sk_, n); }
-
   /// s = sketch of (input_scale · x) for n rows: x row i at x + i·ldx (head_dim() contiguous
-  /// values), s row i at s + i·lds with lds >= sketch_stride(); the padding columns
-  /// [sketch_dim, sketch_stride) may be overwritten with anything. scratch: scratch_size(n)
-  /// elements. A row's result does not depend on n or on the row's position (same bits).
-  void sketch_rows(const T* x, index_t ldx, index_t n, T input_scale, T* s, index_t lds, T* scratch) const {
-    detail::sketch_tree_rows(sk_, x, ldx, n, input_scale, s, lds, scratch);
-  }
-
-  /// phi row i = features of s row i (packed or unpacked per options()), phi + i·ldphi with
-  /// ldphi >= feature_dim(); exactly the first feature_dim() entries of each row are written.
-  /// s rows as written by sketch_rows (only the first sketch_dim() entries are read).
-  void expand_rows(const T* s, index_t lds, index_t n, T* phi, index_t ldphi) const {
-    detail::expand_sketch_rows(sk_.r, sk_.packed, s, lds, n, phi, ldphi);
-  }
-
+  /// values), s row i at s + i·lds, lds >= sketch_stride() (the padding columns may be
+  /// overwritten). scratch: scratch_size(n) elements. A row's bits do not depend on n or its position.
+  void sketch_rows(const T* x, index_t ldx, index_t n, T input_scale, T* s, index_t lds, T* scratch) const;
+  /// phi row i = features of s row i (per options().packed) at phi + i·ldphi, ldphi >= feature_dim():
+  /// exactly feature_dim() entries written; s rows as sketch_rows writes them (sketch_dim() read).
+  void expand_rows(const T* s, index_t lds, index_t n, T* phi, index_t ldphi) const;
   /// Values of a flat leaf-gradient accumulator: every leaf of leaves(), row-major, back to back.
   index_t leaf_values() const noexcept { return detail::sketch_leaf_values(sk_); }
-
   /// The leaves' shapes filled from a flat array of leaf_values() values in that layout (e.g. a
   /// leaf-gradient accumulator of sketch_rows_backward).
   std::vector<matrix<T>> leaf_matrices(const T* flat) const { return detail::sketch_leaf_matrices(sk_, flat); }
-
-  /// Scratch (elements of T) sketch_rows_backward needs for n rows: the scaled input, its
-  /// gradient, every node's u, w and s for min(n, kRowChunk) rows, and one leaf's gradient;
-  /// 0 for degree 2.
+  /// Scratch (elements of T) sketch_rows_backward needs for n rows: the scaled input, its gradient,
+  /// every node's u, w, s for min(n, kRowChunk) rows and one leaf's gradient; 0 for degree 2.
   index_t backward_scratch_size(index_t n) const noexcept { return detail::sketch_backward_scratch_size(sk_, n); }
-
-  /// Backward of sketch_rows: for s = sketch of (input_scale · x) over n rows and the gradient
-  /// ds (sketch_dim() values per row at ds + i·ldds), writes dx row i = dL/dx_i (head_dim()
-  /// values at dx + i·lddx, overwritten) and, when leaf_acc is not null, adds dL/d(leaf) to it
-  /// (leaf_values() values: the leaves as used, in the order of leaves(), row-major, back to
-  /// back). scratch: backward_scratch_size(n) elements. Runs on the calling thread. The
-  /// method (a taped forward walked in reverse) is documented in detail/sketch/tree_backward.hpp.
+  /// Backward of sketch_rows: from ds (sketch_dim() values per row at ds + i·ldds) writes dx row i
+  /// = dL/dx_i (head_dim() values at dx + i·lddx) and, when leaf_acc is not null, adds dL/d(leaf)
+  /// to it (leaf_values() values, laid out as leaf_matrices reads them). scratch:
+  /// backward_scratch_size(n). Runs on the calling thread (method: detail/sketch/tree_backward.hpp).
   void sketch_rows_backward(const T* x, index_t ldx, index_t n, T input_scale, const T* ds, index_t ldds, T* dx,
-                            index_t lddx, T* leaf_acc, T* scratch) const {
-    detail::sketch_tree_backward(sk_, x, ldx, n, input_scale, ds, ldds, dx, lddx, leaf_acc, scratch);
-  }
-
-  /// Backward of expand_rows: ds row i = J_φ(s_i)ᵀ dφ_i (sketch_dim() values at ds + i·ldds,
-  /// overwritten) for n <= ldt rows of s, from their feature gradients stored feature-major:
-  /// dφ_i[f] = dphi_t[f·ldt + i], ldt a multiple of simd_width (lanes i >= n must be finite;
-  /// they are not used). scratch: 2·sketch_dim()·ldt elements (detail/sketch/expand.hpp).
+                            index_t lddx, T* leaf_acc, T* scratch) const;
+  /// Backward of expand_rows: ds row i = J_φ(s_i)ᵀ dφ_i (sketch_dim() values at ds + i·ldds) for
+  /// n <= ldt rows, from dφ_i[f] = dphi_t[f·ldt + i] (feature-major; ldt a multiple of simd_width,
+  /// lanes i >= n finite and unused). scratch: 2·sketch_dim()·ldt (detail/sketch/expand.hpp).
   void expand_rows_backward(const T* s, index_t lds, index_t n, const T* dphi_t, index_t ldt, T* ds, index_t ldds,
-                            T* scratch) const {
-    detail::expand_sketch_rows_backward(sk_.r, sk_.packed, s, lds, n, dphi_t, ldt, ds, ldds, scratch);
-  }
+                            T* scratch) const;
 
   // ---- user-facing (validated) ----------------------------------------------------------------
-
   /// [n, head_dim] -> [n, sketch_dim]: the sketch s(x) of every row.
   matrix<T> sketch(const Eigen::Ref<const matrix<T>>& x) const;
-
-  /// Gradients of the sketch: for s = sketch(x) and the gradient ds = dL/ds [n, sketch_dim],
-  /// writes dx = dL/dx [n, head_dim] and, when leaf_grads is not null, dL/d(leaf) for every
-  /// leaf in the order of leaves() (resized and overwritten), so a model can learn the tree's
-  /// matrices. Every node of the tree is s = u ∘ w with u = s_a·A, w = s_b·B (a leaf node:
-  /// s_a = s_b = x and A, B = G1, G2), so going back: du = ds ∘ w, dw = ds ∘ u,
-  /// ds_a = du·Aᵀ, ds_b = dw·Bᵀ, dA = s_aᵀ·du, dB = s_bᵀ·dw — the combine plan in reverse.
+  /// For s = sketch(x) and ds = dL/ds [n, sketch_dim]: dx = dL/dx [n, head_dim] and, when
+  /// leaf_grads is not null, dL/d(leaf) for every leaf in the order of leaves() (resized and
+  /// overwritten), so a model can learn the tree's matrices (detail/sketch/tree_backward.hpp).
   void sketch_backward(const Eigen::Ref<const matrix<T>>& x, const Eigen::Ref<const matrix<T>>& ds, matrix<T>& dx,
                        std::vector<matrix<T>>* leaf_grads = nullptr) const;
-
   /// [n, head_dim] -> [n, feature_dim]: φ(x) = s(x) ⊗ s(x) of every row.
   matrix<T> features(const Eigen::Ref<const matrix<T>>& x) const;
-
   /// x [B, H, N, head_dim] -> phi [B, H, N, feature_dim]; strided views (e.g. view_bnhd)
   /// accepted, innermost dimension contiguous. Runs on the calling thread.
   void features(tensor_view<const T, 4> x, tensor_view<T, 4> phi) const;
@@ -253,7 +219,8 @@ polysketch<T> polysketch<T>::from_matrices(std::vector<matrix<T>> leaves, const 
 }
 
 template <class T>
-polysketch<T> polysketch<T>::from_matrices(index_t head_dim, std::vector<matrix<T>> leaves, const sketch_options& opts) {
+polysketch<T> polysketch<T>::from_matrices(index_t head_dim, std::vector<matrix<T>> leaves,
+                                           const sketch_options& opts) {
   constexpr const char* fn = "polysketch::from_matrices";
   if (head_dim < 1) detail::fail(fn, "argument 'head_dim' must be >= 1, got " + std::to_string(head_dim));
   detail::check_sketch_size(fn, "argument 'head_dim'", head_dim);
@@ -269,6 +236,31 @@ std::vector<matrix<T>> polysketch<T>::leaves() const {
   for (const detail::sketch_leaf<T>& l : sk_.leaves)
     out.push_back(Eigen::Map<const matrix<T>>(l.data.data(), l.rows, l.cols));
   return out;
+}
+
+// ---- raw kernels: the free functions of detail/sketch/ on the stored layout ------------------------
+
+template <class T>
+void polysketch<T>::sketch_rows(const T* x, index_t ldx, index_t n, T input_scale, T* s, index_t lds,
+                                T* scratch) const {
+  detail::sketch_tree_rows(sk_, x, ldx, n, input_scale, s, lds, scratch);
+}
+
+template <class T>
+void polysketch<T>::expand_rows(const T* s, index_t lds, index_t n, T* phi, index_t ldphi) const {
+  detail::expand_sketch_rows(sk_.r, sk_.packed, s, lds, n, phi, ldphi);
+}
+
+template <class T>
+void polysketch<T>::sketch_rows_backward(const T* x, index_t ldx, index_t n, T input_scale, const T* ds,
+                                         index_t ldds, T* dx, index_t lddx, T* leaf_acc, T* scratch) const {
+  detail::sketch_tree_backward(sk_, x, ldx, n, input_scale, ds, ldds, dx, lddx, leaf_acc, scratch);
+}
+
+template <class T>
+void polysketch<T>::expand_rows_backward(const T* s, index_t lds, index_t n, const T* dphi_t, index_t ldt, T* ds,
+                                         index_t ldds, T* scratch) const {
+  detail::expand_sketch_rows_backward(sk_.r, sk_.packed, s, lds, n, dphi_t, ldt, ds, ldds, scratch);
 }
 
 // ---- user-facing (validated) -------------------------------------------------------------------

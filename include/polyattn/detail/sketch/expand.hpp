@@ -120,7 +120,8 @@ void expand_sketch_backward_lanes(index_t r, bool packed, const T* st, const T* 
       const T* sk = st + k * ldt;
       if (j == k) {
         for (index_t i = 0; i < ldt; i += W)
-          xsimd::fma(cv * B::load_unaligned(f + i), B::load_unaligned(sj + i), B::load_unaligned(dj + i)).store_unaligned(dj + i);
+          xsimd::fma(cv * B::load_unaligned(f + i), B::load_unaligned(sj + i), B::load_unaligned(dj + i))
+              .store_unaligned(dj + i);
         continue;
       }
       for (index_t i = 0; i < ldt; i += W) {

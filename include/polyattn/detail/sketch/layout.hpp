@@ -74,7 +74,7 @@ struct sketch_layout {
   aligned_vector<T> g;      // [d, 2L·R]: the G leaves side by side, zero padded
   aligned_vector<T> h;      // 2(L−1) blocks [r, R]: the H leaves, zero padded
   std::vector<sketch_combine_step> steps;
-  std::vector<index_t> leaf_at;  // leaf i in the packed layout: column offset in g (a G leaf) or offset in h (an H leaf)
+  std::vector<index_t> leaf_at;  // leaf i: its column offset in g (a G leaf) or its offset in h (an H leaf)
   aligned_vector<T> lt;          // the leaves transposed and padded
   std::vector<index_t> lt_at;    // leaf i's offset in lt
 };
@@ -205,7 +205,8 @@ class sketch_tree_planner {
 /// The layout of a sketch of head dim d, degree p and sketch size r (unused for degree 2) from
 /// its leaves in the documented order, used exactly as given.
 template <class T>
-sketch_layout<T> make_sketch_layout(index_t d, int degree, index_t r, bool packed, const std::vector<matrix<T>>& leaves) {
+sketch_layout<T> make_sketch_layout(index_t d, int degree, index_t r, bool packed,
+                                    const std::vector<matrix<T>>& leaves) {
   sketch_layout<T> s;
   s.d = d;
   s.degree = degree;

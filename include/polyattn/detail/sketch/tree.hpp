@@ -66,7 +66,8 @@ void sketch_tree_chunk(const sketch_layout<T>& sk, const T* x, index_t ldx, inde
     return;
   }
   for (index_t l = 0; l < sk.leaf_nodes; ++l)
-    multiply_sketch_blocks<true, T, Arch>(rows, R, P + 2 * l * R, ldp, P + (2 * l + 1) * R, ldp, sc2, P + 2 * l * R, ldp);
+    multiply_sketch_blocks<true, T, Arch>(rows, R, P + 2 * l * R, ldp, P + (2 * l + 1) * R, ldp, sc2, P + 2 * l * R,
+                                          ldp);
   for (const sketch_combine_step& st : sk.steps) {
     T* t1 = st.t1 < 0 ? s : P + st.t1 * R;
     const index_t ld1 = st.t1 < 0 ? lds : ldp;

@@ -55,54 +55,11 @@ class sketch_tape {
   T* slot(index_t k, int which) const { return tape_ + (3 * k + which) * rows_ * sk_.r_pad; }
 
   /// The subtree (m, base, lbase) forward, every node's u, w, s on the tape.
-  void forward(index_t m, index_t base, index_t lbase) {
-    using B = xsimd::batch<T, Arch>;
-    const index_t k = base + m - 2, a = lbase + 2 * (m - 2), R = sk_.r_pad, d = sk_.d, r = sk_.r;
-    if (m == 2) {
-      gemm<T, Arch>(rows_, R, d, xs_, d, 1, leaf_g(a), ldp_, slot(k, 0), R, false);
-      gemm<T, Arch>(rows_, R, d, xs_, d, 1, leaf_g(a + 1), ldp_, slot(k, 1), R, false);
-    } else {
-      forward(m / 2, base, lbase);
-      forward(m / 2, base + m / 2 - 1, lbase + m - 2);
-      gemm<T, Arch>(rows_, R, r, slot(base + m / 2 - 2, 2), R, 1, leaf_h(a), R, slot(k, 0), R, false);
-      gemm<T, Arch>(rows_, R, r, slot(base + m - 3, 2), R, 1, leaf_h(a + 1), R, slot(k, 1), R, false);
-    }
-    T* u = slot(k, 0);
-    T* w = slot(k, 1);
-    T* sk = slot(k, 2);
-    for (index_t e = 0; e < rows_ * R; e += static_cast<index_t>(B::size))
-      (B::load_unaligned(u + e) * B::load_unaligned(w + e)).store_unaligned(sk + e);
-  }
+  void forward(index_t m, index_t base, index_t lbase);
 
   /// The subtree (m, base, lbase) in reverse: ds of its root arrives in the root's s slot; du,
   /// dw overwrite u, w; a leaf node adds its input gradient to input_grad().
-  void backward(index_t m, index_t base, index_t lbase) {
-    using B = xsimd::batch<T, Arch>;
-    const index_t k = base + m - 2, a = lbase + 2 * (m - 2), R = sk_.r_pad, d = sk_.d, r = sk_.r;
-    T* u = slot(k, 0);
-    T* w = slot(k, 1);
-    const T* g = slot(k, 2);
-    for (index_t e = 0; e < rows_ * R; e += static_cast<index_t>(B::size)) {
-      const B gv = B::load_unaligned(g + e), uv = B::load_unaligned(u + e), wv = B::load_unaligned(w + e);
-      (gv * wv).store_unaligned(u + e);
-      (gv * uv).store_unaligned(w + e);
-    }
-    if (m == 2) {
-      gemm<T, Arch>(rows_, dp_, r, u, R, 1, leaf_t(a), dp_, dxs_, dp_, true);
-      gemm<T, Arch>(rows_, dp_, r, w, R, 1, leaf_t(a + 1), dp_, dxs_, dp_, true);
-      add_leaf_grad(a, xs_, d, u);
-      add_leaf_grad(a + 1, xs_, d, w);
-      return;
-    }
-    T* sl = slot(base + m / 2 - 2, 2);
-    T* sr = slot(base + m - 3, 2);
-    add_leaf_grad(a, sl, R, u);
-    add_leaf_grad(a + 1, sr, R, w);
-    gemm<T, Arch>(rows_, R, r, u, R, 1, leaf_t(a), R, sl, R, false);
-    gemm<T, Arch>(rows_, R, r, w, R, 1, leaf_t(a + 1), R, sr, R, false);
-    backward(m / 2, base, lbase);
-    backward(m / 2, base + m / 2 - 1, lbase + m - 2);
-  }
+  void backward(index_t m, index_t base, index_t lbase);
 
  private:
   // leaf i as a B operand of A·leaf: a G leaf in g (ld ldp), an H leaf in h (ld R)
@@ -112,17 +69,7 @@ class sketch_tape {
   const T* leaf_t(index_t i) const { return sk_.lt.data() + sk_.lt_at[static_cast<std::size_t>(i)]; }
 
   /// acc block of leaf i += Aᵀ·D over the chunk's rows (A [rows x a_cols], D [rows x R]).
-  void add_leaf_grad(index_t i, const T* a, index_t lda, const T* dmat) {
-    if (!leaf_acc_) return;
-    const index_t R = sk_.r_pad;
-    index_t off = 0;
-    for (index_t j = 0; j < i; ++j)
-      off += sk_.leaves[static_cast<std::size_t>(j)].rows * sk_.leaves[static_cast<std::size_t>(j)].cols;
-    const sketch_leaf<T>& l = sk_.leaves[static_cast<std::size_t>(i)];
-    gemm<T, Arch>(l.rows, R, rows_, a, 1, lda, dmat, R, tmp_, R, false);
-    for (index_t p = 0; p < l.rows; ++p)
-      for (index_t q = 0; q < l.cols; ++q) leaf_acc_[off + p * l.cols + q] += tmp_[p * R + q];
-  }
+  void add_leaf_grad(index_t i, const T* a, index_t lda, const T* dmat);
 
   const sketch_layout<T>& sk_;
   index_t rows_, dp_, ldp_;
@@ -132,6 +79,68 @@ class sketch_tape {
   T* tmp_;       // one leaf's gradient [leaf rows x R]
   T* leaf_acc_;  // null: no leaf gradients
 };
+
+template <class T, class Arch>
+void sketch_tape<T, Arch>::forward(index_t m, index_t base, index_t lbase) {
+  using B = xsimd::batch<T, Arch>;
+  const index_t k = base + m - 2, a = lbase + 2 * (m - 2), R = sk_.r_pad, d = sk_.d, r = sk_.r;
+  if (m == 2) {
+    gemm<T, Arch>(rows_, R, d, xs_, d, 1, leaf_g(a), ldp_, slot(k, 0), R, false);
+    gemm<T, Arch>(rows_, R, d, xs_, d, 1, leaf_g(a + 1), ldp_, slot(k, 1), R, false);
+  } else {
+    forward(m / 2, base, lbase);
+    forward(m / 2, base + m / 2 - 1, lbase + m - 2);
+    gemm<T, Arch>(rows_, R, r, slot(base + m / 2 - 2, 2), R, 1, leaf_h(a), R, slot(k, 0), R, false);
+    gemm<T, Arch>(rows_, R, r, slot(base + m - 3, 2), R, 1, leaf_h(a + 1), R, slot(k, 1), R, false);
+  }
+  T* u = slot(k, 0);
+  T* w = slot(k, 1);
+  T* sk = slot(k, 2);
+  for (index_t e = 0; e < rows_ * R; e += static_cast<index_t>(B::size))
+    (B::load_unaligned(u + e) * B::load_unaligned(w + e)).store_unaligned(sk + e);
+}
+
+template <class T, class Arch>
+void sketch_tape<T, Arch>::backward(index_t m, index_t base, index_t lbase) {
+  using B = xsimd::batch<T, Arch>;
+  const index_t k = base + m - 2, a = lbase + 2 * (m - 2), R = sk_.r_pad, d = sk_.d, r = sk_.r;
+  T* u = slot(k, 0);
+  T* w = slot(k, 1);
+  const T* g = slot(k, 2);
+  for (index_t e = 0; e < rows_ * R; e += static_cast<index_t>(B::size)) {
+    const B gv = B::load_unaligned(g + e), uv = B::load_unaligned(u + e), wv = B::load_unaligned(w + e);
+    (gv * wv).store_unaligned(u + e);
+    (gv * uv).store_unaligned(w + e);
+  }
+  if (m == 2) {
+    gemm<T, Arch>(rows_, dp_, r, u, R, 1, leaf_t(a), dp_, dxs_, dp_, true);
+    gemm<T, Arch>(rows_, dp_, r, w, R, 1, leaf_t(a + 1), dp_, dxs_, dp_, true);
+    add_leaf_grad(a, xs_, d, u);
+    add_leaf_grad(a + 1, xs_, d, w);
+    return;
+  }
+  T* sl = slot(base + m / 2 - 2, 2);
+  T* sr = slot(base + m - 3, 2);
+  add_leaf_grad(a, sl, R, u);
+  add_leaf_grad(a + 1, sr, R, w);
+  gemm<T, Arch>(rows_, R, r, u, R, 1, leaf_t(a), R, sl, R, false);
+  gemm<T, Arch>(rows_, R, r, w, R, 1, leaf_t(a + 1), R, sr, R, false);
+  backward(m / 2, base, lbase);
+  backward(m / 2, base + m / 2 - 1, lbase + m - 2);
+}
+
+template <class T, class Arch>
+void sketch_tape<T, Arch>::add_leaf_grad(index_t i, const T* a, index_t lda, const T* dmat) {
+  if (!leaf_acc_) return;
+  const index_t R = sk_.r_pad;
+  index_t off = 0;
+  for (index_t j = 0; j < i; ++j)
+    off += sk_.leaves[static_cast<std::size_t>(j)].rows * sk_.leaves[static_cast<std::size_t>(j)].cols;
+  const sketch_leaf<T>& l = sk_.leaves[static_cast<std::size_t>(i)];
+  gemm<T, Arch>(l.rows, R, rows_, a, 1, lda, dmat, R, tmp_, R, false);
+  for (index_t p = 0; p < l.rows; ++p)
+    for (index_t q = 0; q < l.cols; ++q) leaf_acc_[off + p * l.cols + q] += tmp_[p * R + q];
+}
 
 /// Backward of sketch_tree_rows: for s = sketch of (input_scale · x) over n rows and the
 /// gradient ds (r values per row at ds + i·ldds), writes dx row i = dL/dx_i (d values at
