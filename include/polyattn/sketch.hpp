@@ -110,10 +110,9 @@ class polysketch {
   /// opts.scaling. Throws std::invalid_argument for head_dim < 1, a degree other than 2, 4, 8, 16,
   /// or (p > 2) sketch_size < 1. For p = 2 the sketch is the identity (sketch_size, seed unused).
   explicit polysketch(index_t head_dim, const sketch_options& opts = {});
-  /// Caller-supplied leaves in the documented order, used exactly as given (c = 1). opts.degree
-  /// and opts.packed are used, opts.seed and opts.scaling ignored; sketch_size is taken from the
-  /// leaves (options().sketch_size reports it). Degree 2 has no leaves to take the head dim
-  /// from: use the overload with head_dim.
+  /// Caller-supplied leaves in the documented order, used exactly as given (c = 1); opts.degree and
+  /// opts.packed used, seed and scaling ignored, sketch_size taken from the leaves (options() reports
+  /// it). Degree 2 has no leaves to take the head dim from: use the overload with head_dim.
   static polysketch from_matrices(std::vector<matrix<T>> leaves, const sketch_options& opts = {});
   /// As above with the head dim given: works for degree 2 (empty leaves) and checks that the
   /// leaves' head dim (rows of G1) equals head_dim for p > 2.
@@ -130,16 +129,15 @@ class polysketch {
   index_t feature_dim() const noexcept { return detail::sketch_feature_dim(sk_); }
   bool packed() const noexcept { return opts_.packed; }
   const sketch_options& options() const noexcept { return opts_; }
-  /// The leaves as used (scaling folded in), in the documented order. A copy, by value: the
-  /// sketch keeps its leaves in its own buffers, not in Eigen matrices (whose allocation
-  /// depends on the compile flags of each translation unit).
+  /// The leaves as used (scaling folded in), in the documented order. A copy: the sketch keeps them
+  /// in its own buffers, not in Eigen matrices (whose allocation depends on each file's flags).
   std::vector<matrix<T>> leaves() const;
   /// Number of leaves (0, 2, 6, 14 for p = 2, 4, 8, 16).
   std::size_t leaf_count() const noexcept { return sk_.leaves.size(); }
 
   // ---- raw kernels (no allocation, no validation, vectorised; detail/sketch/) -----------------
-  /// Scratch (elements of T) sketch_rows needs for n rows: min(n, kRowChunk) · 2L · sketch_stride()
-  /// with L = p/4 leaf nodes; 0 for degree 2.
+  /// Scratch (elements of T) sketch_rows needs for n rows: min(n, kRowChunk) · 2L · sketch_stride(),
+  /// L = p/4 leaf nodes; 0 for degree 2.
   index_t scratch_size(index_t n) const noexcept { return detail::sketch_scratch_size(sk_, n); }
   /// s = sketch of (input_scale · x) for n rows: x row i at x + i·ldx (head_dim() contiguous
   /// values), s row i at s + i·lds, lds >= sketch_stride() (the padding columns may be
@@ -156,10 +154,10 @@ class polysketch {
   /// Scratch (elements of T) sketch_rows_backward needs for n rows: the scaled input, its gradient,
   /// every node's u, w, s for min(n, kRowChunk) rows and one leaf's gradient; 0 for degree 2.
   index_t backward_scratch_size(index_t n) const noexcept { return detail::sketch_backward_scratch_size(sk_, n); }
-  /// Backward of sketch_rows: from ds (sketch_dim() values per row at ds + i·ldds) writes dx row i
-  /// = dL/dx_i (head_dim() values at dx + i·lddx) and, when leaf_acc is not null, adds dL/d(leaf)
-  /// to it (leaf_values() values, laid out as leaf_matrices reads them). scratch:
-  /// backward_scratch_size(n). Runs on the calling thread (method: detail/sketch/tree_backward.hpp).
+  /// Backward of sketch_rows: from ds (sketch_dim() values per row at ds + i·ldds) writes dx row i =
+  /// dL/dx_i (head_dim() values at dx + i·lddx) and, if leaf_acc is not null, adds dL/d(leaf) to it
+  /// (leaf_values() values, as leaf_matrices reads them). scratch: backward_scratch_size(n). Runs on
+  /// the calling thread (the method: detail/sketch/tree_backward.hpp).
   void sketch_rows_backward(const T* x, index_t ldx, index_t n, T input_scale, const T* ds, index_t ldds, T* dx,
                             index_t lddx, T* leaf_acc, T* scratch) const;
   /// Backward of expand_rows: ds row i = J_φ(s_i)ᵀ dφ_i (sketch_dim() values at ds + i·ldds) for

@@ -96,7 +96,8 @@ template <class T, class Arch = default_arch>
 void favor_key_exp(const favor_projection<T>& P, const favor_map_constants<T>& k, const tensor_view<T, 4>& phi,
                    int threads, index_t slices, const std::vector<T>& chunk_max) {
   parallel_for(threads, slices * k.chunks, [&](index_t task, int) {
-    const index_t slice = task / k.chunks, b = slice / k.heads, h = slice % k.heads, r0 = task % k.chunks * kFavorRowChunk;
+    const index_t slice = task / k.chunks, b = slice / k.heads, h = slice % k.heads;
+    const index_t r0 = task % k.chunks * kFavorRowChunk;
     const index_t rows = std::min(kFavorRowChunk, k.n - r0);
     T c = -std::numeric_limits<T>::infinity();
     for (index_t j = 0; j < k.chunks; ++j) c = std::max(c, chunk_max[static_cast<std::size_t>(slice * k.chunks + j)]);
