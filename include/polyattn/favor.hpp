@@ -1,7 +1,7 @@
 // polyattn/favor.hpp — favor_features<T>: Performer's positive orthogonal random features (FAVOR+) for
 // linear_attention, approximating softmax attention exp(q·k/√d) (docs/design.md §1, §8.1).
 //
-// ---- the map ---------------------------------------------------------------------------------
+// ---- the map (detail/favor/map.hpp) --------------------------------------------------------------
 // With x' = d^(−1/4)·x (so that x'_q·x'_k = q·k/√d) and W [m, d]:
 //   φ(x) = exp(W x' − ‖x'‖²/2 − c) / √m   (elementwise over the m rows of W),
 // and E_W[φ(q)·φ(k)] = exp(q·k/√d)·exp(−c_q − c_k) for rows of W with E[w wᵀ] = I
@@ -25,7 +25,7 @@
 // (and with causal attention a future key can do that to earlier queries) — logits of LayerNorm-ed
 // d = 64 vectors stay far from it.
 //
-// ---- drawing W (portable, like polysketch: detail/core/random.hpp) -----------------------------------
+// ---- drawing W (portable, like polysketch: detail/core/random.hpp; detail/favor/projection.hpp) ----
 // One detail::normal_stream(seed) read in this order:
 //   orthogonal (default): blocks b = 0, 1, … of d rows (the last one truncated to m − b·d rows);
 //     per block a Gaussian d x d matrix G (row-major, d² values), made orthonormal by
@@ -36,7 +36,7 @@
 // All arithmetic is done in double with products through detail::rounded_mul (never contracted
 // into an FMA) and then rounded to T, so a seed gives the same W with any compiler, flags and ISA.
 //
-// ---- backward ---------------------------------------------------------------------------------
+// ---- backward (detail/favor/backward.hpp) -------------------------------------------------------
 // ∂φ_f/∂x' = φ_f (w_f − x') with c held constant, so for dφ = dL/dφ and g = dφ ∘ φ:
 //   dx = d^(−1/4) (gᵀW) − d^(−1/2) (Σ_f g_f) x.
 // c is treated as a constant: the attention output does not depend on it (above), so its
@@ -47,21 +47,27 @@
 // W lives in polyattn's own 64-byte aligned buffers with strides padded to 64 bytes (the widest
 // vector of any ISA), not in Eigen matrices: a map built in a file compiled for one ISA is used
 // safely by code compiled for another (as polysketch, sketch.hpp).
+//
+// ---- where the code is ------------------------------------------------------------------------
+// This header holds the public class: the map's data (W, detail/favor/projection.hpp),
+// construction and accessors. The work is done by free functions in detail/favor/:
+//   projection.hpp  W as stored, its seeded draw (Gram–Schmidt, chi norms), a caller's W
+//   checks.hpp      the checks of the views (option checks: core/check_options.hpp)
+//   map.hpp         the feature map with its stabilisers (queries, keys)
+//   backward.hpp    its backward
 #pragma once
 
-#include <algorithm>
-#include <cmath>
-#include <limits>
-#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "config.hpp"
+#include "detail/core/check_options.hpp"
 #include "detail/core/eigen_bridge.hpp"
-#include "detail/core/gemm.hpp"
-#include "detail/core/random.hpp"
-#include "detail/core/simd.hpp"
 #include "detail/core/threading.hpp"
-#include "detail/core/validation.hpp"
+#include "detail/favor/backward.hpp"
+#include "detail/favor/checks.hpp"
+#include "detail/favor/map.hpp"
+#include "detail/favor/projection.hpp"
 #include "options.hpp"
 #include "tensor_view.hpp"
 
@@ -77,77 +83,28 @@ class favor_features {
  public:
   using value_type = T;
   /// Padding of the stored layout: 64 bytes, whatever the ISA of the constructing file.
-  static constexpr index_t layout_pad = static_cast<index_t>(64 / sizeof(T));
+  static constexpr index_t layout_pad = detail::favor_layout_pad<T>;
   /// Rows per task of the view-form map.
-  static constexpr index_t kRowChunk = 128;
+  static constexpr index_t kRowChunk = detail::kFavorRowChunk;
 
   /// An empty map (feature_dim() == 0); every function rejects it.
   favor_features() = default;
 
   /// Seeded draw of W [opts.features, head_dim] (see the header comment). Throws
   /// std::invalid_argument for head_dim < 1, features < 1, threads < 0 or sizes beyond 2^24.
-  explicit favor_features(index_t head_dim, const favor_options& opts = {}) {
-    constexpr const char* fn = "favor_features";
-    check_sizes(fn, head_dim, opts);
-    const index_t d = head_dim, m = opts.features;
-    std::vector<double> w(static_cast<std::size_t>(m * d));
-    detail::normal_stream gen(opts.seed);
-    if (!opts.orthogonal) {
-      for (double& x : w) x = gen.next();
-    } else {
-      std::vector<double> g(static_cast<std::size_t>(d * d));
-      for (index_t b0 = 0; b0 < m; b0 += d) {
-        for (double& x : g) x = gen.next();
-        gram_schmidt(g.data(), d);
-        const index_t rows = std::min(d, m - b0);
-        for (index_t i = 0; i < rows; ++i) {
-          double z2 = 0;
-          for (index_t c = 0; c < d; ++c) {
-            const double z = gen.next();
-            z2 += detail::rounded_mul(z, z);
-          }
-          const double chi = std::sqrt(z2);
-          for (index_t c = 0; c < d; ++c)
-            w[static_cast<std::size_t>((b0 + i) * d + c)] = detail::rounded_mul(g[static_cast<std::size_t>(i * d + c)], chi);
-        }
-      }
-    }
-    init(d, opts, w.data());
-  }
+  explicit favor_features(index_t head_dim, const favor_options& opts = {});
 
   /// A caller-supplied W [m, head_dim] (e.g. a redraw made elsewhere, or a trained one), used as
   /// given. opts.features is taken from W; seed and orthogonal are ignored (options() reports
   /// orthogonal = false). Throws for an empty or non-finite W.
-  static favor_features from_projection(const Eigen::Ref<const matrix<T>>& w, const favor_options& opts = {}) {
-    constexpr const char* fn = "favor_features::from_projection";
-    favor_options o = opts;
-    o.features = w.rows();
-    o.orthogonal = false;
-    check_sizes(fn, w.cols(), o);
-    std::vector<double> wd(static_cast<std::size_t>(w.rows() * w.cols()));
-    for (index_t i = 0; i < w.rows(); ++i)
-      for (index_t c = 0; c < w.cols(); ++c) {
-        if (!std::isfinite(w(i, c)))
-          detail::fail(fn, "argument 'w' of shape " + shape(w.rows(), w.cols()) + " has a non-finite entry at (" +
-                               std::to_string(i) + ", " + std::to_string(c) + ")");
-        wd[static_cast<std::size_t>(i * w.cols() + c)] = static_cast<double>(w(i, c));
-      }
-    favor_features f;
-    f.init(w.cols(), o, wd.data());
-    return f;
-  }
+  static favor_features from_projection(const Eigen::Ref<const matrix<T>>& w, const favor_options& opts = {});
 
-  index_t head_dim() const noexcept { return d_; }
+  index_t head_dim() const noexcept { return w_.d; }
   /// m, the number of features (0 for an empty map).
-  index_t feature_dim() const noexcept { return m_; }
+  index_t feature_dim() const noexcept { return w_.m; }
   const favor_options& options() const noexcept { return opts_; }
   /// W [m, head_dim] as used (before the d^(−1/4) input scaling), a copy.
-  matrix<T> projection() const {
-    matrix<T> w(m_, d_);
-    for (index_t i = 0; i < m_; ++i)
-      for (index_t c = 0; c < d_; ++c) w(i, c) = w_[static_cast<std::size_t>(i * dp_ + c)];
-    return w;
-  }
+  matrix<T> projection() const { return detail::favor_projection_matrix(w_); }
 
   // ---- view form -------------------------------------------------------------------------------
 
@@ -162,47 +119,7 @@ class favor_features {
   /// dphi = dL/dphi, writes dx = dL/dx (shaped like x, overwritten), the stabiliser held
   /// constant (exact for attention with β = 0, see the header comment).
   void backward(tensor_view<const T, 4> x, tensor_view<const T, 4> phi, tensor_view<const T, 4> dphi,
-                tensor_view<T, 4> dx) const {
-    constexpr const char* fn = "favor_features::backward";
-    check_ready(fn);
-    check_pair(fn, x, phi, "phi");
-    detail::check_view(fn, "dphi", dphi);
-    detail::check_same_shape(fn, "dphi", dphi, "phi", phi);
-    detail::check_view(fn, "dx", dx);
-    detail::check_same_shape(fn, "dx", dx, "x", x);
-    detail::check_writable(fn, "dx", dx);
-    detail::check_no_overlap(fn, "dx", dx, "x", x);
-    detail::check_no_overlap(fn, "dx", dx, "phi", phi);
-    detail::check_no_overlap(fn, "dx", dx, "dphi", dphi);
-    const index_t n = x.extent(2), chunks = detail::ceil_div(n, kRowChunk), slices = x.extent(0) * x.extent(1);
-    if (x.empty()) return;
-    const int threads = detail::resolve_threads(opts_.threads);
-    const index_t gsz = kRowChunk * mp_, tsz = kRowChunk * dp_;
-    detail::aligned_vector<T> scratch(static_cast<std::size_t>(threads * (gsz + tsz)));
-    const T s = input_scale(), s2 = s * s;
-    detail::parallel_for(threads, slices * chunks, [&](index_t task, int worker) {
-      const index_t b = task / chunks / x.extent(1), h = task / chunks % x.extent(1), r0 = task % chunks * kRowChunk;
-      const index_t rows = std::min(kRowChunk, n - r0);
-      T* g = scratch.data() + worker * (gsz + tsz);
-      T* t = g + gsz;
-      for (index_t i = 0; i < rows; ++i) {
-        const T* pr = &phi(b, h, r0 + i, 0);
-        const T* dr = &dphi(b, h, r0 + i, 0);
-        T* gr = g + i * mp_;
-        for (index_t f = 0; f < m_; ++f) gr[f] = dr[f] * pr[f];
-        std::fill(gr + m_, gr + mp_, T(0));
-      }
-      detail::gemm<T>(rows, d_, m_, g, mp_, 1, w_.data(), dp_, t, dp_, false);  // (dφ∘φ)·W
-      for (index_t i = 0; i < rows; ++i) {
-        const T* gr = g + i * mp_;
-        T gsum = 0;
-        for (index_t f = 0; f < m_; ++f) gsum += gr[f];
-        const T* xr = &x(b, h, r0 + i, 0);
-        T* dr = &dx(b, h, r0 + i, 0);
-        for (index_t c = 0; c < d_; ++c) dr[c] = s * t[i * dp_ + c] - s2 * gsum * xr[c];
-      }
-    });
-  }
+                tensor_view<T, 4> dx) const;
 
   // ---- Eigen form (one head) -------------------------------------------------------------------
 
@@ -212,172 +129,68 @@ class favor_features {
   matrix<T> keys(const Eigen::Ref<const matrix<T>>& x) const { return eigen_run("favor_features::keys", x, true); }
   /// dx [n, head_dim] from x [n, head_dim], phi and dphi [n, m].
   matrix<T> backward(const Eigen::Ref<const matrix<T>>& x, const Eigen::Ref<const matrix<T>>& phi,
-                     const Eigen::Ref<const matrix<T>>& dphi) const {
-    matrix<T> dx(x.rows(), x.cols());
-    backward(detail::head_view<T>(x), detail::head_view<T>(phi), detail::head_view<T>(dphi), detail::head_view<T>(dx));
-    return dx;
-  }
+                     const Eigen::Ref<const matrix<T>>& dphi) const;
 
  private:
-  static std::string shape(index_t r, index_t c) { return "[" + std::to_string(r) + ", " + std::to_string(c) + "]"; }
+  favor_features(index_t head_dim, const favor_options& opts, const std::vector<double>& w)
+      : opts_(opts), w_(detail::make_favor_projection<T>(head_dim, opts.features, w.data())) {}
 
-  static void check_sizes(const char* fn, index_t head_dim, const favor_options& o) {
-    constexpr index_t kMax = index_t(1) << 24;
-    if (head_dim < 1 || head_dim > kMax)
-      detail::fail(fn, "argument 'head_dim' must be in [1, " + std::to_string(kMax) + "], got " + std::to_string(head_dim));
-    if (o.features < 1 || o.features > kMax)
-      detail::fail(fn, "option 'features' must be in [1, " + std::to_string(kMax) + "], got " + std::to_string(o.features));
-    detail::check_threads(fn, o.threads);
-  }
+  void run(const char* fn, tensor_view<const T, 4> x, tensor_view<T, 4> phi, bool keys) const;
+  matrix<T> eigen_run(const char* fn, const Eigen::Ref<const matrix<T>>& x, bool keys) const;
 
-  /// Modified Gram–Schmidt on the d rows of g (row-major d x d), in order, in place; portable
-  /// (products through rounded_mul). A (probability 0) dependent row is left at zero.
-  static void gram_schmidt(double* g, index_t d) {
-    for (index_t i = 0; i < d; ++i) {
-      double* v = g + i * d;
-      for (index_t j = 0; j < i; ++j) {
-        const double* u = g + j * d;
-        double dot = 0;
-        for (index_t c = 0; c < d; ++c) dot += detail::rounded_mul(v[c], u[c]);
-        for (index_t c = 0; c < d; ++c) v[c] -= detail::rounded_mul(dot, u[c]);
-      }
-      double n2 = 0;
-      for (index_t c = 0; c < d; ++c) n2 += detail::rounded_mul(v[c], v[c]);
-      const double norm = std::sqrt(n2);
-      for (index_t c = 0; c < d; ++c) v[c] = norm > 0 ? v[c] / norm : 0.0;
-    }
-  }
-
-  void init(index_t d, const favor_options& o, const double* w) {
-    d_ = d;
-    m_ = o.features;
-    opts_ = o;
-    dp_ = detail::round_up(d_, layout_pad);
-    mp_ = detail::round_up(m_, layout_pad);
-    w_.assign(static_cast<std::size_t>(m_ * dp_), T(0));
-    wt_.assign(static_cast<std::size_t>(d_ * mp_), T(0));
-    for (index_t i = 0; i < m_; ++i)
-      for (index_t c = 0; c < d_; ++c) {
-        const T v = static_cast<T>(w[static_cast<std::size_t>(i * d_ + c)]);
-        w_[static_cast<std::size_t>(i * dp_ + c)] = v;
-        wt_[static_cast<std::size_t>(c * mp_ + i)] = v;
-      }
-  }
-
-  /// d^(−1/4), computed in double and rounded once.
-  T input_scale() const { return static_cast<T>(1.0 / std::sqrt(std::sqrt(static_cast<double>(d_)))); }
-
-  void check_ready(const char* fn) const {
-    if (m_ == 0) detail::fail(fn, "the feature map is empty (default-constructed)");
-  }
-
-  template <class P>
-  void check_pair(const char* fn, const tensor_view<const T, 4>& x, const P& phi, const char* pn) const {
-    detail::check_view(fn, "x", x);
-    detail::check_view(fn, pn, phi);
-    detail::check_same_extent(fn, "batch size", pn, phi, 0, "x", x, 0);
-    detail::check_same_extent(fn, "head count", pn, phi, 1, "x", x, 1);
-    detail::check_same_extent(fn, "sequence length", pn, phi, 2, "x", x, 2);
-    if (x.extent(3) != d_)
-      detail::fail(fn, "head dim mismatch: argument 'x' has shape " + detail::shape_string(x) +
-                           " but the feature map was built for head dim " + std::to_string(d_));
-    if (phi.extent(3) != m_)
-      detail::fail(fn, std::string("feature dim mismatch: argument '") + pn + "' has shape " +
-                           detail::shape_string(phi) + " but the feature map has " + std::to_string(m_) +
-                           " features; 'x' has shape " + detail::shape_string(x));
-  }
-
-  /// p[f] = s·h[f] − off for f < n (vectorised, scalar tail); returns max_f p[f].
-  static T logits_row(const T* h, T* p, index_t n, T s, T off) {
-    using B = xsimd::batch<T>;
-    constexpr index_t W = static_cast<index_t>(B::size);
-    const B sv(s), ov(off);
-    B mv(-std::numeric_limits<T>::infinity());
-    index_t f = 0;
-    for (; f + W <= n; f += W) {
-      const B v = xsimd::fms(sv, B::load_unaligned(h + f), ov);
-      v.store_unaligned(p + f);
-      mv = detail::vmax(mv, v);
-    }
-    alignas(64) T lanes[B::size];
-    mv.store_unaligned(lanes);
-    T mx = lanes[0];
-    for (index_t l = 1; l < W; ++l) mx = std::max(mx, lanes[l]);
-    for (; f < n; ++f) {
-      p[f] = s * h[f] - off;
-      mx = std::max(mx, p[f]);
-    }
-    return mx;
-  }
-
-  /// p[f] = exp(p[f] − c) / √m for f < n, vectorised with a scalar tail.
-  void exp_row(T* p, index_t n, T c, T inv_sqrt_m) const {
-    using B = xsimd::batch<T>;
-    constexpr index_t W = static_cast<index_t>(B::size);
-    const B cv(c), sv(inv_sqrt_m);
-    index_t f = 0;
-    for (; f + W <= n; f += W) (detail::vexp(B::load_unaligned(p + f) - cv) * sv).store_unaligned(p + f);
-    for (; f < n; ++f) p[f] = std::exp(p[f] - c) * inv_sqrt_m;
-  }
-
-  void run(const char* fn, tensor_view<const T, 4> x, tensor_view<T, 4> phi, bool keys) const {
-    check_ready(fn);
-    check_pair(fn, x, phi, "phi");
-    detail::check_writable(fn, "phi", phi);
-    detail::check_no_overlap(fn, "phi", phi, "x", x);
-    if (x.empty() || phi.empty()) return;
-    const index_t n = x.extent(2), chunks = detail::ceil_div(n, kRowChunk), heads = x.extent(1),
-                  slices = x.extent(0) * heads;
-    const int threads = detail::resolve_threads(opts_.threads);
-    const index_t hsz = kRowChunk * mp_;
-    detail::aligned_vector<T> scratch(static_cast<std::size_t>(threads * hsz));
-    std::vector<T> chunk_max(static_cast<std::size_t>(slices * chunks), -std::numeric_limits<T>::infinity());
-    const T s = input_scale(), half_s2 = s * s / T(2);
-    const T inv_sqrt_m = static_cast<T>(1.0 / std::sqrt(static_cast<double>(m_)));
-    // pass 1: logits h = W x' − ‖x'‖²/2 (queries: exponentiated at once with the row's max;
-    // keys: stored in phi with the chunk's max, exponentiated in pass 2)
-    detail::parallel_for(threads, slices * chunks, [&](index_t task, int worker) {
-      const index_t b = task / chunks / heads, h = task / chunks % heads, r0 = task % chunks * kRowChunk;
-      const index_t rows = std::min(kRowChunk, n - r0);
-      T* hb = scratch.data() + worker * hsz;
-      detail::gemm<T>(rows, m_, d_, &x(b, h, r0, 0), x.stride(2), 1, wt_.data(), mp_, hb, mp_, false);
-      T cmax = -std::numeric_limits<T>::infinity();
-      for (index_t i = 0; i < rows; ++i) {
-        const T* xr = &x(b, h, r0 + i, 0);
-        T n2 = 0;
-        for (index_t c = 0; c < d_; ++c) n2 += xr[c] * xr[c];
-        const T off = half_s2 * n2;
-        T* hr = hb + i * mp_;
-        T* pr = &phi(b, h, r0 + i, 0);
-        const T rmax = logits_row(hr, pr, m_, s, off);
-        if (keys)
-          cmax = std::max(cmax, rmax);
-        else
-          exp_row(pr, m_, rmax, inv_sqrt_m);
-      }
-      if (keys) chunk_max[static_cast<std::size_t>(task)] = cmax;
-    });
-    if (!keys) return;
-    detail::parallel_for(threads, slices * chunks, [&](index_t task, int) {
-      const index_t slice = task / chunks, b = slice / heads, h = slice % heads, r0 = task % chunks * kRowChunk;
-      const index_t rows = std::min(kRowChunk, n - r0);
-      T c = -std::numeric_limits<T>::infinity();
-      for (index_t k = 0; k < chunks; ++k) c = std::max(c, chunk_max[static_cast<std::size_t>(slice * chunks + k)]);
-      for (index_t i = 0; i < rows; ++i) exp_row(&phi(b, h, r0 + i, 0), m_, c, inv_sqrt_m);
-    });
-  }
-
-  matrix<T> eigen_run(const char* fn, const Eigen::Ref<const matrix<T>>& x, bool keys) const {
-    check_ready(fn);
-    matrix<T> phi(x.rows(), m_);
-    run(fn, detail::head_view<T>(x), detail::head_view<T>(phi), keys);
-    return phi;
-  }
-
-  index_t d_ = 0, m_ = 0, dp_ = 0, mp_ = 0;
   favor_options opts_{};
-  detail::aligned_vector<T> w_;   // W [m, dp]: rows of W, zero padded (B operand of the backward)
-  detail::aligned_vector<T> wt_;  // Wᵀ [d, mp], zero padded (B operand of the forward)
+  detail::favor_projection<T> w_;  // ISA-independent (detail/favor/projection.hpp)
 };
+
+// ---- construction ------------------------------------------------------------------------------
+
+template <class T>
+favor_features<T>::favor_features(index_t head_dim, const favor_options& opts) : opts_(opts) {
+  detail::check_options("favor_features", opts, head_dim);
+  w_ = detail::make_favor_projection<T>(head_dim, opts.features, detail::draw_favor_w(head_dim, opts).data());
+}
+
+template <class T>
+favor_features<T> favor_features<T>::from_projection(const Eigen::Ref<const matrix<T>>& w, const favor_options& opts) {
+  constexpr const char* fn = "favor_features::from_projection";
+  favor_options o = opts;
+  o.features = w.rows();
+  o.orthogonal = false;
+  detail::check_options(fn, o, w.cols());
+  return favor_features(w.cols(), o, detail::favor_w_from_matrix<T>(fn, w));
+}
+
+// ---- the map and its backward: the free functions of detail/favor/ -------------------------------
+
+template <class T>
+void favor_features<T>::run(const char* fn, tensor_view<const T, 4> x, tensor_view<T, 4> phi, bool keys) const {
+  detail::check_favor_map(fn, w_, x, phi);
+  if (x.empty() || phi.empty()) return;
+  detail::favor_map(w_, detail::resolve_threads(opts_.threads), x, phi, keys);
+}
+
+template <class T>
+matrix<T> favor_features<T>::eigen_run(const char* fn, const Eigen::Ref<const matrix<T>>& x, bool keys) const {
+  detail::check_favor_ready(fn, w_);
+  matrix<T> phi(x.rows(), w_.m);
+  run(fn, detail::head_view<T>(x), detail::head_view<T>(phi), keys);
+  return phi;
+}
+
+template <class T>
+void favor_features<T>::backward(tensor_view<const T, 4> x, tensor_view<const T, 4> phi, tensor_view<const T, 4> dphi,
+                                 tensor_view<T, 4> dx) const {
+  detail::check_favor_backward("favor_features::backward", w_, x, phi, dphi, dx);
+  if (x.empty()) return;
+  detail::favor_backward(w_, detail::resolve_threads(opts_.threads), x, phi, dphi, dx);
+}
+
+template <class T>
+matrix<T> favor_features<T>::backward(const Eigen::Ref<const matrix<T>>& x, const Eigen::Ref<const matrix<T>>& phi,
+                                      const Eigen::Ref<const matrix<T>>& dphi) const {
+  matrix<T> dx(x.rows(), x.cols());
+  backward(detail::head_view<T>(x), detail::head_view<T>(phi), detail::head_view<T>(dphi), detail::head_view<T>(dx));
+  return dx;
+}
 
 }  // namespace polyattn

@@ -125,4 +125,57 @@ void check_options(const char* fn, const shaped_options& opts) {
 
 inline void check_options(const char* fn, const compress_options& opts) { check_threads(fn, opts.threads); }
 
+
+// ---- polysketch<T> (sketch.hpp) and favor_features<T> (favor.hpp) ------------------------------
+
+/// The degrees of the sketch tree: 2, 4, 8, 16.
+inline void check_sketch_degree(const char* fn, int degree) {
+  if (degree != 2 && degree != 4 && degree != 8 && degree != 16)
+    fail(fn, "option 'degree' must be 2, 4, 8 or 16, got " + std::to_string(degree));
+}
+
+/// Bound on a sketch's head dim and sketch size that keeps every index product (r², d·r·p)
+/// far inside 64 bits.
+inline void check_sketch_size(const char* fn, const char* what, index_t v) {
+  constexpr index_t kMax = index_t(1) << 24;
+  if (v > kMax) fail(fn, std::string(what) + " must be <= " + std::to_string(kMax) + ", got " + std::to_string(v));
+}
+
+/// Bound on the feature dimension m (r(r+1)/2 packed, r² unpacked), so that attention's
+/// m x dv states stay allocatable: a clear error instead of a failed allocation of hundreds
+/// of GB at first use.
+inline void check_sketch_feature_dim(const char* fn, index_t r, bool packed) {
+  constexpr index_t kMaxFeatures = index_t(1) << 24;
+  const index_t m = packed ? r * (r + 1) / 2 : r * r;
+  if (m > kMaxFeatures)
+    fail(fn, "sketch size " + std::to_string(r) + " gives " + std::to_string(m) + " features (" +
+                 (packed ? "r(r+1)/2" : "r²") + "): an attention state of " + std::to_string(m) +
+                 " x value dim values; at most " + std::to_string(kMaxFeatures) + " features are supported");
+}
+
+/// The options of a seeded polysketch of head dim head_dim (its constructor).
+inline void check_options(const char* fn, const sketch_options& opts, index_t head_dim) {
+  if (head_dim < 1) fail(fn, "argument 'head_dim' must be >= 1, got " + std::to_string(head_dim));
+  check_sketch_degree(fn, opts.degree);
+  if (opts.scaling != sketch_scaling::unbiased && opts.scaling != sketch_scaling::reference)
+    fail(fn, "option 'scaling' must be sketch_scaling::unbiased or sketch_scaling::reference, got " +
+                 std::to_string(static_cast<int>(opts.scaling)));
+  if (opts.degree > 2 && opts.sketch_size < 1)
+    fail(fn, "option 'sketch_size' must be >= 1 for degree " + std::to_string(opts.degree) + ", got " +
+                 std::to_string(opts.sketch_size));
+  check_sketch_size(fn, "argument 'head_dim'", head_dim);
+  if (opts.degree > 2) check_sketch_size(fn, "option 'sketch_size'", opts.sketch_size);
+  check_sketch_feature_dim(fn, opts.degree > 2 ? opts.sketch_size : head_dim, opts.packed);
+}
+
+/// The options of a favor_features map of head dim head_dim.
+inline void check_options(const char* fn, const favor_options& opts, index_t head_dim) {
+  constexpr index_t kMax = index_t(1) << 24;
+  if (head_dim < 1 || head_dim > kMax)
+    fail(fn, "argument 'head_dim' must be in [1, " + std::to_string(kMax) + "], got " + std::to_string(head_dim));
+  if (opts.features < 1 || opts.features > kMax)
+    fail(fn, "option 'features' must be in [1, " + std::to_string(kMax) + "], got " + std::to_string(opts.features));
+  check_threads(fn, opts.threads);
+}
+
 }  // namespace polyattn::detail
