@@ -10,7 +10,10 @@
 //   (Weights::row_statistic: the log-sum-exp, or β + Σ w).
 // Keeping queries in lanes makes every per-query reduction (row max, row sum) a plain
 // vertical vector operation: no horizontal adds anywhere in the inner loops.
-// The kernels differ only in the Weights policy (softmax.hpp, polynomial.hpp).
+// The kernels differ only in the Weights policy (softmax_weights.hpp, polynomial_weights.hpp).
+// The driver is cut into named pieces around the kernels: forward_pass (what every task
+// shares), forward_task (one query block), forward_key_block (scores, weights, P·V of one key
+// block) and store_forward_rows (out and stats).
 #pragma once
 
 #include <algorithm>

@@ -19,6 +19,11 @@
 //     tiles are computed by both: 14·Nq·Nk·d FLOPs, scratch per-thread tiles only.
 // Measured on 2 Zen 5 cores at N = 4096, d ∈ {64, 128} the partials schedule is 1.07–1.27x
 // faster (docs/design_exact.md has the numbers).
+//
+// Pieces: backward_pass (what every task shares), load_queries and backward_tile (shared by
+// both schedules), then per schedule its driver (run_partials_schedule: partials_chunk,
+// partials_key_piece, reduce_dq_partials; run_recompute_schedule: recompute_key_task,
+// recompute_query_task).
 #pragma once
 
 #include <algorithm>
