@@ -1,8 +1,15 @@
 // polyattn/flash.hpp — flash_attention: tiled online-softmax attention in O(tile) memory, and its backward pass.
 #pragma once
 
+#include "detail/core/check_options.hpp"
+#include "detail/core/eigen_bridge.hpp"
+#include "detail/core/validation.hpp"
+#include "detail/exact/softmax_weights.hpp"
+#include "detail/exact/tiling.hpp"
 #include "detail/exact/tiling_backward.hpp"
-#include "softmax.hpp"
+#include "options.hpp"
+#include "softmax.hpp"  // softmax_family: flash_attention is softmax_attention with key blocks of kBlockK
+#include "tensor_view.hpp"
 
 namespace polyattn {
 
@@ -20,7 +27,7 @@ void flash_attention(detail::input_view<T> q, detail::input_view<T> k, detail::i
 template <class T>
 void flash_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v, tensor_view<T, 4> out,
                      const softmax_options& opts, tensor_view<T, 3> stats) {
-  detail::softmax_family<T>("flash_attention", q, k, v, out, opts, detail::kBlockK, &stats);
+  detail::softmax_family<T>("flash_attention", q, k, v, out, opts, detail::kBlockK, stats);
 }
 
 /// Backward pass of softmax attention (flash_attention or softmax_attention with the same
@@ -38,11 +45,9 @@ void flash_attention_backward(detail::input_view<T> q, detail::input_view<T> k, 
   constexpr const char* fn = "flash_attention_backward";
   detail::check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
   detail::check_options<T>(fn, opts, k.extent(2));
-  const detail::mask_band band = detail::mask_band_of(opts);
-  detail::attention_backward_problem<T> pb{q,  k,  v,  out, dout, stats, dq, dk, dv, opts.causal,
-                                           detail::softmax_scale<T>(opts, q.extent(3)),
-                                           detail::resolve_threads(opts.threads),
-                                           detail::kDefaultBackwardSchedule, band};
+  const T scale = detail::softmax_scale<T>(opts, q.extent(3));
+  const detail::attention_backward_problem<T> pb{detail::masked_inputs<T>(q, k, v, opts, scale, opts.threads), out,
+                                                 dout, stats, dq, dk, dv};
   detail::run_tiled_attention_backward<T>(pb, detail::softmax_weights<T>{});
 }
 

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <string>
+#include <utility>
 
 #include "detail/core/check_options.hpp"
 #include "detail/core/gemm.hpp"
@@ -24,6 +25,7 @@
 #include "detail/core/validation.hpp"
 #include "flash.hpp"
 #include "options.hpp"
+#include "softmax.hpp"
 #include "tensor_view.hpp"
 
 namespace polyattn {
@@ -86,74 +88,39 @@ inline softmax_options linformer_softmax(const linformer_options& opts) {
   return so;
 }
 
+/// Stats written when non-empty.
 template <class T>
 void linformer_impl(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
                     tensor_view<const T, 2> E, tensor_view<const T, 2> F, tensor_view<T, 4> out,
-                    const linformer_options& opts, const tensor_view<T, 3>* stats) {
+                    const linformer_options& opts, tensor_view<T, 3> stats) {
   constexpr const char* fn = "linformer_attention";
   check_attention(fn, q, k, v, out);
   check_options<T>(fn, opts);
   check_projections(fn, E, F, k);
   check_no_overlap(fn, "out", out, "E", E);
   check_no_overlap(fn, "out", out, "F", F);
-  if (stats) {
-    check_stats_output(fn, q, k, v, out, *stats);
-    check_no_overlap(fn, "stats", *stats, "E", E);
-    check_no_overlap(fn, "stats", *stats, "F", F);
+  if (!stats.empty()) {
+    check_stats_output(fn, q, k, v, out, stats);
+    check_no_overlap(fn, "stats", stats, "E", E);
+    check_no_overlap(fn, "stats", stats, "F", F);
   }
-  const softmax_options so = linformer_softmax(opts);
   const int threads = resolve_threads(opts.threads);
   const index_t B = k.extent(0), Hk = k.extent(1), kp = E.extent(0);
   projected<T> kproj(B, Hk, kp, k.extent(3)), vproj(B, Hk, kp, v.extent(3));
   project_sequence<T>(E, k, kproj, threads);
   project_sequence<T>(F, v, vproj, threads);
-  if (stats)
-    flash_attention<T>(q, kproj.view, vproj.view, out, so, *stats);
-  else
-    flash_attention<T>(q, kproj.view, vproj.view, out, so);
+  // flash_attention over the projected keys and values
+  softmax_family<T>("flash_attention", q, kproj.view, vproj.view, out, linformer_softmax(opts), kBlockK, stats);
 }
 
-}  // namespace detail
-
-/// Linformer attention (non-causal): out = softmax(scale·Q (E K)ᵀ) (F V) per (batch, head).
-/// q [B, H, Nq, d], k [B, Hk, Nk, d], v [B, Hk, Nk, dv], out [B, H, Nq, dv], E and F [kp, Nk]
-/// (row-major views, inner stride 1), the same E and F for every batch and head; GQA as
-/// everywhere (query head h uses kv head h / (H/Hk)). Cost O(kp·Nk·(d + dv) + Nq·kp·(d + dv)),
-/// scratch kp·(d + dv) values per kv head. opts.causal = true throws (see the header comment).
+/// The backward's checks besides check_backward's and the projections': dE, dF shaped like E,
+/// writable, disjoint from every input and every other gradient; dq, dk, dv disjoint from E, F.
 template <class T>
-void linformer_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
-                         detail::matrix_view<T> E, detail::matrix_view<T> F, tensor_view<T, 4> out,
-                         const linformer_options& opts = {}) {
-  detail::linformer_impl<T>(q, k, v, E, F, out, opts, nullptr);
-}
-
-/// As above, also writing stats [B, H, Nq]: the natural log-sum-exp of each row's scaled scores
-/// over the kp projected keys (as flash_attention's), for linformer_attention_backward.
-template <class T>
-void linformer_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
-                         detail::matrix_view<T> E, detail::matrix_view<T> F, tensor_view<T, 4> out,
-                         const linformer_options& opts, tensor_view<T, 3> stats) {
-  detail::linformer_impl<T>(q, k, v, E, F, out, opts, &stats);
-}
-
-/// Gradients of linformer_attention from its inputs, out, dout = dL/dout and the forward's
-/// stats: K', V' are projected again, flash_attention_backward gives dq and dK', dV', then
-/// dK = Eᵀ dK', dV = Fᵀ dV' per (batch, kv head) and, E and F being shared by every batch and
-/// head, dE = Σ_{batch, kv head} dK' Kᵀ and dF = Σ_{batch, kv head} dV' Vᵀ (with GQA, dK' of a kv
-/// head already sums over its query heads). dq, dk, dv, dE [kp, Nk], dF [kp, Nk] are
-/// overwritten. Bitwise identical for any thread count.
-template <class T>
-void linformer_attention_backward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
-                                  detail::matrix_view<T> E, detail::matrix_view<T> F, detail::input_view<T> out,
-                                  detail::input_view<T> dout,
-                                  detail::stats_input<T> stats,
-                                  tensor_view<T, 4> dq, tensor_view<T, 4> dk, tensor_view<T, 4> dv,
-                                  tensor_view<T, 2> dE, tensor_view<T, 2> dF, const linformer_options& opts = {}) {
-  using namespace detail;
-  constexpr const char* fn = "linformer_attention_backward";
-  check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
-  check_options<T>(fn, opts);
-  check_projections<T>(fn, E, F, k);
+void check_linformer_gradients(const char* fn, tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                               tensor_view<const T, 4> v, tensor_view<const T, 2> E, tensor_view<const T, 2> F,
+                               tensor_view<const T, 4> out, tensor_view<const T, 4> dout, tensor_view<const T, 3> stats,
+                               tensor_view<T, 4> dq, tensor_view<T, 4> dk, tensor_view<T, 4> dv, tensor_view<T, 2> dE,
+                               tensor_view<T, 2> dF) {
   const std::pair<const char*, const tensor_view<T, 2>*> pgrads[] = {{"dE", &dE}, {"dF", &dF}};
   const std::pair<const char*, const tensor_view<const T, 4>*> inputs[] = {
       {"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"dout", &dout}};
@@ -175,52 +142,101 @@ void linformer_attention_backward(detail::input_view<T> q, detail::input_view<T>
     check_no_overlap(fn, gname, *g, "E", E);
     check_no_overlap(fn, gname, *g, "F", F);
   }
+}
+
+/// dx[b, h, j] = Σ_r P[r, j] dX'[b, h, r], one task per key chunk of one (batch, kv head).
+template <class T>
+void back_project(tensor_view<const T, 2> P, const projected<T>& dproj, tensor_view<T, 4> dx, int threads) {
+  const index_t B = dx.extent(0), Hk = dx.extent(1), nk = dx.extent(2), dim = dx.extent(3), kp = P.extent(0);
+  const index_t ld = dproj.ld, chunks = ceil_div(nk, kLinformerKeys);
+  aligned_vector<T> tmp(static_cast<std::size_t>(threads * kLinformerKeys * ld));
+  parallel_for(threads, B * Hk * chunks, [&](index_t task, int worker) {
+    const index_t b = task / chunks / Hk, h = task / chunks % Hk, j0 = task % chunks * kLinformerKeys;
+    const index_t cl = std::min(kLinformerKeys, nk - j0);
+    T* c = tmp.data() + worker * kLinformerKeys * ld;
+    if (kp == 0) std::fill(c, c + cl * ld, T(0));
+    else gemm<T>(cl, dim, kp, &P(0, j0), 1, P.stride(0), &dproj.view(b, h, 0, 0), ld, c, ld, false);
+    for (index_t j = 0; j < cl; ++j) std::copy(c + j * ld, c + j * ld + dim, &dx(b, h, j0 + j, 0));
+  });
+}
+
+/// dP[:, chunk] = Σ_{b, h} dX'[b, h] · x[b, h, chunk]ᵀ, the (b, h) sum in a fixed order; one
+/// task per key chunk.
+template <class T>
+void project_grad(const projected<T>& dproj, tensor_view<const T, 4> x, tensor_view<T, 2> dP, int threads) {
+  const index_t B = x.extent(0), Hk = x.extent(1), nk = x.extent(2), kp = dP.extent(0);
+  const index_t dim = x.extent(3), ld = dproj.ld, lk = kLinformerKeys, chunks = ceil_div(nk, lk);
+  aligned_vector<T> tmp(static_cast<std::size_t>(threads * (std::max<index_t>(kp, 1) * lk + std::max<index_t>(dim, 1) * lk)));
+  parallel_for(threads, chunks, [&](index_t task, int worker) {
+    const index_t j0 = task * lk, cl = std::min(lk, nk - j0);
+    T* c = tmp.data() + worker * (std::max<index_t>(kp, 1) * lk + std::max<index_t>(dim, 1) * lk);
+    T* xt = c + std::max<index_t>(kp, 1) * lk;
+    std::fill(c, c + kp * lk, T(0));
+    for (index_t b = 0; b < B; ++b)
+      for (index_t h = 0; h < Hk; ++h) {
+        if (dim == 0) continue;
+        pack_transposed(&x(b, h, j0, 0), x.stride(2), cl, dim, T(1), xt, lk);
+        gemm<T>(kp, cl, dim, &dproj.view(b, h, 0, 0), ld, 1, xt, lk, c, lk, true);
+      }
+    for (index_t r = 0; r < kp; ++r)
+      for (index_t j = 0; j < cl; ++j) dP(r, j0 + j) = c[r * lk + j];
+  });
+}
+
+}  // namespace detail
+
+/// Linformer attention (non-causal): out = softmax(scale·Q (E K)ᵀ) (F V) per (batch, head).
+/// q [B, H, Nq, d], k [B, Hk, Nk, d], v [B, Hk, Nk, dv], out [B, H, Nq, dv], E and F [kp, Nk]
+/// (row-major views, inner stride 1), the same E and F for every batch and head; GQA as
+/// everywhere (query head h uses kv head h / (H/Hk)). Cost O(kp·Nk·(d + dv) + Nq·kp·(d + dv)),
+/// scratch kp·(d + dv) values per kv head. opts.causal = true throws (see the header comment).
+template <class T>
+void linformer_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
+                         detail::matrix_view<T> E, detail::matrix_view<T> F, tensor_view<T, 4> out,
+                         const linformer_options& opts = {}) {
+  detail::linformer_impl<T>(q, k, v, E, F, out, opts, {});
+}
+
+/// As above, also writing stats [B, H, Nq]: the natural log-sum-exp of each row's scaled scores
+/// over the kp projected keys (as flash_attention's), for linformer_attention_backward.
+template <class T>
+void linformer_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
+                         detail::matrix_view<T> E, detail::matrix_view<T> F, tensor_view<T, 4> out,
+                         const linformer_options& opts, tensor_view<T, 3> stats) {
+  detail::linformer_impl<T>(q, k, v, E, F, out, opts, stats);
+}
+
+/// Gradients of linformer_attention from its inputs, out, dout = dL/dout and the forward's
+/// stats: K', V' are projected again, flash_attention_backward gives dq and dK', dV', then
+/// dK = Eᵀ dK', dV = Fᵀ dV' per (batch, kv head) and, E and F being shared by every batch and
+/// head, dE = Σ_{batch, kv head} dK' Kᵀ and dF = Σ_{batch, kv head} dV' Vᵀ (with GQA, dK' of a kv
+/// head already sums over its query heads). dq, dk, dv, dE [kp, Nk], dF [kp, Nk] are
+/// overwritten. Bitwise identical for any thread count.
+template <class T>
+void linformer_attention_backward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
+                                  detail::matrix_view<T> E, detail::matrix_view<T> F, detail::input_view<T> out,
+                                  detail::input_view<T> dout,
+                                  detail::stats_input<T> stats,
+                                  tensor_view<T, 4> dq, tensor_view<T, 4> dk, tensor_view<T, 4> dv,
+                                  tensor_view<T, 2> dE, tensor_view<T, 2> dF, const linformer_options& opts = {}) {
+  using namespace detail;
+  constexpr const char* fn = "linformer_attention_backward";
+  check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
+  check_options<T>(fn, opts);
+  check_projections<T>(fn, E, F, k);
+  check_linformer_gradients<T>(fn, q, k, v, E, F, out, dout, stats, dq, dk, dv, dE, dF);
   const softmax_options so = linformer_softmax(opts);
   const int threads = resolve_threads(opts.threads);
-  const index_t B = k.extent(0), Hk = k.extent(1), nk = k.extent(2), kp = E.extent(0);
+  const index_t B = k.extent(0), Hk = k.extent(1), kp = E.extent(0);
   projected<T> kproj(B, Hk, kp, k.extent(3)), vproj(B, Hk, kp, v.extent(3));
   project_sequence<T>(E, k, kproj, threads);
   project_sequence<T>(F, v, vproj, threads);
   projected<T> dkproj(B, Hk, kp, k.extent(3)), dvproj(B, Hk, kp, v.extent(3));
   flash_attention_backward<T>(q, kproj.view, vproj.view, out, dout, stats, dq, dkproj.view, dvproj.view, so);
-
-  const index_t chunks = ceil_div(nk, kLinformerKeys);
-  // dX[b, h, j] = Σ_r P[r, j] dX'[b, h, r] for one key chunk of one (batch, kv head)
-  auto back_project = [&](tensor_view<const T, 2> P, const projected<T>& dproj, tensor_view<T, 4> dx) {
-    const index_t dim = dx.extent(3), ld = dproj.ld;
-    aligned_vector<T> tmp(static_cast<std::size_t>(threads * kLinformerKeys * ld));
-    parallel_for(threads, B * Hk * chunks, [&](index_t task, int worker) {
-      const index_t b = task / chunks / Hk, h = task / chunks % Hk, j0 = task % chunks * kLinformerKeys;
-      const index_t cl = std::min(kLinformerKeys, nk - j0);
-      T* c = tmp.data() + worker * kLinformerKeys * ld;
-      if (kp == 0) std::fill(c, c + cl * ld, T(0));
-      else gemm<T>(cl, dim, kp, &P(0, j0), 1, P.stride(0), &dproj.view(b, h, 0, 0), ld, c, ld, false);
-      for (index_t j = 0; j < cl; ++j) std::copy(c + j * ld, c + j * ld + dim, &dx(b, h, j0 + j, 0));
-    });
-  };
-  // dP[:, chunk] = Σ_{b, h} dX'[b, h] · x[b, h, chunk]ᵀ, the (b, h) sum in a fixed order
-  auto project_grad = [&](const projected<T>& dproj, tensor_view<const T, 4> x, tensor_view<T, 2> dP) {
-    const index_t dim = x.extent(3), ld = dproj.ld, lk = kLinformerKeys;
-    aligned_vector<T> tmp(static_cast<std::size_t>(threads * (std::max<index_t>(kp, 1) * lk + std::max<index_t>(dim, 1) * lk)));
-    parallel_for(threads, chunks, [&](index_t task, int worker) {
-      const index_t j0 = task * lk, cl = std::min(lk, nk - j0);
-      T* c = tmp.data() + worker * (std::max<index_t>(kp, 1) * lk + std::max<index_t>(dim, 1) * lk);
-      T* xt = c + std::max<index_t>(kp, 1) * lk;
-      std::fill(c, c + kp * lk, T(0));
-      for (index_t b = 0; b < B; ++b)
-        for (index_t h = 0; h < Hk; ++h) {
-          if (dim == 0) continue;
-          pack_transposed(&x(b, h, j0, 0), x.stride(2), cl, dim, T(1), xt, lk);
-          gemm<T>(kp, cl, dim, &dproj.view(b, h, 0, 0), ld, 1, xt, lk, c, lk, true);
-        }
-      for (index_t r = 0; r < kp; ++r)
-        for (index_t j = 0; j < cl; ++j) dP(r, j0 + j) = c[r * lk + j];
-    });
-  };
-  back_project(E, dkproj, dk);
-  back_project(F, dvproj, dv);
-  project_grad(dkproj, k, dE);
-  project_grad(dvproj, v, dF);
+  back_project<T>(E, dkproj, dk, threads);
+  back_project<T>(F, dvproj, dv, threads);
+  project_grad<T>(dkproj, k, dE, threads);
+  project_grad<T>(dvproj, v, dF, threads);
 }
 
 /// Single head: q [Nq, d], k [Nk, d], v [Nk, dv], E, F [kp, Nk] -> out [Nq, dv].

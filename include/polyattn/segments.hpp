@@ -15,7 +15,15 @@
 #include <utility>
 #include <vector>
 
+#include "detail/core/check_options.hpp"
+#include "detail/core/validation.hpp"
 #include "detail/exact/kv_parts.hpp"
+#include "detail/exact/polynomial_weights.hpp"
+#include "detail/exact/problem.hpp"
+#include "detail/exact/softmax_weights.hpp"
+#include "detail/exact/tiling.hpp"
+#include "detail/exact/tiling_backward.hpp"
+// the overloads below join those of the plain views
 #include "flash.hpp"
 #include "polynomial.hpp"
 #include "softmax.hpp"
@@ -82,34 +90,31 @@ void check_segments(const char* fn, const tensor_view<const T, 4>& q, const segm
   }
 }
 
-/// The engines' view of the segments: parts with their positions, and shape-only views of the
-/// concatenation (null data: the engines read every row through the parts).
+/// The engines' view of the segments: parts with their positions (and the backward's
+/// gradient segments), and shape-only views of the concatenation (null data: the engines read
+/// and write every row through the parts).
 template <class T>
 struct segmented_problem {
   kv_parts<T> kv;
   tensor_view<const T, 4> k_shape, v_shape;
-  tensor_view<T, 4> dk_shape{}, dv_shape{};
 
   segmented_problem(const segmented_view<const T>& k, const segmented_view<const T>& v,
-                    const segmented_view<T>* dk = nullptr, const segmented_view<T>* dv = nullptr) {
+                    const segmented_view<T>& dk = {}, const segmented_view<T>& dv = {}) {
+    // (the forward has no gradient segments)
     for (std::size_t s = 0; s < k.size(); ++s)
-      kv.append(k[s], v[s], dk ? (*dk)[s] : tensor_view<T, 4>{}, dv ? (*dv)[s] : tensor_view<T, 4>{});
+      kv.append(k[s], v[s], s < dk.size() ? dk[s] : tensor_view<T, 4>{}, s < dv.size() ? dv[s] : tensor_view<T, 4>{});
     const index_t n = kv.length;
     k_shape = tensor_view<const T, 4>(nullptr, {k[0].extent(0), k[0].extent(1), n, k[0].extent(3)});
     v_shape = tensor_view<const T, 4>(nullptr, {v[0].extent(0), v[0].extent(1), n, v[0].extent(3)});
   }
+  /// The inputs of a problem (either pass) with the keys and values of the segments; must not
+  /// outlive this.
+  void attach(attention_inputs<T>& in) const {
+    in.k = k_shape;
+    in.v = v_shape;
+    in.segments = &kv;
+  }
 };
-
-template <class T, class Weights>
-void segmented_forward(tensor_view<const T, 4> q, const segmented_view<const T>& k,
-                       const segmented_view<const T>& v, tensor_view<T, 4> out, const tensor_view<T, 3>* stats,
-                       bool causal, T scale, index_t block_k, int threads, const mask_band& band,
-                       const Weights& weights) {
-  const segmented_problem<T> sp(k, v);
-  attention_problem<T> pb{q, sp.k_shape, sp.v_shape, out, causal, scale, block_k, threads,
-                          stats ? *stats : tensor_view<T, 3>{}, band, &sp.kv};
-  run_tiled_attention<T>(pb, weights);
-}
 
 template <class T>
 void check_segmented_stats(const char* fn, const tensor_view<const T, 4>& q, const segmented_view<const T>& k,
@@ -121,29 +126,36 @@ void check_segmented_stats(const char* fn, const tensor_view<const T, 4>& q, con
   }
 }
 
+/// softmax_attention and flash_attention over segments (materialise: one key block of every
+/// key); stats written when non-empty.
 template <class T>
 void softmax_segmented(const char* fn, tensor_view<const T, 4> q, const segmented_view<const T>& k,
                        const segmented_view<const T>& v, tensor_view<T, 4> out, const softmax_options& opts,
-                       bool materialise, const tensor_view<T, 3>* stats) {
+                       bool materialise, tensor_view<T, 3> stats) {
   check_segments(fn, q, k, v, out);
-  if (stats) check_segmented_stats(fn, q, k, v, out, *stats);
+  if (!stats.empty()) check_segmented_stats(fn, q, k, v, out, stats);
   const index_t n = k.length();
   check_options<T>(fn, opts, n);
-  segmented_forward<T>(q, k, v, out, stats, opts.causal, softmax_scale<T>(opts, q.extent(3)),
-                       materialise ? std::max<index_t>(n, 1) : kBlockK, resolve_threads(opts.threads),
-                       mask_band_of(opts), softmax_weights<T>{});
+  const segmented_problem<T> sp(k, v);
+  attention_problem<T> pb{masked_inputs<T>(q, {}, {}, opts, softmax_scale<T>(opts, q.extent(3)), opts.threads), out,
+                          stats, materialise ? std::max<index_t>(n, 1) : kBlockK};
+  sp.attach(pb);
+  run_tiled_attention<T>(pb, softmax_weights<T>{});
 }
 
+/// polynomial_attention over segments; stats written when non-empty.
 template <class T>
 void polynomial_segmented(tensor_view<const T, 4> q, const segmented_view<const T>& k, const segmented_view<const T>& v,
-                          tensor_view<T, 4> out, const polynomial_options& opts, const tensor_view<T, 3>* stats) {
+                          tensor_view<T, 4> out, const polynomial_options& opts, tensor_view<T, 3> stats) {
   constexpr const char* fn = "polynomial_attention";
   check_segments(fn, q, k, v, out);
-  if (stats) check_segmented_stats(fn, q, k, v, out, *stats);
+  if (!stats.empty()) check_segmented_stats(fn, q, k, v, out, stats);
   check_options<T>(fn, opts, k.length());
-  segmented_forward<T>(q, k, v, out, stats, opts.causal, static_cast<T>(opts.scale), kBlockK,
-                       resolve_threads(opts.threads), mask_band_of(opts),
-                       polynomial_weights<T>{opts.degree, static_cast<T>(opts.normalizer_bias)});
+  const segmented_problem<T> sp(k, v);
+  attention_problem<T> pb{masked_inputs<T>(q, {}, {}, opts, static_cast<T>(opts.scale), opts.threads), out, stats,
+                          kBlockK};
+  sp.attach(pb);
+  run_tiled_attention<T>(pb, polynomial_weights_of<T>(opts));
 }
 
 /// The backward's checks: each segment as the plain backward checks k, v, dk, dv, and no
@@ -181,15 +193,14 @@ void check_segmented_backward(const char* fn, tensor_view<const T, 4> q, const s
   }
 }
 
+/// Runs the backward engine on pb (whose k, v, dk, dv are left empty) over the segments: keys
+/// and values from k, v, their gradients written into dk, dv.
 template <class T, class Weights>
-void segmented_backward(tensor_view<const T, 4> q, const segmented_view<const T>& k, const segmented_view<const T>& v,
-                        tensor_view<const T, 4> out, tensor_view<const T, 4> dout, tensor_view<const T, 3> stats,
-                        tensor_view<T, 4> dq, const segmented_view<T>& dk, const segmented_view<T>& dv, bool causal,
-                        T scale, int threads, const mask_band& band, const Weights& weights) {
-  const segmented_problem<T> sp(k, v, &dk, &dv);
-  attention_backward_problem<T> pb{q,  sp.k_shape, sp.v_shape, out,    dout,  stats,
-                                   dq, sp.dk_shape, sp.dv_shape, causal, scale, threads,
-                                   kDefaultBackwardSchedule, band, &sp.kv};
+void segmented_backward(attention_backward_problem<T> pb, const segmented_view<const T>& k,
+                        const segmented_view<const T>& v, const segmented_view<T>& dk, const segmented_view<T>& dv,
+                        const Weights& weights) {
+  const segmented_problem<T> sp(k, v, dk, dv);
+  sp.attach(pb);
   run_tiled_attention_backward<T>(pb, weights);
 }
 
@@ -199,36 +210,36 @@ void segmented_backward(tensor_view<const T, 4> q, const segmented_view<const T>
 template <class T>
 void softmax_attention(detail::input_view<T> q, detail::segments_in<T> k, detail::segments_in<T> v,
                        tensor_view<T, 4> out, const softmax_options& opts = {}) {
-  detail::softmax_segmented<T>("softmax_attention", q, k, v, out, opts, true, nullptr);
+  detail::softmax_segmented<T>("softmax_attention", q, k, v, out, opts, true, {});
 }
 template <class T>
 void softmax_attention(detail::input_view<T> q, detail::segments_in<T> k, detail::segments_in<T> v,
                        tensor_view<T, 4> out, const softmax_options& opts, tensor_view<T, 3> stats) {
-  detail::softmax_segmented<T>("softmax_attention", q, k, v, out, opts, true, &stats);
+  detail::softmax_segmented<T>("softmax_attention", q, k, v, out, opts, true, stats);
 }
 
 /// flash_attention over segmented keys and values (attended as their concatenation).
 template <class T>
 void flash_attention(detail::input_view<T> q, detail::segments_in<T> k, detail::segments_in<T> v, tensor_view<T, 4> out,
                      const softmax_options& opts = {}) {
-  detail::softmax_segmented<T>("flash_attention", q, k, v, out, opts, false, nullptr);
+  detail::softmax_segmented<T>("flash_attention", q, k, v, out, opts, false, {});
 }
 template <class T>
 void flash_attention(detail::input_view<T> q, detail::segments_in<T> k, detail::segments_in<T> v, tensor_view<T, 4> out,
                      const softmax_options& opts, tensor_view<T, 3> stats) {
-  detail::softmax_segmented<T>("flash_attention", q, k, v, out, opts, false, &stats);
+  detail::softmax_segmented<T>("flash_attention", q, k, v, out, opts, false, stats);
 }
 
 /// polynomial_attention over segmented keys and values (attended as their concatenation).
 template <class T>
 void polynomial_attention(detail::input_view<T> q, detail::segments_in<T> k, detail::segments_in<T> v,
                           tensor_view<T, 4> out, const polynomial_options& opts = {}) {
-  detail::polynomial_segmented<T>(q, k, v, out, opts, nullptr);
+  detail::polynomial_segmented<T>(q, k, v, out, opts, {});
 }
 template <class T>
 void polynomial_attention(detail::input_view<T> q, detail::segments_in<T> k, detail::segments_in<T> v,
                           tensor_view<T, 4> out, const polynomial_options& opts, tensor_view<T, 3> stats) {
-  detail::polynomial_segmented<T>(q, k, v, out, opts, &stats);
+  detail::polynomial_segmented<T>(q, k, v, out, opts, stats);
 }
 
 /// flash_attention_backward over segmented keys and values: dk, dv are segments shaped like
@@ -241,9 +252,10 @@ void flash_attention_backward(detail::input_view<T> q, detail::segments_in<T> k,
   constexpr const char* fn = "flash_attention_backward";
   detail::check_segmented_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
   detail::check_options<T>(fn, opts, k.length());
-  detail::segmented_backward<T>(q, k, v, out, dout, stats, dq, dk, dv, opts.causal,
-                                detail::softmax_scale<T>(opts, q.extent(3)), detail::resolve_threads(opts.threads),
-                                detail::mask_band_of(opts), detail::softmax_weights<T>{});
+  const T scale = detail::softmax_scale<T>(opts, q.extent(3));
+  const detail::attention_backward_problem<T> pb{detail::masked_inputs<T>(q, {}, {}, opts, scale, opts.threads), out,
+                                                 dout, stats, dq};
+  detail::segmented_backward<T>(pb, k, v, dk, dv, detail::softmax_weights<T>{});
 }
 
 /// polynomial_attention_backward over segmented keys and values.
@@ -256,9 +268,9 @@ void polynomial_attention_backward(detail::input_view<T> q, detail::segments_in<
   constexpr const char* fn = "polynomial_attention_backward";
   detail::check_segmented_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
   detail::check_options<T>(fn, opts, k.length());
-  detail::segmented_backward<T>(q, k, v, out, dout, stats, dq, dk, dv, opts.causal, static_cast<T>(opts.scale),
-                                detail::resolve_threads(opts.threads), detail::mask_band_of(opts),
-                                detail::polynomial_weights<T>{opts.degree, static_cast<T>(opts.normalizer_bias)});
+  const detail::attention_backward_problem<T> pb{
+      detail::masked_inputs<T>(q, {}, {}, opts, static_cast<T>(opts.scale), opts.threads), out, dout, stats, dq};
+  detail::segmented_backward<T>(pb, k, v, dk, dv, detail::polynomial_weights_of<T>(opts));
 }
 
 }  // namespace polyattn

@@ -19,10 +19,13 @@
 #include "detail/core/check_options.hpp"
 #include "detail/core/eigen_bridge.hpp"
 #include "detail/core/validation.hpp"
+#include "detail/core/simd.hpp"
+#include "detail/core/threading.hpp"
+#include "detail/exact/problem.hpp"
+#include "detail/exact/softmax_weights.hpp"
 #include "detail/exact/tiling.hpp"
 #include "detail/exact/tiling_backward.hpp"
 #include "options.hpp"
-#include "softmax.hpp"
 #include "tensor_view.hpp"
 
 namespace polyattn {
@@ -182,28 +185,28 @@ void check_shaped(const char* fn, const shaped_options& opts, const tensor_view<
   check_options<T>(fn, opts);
 }
 
+/// The problem of the softmax term: no window, the causal flag and scale of the options.
 template <class T>
-void shaped_forward(input_view<T> q, input_view<T> k, input_view<T> v, tensor_view<T, 4> out,
-                    const shaped_options& opts, const tensor_view<T, 3>* stats) {
-  constexpr const char* fn = "shaped_attention";
-  check_attention(fn, q, k, v, out);
-  if (stats) check_stats_output(fn, q, k, v, out, *stats);
-  check_shaped<T>(fn, opts, q, k);
-  const int threads = resolve_threads(opts.threads);
-  const double alpha = opts.alpha, beta = opts.beta, gamma = opts.gamma;
-  // the softmax term A_i, written into out (and the lse into stats); skipped when β = 0 and
-  // no stats are wanted
-  if (beta != 0 || stats) {
-    attention_problem<T> pb{q, k, v, out, opts.causal, shaped_scale<T>(opts, q.extent(3)), kBlockK, threads,
-                            stats ? *stats : tensor_view<T, 3>{}};
-    run_tiled_attention<T>(pb, softmax_weights<T>{});
-  }
-  // out_i = β·A_i + α·v_pos − γ·mean_i in double, rounded once
-  const index_t dv = v.extent(3);
-  for_each_row_with_mean<T>(v, q.extent(0), q.extent(1), q.extent(2), opts.causal, gamma != 0, threads,
+attention_inputs<T> shaped_inputs(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+                                  const shaped_options& opts) {
+  return attention_inputs<T>{q, k, v, opts.causal, shaped_scale<T>(opts, q.extent(3)), resolve_threads(opts.threads),
+                             mask_band{}, nullptr};
+}
+
+/// The coefficients of the identity, softmax and mean terms.
+struct shaped_terms {
+  double alpha, beta, gamma;
+};
+
+/// out_i = β·A_i + α·v_pos − γ·mean_i in double, rounded once, with A_i already in out.
+template <class T>
+void add_shaped_terms(const attention_problem<T>& pb, const shaped_terms& co) {
+  const double alpha = co.alpha, beta = co.beta, gamma = co.gamma;
+  const index_t dv = pb.v.extent(3);
+  for_each_row_with_mean<T>(pb.v, pb.q.extent(0), pb.q.extent(1), pb.q.extent(2), pb.causal, gamma != 0, pb.threads,
                             [&](index_t b, index_t h, index_t hk, index_t i, index_t pos, const double* mean) {
-                              T* o = &out(b, h, i, 0);
-                              const T* vp = &v(b, hk, pos, 0);
+                              T* o = &pb.out(b, h, i, 0);
+                              const T* vp = &pb.v(b, hk, pos, 0);
                               for (index_t c = 0; c < dv; ++c) {
                                 double acc = 0.0;
                                 if (beta != 0) acc += beta * static_cast<double>(o[c]);
@@ -214,10 +217,140 @@ void shaped_forward(input_view<T> q, input_view<T> k, input_view<T> v, tensor_vi
                             });
 }
 
+/// Stats written when non-empty.
+template <class T>
+void shaped_forward(input_view<T> q, input_view<T> k, input_view<T> v, tensor_view<T, 4> out,
+                    const shaped_options& opts, tensor_view<T, 3> stats) {
+  constexpr const char* fn = "shaped_attention";
+  check_attention(fn, q, k, v, out);
+  if (!stats.empty()) check_stats_output(fn, q, k, v, out, stats);
+  check_shaped<T>(fn, opts, q, k);
+  const attention_problem<T> pb{shaped_inputs<T>(q, k, v, opts), out, stats, kBlockK};
+  // the softmax term A_i, written into out (and the lse into stats); skipped when β = 0 and
+  // no stats are wanted
+  if (opts.beta != 0 || !stats.empty()) run_tiled_attention<T>(pb, softmax_weights<T>{});
+  add_shaped_terms(pb, shaped_terms{opts.alpha, opts.beta, opts.gamma});
+}
+
 /// Where the backward gets the softmax output A that the flash backward engine needs (its
 /// D_i = dO_i·A_i): from `out` (A = (out − α·v_pos + γ·mean)/β), by running the forward engine
 /// again, or (automatic) by the rule of kReconstructLimit.
 enum class shaped_softmax_output { automatic, reconstruct, recompute };
+
+/// A = (out − α·v_pos + γ·mean)/β into a, every element.
+template <class T>
+void reconstruct_softmax_output(const attention_backward_problem<T>& pb, const shaped_terms& co,
+                                const tensor_view<T, 4>& a) {
+  const double alpha = co.alpha, beta = co.beta, gamma = co.gamma;
+  const index_t dval = pb.v.extent(3);
+  for_each_row_with_mean<T>(pb.v, pb.q.extent(0), pb.q.extent(1), pb.q.extent(2), pb.causal, gamma != 0, pb.threads,
+                            [&](index_t b, index_t h, index_t hk, index_t i, index_t pos, const double* mean) {
+                              const T* o = &pb.out(b, h, i, 0);
+                              const T* vp = &pb.v(b, hk, pos, 0);
+                              T* dst = &a(b, h, i, 0);
+                              for (index_t c = 0; c < dval; ++c) {
+                                double acc = static_cast<double>(o[c]);
+                                if (alpha != 0) acc -= alpha * static_cast<double>(vp[c]);
+                                if (gamma != 0) acc += gamma * mean[c];
+                                dst[c] = static_cast<T>(acc / beta);
+                              }
+                            });
+}
+
+/// dq, dk and the softmax term's part of dv (β ≠ 0, B, H > 0): out = … + β·A, so they are β
+/// times the flash backward engine's gradients of A for dout.
+template <class T>
+void shaped_softmax_gradients(const attention_backward_problem<T>& pb, const shaped_terms& co,
+                              shaped_softmax_output source) {
+  if (source == shaped_softmax_output::automatic)
+    source = std::abs(co.alpha) + std::abs(co.gamma) <= kReconstructLimit * std::abs(co.beta)
+                 ? shaped_softmax_output::reconstruct
+                 : shaped_softmax_output::recompute;
+  const index_t B = pb.q.extent(0), H = pb.q.extent(1), Nq = pb.q.extent(2), dval = pb.v.extent(3);
+  // A [B, H, Nq, dv]: the size of out (docs/design_exact.md: the one buffer proportional to
+  // N), every element written below, so it is not zero-filled first
+  const uninitialized_buffer<T> a_storage(static_cast<std::size_t>(B * H * Nq * dval));
+  const tensor_view<T, 4> a(a_storage.data(), {B, H, Nq, dval});
+  if (source == shaped_softmax_output::reconstruct)
+    reconstruct_softmax_output(pb, co, a);
+  else
+    run_tiled_attention<T>(attention_problem<T>{static_cast<const attention_inputs<T>&>(pb), a, {}, kBlockK},
+                           softmax_weights<T>{});
+  attention_backward_problem<T> pa = pb;
+  pa.out = a;
+  run_tiled_attention_backward<T>(pa, softmax_weights<T>{});
+  if (co.beta != 1) {
+    scale_in_place(pb.dq, co.beta, pb.threads);
+    scale_in_place(pb.dk, co.beta, pb.threads);
+  }
+}
+
+/// dv of keys [j0, j1) of kv head (b, hk), in place of the softmax term's part (when `softmax`):
+/// forward  out_i = α·v_pos_i + β·A_i − γ·Σ_{j allowed} v_j / count_i
+/// so       dv_j = β·dv_j(A) + α·Σ_{i: pos_i = j} dout_i − γ·Σ_{i: j allowed} dout_i / count_i,
+/// summed over the query heads of the kv head's group. Causal: the last sum runs over the
+/// positions p >= j, a suffix sum of g_p = Σ_h dout_{h, p − offset} / (p + 1), scanned from
+/// the last key down (blocked_scan position t = Nk − 1 − p).
+template <class T>
+void shaped_dv_chunk(const attention_backward_problem<T>& pb, const shaped_terms& co, bool softmax, index_t b,
+                     index_t hk, index_t j0, index_t j1) {
+  const double alpha = co.alpha, beta = co.beta, gamma = co.gamma;
+  const index_t H = pb.q.extent(1), Nq = pb.q.extent(2), Hk = pb.k.extent(1), Nk = pb.k.extent(2);
+  const index_t dval = pb.v.extent(3), group = H / Hk, offset = Nk - Nq;
+  std::vector<double> rest(static_cast<std::size_t>(dval), 0.0), tmp(rest), ident(rest);
+  blocked_scan scan(dval);
+  auto add_g = [&](index_t t, double* acc) {  // causal: scan position t is key p = Nk − 1 − t
+    const index_t p = Nk - 1 - t;
+    if (p < offset) return;
+    std::fill(tmp.begin(), tmp.end(), 0.0);
+    for (index_t h = hk * group; h < (hk + 1) * group; ++h) {
+      const T* row = &pb.dout(b, h, p - offset, 0);
+      for (index_t col = 0; col < dval; ++col) tmp[to_size(col)] += static_cast<double>(row[col]);
+    }
+    for (index_t col = 0; col < dval; ++col) acc[col] += tmp[to_size(col)] / static_cast<double>(p + 1);
+  };
+  auto add_dout = [&](index_t i, double* acc) {  // non-causal: every query row, every head of the group
+    for (index_t h = hk * group; h < (hk + 1) * group; ++h) {
+      const T* row = &pb.dout(b, h, i, 0);
+      for (index_t col = 0; col < dval; ++col) acc[col] += static_cast<double>(row[col]);
+    }
+  };
+  if (gamma != 0) {
+    if (pb.causal) {
+      scan.start(Nk - j1, add_g);
+    } else {
+      scan.start(Nq, add_dout);
+      scan.total(rest.data());
+      for (index_t col = 0; col < dval; ++col) rest[to_size(col)] /= static_cast<double>(Nk);
+    }
+  }
+  for (index_t p = j1 - 1; p >= j0; --p) {
+    if (gamma != 0 && pb.causal) scan.next(Nk - 1 - p, add_g, rest.data());
+    std::fill(ident.begin(), ident.end(), 0.0);
+    if (alpha != 0 && p >= offset) add_dout(p - offset, ident.data());
+    T* g = &pb.dv(b, hk, p, 0);
+    for (index_t col = 0; col < dval; ++col) {
+      double acc = softmax ? beta * static_cast<double>(g[col]) : 0.0;
+      if (alpha != 0) acc += alpha * ident[to_size(col)];
+      if (gamma != 0) acc -= gamma * rest[to_size(col)];
+      g[col] = static_cast<T>(acc);
+    }
+  }
+}
+
+/// dv, in parallel over (batch, kv head, chunk of keys).
+template <class T>
+void shaped_value_gradients(const attention_backward_problem<T>& pb, const shaped_terms& co, bool softmax) {
+  const index_t B = pb.q.extent(0), Hk = pb.k.extent(1), Nk = pb.k.extent(2), dval = pb.v.extent(3);
+  if (B == 0 || Hk == 0 || Nk == 0 || dval == 0) return;
+  const index_t chunk = shaped_chunk_rows(Nk), n_chunks = ceil_div(Nk, chunk);
+  const index_t bhk_count = B * Hk;
+  parallel_for(pb.threads, bhk_count * n_chunks, [&](index_t task, int) {
+    const index_t c = task / bhk_count;  // earlier chunks rescan more of the suffix: first
+    const index_t bhk = task % bhk_count, j0 = c * chunk;
+    shaped_dv_chunk(pb, co, softmax, bhk / Hk, bhk % Hk, j0, std::min(Nk, j0 + chunk));
+  });
+}
 
 template <class T>
 void shaped_backward(input_view<T> q, input_view<T> k, input_view<T> v, input_view<T> out, input_view<T> dout,
@@ -226,103 +359,16 @@ void shaped_backward(input_view<T> q, input_view<T> k, input_view<T> v, input_vi
   constexpr const char* fn = "shaped_attention_backward";
   check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
   check_shaped<T>(fn, opts, q, k);
-  const index_t B = q.extent(0), H = q.extent(1), Nq = q.extent(2);
-  const index_t Hk = k.extent(1), Nk = k.extent(2), dval = v.extent(3);
-  const int threads = resolve_threads(opts.threads);
-  const double alpha = opts.alpha, beta = opts.beta, gamma = opts.gamma;
-  const bool softmax = beta != 0 && B > 0 && H > 0;
-
-  // ---- the softmax term: out = … + β·A, so its gradients are β times those of A for dout
-  if (!softmax) {
+  const attention_backward_problem<T> pb{shaped_inputs<T>(q, k, v, opts), out, dout, stats, dq, dk, dv};
+  const shaped_terms co{opts.alpha, opts.beta, opts.gamma};
+  const bool softmax = co.beta != 0 && q.extent(0) > 0 && q.extent(1) > 0;
+  if (softmax) {
+    shaped_softmax_gradients(pb, co, source);
+  } else {
     fill_zero(dq);
     fill_zero(dk);
-  } else {
-    if (source == shaped_softmax_output::automatic)
-      source = std::abs(alpha) + std::abs(gamma) <= kReconstructLimit * std::abs(beta) ? shaped_softmax_output::reconstruct
-                                                                                       : shaped_softmax_output::recompute;
-    // A [B, H, Nq, dv]: the size of out (docs/design_exact.md: the one buffer proportional to
-    // N), every element written below, so it is not zero-filled first
-    const uninitialized_buffer<T> a_storage(static_cast<std::size_t>(B * H * Nq * dval));
-    const tensor_view<T, 4> a(a_storage.data(), {B, H, Nq, dval});
-    const T scale = shaped_scale<T>(opts, q.extent(3));
-    if (source == shaped_softmax_output::reconstruct) {
-      for_each_row_with_mean<T>(v, B, H, Nq, opts.causal, gamma != 0, threads,
-                                [&](index_t b, index_t h, index_t hk, index_t i, index_t pos, const double* mean) {
-                                  const T* o = &out(b, h, i, 0);
-                                  const T* vp = &v(b, hk, pos, 0);
-                                  T* dst = &a(b, h, i, 0);
-                                  for (index_t c = 0; c < dval; ++c) {
-                                    double acc = static_cast<double>(o[c]);
-                                    if (alpha != 0) acc -= alpha * static_cast<double>(vp[c]);
-                                    if (gamma != 0) acc += gamma * mean[c];
-                                    dst[c] = static_cast<T>(acc / beta);
-                                  }
-                                });
-    } else {
-      attention_problem<T> pa{q, k, v, a, opts.causal, scale, kBlockK, threads, {}};
-      run_tiled_attention<T>(pa, softmax_weights<T>{});
-    }
-    attention_backward_problem<T> pb{q, k, v, a, dout, stats, dq, dk, dv, opts.causal, scale, threads};
-    run_tiled_attention_backward<T>(pb, softmax_weights<T>{});
-    if (beta != 1) {
-      scale_in_place(dq, beta, threads);
-      scale_in_place(dk, beta, threads);
-    }
   }
-
-  // ---- dv: forward  out_i = α·v_pos_i + β·A_i − γ·Σ_{j allowed} v_j / count_i
-  //      so       dv_j = β·dv_j(A) + α·Σ_{i: pos_i = j} dout_i − γ·Σ_{i: j allowed} dout_i / count_i,
-  // summed over the query heads of the kv head's group. Causal: the last sum runs over the
-  // positions p >= j, a suffix sum of g_p = Σ_h dout_{h, p − offset} / (p + 1), scanned from
-  // the last key down (blocked_scan position t = Nk − 1 − p).
-  if (B == 0 || Hk == 0 || Nk == 0 || dval == 0) return;
-  const index_t group = H / Hk, offset = Nk - Nq;
-  const index_t chunk = shaped_chunk_rows(Nk), n_chunks = ceil_div(Nk, chunk);
-  const index_t bhk_count = B * Hk;
-  parallel_for(threads, bhk_count * n_chunks, [&](index_t task, int) {
-    const index_t c = task / bhk_count;  // earlier chunks rescan more of the suffix: first
-    const index_t bhk = task % bhk_count, b = bhk / Hk, hk = bhk % Hk;
-    const index_t j0 = c * chunk, j1 = std::min(Nk, j0 + chunk);
-    std::vector<double> rest(static_cast<std::size_t>(dval), 0.0), tmp(rest), ident(rest);
-    blocked_scan scan(dval);
-    auto add_g = [&](index_t t, double* acc) {  // causal: scan position t is key p = Nk − 1 − t
-      const index_t p = Nk - 1 - t;
-      if (p < offset) return;
-      std::fill(tmp.begin(), tmp.end(), 0.0);
-      for (index_t h = hk * group; h < (hk + 1) * group; ++h) {
-        const T* row = &dout(b, h, p - offset, 0);
-        for (index_t col = 0; col < dval; ++col) tmp[to_size(col)] += static_cast<double>(row[col]);
-      }
-      for (index_t col = 0; col < dval; ++col) acc[col] += tmp[to_size(col)] / static_cast<double>(p + 1);
-    };
-    auto add_dout = [&](index_t i, double* acc) {  // non-causal: every query row, every head of the group
-      for (index_t h = hk * group; h < (hk + 1) * group; ++h) {
-        const T* row = &dout(b, h, i, 0);
-        for (index_t col = 0; col < dval; ++col) acc[col] += static_cast<double>(row[col]);
-      }
-    };
-    if (gamma != 0) {
-      if (opts.causal) {
-        scan.start(Nk - j1, add_g);
-      } else {
-        scan.start(Nq, add_dout);
-        scan.total(rest.data());
-        for (index_t col = 0; col < dval; ++col) rest[to_size(col)] /= static_cast<double>(Nk);
-      }
-    }
-    for (index_t p = j1 - 1; p >= j0; --p) {
-      if (gamma != 0 && opts.causal) scan.next(Nk - 1 - p, add_g, rest.data());
-      std::fill(ident.begin(), ident.end(), 0.0);
-      if (alpha != 0 && p >= offset) add_dout(p - offset, ident.data());
-      T* g = &dv(b, hk, p, 0);
-      for (index_t col = 0; col < dval; ++col) {
-        double acc = softmax ? beta * static_cast<double>(g[col]) : 0.0;
-        if (alpha != 0) acc += alpha * ident[to_size(col)];
-        if (gamma != 0) acc -= gamma * rest[to_size(col)];
-        g[col] = static_cast<T>(acc);
-      }
-    }
-  });
+  shaped_value_gradients(pb, co, softmax);
 }
 
 }  // namespace detail
@@ -335,7 +381,7 @@ void shaped_backward(input_view<T> q, input_view<T> k, input_view<T> v, input_vi
 template <class T>
 void shaped_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v, tensor_view<T, 4> out,
                       const shaped_options& opts = {}) {
-  detail::shaped_forward<T>(q, k, v, out, opts, nullptr);
+  detail::shaped_forward<T>(q, k, v, out, opts, {});
 }
 
 /// The same, also writing stats [B, H, Nq]: the log-sum-exp of the softmax term's scaled scores
@@ -343,7 +389,7 @@ void shaped_attention(detail::input_view<T> q, detail::input_view<T> k, detail::
 template <class T>
 void shaped_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v, tensor_view<T, 4> out,
                       const shaped_options& opts, tensor_view<T, 3> stats) {
-  detail::shaped_forward<T>(q, k, v, out, opts, &stats);
+  detail::shaped_forward<T>(q, k, v, out, opts, stats);
 }
 
 /// Backward pass of shaped_attention with the same options: from the forward's out and stats

@@ -10,37 +10,35 @@
 //   (Weights::row_statistic: the log-sum-exp, or β + Σ w).
 // Keeping queries in lanes makes every per-query reduction (row max, row sum) a plain
 // vertical vector operation: no horizontal adds anywhere in the inner loops.
-// The kernels differ only in the Weights policy (softmax.hpp, polynomial.hpp).
+// The kernels differ only in the Weights policy (softmax_weights.hpp, polynomial_weights.hpp).
+// The driver is cut into named pieces around the kernels: forward_pass (what every task
+// shares), forward_task (one query block), forward_key_block (scores, weights, P·V of one key
+// block) and store_forward_rows (out and stats).
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "../../tensor_view.hpp"
 #include "../core/gemm.hpp"
 #include "../core/threading.hpp"
 #include "kv_parts.hpp"
 #include "mask.hpp"
+#include "problem.hpp"
 
 namespace polyattn::detail {
 
 inline constexpr index_t kBlockQ = 48;  // queries per task: 8 row tiles of 6, 6 AVX2 / 3 AVX-512 lane vectors
 inline constexpr index_t kBlockK = 128;  // keys per block (64, 192, 256 measured within noise on Zen 3)
 
+/// The forward problem: the inputs and what the forward writes.
 template <class T>
-struct attention_problem {
-  tensor_view<const T, 4> q, k, v;
-  tensor_view<T, 4> out;
-  bool causal = false;
-  T scale = T(1);
-  index_t block_k = kBlockK;  // keys per block; >= Nk materialises a whole score row block
-  int threads = 1;
+struct attention_problem : attention_inputs<T> {
+  tensor_view<T, 4> out{};
   tensor_view<T, 3> stats{};  // [B, H, Nq] row statistics, written when non-empty
-  mask_band band{};           // sliding window and global positions (detail/exact/mask.hpp)
-  // Keys and values in several parts (segmented_view); then k and v above carry only the
-  // shapes of their concatenation and are never read.
-  const kv_parts<T>* segments = nullptr;
+  index_t block_k = kBlockK;  // keys per block; >= Nk materialises a whole score row block
 };
 
 template <class T>
@@ -48,108 +46,160 @@ struct attention_scratch {
   aligned_vector<T> qt, st, o, vpack, m, l, alpha;
 };
 
+/// What every task of one forward call shares: the problem, the weights, the key parts and
+/// the sizes derived from them.
+template <class T, class Weights>
+struct forward_pass {
+  const attention_problem<T>& pb;
+  const Weights& weights;
+  const kv_parts<T>& kv;
+  index_t B, H, Nq, d, Hk, Nk, dv;
+  index_t group, n_qblocks, heads, block_k, dvp;
+  bool pack_v;
+  attention_mask mask;
+
+  /// (W: the SIMD width, lanes per vector)
+  static forward_pass make(const attention_problem<T>& pb, const Weights& weights, const kv_parts<T>& kv, index_t W) {
+    const index_t B = pb.q.extent(0), H = pb.q.extent(1), Nq = pb.q.extent(2), d = pb.q.extent(3);
+    const index_t Hk = pb.k.extent(1), Nk = pb.k.extent(2), dv = pb.v.extent(3);
+    return forward_pass{pb, weights, kv, B, H, Nq, d, Hk, Nk, dv, H / Hk, ceil_div(Nq, kBlockQ), B * H,
+                        std::max<index_t>(1, std::min(pb.block_k, std::max<index_t>(Nk, 1))), round_up(dv, W),
+                        dv % W != 0, attention_mask{pb.causal, Nq, Nk, pb.band}};
+  }
+};
+
+/// Sizes the worker's scratch on its first task.
+template <class T, class Weights>
+void prepare_forward_scratch(const forward_pass<T, Weights>& f, attention_scratch<T>& s) {
+  if (!s.qt.empty()) return;
+  s.qt.assign(static_cast<std::size_t>(std::max<index_t>(f.d, 1) * kBlockQ), T(0));
+  s.st.assign(static_cast<std::size_t>(f.block_k * kBlockQ), T(0));
+  s.o.assign(static_cast<std::size_t>(kBlockQ * f.dvp), T(0));
+  s.m.assign(kBlockQ, T(0));
+  s.l.assign(kBlockQ, T(0));
+  s.alpha.assign(kBlockQ, T(0));
+  if (f.pack_v) s.vpack.assign(static_cast<std::size_t>(f.block_k * f.dvp), T(0));
+}
+
+/// O[nq x dv] += P · V_blk for keys [j0, j0 + nk) of one part, with P(i, j) = Pᵀ(j, i) =
+/// st[j·lanes + i]. A hidden weight is 0 and 0 · NaN (or ±inf) is NaN: when a value some query
+/// of the block may not see is not finite, each query sums only its visible keys
+/// (docs/design.md §6). Rows [ca, cb) are seen by every query of the block, so only the others
+/// are checked.
+template <class T, class Weights, class Arch>
+void accumulate_values(const forward_pass<T, Weights>& f, attention_scratch<T>& s, const query_block& qb, index_t j0,
+                       index_t nk, const kv_part<T>& part, bool partial) {
+  const index_t lanes = qb.lanes, dv = f.dv, dvp = f.dvp;
+  const T* st = s.st.data();
+  T* o = s.o.data();
+  const T* vsrc = part.v_row(qb.b, qb.hk, j0);
+  const index_t vs = part.v.stride(2);
+  index_t ldv = vs;
+  if (f.pack_v) {
+    pack_rows(vsrc, vs, nk, dv, s.vpack.data(), dvp);
+    vsrc = s.vpack.data();
+    ldv = dvp;
+  }
+  index_t ca = 0, cb = nk;
+  if (partial) f.mask.common_rows(qb.i0, qb.nq, j0, nk, ca, cb);
+  if ((ca > 0 && !rows_finite<T, Arch>(vsrc, ldv, ca, dv)) ||
+      (cb < nk && !rows_finite<T, Arch>(vsrc + cb * ldv, ldv, nk - cb, dv)))
+    for (index_t i = 0; i < qb.nq; ++i)
+      f.mask.for_each_visible_run(qb.i0 + i, j0, nk, [&](index_t r0, index_t r1) {
+        gemm<T, Arch>(1, dv, r1 - r0, st + r0 * lanes + i, 1, lanes, vsrc + r0 * ldv, ldv, o + i * dvp, dvp, true);
+      });
+  else
+    gemm<T, Arch>(qb.nq, dv, nk, st, 1, lanes, vsrc, ldv, o, dvp, true);
+}
+
+/// One key block, or the piece of it inside one part of a segmented sequence: Sᵀ = K_blk · Qᵀ,
+/// mask, Weights::apply (rescaling O when it asks to), then O += P · V_blk.
+template <class T, class Weights, class Arch>
+void forward_key_block(const forward_pass<T, Weights>& f, attention_scratch<T>& s, const query_block& qb, index_t j0,
+                       index_t nk, const kv_part<T>& part) {
+  const index_t lanes = qb.lanes, d = f.d;
+  T* qt = s.qt.data();
+  T* st = s.st.data();
+  const T* kblk = d > 0 ? part.k_row(qb.b, qb.hk, j0) : qt;
+  const index_t ks = d > 0 ? part.k.stride(2) : 0;
+  gemm<T, Arch>(nk, lanes, d, kblk, ks, 1, qt, lanes, st, lanes, false);
+  const bool partial = f.mask.partial(qb.i0, qb.nq, j0, nk);
+  if (partial) f.mask.hide(st, lanes, lanes, qb.i0, j0, nk, Weights::masked_score());
+  if (f.weights.apply(st, nk, lanes, lanes, s.m.data(), s.l.data(), s.alpha.data()))
+    for (index_t i = 0; i < qb.nq; ++i) scale_padded<T, Arch>(s.o.data() + i * f.dvp, f.dvp, s.alpha[to_size(i)]);
+  if (f.dv == 0) return;
+  accumulate_values<T, Weights, Arch>(f, s, qb, j0, nk, part, partial);
+}
+
+/// out = O / denominator for the block's rows, and the row statistics when wanted.
+template <class T, class Weights, class Arch>
+void store_forward_rows(const forward_pass<T, Weights>& f, const attention_scratch<T>& s, const query_block& qb) {
+  const attention_problem<T>& pb = f.pb;
+  const index_t os = pb.out.stride(2), dv = f.dv, nq = qb.nq;
+  const T* o = s.o.data();
+  T* orow = dv > 0 ? &pb.out(qb.b, qb.h, qb.i0, 0) : nullptr;
+  for (index_t i = 0; i < nq && dv > 0; ++i) {
+    // divide (not multiply by 1/den): a subnormal denominator must not overflow to inf
+    const T den = f.weights.denominator(s.m[to_size(i)], s.l[to_size(i)]);
+    if (den > T(0))
+      divide_into<T, Arch>(o + i * f.dvp, dv, den, orow + i * os);
+    else
+      std::fill(orow + i * os, orow + i * os + dv, T(0));
+  }
+  if (pb.stats.size() > 0)
+    for (index_t i = 0; i < nq; ++i)
+      pb.stats(qb.b, qb.h, qb.i0 + i) = f.weights.row_statistic(s.m[to_size(i)], s.l[to_size(i)]);
+}
+
+/// Task `task`: heaviest blocks first (the last query blocks of a causal head see the most
+/// keys) so the dynamic schedule ends with small tasks on both cores.
+template <class T, class Weights, class Arch>
+query_block forward_task_block(const forward_pass<T, Weights>& f, index_t task) {
+  constexpr index_t W = simd_width<T, Arch>;
+  const index_t qb = f.n_qblocks - 1 - task / f.heads;
+  const index_t bh = task % f.heads;
+  const index_t b = bh / f.H, h = bh % f.H, hk = h / f.group;
+  const index_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, f.Nq - i0);
+  return query_block{b, h, hk, i0, nq, round_up(nq, W)};
+}
+
+/// One task: pack Qᵀ, visit the key blocks the mask leaves, store the block's rows.
+template <class T, class Weights, class Arch>
+void forward_task(const forward_pass<T, Weights>& f, attention_scratch<T>& s, index_t task) {
+  const query_block qb = forward_task_block<T, Weights, Arch>(f, task);
+  prepare_forward_scratch(f, s);
+  // Qᵀ [d x lanes], scaled; padding lanes are zero queries whose results are never stored.
+  // (with d == 0 nothing is read: do not form pointers into a possibly null view)
+  const T* qrow = f.d > 0 ? &f.pb.q(qb.b, qb.h, qb.i0, 0) : nullptr;
+  pack_transposed(qrow, f.pb.q.stride(2), qb.nq, f.d, f.pb.scale, s.qt.data(), qb.lanes);
+  std::fill(s.o.data(), s.o.data() + qb.nq * f.dvp, T(0));
+  f.weights.init(s.m.data(), s.l.data(), qb.lanes);
+  auto key_block = [&](index_t j0, index_t nk, const kv_part<T>& part) {
+    forward_key_block<T, Weights, Arch>(f, s, qb, j0, nk, part);
+  };
+  f.mask.for_each_key_block(qb.i0, qb.nq, f.block_k, false, [&](index_t j0, index_t nk) { f.kv.split(j0, nk, key_block); });
+  store_forward_rows<T, Weights, Arch>(f, s, qb);
+}
+
 /// Runs the engine for every (batch, head, query block). Weights must provide
 ///   static T masked_score();                       value a masked score is set to
 ///   void init(T* m, T* l, index_t lanes) const;    per-query state before the first block
-///   void apply(T* st, index_t rows, index_t ld, index_t lanes, T* m, T* l, T* alpha) const;
+///   bool apply(T* st, index_t rows, index_t ld, index_t lanes, T* m, T* l, T* alpha) const;
 ///       turn scores into weights in place; alpha[i] = factor to rescale O row i by (or
 ///       leave alpha untouched and return false when O needs no rescaling)
 ///   T denominator(T m, T l) const;                 final per-query divisor (0 for empty rows)
 ///   T row_statistic(T m, T l) const;               the statistic the backward pass takes
 template <class T, class Weights, class Arch = default_arch>
 void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights) {
-  const index_t B = pb.q.extent(0), H = pb.q.extent(1), Nq = pb.q.extent(2), d = pb.q.extent(3);
-  const index_t Hk = pb.k.extent(1), Nk = pb.k.extent(2), dv = pb.v.extent(3);
+  const index_t B = pb.q.extent(0), H = pb.q.extent(1), Nq = pb.q.extent(2), dv = pb.v.extent(3);
   // with dv = 0 there is no output, but requested statistics are still computed
   if (B == 0 || H == 0 || Nq == 0 || (dv == 0 && pb.stats.size() == 0)) return;
-  constexpr index_t W = simd_width<T, Arch>;
-  const index_t group = H / Hk;
-  const index_t n_qblocks = ceil_div(Nq, kBlockQ);
-  const index_t heads = B * H;
-  const attention_mask mask{pb.causal, Nq, Nk, pb.band};
-  const index_t block_k = std::max<index_t>(1, std::min(pb.block_k, std::max<index_t>(Nk, 1)));
-  const index_t dvp = round_up(dv, W);
-  const bool pack_v = dv % W != 0;
-  const int workers = static_cast<int>(std::min<index_t>(pb.threads, heads * n_qblocks));
+  kv_parts<T> single;
+  const auto f = forward_pass<T, Weights>::make(pb, weights, kv_parts_of(pb, single), simd_width<T, Arch>);
+  const int workers = static_cast<int>(std::min<index_t>(pb.threads, f.heads * f.n_qblocks));
   std::vector<attention_scratch<T>> scratch(to_size(std::max(workers, 1)));
-  const kv_parts<T> single = pb.segments ? kv_parts<T>{} : kv_parts<T>(pb.k, pb.v);
-  const kv_parts<T>& kv = pb.segments ? *pb.segments : single;
-
-  // Heaviest blocks first (the last query blocks of a causal head see the most keys) so the
-  // dynamic schedule ends with small tasks on both cores.
-  parallel_for(pb.threads, heads * n_qblocks, [&](index_t task, int worker) {
-    const index_t qb = n_qblocks - 1 - task / heads;
-    const index_t bh = task % heads;
-    const index_t b = bh / H, h = bh % H, hk = h / group;
-    const index_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, Nq - i0);
-    const index_t lanes = round_up(nq, W);
-    attention_scratch<T>& s = scratch[to_size(worker)];
-    if (s.qt.empty()) {
-      s.qt.assign(static_cast<std::size_t>(std::max<index_t>(d, 1) * kBlockQ), T(0));
-      s.st.assign(static_cast<std::size_t>(block_k * kBlockQ), T(0));
-      s.o.assign(static_cast<std::size_t>(kBlockQ * dvp), T(0));
-      s.m.assign(kBlockQ, T(0));
-      s.l.assign(kBlockQ, T(0));
-      s.alpha.assign(kBlockQ, T(0));
-      if (pack_v) s.vpack.assign(static_cast<std::size_t>(block_k * dvp), T(0));
-    }
-    T* qt = s.qt.data();
-    T* st = s.st.data();
-    T* o = s.o.data();
-
-    // Qᵀ [d x lanes], scaled; padding lanes are zero queries whose results are never stored.
-    // (with d == 0 nothing is read: do not form pointers into a possibly null view)
-    const T* qrow = d > 0 ? &pb.q(b, h, i0, 0) : nullptr;
-    pack_transposed(qrow, pb.q.stride(2), nq, d, pb.scale, qt, lanes);
-    std::fill(o, o + nq * dvp, T(0));
-    weights.init(s.m.data(), s.l.data(), lanes);
-
-    // one key block, or the piece of it inside one part of a segmented sequence
-    auto key_block = [&](index_t j0, index_t nk, const kv_part<T>& part) {
-      const T* kblk = d > 0 ? part.k_row(b, hk, j0) : qt;
-      const index_t ks = d > 0 ? part.k.stride(2) : 0, vs = part.v.stride(2);
-      gemm<T, Arch>(nk, lanes, d, kblk, ks, 1, qt, lanes, st, lanes, false);
-      const bool partial = mask.partial(i0, nq, j0, nk);
-      if (partial) mask.hide(st, lanes, lanes, i0, j0, nk, Weights::masked_score());
-      if (weights.apply(st, nk, lanes, lanes, s.m.data(), s.l.data(), s.alpha.data()))
-        for (index_t i = 0; i < nq; ++i) scale_padded<T, Arch>(o + i * dvp, dvp, s.alpha[to_size(i)]);
-      if (dv == 0) return;
-      const T* vsrc = part.v_row(b, hk, j0);
-      index_t ldv = vs;
-      if (pack_v) {
-        pack_rows(vsrc, vs, nk, dv, s.vpack.data(), dvp);
-        vsrc = s.vpack.data();
-        ldv = dvp;
-      }
-      // O[nq x dv] += P · V with P(i, j) = Pᵀ(j, i) = st[j·lanes + i]. A hidden weight is 0
-      // and 0 · NaN (or ±inf) is NaN: when a value some query of the block may not see is not
-      // finite, each query sums only its visible keys (docs/design.md §6). Rows [ca, cb) are
-      // seen by every query of the block, so only the others are checked.
-      index_t ca = 0, cb = nk;
-      if (partial) mask.common_rows(i0, nq, j0, nk, ca, cb);
-      if ((ca > 0 && !rows_finite<T, Arch>(vsrc, ldv, ca, dv)) ||
-          (cb < nk && !rows_finite<T, Arch>(vsrc + cb * ldv, ldv, nk - cb, dv)))
-        for (index_t i = 0; i < nq; ++i)
-          mask.for_each_visible_run(i0 + i, j0, nk, [&](index_t r0, index_t r1) {
-            gemm<T, Arch>(1, dv, r1 - r0, st + r0 * lanes + i, 1, lanes, vsrc + r0 * ldv, ldv, o + i * dvp, dvp, true);
-          });
-      else
-        gemm<T, Arch>(nq, dv, nk, st, 1, lanes, vsrc, ldv, o, dvp, true);
-    };
-    mask.for_each_key_block(i0, nq, block_k, false, [&](index_t j0, index_t nk) { kv.split(j0, nk, key_block); });
-
-    const index_t os = pb.out.stride(2);
-    T* orow = dv > 0 ? &pb.out(b, h, i0, 0) : nullptr;
-    for (index_t i = 0; i < nq && dv > 0; ++i) {
-      // divide (not multiply by 1/den): a subnormal denominator must not overflow to inf
-      const T den = weights.denominator(s.m[to_size(i)], s.l[to_size(i)]);
-      if (den > T(0))
-        divide_into<T, Arch>(o + i * dvp, dv, den, orow + i * os);
-      else
-        std::fill(orow + i * os, orow + i * os + dv, T(0));
-    }
-    if (pb.stats.size() > 0)
-      for (index_t i = 0; i < nq; ++i) pb.stats(b, h, i0 + i) = weights.row_statistic(s.m[to_size(i)], s.l[to_size(i)]);
+  parallel_for(pb.threads, f.heads * f.n_qblocks, [&](index_t task, int worker) {
+    forward_task<T, Weights, Arch>(f, scratch[to_size(worker)], task);
   });
 }
 

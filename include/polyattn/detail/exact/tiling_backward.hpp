@@ -19,6 +19,11 @@
 //     tiles are computed by both: 14·Nq·Nk·d FLOPs, scratch per-thread tiles only.
 // Measured on 2 Zen 5 cores at N = 4096, d ∈ {64, 128} the partials schedule is 1.07–1.27x
 // faster (docs/design_exact.md has the numbers).
+//
+// Pieces: backward_pass (what every task shares), load_queries and backward_tile (shared by
+// both schedules), then per schedule its driver (run_partials_schedule: partials_chunk,
+// partials_key_piece, reduce_dq_partials; run_recompute_schedule: recompute_key_task,
+// recompute_query_task).
 #pragma once
 
 #include <algorithm>
@@ -31,6 +36,7 @@
 #include "../core/threading.hpp"
 #include "kv_parts.hpp"
 #include "mask.hpp"
+#include "problem.hpp"
 
 namespace polyattn::detail {
 
@@ -45,19 +51,31 @@ inline constexpr index_t kPartialChunks = 8;    // key slices per window: fixed,
 static_assert(kPartialWindow % kBwdBlockQ == 0, "windows are whole query blocks");
 inline constexpr backward_schedule kDefaultBackwardSchedule = backward_schedule::partials;
 
+/// The backward problem: the inputs, the forward's out and stats, dout = dL/dout, and the
+/// gradients it writes (with segments, dk and dv of the parts instead of dk, dv here).
 template <class T>
-struct attention_backward_problem {
-  tensor_view<const T, 4> q, k, v, out, dout;
-  tensor_view<const T, 3> stats;
-  tensor_view<T, 4> dq, dk, dv;
-  bool causal = false;
-  T scale = T(1);
-  int threads = 1;
+struct attention_backward_problem : attention_inputs<T> {
+  tensor_view<const T, 4> out{}, dout{};
+  tensor_view<const T, 3> stats{};
+  tensor_view<T, 4> dq{}, dk{}, dv{};
   backward_schedule schedule = kDefaultBackwardSchedule;
-  mask_band band{};  // sliding window and global positions (detail/exact/mask.hpp)
-  // Keys, values and their gradients in several parts (segmented_view); then k, v, dk, dv
-  // above carry only the shapes of their concatenation and are never read or written.
-  const kv_parts<T>* segments = nullptr;
+
+  attention_backward_problem() = default;
+  attention_backward_problem(const attention_inputs<T>& in, tensor_view<const T, 4> forward_out,
+                             tensor_view<const T, 4> loss_grad, tensor_view<const T, 3> forward_stats,
+                             tensor_view<T, 4> grad_q, tensor_view<T, 4> grad_k = {}, tensor_view<T, 4> grad_v = {},
+                             backward_schedule order = kDefaultBackwardSchedule)
+      : attention_inputs<T>(in), out(forward_out), dout(loss_grad), stats(forward_stats), dq(grad_q), dk(grad_k),
+        dv(grad_v), schedule(order) {}
+  /// Every field in one list, q to dv first (the order tests/support/backward_battery.hpp uses).
+  attention_backward_problem(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+                             tensor_view<const T, 4> forward_out, tensor_view<const T, 4> loss_grad,
+                             tensor_view<const T, 3> forward_stats, tensor_view<T, 4> grad_q, tensor_view<T, 4> grad_k,
+                             tensor_view<T, 4> grad_v, bool causal, T scale, int threads,
+                             backward_schedule order = kDefaultBackwardSchedule, mask_band band = {},
+                             const kv_parts<T>* segments = nullptr)
+      : attention_backward_problem(attention_inputs<T>{q, k, v, causal, scale, threads, band, segments}, forward_out,
+                                   loss_grad, forward_stats, grad_q, grad_k, grad_v, order) {}
 };
 
 template <class T>
@@ -73,6 +91,23 @@ struct query_block_pack {
   T *qt, *dot, *qrows, *dorows, *c, *dd;
 };
 
+/// Keys [j0, j0 + nk), inside one part.
+template <class T>
+struct key_piece {
+  index_t j0, nk;
+  const kv_part<T>* part;
+};
+
+/// The rows of a key piece of kv head (b, hk) as a tile reads them: K (ks apart) and V (vs apart).
+template <class T>
+struct key_rows {
+  const T* k;
+  index_t ks;
+  const T* v;
+  index_t vs;
+  index_t j0, nk;
+};
+
 template <class T, std::size_t R>
 void fill_zero(const tensor_view<T, R>& t) {
   static_assert(R == 4, "gradients are rank 4");
@@ -82,263 +117,363 @@ void fill_zero(const tensor_view<T, R>& t) {
       for (index_t i = 0; i < t.extent(2); ++i) std::fill_n(&t(a, b, i, 0), t.extent(3), T(0));
 }
 
+template <class T>
+void zero_key_gradients(const kv_parts<T>& kv) {
+  for (const kv_part<T>& part : kv.parts) {
+    fill_zero(part.dk);
+    fill_zero(part.dv);
+  }
+}
+
+/// What every task of one backward call shares: the problem, the weights, the key parts and
+/// the sizes derived from them.
+template <class T, class Weights>
+struct backward_pass {
+  const attention_backward_problem<T>& pb;
+  const Weights& weights;
+  const kv_parts<T>& kv;
+  index_t B, H, Nq, d, Hk, Nk, dval;
+  index_t group, n_qblocks, dp, dvp;
+  bool pack_k;
+  attention_mask mask;
+
+  /// (W: the SIMD width, lanes per vector)
+  static backward_pass make(const attention_backward_problem<T>& pb, const Weights& weights, const kv_parts<T>& kv,
+                            index_t W) {
+    const index_t B = pb.q.extent(0), H = pb.q.extent(1), Nq = pb.q.extent(2), d = pb.q.extent(3);
+    const index_t Hk = pb.k.extent(1), Nk = pb.k.extent(2), dval = pb.v.extent(3);
+    return backward_pass{pb, weights, kv, B, H, Nq, d, Hk, Nk, dval, H / Hk, ceil_div(Nq, kBwdBlockQ),
+                         round_up(std::max<index_t>(d, 1), W), round_up(dval, W), d % W != 0,
+                         attention_mask{pb.causal, Nq, Nk, pb.band}};
+  }
+  /// Values of one packed query block in a window of the partials schedule.
+  index_t pack_size() const { return 2 * dp * kBwdBlockQ + 2 * dvp * kBwdBlockQ + 2 * kBwdBlockQ; }
+  /// The rows of piece kp of kv head (b, hk); with d == 0 nothing is read from k, so no
+  /// pointer into a possibly null view is formed (`spare`, any valid address, stands in).
+  key_rows<T> rows_of(const key_piece<T>& kp, index_t b, index_t hk, const T* spare) const {
+    const kv_part<T>& p = *kp.part;
+    return key_rows<T>{d > 0 ? p.k_row(b, hk, kp.j0) : spare, p.k.stride(2), p.v_row(b, hk, kp.j0), p.v.stride(2),
+                       kp.j0, kp.nk};
+  }
+};
+
+/// Sizes the worker's per-tile scratch on its first task.
+template <class T, class Weights>
+void prepare_backward_scratch(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s) {
+  constexpr index_t BQ = kBwdBlockQ, BK = kBwdBlockK;
+  if (!s.qt.empty()) return;
+  const index_t dp = f.dp, dvp = f.dvp;
+  s.qt.assign(static_cast<std::size_t>(dp * BQ), T(0));
+  s.dot.assign(static_cast<std::size_t>(dvp * BQ), T(0));
+  s.qrows.assign(static_cast<std::size_t>(BQ * dp), T(0));
+  s.dorows.assign(static_cast<std::size_t>(BQ * dvp), T(0));
+  s.st.assign(static_cast<std::size_t>(BK * BQ), T(0));
+  s.pt.assign(static_cast<std::size_t>(BK * BQ), T(0));
+  s.dpt.assign(static_cast<std::size_t>(BK * BQ), T(0));
+  s.kacc.assign(static_cast<std::size_t>(BK * dp), T(0));
+  s.vacc.assign(static_cast<std::size_t>(BK * dvp), T(0));
+  if (f.pack_k) s.kpack.assign(static_cast<std::size_t>(BK * dp), T(0));
+  s.c.assign(BQ, T(0));
+  s.dd.assign(BQ, T(0));
+  s.stat.assign(BQ, T(0));
+}
+
+/// The query block packed in the worker's per-tile scratch.
+template <class T>
+query_block_pack<T> scratch_pack(attention_backward_scratch<T>& s) {
+  return query_block_pack<T>{s.qt.data(), s.dot.data(), s.qrows.data(), s.dorows.data(), s.c.data(), s.dd.data()};
+}
+
+/// Query block `block` of the window in s.window: the partials schedule packs each query block
+/// of a window once per task, not once per key block.
+template <class T, class Weights>
+query_block_pack<T> window_pack(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s, index_t block) {
+  constexpr index_t BQ = kBwdBlockQ;
+  const index_t dp = f.dp, dvp = f.dvp;
+  T* base = s.window.data() + block * f.pack_size();
+  return query_block_pack<T>{base, base + dp * BQ, base + (dp + dvp) * BQ, base + (2 * dp + dvp) * BQ,
+                             base + 2 * (dp + dvp) * BQ, base + 2 * (dp + dvp) * BQ + BQ};
+}
+
+/// Loads query block qb: Qᵀ scaled and dOᵀ (queries in lanes, zero padding lanes), the
+/// per-lane constants from the statistic, D_i = dO_i·O_i, and with `rows` (key tasks) the rows
+/// scale·Q and dO as B operands.
+template <class T, class Weights>
+void load_queries(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s, const query_block_pack<T>& qp,
+                  const query_block& qb, bool rows) {
+  const attention_backward_problem<T>& pb = f.pb;
+  const index_t d = f.d, dval = f.dval, i0 = qb.i0, nq = qb.nq, lanes = qb.lanes;
+  const T* qrow = d > 0 ? &pb.q(qb.b, qb.h, i0, 0) : nullptr;
+  const T* dorow = &pb.dout(qb.b, qb.h, i0, 0);
+  const T* orow = &pb.out(qb.b, qb.h, i0, 0);
+  const index_t qs = pb.q.stride(2), dos = pb.dout.stride(2), os = pb.out.stride(2);
+  pack_transposed(qrow, qs, nq, d, pb.scale, qp.qt, lanes);
+  pack_transposed(dorow, dos, nq, dval, T(1), qp.dot, lanes);
+  for (index_t i = 0; i < nq; ++i) {
+    s.stat[to_size(i)] = pb.stats(qb.b, qb.h, i0 + i);
+    T acc(0);
+    for (index_t c = 0; c < dval; ++c) acc += dorow[i * dos + c] * orow[i * os + c];
+    qp.dd[i] = acc;
+  }
+  std::fill(qp.dd + nq, qp.dd + lanes, T(0));
+  f.weights.backward_init(s.stat.data(), nq, lanes, qp.c);
+  if (!rows) return;
+  for (index_t i = 0; i < nq; ++i) {
+    T* dst = qp.qrows + i * f.dp;
+    for (index_t c = 0; c < d; ++c) dst[c] = pb.scale * qrow[i * qs + c];
+    std::fill(dst + d, dst + f.dp, T(0));
+  }
+  pack_rows(dorow, dos, nq, dval, qp.dorows, f.dvp);
+}
+
+/// One tile: key rows kr (inside one part) against a packed query block; leaves Pᵀ in s.pt and
+/// dSᵀ in s.dpt, hidden entries 0.
+template <class T, class Weights, class Arch>
+void backward_tile(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s, const query_block_pack<T>& qp,
+                   const query_block& qb, const key_rows<T>& kr) {
+  const index_t lanes = qb.lanes, nk = kr.nk;
+  gemm<T, Arch>(nk, lanes, f.d, kr.k, kr.ks, 1, qp.qt, lanes, s.st.data(), lanes, false);
+  gemm<T, Arch>(nk, lanes, f.dval, kr.v, kr.vs, 1, qp.dot, lanes, s.dpt.data(), lanes, false);
+  f.weights.backward_tile(s.st.data(), s.pt.data(), s.dpt.data(), nk, lanes, lanes, qp.c, qp.dd);
+  if (f.mask.partial(qb.i0, qb.nq, kr.j0, nk)) {
+    f.mask.hide(s.pt.data(), lanes, lanes, qb.i0, kr.j0, nk, T(0));
+    f.mask.hide(s.dpt.data(), lanes, lanes, qb.i0, kr.j0, nk, T(0));
+  }
+}
+
+/// K rows as the B operand of dQ += dS · K (packed when rows are not whole vectors); sets ldk.
+template <class T, class Weights>
+const T* k_operand(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s, const key_rows<T>& kr,
+                   index_t& ldk) {
+  ldk = kr.ks;
+  if (!f.pack_k) return kr.k;
+  pack_rows(kr.k, kr.ks, kr.nk, f.d, s.kpack.data(), f.dp);
+  ldk = f.dp;
+  return s.kpack.data();
+}
+
+/// dK, dV of piece kp of kv head (b, hk) into the accumulators (s.kacc, s.vacc) and back.
+template <class T, class Weights>
+void load_key_gradients(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s, const key_piece<T>& kp,
+                        index_t b, index_t hk) {
+  for (index_t r = 0; r < kp.nk; ++r) {
+    if (f.d > 0) std::copy_n(kp.part->dk_row(b, hk, kp.j0 + r), f.d, s.kacc.data() + r * f.dp);
+    std::copy_n(kp.part->dv_row(b, hk, kp.j0 + r), f.dval, s.vacc.data() + r * f.dvp);
+  }
+}
+template <class T, class Weights>
+void store_key_gradients(const backward_pass<T, Weights>& f, const attention_backward_scratch<T>& s,
+                         const key_piece<T>& kp, index_t b, index_t hk) {
+  for (index_t r = 0; r < kp.nk; ++r) {
+    if (f.d > 0) std::copy_n(s.kacc.data() + r * f.dp, f.d, kp.part->dk_row(b, hk, kp.j0 + r));
+    std::copy_n(s.vacc.data() + r * f.dvp, f.dval, kp.part->dv_row(b, hk, kp.j0 + r));
+  }
+}
+
+// ---- the partials schedule
+
+/// Queries [w0, w0 + nw) of head (b, h), kv head hk: one window of the partials schedule.
+struct query_window {
+  index_t b, h, hk, w0, nw;
+};
+
+/// The key blocks some query of the window sees, cut where a segmented sequence passes from one
+/// part to the next.
+template <class T, class Weights>
+void window_key_blocks(const backward_pass<T, Weights>& f, const query_window& w, std::vector<key_piece<T>>& kblocks) {
+  kblocks.clear();
+  f.mask.for_each_key_block(w.w0, w.nw, kBwdBlockK, true, [&](index_t j0, index_t nk) {
+    f.kv.split(j0, nk, [&](index_t a, index_t n, const kv_part<T>& p) { kblocks.push_back({a, n, &p}); });
+  });
+}
+
+/// One key piece of a chunk: its dK, dV so far (earlier windows and heads, in order) plus the
+/// tiles of every query block of the window that sees it, and the tiles' dQ into qpart.
+template <class T, class Weights, class Arch>
+void partials_key_piece(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s, const query_window& w,
+                        const key_piece<T>& kp, bool* packed, T* qpart) {
+  constexpr index_t W = simd_width<T, Arch>, BQ = kBwdBlockQ;
+  const index_t d = f.d, dval = f.dval, dp = f.dp, dvp = f.dvp, nk = kp.nk;
+  const key_rows<T> kr = f.rows_of(kp, w.b, w.hk, s.qt.data());
+  load_key_gradients(f, s, kp, w.b, w.hk);
+  index_t ldk = 0;
+  const T* kop = d > 0 ? k_operand(f, s, kr, ldk) : nullptr;
+  f.mask.for_each_query_block(kp.j0, nk, BQ, [&](index_t i0, index_t nq) {
+    const query_block qb{w.b, w.h, w.hk, i0, nq, round_up(nq, W)};
+    const index_t lanes = qb.lanes, at = (i0 - w.w0) / BQ;
+    const query_block_pack<T> qp = window_pack(f, s, at);
+    if (!packed[at]) load_queries(f, s, qp, qb, true);
+    packed[at] = true;
+    backward_tile<T, Weights, Arch>(f, s, qp, qb, kr);
+    gemm<T, Arch>(nk, dval, nq, s.pt.data(), lanes, 1, qp.dorows, dvp, s.vacc.data(), dvp, true);
+    if (d > 0) {
+      gemm<T, Arch>(nk, d, nq, s.dpt.data(), lanes, 1, qp.qrows, dp, s.kacc.data(), dp, true);
+      gemm<T, Arch>(nq, d, nk, s.dpt.data(), 1, lanes, kop, ldk, qpart + (i0 - w.w0) * dp, dp, true);
+    }
+  }, w.w0, w.w0 + w.nw);
+  store_key_gradients(f, s, kp, w.b, w.hk);
+}
+
+/// Chunk c of a window: the key pieces of its fixed slice of kblocks, its dQ partial in qpart.
+template <class T, class Weights, class Arch>
+void partials_chunk(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s, const query_window& w,
+                    const std::vector<key_piece<T>>& kblocks, index_t c, T* qpart) {
+  constexpr index_t WQ = kPartialWindow, C = kPartialChunks;
+  prepare_backward_scratch(f, s);
+  std::fill(qpart, qpart + w.nw * f.dp, T(0));
+  if (s.window.empty()) s.window.assign(static_cast<std::size_t>(WQ / kBwdBlockQ * f.pack_size()), T(0));
+  bool packed[to_size(WQ / kBwdBlockQ)] = {};
+  const index_t L = static_cast<index_t>(kblocks.size());
+  for (index_t at = c * L / C; at < (c + 1) * L / C; ++at)
+    partials_key_piece<T, Weights, Arch>(f, s, w, kblocks[static_cast<std::size_t>(at)], packed, qpart);
+}
+
+/// dQ of the window: the chunks' partials summed in chunk order, times the scale.
+template <class T, class Weights>
+void reduce_dq_partials(const backward_pass<T, Weights>& f, const aligned_vector<T>& part, const query_window& w) {
+  constexpr index_t WQ = kPartialWindow, C = kPartialChunks;
+  const index_t dp = f.dp;
+  for (index_t i = 0; i < w.nw && f.d > 0; ++i) {
+    T* dst = &f.pb.dq(w.b, w.h, w.w0 + i, 0);
+    for (index_t col = 0; col < f.d; ++col) {
+      T acc = part[static_cast<std::size_t>(i * dp + col)];
+      for (index_t c = 1; c < C; ++c) acc += part[static_cast<std::size_t>((c * WQ + i) * dp + col)];
+      dst[col] = f.pb.scale * acc;
+    }
+  }
+}
+
+/// Query windows one after the other, each as kPartialChunks tasks (the top of this file).
+template <class T, class Weights, class Arch>
+void run_partials_schedule(const backward_pass<T, Weights>& f) {
+  constexpr index_t WQ = kPartialWindow, C = kPartialChunks;
+  const int threads = f.pb.threads;
+  std::vector<attention_backward_scratch<T>> scratch(to_size(std::max<index_t>(std::min<index_t>(threads, C), 1)));
+  zero_key_gradients(f.kv);
+  aligned_vector<T> part(static_cast<std::size_t>(C * WQ * f.dp), T(0));
+  std::vector<key_piece<T>> kblocks;
+  for (index_t bh = 0; bh < f.B * f.H; ++bh) {
+    const index_t b = bh / f.H, h = bh % f.H, hk = h / f.group;
+    for (index_t w0 = 0; w0 < f.Nq; w0 += WQ) {
+      const query_window w{b, h, hk, w0, std::min(WQ, f.Nq - w0)};
+      window_key_blocks(f, w, kblocks);
+      parallel_for(threads, C, [&](index_t c, int worker) {
+        partials_chunk<T, Weights, Arch>(f, scratch[to_size(worker)], w, kblocks, c, part.data() + c * WQ * f.dp);
+      });
+      reduce_dq_partials(f, part, w);
+    }
+  }
+}
+
+// ---- the recompute schedule
+
+/// Key blocks of kBwdBlockK keys, cut where a segmented sequence passes from one part to the
+/// next: the key tasks of the recompute schedule (per batch and kv head).
+template <class T, class Weights>
+std::vector<key_piece<T>> key_block_pieces(const backward_pass<T, Weights>& f) {
+  std::vector<key_piece<T>> pieces;
+  for (index_t j0 = 0; j0 < f.Nk; j0 += kBwdBlockK)
+    f.kv.split(j0, std::min(kBwdBlockK, f.Nk - j0),
+               [&](index_t a, index_t n, const kv_part<T>& p) { pieces.push_back({a, n, &p}); });
+  return pieces;
+}
+
+/// dK, dV of piece kp of kv head (b, hk): the tiles of every query block of the group's heads
+/// that sees it.
+template <class T, class Weights, class Arch>
+void recompute_key_task(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s, const key_piece<T>& kp,
+                        index_t b, index_t hk) {
+  constexpr index_t W = simd_width<T, Arch>;
+  const index_t d = f.d, dval = f.dval, dp = f.dp, dvp = f.dvp, nk = kp.nk;
+  const key_rows<T> kr = f.rows_of(kp, b, hk, s.qt.data());
+  std::fill(s.kacc.begin(), s.kacc.begin() + nk * dp, T(0));
+  std::fill(s.vacc.begin(), s.vacc.begin() + nk * dvp, T(0));
+  for (index_t g = 0; g < f.group; ++g) {
+    const index_t h = hk * f.group + g;
+    f.mask.for_each_query_block(kp.j0, nk, kBwdBlockQ, [&](index_t i0, index_t nq) {
+      const query_block qb{b, h, hk, i0, nq, round_up(nq, W)};
+      const index_t lanes = qb.lanes;
+      const query_block_pack<T> qp = scratch_pack(s);
+      load_queries(f, s, qp, qb, true);
+      backward_tile<T, Weights, Arch>(f, s, qp, qb, kr);
+      // dV[nk x dv] += Pᵀ · dO ; dK[nk x d] += dSᵀ · (scale·Q)
+      gemm<T, Arch>(nk, dval, nq, s.pt.data(), lanes, 1, s.dorows.data(), dvp, s.vacc.data(), dvp, true);
+      if (d > 0) gemm<T, Arch>(nk, d, nq, s.dpt.data(), lanes, 1, s.qrows.data(), dp, s.kacc.data(), dp, true);
+    });
+  }
+  store_key_gradients(f, s, kp, b, hk);
+}
+
+/// dQ of query block qb (d > 0): the tiles of every key block it sees.
+template <class T, class Weights, class Arch>
+void recompute_query_task(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s, const query_block& qb) {
+  const index_t dp = f.dp, nq = qb.nq;
+  const query_block_pack<T> qp = scratch_pack(s);
+  load_queries(f, s, qp, qb, false);
+  T* qacc = s.qrows.data();  // dQ accumulator [nq x dp]; the rows are not needed here
+  std::fill(qacc, qacc + nq * dp, T(0));
+  auto key_block = [&](index_t j0, index_t nk, const kv_part<T>& pt) {
+    const key_rows<T> kr = f.rows_of(key_piece<T>{j0, nk, &pt}, qb.b, qb.hk, nullptr);
+    backward_tile<T, Weights, Arch>(f, s, qp, qb, kr);
+    index_t ldk = 0;
+    const T* kb = k_operand(f, s, kr, ldk);
+    // dQ[nq x d] += dS · K with dS(i, j) = dSᵀ(j, i) = dpt[j·lanes + i]
+    gemm<T, Arch>(nq, f.d, nk, s.dpt.data(), 1, qb.lanes, kb, ldk, qacc, dp, true);
+  };
+  f.mask.for_each_key_block(qb.i0, nq, kBwdBlockK, true, [&](index_t j0, index_t nk) { f.kv.split(j0, nk, key_block); });
+  for (index_t i = 0; i < nq; ++i) {
+    T* dst = &f.pb.dq(qb.b, qb.h, qb.i0 + i, 0);
+    for (index_t c = 0; c < f.d; ++c) dst[c] = f.pb.scale * qacc[i * dp + c];
+  }
+}
+
+/// Key-block tasks write dK, dV; query-block tasks write dQ. Task order: heaviest first so the
+/// dynamic schedule ends on small tasks. Under the causal mask the first key blocks and the
+/// last query blocks see the most of the other side.
+template <class T, class Weights, class Arch>
+void run_recompute_schedule(const backward_pass<T, Weights>& f) {
+  constexpr index_t W = simd_width<T, Arch>, BQ = kBwdBlockQ;
+  const std::vector<key_piece<T>> pieces = key_block_pieces(f);
+  const index_t B = f.B, H = f.H, Hk = f.Hk;
+  const index_t key_tasks = B * Hk * static_cast<index_t>(pieces.size()), query_tasks = B * H * f.n_qblocks;
+  const int workers = static_cast<int>(std::min<index_t>(f.pb.threads, key_tasks + query_tasks));
+  std::vector<attention_backward_scratch<T>> scratch(to_size(std::max(workers, 1)));
+  parallel_for(f.pb.threads, key_tasks + query_tasks, [&](index_t task, int worker) {
+    attention_backward_scratch<T>& s = scratch[to_size(worker)];
+    prepare_backward_scratch(f, s);
+    if (task < key_tasks) {
+      const index_t kb = task / (B * Hk), bhk = task % (B * Hk);
+      recompute_key_task<T, Weights, Arch>(f, s, pieces[static_cast<std::size_t>(kb)], bhk / Hk, bhk % Hk);
+      return;
+    }
+    if (f.d == 0) return;  // dq is empty
+    const index_t t = task - key_tasks;
+    const index_t qb = f.n_qblocks - 1 - t / (B * H), bh = t % (B * H);
+    const index_t b = bh / H, h = bh % H, i0 = qb * BQ, nq = std::min(BQ, f.Nq - i0);
+    recompute_query_task<T, Weights, Arch>(f, s, query_block{b, h, h / f.group, i0, nq, round_up(nq, W)});
+  });
+}
+
 /// Runs the backward engine. Weights provides (besides the forward interface)
 ///   void backward_init(const T* stat, index_t n, index_t lanes, T* c) const;  per-lane constant
 ///   void backward_tile(const T* st, T* pt, T* dpt, index_t rows, index_t ld, index_t lanes,
 ///                      const T* c, const T* dd) const;   Sᵀ, dPᵀ -> Pᵀ, dSᵀ (in place of dPᵀ)
 template <class T, class Weights, class Arch = default_arch>
 void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const Weights& weights) {
-  const index_t B = pb.q.extent(0), H = pb.q.extent(1), Nq = pb.q.extent(2), d = pb.q.extent(3);
-  const index_t Hk = pb.k.extent(1), Nk = pb.k.extent(2), dval = pb.v.extent(3);
-  if (B == 0 || H == 0) return;
-  const kv_parts<T> single = pb.segments ? kv_parts<T>{} : kv_parts<T>(pb.k, pb.v, pb.dk, pb.dv);
-  const kv_parts<T>& kv = pb.segments ? *pb.segments : single;
-  auto zero_key_gradients = [&] {
-    for (const kv_part<T>& part : kv.parts) {
-      fill_zero(part.dk);
-      fill_zero(part.dv);
-    }
-  };
-  if (Nq == 0 || Nk == 0 || dval == 0) {
+  if (pb.q.extent(0) == 0 || pb.q.extent(1) == 0) return;
+  kv_parts<T> single;
+  const kv_parts<T>& kv = kv_parts_of(pb, single, pb.dk, pb.dv);
+  if (pb.q.extent(2) == 0 || pb.k.extent(2) == 0 || pb.v.extent(3) == 0) {
     // no query, no key or no value: every gradient is 0 (dS = P ∘ (dP − D) with dP = D = 0)
     fill_zero(pb.dq);
-    zero_key_gradients();
+    zero_key_gradients(kv);
     return;
   }
-  constexpr index_t W = simd_width<T, Arch>;
-  constexpr index_t BQ = kBwdBlockQ, BK = kBwdBlockK;
-  const index_t group = H / Hk;
-  const index_t n_qblocks = ceil_div(Nq, BQ);
-  const index_t dp = round_up(std::max<index_t>(d, 1), W), dvp = round_up(dval, W);
-  const bool pack_k = d % W != 0;
-  const attention_mask mask{pb.causal, Nq, Nk, pb.band};
-  // key blocks of BK keys, cut where a segmented sequence passes from one part to the next
-  struct key_piece {
-    index_t j0, nk;
-    const kv_part<T>* part;
-  };
-  std::vector<key_piece> pieces;
-  for (index_t j0 = 0; j0 < Nk; j0 += BK)
-    kv.split(j0, std::min(BK, Nk - j0), [&](index_t a, index_t n, const kv_part<T>& p) { pieces.push_back({a, n, &p}); });
-  const index_t n_pieces = static_cast<index_t>(pieces.size());
-  const index_t key_tasks = B * Hk * n_pieces, query_tasks = B * H * n_qblocks;
-  const int workers = static_cast<int>(std::min<index_t>(pb.threads, key_tasks + query_tasks));
-  // (the partials schedule runs up to min(threads, kPartialChunks) workers)
-  std::vector<attention_backward_scratch<T>> scratch(
-      static_cast<std::size_t>(std::max<index_t>({index_t(workers), std::min<index_t>(pb.threads, kPartialChunks), 1})));
-
-
-  // Loads query block [i0, i0 + nq) of head (b, h): Qᵀ scaled and dOᵀ (queries in lanes, zero
-  // padding lanes), the per-lane constants from the statistic, D_i = dO_i·O_i, and for key
-  // tasks the rows scale·Q and dO as B operands.
-  auto load_queries = [&](attention_backward_scratch<T>& s, const query_block_pack<T>& qp, index_t b, index_t h,
-                          index_t i0, index_t nq, index_t lanes, bool rows) {
-    const T* qrow = d > 0 ? &pb.q(b, h, i0, 0) : nullptr;
-    const T* dorow = &pb.dout(b, h, i0, 0);
-    const T* orow = &pb.out(b, h, i0, 0);
-    const index_t qs = pb.q.stride(2), dos = pb.dout.stride(2), os = pb.out.stride(2);
-    pack_transposed(qrow, qs, nq, d, pb.scale, qp.qt, lanes);
-    pack_transposed(dorow, dos, nq, dval, T(1), qp.dot, lanes);
-    for (index_t i = 0; i < nq; ++i) {
-      s.stat[to_size(i)] = pb.stats(b, h, i0 + i);
-      T acc(0);
-      for (index_t c = 0; c < dval; ++c) acc += dorow[i * dos + c] * orow[i * os + c];
-      qp.dd[i] = acc;
-    }
-    std::fill(qp.dd + nq, qp.dd + lanes, T(0));
-    weights.backward_init(s.stat.data(), nq, lanes, qp.c);
-    if (rows) {
-      for (index_t i = 0; i < nq; ++i) {
-        T* dst = qp.qrows + i * dp;
-        for (index_t c = 0; c < d; ++c) dst[c] = pb.scale * qrow[i * qs + c];
-        std::fill(dst + d, dst + dp, T(0));
-      }
-      pack_rows(dorow, dos, nq, dval, qp.dorows, dvp);
-    }
-  };
-
-  // One tile: keys [j0, j0 + nk) of kv head (b, hk) (inside one part) against a packed query block.
-  auto tile = [&](attention_backward_scratch<T>& s, const query_block_pack<T>& qp, const T* kblk, index_t ks,
-                  const T* vblk, index_t vs, index_t i0, index_t nq, index_t lanes, index_t j0, index_t nk) {
-    gemm<T, Arch>(nk, lanes, d, kblk, ks, 1, qp.qt, lanes, s.st.data(), lanes, false);
-    gemm<T, Arch>(nk, lanes, dval, vblk, vs, 1, qp.dot, lanes, s.dpt.data(), lanes, false);
-    weights.backward_tile(s.st.data(), s.pt.data(), s.dpt.data(), nk, lanes, lanes, qp.c, qp.dd);
-    if (mask.partial(i0, nq, j0, nk)) {
-      mask.hide(s.pt.data(), lanes, lanes, i0, j0, nk, T(0));
-      mask.hide(s.dpt.data(), lanes, lanes, i0, j0, nk, T(0));
-    }
-  };
-
-  auto scratch_pack = [](attention_backward_scratch<T>& s) {
-    return query_block_pack<T>{s.qt.data(), s.dot.data(), s.qrows.data(), s.dorows.data(), s.c.data(), s.dd.data()};
-  };
-  // the partials schedule packs each query block of a window once per task, not once per key block
-  const index_t pack_size = 2 * dp * BQ + 2 * dvp * BQ + 2 * BQ;
-  auto window_pack = [&](attention_backward_scratch<T>& s, index_t block) {
-    T* base = s.window.data() + block * pack_size;
-    return query_block_pack<T>{base, base + dp * BQ, base + (dp + dvp) * BQ, base + (2 * dp + dvp) * BQ,
-                               base + 2 * (dp + dvp) * BQ, base + 2 * (dp + dvp) * BQ + BQ};
-  };
-
-  auto prepare = [&](attention_backward_scratch<T>& s) {
-    if (s.qt.empty()) {
-      s.qt.assign(static_cast<std::size_t>(dp * BQ), T(0));
-      s.dot.assign(static_cast<std::size_t>(dvp * BQ), T(0));
-      s.qrows.assign(static_cast<std::size_t>(BQ * dp), T(0));
-      s.dorows.assign(static_cast<std::size_t>(BQ * dvp), T(0));
-      s.st.assign(static_cast<std::size_t>(BK * BQ), T(0));
-      s.pt.assign(static_cast<std::size_t>(BK * BQ), T(0));
-      s.dpt.assign(static_cast<std::size_t>(BK * BQ), T(0));
-      s.kacc.assign(static_cast<std::size_t>(BK * dp), T(0));
-      s.vacc.assign(static_cast<std::size_t>(BK * dvp), T(0));
-      if (pack_k) s.kpack.assign(static_cast<std::size_t>(BK * dp), T(0));
-      s.c.assign(BQ, T(0));
-      s.dd.assign(BQ, T(0));
-      s.stat.assign(BQ, T(0));
-    }
-  };
-
-  // K rows as the B operand of dQ += dS · K (packed when rows are not whole vectors)
-  auto k_operand = [&](attention_backward_scratch<T>& s, const T* kblk, index_t ks, index_t nk,
-                       index_t& ldk) -> const T* {
-    ldk = ks;
-    if (!pack_k) return kblk;
-    pack_rows(kblk, ks, nk, d, s.kpack.data(), dp);
-    ldk = dp;
-    return s.kpack.data();
-  };
-
-  if (pb.schedule == backward_schedule::partials) {
-    constexpr index_t WQ = kPartialWindow, C = kPartialChunks;
-    zero_key_gradients();
-    aligned_vector<T> part(static_cast<std::size_t>(C * WQ * dp), T(0));
-    std::vector<key_piece> kblocks;
-    for (index_t bh = 0; bh < B * H; ++bh) {
-      const index_t b = bh / H, h = bh % H, hk = h / group;
-      for (index_t w0 = 0; w0 < Nq; w0 += WQ) {
-        const index_t nw = std::min(WQ, Nq - w0);
-        // the key blocks some query of the window sees, cut into C fixed slices
-        kblocks.clear();
-        mask.for_each_key_block(w0, nw, BK, true, [&](index_t j0, index_t nk) {
-          kv.split(j0, nk, [&](index_t a, index_t n, const kv_part<T>& p) { kblocks.push_back({a, n, &p}); });
-        });
-        const index_t L = static_cast<index_t>(kblocks.size());
-        parallel_for(pb.threads, C, [&](index_t c, int worker) {
-          attention_backward_scratch<T>& s = scratch[to_size(worker)];
-          prepare(s);
-          T* qpart = part.data() + c * WQ * dp;
-          std::fill(qpart, qpart + nw * dp, T(0));
-          if (s.window.empty()) s.window.assign(static_cast<std::size_t>(WQ / BQ * pack_size), T(0));
-          bool packed[to_size(WQ / BQ)] = {};
-          for (index_t at = c * L / C; at < (c + 1) * L / C; ++at) {
-            const key_piece kp = kblocks[static_cast<std::size_t>(at)];
-            const index_t j0 = kp.j0, nk = kp.nk;
-            const kv_part<T>& pt = *kp.part;
-            const T* kblk = d > 0 ? pt.k_row(b, hk, j0) : s.qt.data();
-            const T* vblk = pt.v_row(b, hk, j0);
-            const index_t ks = pt.k.stride(2), vs = pt.v.stride(2);
-            // dK, dV of these keys so far (earlier windows and heads, in order)
-            for (index_t r = 0; r < nk; ++r) {
-              if (d > 0) std::copy_n(pt.dk_row(b, hk, j0 + r), d, s.kacc.data() + r * dp);
-              std::copy_n(pt.dv_row(b, hk, j0 + r), dval, s.vacc.data() + r * dvp);
-            }
-            index_t ldk = 0;
-            const T* kop = d > 0 ? k_operand(s, kblk, ks, nk, ldk) : nullptr;
-            mask.for_each_query_block(j0, nk, BQ, [&](index_t i0, index_t nq) {
-              const index_t lanes = round_up(nq, W);
-              const index_t qb = (i0 - w0) / BQ;
-              const query_block_pack<T> qp = window_pack(s, qb);
-              if (!packed[qb]) load_queries(s, qp, b, h, i0, nq, lanes, true);
-              packed[qb] = true;
-              tile(s, qp, kblk, ks, vblk, vs, i0, nq, lanes, j0, nk);
-              gemm<T, Arch>(nk, dval, nq, s.pt.data(), lanes, 1, qp.dorows, dvp, s.vacc.data(), dvp, true);
-              if (d > 0) {
-                gemm<T, Arch>(nk, d, nq, s.dpt.data(), lanes, 1, qp.qrows, dp, s.kacc.data(), dp, true);
-                gemm<T, Arch>(nq, d, nk, s.dpt.data(), 1, lanes, kop, ldk, qpart + (i0 - w0) * dp, dp, true);
-              }
-            }, w0, w0 + nw);
-            for (index_t r = 0; r < nk; ++r) {
-              if (d > 0) std::copy_n(s.kacc.data() + r * dp, d, pt.dk_row(b, hk, j0 + r));
-              std::copy_n(s.vacc.data() + r * dvp, dval, pt.dv_row(b, hk, j0 + r));
-            }
-          }
-        });
-        // dQ of the window: the chunks' partials summed in chunk order
-        for (index_t i = 0; i < nw && d > 0; ++i) {
-          T* dst = &pb.dq(b, h, w0 + i, 0);
-          for (index_t col = 0; col < d; ++col) {
-            T acc = part[static_cast<std::size_t>(i * dp + col)];
-            for (index_t c = 1; c < C; ++c) acc += part[static_cast<std::size_t>((c * WQ + i) * dp + col)];
-            dst[col] = pb.scale * acc;
-          }
-        }
-      }
-    }
-    return;
-  }
-
-  // Task order: heaviest first so the dynamic schedule ends on small tasks. Under the causal
-  // mask the first key blocks and the last query blocks see the most of the other side.
-  parallel_for(pb.threads, key_tasks + query_tasks, [&](index_t task, int worker) {
-    attention_backward_scratch<T>& s = scratch[to_size(worker)];
-    prepare(s);
-    // (with d == 0 nothing is read from k: do not form pointers into a possibly null view)
-    if (task < key_tasks) {
-      // ---- dK, dV of keys [j0, j0 + nk) of kv head (b, hk)
-      const index_t kb = task / (B * Hk), bhk = task % (B * Hk);
-      const index_t b = bhk / Hk, hk = bhk % Hk;
-      const key_piece kp = pieces[static_cast<std::size_t>(kb)];
-      const index_t j0 = kp.j0, nk = kp.nk;
-      const kv_part<T>& pt = *kp.part;
-      const T* kblk = d > 0 ? pt.k_row(b, hk, j0) : s.qt.data();
-      const T* vblk = pt.v_row(b, hk, j0);
-      const index_t ks = pt.k.stride(2), vs = pt.v.stride(2);
-      std::fill(s.kacc.begin(), s.kacc.begin() + nk * dp, T(0));
-      std::fill(s.vacc.begin(), s.vacc.begin() + nk * dvp, T(0));
-      for (index_t g = 0; g < group; ++g) {
-        const index_t h = hk * group + g;
-        mask.for_each_query_block(j0, nk, BQ, [&](index_t i0, index_t nq) {
-          const index_t lanes = round_up(nq, W);
-          const query_block_pack<T> qp = scratch_pack(s);
-          load_queries(s, qp, b, h, i0, nq, lanes, true);
-          tile(s, qp, kblk, ks, vblk, vs, i0, nq, lanes, j0, nk);
-          // dV[nk x dv] += Pᵀ · dO ; dK[nk x d] += dSᵀ · (scale·Q)
-          gemm<T, Arch>(nk, dval, nq, s.pt.data(), lanes, 1, s.dorows.data(), dvp, s.vacc.data(), dvp, true);
-          if (d > 0)
-            gemm<T, Arch>(nk, d, nq, s.dpt.data(), lanes, 1, s.qrows.data(), dp, s.kacc.data(), dp, true);
-        });
-      }
-      for (index_t r = 0; r < nk; ++r) {
-        if (d > 0) std::copy_n(s.kacc.data() + r * dp, d, pt.dk_row(b, hk, j0 + r));
-        std::copy_n(s.vacc.data() + r * dvp, dval, pt.dv_row(b, hk, j0 + r));
-      }
-    } else {
-      // ---- dQ of queries [i0, i0 + nq) of head (b, h)
-      const index_t t = task - key_tasks;
-      const index_t qb = n_qblocks - 1 - t / (B * H), bh = t % (B * H);
-      const index_t b = bh / H, h = bh % H, hk = h / group;
-      const index_t i0 = qb * BQ, nq = std::min(BQ, Nq - i0), lanes = round_up(nq, W);
-      if (d == 0) return;  // dq is empty
-      const query_block_pack<T> qp = scratch_pack(s);
-      load_queries(s, qp, b, h, i0, nq, lanes, false);
-      T* qacc = s.qrows.data();  // dQ accumulator [nq x dp]; the rows are not needed here
-      std::fill(qacc, qacc + nq * dp, T(0));
-      auto key_block = [&](index_t j0, index_t nk, const kv_part<T>& pt) {
-        const T* kblk = pt.k_row(b, hk, j0);
-        const index_t ks = pt.k.stride(2);
-        tile(s, qp, kblk, ks, pt.v_row(b, hk, j0), pt.v.stride(2), i0, nq, lanes, j0, nk);
-        index_t ldk = 0;
-        const T* kb = k_operand(s, kblk, ks, nk, ldk);
-        // dQ[nq x d] += dS · K with dS(i, j) = dSᵀ(j, i) = dpt[j·lanes + i]
-        gemm<T, Arch>(nq, d, nk, s.dpt.data(), 1, lanes, kb, ldk, qacc, dp, true);
-      };
-      mask.for_each_key_block(i0, nq, BK, true, [&](index_t j0, index_t nk) { kv.split(j0, nk, key_block); });
-      for (index_t i = 0; i < nq; ++i) {
-        T* dst = &pb.dq(b, h, i0 + i, 0);
-        for (index_t c = 0; c < d; ++c) dst[c] = pb.scale * qacc[i * dp + c];
-      }
-    }
-  });
+  const auto f = backward_pass<T, Weights>::make(pb, weights, kv, simd_width<T, Arch>);
+  if (pb.schedule == backward_schedule::partials)
+    run_partials_schedule<T, Weights, Arch>(f);
+  else
+    run_recompute_schedule<T, Weights, Arch>(f);
 }
 
 }  // namespace polyattn::detail

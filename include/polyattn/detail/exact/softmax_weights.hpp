@@ -1,0 +1,107 @@
+// polyattn/detail/exact/softmax_weights.hpp — softmax_weights: the softmax kernels' weights policy for the exact engines, and their default scale.
+//
+// The policy the tiled engines (tiling.hpp, tiling_backward.hpp) are instantiated with for
+// softmax_attention, flash_attention, their segmented overloads and shaped_attention's softmax
+// term (docs/design_exact.md, "The backward of one tile").
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "../../options.hpp"
+#include "../core/simd.hpp"
+
+namespace polyattn::detail {
+
+/// Softmax weights with a running maximum (docs/design.md §1): for every query lane
+/// m' = max(m, max_j s_j), p_j = exp(s_j - m'), l' = l·exp(m - m') + Σ p_j, O' = O·exp(m - m').
+/// A lane that has seen only masked keys keeps m = -inf; subtracting 0 instead of -inf then
+/// gives p = 0 and alpha = 0 rather than NaN, so fully masked rows end with l = 0 and output 0.
+template <class T, class Arch = default_arch>
+struct softmax_weights {
+  static constexpr T masked_score() { return -std::numeric_limits<T>::infinity(); }
+
+  /// The lowest argument handed to xsimd::exp: exp is 0 there in float and double (xsimd
+  /// returns 0 below −88.4 and −708.4), and x / ln 2 still fits an integer. xsimd's exp
+  /// converts x / ln 2 to an integer, which for −∞ (a masked score, a lane's initial max) or a
+  /// huge negative difference is undefined behaviour (clang's -fsanitize=undefined aborts on
+  /// it; the double conversion is a scalar cast). Clamping there changes no result.
+  static constexpr T exp_floor() { return T(-1000); }
+
+  /// exp(max(x, exp_floor())); max(floor, x) keeps a NaN argument NaN.
+  static batch<T, Arch> exp_clamped(const batch<T, Arch>& x) {
+    return vexp(vmax(batch<T, Arch>(exp_floor()), x));
+  }
+
+  void init(T* m, T* l, index_t lanes) const {
+    std::fill(m, m + lanes, masked_score());
+    std::fill(l, l + lanes, T(0));
+  }
+
+  bool apply(T* st, index_t rows, index_t ld, index_t lanes, T* m, T* l, T* alpha) const {
+    using B = batch<T, Arch>;
+    const B neg_inf(masked_score());
+    for (index_t c = 0; c < lanes; c += simd_width<T, Arch>) {
+      B bmax = neg_inf;
+      for (index_t r = 0; r < rows; ++r) bmax = vmax(bmax, B::load_unaligned(st + r * ld + c));
+      const B m_old = B::load_unaligned(m + c);
+      const B m_new = vmax(m_old, bmax);
+      const B m_use = xsimd::select(m_new == neg_inf, B(T(0)), m_new);
+      const B a = exp_clamped(m_old - m_use);
+      B sum(T(0));
+      for (index_t r = 0; r < rows; ++r) {
+        T* p = st + r * ld + c;
+        const B e = exp_clamped(B::load_unaligned(p) - m_use);
+        e.store_unaligned(p);
+        sum += e;
+      }
+      (B::load_unaligned(l + c) * a + sum).store_unaligned(l + c);
+      m_new.store_unaligned(m + c);
+      a.store_unaligned(alpha + c);
+    }
+    return true;
+  }
+
+  T denominator(T, T l) const { return l; }
+
+  /// The saved statistic: lse = m + log l, −∞ for a row that saw no key.
+  T row_statistic(T m, T l) const { return l > T(0) ? m + std::log(l) : masked_score(); }
+
+  // ---- backward (detail/exact/tiling_backward.hpp) ----
+  /// Per-lane constant from the saved lse: the lse itself, +∞ for an empty row (every
+  /// exponent then clamps to the bottom of exp's range and p = 0 exactly).
+  void backward_init(const T* stat, index_t n, index_t lanes, T* c) const {
+    for (index_t i = 0; i < n; ++i) c[i] = stat[i] == masked_score() ? std::numeric_limits<T>::infinity() : stat[i];
+    std::fill(c + n, c + lanes, std::numeric_limits<T>::infinity());
+  }
+
+  /// Scores Sᵀ in, probabilities Pᵀ = exp(S − lse) out into pt and, in place of dPᵀ,
+  /// dSᵀ = P ∘ (dP − D) with D_i = dO_i·O_i (the softmax Jacobian, FlashAttention-2 eq. for dS).
+  /// The exponent is clamped to [exp_floor(), 0]: s − lse <= 0 for every allowed score up to
+  /// rounding, the clamp keeps exp's argument finite for masked entries (which `hide`
+  /// overwrites afterwards) and for empty rows (lse = +∞ here).
+  void backward_tile(const T* st, T* pt, T* dpt, index_t rows, index_t ld, index_t lanes, const T* c,
+                     const T* dd) const {
+    using B = batch<T, Arch>;
+    const B lo(exp_floor()), zero(T(0));
+    for (index_t col = 0; col < lanes; col += simd_width<T, Arch>) {
+      const B cv = B::load_unaligned(c + col), dv = B::load_unaligned(dd + col);
+      for (index_t r = 0; r < rows; ++r) {
+        const index_t at = r * ld + col;
+        const B p = vexp(vmin(vmax(B::load_unaligned(st + at) - cv, lo), zero));
+        p.store_unaligned(pt + at);
+        (p * (B::load_unaligned(dpt + at) - dv)).store_unaligned(dpt + at);
+      }
+    }
+  }
+};
+
+/// The default scale of the softmax kernels: 1/√d unless the options give one.
+template <class T>
+T softmax_scale(const softmax_options& opts, index_t head_dim) {
+  if (opts.scale) return static_cast<T>(*opts.scale);
+  return head_dim > 0 ? static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim))) : T(1);
+}
+
+}  // namespace polyattn::detail
