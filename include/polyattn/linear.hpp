@@ -121,9 +121,18 @@ void linear_attention_backward(detail::input_view<T> phi_q, detail::input_view<T
   detail::check_backward<T>(fn, phi_q, phi_k, v, out, dout, stats, dphi_q, dphi_k, dv, "phi_q", "phi_k", "dphi_q",
                          "dphi_k");
   detail::check_options<T>(fn, opts);
-  detail::run_block_backward<T>(detail::linear_sizes<T>(phi_q, phi_k, v, opts),
-                                detail::view_feature_source<T>{phi_q.extent(3)}, phi_q, phi_k, v, out, dout, stats,
-                                dphi_q, dphi_k, dv);
+  detail::linear_backward_problem<T> p;
+  p.sizes = detail::linear_sizes<T>(phi_q, phi_k, v, opts);
+  p.q = phi_q;
+  p.k = phi_k;
+  p.v = v;
+  p.out = out;
+  p.dout = dout;
+  p.stats = stats;
+  p.dq = dphi_q;
+  p.dk = dphi_k;
+  p.dv = dv;
+  detail::run_block_backward<T>(p, detail::view_feature_source<T>{phi_q.extent(3)});
 }
 
 inline matrix<float> linear_attention(const eigen_input<float>& phi_q, const eigen_input<float>& phi_k,

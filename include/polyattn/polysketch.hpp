@@ -168,8 +168,19 @@ void polysketch_attention_backward(detail::input_view<T> q, detail::input_view<T
   detail::check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
   detail::check_polysketch_call<T>(fn, q, sketch, opts);
   detail::aligned_vector<T> acc(static_cast<std::size_t>(leaf_grads ? sketch.leaf_values() : 0));
-  detail::run_block_backward<T>(detail::block_problem_of(q, k, v, opts), detail::polysketch_source(sketch, opts), q,
-                                k, v, out, dout, stats, dq, dk, dv, {}, {}, {}, {}, leaf_grads ? acc.data() : nullptr);
+  detail::linear_backward_problem<T> p;
+  p.sizes = detail::block_problem_of(q, k, v, opts);
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.out = out;
+  p.dout = dout;
+  p.stats = stats;
+  p.dq = dq;
+  p.dk = dk;
+  p.dv = dv;
+  p.leaf = leaf_grads ? acc.data() : nullptr;
+  detail::run_block_backward<T>(p, detail::polysketch_source(sketch, opts));
   if (leaf_grads) *leaf_grads = sketch.leaf_matrices(acc.data());
 }
 

@@ -145,9 +145,24 @@ void sketched_attention_backward(detail::input_view<T> q, detail::input_view<T> 
         for (index_t h = 0; h < g->extent(1); ++h)
           for (index_t i = 0; i < g->extent(2); ++i)
             for (index_t c = 0; c < g->extent(3); ++c) (*g)(b, h, i, c) = T(0);
-  detail::run_block_backward<T>(detail::block_problem_of(q, k, v, opts), detail::sketched_source(expand, q, opts), sq,
-                                sk, v, out, dout, stats, dsq, dsk, dv, q, k, opts.local_exact ? dq : tensor_view<T, 4>{},
-                                opts.local_exact ? dk : tensor_view<T, 4>{});
+  detail::linear_backward_problem<T> p;
+  p.sizes = detail::block_problem_of(q, k, v, opts);
+  p.q = sq;  // the primary rows are the sketches; q and k are the secondary rows
+  p.k = sk;
+  p.v = v;
+  p.q2 = q;
+  p.k2 = k;
+  p.out = out;
+  p.dout = dout;
+  p.stats = stats;
+  p.dq = dsq;
+  p.dk = dsk;
+  p.dv = dv;
+  if (opts.local_exact) {
+    p.dq2 = dq;
+    p.dk2 = dk;
+  }
+  detail::run_block_backward<T>(p, detail::sketched_source(expand, q, opts));
 }
 
 }  // namespace polyattn
