@@ -45,9 +45,9 @@
 //   backward_dims_of, zero_gradients      widths and counts; the outputs cleared
 //   row_grads, fetch_keys, local_pairs,   a query chunk's g and c; a block's keys; the local
 //   state_readout                         pairs' weights; dφ from a state
-//   prefix_scan (prefix_block,            task 2s: the queries, and each block's own pairs
-//                head_queries)
-//   suffix_scan (suffix_block,            task 2s+1: the state's share of dk and dv
+//   prefix_scan (prefix_block_pass,       task 2s: the queries, and each block's own pairs
+//                head_queries, query_chunk)
+//   suffix_scan (suffix_block_pass,       task 2s+1: the state's share of dk and dv
 //                add_queries)
 //   key_share, deliver_share              a block's raw key gradients, and their delivery
 #pragma once
