@@ -19,6 +19,7 @@
 #include "detail/core/check_options.hpp"
 #include "detail/core/validation.hpp"
 #include "detail/linear/block_linear.hpp"
+#include "detail/linear/linear_problem.hpp"
 #include "linear.hpp"
 #include "options.hpp"
 #include "polysketch.hpp"
@@ -146,17 +147,26 @@ class cache_core {
            const tensor_view<const T, 4>& q2 = {}, const tensor_view<const T, 4>& k2 = {}) {
     const index_t n = k.extent(2);
     if (n == 0) return;
-    const block_problem pb{batch_, q.extent(1), kv_heads_, q.extent(2), n, dv_, block_, true,
-                           resolve_threads(threads_)};
+    linear_problem<T> p;
+    p.sizes = {batch_, q.extent(1), kv_heads_, q.extent(2), n, dv_, block_, true, resolve_threads(threads_)};
+    p.q = q;
+    p.k = k;
+    p.v = v;
+    p.q2 = q2;
+    p.k2 = k2;
+    p.out = out;
+    p.bias = bias;
+    p.states = states_.data();
+    p.workspace = &workspace_;
 #if POLYATTN_HAS_EXCEPTIONS
     try {
-      run_block_linear<T>(pb, src, q, k, v, out, bias, states_.data(), q2, k2, &workspace_);
+      run_block_linear<T>(p, src);
     } catch (...) {
       reset();
       throw;
     }
 #else
-    run_block_linear<T>(pb, src, q, k, v, out, bias, states_.data(), q2, k2, &workspace_);
+    run_block_linear<T>(p, src);
 #endif
     if (q.extent(2) > 0) heads_ = q.extent(1);
   }

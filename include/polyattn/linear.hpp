@@ -48,29 +48,21 @@ struct view_feature_source {
   }
 };
 
-}  // namespace detail
-
-/// Linear attention for non-negative features (docs/design.md §1):
-/// out_i = Σ_j (φq_i·φk_j) v_j / (β + Σ_j φq_i·φk_j) over allowed j; a zero denominator gives 0.
-/// phi_q [B, H, Nq, m], phi_k [B, Hk, Nk, m], v [B, Hk, Nk, dv], out [B, H, Nq, dv].
-/// Causal attention runs the block algorithm (memory linear in N) and stays parallel for a
-/// single head; β defaults to 0 here.
-namespace detail {
-
+/// The sizes of linear_attention on phi_q, phi_k, v: key blocks of kLinearBlock.
 template <class T>
-block_problem linear_problem(const tensor_view<const T, 4>& phi_q, const tensor_view<const T, 4>& phi_k,
-                             const tensor_view<const T, 4>& v, const linear_options& opts) {
+block_problem linear_sizes(const tensor_view<const T, 4>& phi_q, const tensor_view<const T, 4>& phi_k,
+                           const tensor_view<const T, 4>& v, const linear_options& opts) {
   return {phi_q.extent(0), phi_q.extent(1), phi_k.extent(1), phi_q.extent(2), phi_k.extent(2), v.extent(3),
           kLinearBlock,    opts.causal,     resolve_threads(opts.threads)};
 }
 
-/// The body of both linear_attention overloads; stats (nullptr: not wanted) gets β + Σ w.
+/// The body of both linear_attention overloads; stats (empty: not wanted) gets β + Σ w.
 template <class T>
 void linear_attention_impl(input_view<T> phi_q, input_view<T> phi_k, input_view<T> v, tensor_view<T, 4> out,
-                           const linear_options& opts, const tensor_view<T, 3>* stats) {
+                           const linear_options& opts, tensor_view<T, 3> stats) {
   constexpr const char* fn = "linear_attention";
   check_attention(fn, phi_q, phi_k, v, out, "phi_q", "phi_k");
-  if (stats) check_stats_output(fn, phi_q, phi_k, v, out, *stats, "phi_q", "phi_k");
+  if (!stats.empty()) check_stats_output(fn, phi_q, phi_k, v, out, stats, "phi_q", "phi_k");
   check_options<T>(fn, opts);
   const T bias = static_cast<T>(opts.normalizer_bias);
   if (phi_q.extent(3) == 0) {  // no features: every weight is 0, so every output is 0
@@ -78,20 +70,32 @@ void linear_attention_impl(input_view<T> phi_q, input_view<T> phi_k, input_view<
       for (index_t h = 0; h < out.extent(1); ++h)
         for (index_t i = 0; i < out.extent(2); ++i) {
           for (index_t c = 0; c < out.extent(3); ++c) out(b, h, i, c) = T(0);
-          if (stats) (*stats)(b, h, i) = bias;
+          if (!stats.empty()) stats(b, h, i) = bias;
         }
     return;
   }
-  run_block_linear<T>(linear_problem<T>(phi_q, phi_k, v, opts), view_feature_source<T>{phi_q.extent(3)}, phi_q, phi_k,
-                      v, out, bias, nullptr, {}, {}, nullptr, stats ? *stats : tensor_view<T, 3>{});
+  linear_problem<T> p;
+  p.sizes = linear_sizes<T>(phi_q, phi_k, v, opts);
+  p.q = phi_q;
+  p.k = phi_k;
+  p.v = v;
+  p.out = out;
+  p.bias = bias;
+  p.stats = stats;
+  run_block_linear<T>(p, view_feature_source<T>{phi_q.extent(3)});
 }
 
 }  // namespace detail
 
+/// Linear attention for non-negative features (docs/design.md §1):
+/// out_i = Σ_j (φq_i·φk_j) v_j / (β + Σ_j φq_i·φk_j) over allowed j; a zero denominator gives 0.
+/// phi_q [B, H, Nq, m], phi_k [B, Hk, Nk, m], v [B, Hk, Nk, dv], out [B, H, Nq, dv].
+/// Causal attention runs the block algorithm (memory linear in N) and stays parallel for a
+/// single head; β defaults to 0 here.
 template <class T>
 void linear_attention(detail::input_view<T> phi_q, detail::input_view<T> phi_k, detail::input_view<T> v,
                       tensor_view<T, 4> out, const linear_options& opts = {}) {
-  detail::linear_attention_impl<T>(phi_q, phi_k, v, out, opts, nullptr);
+  detail::linear_attention_impl<T>(phi_q, phi_k, v, out, opts, tensor_view<T, 3>{});
 }
 
 /// As above, and writes each row's statistic stats_i = β + Σ_j φq_i·φk_j into stats [B, H, Nq]
@@ -99,7 +103,9 @@ void linear_attention(detail::input_view<T> phi_q, detail::input_view<T> phi_k, 
 template <class T>
 void linear_attention(detail::input_view<T> phi_q, detail::input_view<T> phi_k, detail::input_view<T> v,
                       tensor_view<T, 4> out, const linear_options& opts, tensor_view<T, 3> stats) {
-  detail::linear_attention_impl<T>(phi_q, phi_k, v, out, opts, &stats);
+  // an empty view means "no statistics" to the body, but here it was asked for: its shape must fit
+  if (stats.empty()) detail::check_stats_shape("linear_attention", stats, phi_q);
+  detail::linear_attention_impl<T>(phi_q, phi_k, v, out, opts, stats);
 }
 
 /// Gradients of linear_attention: from the forward's inputs, its output `out`, the gradient
@@ -115,9 +121,18 @@ void linear_attention_backward(detail::input_view<T> phi_q, detail::input_view<T
   detail::check_backward<T>(fn, phi_q, phi_k, v, out, dout, stats, dphi_q, dphi_k, dv, "phi_q", "phi_k", "dphi_q",
                          "dphi_k");
   detail::check_options<T>(fn, opts);
-  detail::run_block_backward<T>(detail::linear_problem<T>(phi_q, phi_k, v, opts),
-                                detail::view_feature_source<T>{phi_q.extent(3)}, phi_q, phi_k, v, out, dout, stats,
-                                dphi_q, dphi_k, dv);
+  detail::linear_backward_problem<T> p;
+  p.sizes = detail::linear_sizes<T>(phi_q, phi_k, v, opts);
+  p.q = phi_q;
+  p.k = phi_k;
+  p.v = v;
+  p.out = out;
+  p.dout = dout;
+  p.stats = stats;
+  p.dq = dphi_q;
+  p.dk = dphi_k;
+  p.dv = dv;
+  detail::run_block_backward<T>(p, detail::view_feature_source<T>{phi_q.extent(3)});
 }
 
 inline matrix<float> linear_attention(const eigen_input<float>& phi_q, const eigen_input<float>& phi_k,

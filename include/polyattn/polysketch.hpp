@@ -8,6 +8,7 @@
 #include "detail/core/validation.hpp"
 #include "detail/linear/block_linear.hpp"
 #include "detail/linear/block_linear_backward.hpp"
+#include "detail/linear/linear_problem.hpp"
 #include "options.hpp"
 #include "sketch.hpp"
 #include "tensor_view.hpp"
@@ -85,18 +86,6 @@ struct sketch_feature_source {
   }
 };
 
-}  // namespace detail
-
-/// PolySketch attention (docs/design.md §1): polynomial attention with sketched weights
-/// w_ij = φ(scale·q_i)·φ(k_j) = (s(scale·q_i)·s(k_j))² and normaliser β + Σ w.
-///
-/// Causal attention uses the block algorithm in blocks of `block_size` keys: memory linear
-/// in N, time linear in N. Without `local_exact` the result does not depend on block_size
-/// (up to rounding). With `local_exact` (the paper's mixed variant) the keys in the query's
-/// own block — floor(pos_i / block_size) == floor(j / block_size), j <= pos_i — get the exact
-/// weight (scale·q_i·k_j)^p and earlier keys the sketched one, so block_size is part of the
-/// semantics. Non-causal with local_exact: every key of the query's block is exact.
-namespace detail {
 /// The options and the sketch of polysketch_attention and its backward.
 template <class T>
 void check_polysketch_call(const char* fn, const tensor_view<const T, 4>& q, const polysketch<T>& sketch,
@@ -117,22 +106,37 @@ sketch_feature_source<T> polysketch_source(const polysketch<T>& sketch, const po
 /// The body of both polysketch_attention overloads; stats (empty: not wanted) gets β + Σ w.
 template <class T>
 void polysketch_attention_impl(input_view<T> q, input_view<T> k, input_view<T> v, tensor_view<T, 4> out,
-                               const polysketch<T>& sketch, const polysketch_options& opts,
-                               const tensor_view<T, 3>* stats) {
+                               const polysketch<T>& sketch, const polysketch_options& opts, tensor_view<T, 3> stats) {
   constexpr const char* fn = "polysketch_attention";
   check_attention(fn, q, k, v, out);
-  if (stats) check_stats_output(fn, q, k, v, out, *stats);
+  if (!stats.empty()) check_stats_output(fn, q, k, v, out, stats);
   check_polysketch_call<T>(fn, q, sketch, opts);
-  detail::run_block_linear<T>(block_problem_of(q, k, v, opts), polysketch_source(sketch, opts), q, k, v, out,
-                              static_cast<T>(opts.normalizer_bias), nullptr, {}, {}, nullptr,
-                              stats ? *stats : tensor_view<T, 3>{});
+  linear_problem<T> p;
+  p.sizes = block_problem_of(q, k, v, opts);
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.out = out;
+  p.bias = static_cast<T>(opts.normalizer_bias);
+  p.stats = stats;
+  run_block_linear<T>(p, polysketch_source(sketch, opts));
 }
+
 }  // namespace detail
 
+/// PolySketch attention (docs/design.md §1): polynomial attention with sketched weights
+/// w_ij = φ(scale·q_i)·φ(k_j) = (s(scale·q_i)·s(k_j))² and normaliser β + Σ w.
+///
+/// Causal attention uses the block algorithm in blocks of `block_size` keys: memory linear
+/// in N, time linear in N. Without `local_exact` the result does not depend on block_size
+/// (up to rounding). With `local_exact` (the paper's mixed variant) the keys in the query's
+/// own block — floor(pos_i / block_size) == floor(j / block_size), j <= pos_i — get the exact
+/// weight (scale·q_i·k_j)^p and earlier keys the sketched one, so block_size is part of the
+/// semantics. Non-causal with local_exact: every key of the query's block is exact.
 template <class T>
 void polysketch_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
                           tensor_view<T, 4> out, const polysketch<T>& sketch, const polysketch_options& opts = {}) {
-  detail::polysketch_attention_impl<T>(q, k, v, out, sketch, opts, nullptr);
+  detail::polysketch_attention_impl<T>(q, k, v, out, sketch, opts, tensor_view<T, 3>{});
 }
 
 /// As above, and writes each row's statistic stats_i = β + Σ_j w_ij into stats [B, H, Nq].
@@ -140,7 +144,9 @@ template <class T>
 void polysketch_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
                           tensor_view<T, 4> out, const polysketch<T>& sketch, const polysketch_options& opts,
                           tensor_view<T, 3> stats) {
-  detail::polysketch_attention_impl<T>(q, k, v, out, sketch, opts, &stats);
+  // an empty view means "no statistics" to the body, but here it was asked for: its shape must fit
+  if (stats.empty()) detail::check_stats_shape("polysketch_attention", stats, q);
+  detail::polysketch_attention_impl<T>(q, k, v, out, sketch, opts, stats);
 }
 
 /// Gradients of polysketch_attention (docs/design.md §7.6): from the forward's inputs, its
@@ -162,8 +168,19 @@ void polysketch_attention_backward(detail::input_view<T> q, detail::input_view<T
   detail::check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
   detail::check_polysketch_call<T>(fn, q, sketch, opts);
   detail::aligned_vector<T> acc(static_cast<std::size_t>(leaf_grads ? sketch.leaf_values() : 0));
-  detail::run_block_backward<T>(detail::block_problem_of(q, k, v, opts), detail::polysketch_source(sketch, opts), q,
-                                k, v, out, dout, stats, dq, dk, dv, {}, {}, {}, {}, leaf_grads ? acc.data() : nullptr);
+  detail::linear_backward_problem<T> p;
+  p.sizes = detail::block_problem_of(q, k, v, opts);
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.out = out;
+  p.dout = dout;
+  p.stats = stats;
+  p.dq = dq;
+  p.dk = dk;
+  p.dv = dv;
+  p.leaf = leaf_grads ? acc.data() : nullptr;
+  detail::run_block_backward<T>(p, detail::polysketch_source(sketch, opts));
   if (leaf_grads) *leaf_grads = sketch.leaf_matrices(acc.data());
 }
 

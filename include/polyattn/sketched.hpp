@@ -6,6 +6,7 @@
 #include "detail/core/check_options.hpp"
 #include "detail/core/validation.hpp"
 #include "detail/linear/block_linear.hpp"
+#include "detail/linear/linear_problem.hpp"
 #include "options.hpp"
 #include "polysketch.hpp"
 #include "sketch.hpp"
@@ -30,16 +31,6 @@ void check_sketches(const char* fn, const tensor_view<const T, 4>& q, const tens
   check_no_overlap(fn, "out", out, "sk", sk);
 }
 
-}  // namespace detail
-
-/// Attention on caller-supplied sketches (docs/design.md §7): w_ij = (sq_i·sk_j)², and with
-/// local_exact the exact (scale·q_i·k_j)^degree for the keys of the query's own block;
-/// out_i = Σ_j w_ij v_j / (β + Σ_j w_ij). q [B, H, Nq, d], k [B, Hk, Nk, d],
-/// sq [B, H, Nq, r], sk [B, Hk, Nk, r], v [B, Hk, Nk, dv], out [B, H, Nq, dv].
-/// q and k are read only for the exact local weights. The same engine as
-/// polysketch_attention, which is sketched_attention(q, k, s(scale·q), s(k), …) with the
-/// sketch's degree. Causal attention runs the block algorithm in time and memory linear in N.
-namespace detail {
 /// s(x) = x of dimension r: caller sketches use only a sketch's feature expansion s ⊗ s (packed).
 template <class T>
 polysketch<T> identity_sketch(index_t r) {
@@ -57,31 +48,47 @@ sketch_feature_source<T> sketched_source(const polysketch<T>& expand, const tens
           opts.local_exact ? q.extent(3) : 0};
 }
 
-/// The body of both sketched_attention overloads; stats (nullptr: not wanted) gets β + Σ w.
+/// The body of both sketched_attention overloads; stats (empty: not wanted) gets β + Σ w.
 template <class T>
 void sketched_attention_impl(input_view<T> q, input_view<T> k, input_view<T> sq, input_view<T> sk, input_view<T> v,
-                             tensor_view<T, 4> out, const sketched_options& opts, const tensor_view<T, 3>* stats) {
+                             tensor_view<T, 4> out, const sketched_options& opts, tensor_view<T, 3> stats) {
   constexpr const char* fn = "sketched_attention";
-  detail::check_attention(fn, q, k, v, out);
-  detail::check_sketches<T>(fn, q, k, sq, sk, out);
-  if (stats) {
-    check_stats_output(fn, q, k, v, out, *stats);
-    check_no_overlap(fn, "stats", *stats, "sq", sq);
-    check_no_overlap(fn, "stats", *stats, "sk", sk);
+  check_attention(fn, q, k, v, out);
+  check_sketches<T>(fn, q, k, sq, sk, out);
+  if (!stats.empty()) {
+    check_stats_output(fn, q, k, v, out, stats);
+    check_no_overlap(fn, "stats", stats, "sq", sq);
+    check_no_overlap(fn, "stats", stats, "sk", sk);
   }
   check_options<T>(fn, opts);
   const polysketch<T> expand = identity_sketch<T>(sq.extent(3));
-  detail::run_block_linear<T>(block_problem_of(q, k, v, opts), sketched_source(expand, q, opts), sq, sk, v, out,
-                              static_cast<T>(opts.normalizer_bias), nullptr, q, k, nullptr,
-                              stats ? *stats : tensor_view<T, 3>{});
+  linear_problem<T> p;
+  p.sizes = block_problem_of(q, k, v, opts);
+  p.q = sq;  // the primary rows are the sketches; q and k are the secondary rows
+  p.k = sk;
+  p.v = v;
+  p.q2 = q;
+  p.k2 = k;
+  p.out = out;
+  p.bias = static_cast<T>(opts.normalizer_bias);
+  p.stats = stats;
+  run_block_linear<T>(p, sketched_source(expand, q, opts));
 }
+
 }  // namespace detail
 
+/// Attention on caller-supplied sketches (docs/design.md §7): w_ij = (sq_i·sk_j)², and with
+/// local_exact the exact (scale·q_i·k_j)^degree for the keys of the query's own block;
+/// out_i = Σ_j w_ij v_j / (β + Σ_j w_ij). q [B, H, Nq, d], k [B, Hk, Nk, d],
+/// sq [B, H, Nq, r], sk [B, Hk, Nk, r], v [B, Hk, Nk, dv], out [B, H, Nq, dv].
+/// q and k are read only for the exact local weights. The same engine as
+/// polysketch_attention, which is sketched_attention(q, k, s(scale·q), s(k), …) with the
+/// sketch's degree. Causal attention runs the block algorithm in time and memory linear in N.
 template <class T>
 void sketched_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> sq,
                         detail::input_view<T> sk, detail::input_view<T> v, tensor_view<T, 4> out,
                         const sketched_options& opts = {}) {
-  detail::sketched_attention_impl<T>(q, k, sq, sk, v, out, opts, nullptr);
+  detail::sketched_attention_impl<T>(q, k, sq, sk, v, out, opts, tensor_view<T, 3>{});
 }
 
 /// As above, and writes each row's statistic stats_i = β + Σ_j w_ij into stats [B, H, Nq].
@@ -89,7 +96,9 @@ template <class T>
 void sketched_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> sq,
                         detail::input_view<T> sk, detail::input_view<T> v, tensor_view<T, 4> out,
                         const sketched_options& opts, tensor_view<T, 3> stats) {
-  detail::sketched_attention_impl<T>(q, k, sq, sk, v, out, opts, &stats);
+  // an empty view means "no statistics" to the body, but here it was asked for: its shape must fit
+  if (stats.empty()) detail::check_stats_shape("sketched_attention", stats, q);
+  detail::sketched_attention_impl<T>(q, k, sq, sk, v, out, opts, stats);
 }
 
 /// Gradients of sketched_attention (docs/design.md §7.6): from the forward's inputs, its output
@@ -136,9 +145,24 @@ void sketched_attention_backward(detail::input_view<T> q, detail::input_view<T> 
         for (index_t h = 0; h < g->extent(1); ++h)
           for (index_t i = 0; i < g->extent(2); ++i)
             for (index_t c = 0; c < g->extent(3); ++c) (*g)(b, h, i, c) = T(0);
-  detail::run_block_backward<T>(detail::block_problem_of(q, k, v, opts), detail::sketched_source(expand, q, opts), sq,
-                                sk, v, out, dout, stats, dsq, dsk, dv, q, k, opts.local_exact ? dq : tensor_view<T, 4>{},
-                                opts.local_exact ? dk : tensor_view<T, 4>{});
+  detail::linear_backward_problem<T> p;
+  p.sizes = detail::block_problem_of(q, k, v, opts);
+  p.q = sq;  // the primary rows are the sketches; q and k are the secondary rows
+  p.k = sk;
+  p.v = v;
+  p.q2 = q;
+  p.k2 = k;
+  p.out = out;
+  p.dout = dout;
+  p.stats = stats;
+  p.dq = dsq;
+  p.dk = dsk;
+  p.dv = dv;
+  if (opts.local_exact) {
+    p.dq2 = dq;
+    p.dk2 = dk;
+  }
+  detail::run_block_backward<T>(p, detail::sketched_source(expand, q, opts));
 }
 
 }  // namespace polyattn

@@ -20,42 +20,30 @@
 // Explicit state: a scan can start from a linear_state (Z, z, the position, the raw rows of the
 // unfinished block) and leave the final state in it, so a sequence cut anywhere continues
 // exactly (streaming decode, chunked prefill, sequence parallelism).
+//
+// The driver in pieces, each a function of what it reads (block_scan: the problem, the
+// source, the widths, the plan, the states' inputs) and of what it writes:
+//   scan_dims_of, scan_plan_of, scan_workers  widths, block bookkeeping, worker count
+//   load_states                               the states' inputs, copied before any task
+//   fetch_block (fresh_rows, assemble_rows)   a block's keys and values
+//   range_pre_pass (chunk_total)              the super-chunk totals the ranges start from
+//   run_causal (scan_range, save_state)       the causal ranges in parallel, final states
+//   run_noncausal (noncausal_totals,          each sequence's total, then every query block
+//                  noncausal_query_block)     against it
 #pragma once
 
 #include <algorithm>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include "../../tensor_view.hpp"
 #include "../core/threading.hpp"
 #include "block_passes.hpp"
+#include "linear_problem.hpp"
 #include "linear_state.hpp"
 
 namespace polyattn::detail {
-
-struct block_problem {
-  index_t batch, heads, kv_heads, nq, nk, dv, block;
-  bool causal;
-  int threads;
-};
-
-/// The problem of a kernel on q [B, H, Nq, ·], k [B, Hk, Nk, ·], v [B, Hk, Nk, dv] with options
-/// that name block_size, causal and threads (polysketch_options, sketched_options).
-template <class T, class Options>
-block_problem block_problem_of(const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
-                               const tensor_view<const T, 4>& v, const Options& opts) {
-  return {q.extent(0), q.extent(1), k.extent(1), q.extent(2), k.extent(2), v.extent(3),
-          opts.block_size, opts.causal, resolve_threads(opts.threads)};
-}
-
-/// Everything a call of run_block_linear allocates; a caller that calls it repeatedly (a
-/// cache decoding token by token) keeps one and saves the allocation and the page faults.
-template <class T>
-struct linear_workspace {
-  std::vector<scan_workspace<T>> workers;
-  aligned_vector<T> start, start_keys, start_vals;  // the states' inputs
-  aligned_vector<T> totals, grand;                  // super-chunk totals, non-causal totals
-};
 
 /// Super-chunks per sequence: the unit of the parallel pre-pass. 12 splits evenly into
 /// 1, 2, 3, 4 or 6 ranges.
@@ -69,6 +57,12 @@ constexpr index_t floor_div(index_t a, index_t b) { return a >= 0 ? a / b : -((-
 template <class T>
 inline T* row_ptr(const tensor_view<T, 4>& x, index_t b, index_t h, index_t i) {
   return x.size() > 0 ? &x(b, h, i, 0) : nullptr;
+}
+
+/// Pointer to the statistic of row i of (b, h), or nullptr when the view is empty (not wanted).
+template <class T>
+inline T* stat_ptr(const tensor_view<T, 3>& stats, index_t b, index_t h, index_t i) {
+  return stats.size() > 0 ? &stats(b, h, i) : nullptr;
 }
 
 /// dst row r = the cols values of src row r, for r < n (no padding written).
@@ -98,33 +92,13 @@ struct scan_plan {
   }
 };
 
-/// Runs linear attention with the block algorithm. q holds the raw query rows [B, H, Nq, ·]
-/// and k the raw key rows [B, Hk, Nk, src.key_dim()] the source turns into features and local
-/// rows; q2 and k2 the secondary rows of a source that has them (key width src.key_dim2()).
-/// `states` (causal only, nullptr for none) points to batch·kv_heads states (index
-/// b·Hk + hk) at one common position: the scan starts from them and leaves the final state in
-/// them. With states, Nq <= Nk (queries are the last Nq of the new keys' positions).
-template <class T, class Source, class Arch = default_arch>
-void run_block_linear(const block_problem& pb, const Source& src, tensor_view<const T, 4> q,
-                      tensor_view<const T, 4> k, tensor_view<const T, 4> v, tensor_view<T, 4> out, T bias,
-                      linear_state<T>* states = nullptr, tensor_view<const T, 4> q2 = {},
-                      tensor_view<const T, 4> k2 = {}, linear_workspace<T>* workspace = nullptr,
-                      tensor_view<T, 3> stats = {}) {
-  constexpr index_t W = simd_width<T, Arch>;
-  const index_t n_seq = pb.batch * pb.kv_heads;
-  if (n_seq == 0 || (pb.nq == 0 && !states) || (pb.dv == 0 && !states && stats.size() == 0)) return;
-  if (states && (!pb.causal || pb.nq > pb.nk))
-    raise(std::logic_error("polyattn: a linear_state needs causal attention with Nq <= Nk"));
-  const index_t m = src.feature_dim(), dv = pb.dv, dvp = round_up(dv, W);
-  const index_t kdim1 = src.key_dim(), kdim2 = src.key_dim2(), kdim = kdim1 + kdim2;  // a carried key row: [primary | secondary]
-  const index_t S = m * dvp + round_up(m, W);  // a state: Z [m x dvp], then z
-  const index_t group = pb.heads / pb.kv_heads;
-  const bool local = pb.causal || src.local_when_noncausal();
-  const bool direct_v = dv % W == 0;  // value rows are a GEMM B operand as they are
-
+/// The plan of a call: without a state to continue, a block longer than the keys means "all
+/// keys in block 0" whatever its length, so time and scratch follow the keys, not the option.
+template <class T>
+scan_plan scan_plan_of(const linear_problem<T>& p) {
+  const block_problem& pb = p.sizes;
+  const linear_state<T>* states = p.states;
   scan_plan plan;
-  // Without a state to continue, a block longer than the keys means "all keys in block 0"
-  // whatever its length, so time and scratch follow the keys, not the option.
   plan.b = states ? pb.block : std::min(pb.block, std::max<index_t>(pb.nk, 1));
   plan.p0 = states ? states[0].position : 0;
   plan.pending = states ? states[0].pending() : 0;
@@ -135,231 +109,437 @@ void run_block_linear(const block_problem& pb, const Source& src, tensor_view<co
     const index_t n_blocks = plan.c_end - plan.c0 + 1;
     plan.per_chunk = ceil_div(n_blocks, kSuperChunks);
     plan.n_chunks = ceil_div(n_blocks, plan.per_chunk);
-    plan.ranges = std::max<index_t>(1, std::min(ceil_div(pb.threads, n_seq), plan.n_chunks));
+    plan.ranges = std::max<index_t>(1, std::min(ceil_div(pb.threads, pb.batch * pb.kv_heads), plan.n_chunks));
   }
-  // never more workers (and workspaces) than the widest phase has tasks
+  return plan;
+}
+
+/// Workers of a call: never more workers (nor workspaces) than the widest phase has tasks.
+inline int scan_workers(const block_problem& pb, const scan_plan& plan) {
+  const index_t n_seq = pb.batch * pb.kv_heads;
   const index_t widest = std::max(n_seq * kSuperChunks, pb.batch * pb.heads * (ceil_div(pb.nq, plan.b) + 1));
-  const int workers = static_cast<int>(std::clamp<index_t>(pb.threads, 1, std::max<index_t>(widest, 1)));
-  linear_workspace<T> own;
-  linear_workspace<T>& wsp = workspace ? *workspace : own;
-  if (static_cast<int>(wsp.workers.size()) < workers) wsp.workers.resize(static_cast<std::size_t>(workers));
-  std::vector<scan_workspace<T>>& scratch = wsp.workers;
+  return static_cast<int>(std::clamp<index_t>(pb.threads, 1, std::max<index_t>(widest, 1)));
+}
 
-  // Inputs of the states, copied before any task runs so that a range may write its
-  // sequence's final state while another range still starts from the initial one.
-  aligned_vector<T>& start = wsp.start;
-  aligned_vector<T>& start_keys = wsp.start_keys;
-  aligned_vector<T>& start_vals = wsp.start_vals;
-  if (states) {
-    ensure(start, n_seq * S);
-    ensure(start_keys, n_seq * plan.b * std::max<index_t>(kdim, 1));
-    ensure(start_vals, n_seq * plan.b * dvp);
-    for (index_t s = 0; s < n_seq; ++s) {
-      const linear_state<T>& st = states[s];
-      if (st.position != plan.p0 || st.block != plan.b || st.feature_dim != m || st.key_dim != kdim ||
-          st.value_dim != dv)
-        raise(std::logic_error("polyattn: linear_state does not match the problem"));
-      T* z0 = start.data() + s * S;
-      for (index_t f = 0; f < m; ++f) {
-        std::copy(st.Z.data() + f * dv, st.Z.data() + (f + 1) * dv, z0 + f * dvp);
-        z0[m * dvp + f] = st.z[static_cast<std::size_t>(f)];
-      }
-      std::copy(st.keys.begin(), st.keys.begin() + plan.pending * kdim, start_keys.begin() + s * plan.b * kdim);
-      pack_rows(st.values.data(), dv, plan.pending, dv, start_vals.data() + s * plan.b * dvp, dvp);
+/// Widths of one call, from the problem and the source.
+struct scan_dims {
+  index_t m, dv, dvp;          // features; values, and values rounded up to the vector width
+  index_t kdim1, kdim2, kdim;  // a carried key row: [primary | secondary]
+  index_t S;                   // a state: Z [m x dvp], then z
+  index_t group;               // query heads per kv head
+  bool local;                  // the query's own block is weighed locally
+  bool direct_v;               // value rows are a GEMM B operand as they are
+};
+
+template <class T, class Source, class Arch>
+scan_dims scan_dims_of(const linear_problem<T>& p, const Source& src) {
+  constexpr index_t W = simd_width<T, Arch>;
+  const block_problem& pb = p.sizes;
+  scan_dims d{};
+  d.m = src.feature_dim();
+  d.dv = pb.dv;
+  d.dvp = round_up(pb.dv, W);
+  d.kdim1 = src.key_dim();
+  d.kdim2 = src.key_dim2();
+  d.kdim = d.kdim1 + d.kdim2;
+  d.S = d.m * d.dvp + round_up(d.m, W);
+  d.group = pb.heads / pb.kv_heads;
+  d.local = pb.causal || src.local_when_noncausal();
+  d.direct_v = pb.dv % W == 0;
+  return d;
+}
+
+/// The states' inputs (all null without states): per sequence a state [S], then b carried key
+/// rows [kdim] and b carried value rows [dvp] each.
+template <class T>
+struct carried_states {
+  const T* start = nullptr;
+  const T* keys = nullptr;
+  const T* vals = nullptr;
+};
+
+/// Checks the states against the problem and copies their inputs into the workspace before any
+/// task runs, so that a range may write its sequence's final state while another range still
+/// starts from the initial one.
+template <class T>
+carried_states<T> load_states(const linear_problem<T>& p, const scan_dims& d, const scan_plan& plan,
+                              linear_workspace<T>& wsp) {
+  if (!p.states) return {};
+  const index_t n_seq = p.sizes.batch * p.sizes.kv_heads, m = d.m, dv = d.dv, dvp = d.dvp, kdim = d.kdim;
+  ensure(wsp.start, n_seq * d.S);
+  ensure(wsp.start_keys, n_seq * plan.b * std::max<index_t>(kdim, 1));
+  ensure(wsp.start_vals, n_seq * plan.b * dvp);
+  for (index_t s = 0; s < n_seq; ++s) {
+    const linear_state<T>& st = p.states[s];
+    if (st.position != plan.p0 || st.block != plan.b || st.feature_dim != m || st.key_dim != kdim ||
+        st.value_dim != dv)
+      raise(std::logic_error("polyattn: linear_state does not match the problem"));
+    T* z0 = wsp.start.data() + s * d.S;
+    for (index_t f = 0; f < m; ++f) {
+      std::copy(st.Z.data() + f * dv, st.Z.data() + (f + 1) * dv, z0 + f * dvp);
+      z0[m * dvp + f] = st.z[static_cast<std::size_t>(f)];
     }
+    std::copy(st.keys.begin(), st.keys.begin() + plan.pending * kdim, wsp.start_keys.begin() + s * plan.b * kdim);
+    pack_rows(st.values.data(), dv, plan.pending, dv, wsp.start_vals.data() + s * plan.b * dvp, dvp);
   }
+  return {wsp.start.data(), wsp.start_keys.data(), wsp.start_vals.data()};
+}
 
-  // where row i0 of head (bi, hq) writes its statistic (β + Σ w), if wanted
-  auto stats_at = [&](index_t bi, index_t hq, index_t i0) { return stats.size() > 0 ? &stats(bi, hq, i0) : nullptr; };
-  auto query_rows = [&](index_t bi, index_t hq, index_t i0) {
-    return raw_rows<T>{&q(bi, hq, i0, 0), q.stride(2), src.key_dim2() > 0 ? &q2(bi, hq, i0, 0) : nullptr, q2.stride(2)};
-  };
+/// What every piece of one call reads. Arch is carried as a type so the pieces deduce it.
+template <class T, class Source, class Arch>
+struct block_scan {
+  const linear_problem<T>& p;
+  const Source& src;
+  scan_dims d;
+  scan_plan plan;
+  carried_states<T> carried;
+};
 
-  // The keys and values of block c of sequence (bi, hk), assembled with the carried rows when
-  // the block started before this call.
-  auto fetch = [&](index_t bi, index_t hk, index_t c, scan_workspace<T>& ws) {
-    key_block<T> kb;
-    kb.first = c * plan.b;
-    const index_t start_pos = std::max(kb.first, plan.p0 - plan.pending);
-    const index_t end_pos = std::min(kb.first + plan.b, plan.p0 + pb.nk);
-    kb.n = end_pos - start_pos;
-    const index_t carried = std::max<index_t>(0, plan.p0 - start_pos);  // rows from the state
-    const index_t j0 = start_pos + carried - plan.p0, fresh = kb.n - carried;  // rows of this call
-    if (carried == 0) {
-      kb.raw = {row_ptr(k, bi, hk, j0), k.stride(2), kdim2 > 0 ? row_ptr(k2, bi, hk, j0) : nullptr, k2.stride(2)};
-      if (direct_v) {
-        kb.vals = row_ptr(v, bi, hk, j0);
-        kb.ld_vals = v.stride(2);
-      } else {
-        T* vp = ensure(ws.vpack, plan.b * dvp);
-        if (dv > 0) pack_rows(row_ptr(v, bi, hk, j0), v.stride(2), kb.n, dv, vp, dvp);
-        kb.vals = vp;
-        kb.ld_vals = dvp;
-      }
-      return kb;
-    }
-    const index_t s = bi * pb.kv_heads + hk;
-    T* kbuf = ensure(ws.kblock, plan.b * std::max<index_t>(kdim, 1));
-    T* vbuf = ensure(ws.vblock, plan.b * dvp);
-    std::copy(start_keys.data() + s * plan.b * kdim, start_keys.data() + (s * plan.b + carried) * kdim, kbuf);
-    std::copy(start_vals.data() + s * plan.b * dvp, start_vals.data() + (s * plan.b + carried) * dvp, vbuf);
-    if (fresh > 0) {
-      // a carried row is [primary | secondary]: plain strided copies (pack_rows would zero-pad
-      // past the primary part into the secondary one, and past the last row)
-      copy_rows(row_ptr(k, bi, hk, j0), k.stride(2), fresh, kdim1, kbuf + carried * kdim, kdim);
-      if (kdim2 > 0) copy_rows(row_ptr(k2, bi, hk, j0), k2.stride(2), fresh, kdim2, kbuf + carried * kdim + kdim1, kdim);
-      if (dv > 0) pack_rows(row_ptr(v, bi, hk, j0), v.stride(2), fresh, dv, vbuf + carried * dvp, dvp);
-    }
-    kb.raw = {kbuf, kdim, kbuf + kdim1, kdim};
-    kb.vals = vbuf;
-    kb.ld_vals = dvp;
-    return kb;
-  };
+/// Rows of this call that a block takes in place (values packed when dv is not a multiple of
+/// the vector width), from row j0 of sequence (bi, hk).
+template <class T, class Source, class Arch>
+void fresh_rows(const block_scan<T, Source, Arch>& sc, index_t bi, index_t hk, index_t j0, key_block<T>& kb,
+                scan_workspace<T>& ws) {
+  const linear_problem<T>& p = sc.p;
+  const scan_dims& d = sc.d;
+  kb.raw = {row_ptr(p.k, bi, hk, j0), p.k.stride(2), d.kdim2 > 0 ? row_ptr(p.k2, bi, hk, j0) : nullptr, p.k2.stride(2)};
+  if (d.direct_v) {
+    kb.vals = row_ptr(p.v, bi, hk, j0);
+    kb.ld_vals = p.v.stride(2);
+  } else {
+    T* vp = ensure(ws.vpack, sc.plan.b * d.dvp);
+    if (d.dv > 0) pack_rows(row_ptr(p.v, bi, hk, j0), p.v.stride(2), kb.n, d.dv, vp, d.dvp);
+    kb.vals = vp;
+    kb.ld_vals = d.dvp;
+  }
+}
 
-  // The state pass over super-chunk g of sequence s into `total` (zeroed first).
-  auto chunk_total = [&](index_t s, index_t g, scan_workspace<T>& ws, T* total) {
-    std::fill(total, total + S, T(0));
-    for (index_t c = plan.chunk_first(g); c <= plan.chunk_last(g); ++c) {
-      const key_block<T> kb = fetch(s / pb.kv_heads, s % pb.kv_heads, c, ws);
-      const block_rows<T> kr = src.prepare(kb.raw, kb.n, false, ws.krows);
-      state_pass<T, Source, Arch>(src, kr, kb.vals, kb.ld_vals, kb.n, dv, ws, total);
-    }
-  };
+/// A block that started before this call: its `carried` rows from the state, then the rows of
+/// this call from row j0 of sequence (bi, hk), assembled in ws.kblock and ws.vblock.
+template <class T, class Source, class Arch>
+void assemble_rows(const block_scan<T, Source, Arch>& sc, index_t bi, index_t hk, index_t j0, index_t carried,
+                   key_block<T>& kb, scan_workspace<T>& ws) {
+  const linear_problem<T>& p = sc.p;
+  const scan_dims& d = sc.d;
+  const index_t b = sc.plan.b, s = bi * p.sizes.kv_heads + hk, fresh = kb.n - carried;
+  T* kbuf = ensure(ws.kblock, b * std::max<index_t>(d.kdim, 1));
+  T* vbuf = ensure(ws.vblock, b * d.dvp);
+  std::copy(sc.carried.keys + s * b * d.kdim, sc.carried.keys + (s * b + carried) * d.kdim, kbuf);
+  std::copy(sc.carried.vals + s * b * d.dvp, sc.carried.vals + (s * b + carried) * d.dvp, vbuf);
+  if (fresh > 0) {
+    // a carried row is [primary | secondary]: plain strided copies (pack_rows would zero-pad
+    // past the primary part into the secondary one, and past the last row)
+    copy_rows(row_ptr(p.k, bi, hk, j0), p.k.stride(2), fresh, d.kdim1, kbuf + carried * d.kdim, d.kdim);
+    if (d.kdim2 > 0)
+      copy_rows(row_ptr(p.k2, bi, hk, j0), p.k2.stride(2), fresh, d.kdim2, kbuf + carried * d.kdim + d.kdim1, d.kdim);
+    if (d.dv > 0) pack_rows(row_ptr(p.v, bi, hk, j0), p.v.stride(2), fresh, d.dv, vbuf + carried * d.dvp, d.dvp);
+  }
+  kb.raw = {kbuf, d.kdim, kbuf + d.kdim1, d.kdim};
+  kb.vals = vbuf;
+  kb.ld_vals = d.dvp;
+}
 
-  // Pre-pass: totals of the super-chunks that a range other than the first starts after
-  // (causal), or of every super-chunk (non-causal, when more than one range).
-  const index_t n_pre = plan.ranges > 1 ? (pb.causal ? plan.range_chunk(plan.ranges - 1) : plan.n_chunks) : 0;
-  T* totals = ensure(wsp.totals, std::max<index_t>(n_seq * n_pre * S, 1));
+/// The keys and values of block c of sequence (bi, hk), assembled with the carried rows when
+/// the block started before this call.
+template <class T, class Source, class Arch>
+key_block<T> fetch_block(const block_scan<T, Source, Arch>& sc, index_t bi, index_t hk, index_t c,
+                         scan_workspace<T>& ws) {
+  const scan_plan& plan = sc.plan;
+  key_block<T> kb;
+  kb.first = c * plan.b;
+  const index_t start_pos = std::max(kb.first, plan.p0 - plan.pending);
+  const index_t end_pos = std::min(kb.first + plan.b, plan.p0 + sc.p.sizes.nk);
+  kb.n = end_pos - start_pos;
+  const index_t carried = std::max<index_t>(0, plan.p0 - start_pos);  // rows from the state
+  const index_t j0 = start_pos + carried - plan.p0;                    // first row of this call
+  if (carried == 0)
+    fresh_rows(sc, bi, hk, j0, kb, ws);
+  else
+    assemble_rows(sc, bi, hk, j0, carried, kb, ws);
+  return kb;
+}
+
+/// The raw query rows of head (bi, hq) from row i0.
+template <class T, class Source, class Arch>
+raw_rows<T> query_raw(const block_scan<T, Source, Arch>& sc, index_t bi, index_t hq, index_t i0) {
+  const linear_problem<T>& p = sc.p;
+  return raw_rows<T>{&p.q(bi, hq, i0, 0), p.q.stride(2), sc.d.kdim2 > 0 ? &p.q2(bi, hq, i0, 0) : nullptr,
+                     p.q2.stride(2)};
+}
+
+/// The state pass over super-chunk g of sequence s into `total` (zeroed first).
+template <class T, class Source, class Arch>
+void chunk_total(const block_scan<T, Source, Arch>& sc, index_t s, index_t g, scan_workspace<T>& ws, T* total) {
+  const index_t kv_heads = sc.p.sizes.kv_heads;
+  std::fill(total, total + sc.d.S, T(0));
+  for (index_t c = sc.plan.chunk_first(g); c <= sc.plan.chunk_last(g); ++c) {
+    const key_block<T> kb = fetch_block(sc, s / kv_heads, s % kv_heads, c, ws);
+    const block_rows<T> kr = sc.src.prepare(kb.raw, kb.n, false, ws.krows);
+    state_pass<T, Source, Arch>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, total);
+  }
+}
+
+/// Super-chunk totals of every sequence, `per_seq` of them each [S], in order.
+template <class T>
+struct chunk_totals {
+  const T* data;
+  index_t per_seq;
+};
+
+/// The super-chunks per sequence the pre-pass sums: those a range other than the first starts
+/// after (causal), or every super-chunk (non-causal, when more than one range).
+inline index_t pre_pass_chunks(const scan_plan& plan, bool causal) {
+  return plan.ranges > 1 ? (causal ? plan.range_chunk(plan.ranges - 1) : plan.n_chunks) : 0;
+}
+
+/// Range pre-pass: the first n_pre super-chunk totals of every sequence, in parallel, into
+/// `totals` [n_seq x n_pre x S].
+template <class T, class Source, class Arch>
+chunk_totals<T> range_pre_pass(const block_scan<T, Source, Arch>& sc, index_t n_pre,
+                               std::vector<scan_workspace<T>>& scratch, int workers, aligned_vector<T>& totals) {
+  const index_t n_seq = sc.p.sizes.batch * sc.p.sizes.kv_heads, S = sc.d.S;
+  T* out = ensure(totals, std::max<index_t>(n_seq * n_pre * S, 1));
   parallel_for(workers, n_seq * n_pre, [&](index_t task, int worker) {
     const index_t s = task / n_pre, g = task % n_pre;
-    chunk_total(s, g, scratch[static_cast<std::size_t>(worker)], totals + (s * n_pre + g) * S);
+    chunk_total(sc, s, g, scratch[static_cast<std::size_t>(worker)], out + (s * n_pre + g) * S);
   });
+  return {out, n_pre};
+}
 
-  // prefix = the state before super-chunk g0 of sequence s: the carried state, then the
-  // super-chunk totals in order
-  auto start_prefix = [&](index_t s, index_t g0, T* prefix) {
-    if (states)
-      std::copy(start.data() + s * S, start.data() + (s + 1) * S, prefix);
-    else
-      std::fill(prefix, prefix + S, T(0));
-    for (index_t g = 0; g < g0; ++g) add_states(prefix, totals + (s * n_pre + g) * S, S, prefix);
-  };
+/// prefix = the state before super-chunk g0 of sequence s: the carried state, then the
+/// super-chunk totals in order.
+template <class T, class Source, class Arch>
+void start_prefix(const block_scan<T, Source, Arch>& sc, const chunk_totals<T>& totals, index_t s, index_t g0,
+                  T* prefix) {
+  const index_t S = sc.d.S;
+  if (sc.p.states)
+    std::copy(sc.carried.start + s * S, sc.carried.start + (s + 1) * S, prefix);
+  else
+    std::fill(prefix, prefix + S, T(0));
+  for (index_t g = 0; g < g0; ++g) add_states(prefix, totals.data + (s * totals.per_seq + g) * S, S, prefix);
+}
 
-  if (pb.causal) {
-    // rows with positions before the first key see nothing (Nq > Nk without a state)
-    const index_t blind = std::min(pb.nq, std::max<index_t>(0, -(plan.p0 + plan.offset)));
-    for (index_t bi = 0; bi < pb.batch; ++bi)
-      for (index_t h = 0; h < pb.heads; ++h)
-        for (index_t i = 0; i < blind; ++i) {
-          if (dv > 0) std::fill(&out(bi, h, i, 0), &out(bi, h, i, 0) + dv, T(0));
-          if (stats.size() > 0) stats(bi, h, i) = bias;
-        }
-    parallel_for(workers, n_seq * plan.ranges, [&](index_t task, int worker) {
-      scan_workspace<T>& ws = scratch[static_cast<std::size_t>(worker)];
-      const index_t s = task / plan.ranges, r = task % plan.ranges;
-      const index_t bi = s / pb.kv_heads, hk = s % pb.kv_heads;
-      const index_t g_begin = plan.range_chunk(r), g_end = plan.range_chunk(r + 1);
-      T* prefix = ensure(ws.prefix, S);
-      T* run = ensure(ws.run, S);
-      start_prefix(s, g_begin, prefix);
-      key_block<T> kb;
-      for (index_t g = g_begin; g < g_end; ++g) {
-        std::fill(run, run + S, T(0));
-        for (index_t c = plan.chunk_first(g); c <= plan.chunk_last(g); ++c) {
-          kb = fetch(bi, hk, c, ws);
-          const block_rows<T> kr = src.prepare(kb.raw, kb.n, false, ws.krows);
-          const index_t ldkt = prepare_local_keys<T, Source, Arch>(src, kr, kb.n, ws);
-          // the state the block's queries read: everything before block c
-          const bool has_prefix = states || g > 0, has_run = c > plan.chunk_first(g);
-          const T* state = nullptr;
-          if (has_prefix && has_run) {
-            T* zx = ensure(ws.zx, S);
-            add_states(prefix, run, S, zx);
-            state = zx;
-          } else if (has_prefix) {
-            state = prefix;
-          } else if (has_run) {
-            state = run;
-          }
-          for (index_t hq = hk * group; hq < (hk + 1) * group; ++hq) {
-            const auto [i0, i1] = plan.query_rows(c, pb.nq);
-            if (i1 <= i0) continue;
-            const block_rows<T> qr = src.prepare(query_rows(bi, hq, i0), i1 - i0, true, ws.qrows);
-            output_pass<T, Source, Arch>(src, qr, i1 - i0, plan.p0 + plan.offset + i0, state, &kb, ldkt, true, dv,
-                                         bias, ws, row_ptr(out, bi, hq, i0), out.stride(2), stats_at(bi, hq, i0),
-                                         stats.stride(2));
-          }
-          const bool complete = kb.n == plan.b;
-          if (c < plan.c_end || (states && complete))
-            state_pass<T, Source, Arch>(src, kr, kb.vals, kb.ld_vals, kb.n, dv, ws, run);
-        }
-        add_states(prefix, run, S, prefix);
+/// Rows with positions before the first key see nothing (Nq > Nk without a state): output 0,
+/// statistic β.
+template <class T>
+void blind_rows(const linear_problem<T>& p, const scan_plan& plan) {
+  const block_problem& pb = p.sizes;
+  const index_t blind = std::min(pb.nq, std::max<index_t>(0, -(plan.p0 + plan.offset)));
+  for (index_t bi = 0; bi < pb.batch; ++bi)
+    for (index_t h = 0; h < pb.heads; ++h)
+      for (index_t i = 0; i < blind; ++i) {
+        if (pb.dv > 0) std::fill(&p.out(bi, h, i, 0), &p.out(bi, h, i, 0) + pb.dv, T(0));
+        if (p.stats.size() > 0) p.stats(bi, h, i) = p.bias;
       }
-      if (states && r == plan.ranges - 1) {  // the final state of the sequence
-        linear_state<T>& st = states[s];
-        for (index_t f = 0; f < m; ++f) {
-          std::copy(prefix + f * dvp, prefix + f * dvp + dv, st.Z.data() + f * dv);
-          st.z[static_cast<std::size_t>(f)] = prefix[m * dvp + f];
-        }
-        const index_t left = kb.n == plan.b ? 0 : kb.n;  // rows of the unfinished last block
-        for (index_t i = 0; i < left; ++i) {
-          std::copy(kb.raw.x + i * kb.raw.ld, kb.raw.x + i * kb.raw.ld + kdim1, st.keys.data() + i * kdim);
-          if (kdim2 > 0)
-            std::copy(kb.raw.x2 + i * kb.raw.ld2, kb.raw.x2 + i * kb.raw.ld2 + kdim2, st.keys.data() + i * kdim + kdim1);
-          std::copy(kb.vals + i * kb.ld_vals, kb.vals + i * kb.ld_vals + dv, st.values.data() + i * dv);
-        }
-      }
-    });
-    if (states)
-      for (index_t s = 0; s < n_seq; ++s) states[s].position = plan.p0 + pb.nk;
-    return;
+}
+
+/// The state a causal block's queries read, everything before the block: the prefix before
+/// its super-chunk and the running sum of the super-chunk's earlier blocks, whichever exist
+/// (their sum in ws.zx when both do); nullptr when neither does.
+template <class T>
+const T* state_before(index_t S, bool has_prefix, bool has_run, const T* prefix, const T* run, scan_workspace<T>& ws) {
+  if (has_prefix && has_run) {
+    T* zx = ensure(ws.zx, S);
+    add_states(prefix, run, S, zx);
+    return zx;
   }
+  if (has_prefix) return prefix;
+  if (has_run) return run;
+  return nullptr;
+}
 
-  // Non-causal: out_i = φ(q_i)·(total) [+ the query's own block weighed locally, minus its
-  // features' share]. Query blocks are parallel tasks; queries at negative positions
-  // (Nq > Nk) belong to no key block and read the total only.
-  T* grand = ensure(wsp.grand, n_seq * S);
-  parallel_for(workers, n_seq, [&](index_t s, int worker) {
+/// Causal output pass of block c of sequence (bi, hk): the block's queries of every query head
+/// of the kv head, from `state` and the block's own keys kb (local keys in ws.kt, ld ldkt).
+template <class T, class Source, class Arch>
+void causal_block_outputs(const block_scan<T, Source, Arch>& sc, index_t bi, index_t hk, index_t c,
+                          const key_block<T>& kb, index_t ldkt, const T* state, scan_workspace<T>& ws) {
+  const linear_problem<T>& p = sc.p;
+  const auto [i0, i1] = sc.plan.query_rows(c, p.sizes.nq);
+  if (i1 <= i0) return;
+  const index_t first_pos = sc.plan.p0 + sc.plan.offset + i0;
+  for (index_t hq = hk * sc.d.group; hq < (hk + 1) * sc.d.group; ++hq) {
+    const block_rows<T> qr = sc.src.prepare(query_raw(sc, bi, hq, i0), i1 - i0, true, ws.qrows);
+    output_pass<T, Source, Arch>(sc.src, qr, i1 - i0, first_pos, state, &kb, ldkt, true, sc.d.dv, p.bias, ws,
+                                 row_ptr(p.out, bi, hq, i0), p.out.stride(2), stat_ptr(p.stats, bi, hq, i0),
+                                 p.stats.stride(2));
+  }
+}
+
+/// The causal scan of range r of sequence s: from the prefix before its first super-chunk,
+/// each block's output pass, then its state pass. Leaves the state after the range in
+/// ws.prefix and returns the range's last block.
+template <class T, class Source, class Arch>
+key_block<T> scan_range(const block_scan<T, Source, Arch>& sc, const chunk_totals<T>& totals, index_t s, index_t r,
+                        scan_workspace<T>& ws) {
+  const scan_plan& plan = sc.plan;
+  const index_t S = sc.d.S, bi = s / sc.p.sizes.kv_heads, hk = s % sc.p.sizes.kv_heads;
+  const index_t g_begin = plan.range_chunk(r), g_end = plan.range_chunk(r + 1);
+  T* prefix = ensure(ws.prefix, S);
+  T* run = ensure(ws.run, S);
+  start_prefix(sc, totals, s, g_begin, prefix);
+  key_block<T> kb;
+  for (index_t g = g_begin; g < g_end; ++g) {
+    std::fill(run, run + S, T(0));
+    for (index_t c = plan.chunk_first(g); c <= plan.chunk_last(g); ++c) {
+      kb = fetch_block(sc, bi, hk, c, ws);
+      const block_rows<T> kr = sc.src.prepare(kb.raw, kb.n, false, ws.krows);
+      const index_t ldkt = prepare_local_keys<T, Source, Arch>(sc.src, kr, kb.n, ws);
+      const bool has_prefix = sc.p.states || g > 0, has_run = c > plan.chunk_first(g);
+      const T* state = state_before(S, has_prefix, has_run, prefix, run, ws);
+      causal_block_outputs(sc, bi, hk, c, kb, ldkt, state, ws);
+      const bool complete = kb.n == plan.b;
+      if (c < plan.c_end || (sc.p.states && complete))
+        state_pass<T, Source, Arch>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, run);
+    }
+    add_states(prefix, run, S, prefix);
+  }
+  return kb;
+}
+
+/// The final state of a sequence: `prefix`, the state after its last block `last`, and the raw
+/// rows of that block when it is unfinished.
+template <class T, class Source, class Arch>
+void save_state(const block_scan<T, Source, Arch>& sc, const T* prefix, const key_block<T>& last,
+                linear_state<T>& st) {
+  const index_t m = sc.d.m, dv = sc.d.dv, dvp = sc.d.dvp, kdim1 = sc.d.kdim1, kdim2 = sc.d.kdim2, kdim = sc.d.kdim;
+  for (index_t f = 0; f < m; ++f) {
+    std::copy(prefix + f * dvp, prefix + f * dvp + dv, st.Z.data() + f * dv);
+    st.z[static_cast<std::size_t>(f)] = prefix[m * dvp + f];
+  }
+  const index_t left = last.n == sc.plan.b ? 0 : last.n;  // rows of the unfinished last block
+  for (index_t i = 0; i < left; ++i) {
+    std::copy(last.raw.x + i * last.raw.ld, last.raw.x + i * last.raw.ld + kdim1, st.keys.data() + i * kdim);
+    if (kdim2 > 0)
+      std::copy(last.raw.x2 + i * last.raw.ld2, last.raw.x2 + i * last.raw.ld2 + kdim2,
+                st.keys.data() + i * kdim + kdim1);
+    std::copy(last.vals + i * last.ld_vals, last.vals + i * last.ld_vals + dv, st.values.data() + i * dv);
+  }
+}
+
+/// Causal: every range of every sequence a parallel task; the last range of a sequence leaves
+/// its final state in the sequence's linear_state.
+template <class T, class Source, class Arch>
+void run_causal(const block_scan<T, Source, Arch>& sc, const chunk_totals<T>& totals,
+                std::vector<scan_workspace<T>>& scratch, int workers) {
+  const linear_problem<T>& p = sc.p;
+  const index_t n_seq = p.sizes.batch * p.sizes.kv_heads, ranges = sc.plan.ranges;
+  blind_rows(p, sc.plan);
+  parallel_for(workers, n_seq * ranges, [&](index_t task, int worker) {
+    scan_workspace<T>& ws = scratch[static_cast<std::size_t>(worker)];
+    const index_t s = task / ranges, r = task % ranges;
+    const key_block<T> last = scan_range(sc, totals, s, r, ws);
+    if (p.states && r == ranges - 1) save_state(sc, ws.prefix.data(), last, p.states[s]);
+  });
+  if (p.states)
+    for (index_t s = 0; s < n_seq; ++s) p.states[s].position = sc.plan.p0 + p.sizes.nk;
+}
+
+/// Non-causal totals of every sequence into grand [n_seq x S]: the pre-pass's super-chunk
+/// totals in order, or, with one range (none precomputed), the super-chunks summed here.
+template <class T, class Source, class Arch>
+void noncausal_totals(const block_scan<T, Source, Arch>& sc, const chunk_totals<T>& totals,
+                      std::vector<scan_workspace<T>>& scratch, int workers, T* grand) {
+  const index_t S = sc.d.S;
+  parallel_for(workers, sc.p.sizes.batch * sc.p.sizes.kv_heads, [&](index_t s, int worker) {
     T* total = grand + s * S;
-    start_prefix(s, n_pre, total);
-    if (n_pre == 0) {  // one range: the super-chunk totals were not precomputed
+    start_prefix(sc, totals, s, totals.per_seq, total);
+    if (totals.per_seq == 0) {
       scan_workspace<T>& ws = scratch[static_cast<std::size_t>(worker)];
       T* run = ensure(ws.run, S);
-      for (index_t g = 0; g < plan.n_chunks; ++g) {
-        chunk_total(s, g, ws, run);
+      for (index_t g = 0; g < sc.plan.n_chunks; ++g) {
+        chunk_total(sc, s, g, ws, run);
         add_states(total, run, S, total);
       }
     }
   });
-  const index_t qc_first = floor_div(plan.offset, plan.b);
-  const index_t n_qblocks = plan.c_end - qc_first + 1;
+}
+
+/// Non-causal output pass of query block c of head (bi, hq) from its sequence's total: with
+/// local weights the block's keys are weighed locally and the queries read total − (their
+/// state). Queries at negative positions (Nq > Nk) belong to no key block (c < 0).
+template <class T, class Source, class Arch>
+void noncausal_query_block(const block_scan<T, Source, Arch>& sc, const T* grand, index_t bi, index_t hq, index_t c,
+                           scan_workspace<T>& ws) {
+  const linear_problem<T>& p = sc.p;
+  const index_t S = sc.d.S, hk = hq / sc.d.group, s = bi * p.sizes.kv_heads + hk;
+  const auto [i0, i1] = sc.plan.query_rows(c, p.sizes.nq);
+  if (i1 <= i0) return;
+  const T* total = grand + s * S;
+  const T* state = total;
+  key_block<T> kb;
+  index_t ldkt = 0;
+  const bool own_block = sc.d.local && c >= 0;
+  if (own_block) {
+    kb = fetch_block(sc, bi, hk, c, ws);
+    const block_rows<T> kr = sc.src.prepare(kb.raw, kb.n, false, ws.krows);
+    ldkt = prepare_local_keys<T, Source, Arch>(sc.src, kr, kb.n, ws);
+    T* own_state = ensure(ws.run, S);
+    std::fill(own_state, own_state + S, T(0));
+    state_pass<T, Source, Arch>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, own_state);
+    T* zx = ensure(ws.zx, S);
+    for (index_t e = 0; e < S; ++e) zx[e] = total[e] - own_state[e];
+    state = zx;
+  }
+  const block_rows<T> qr = sc.src.prepare(query_raw(sc, bi, hq, i0), i1 - i0, true, ws.qrows);
+  output_pass<T, Source, Arch>(sc.src, qr, i1 - i0, sc.plan.offset + i0, state, own_block ? &kb : nullptr, ldkt,
+                               false, sc.d.dv, p.bias, ws, row_ptr(p.out, bi, hq, i0), p.out.stride(2),
+                               stat_ptr(p.stats, bi, hq, i0), p.stats.stride(2));
+}
+
+/// Non-causal: out_i = φ(q_i)·(total) [+ the query's own block weighed locally, minus its
+/// features' share]. The totals first, then every query block a parallel task.
+template <class T, class Source, class Arch>
+void run_noncausal(const block_scan<T, Source, Arch>& sc, const chunk_totals<T>& totals,
+                   std::vector<scan_workspace<T>>& scratch, int workers, aligned_vector<T>& grand_buf) {
+  const block_problem& pb = sc.p.sizes;
+  T* grand = ensure(grand_buf, pb.batch * pb.kv_heads * sc.d.S);
+  noncausal_totals(sc, totals, scratch, workers, grand);
+  const index_t qc_first = floor_div(sc.plan.offset, sc.plan.b);
+  const index_t n_qblocks = sc.plan.c_end - qc_first + 1;
   parallel_for(workers, pb.batch * pb.heads * n_qblocks, [&](index_t task, int worker) {
-    scan_workspace<T>& ws = scratch[static_cast<std::size_t>(worker)];
     const index_t bh = task / n_qblocks, c = qc_first + task % n_qblocks;
-    const index_t bi = bh / pb.heads, hq = bh % pb.heads, hk = hq / group, s = bi * pb.kv_heads + hk;
-    const auto [i0, i1] = plan.query_rows(c, pb.nq);
-    if (i1 <= i0) return;
-    const T* total = grand + s * S;
-    const T* state = total;
-    key_block<T> kb;
-    index_t ldkt = 0;
-    const bool own_block = local && c >= 0;
-    if (own_block) {  // the block's keys are weighed locally: read total − (their state)
-      kb = fetch(bi, hk, c, ws);
-      const block_rows<T> kr = src.prepare(kb.raw, kb.n, false, ws.krows);
-      ldkt = prepare_local_keys<T, Source, Arch>(src, kr, kb.n, ws);
-      T* own_state = ensure(ws.run, S);
-      std::fill(own_state, own_state + S, T(0));
-      state_pass<T, Source, Arch>(src, kr, kb.vals, kb.ld_vals, kb.n, dv, ws, own_state);
-      T* zx = ensure(ws.zx, S);
-      for (index_t e = 0; e < S; ++e) zx[e] = total[e] - own_state[e];
-      state = zx;
-    }
-    const block_rows<T> qr = src.prepare(query_rows(bi, hq, i0), i1 - i0, true, ws.qrows);
-    output_pass<T, Source, Arch>(src, qr, i1 - i0, plan.offset + i0, state, own_block ? &kb : nullptr, ldkt, false,
-                                 dv, bias, ws, row_ptr(out, bi, hq, i0), out.stride(2), stats_at(bi, hq, i0),
-                                 stats.stride(2));
+    noncausal_query_block(sc, grand, bh / pb.heads, bh % pb.heads, c, scratch[static_cast<std::size_t>(worker)]);
   });
+}
+
+/// Runs linear attention with the block algorithm on problem p (linear_problem.hpp) with
+/// feature source src (block_passes.hpp).
+template <class T, class Source, class Arch = default_arch>
+void run_block_linear(const linear_problem<T>& p, const Source& src) {
+  const block_problem& pb = p.sizes;
+  const index_t n_seq = pb.batch * pb.kv_heads;
+  if (n_seq == 0 || (pb.nq == 0 && !p.states) || (pb.dv == 0 && !p.states && p.stats.size() == 0)) return;
+  if (p.states && (!pb.causal || pb.nq > pb.nk))
+    raise(std::logic_error("polyattn: a linear_state needs causal attention with Nq <= Nk"));
+  const scan_dims d = scan_dims_of<T, Source, Arch>(p, src);
+  const scan_plan plan = scan_plan_of(p);
+  const int workers = scan_workers(pb, plan);
+  linear_workspace<T> own;
+  linear_workspace<T>& wsp = p.workspace ? *p.workspace : own;
+  if (static_cast<int>(wsp.workers.size()) < workers) wsp.workers.resize(static_cast<std::size_t>(workers));
+  const block_scan<T, Source, Arch> sc{p, src, d, plan, load_states(p, d, plan, wsp)};
+  const chunk_totals<T> totals = range_pre_pass(sc, pre_pass_chunks(plan, pb.causal), wsp.workers, workers, wsp.totals);
+  if (pb.causal)
+    run_causal(sc, totals, wsp.workers, workers);
+  else
+    run_noncausal(sc, totals, wsp.workers, workers, wsp.grand);
+}
+
+/// run_block_linear on the sizes and views of a plain call (out, β and optionally the states;
+/// no statistics, no secondary rows), as the engine's tests call it.
+template <class T, class Source, class Arch = default_arch>
+void run_block_linear(const block_problem& sizes, const Source& src, tensor_view<const T, 4> q,
+                      tensor_view<const T, 4> k, tensor_view<const T, 4> v, tensor_view<T, 4> out, T bias,
+                      linear_state<T>* states = nullptr) {
+  linear_problem<T> p;
+  p.sizes = sizes;
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.out = out;
+  p.bias = bias;
+  p.states = states;
+  run_block_linear<T, Source, Arch>(p, src);
 }
 
 }  // namespace polyattn::detail

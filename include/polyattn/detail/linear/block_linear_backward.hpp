@@ -39,16 +39,29 @@
 //               T* leaf_acc) const;
 //       the gradients of n raw rows written into out (every column of x and x2) from those of
 //       their base rows (dbase; nullptr: zero) and separate local rows (dlocal; nullptr: zero)
+//
+// The driver in pieces, each a function of what it reads (block_backward: the problem, the
+// source, the widths) and of what it writes:
+//   backward_dims_of, zero_gradients      widths and counts; the outputs cleared
+//   row_grads, fetch_keys, local_pairs,   a query chunk's g and c; a block's keys; the local
+//   state_readout                         pairs' weights; dφ from a state
+//   prefix_scan (prefix_block_pass,       task 2s: the queries, and each block's own pairs
+//                head_queries, query_chunk)
+//   suffix_scan (suffix_block_pass,       task 2s+1: the state's share of dk and dv
+//                add_queries)
+//   key_share, deliver_share              a block's raw key gradients, and their delivery
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "../../tensor_view.hpp"
 #include "block_linear.hpp"
+#include "linear_problem.hpp"
 
 namespace polyattn::detail {
 
@@ -68,339 +81,514 @@ struct backward_workspace {
   aligned_vector<T> tk, tk2;  // a key block's share of the raw key gradients, before delivery
 };
 
-template <class T, class Source, class Arch = default_arch>
-void run_block_backward(const block_problem& pb, const Source& src, tensor_view<const T, 4> q,
-                        tensor_view<const T, 4> k, tensor_view<const T, 4> v, tensor_view<const T, 4> out,
-                        tensor_view<const T, 4> dout, tensor_view<const T, 3> stats, tensor_view<T, 4> dq,
-                        tensor_view<T, 4> dk, tensor_view<T, 4> dv, tensor_view<const T, 4> q2 = {},
-                        tensor_view<const T, 4> k2 = {}, tensor_view<T, 4> dq2 = {}, tensor_view<T, 4> dk2 = {},
-                        T* leaf_out = nullptr) {
-  using B = batch<T, Arch>;
+/// Widths and counts of one call of run_block_backward (a problem with rows, keys, features
+/// and values).
+template <class T>
+struct backward_dims {
+  index_t m, mp, dv, dvp;  // features, values; padded (values to at least one vector)
+  index_t S;               // a state: [m x dvp] then [mp]
+  index_t rbp;             // width of the base rows, padded
+  local_form<T> lf;        // the local weights
+  index_t ldl;             // width of the local rows, padded
+  bool local_sep;          // the local rows are not the base rows
+  bool two_inputs;         // the source has secondary rows
+  index_t n_seq, group, nq, nk, offset;
+  index_t LV;         // leaf values wanted (0: none)
+  index_t b, nblk;    // block size (at most nk), key blocks
+  bool local;         // the query's own block is weighed locally
+  index_t kd1, kd2, kdim;  // a raw key row: [primary | secondary]
+};
+
+template <class T, class Source, class Arch>
+backward_dims<T> backward_dims_of(const linear_backward_problem<T>& p, const Source& src, index_t LV) {
   constexpr index_t W = simd_width<T, Arch>;
-  const index_t m = src.feature_dim(), mp = round_up(m, W), dvv = pb.dv, dvp = round_up(std::max<index_t>(dvv, 1), W);
-  const index_t S = m * dvp + mp;  // a state: [m x dvp] then [mp]
-  const index_t rbp = round_up(src.base_dim(), W);
-  const local_form<T> lf = src.local();
-  const index_t ldl = round_up(std::max<index_t>(lf.dim, 1), W);
-  const bool local_sep = !src.local_is_base();
-  const bool two_inputs = src.key_dim2() > 0;
-  const index_t n_seq = pb.batch * pb.kv_heads, group = pb.heads / std::max<index_t>(pb.kv_heads, 1);
-  const index_t nq = pb.nq, nk = pb.nk, offset = nk - nq;
-  const index_t LV = leaf_out ? src.leaf_values() : 0;
+  const block_problem& pb = p.sizes;
+  backward_dims<T> d{};
+  d.m = src.feature_dim();
+  d.mp = round_up(d.m, W);
+  d.dv = pb.dv;
+  d.dvp = round_up(std::max<index_t>(d.dv, 1), W);
+  d.S = d.m * d.dvp + d.mp;
+  d.rbp = round_up(src.base_dim(), W);
+  d.lf = src.local();
+  d.ldl = round_up(std::max<index_t>(d.lf.dim, 1), W);
+  d.local_sep = !src.local_is_base();
+  d.two_inputs = src.key_dim2() > 0;
+  d.n_seq = pb.batch * pb.kv_heads;
+  d.group = pb.heads / std::max<index_t>(pb.kv_heads, 1);
+  d.nq = pb.nq;
+  d.nk = pb.nk;
+  d.offset = pb.nk - pb.nq;
+  d.LV = LV;
+  d.b = std::min(pb.block, pb.nk);
+  d.nblk = ceil_div(pb.nk, d.b);
+  d.local = pb.causal || src.local_when_noncausal();
+  d.kd1 = src.key_dim();
+  d.kd2 = src.key_dim2();
+  d.kdim = d.kd1 + d.kd2;
+  return d;
+}
+
+/// What every piece of one call reads. Arch is carried as a type so the pieces deduce it.
+template <class T, class Source, class Arch>
+struct block_backward {
+  const linear_backward_problem<T>& p;
+  const Source& src;
+  backward_dims<T> d;
+};
+
+/// The gradients are overwritten: zero first (dq, dk, dv, dq2, dk2 and LV leaf values).
+template <class T>
+void zero_gradients(const linear_backward_problem<T>& p, index_t LV) {
   auto zero_rows = [](const tensor_view<T, 4>& x) {
     for (index_t b = 0; b < x.extent(0); ++b)
       for (index_t h = 0; h < x.extent(1); ++h)
         for (index_t i = 0; i < x.extent(2); ++i)
           for (index_t c = 0; c < x.extent(3); ++c) x(b, h, i, c) = T(0);
   };
-  for (const tensor_view<T, 4>* x : {&dq, &dk, &dv, &dq2, &dk2}) zero_rows(*x);
-  std::fill(leaf_out, leaf_out + LV, T(0));
-  if (n_seq == 0 || nq == 0 || nk == 0 || m == 0 || dvv == 0) return;
-  const index_t b = std::min(pb.block, nk);
-  const index_t nblk = ceil_div(nk, b);
-  const bool local = pb.causal || src.local_when_noncausal();
+  for (const tensor_view<T, 4>* x : {&p.dq, &p.dk, &p.dv, &p.dq2, &p.dk2}) zero_rows(*x);
+  std::fill(p.leaf, p.leaf + LV, T(0));
+}
+
+/// Query rows [i0, i1) of key block c (positions c·b .. (c+1)·b − 1); rows before any key are blind.
+template <class T>
+std::pair<index_t, index_t> block_queries(const backward_dims<T>& d, index_t c) {
+  return {std::clamp<index_t>(c * d.b - d.offset, 0, d.nq), std::clamp<index_t>((c + 1) * d.b - d.offset, 0, d.nq)};
+}
+
+/// Raw query rows of head (bi, h) from row i, raw key rows of (bi, hk) from row j, and where
+/// the gradients of query rows go.
+template <class T, class Source, class Arch>
+raw_rows<T> raw_q(const block_backward<T, Source, Arch>& sc, index_t bi, index_t h, index_t i) {
+  const linear_backward_problem<T>& p = sc.p;
+  return raw_rows<T>{&p.q(bi, h, i, 0), p.q.stride(2), sc.d.two_inputs ? &p.q2(bi, h, i, 0) : nullptr, p.q2.stride(2)};
+}
+template <class T, class Source, class Arch>
+raw_rows<T> raw_k(const block_backward<T, Source, Arch>& sc, index_t bi, index_t hk, index_t j) {
+  const linear_backward_problem<T>& p = sc.p;
+  return raw_rows<T>{&p.k(bi, hk, j, 0), p.k.stride(2), sc.d.two_inputs ? &p.k2(bi, hk, j, 0) : nullptr,
+                     p.k2.stride(2)};
+}
+template <class T, class Source, class Arch>
+grad_rows<T> grads_q(const block_backward<T, Source, Arch>& sc, index_t bi, index_t h, index_t i) {
+  const linear_backward_problem<T>& p = sc.p;
+  return grad_rows<T>{&p.dq(bi, h, i, 0), p.dq.stride(2), sc.d.two_inputs ? &p.dq2(bi, h, i, 0) : nullptr,
+                      p.dq2.stride(2)};
+}
+
+/// g = dout / den [rows x dvp] and transposed [dv x kChunkRows], c = −dout·out / den, for
+/// query rows i0 .. i0+rows of head (bi, h), into ws.g, ws.gt, ws.c. Divisions, not
+/// multiplications by 1/den: a subnormal den must not overflow.
+template <class T, class Source, class Arch>
+void row_grads(const block_backward<T, Source, Arch>& sc, index_t bi, index_t h, index_t i0, index_t rows,
+               backward_workspace<T>& ws) {
+  using B = batch<T, Arch>;
+  constexpr index_t W = simd_width<T, Arch>;
+  const linear_backward_problem<T>& p = sc.p;
+  const index_t dvv = sc.d.dv, dvp = sc.d.dvp;
+  T* g = ensure(ws.g, kChunkRows * dvp);
+  T* gt = ensure(ws.gt, dvp * kChunkRows);
+  T* c = ensure(ws.c, kChunkRows);
+  for (index_t i = 0; i < kChunkRows; ++i) {
+    const T den = i < rows ? p.stats(bi, h, i0 + i) : T(0);
+    T* gi = g + i * dvp;
+    std::fill(gi, gi + dvp, T(0));
+    c[i] = T(0);
+    if (den == T(0)) {  // the row's output was 0 and does not depend on anything (or no row)
+      for (index_t x = 0; x < dvv; ++x) gt[x * kChunkRows + i] = T(0);
+      continue;
+    }
+    const T* dr = &p.dout(bi, h, i0 + i, 0);
+    const T* orow = &p.out(bi, h, i0 + i, 0);
+    const B dn(den);
+    B dot(T(0));
+    index_t x = 0;
+    for (; x + W <= dvv; x += W) {
+      const B dd = B::load_unaligned(dr + x);
+      (dd / dn).store_unaligned(gi + x);
+      dot = xsimd::fma(dd, B::load_unaligned(orow + x), dot);
+    }
+    T tail = T(0);
+    for (; x < dvv; ++x) {
+      gi[x] = dr[x] / den;
+      tail += dr[x] * orow[x];
+    }
+    c[i] = -(vsum(dot) + tail) / den;
+    for (x = 0; x < dvv; ++x) gt[x * kChunkRows + i] = gi[x];
+  }
+}
+
+/// The keys of block c as the scans see them: first row j0, n rows, prepared rows; the leading
+/// dimension ldk of the transposed values (ws.vt) and local key rows (ws.scan.kt).
+template <class T>
+struct block_keys {
+  index_t j0, n, ldk;
+  raw_rows<T> raw;
+  block_rows<T> rows;
+};
+
+/// The keys of block c of (bi, hk): prepared rows and values padded [n x dvp] (ws.vpad); for
+/// the local pairs (`pairs`) also the local key rows transposed (ws.scan.kt, ld ldk) and
+/// padded [n x ldl] (ws.klocal); always the values transposed [dv x ldk] (ws.vt).
+template <class T, class Source, class Arch>
+block_keys<T> fetch_keys(const block_backward<T, Source, Arch>& sc, index_t bi, index_t hk, index_t c,
+                         backward_workspace<T>& ws, bool pairs) {
+  constexpr index_t W = simd_width<T, Arch>;
+  const linear_backward_problem<T>& p = sc.p;
+  const backward_dims<T>& d = sc.d;
+  block_keys<T> kb;
+  kb.j0 = c * d.b;
+  kb.n = std::min(d.b, d.nk - kb.j0);
+  kb.ldk = 0;
+  kb.raw = raw_k(sc, bi, hk, kb.j0);
+  kb.rows = sc.src.prepare(kb.raw, kb.n, false, ws.scan.krows);
+  pack_rows(&p.v(bi, hk, kb.j0, 0), p.v.stride(2), kb.n, d.dv, ensure(ws.vpad, d.b * d.dvp), d.dvp);
+  kb.ldk = round_up(kb.n, W);
+  pack_transposed(&p.v(bi, hk, kb.j0, 0), p.v.stride(2), kb.n, d.dv, T(1), ensure(ws.vt, d.dv * kb.ldk), kb.ldk);
+  if (!pairs) return kb;
+  prepare_local_keys<T, Source, Arch>(sc.src, kb.rows, kb.n, ws.scan);
+  pack_rows(kb.rows.local, kb.rows.ld_local, kb.n, d.lf.dim, ensure(ws.klocal, d.b * d.ldl), d.ldl);
+  return kb;
+}
+
+/// Local pairs of query rows (local rows qloc, ld ldq; absolute positions first_pos ..) with
+/// the first `keys` keys of kb: dw' into ws.dw and, if want_w, the weights into ws.w
+/// ([rows x ldw] each), causally masked when causal. Returns ldw.
+template <class T, class Source, class Arch>
+index_t local_pairs(const block_backward<T, Source, Arch>& sc, const block_keys<T>& kb, const T* qloc, index_t ldq,
+                    index_t rows, index_t keys, index_t first_pos, backward_workspace<T>& ws, bool want_w) {
+  using B = batch<T, Arch>;
+  constexpr index_t W = simd_width<T, Arch>;
+  const local_form<T>& lf = sc.d.lf;
+  const index_t ldw = round_up(keys, W);
+  T* t = ensure(ws.w, kChunkRows * round_up(sc.d.b, W));
+  T* dw = ensure(ws.dw, kChunkRows * round_up(sc.d.b, W));
+  gemm<T, Arch>(rows, keys, lf.dim, qloc, ldq, 1, ws.scan.kt.data(), kb.ldk, t, ldw, false);
+  gemm<T, Arch>(rows, keys, sc.d.dv, ws.g.data(), sc.d.dvp, 1, ws.vt.data(), kb.ldk, dw, ldw, false);
+  const B scale(lf.scale), dfac(static_cast<T>(lf.power) * lf.scale);
+  for (index_t i = 0; i < rows; ++i) {
+    const B ci(ws.c[static_cast<std::size_t>(i)]);
+    T* ti = t + i * ldw;
+    T* di = dw + i * ldw;
+    for (index_t j = 0; j < ldw; j += W) {
+      const B base = B::load_unaligned(ti + j) * scale;
+      const B pm1 = ipow<T, Arch>(base, lf.power - 1);  // (scale·a·b)^(p−1); 1 for p = 1
+      ((B::load_unaligned(di + j) + ci) * dfac * pm1).store_unaligned(di + j);
+      if (want_w) (pm1 * base).store_unaligned(ti + j);
+    }
+    const index_t visible =
+        sc.p.sizes.causal ? std::clamp<index_t>(first_pos + i - kb.j0 + 1, 0, keys) : keys;
+    std::fill(di + visible, di + ldw, T(0));
+    if (want_w) std::fill(ti + visible, ti + ldw, T(0));
+  }
+  return ldw;
+}
+
+/// dφᵀ [m x kChunkRows] (in ws.dphi) of `rows` rows from a state (Z or U [m x dvp], z or u
+/// [mp]) and the rows' transposed value-side operand bt [dv x ld_bt] (gᵀ for queries, Vᵀ for
+/// keys), plus the per-row factor of z: c_i for queries, 1 for keys (cvec null).
+template <class T, class Arch>
+const T* state_readout(const backward_dims<T>& d, const T* state, const T* bt, index_t ld_bt, index_t rows,
+                       const T* cvec, backward_workspace<T>& ws) {
+  using B = batch<T, Arch>;
+  constexpr index_t W = simd_width<T, Arch>;
+  const index_t m = d.m;
+  T* dphi = ensure(ws.dphi, m * kChunkRows);
+  const index_t lanes = round_up(rows, W);
+  gemm<T, Arch>(m, lanes, d.dv, state, d.dvp, 1, bt, ld_bt, dphi, kChunkRows, false);
+  const T* z = state + m * d.dvp;
+  for (index_t f = 0; f < m; ++f) {
+    const B zf(z[f]);
+    T* row = dphi + f * kChunkRows;
+    for (index_t i = 0; i < lanes; i += W) {
+      const B x = B::load_unaligned(row + i);
+      (cvec ? xsimd::fma(zf, B::load_unaligned(cvec + i), x) : x + zf).store_unaligned(row + i);
+    }
+  }
+  return dphi;
+}
+
+/// A key block's share of dk (primary and secondary rows, tk [n x kdim]) and dv (tdv
+/// [n x dvp]), delivered to the caller's views: the first scan to deliver block c writes, the
+/// second adds (see the top of the file). `flag` is the block's: 0 nothing delivered, 1 the
+/// first share being written, 2 written.
+template <class T, class Source, class Arch>
+void deliver_share(const block_backward<T, Source, Arch>& sc, std::atomic<int>& flag, index_t bi, index_t hk,
+                   index_t c, index_t n, const T* tk, const T* tdv) {
+  const linear_backward_problem<T>& p = sc.p;
+  const index_t kd1 = sc.d.kd1, kd2 = sc.d.kd2, kdim = sc.d.kdim, dvv = sc.d.dv;
+  int expected = 0;
+  const bool first = flag.compare_exchange_strong(expected, 1, std::memory_order_acq_rel);
+  if (!first)
+    while (flag.load(std::memory_order_acquire) != 2) std::this_thread::yield();  // the first is copying
+  const index_t j0 = c * sc.d.b;
+  for (index_t j = 0; j < n; ++j) {
+    const T* row = tk + j * kdim;
+    T* a = &p.dk(bi, hk, j0 + j, 0);
+    T* a2 = kd2 > 0 ? &p.dk2(bi, hk, j0 + j, 0) : nullptr;
+    T* dvr = &p.dv(bi, hk, j0 + j, 0);
+    const T* dvs = tdv + j * sc.d.dvp;
+    if (first) {
+      std::copy(row, row + kd1, a);
+      std::copy(row + kd1, row + kdim, a2);
+      std::copy(dvs, dvs + dvv, dvr);
+    } else {
+      for (index_t x = 0; x < kd1; ++x) a[x] += row[x];
+      for (index_t x = 0; x < kd2; ++x) a2[x] += row[kd1 + x];
+      for (index_t x = 0; x < dvv; ++x) dvr[x] += dvs[x];
+    }
+  }
+  if (first) flag.store(2, std::memory_order_release);
+}
+
+/// The raw key gradients of block kb (in ws.tk) from base-row (dbase) and local-row (dlocal;
+/// nullptr: none) gradients.
+template <class T, class Source, class Arch>
+const T* key_share(const block_backward<T, Source, Arch>& sc, const block_keys<T>& kb, const T* dbase,
+                   const typename identity<T>::type* dlocal, backward_workspace<T>& ws, T* leaf_acc) {
+  const index_t kd1 = sc.d.kd1, kdim = sc.d.kdim;
+  T* tk = ensure(ws.tk, sc.d.b * std::max<index_t>(kdim, 1));
+  sc.src.finish(kb.raw, kb.n, false, dbase, sc.d.rbp, dlocal, sc.d.ldl, grad_rows<T>{tk, kdim, tk + kd1, kdim}, ws.fin,
+                leaf_acc);
+  return tk;
+}
+
+// ---- task 2s: the queries of sequence s and every block's own pairs (prefix scan) ----
+
+/// What the queries of one block read in the prefix scan: the block's keys kb (when its own
+/// pairs are weighed locally, `own`), the state before the block (nullptr: none, causal block
+/// 0), and where the block's share of the key-side gradients of the local pairs accumulates
+/// (kacc: local rows, or base rows when they are the same; dvacc: values).
+template <class T>
+struct prefix_block {
+  const block_keys<T>& kb;
+  bool own;
+  const T* state;
+  T* kacc;
+  T* dvacc;
+};
+
+/// Query rows a .. a+rows of head (bi, h), prepared in qr from row i0 (their local rows in
+/// qloc, ld ldl, when the block is own): their gradients written into dq (and dq2), the
+/// block's share of their local pairs added to blk.kacc and blk.dvacc. Returns whether there
+/// were local pairs.
+template <class T, class Source, class Arch>
+bool query_chunk(const block_backward<T, Source, Arch>& sc, const prefix_block<T>& blk, index_t bi, index_t h,
+                 const block_rows<T>& qr, const T* qloc, index_t i0, index_t a, index_t rows,
+                 backward_workspace<T>& ws, T* leaf_acc) {
+  const backward_dims<T>& d = sc.d;
+  const block_keys<T>& kb = blk.kb;
+  const index_t rbp = d.rbp, ldl = d.ldl;
+  row_grads(sc, bi, h, a, rows, ws);
+  T* dbase = ensure(ws.dbase, kChunkRows * rbp);
+  T* dlocal = ensure(ws.dlocal, kChunkRows * ldl);
+  if (blk.state) {  // dφq = Z g + c z, feature-major
+    const T* dphi = state_readout<T, Arch>(d, blk.state, ws.gt.data(), kChunkRows, rows, ws.c.data(), ws);
+    sc.src.feature_grad(qr, a - i0, rows, dphi, kChunkRows, dbase, rbp, ws.fin);
+  } else {
+    std::fill(dbase, dbase + rows * rbp, T(0));
+  }
+  if (d.local_sep) std::fill(dlocal, dlocal + rows * ldl, T(0));
+  const index_t first_pos = a + d.offset;
+  const index_t keys = !blk.own ? 0 : sc.p.sizes.causal ? std::min(kb.n, first_pos + rows - kb.j0) : kb.n;
+  if (keys > 0) {
+    const T* ql = qloc + (a - i0) * ldl;
+    const index_t ldw = local_pairs(sc, kb, ql, ldl, rows, keys, first_pos, ws, true);
+    // da[i] += Σ_j dw'_ij b_j ; db[j] += Σ_i dw'_ij a_i ; dv[j] += Σ_i w_ij g_i
+    gemm<T, Arch>(rows, d.lf.dim, keys, ws.dw.data(), ldw, 1, ws.klocal.data(), ldl, d.local_sep ? dlocal : dbase,
+                  d.local_sep ? ldl : rbp, true);
+    gemm<T, Arch>(keys, d.lf.dim, rows, ws.dw.data(), 1, ldw, ql, ldl, blk.kacc, ldl, true);
+    gemm<T, Arch>(keys, d.dv, rows, ws.w.data(), 1, ldw, ws.g.data(), d.dvp, blk.dvacc, d.dvp, true);
+  }
+  sc.src.finish(raw_q(sc, bi, h, a), rows, true, dbase, rbp, d.local_sep ? dlocal : nullptr, ldl, grads_q(sc, bi, h, a),
+                ws.fin, leaf_acc);
+  return keys > 0;
+}
+
+/// The queries [i0, i1) of head (bi, h) in block blk, a chunk of rows at a time. Returns
+/// whether there were local pairs.
+template <class T, class Source, class Arch>
+bool head_queries(const block_backward<T, Source, Arch>& sc, const prefix_block<T>& blk, index_t bi, index_t h,
+                  index_t i0, index_t i1, backward_workspace<T>& ws, T* leaf_acc) {
+  const backward_dims<T>& d = sc.d;
+  const block_rows<T> qr = sc.src.prepare(raw_q(sc, bi, h, i0), i1 - i0, true, ws.scan.qrows);
+  T* qloc = blk.own ? ensure(ws.qlocal, round_up(d.b, kChunkRows) * d.ldl) : nullptr;
+  if (blk.own) pack_rows(qr.local, qr.ld_local, i1 - i0, d.lf.dim, qloc, d.ldl);
+  bool any_pairs = false;
+  for (index_t a = i0; a < i1; a += kChunkRows)
+    if (query_chunk(sc, blk, bi, h, qr, qloc, i0, a, std::min(kChunkRows, i1 - a), ws, leaf_acc)) any_pairs = true;
+  return any_pairs;
+}
+
+/// The non-causal total state of sequence (bi, hk) over all its keys, added to `state`.
+template <class T, class Source, class Arch>
+void total_state(const block_backward<T, Source, Arch>& sc, index_t bi, index_t hk, backward_workspace<T>& ws,
+                 T* state) {
+  const backward_dims<T>& d = sc.d;
+  for (index_t c = 0; c < d.nblk; ++c) {
+    const index_t n = std::min(d.b, d.nk - c * d.b);
+    const block_rows<T> kr = sc.src.prepare(raw_k(sc, bi, hk, c * d.b), n, false, ws.scan.krows);
+    pack_rows(&sc.p.v(bi, hk, c * d.b, 0), sc.p.v.stride(2), n, d.dv, ensure(ws.vpad, d.b * d.dvp), d.dvp);
+    state_pass<T, Source, Arch>(sc.src, kr, ws.vpad.data(), d.dvp, n, d.dv, ws.scan, state);
+  }
+}
+
+/// Block c of the prefix scan of (bi, hk): its queries against `state` (the prefix, or the
+/// total), its own pairs, the delivery of its share of dk and dv (when it has local pairs),
+/// then (causal) the block joins the prefix. state[S .. 2S) is scratch.
+template <class T, class Source, class Arch>
+void prefix_block_pass(const block_backward<T, Source, Arch>& sc, std::atomic<int>* flags, index_t bi, index_t hk,
+                       index_t c, T* state, backward_workspace<T>& ws, T* leaf_acc) {
+  const backward_dims<T>& d = sc.d;
+  const bool causal = sc.p.sizes.causal, own = d.local && c >= 0;
+  block_keys<T> kb{};
+  const T* zx = state;  // the state the block's queries read
+  if (own) kb = fetch_keys(sc, bi, hk, c, ws, true);
+  if (own && !causal) {  // read total − (the block's own state)
+    T* mine = state + d.S;
+    std::fill(mine, mine + d.S, T(0));
+    state_pass<T, Source, Arch>(sc.src, kb.rows, ws.vpad.data(), d.dvp, kb.n, d.dv, ws.scan, mine);
+    for (index_t e = 0; e < d.S; ++e) mine[e] = state[e] - mine[e];
+    zx = mine;
+  }
+  // the block's share of the key-side gradients: local rows (or base rows) and values
+  T* kacc = ensure(ws.kloc, d.b * d.ldl);
+  T* dvacc = ensure(ws.dvb, d.b * d.dvp);
+  if (own) {
+    std::fill(kacc, kacc + kb.n * d.ldl, T(0));
+    std::fill(dvacc, dvacc + kb.n * d.dvp, T(0));
+  }
+  const prefix_block<T> blk{kb, own, !causal || c > 0 ? zx : nullptr, kacc, dvacc};
+  const std::pair<index_t, index_t> qrows = block_queries(d, c);
+  bool any_pairs = false;
+  for (index_t h = hk * d.group; h < (hk + 1) * d.group && qrows.second > qrows.first; ++h)
+    if (head_queries(sc, blk, bi, h, qrows.first, qrows.second, ws, leaf_acc)) any_pairs = true;
+  if (any_pairs) {  // kacc holds base-row gradients when the local rows are the base rows
+    const T* tk = key_share(sc, kb, d.local_sep ? nullptr : kacc, d.local_sep ? kacc : nullptr, ws, leaf_acc);
+    deliver_share(sc, flags[c], bi, hk, c, kb.n, tk, dvacc);
+  }
+  if (causal && c + 1 < d.nblk)  // the block joins the prefix
+    state_pass<T, Source, Arch>(sc.src, kb.rows, ws.vpad.data(), d.dvp, kb.n, d.dv, ws.scan, state);
+}
+
+/// Task 2s: causal, query block c after the prefix of blocks < c; non-causal, every query
+/// block (negative ones hold the queries before the first key, Nq > Nk) against the total.
+/// `flags` are the sequence's delivery flags, one per key block.
+template <class T, class Source, class Arch>
+void prefix_scan(const block_backward<T, Source, Arch>& sc, std::atomic<int>* flags, index_t bi, index_t hk,
+                 backward_workspace<T>& ws, T* leaf_acc) {
+  const backward_dims<T>& d = sc.d;
+  T* state = ensure(ws.state, 2 * d.S);  // the prefix (causal) or the total (non-causal), then scratch
+  std::fill(state, state + d.S, T(0));
+  if (!sc.p.sizes.causal) total_state(sc, bi, hk, ws, state);
+  const index_t c_first = sc.p.sizes.causal ? 0 : floor_div(d.offset, d.b);
+  for (index_t c = c_first; c < d.nblk; ++c) prefix_block_pass(sc, flags, bi, hk, c, state, ws, leaf_acc);
+}
+
+// ---- task 2s+1: the state's share of dk and dv of sequence s (suffix scan) ----
+
+/// Query rows [i0, i1) of head (bi, h) join `acc` (U [m x dvp], u [mp]): U += φqᵀ g, u += Σ c φq.
+template <class T, class Source, class Arch>
+void add_queries(const block_backward<T, Source, Arch>& sc, index_t bi, index_t h, index_t i0, index_t i1, T* acc,
+                 backward_workspace<T>& ws) {
+  using B = batch<T, Arch>;
+  constexpr index_t W = simd_width<T, Arch>;
+  const index_t m = sc.d.m, dvv = sc.d.dv, dvp = sc.d.dvp;
+  const block_rows<T> qr = sc.src.prepare(raw_q(sc, bi, h, i0), i1 - i0, true, ws.scan.qrows);
+  T* u = acc + m * dvp;
+  for (index_t a = i0; a < i1; a += kChunkRows) {
+    const index_t rows = std::min(kChunkRows, i1 - a);
+    row_grads(sc, bi, h, a, rows, ws);
+    index_t ld = 0;
+    const T* phi = sc.src.features(qr, a - i0, rows, ws.scan.phi, ld);
+    gemm<T, Arch>(m, dvv, rows, phi, 1, ld, ws.g.data(), dvp, acc, dvp, true);
+    for (index_t i = 0; i < rows; ++i) {
+      const B ci(ws.c[static_cast<std::size_t>(i)]);
+      const T* pr = phi + i * ld;
+      index_t f = 0;
+      for (; f + W <= m; f += W) xsimd::fma(ci, B::load_unaligned(pr + f), B::load_unaligned(u + f)).store_unaligned(u + f);
+      for (; f < m; ++f) u[f] += ws.c[static_cast<std::size_t>(i)] * pr[f];
+    }
+  }
+}
+
+/// Block c of the suffix scan of (bi, hk): the state's share of the block's dk and dv from U
+/// (non-causal with local weights: U minus the share of the block's own queries, in
+/// U[S .. 2S)), delivered; then (causal) the block's queries join the suffix U.
+template <class T, class Source, class Arch>
+void suffix_block_pass(const block_backward<T, Source, Arch>& sc, std::atomic<int>* flags, index_t bi, index_t hk,
+                       index_t c, T* U, backward_workspace<T>& ws, T* leaf_acc) {
+  const backward_dims<T>& d = sc.d;
+  const bool causal = sc.p.sizes.causal;
+  const block_keys<T> kb = fetch_keys(sc, bi, hk, c, ws, false);
+  const std::pair<index_t, index_t> qrows = block_queries(d, c);
+  const index_t i0 = qrows.first, i1 = qrows.second;
+  const T* Ux = U;
+  if (d.local && !causal) {  // total − the share of the block's own queries
+    T* mine = U + d.S;
+    std::fill(mine, mine + d.S, T(0));
+    for (index_t h = hk * d.group; h < (hk + 1) * d.group && i1 > i0; ++h) add_queries(sc, bi, h, i0, i1, mine, ws);
+    for (index_t e = 0; e < d.S; ++e) mine[e] = U[e] - mine[e];
+    Ux = mine;
+  }
+  T* kbase = ensure(ws.kbase, d.b * d.rbp);
+  T* dvb = ensure(ws.dvb, d.b * d.dvp);
+  // dφk = V Uᵀ + u, dv = φK U
+  for (index_t a = 0; a < kb.n; a += kChunkRows) {
+    const index_t rows = std::min(kChunkRows, kb.n - a);
+    const T* dphi = state_readout<T, Arch>(d, Ux, ws.vt.data() + a, kb.ldk, rows, nullptr, ws);
+    sc.src.feature_grad(kb.rows, a, rows, dphi, kChunkRows, kbase + a * d.rbp, d.rbp, ws.fin);
+    index_t ld = 0;
+    const T* phi = sc.src.features(kb.rows, a, rows, ws.scan.phi, ld);
+    gemm<T, Arch>(rows, d.dv, d.m, phi, ld, 1, Ux, d.dvp, dvb + a * d.dvp, d.dvp, false);
+  }
+  deliver_share(sc, flags[c], bi, hk, c, kb.n, key_share(sc, kb, kbase, nullptr, ws, leaf_acc), dvb);
+  if (causal)  // the block's queries join the suffix
+    for (index_t h = hk * d.group; h < (hk + 1) * d.group && i1 > i0; ++h) add_queries(sc, bi, h, i0, i1, U, ws);
+}
+
+/// Task 2s+1: the key blocks in reverse, each from the suffix U, u of the later query blocks
+/// (causal) or the total over every query (non-causal).
+template <class T, class Source, class Arch>
+void suffix_scan(const block_backward<T, Source, Arch>& sc, std::atomic<int>* flags, index_t bi, index_t hk,
+                 backward_workspace<T>& ws, T* leaf_acc) {
+  const backward_dims<T>& d = sc.d;
+  T* U = ensure(ws.state, 2 * d.S);  // U [m x dvp], u [mp]; then a block's own share
+  std::fill(U, U + d.S, T(0));
+  if (!sc.p.sizes.causal)  // every query sees every key: the total over all of them first
+    for (index_t h = hk * d.group; h < (hk + 1) * d.group; ++h) add_queries(sc, bi, h, 0, d.nq, U, ws);
+  for (index_t c = d.nblk - 1; c >= 0; --c) suffix_block_pass(sc, flags, bi, hk, c, U, ws, leaf_acc);
+}
+
+/// The backward of the block algorithm on problem p (linear_problem.hpp) with feature source
+/// src: the two scans of every sequence are parallel tasks; the leaf gradients of the tasks
+/// are summed in task order, the same bits for any thread count.
+template <class T, class Source, class Arch = default_arch>
+void run_block_backward(const linear_backward_problem<T>& p, const Source& src) {
+  const block_problem& pb = p.sizes;
+  const index_t LV = p.leaf ? src.leaf_values() : 0;
+  zero_gradients(p, LV);
+  const index_t n_seq = pb.batch * pb.kv_heads;
+  if (n_seq == 0 || pb.nq == 0 || pb.nk == 0 || src.feature_dim() == 0 || pb.dv == 0) return;
+  const block_backward<T, Source, Arch> sc{p, src, backward_dims_of<T, Source, Arch>(p, src, LV)};
+  const index_t nblk = sc.d.nblk;
   const int workers = static_cast<int>(std::clamp<index_t>(pb.threads, 1, 2 * n_seq));
   std::vector<backward_workspace<T>> scratch(static_cast<std::size_t>(workers));
   aligned_vector<T> leaf_tasks(static_cast<std::size_t>(LV * 2 * n_seq), T(0));
-
-  // query rows [i0, i1) of key block c (positions c·b .. (c+1)·b − 1); rows before any key are blind
-  auto query_rows = [&](index_t c) {
-    return std::pair<index_t, index_t>{std::clamp<index_t>(c * b - offset, 0, nq),
-                                       std::clamp<index_t>((c + 1) * b - offset, 0, nq)};
-  };
-  auto raw_q = [&](index_t bi, index_t h, index_t i) {
-    return raw_rows<T>{&q(bi, h, i, 0), q.stride(2), two_inputs ? &q2(bi, h, i, 0) : nullptr, q2.stride(2)};
-  };
-  auto raw_k = [&](index_t bi, index_t hk, index_t j) {
-    return raw_rows<T>{&k(bi, hk, j, 0), k.stride(2), two_inputs ? &k2(bi, hk, j, 0) : nullptr, k2.stride(2)};
-  };
-  auto grads_q = [&](index_t bi, index_t h, index_t i) {
-    return grad_rows<T>{&dq(bi, h, i, 0), dq.stride(2), two_inputs ? &dq2(bi, h, i, 0) : nullptr, dq2.stride(2)};
-  };
-  // g = dout / den [rows x dvp] and transposed [dv x kChunkRows], c = −dout·out / den, for
-  // query rows i0 .. i0+rows of head (bi, h). Divisions, not multiplications by 1/den: a
-  // subnormal den must not overflow.
-  auto row_grads = [&](index_t bi, index_t h, index_t i0, index_t rows, backward_workspace<T>& ws) {
-    T* g = ensure(ws.g, kChunkRows * dvp);
-    T* gt = ensure(ws.gt, dvp * kChunkRows);
-    T* c = ensure(ws.c, kChunkRows);
-    for (index_t i = 0; i < kChunkRows; ++i) {
-      const T den = i < rows ? stats(bi, h, i0 + i) : T(0);
-      T* gi = g + i * dvp;
-      std::fill(gi, gi + dvp, T(0));
-      c[i] = T(0);
-      if (den == T(0)) {  // the row's output was 0 and does not depend on anything (or no row)
-        for (index_t x = 0; x < dvv; ++x) gt[x * kChunkRows + i] = T(0);
-        continue;
-      }
-      const T* dr = &dout(bi, h, i0 + i, 0);
-      const T* orow = &out(bi, h, i0 + i, 0);
-      const B dn(den);
-      B dot(T(0));
-      index_t x = 0;
-      for (; x + W <= dvv; x += W) {
-        const B d = B::load_unaligned(dr + x);
-        (d / dn).store_unaligned(gi + x);
-        dot = xsimd::fma(d, B::load_unaligned(orow + x), dot);
-      }
-      T tail = T(0);
-      for (; x < dvv; ++x) {
-        gi[x] = dr[x] / den;
-        tail += dr[x] * orow[x];
-      }
-      c[i] = -(vsum(dot) + tail) / den;
-      for (x = 0; x < dvv; ++x) gt[x * kChunkRows + i] = gi[x];
-    }
-  };
-  // The keys of block c: prepared rows and values padded [n x dvp]; for the local pairs
-  // (`pairs`) also the local key rows transposed (ws.scan.kt, ld ldk) and padded [n x ldl];
-  // always the values transposed [dv x ldk].
-  struct block_keys {
-    index_t j0, n, ldk;
-    raw_rows<T> raw;
-    block_rows<T> rows;
-  };
-  auto fetch_keys = [&](index_t bi, index_t hk, index_t c, backward_workspace<T>& ws, bool pairs) {
-    block_keys kb;
-    kb.j0 = c * b;
-    kb.n = std::min(b, nk - kb.j0);
-    kb.ldk = 0;
-    kb.raw = raw_k(bi, hk, kb.j0);
-    kb.rows = src.prepare(kb.raw, kb.n, false, ws.scan.krows);
-    pack_rows(&v(bi, hk, kb.j0, 0), v.stride(2), kb.n, dvv, ensure(ws.vpad, b * dvp), dvp);
-    kb.ldk = round_up(kb.n, W);
-    pack_transposed(&v(bi, hk, kb.j0, 0), v.stride(2), kb.n, dvv, T(1), ensure(ws.vt, dvv * kb.ldk), kb.ldk);
-    if (!pairs) return kb;
-    prepare_local_keys<T, Source, Arch>(src, kb.rows, kb.n, ws.scan);
-    pack_rows(kb.rows.local, kb.rows.ld_local, kb.n, lf.dim, ensure(ws.klocal, b * ldl), ldl);
-    return kb;
-  };
-  // Local pairs of query rows (local rows qloc, ld ldq; absolute positions first_pos ..) with
-  // the first `keys` keys of kb: dw' into ws.dw and, if want_w, the weights into ws.w
-  // ([rows x ldw] each), causally masked when pb.causal.
-  auto local_pairs = [&](const block_keys& kb, const T* qloc, index_t ldq, index_t rows, index_t keys,
-                         index_t first_pos, backward_workspace<T>& ws, bool want_w) {
-    const index_t ldw = round_up(keys, W);
-    T* t = ensure(ws.w, kChunkRows * round_up(b, W));
-    T* dw = ensure(ws.dw, kChunkRows * round_up(b, W));
-    gemm<T, Arch>(rows, keys, lf.dim, qloc, ldq, 1, ws.scan.kt.data(), kb.ldk, t, ldw, false);
-    gemm<T, Arch>(rows, keys, dvv, ws.g.data(), dvp, 1, ws.vt.data(), kb.ldk, dw, ldw, false);
-    const B sc(lf.scale), dfac(static_cast<T>(lf.power) * lf.scale);
-    for (index_t i = 0; i < rows; ++i) {
-      const B ci(ws.c[static_cast<std::size_t>(i)]);
-      T* ti = t + i * ldw;
-      T* di = dw + i * ldw;
-      for (index_t j = 0; j < ldw; j += W) {
-        const B base = B::load_unaligned(ti + j) * sc;
-        const B pm1 = ipow<T, Arch>(base, lf.power - 1);  // (scale·a·b)^(p−1); 1 for p = 1
-        ((B::load_unaligned(di + j) + ci) * dfac * pm1).store_unaligned(di + j);
-        if (want_w) (pm1 * base).store_unaligned(ti + j);
-      }
-      const index_t visible = pb.causal ? std::clamp<index_t>(first_pos + i - kb.j0 + 1, 0, keys) : keys;
-      std::fill(di + visible, di + ldw, T(0));
-      if (want_w) std::fill(ti + visible, ti + ldw, T(0));
-    }
-    return ldw;
-  };
-  // dφᵀ [m x kChunkRows] of `rows` rows from a state (Z or U [m x dvp], z or u [mp]) and the
-  // rows' transposed value-side operand bt [dv x ld_bt] (gᵀ for queries, Vᵀ for keys), plus
-  // the per-row factor of z: c_i for queries, 1 for keys (cvec null)
-  auto state_readout = [&](const T* state, const T* bt, index_t ld_bt, index_t rows, const T* cvec,
-                           backward_workspace<T>& ws) {
-    T* dphi = ensure(ws.dphi, m * kChunkRows);
-    const index_t lanes = round_up(rows, W);
-    gemm<T, Arch>(m, lanes, dvv, state, dvp, 1, bt, ld_bt, dphi, kChunkRows, false);
-    const T* z = state + m * dvp;
-    for (index_t f = 0; f < m; ++f) {
-      const B zf(z[f]);
-      T* row = dphi + f * kChunkRows;
-      for (index_t i = 0; i < lanes; i += W) {
-        const B x = B::load_unaligned(row + i);
-        (cvec ? xsimd::fma(zf, B::load_unaligned(cvec + i), x) : x + zf).store_unaligned(row + i);
-      }
-    }
-    return dphi;
-  };
-
-  // A key block's share of dk (primary and secondary rows) and dv, delivered to the caller's
-  // views: the first scan to deliver block c writes, the second adds (see the top of the file).
-  const index_t kd1 = src.key_dim(), kd2 = src.key_dim2(), kdim = kd1 + kd2;
   std::unique_ptr<std::atomic<int>[]> delivered(new std::atomic<int>[static_cast<std::size_t>(n_seq * nblk)]);
-  std::atomic<int>* const flags = delivered.get();
-  for (index_t e = 0; e < n_seq * nblk; ++e) flags[e].store(0, std::memory_order_relaxed);
-  auto deliver = [&](index_t bi, index_t hk, index_t c, index_t n, const T* tk, const T* tdv) {
-    std::atomic<int>& flag = flags[(bi * pb.kv_heads + hk) * nblk + c];
-    int expected = 0;
-    const bool first = flag.compare_exchange_strong(expected, 1, std::memory_order_acq_rel);
-    if (!first)
-      while (flag.load(std::memory_order_acquire) != 2) std::this_thread::yield();  // the first is copying
-    const index_t j0 = c * b;
-    for (index_t j = 0; j < n; ++j) {
-      const T* row = tk + j * kdim;
-      T* a = &dk(bi, hk, j0 + j, 0);
-      T* a2 = kd2 > 0 ? &dk2(bi, hk, j0 + j, 0) : nullptr;
-      T* dvr = &dv(bi, hk, j0 + j, 0);
-      const T* dvs = tdv + j * dvp;
-      if (first) {
-        std::copy(row, row + kd1, a);
-        std::copy(row + kd1, row + kdim, a2);
-        std::copy(dvs, dvs + dvv, dvr);
-      } else {
-        for (index_t x = 0; x < kd1; ++x) a[x] += row[x];
-        for (index_t x = 0; x < kd2; ++x) a2[x] += row[kd1 + x];
-        for (index_t x = 0; x < dvv; ++x) dvr[x] += dvs[x];
-      }
-    }
-    if (first) flag.store(2, std::memory_order_release);
-  };
-  // the raw key gradients of block kb from base-row (dbase) and local-row (dlocal) gradients
-  auto key_share = [&](const block_keys& kb, const T* dbase, const T* dlocal, backward_workspace<T>& ws, T* leaf_acc) {
-    T* tk = ensure(ws.tk, b * std::max<index_t>(kdim, 1));
-    src.finish(kb.raw, kb.n, false, dbase, rbp, dlocal, ldl, grad_rows<T>{tk, kdim, tk + kd1, kdim}, ws.fin, leaf_acc);
-    return tk;
-  };
-
-  // ---- task 2s: the queries of sequence s and every block's own pairs (prefix scan) ----
-  auto query_task = [&](index_t bi, index_t hk, backward_workspace<T>& ws, T* leaf_acc) {
-    T* state = ensure(ws.state, 2 * S);  // the prefix (causal) or the total (non-causal), then scratch
-    std::fill(state, state + S, T(0));
-    if (!pb.causal)
-      for (index_t c = 0; c < nblk; ++c) {
-        const index_t n = std::min(b, nk - c * b);
-        const block_rows<T> kr = src.prepare(raw_k(bi, hk, c * b), n, false, ws.scan.krows);
-        pack_rows(&v(bi, hk, c * b, 0), v.stride(2), n, dvv, ensure(ws.vpad, b * dvp), dvp);
-        state_pass<T, Source, Arch>(src, kr, ws.vpad.data(), dvp, n, dvv, ws.scan, state);
-      }
-    // causal: query block c after the prefix of blocks < c; non-causal: every query block
-    // (negative ones hold the queries before the first key, Nq > Nk) against the total
-    const index_t c_first = pb.causal ? 0 : floor_div(offset, b);
-    for (index_t c = c_first; c < nblk; ++c) {
-      const bool own = local && c >= 0;
-      block_keys kb{};
-      const T* zx = state;  // the state the block's queries read
-      const bool has_state = !pb.causal || c > 0;
-      if (own) kb = fetch_keys(bi, hk, c, ws, true);
-      if (own && !pb.causal) {  // read total − (the block's own state)
-        T* mine = state + S;
-        std::fill(mine, mine + S, T(0));
-        state_pass<T, Source, Arch>(src, kb.rows, ws.vpad.data(), dvp, kb.n, dvv, ws.scan, mine);
-        for (index_t e = 0; e < S; ++e) mine[e] = state[e] - mine[e];
-        zx = mine;
-      }
-      // the block's share of the key-side gradients: local rows (or base rows) and values
-      T* kacc = ensure(ws.kloc, b * ldl);
-      T* dvacc = ensure(ws.dvb, b * dvp);
-      bool any_pairs = false;
-      if (own) {
-        std::fill(kacc, kacc + kb.n * ldl, T(0));
-        std::fill(dvacc, dvacc + kb.n * dvp, T(0));
-      }
-      const auto [i0, i1] = query_rows(c);
-      for (index_t h = hk * group; h < (hk + 1) * group && i1 > i0; ++h) {
-        const block_rows<T> qr = src.prepare(raw_q(bi, h, i0), i1 - i0, true, ws.scan.qrows);
-        T* qloc = own ? ensure(ws.qlocal, round_up(b, kChunkRows) * ldl) : nullptr;
-        if (own) pack_rows(qr.local, qr.ld_local, i1 - i0, lf.dim, qloc, ldl);
-        for (index_t a = i0; a < i1; a += kChunkRows) {
-          const index_t rows = std::min(kChunkRows, i1 - a);
-          row_grads(bi, h, a, rows, ws);
-          T* dbase = ensure(ws.dbase, kChunkRows * rbp);
-          T* dlocal = ensure(ws.dlocal, kChunkRows * ldl);
-          if (has_state) {  // dφq = Z g + c z, feature-major
-            const T* dphi = state_readout(zx, ws.gt.data(), kChunkRows, rows, ws.c.data(), ws);
-            src.feature_grad(qr, a - i0, rows, dphi, kChunkRows, dbase, rbp, ws.fin);
-          } else {
-            std::fill(dbase, dbase + rows * rbp, T(0));
-          }
-          if (local_sep) std::fill(dlocal, dlocal + rows * ldl, T(0));
-          const index_t first_pos = a + offset;
-          const index_t keys = !own ? 0 : pb.causal ? std::min(kb.n, first_pos + rows - kb.j0) : kb.n;
-          if (keys > 0) {
-            const T* ql = qloc + (a - i0) * ldl;
-            const index_t ldw = local_pairs(kb, ql, ldl, rows, keys, first_pos, ws, true);
-            // da[i] += Σ_j dw'_ij b_j ; db[j] += Σ_i dw'_ij a_i ; dv[j] += Σ_i w_ij g_i
-            gemm<T, Arch>(rows, lf.dim, keys, ws.dw.data(), ldw, 1, ws.klocal.data(), ldl, local_sep ? dlocal : dbase,
-                          local_sep ? ldl : rbp, true);
-            gemm<T, Arch>(keys, lf.dim, rows, ws.dw.data(), 1, ldw, ql, ldl, kacc, ldl, true);
-            gemm<T, Arch>(keys, dvv, rows, ws.w.data(), 1, ldw, ws.g.data(), dvp, dvacc, dvp, true);
-            any_pairs = true;
-          }
-          src.finish(raw_q(bi, h, a), rows, true, dbase, rbp, local_sep ? dlocal : nullptr, ldl, grads_q(bi, h, a),
-                     ws.fin, leaf_acc);
-        }
-      }
-      if (any_pairs) {  // kacc holds base-row gradients when the local rows are the base rows
-        const T* tk = key_share(kb, local_sep ? nullptr : kacc, local_sep ? kacc : nullptr, ws, leaf_acc);
-        deliver(bi, hk, c, kb.n, tk, dvacc);
-      }
-      if (pb.causal && c + 1 < nblk)  // the block joins the prefix
-        state_pass<T, Source, Arch>(src, kb.rows, ws.vpad.data(), dvp, kb.n, dvv, ws.scan, state);
-    }
-  };
-
-  // ---- task 2s+1: the state's share of dk and dv of sequence s (suffix scan) ----
-  auto key_task = [&](index_t bi, index_t hk, backward_workspace<T>& ws, T* leaf_acc) {
-    T* U = ensure(ws.state, 2 * S);  // U [m x dvp], u [mp]; then a block's own share
-    std::fill(U, U + S, T(0));
-    // query rows a .. a+rows of head h, prepared in qr from row i0, join `acc` (their g, c in ws)
-    auto add_queries = [&](index_t bi_, index_t h, index_t i0, index_t i1, T* acc) {
-      const block_rows<T> qr = src.prepare(raw_q(bi_, h, i0), i1 - i0, true, ws.scan.qrows);
-      T* u = acc + m * dvp;
-      for (index_t a = i0; a < i1; a += kChunkRows) {
-        const index_t rows = std::min(kChunkRows, i1 - a);
-        row_grads(bi_, h, a, rows, ws);
-        index_t ld = 0;
-        const T* phi = src.features(qr, a - i0, rows, ws.scan.phi, ld);
-        gemm<T, Arch>(m, dvv, rows, phi, 1, ld, ws.g.data(), dvp, acc, dvp, true);
-        for (index_t i = 0; i < rows; ++i) {
-          const B ci(ws.c[static_cast<std::size_t>(i)]);
-          const T* pr = phi + i * ld;
-          index_t f = 0;
-          for (; f + W <= m; f += W) xsimd::fma(ci, B::load_unaligned(pr + f), B::load_unaligned(u + f)).store_unaligned(u + f);
-          for (; f < m; ++f) u[f] += ws.c[static_cast<std::size_t>(i)] * pr[f];
-        }
-      }
-    };
-    if (!pb.causal)  // every query sees every key: the total over all of them first
-      for (index_t h = hk * group; h < (hk + 1) * group; ++h) add_queries(bi, h, 0, nq, U);
-    for (index_t c = nblk - 1; c >= 0; --c) {
-      const block_keys kb = fetch_keys(bi, hk, c, ws, false);
-      const auto [i0, i1] = query_rows(c);
-      const T* Ux = U;
-      if (local && !pb.causal) {  // total − the share of the block's own queries
-        T* mine = U + S;
-        std::fill(mine, mine + S, T(0));
-        for (index_t h = hk * group; h < (hk + 1) * group && i1 > i0; ++h) add_queries(bi, h, i0, i1, mine);
-        for (index_t e = 0; e < S; ++e) mine[e] = U[e] - mine[e];
-        Ux = mine;
-      }
-      T* kbase = ensure(ws.kbase, b * rbp);
-      T* dvb = ensure(ws.dvb, b * dvp);
-      // dφk = V Uᵀ + u, dv = φK U
-      for (index_t a = 0; a < kb.n; a += kChunkRows) {
-        const index_t rows = std::min(kChunkRows, kb.n - a);
-        const T* dphi = state_readout(Ux, ws.vt.data() + a, kb.ldk, rows, nullptr, ws);
-        src.feature_grad(kb.rows, a, rows, dphi, kChunkRows, kbase + a * rbp, rbp, ws.fin);
-        index_t ld = 0;
-        const T* phi = src.features(kb.rows, a, rows, ws.scan.phi, ld);
-        gemm<T, Arch>(rows, dvv, m, phi, ld, 1, Ux, dvp, dvb + a * dvp, dvp, false);
-      }
-      deliver(bi, hk, c, kb.n, key_share(kb, kbase, nullptr, ws, leaf_acc), dvb);
-      if (pb.causal)  // the block's queries join the suffix
-        for (index_t h = hk * group; h < (hk + 1) * group && i1 > i0; ++h) add_queries(bi, h, i0, i1, U);
-    }
-  };
-
+  for (index_t e = 0; e < n_seq * nblk; ++e) delivered[static_cast<std::size_t>(e)].store(0, std::memory_order_relaxed);
   parallel_for(workers, 2 * n_seq, [&](index_t task, int worker) {
     backward_workspace<T>& ws = scratch[static_cast<std::size_t>(worker)];
     const index_t s = task / 2, bi = s / pb.kv_heads, hk = s % pb.kv_heads;
     T* leaf_acc = LV > 0 ? leaf_tasks.data() + task * LV : nullptr;
+    std::atomic<int>* flags = delivered.get() + s * nblk;
     if (task % 2 == 0)
-      query_task(bi, hk, ws, leaf_acc);
+      prefix_scan(sc, flags, bi, hk, ws, leaf_acc);
     else
-      key_task(bi, hk, ws, leaf_acc);
+      suffix_scan(sc, flags, bi, hk, ws, leaf_acc);
   });
   for (index_t task = 0; task < 2 * n_seq && LV > 0; ++task)  // in task order: the same bits for any thread count
-    for (index_t e = 0; e < LV; ++e) leaf_out[e] += leaf_tasks[static_cast<std::size_t>(task * LV + e)];
+    for (index_t e = 0; e < LV; ++e) p.leaf[e] += leaf_tasks[static_cast<std::size_t>(task * LV + e)];
 }
 
 }  // namespace polyattn::detail
