@@ -319,3 +319,41 @@ TEMPLATE_TEST_CASE("forward validation of the stats argument", "[validation][bac
                              {fn_name<TestType>(), "outputs 'out'", "'stats'", "overlap"});
   }
 }
+
+// Internally an empty stats view means "not wanted": an empty view handed to an overload that
+// writes stats must still be rejected when the problem has rows (and accepted when it has none).
+TEST_CASE("forward overloads that write stats reject an empty stats view", "[validation][backward]") {
+  problem p;
+  std::vector<float> out(count(p.oe), 0.0f);
+  const out_view o(out.data(), p.oe);
+  const tensor_view<float, 3> none{};
+  auto expect = [](const char* fn, auto&& call) {
+    require_invalid_argument(call, {fn, "'stats'", "[0, 0, 0]", "[1, 2, 8]"});
+  };
+  expect("softmax_attention", [&] { softmax_attention<float>(p.q, p.k, p.v, o, softmax_options{}, none); });
+  expect("flash_attention", [&] { flash_attention<float>(p.q, p.k, p.v, o, softmax_options{}, none); });
+  expect("polynomial_attention", [&] { polynomial_attention<float>(p.q, p.k, p.v, o, polynomial_options{}, none); });
+  expect("shaped_attention", [&] { shaped_attention<float>(p.q, p.k, p.v, o, shaped_options{}, none); });
+  const segmented_view<const float> ks{p.k}, vs{p.v};
+  expect("flash_attention", [&] { flash_attention<float>(p.q, ks, vs, o, softmax_options{}, none); });
+  expect("softmax_attention", [&] { softmax_attention<float>(p.q, ks, vs, o, softmax_options{}, none); });
+  expect("polynomial_attention", [&] { polynomial_attention<float>(p.q, ks, vs, o, polynomial_options{}, none); });
+  std::vector<float> e(4 * 10, 0.1f);
+  const tensor_view<const float, 2> E(e.data(), {4, 10});
+  expect("linformer_attention", [&] { linformer_attention<float>(p.q, p.k, p.v, E, E, o, linformer_options{}, none); });
+  // the linear family: caller features (here q and k themselves, non-negative enough for a check)
+  expect("linear_attention", [&] { linear_attention<float>(p.q, p.k, p.v, o, linear_options{}, none); });
+  expect("sketched_attention", [&] { sketched_attention<float>(p.q, p.k, p.q, p.k, p.v, o, sketched_options{}, none); });
+  sketch_options so;
+  so.sketch_size = 4;
+  const polysketch<float> sketch(4, so);
+  expect("polysketch_attention", [&] { polysketch_attention<float>(p.q, p.k, p.v, o, sketch, polysketch_options{}, none); });
+
+  // no rows: an empty stats view is the right shape
+  std::vector<float> q0(1);
+  const in_view qe(q0.data(), {1, 2, 0, 4});
+  const out_view oe(out.data(), {1, 2, 0, 6});
+  const tensor_view<float, 3> se(nullptr, {1, 2, 0});
+  REQUIRE_NOTHROW(flash_attention<float>(qe, p.k, p.v, oe, softmax_options{}, se));
+  REQUIRE_NOTHROW(polysketch_attention<float>(qe, p.k, p.v, oe, sketch, polysketch_options{}, se));
+}

@@ -27,6 +27,7 @@ void flash_attention(detail::input_view<T> q, detail::input_view<T> k, detail::i
 template <class T>
 void flash_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v, tensor_view<T, 4> out,
                      const softmax_options& opts, tensor_view<T, 3> stats) {
+  detail::check_stats_given("flash_attention", stats, q);
   detail::softmax_family<T>("flash_attention", q, k, v, out, opts, detail::kBlockK, stats);
 }
 

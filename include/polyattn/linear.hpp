@@ -104,7 +104,7 @@ template <class T>
 void linear_attention(detail::input_view<T> phi_q, detail::input_view<T> phi_k, detail::input_view<T> v,
                       tensor_view<T, 4> out, const linear_options& opts, tensor_view<T, 3> stats) {
   // an empty view means "no statistics" to the body, but here it was asked for: its shape must fit
-  if (stats.empty()) detail::check_stats_shape("linear_attention", stats, phi_q);
+  detail::check_stats_given("linear_attention", stats, phi_q);
   detail::linear_attention_impl<T>(phi_q, phi_k, v, out, opts, stats);
 }
 

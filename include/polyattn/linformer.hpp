@@ -203,6 +203,7 @@ template <class T>
 void linformer_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
                          detail::matrix_view<T> E, detail::matrix_view<T> F, tensor_view<T, 4> out,
                          const linformer_options& opts, tensor_view<T, 3> stats) {
+  detail::check_stats_given("linformer_attention", stats, q);
   detail::linformer_impl<T>(q, k, v, E, F, out, opts, stats);
 }
 

@@ -41,6 +41,7 @@ void polynomial_attention(detail::input_view<T> q, detail::input_view<T> k, deta
 template <class T>
 void polynomial_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
                           tensor_view<T, 4> out, const polynomial_options& opts, tensor_view<T, 3> stats) {
+  detail::check_stats_given("polynomial_attention", stats, q);
   detail::polynomial_forward<T>(q, k, v, out, opts, stats);
 }
 

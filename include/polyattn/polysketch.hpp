@@ -145,7 +145,7 @@ void polysketch_attention(detail::input_view<T> q, detail::input_view<T> k, deta
                           tensor_view<T, 4> out, const polysketch<T>& sketch, const polysketch_options& opts,
                           tensor_view<T, 3> stats) {
   // an empty view means "no statistics" to the body, but here it was asked for: its shape must fit
-  if (stats.empty()) detail::check_stats_shape("polysketch_attention", stats, q);
+  detail::check_stats_given("polysketch_attention", stats, q);
   detail::polysketch_attention_impl<T>(q, k, v, out, sketch, opts, stats);
 }
 

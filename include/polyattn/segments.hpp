@@ -215,6 +215,7 @@ void softmax_attention(detail::input_view<T> q, detail::segments_in<T> k, detail
 template <class T>
 void softmax_attention(detail::input_view<T> q, detail::segments_in<T> k, detail::segments_in<T> v,
                        tensor_view<T, 4> out, const softmax_options& opts, tensor_view<T, 3> stats) {
+  detail::check_stats_given("softmax_attention", stats, q);
   detail::softmax_segmented<T>("softmax_attention", q, k, v, out, opts, true, stats);
 }
 
@@ -227,6 +228,7 @@ void flash_attention(detail::input_view<T> q, detail::segments_in<T> k, detail::
 template <class T>
 void flash_attention(detail::input_view<T> q, detail::segments_in<T> k, detail::segments_in<T> v, tensor_view<T, 4> out,
                      const softmax_options& opts, tensor_view<T, 3> stats) {
+  detail::check_stats_given("flash_attention", stats, q);
   detail::softmax_segmented<T>("flash_attention", q, k, v, out, opts, false, stats);
 }
 
@@ -239,6 +241,7 @@ void polynomial_attention(detail::input_view<T> q, detail::segments_in<T> k, det
 template <class T>
 void polynomial_attention(detail::input_view<T> q, detail::segments_in<T> k, detail::segments_in<T> v,
                           tensor_view<T, 4> out, const polynomial_options& opts, tensor_view<T, 3> stats) {
+  detail::check_stats_given("polynomial_attention", stats, q);
   detail::polynomial_segmented<T>(q, k, v, out, opts, stats);
 }
 

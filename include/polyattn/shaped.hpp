@@ -389,6 +389,7 @@ void shaped_attention(detail::input_view<T> q, detail::input_view<T> k, detail::
 template <class T>
 void shaped_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v, tensor_view<T, 4> out,
                       const shaped_options& opts, tensor_view<T, 3> stats) {
+  detail::check_stats_given("shaped_attention", stats, q);
   detail::shaped_forward<T>(q, k, v, out, opts, stats);
 }
 

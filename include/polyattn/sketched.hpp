@@ -97,7 +97,7 @@ void sketched_attention(detail::input_view<T> q, detail::input_view<T> k, detail
                         detail::input_view<T> sk, detail::input_view<T> v, tensor_view<T, 4> out,
                         const sketched_options& opts, tensor_view<T, 3> stats) {
   // an empty view means "no statistics" to the body, but here it was asked for: its shape must fit
-  if (stats.empty()) detail::check_stats_shape("sketched_attention", stats, q);
+  detail::check_stats_given("sketched_attention", stats, q);
   detail::sketched_attention_impl<T>(q, k, sq, sk, v, out, opts, stats);
 }
 

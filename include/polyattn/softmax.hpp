@@ -43,6 +43,7 @@ void softmax_attention(detail::input_view<T> q, detail::input_view<T> k, detail:
 template <class T>
 void softmax_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
                        tensor_view<T, 4> out, const softmax_options& opts, tensor_view<T, 3> stats) {
+  detail::check_stats_given("softmax_attention", stats, q);
   detail::softmax_family<T>("softmax_attention", q, k, v, out, opts, std::max<index_t>(k.extent(2), 1), stats);
 }
 

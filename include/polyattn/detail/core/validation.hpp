@@ -164,6 +164,15 @@ void check_stats_shape(const char* function, const tensor_view<TS, 3>& stats, co
                        shape_string(q));
 }
 
+/// A forward overload that writes stats was called. Internally an empty stats view means "not
+/// wanted", so an empty view handed to such an overload is checked here, before it could be
+/// taken for that: it is valid only for an empty [B, H, Nq]. A non-empty one is checked with
+/// the other outputs (check_stats_output).
+template <class TS, class TQ>
+void check_stats_given(const char* function, const tensor_view<TS, 3>& stats, const tensor_view<TQ, 4>& q) {
+  if (stats.empty()) check_stats_shape(function, stats, q);
+}
+
 /// Two outputs of one call must not share memory.
 template <class T, std::size_t R, class U, std::size_t S>
 void check_outputs_disjoint(const char* function, const char* an, const tensor_view<T, R>& a, const char* bn,
