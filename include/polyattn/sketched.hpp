@@ -6,9 +6,10 @@
 #include "detail/core/check_options.hpp"
 #include "detail/core/validation.hpp"
 #include "detail/linear/block_linear.hpp"
+#include "detail/linear/block_linear_backward.hpp"
 #include "detail/linear/linear_problem.hpp"
+#include "detail/linear/sketch_source.hpp"
 #include "options.hpp"
-#include "polysketch.hpp"
 #include "sketch.hpp"
 #include "tensor_view.hpp"
 

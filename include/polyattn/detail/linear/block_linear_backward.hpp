@@ -65,15 +65,6 @@
 
 namespace polyattn::detail {
 
-/// Where a source writes the gradients of raw rows: primary rows and secondary rows.
-template <class T>
-struct grad_rows {
-  T* x = nullptr;
-  index_t ld = 0;
-  T* x2 = nullptr;
-  index_t ld2 = 0;
-};
-
 template <class T>
 struct backward_workspace {
   scan_workspace<T> scan;  // prepared rows, features, local keys transposed (scan.kt)

@@ -71,6 +71,15 @@ struct row_buffers {
   aligned_vector<T> rows, tree;
 };
 
+/// Where a source writes the gradients of raw rows: primary rows and secondary rows.
+template <class T>
+struct grad_rows {
+  T* x = nullptr;
+  index_t ld = 0;
+  T* x2 = nullptr;
+  index_t ld2 = 0;
+};
+
 template <class T>
 inline T* ensure(aligned_vector<T>& v, index_t n) {
   if (static_cast<index_t>(v.size()) < n) v.assign(static_cast<std::size_t>(n), T(0));
