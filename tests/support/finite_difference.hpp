@@ -24,7 +24,6 @@
 #include <cmath>
 #include <cstddef>
 #include <ostream>
-#include <utility>
 
 #include "tensors.hpp"
 
