@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "support/favor_oracle.hpp"
+#include "support/finite_difference.hpp"
 #include "support/oracles.hpp"
 #include "support/tensors.hpp"
 #include "support/throws.hpp"
@@ -238,23 +239,20 @@ TEST_CASE("favor_features + linear_attention: gradients by finite differences (s
     f.backward(q.cview(), pq.cview(), dpq.cview(), dq.view);
     f.backward(k.cview(), pk.cview(), dpk.cview(), dk.view);
     const double eps = 1e-6;
-    for (auto [x, g, name] : {std::tuple<tensor4<double>*, tensor4<double>*, const char*>{&q, &dq, "dq"}, {&k, &dk, "dk"}}) {
-      double mag = 0, worst = 0;
-      for (std::size_t e = 0; e < x->storage.size(); ++e) {
-        const double keep = x->storage[e];
-        x->storage[e] = keep + eps;
-        const double lp = fa.loss(q, k, v, dout);
-        x->storage[e] = keep - eps;
-        const double lm = fa.loss(q, k, v, dout);
-        x->storage[e] = keep;
-        const double fd = (lp - lm) / (2 * eps);
-        mag = std::max(mag, std::abs(fd));
-        worst = std::max(worst, std::abs(fd - g->storage[e]));
-      }
-      INFO(name << ": worst " << worst << " magnitude " << mag);
-      CHECK(mag > 1e-3);
-      CHECK(worst <= 1e-6 * std::max(mag, 1.0));
-    }
+    // each gradient as a whole against its largest |fd|: 1e-6 · max(1, magnitude)
+    const fd_tolerance tol{1e-6, 1e-6};
+    auto loss = [&] { return fa.loss(q, k, v, dout); };
+    auto check = [&](const char* name, tensor4<double>& x, const tensor4<double>& g) {
+      fd_worst w;
+      for_each_central_difference(
+          x.storage.size(), [&](std::size_t e) -> double& { return x.storage[e]; }, eps, loss,
+          [&](double fd, std::size_t e) { w.add(fd, g.storage[e]); });
+      INFO(name << ": worst " << w.error << " magnitude " << w.magnitude);
+      CHECK(w.magnitude > 1e-3);
+      CHECK(w.error <= w.tolerance(tol));
+    };
+    check("dq", q, dq);
+    check("dk", k, dk);
   }
 }
 

@@ -3,6 +3,7 @@
 #include <polyattn/linear.hpp>
 
 #include "support/backward_battery.hpp"
+#include "support/finite_difference.hpp"
 #include "support/linear_battery.hpp"
 #include "support/linear_backward_oracle.hpp"
 #include "support/throws.hpp"
@@ -100,25 +101,12 @@ TEST_CASE("linear_attention_backward against finite differences", "[linear][back
           for (index_t c = 0; c < s.dv; ++c) l += in.dout(0, h, i, c) * f.out(0, h, i, c);
       return l;
     };
-    auto check = [&](const char* name, tensor4<double>& x, const tensor4<double>& grad) {
-      for (index_t h = 0; h < x.view.extent(1); ++h)
-        for (index_t n = 0; n < x.view.extent(2); ++n)
-          for (index_t c = 0; c < x.view.extent(3); ++c) {
-            const double x0 = x(0, h, n, c), eps = 1e-6;
-            x(0, h, n, c) = x0 + eps;
-            const double lp = loss();
-            x(0, h, n, c) = x0 - eps;
-            const double lm = loss();
-            x(0, h, n, c) = x0;
-            const double fd = (lp - lm) / (2 * eps);
-            INFO("causal=" << causal << " " << name << "(" << h << ", " << n << ", " << c << "): analytic "
-                           << grad(0, h, n, c) << " fd " << fd);
-            CHECK(std::abs(fd - grad(0, h, n, c)) <= 1e-6 * std::max(1.0, std::abs(fd)));
-          }
-    };
-    check("phi_q", in.pq, in.dpq);
-    check("phi_k", in.pk, in.dpk);
-    check("v", in.v, in.dv);
+    INFO("causal=" << causal);
+    const double eps = 1e-6;
+    const fd_tolerance tol{1e-6, 1e-6};  // 1e-6 · max(1, |fd|)
+    check_central_differences("phi_q", in.pq, in.dpq, eps, loss, tol);
+    check_central_differences("phi_k", in.pk, in.dpk, eps, loss, tol);
+    check_central_differences("v", in.v, in.dv, eps, loss, tol);
   }
 }
 

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <vector>
 
+#include "support/finite_difference.hpp"
 #include "support/linformer_oracle.hpp"
 #include "support/tensors.hpp"
 #include "support/throws.hpp"
@@ -160,24 +161,16 @@ TEST_CASE("linformer_attention_backward: every gradient by finite differences (G
   // finite differences over every element of every input (~1000 small calls: one thread each)
   linformer_options o1 = o;
   o1.threads = 1;
+  const double eps = 1e-6;
+  // each gradient as a whole against its largest |fd|: 1e-7 · max(1, magnitude)
+  const fd_tolerance tol{1e-7, 1e-7};
+  auto loss = [&] { return lf_loss(c, dout, o1); };
   auto check = [&](const char* name, auto&& element, auto&& grad, std::size_t count) {
-    const double eps = 1e-6;
-    double worst = 0, mag = 0;
-    for (std::size_t e = 0; e < count; ++e) {
-      double& x = element(e);
-      const double keep = x;
-      x = keep + eps;
-      const double lp = lf_loss(c, dout, o1);
-      x = keep - eps;
-      const double lm = lf_loss(c, dout, o1);
-      x = keep;
-      const double fd = (lp - lm) / (2 * eps);
-      mag = std::max(mag, std::abs(fd));
-      worst = std::max(worst, std::abs(fd - grad(e)));
-    }
-    INFO(name << ": worst " << worst << " magnitude " << mag);
-    CHECK(mag > 1e-3);
-    CHECK(worst <= 1e-7 * std::max(mag, 1.0));
+    fd_worst w;
+    for_each_central_difference(count, element, eps, loss, [&](double fd, std::size_t e) { w.add(fd, grad(e)); });
+    INFO(name << ": worst " << w.error << " magnitude " << w.magnitude);
+    CHECK(w.magnitude > 1e-3);
+    CHECK(w.error <= w.tolerance(tol));
   };
   check("dq", [&](std::size_t e) -> double& { return c.q.storage[e]; },
         [&](std::size_t e) {  // q is stored [B, N, H, d] (bnhd); dq is contiguous [B, H, N, d]

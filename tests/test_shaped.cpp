@@ -3,6 +3,7 @@
 // blocked running sums at N = 32768, thread invariance, the coefficient edge cases, empty
 // problems and every validation rule.
 #include "support/backward_battery.hpp"
+#include "support/finite_difference.hpp"
 #include "support/shaped_oracle.hpp"
 #include "support/throws.hpp"
 
@@ -382,25 +383,10 @@ TEST_CASE("shaped_attention_backward agrees with finite differences", "[shaped][
           return l;
         };
         const double eps = 1e-5;
-        auto check_tensor = [&](const char* name, tensor4<double>& x, const tensor4<double>& grad) {
-          for (index_t b = 0; b < x.view.extent(0); ++b)
-            for (index_t h = 0; h < x.view.extent(1); ++h)
-              for (index_t n = 0; n < x.view.extent(2); ++n)
-                for (index_t col = 0; col < x.view.extent(3); ++col) {
-                  const double x0 = x(b, h, n, col);
-                  x(b, h, n, col) = x0 + eps;
-                  const double lp = loss();
-                  x(b, h, n, col) = x0 - eps;
-                  const double lm = loss();
-                  x(b, h, n, col) = x0;
-                  const double fd = (lp - lm) / (2 * eps), an = grad(b, h, n, col);
-                  INFO(name << "(" << b << ", " << h << ", " << n << ", " << col << "): analytic " << an << ", fd " << fd);
-                  CHECK(std::abs(fd - an) <= 1e-6 * std::max(1.0, std::abs(fd)));
-                }
-        };
-        check_tensor("q", r.q, r.dq);
-        check_tensor("k", r.k, r.dk);
-        check_tensor("v", r.v, r.dv);
+        const fd_tolerance tol{1e-6, 1e-6};  // 1e-6 · max(1, |fd|)
+        check_central_differences("q", r.q, r.dq, eps, loss, tol);
+        check_central_differences("k", r.k, r.dk, eps, loss, tol);
+        check_central_differences("v", r.v, r.dv, eps, loss, tol);
       }
 }
 

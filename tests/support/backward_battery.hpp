@@ -10,6 +10,7 @@
 
 #include "backward_oracles.hpp"
 #include "exact_battery.hpp"
+#include "finite_difference.hpp"
 
 namespace polyattn::test {
 
@@ -196,8 +197,9 @@ void check_backward_against_oracle(const attention_shape& s, const exact_case_op
   }
 }
 
-/// Central finite differences of L = Σ dout ∘ out (the double oracle's forward) against the
-/// kernel's double gradients, for every element of q, k and v of a tiny problem.
+/// Central finite differences (h = 1e-5) of L = Σ dout ∘ out (the double oracle's forward) against
+/// the kernel's double gradients, for every element of q, k and v of a tiny problem; each within
+/// 1e-6 · max(1, |fd|).
 template <class Kernel>
 void check_finite_differences(const attention_shape& s, const exact_case_options& o) {
   INFO(Kernel::name << " " << s.str() << " causal=" << o.causal << " degree=" << o.degree);
@@ -214,25 +216,10 @@ void check_finite_differences(const attention_shape& s, const exact_case_options
     return l;
   };
   const double eps = 1e-5;
-  auto check_tensor = [&](const char* name, tensor4<double>& x, const tensor4<double>& grad) {
-    for (index_t b = 0; b < x.view.extent(0); ++b)
-      for (index_t h = 0; h < x.view.extent(1); ++h)
-        for (index_t n = 0; n < x.view.extent(2); ++n)
-          for (index_t c = 0; c < x.view.extent(3); ++c) {
-            const double x0 = x(b, h, n, c);
-            x(b, h, n, c) = x0 + eps;
-            const double lp = loss();
-            x(b, h, n, c) = x0 - eps;
-            const double lm = loss();
-            x(b, h, n, c) = x0;
-            const double fd = (lp - lm) / (2 * eps), an = grad(b, h, n, c);
-            INFO(name << "(" << b << ", " << h << ", " << n << ", " << c << "): analytic " << an << ", fd " << fd);
-            CHECK(std::abs(fd - an) <= 1e-6 * std::max(1.0, std::abs(fd)));
-          }
-  };
-  check_tensor("q", in.q, in.dq);
-  check_tensor("k", in.k, in.dk);
-  check_tensor("v", in.v, in.dv);
+  const fd_tolerance tol{1e-6, 1e-6};
+  check_central_differences("q", in.q, in.dq, eps, loss, tol);
+  check_central_differences("k", in.k, in.dk, eps, loss, tol);
+  check_central_differences("v", in.v, in.dv, eps, loss, tol);
 }
 
 /// Same gradient bits for threads = 1, 2, 3.
