@@ -50,8 +50,8 @@ TEST_CASE("flash_attention agrees with softmax_attention", "[flash]") {
   const attention_shape s{1, 2, 1, 257, 257, 64, 64, false};
   attention_inputs<float> in(s, 42);
   tensor4<float> ref(s.batch, s.heads, s.nq, s.dv);
-  flash_attention<float>(in.q.view, in.k.view, in.v.view, in.out.view, {true});
-  softmax_attention<float>(in.q.view, in.k.view, in.v.view, ref.view, {true});
+  flash_attention<float>(in.q.view, in.k.view, in.v.view, in.out.view, {{true}});
+  softmax_attention<float>(in.q.view, in.k.view, in.v.view, ref.view, {{true}});
   const double m = max_abs_of<float>(in.v.cview());
   for (std::size_t i = 0; i < ref.storage.size(); ++i) REQUIRE(std::abs(ref.storage[i] - in.out.storage[i]) <= 1e-5 * m);
 }

@@ -58,8 +58,8 @@ TEST_CASE("softmax_attention writes the same stats as flash_attention", "[flash]
   attention_inputs<float> in(s, 6);
   tensor4<float> out2(s.batch, s.heads, s.nq, s.dv);
   tensor3<float> a(s.batch, s.heads, s.nq), b(s.batch, s.heads, s.nq);
-  flash_attention<float>(in.q.view, in.k.view, in.v.view, in.out.view, {true}, a.view);
-  softmax_attention<float>(in.q.view, in.k.view, in.v.view, out2.view, {true}, b.view);
+  flash_attention<float>(in.q.view, in.k.view, in.v.view, in.out.view, {{true}}, a.view);
+  softmax_attention<float>(in.q.view, in.k.view, in.v.view, out2.view, {{true}}, b.view);
   for (std::size_t i = 0; i < a.storage.size(); ++i) REQUIRE(std::abs(a.storage[i] - b.storage[i]) <= 1e-5f * (1 + std::abs(a.storage[i])));
 }
 
@@ -68,8 +68,8 @@ TEST_CASE("flash_attention with stats writes the same out as without", "[flash][
   attention_inputs<float> in(s, 8);
   tensor4<float> out2(s.batch, s.heads, s.nq, s.dv);
   tensor3<float> st(1, 1, 77);
-  flash_attention<float>(in.q.view, in.k.view, in.v.view, in.out.view, {true});
-  flash_attention<float>(in.q.view, in.k.view, in.v.view, out2.view, {true}, st.view);
+  flash_attention<float>(in.q.view, in.k.view, in.v.view, in.out.view, {{true}});
+  flash_attention<float>(in.q.view, in.k.view, in.v.view, out2.view, {{true}}, st.view);
   CHECK(bitwise_equal<float>(in.out.cview(), out2.cview()));
 }
 
