@@ -33,8 +33,8 @@ void check_linear(const linear_shape& s, bool causal, double bias, index_t block
     linear_attention<T>(in.pq.view, in.pk.view, in.v.view, in.out.view, o);
   } else {  // the engine with another block size: the result must not depend on it
     const detail::block_problem pb{s.batch, s.heads, s.kv_heads, s.nq, s.nk, s.dv, block, causal, 2};
-    detail::run_block_linear<T>(pb, detail::view_feature_source<T>{s.m}, in.pq.view, in.pk.view, in.v.view,
-                                in.out.view, T(bias));
+    detail::run_block_linear<T>(plain_problem<T>(pb, in.pq.view, in.pk.view, in.v.view, in.out.view, T(bias)),
+                                detail::view_feature_source<T>{s.m});
   }
   const dense_result exact = linear_oracle<T>(in.pq.view, in.pk.view, in.v.view, causal, bias);
   const error_summary e = compare<T>(in.out.cview(), exact);

@@ -29,8 +29,10 @@ void run_in_pieces(const Source& src, index_t block, const std::vector<index_t>&
   index_t at = 0;
   for (index_t n : cuts) {
     const detail::block_problem pb{B, H, Hk, n, n, dv, block, true, threads};
-    detail::run_block_linear<T>(pb, src, rows_of(q, at, n), rows_of(k, at, n), rows_of(v, at, n),
-                                rows_of(out, at, n), bias, states.data());
+    detail::run_block_linear<T>(
+        plain_problem<T>(pb, rows_of(q, at, n), rows_of(k, at, n), rows_of(v, at, n), rows_of(out, at, n), bias,
+                         states.data()),
+        src);
     at += n;
     for (const auto& st : states) REQUIRE(st.position == at);
   }
@@ -122,11 +124,13 @@ TEST_CASE("linear state: queries may be the last few of the new keys", "[linear]
   // 150 keys with queries only for the last 10 of them, then the remaining 50 with all queries
   tensor4<double> out(1, 2, 200, 4);
   const detail::block_problem first{1, 2, 1, 10, 150, 4, 16, true, 2};
-  detail::run_block_linear<double>(first, src, rows_of(pq.cview(), 140, 10), rows_of(pk.cview(), 0, 150),
-                                   rows_of(v.cview(), 0, 150), rows_of(out.view, 140, 10), 1.0, &st);
+  detail::run_block_linear<double>(plain_problem<double>(first, rows_of(pq.cview(), 140, 10), rows_of(pk.cview(), 0, 150),
+                                                         rows_of(v.cview(), 0, 150), rows_of(out.view, 140, 10), 1.0, &st),
+                                   src);
   const detail::block_problem second{1, 2, 1, 50, 50, 4, 16, true, 2};
-  detail::run_block_linear<double>(second, src, rows_of(pq.cview(), 150, 50), rows_of(pk.cview(), 150, 50),
-                                   rows_of(v.cview(), 150, 50), rows_of(out.view, 150, 50), 1.0, &st);
+  detail::run_block_linear<double>(plain_problem<double>(second, rows_of(pq.cview(), 150, 50), rows_of(pk.cview(), 150, 50),
+                                                         rows_of(v.cview(), 150, 50), rows_of(out.view, 150, 50), 1.0, &st),
+                                   src);
   for (index_t h = 0; h < 2; ++h)
     for (index_t i = 140; i < 200; ++i)
       for (index_t c = 0; c < 4; ++c) CHECK(std::abs(out(0, h, i, c) - exact(0, h, i, c)) < 1e-12);

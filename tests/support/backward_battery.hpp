@@ -78,11 +78,15 @@ struct with_schedule : Kernel {
   static void backward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
                        tensor_view<const T, 4> out, tensor_view<const T, 4> dout, tensor_view<const T, 3> stats,
                        tensor_view<T, 4> dq, tensor_view<T, 4> dk, tensor_view<T, 4> dv, const exact_case_options& o) {
-    detail::attention_backward_problem<T> pb{q,  k,  v,  out, dout, stats, dq, dk, dv, o.causal,
-                                             static_cast<T>(Kernel::effective_scale(o, q.extent(3))),
-                                             o.threads, S,
-                                             detail::mask_band{o.window_left, o.window_right, o.global.data(),
-                                                               static_cast<index_t>(o.global.size())}};
+    detail::attention_inputs<T> in;
+    in.q = q;
+    in.k = k;
+    in.v = v;
+    in.causal = o.causal;
+    in.scale = static_cast<T>(Kernel::effective_scale(o, q.extent(3)));
+    in.threads = o.threads;
+    in.band = detail::mask_band{o.window_left, o.window_right, o.global.data(), static_cast<index_t>(o.global.size())};
+    const detail::attention_backward_problem<T> pb(in, out, dout, stats, dq, dk, dv, S);
     if constexpr (Kernel::polynomial)
       detail::run_tiled_attention_backward<T>(pb, detail::polynomial_weights<T>{o.degree, static_cast<T>(o.normalizer_bias)});
     else

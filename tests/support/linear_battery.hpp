@@ -53,4 +53,21 @@ double weighted_average_tolerance(double magnitude, index_t terms) {
   return average_tolerance<T>(magnitude, 64.0 + 4.0 * std::sqrt(double(terms)));
 }
 
+/// The engine's forward problem of a plain call: sizes, raw rows q, k, v, out, β and optionally
+/// the states to start from (no statistics, no secondary rows, its own workspace).
+template <class T>
+detail::linear_problem<T> plain_problem(const detail::block_problem& sizes, tensor_view<const T, 4> q,
+                                        tensor_view<const T, 4> k, tensor_view<const T, 4> v, tensor_view<T, 4> out,
+                                        T bias, detail::linear_state<T>* states = nullptr) {
+  detail::linear_problem<T> p;
+  p.sizes = sizes;
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.out = out;
+  p.bias = bias;
+  p.states = states;
+  return p;
+}
+
 }  // namespace polyattn::test

@@ -67,15 +67,6 @@ struct attention_backward_problem : attention_inputs<T> {
                              backward_schedule order = kDefaultBackwardSchedule)
       : attention_inputs<T>(in), out(forward_out), dout(loss_grad), stats(forward_stats), dq(grad_q), dk(grad_k),
         dv(grad_v), schedule(order) {}
-  /// Every field in one list, q to dv first (the order tests/support/backward_battery.hpp uses).
-  attention_backward_problem(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
-                             tensor_view<const T, 4> forward_out, tensor_view<const T, 4> loss_grad,
-                             tensor_view<const T, 3> forward_stats, tensor_view<T, 4> grad_q, tensor_view<T, 4> grad_k,
-                             tensor_view<T, 4> grad_v, bool causal, T scale, int threads,
-                             backward_schedule order = kDefaultBackwardSchedule, mask_band band = {},
-                             const kv_parts<T>* segments = nullptr)
-      : attention_backward_problem(attention_inputs<T>{q, k, v, causal, scale, threads, band, segments}, forward_out,
-                                   loss_grad, forward_stats, grad_q, grad_k, grad_v, order) {}
 };
 
 template <class T>

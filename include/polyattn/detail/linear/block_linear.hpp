@@ -525,21 +525,4 @@ void run_block_linear(const linear_problem<T>& p, const Source& src) {
     run_noncausal(sc, totals, wsp.workers, workers, wsp.grand);
 }
 
-/// run_block_linear on the sizes and views of a plain call (out, β and optionally the states;
-/// no statistics, no secondary rows), as the engine's tests call it.
-template <class T, class Source, class Arch = default_arch>
-void run_block_linear(const block_problem& sizes, const Source& src, tensor_view<const T, 4> q,
-                      tensor_view<const T, 4> k, tensor_view<const T, 4> v, tensor_view<T, 4> out, T bias,
-                      linear_state<T>* states = nullptr) {
-  linear_problem<T> p;
-  p.sizes = sizes;
-  p.q = q;
-  p.k = k;
-  p.v = v;
-  p.out = out;
-  p.bias = bias;
-  p.states = states;
-  run_block_linear<T, Source, Arch>(p, src);
-}
-
 }  // namespace polyattn::detail
