@@ -1,18 +1,36 @@
 // tests/warnings/all_entry_points.cpp — every public entry point of polyattn, instantiated for
-// float and double in one translation unit. tests/CMakeLists.txt (header_warnings_*) compiles it
-// with a user's strict warning flags and -Werror, polyattn's include directory as a plain -I and
-// Eigen / xsimd as system headers: a warning located in a polyattn header fails the build.
-// Templates are only checked when instantiated, hence one call of each function. The program also
-// runs every call on tiny valid inputs (a smoke test): it returns 1 if any output is not finite.
+// float and double in one translation unit, run causal and not on deterministic inputs.
+//
+// Two uses. (1) tests/CMakeLists.txt (header_warnings_*) compiles it with a user's strict warning
+// flags and -Werror, polyattn's include directory as a plain -I and Eigen / xsimd as system
+// headers: a warning located in a polyattn header fails the build (templates are only checked
+// when instantiated, hence one call of each function); the program then runs every call on tiny
+// inputs and returns 1 if any output is not finite. (2) With `--fingerprint` it runs the same
+// calls on sizes that cross the tile, block and thread-range boundaries and prints an FNV-1a hash
+// of the bits of every output: a refactoring guard. Build it from two commits with the same
+// flags on one machine; a restructuring that claims no numeric change must print the same
+// lines (docs/design.md §3). The hashes depend on ISA and compiler, so that use is a command,
+// not a ctest:
+//   g++ -std=c++17 -O2 -march=native -fopenmp -Iinclude -isystem /usr/include/eigen3
+//       tests/warnings/all_entry_points.cpp -o fp && ./fp --fingerprint > after.txt
 #include <polyattn/polyattn.hpp>
 
 #include <array>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <vector>
 
 namespace {
+
+double uniform(std::size_t x) {
+  x ^= x >> 29;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 32;
+  return static_cast<double>(x % 1000003) / 1000003.0;
+}
 
 using polyattn::index_t;
 using polyattn::matrix;
@@ -29,7 +47,7 @@ struct tensor {
     for (index_t e : s) n *= static_cast<std::size_t>(e);
     data.resize(n);
     for (std::size_t i = 0; i < n; ++i)
-      data[i] = static_cast<T>(0.05 * static_cast<double>((i * 7 + salt * 13) % 17) - 0.4);
+      data[i] = static_cast<T>(0.9 * uniform(i * 2654435761u + salt * 40503u) - 0.45);
   }
   tensor_view<T, Rank> view() { return tensor_view<T, Rank>(data.data(), shape); }
   tensor_view<const T, Rank> cview() const { return tensor_view<const T, Rank>(data.data(), shape); }
@@ -40,11 +58,13 @@ matrix<T> small_matrix(index_t rows, index_t cols, unsigned salt) {
   matrix<T> m(rows, cols);
   for (index_t i = 0; i < rows; ++i)
     for (index_t j = 0; j < cols; ++j)
-      m(i, j) = static_cast<T>(0.04 * static_cast<double>((i * 5 + j * 3 + salt) % 19) - 0.3);
+      m(i, j) = static_cast<T>(0.9 * uniform(static_cast<std::size_t>(i * 7919 + j) * 2654435761u + salt * 40503u) - 0.45);
   return m;
 }
 
+/// Checks that every output is finite; with `print`, also prints an FNV-1a hash of its bits.
 struct checker {
+  bool print = false;
   int bad = 0;
   template <class T>
   void finite(const char* what, const T* p, std::size_t n) {
@@ -52,8 +72,14 @@ struct checker {
       if (!std::isfinite(p[i])) {
         std::printf("non-finite value in %s at %zu\n", what, i);
         ++bad;
-        return;
+        break;
       }
+    if (!print) return;
+    std::uint64_t h = 1469598103934665603ull;
+    const auto* bytes = reinterpret_cast<const unsigned char*>(p);
+    for (std::size_t i = 0; i < n * sizeof(T); ++i) h = (h ^ bytes[i]) * 1099511628211ull;
+    std::printf("%-48s %s n=%zu %016llx\n", what, sizeof(T) == 4 ? "float " : "double", n,
+                static_cast<unsigned long long>(h));
   }
   template <class T, std::size_t R>
   void finite(const char* what, const tensor<T, R>& t) { finite(what, t.data.data(), t.data.size()); }
@@ -63,86 +89,139 @@ struct checker {
   void finite(const char* what, const std::vector<T>& v) { finite(what, v.data(), v.size()); }
 };
 
+/// The problem sizes of one run: tiny for the strict-warnings smoke test, larger for the
+/// fingerprint (lengths across tiles, blocks and the linear scan's thread ranges).
+struct sizes {
+  index_t n, d, dv, r, block, kp, features, split, half, window_left, window_right;
+  std::vector<index_t> global;
+};
+
+const sizes kSmoke{8, 4, 3, 4, 4, 4, 6, 3, 2, 2, 1, {0}};
+// prefill 318, 4 steps, append 318: 640 tokens, whole blocks of 64
+const sizes kFingerprint{601, 37, 29, 8, 64, 40, 40, 200, 318, 70, 30, {0, 5, 300}};
+
 template <class T>
-void exact_kernels(checker& ck) {
+void exact_kernels(checker& ck, const sizes& z, bool causal) {
   using namespace polyattn;
-  const index_t B = 1, H = 2, Hk = 1, N = 8, d = 4, dv = 3;
+  const index_t B = 1, H = 4, Hk = 2, N = z.n, d = z.d, dv = z.dv;
   tensor<T> q({B, H, N, d}, 1), k({B, Hk, N, d}, 2), v({B, Hk, N, dv}, 3), out({B, H, N, dv}, 0);
   tensor<T> dout({B, H, N, dv}, 4), dq({B, H, N, d}, 0), dk({B, Hk, N, d}, 0), dv_({B, Hk, N, dv}, 0);
   tensor<T, 3> stats({B, H, N}, 0);
 
   softmax_options so;
-  so.causal = true;
+  so.causal = causal;
   softmax_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), so);
+  ck.finite("softmax_attention out", out);
   softmax_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), so, stats.view());
-  ck.finite("softmax_attention", out);
+  ck.finite("softmax_attention out", out);
+  ck.finite("softmax_attention stats", stats);
   flash_attention<T>(q.cview(), k.cview(), v.cview(), out.view());
+  ck.finite("flash_attention out", out);
   softmax_options windowed = so;
-  windowed.window_left = 2;
-  windowed.window_right = 1;
-  windowed.global_positions = {0};
+  windowed.window_left = z.window_left;
+  windowed.window_right = z.window_right;
+  windowed.global_positions = z.global;
   flash_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), windowed, stats.view());
+  ck.finite("flash_attention out", out);
+  ck.finite("flash_attention stats", stats);
   flash_attention_backward<T>(q.cview(), k.cview(), v.cview(), out.cview(), dout.cview(), stats.cview(), dq.view(),
                               dk.view(), dv_.view(), windowed);
+  ck.finite("flash_attention_backward dv", dv_);
   ck.finite("flash_attention_backward dq", dq);
   ck.finite("flash_attention_backward dk", dk);
 
   polynomial_options po;
-  po.causal = true;
+  po.causal = causal;
   polynomial_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), po);
+  ck.finite("polynomial_attention out", out);
   polynomial_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), po, stats.view());
+  ck.finite("polynomial_attention out", out);
+  ck.finite("polynomial_attention stats", stats);
   polynomial_attention_backward<T>(q.cview(), k.cview(), v.cview(), out.cview(), dout.cview(), stats.cview(),
                                    dq.view(), dk.view(), dv_.view(), po);
+  ck.finite("polynomial_attention_backward dq", dq);
+  ck.finite("polynomial_attention_backward dk", dk);
   ck.finite("polynomial_attention_backward dv", dv_);
 
   shaped_options sh;
+  sh.causal = causal;
   shaped_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), sh);
+  ck.finite("shaped_attention out", out);
   shaped_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), sh, stats.view());
+  ck.finite("shaped_attention out", out);
+  ck.finite("shaped_attention stats", stats);
   shaped_attention_backward<T>(q.cview(), k.cview(), v.cview(), out.cview(), dout.cview(), stats.cview(), dq.view(),
                                dk.view(), dv_.view(), sh);
+  ck.finite("shaped_attention_backward dk", dk);
+  ck.finite("shaped_attention_backward dv", dv_);
   ck.finite("shaped_attention_backward dq", dq);
 
-  // segmented keys and values: [k0 | k1] of lengths 3 and 5
-  tensor<T> k0({B, Hk, 3, d}, 5), k1({B, Hk, 5, d}, 6), v0({B, Hk, 3, dv}, 7), v1({B, Hk, 5, dv}, 8);
-  tensor<T> dk0({B, Hk, 3, d}, 0), dk1({B, Hk, 5, d}, 0), dv0({B, Hk, 3, dv}, 0), dv1({B, Hk, 5, dv}, 0);
+  // segmented keys and values: [k0 | k1] of lengths split and N - split
+  const index_t split = z.split;
+  tensor<T> k0({B, Hk, split, d}, 5), k1({B, Hk, N - split, d}, 6), v0({B, Hk, split, dv}, 7), v1({B, Hk, N - split, dv}, 8);
+  tensor<T> dk0({B, Hk, split, d}, 0), dk1({B, Hk, N - split, d}, 0), dv0({B, Hk, split, dv}, 0), dv1({B, Hk, N - split, dv}, 0);
   const segmented_view<const T> ks{k0.cview(), k1.cview()}, vs{v0.cview(), v1.cview()};
   const segmented_view<T> dks{dk0.view(), dk1.view()}, dvs{dv0.view(), dv1.view()};
   softmax_attention<T>(q.cview(), ks, vs, out.view(), so);
+  ck.finite("softmax_attention out", out);
   softmax_attention<T>(q.cview(), ks, vs, out.view(), so, stats.view());
+  ck.finite("softmax_attention out", out);
+  ck.finite("softmax_attention stats", stats);
   flash_attention<T>(q.cview(), ks, vs, out.view(), so);
+  ck.finite("flash_attention out", out);
   flash_attention<T>(q.cview(), ks, vs, out.view(), so, stats.view());
+  ck.finite("flash_attention out", out);
+  ck.finite("flash_attention stats", stats);
   flash_attention_backward<T>(q.cview(), ks, vs, out.cview(), dout.cview(), stats.cview(), dq.view(), dks, dvs, so);
-  ck.finite("segmented flash backward dk1", dk1);
+  ck.finite("flash_attention_backward dq", dq);
+  ck.finite("flash_attention_backward dk0", dk0);
+  ck.finite("flash_attention_backward dk1", dk1);
+  ck.finite("flash_attention_backward dv1", dv1);
+  ck.finite("flash_attention_backward dv0", dv0);
   polynomial_attention<T>(q.cview(), ks, vs, out.view(), po);
+  ck.finite("polynomial_attention out", out);
   polynomial_attention<T>(q.cview(), ks, vs, out.view(), po, stats.view());
+  ck.finite("polynomial_attention out", out);
+  ck.finite("polynomial_attention stats", stats);
   polynomial_attention_backward<T>(q.cview(), ks, vs, out.cview(), dout.cview(), stats.cview(), dq.view(), dks, dvs,
                                    po);
-  ck.finite("segmented polynomial backward dv0", dv0);
+  ck.finite("polynomial_attention_backward dq", dq);
+  ck.finite("polynomial_attention_backward dk0", dk0);
+  ck.finite("polynomial_attention_backward dk1", dk1);
+  ck.finite("polynomial_attention_backward dv1", dv1);
+  ck.finite("polynomial_attention_backward dv0", dv0);
 
   // Linformer: E, F [kp, Nk]
-  const index_t kp = 4;
+  const index_t kp = z.kp;
   tensor<T, 2> E({kp, N}, 9), F({kp, N}, 10), dE({kp, N}, 0), dF({kp, N}, 0);
   linformer_options lo;
   linformer_attention<T>(q.cview(), k.cview(), v.cview(), E.cview(), F.cview(), out.view(), lo);
+  ck.finite("linformer_attention out", out);
   linformer_attention<T>(q.cview(), k.cview(), v.cview(), E.cview(), F.cview(), out.view(), lo, stats.view());
+  ck.finite("linformer_attention out", out);
+  ck.finite("linformer_attention stats", stats);
   linformer_attention_backward<T>(q.cview(), k.cview(), v.cview(), E.cview(), F.cview(), out.cview(), dout.cview(),
                                   stats.cview(), dq.view(), dk.view(), dv_.view(), dE.view(), dF.view(), lo);
+  ck.finite("linformer_attention_backward dq", dq);
+  ck.finite("linformer_attention_backward dk", dk);
+  ck.finite("linformer_attention_backward dv", dv_);
+  ck.finite("linformer_attention_backward dF", dF);
   ck.finite("linformer_attention_backward dE", dE);
 
   // compress_memory
-  tensor<T> x({B, H, N, d}, 11), cx({B, H, 3, d}, 0), dcx({B, H, 3, d}, 12), dx({B, H, N, d}, 0);
+  tensor<T> x({B, H, N, d}, 11), cx({B, H, (N + 2) / 3, d}, 0), dcx({B, H, (N + 2) / 3, d}, 12), dx({B, H, N, d}, 0);
   for (pooling mode : {pooling::mean, pooling::max}) {
     compress_memory<T>(x.cview(), 3, mode, cx.view());
+    ck.finite("compress_memory cx", cx);
     compress_memory_backward<T>(x.cview(), 3, mode, dcx.cview(), dx.view());
+    ck.finite("compress_memory_backward dx", dx);
   }
-  ck.finite("compress_memory", cx);
-  ck.finite("compress_memory_backward", dx);
 
   // the framework layout [batch, seq, heads, dim]
   std::vector<T> bnhd(static_cast<std::size_t>(B * N * H * d), T(0.1));
   const tensor_view<T, 4> qb = view_bnhd(bnhd.data(), B, N, H, d);
   flash_attention<T>(qb, k.cview(), v.cview(), out.view());
-  ck.finite("flash_attention on view_bnhd", out);
+  ck.finite("flash_attention out", out);
 
   // single-head Eigen overloads
   const matrix<T> mq = small_matrix<T>(N, d, 1), mk = small_matrix<T>(N, d, 2), mv = small_matrix<T>(N, dv, 3);
@@ -158,30 +237,37 @@ void exact_kernels(checker& ck) {
 }
 
 template <class T>
-void linear_kernels(checker& ck) {
+void linear_kernels(checker& ck, const sizes& z, bool causal) {
   using namespace polyattn;
-  const index_t B = 1, H = 2, Hk = 1, N = 8, d = 4, dv = 3, r = 4;
+  const index_t B = 1, H = 2, Hk = 1, N = z.n, d = z.d, dv = z.dv, r = z.r;
   tensor<T> q({B, H, N, d}, 1), k({B, Hk, N, d}, 2), v({B, Hk, N, dv}, 3), out({B, H, N, dv}, 0);
   tensor<T> dout({B, H, N, dv}, 4), dq({B, H, N, d}, 0), dk({B, Hk, N, d}, 0), dv_({B, Hk, N, dv}, 0);
   tensor<T, 3> stats({B, H, N}, 0);
 
   // Performer features: FAVOR+ through linear_attention
   favor_options fo;
-  fo.features = 6;
+  fo.features = z.features;
   const favor_features<T> favor(d, fo);
   const index_t m = favor.feature_dim();
   tensor<T> phq({B, H, N, m}, 0), phk({B, Hk, N, m}, 0), dphq({B, H, N, m}, 0), dphk({B, Hk, N, m}, 0);
   favor.queries(q.cview(), phq.view());
+  ck.finite("favor_features::queries phq", phq);
   favor.keys(k.cview(), phk.view());
+  ck.finite("favor_features::keys phk", phk);
   linear_options lo;
-  lo.causal = true;
+  lo.causal = causal;
   linear_attention<T>(phq.cview(), phk.cview(), v.cview(), out.view(), lo);
+  ck.finite("linear_attention out", out);
   linear_attention<T>(phq.cview(), phk.cview(), v.cview(), out.view(), lo, stats.view());
+  ck.finite("linear_attention out", out);
+  ck.finite("linear_attention stats", stats);
   linear_attention_backward<T>(phq.cview(), phk.cview(), v.cview(), out.cview(), dout.cview(), stats.cview(),
                                dphq.view(), dphk.view(), dv_.view(), lo);
+  ck.finite("linear_attention_backward dv", dv_);
+  ck.finite("linear_attention_backward dphq", dphq);
+  ck.finite("linear_attention_backward dphk", dphk);
   favor.backward(q.cview(), phq.cview(), dphq.cview(), dq.view());
-  ck.finite("linear_attention_backward dphi_k", dphk);
-  ck.finite("favor_features::backward", dq);
+  ck.finite("favor_features::backward dq", dq);
   const matrix<T> mq = small_matrix<T>(N, d, 1), mk = small_matrix<T>(N, d, 2), mv = small_matrix<T>(N, dv, 3);
   const matrix<T> fq = favor.queries(mq), fk = favor.keys(mk);
   ck.finite("linear_attention (Eigen)", linear_attention(fq, fk, mv, lo));
@@ -203,16 +289,21 @@ void linear_kernels(checker& ck) {
   ck.finite("polysketch::features (Eigen)", sketch.features(mq));
   tensor<T> phi({B, H, N, sketch.feature_dim()}, 0);
   sketch.features(q.cview(), phi.view());
-  ck.finite("polysketch::features", phi);
+  ck.finite("polysketch::features phi", phi);
 
   polysketch_options pso;
-  pso.causal = true;
-  pso.block_size = 4;
+  pso.causal = causal;
+  pso.block_size = z.block;
   pso.local_exact = true;
   polysketch_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), sketch, pso);
+  ck.finite("polysketch_attention out", out);
   polysketch_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), sketch, pso, stats.view());
+  ck.finite("polysketch_attention out", out);
+  ck.finite("polysketch_attention stats", stats);
   polysketch_attention_backward<T>(q.cview(), k.cview(), v.cview(), out.cview(), dout.cview(), stats.cview(),
                                    dq.view(), dk.view(), dv_.view(), sketch, pso, &leaf_grads);
+  ck.finite("polysketch_attention_backward dq", dq);
+  ck.finite("polysketch_attention_backward dv", dv_);
   ck.finite("polysketch_attention_backward dk", dk);
   for (const matrix<T>& g : leaf_grads) ck.finite("polysketch_attention_backward leaf grads", g);
   ck.finite("polysketch_attention (Eigen)", polysketch_attention(mq, mk, mv, sketch, pso));
@@ -220,28 +311,41 @@ void linear_kernels(checker& ck) {
   // caller-supplied sketches
   tensor<T> sq({B, H, N, r}, 5), sk({B, Hk, N, r}, 6), dsq({B, H, N, r}, 0), dsk({B, Hk, N, r}, 0);
   sketched_options sdo;
-  sdo.causal = true;
-  sdo.block_size = 4;
+  sdo.causal = causal;
+  sdo.block_size = z.block;
   sdo.local_exact = true;
   sketched_attention<T>(q.cview(), k.cview(), sq.cview(), sk.cview(), v.cview(), out.view(), sdo);
+  ck.finite("sketched_attention out", out);
   sketched_attention<T>(q.cview(), k.cview(), sq.cview(), sk.cview(), v.cview(), out.view(), sdo, stats.view());
+  ck.finite("sketched_attention out", out);
+  ck.finite("sketched_attention stats", stats);
   sketched_attention_backward<T>(q.cview(), k.cview(), sq.cview(), sk.cview(), v.cview(), out.cview(), dout.cview(),
                                  stats.cview(), dq.view(), dk.view(), dsq.view(), dsk.view(), dv_.view(), sdo);
+  ck.finite("sketched_attention_backward dq", dq);
+  ck.finite("sketched_attention_backward dk", dk);
+  ck.finite("sketched_attention_backward dv", dv_);
+  ck.finite("sketched_attention_backward dsq", dsq);
   ck.finite("sketched_attention_backward dsk", dsk);
 
-  // caches: a prefill of 4 tokens, then 4 one-token steps, then a summary round trip
-  const index_t half = N / 2;
+  // caches: a prefill, 4 one-token steps, an append of as many tokens as the prefill (whole
+  // blocks in all), then a summary round trip
+  const index_t half = z.half;
   tensor<T> q1({B, H, 1, d}, 7), k1({B, Hk, 1, d}, 8), v1({B, Hk, 1, dv}, 9), o1({B, H, 1, dv}, 0);
   tensor<T> sq1({B, H, 1, r}, 10), sk1({B, Hk, 1, r}, 11), pq1({B, H, 1, m}, 0), pk1({B, Hk, 1, m}, 0);
   tensor<T> qh({B, H, half, d}, 12), kh({B, Hk, half, d}, 13), vh({B, Hk, half, dv}, 14), oh({B, H, half, dv}, 0);
   tensor<T> sqh({B, H, half, r}, 15), skh({B, Hk, half, r}, 16), pqh({B, H, half, m}, 0), pkh({B, Hk, half, m}, 0);
   favor.queries(q1.cview(), pq1.view());
+  ck.finite("queries pq1", pq1);
   favor.keys(k1.cview(), pk1.view());
   favor.queries(qh.cview(), pqh.view());
   favor.keys(kh.cview(), pkh.view());
+  ck.finite("keys pkh", pkh);
 
-  polysketch_cache<T> pc(sketch, B, Hk, dv, pso);
+  polysketch_options cpso = pso;
+  cpso.causal = true;
+  polysketch_cache<T> pc(sketch, B, Hk, dv, cpso);
   pc.forward(qh.cview(), kh.cview(), vh.cview(), oh.view());
+  ck.finite("forward oh", oh);
   for (int step = 0; step < 4; ++step) pc.forward(q1.cview(), k1.cview(), v1.cview(), o1.view());
   pc.append(kh.cview(), vh.cview());
   const std::vector<T> summary = pc.export_summary();
@@ -249,15 +353,23 @@ void linear_kernels(checker& ck) {
   ck.finite("polysketch_cache", o1);
   ck.finite("polysketch_cache summary", summary);
 
-  sketched_cache<T> sc(r, d, B, Hk, dv, sdo);
+  sketched_options csdo = sdo;
+  csdo.causal = true;
+  sketched_cache<T> sc(r, d, B, Hk, dv, csdo);
   sc.forward(qh.cview(), kh.cview(), sqh.cview(), skh.cview(), vh.cview(), oh.view());
+  ck.finite("forward oh", oh);
   sc.forward(q1.cview(), k1.cview(), sq1.cview(), sk1.cview(), v1.cview(), o1.view());
+  ck.finite("forward o1", o1);
   sc.append(kh.cview(), skh.cview(), vh.cview());
   ck.finite("sketched_cache", o1);
 
-  linear_cache<T> lc(m, B, Hk, dv, lo);
+  linear_options clo = lo;
+  clo.causal = true;
+  linear_cache<T> lc(m, B, Hk, dv, clo);
   lc.forward(pqh.cview(), pkh.cview(), vh.cview(), oh.view());
+  ck.finite("forward oh", oh);
   lc.forward(pq1.cview(), pk1.cview(), v1.cview(), o1.view());
+  ck.finite("forward o1", o1);
   lc.append(pkh.cview(), vh.cview());
   ck.finite("linear_cache", o1);
   if (lc.memory_bytes() == 0) ++ck.bad;
@@ -265,12 +377,17 @@ void linear_kernels(checker& ck) {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   checker ck;
-  exact_kernels<float>(ck);
-  exact_kernels<double>(ck);
-  linear_kernels<float>(ck);
-  linear_kernels<double>(ck);
+  ck.print = argc > 1 && std::strcmp(argv[1], "--fingerprint") == 0;
+  const sizes& z = ck.print ? kFingerprint : kSmoke;
+  for (bool causal : {true, false}) {
+    if (ck.print) std::printf("causal = %d\n", causal ? 1 : 0);
+    exact_kernels<float>(ck, z, causal);
+    exact_kernels<double>(ck, z, causal);
+    linear_kernels<float>(ck, z, causal);
+    linear_kernels<double>(ck, z, causal);
+  }
   std::printf("%s\n", ck.bad == 0 ? "all entry points ran" : "some outputs were not finite");
   return ck.bad == 0 ? 0 : 1;
 }
