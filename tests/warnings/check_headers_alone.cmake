@@ -9,15 +9,8 @@ cmake_minimum_required(VERSION 3.21)
 file(REMOVE_RECURSE ${WORK_DIR})
 file(MAKE_DIRECTORY ${WORK_DIR})
 
-set(flags -std=c++17 -fsyntax-only -march=native -Wall -Wextra -Wpedantic -Wconversion -Wsign-conversion -Wshadow
-          -Werror)
-if(OPENMP)
-  list(APPEND flags -fopenmp)
-endif()
-list(APPEND flags -I${INCLUDE_DIR})
-foreach(dir IN LISTS SYSTEM_DIRS)
-  list(APPEND flags -isystem ${dir})
-endforeach()
+include(${CMAKE_CURRENT_LIST_DIR}/strict_flags.cmake)
+set(flags ${strict_flags} -fsyntax-only -march=native)
 
 file(GLOB_RECURSE headers RELATIVE ${INCLUDE_DIR} ${INCLUDE_DIR}/polyattn/*.hpp)
 list(SORT headers)
