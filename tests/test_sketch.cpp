@@ -786,3 +786,27 @@ TEST_CASE("polysketch::sketch_backward validates its arguments", "[sketch][backw
   require_invalid_argument([&] { polysketch<float>().sketch_backward(x, ds32, dx); },
                            {"polyattn::polysketch::sketch_backward", "empty"});
 }
+
+// dx may be the matrix ds or x refers to: the gradient is the one separate buffers give (it
+// used to resize dx first and free the buffer ds still pointed to).
+TEST_CASE("polysketch::sketch_backward with dx the same matrix as ds or x", "[sketch][backward][validation]") {
+  for (int degree : {4, 8}) {
+    sketch_options o;
+    o.degree = degree;
+    o.sketch_size = 6;
+    o.seed = 21;
+    const index_t d = 5, n = 130;  // r != d: dx and ds have different shapes
+    const polysketch<float> sk(d, o);
+    const matrix<float> x = random_matrix<float>(n, d, 31), ds = random_matrix<float>(n, 6, 32);
+    matrix<float> expected;
+    sk.sketch_backward(x, ds, expected);
+    matrix<float> g = ds;  // dx aliases ds
+    sk.sketch_backward(x, g, g);
+    REQUIRE(g.rows() == n);
+    REQUIRE(g.cols() == d);
+    CHECK((g.array() == expected.array()).all());
+    matrix<float> y = x;  // dx aliases x
+    sk.sketch_backward(y, ds, y);
+    CHECK((y.array() == expected.array()).all());
+  }
+}

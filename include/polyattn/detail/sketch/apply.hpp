@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "../../config.hpp"
@@ -71,17 +72,21 @@ matrix<T> sketch_matrix(const sketch_layout<T>& sk, const Eigen::Ref<const matri
   return out;
 }
 
-/// dx [n, d] (resized) and, when leaf_grads is not null, the leaves' gradients (replaced) from
-/// x [n, d] and ds [n, r].
+/// dx [n, d] (replaced) and, when leaf_grads is not null, the leaves' gradients (replaced) from
+/// x [n, d] and ds [n, r]. The result is computed into a matrix of its own and moved into dx
+/// only when x and ds have been read, so dx may be the very matrix x or ds refers to (resizing
+/// dx first would free the buffer a Ref still points to; writing it in place would overwrite
+/// rows still to be read).
 template <class T>
 void sketch_matrix_backward(const sketch_layout<T>& sk, const Eigen::Ref<const matrix<T>>& x,
                             const Eigen::Ref<const matrix<T>>& ds, matrix<T>& dx, std::vector<matrix<T>>* leaf_grads) {
   const index_t n = x.rows();
-  dx.resize(n, sk.d);
+  matrix<T> result(n, sk.d);
   aligned_vector<T> acc(static_cast<std::size_t>(leaf_grads ? sketch_leaf_values(sk) : 0), T(0));
   aligned_vector<T> scratch(static_cast<std::size_t>(std::max<index_t>(sketch_backward_scratch_size(sk, n), 1)));
-  sketch_tree_backward(sk, x.data(), x.outerStride(), n, T(1), ds.data(), ds.outerStride(), dx.data(), sk.d,
+  sketch_tree_backward(sk, x.data(), x.outerStride(), n, T(1), ds.data(), ds.outerStride(), result.data(), sk.d,
                        leaf_grads ? acc.data() : nullptr, scratch.data());
+  dx = std::move(result);
   if (leaf_grads) *leaf_grads = sketch_leaf_matrices(sk, acc.data());
 }
 
