@@ -2,7 +2,9 @@
 // in softmax_attention, flash_attention and polynomial_attention, forward and backward, against the
 // dense oracles with the mask written out entry by entry (tests/support/oracles.hpp, test_mask);
 // and the engine's mask object itself, checked exhaustively against that definition.
+#include <limits>
 #include <random>
+#include <utility>
 
 #include "support/backward_battery.hpp"
 #include "support/throws.hpp"
@@ -133,6 +135,37 @@ TEST_CASE("a window as long as the sequence gives exactly the unwindowed result"
   CHECK(bitwise_equal<float>(a.dq.cview(), b.dq.cview()));
   CHECK(bitwise_equal<float>(a.dk.cview(), b.dk.cview()));
   CHECK(bitwise_equal<float>(a.dv.cview(), b.dv.cview()));
+}
+
+// A window of INT64_MAX keys is as unbounded as −1 (the engine used to add it to a position and
+// overflow: zero outputs and gradients without sanitizers, dropped queries in the backward).
+template <class Kernel>
+void check_huge_windows(bool causal, index_t nq, index_t nk) {
+  INFO("causal " << causal << " Nq " << nq << " Nk " << nk);
+  const attention_shape s{1, 2, 1, nq, nk, 24, 8, false};
+  constexpr index_t kHuge = std::numeric_limits<index_t>::max();
+  for (const auto& [left, right] : {std::pair<index_t, index_t>{kHuge, -1}, {-1, kHuge}, {kHuge, kHuge}}) {
+    INFO("window_left " << left << " window_right " << right);
+    backward_inputs<float> a(s, 12), b(s, 12);
+    exact_case_options plain{causal, 2};
+    exact_case_options huge = plain;
+    huge.window_left = left;
+    huge.window_right = right;
+    a.template run<Kernel>(plain);
+    b.template run<Kernel>(huge);
+    CHECK(bitwise_equal<float>(a.out.cview(), b.out.cview()));
+    CHECK(bitwise_equal<float>(a.dq.cview(), b.dq.cview()));
+    CHECK(bitwise_equal<float>(a.dk.cview(), b.dk.cview()));
+    CHECK(bitwise_equal<float>(a.dv.cview(), b.dv.cview()));
+  }
+}
+
+TEST_CASE("a window of INT64_MAX keys gives exactly the unwindowed result", "[windows]") {
+  for (bool causal : {true, false})
+    for (const auto& [nq, nk] : {std::pair<index_t, index_t>{150, 150}, {40, 170}, {170, 40}}) {
+      check_huge_windows<flash_backward_kernel>(causal, nq, nk);
+      check_huge_windows<polynomial_backward_kernel>(causal, nq, nk);
+    }
 }
 
 TEMPLATE_TEST_CASE("a non-finite value outside every window that could see it stays out", "[windows][nonfinite]",

@@ -43,6 +43,17 @@ struct attention_mask {
   index_t nq = 0, nk = 0;  // query and key counts of the head
   mask_band band{};
 
+  /// The mask of a head with nq queries and nk keys. A window of at least nq + nk keys reaches
+  /// every key from every query position (positions lie in [nk − nq, nk), keys in [0, nk)), so it
+  /// is stored as unbounded (−1): the block arithmetic below then never adds a huge window to a
+  /// position (INT64_MAX would overflow), and the result is the same as with −1.
+  static attention_mask of(bool causal, index_t nq, index_t nk, mask_band band) {
+    auto reach_all = [&](index_t w) { return w >= 0 && w - nk >= nq; };  // w >= nq + nk without overflow
+    if (reach_all(band.window_left)) band.window_left = -1;
+    if (reach_all(band.window_right)) band.window_right = -1;
+    return attention_mask{causal, nq, nk, band};
+  }
+
   index_t offset() const { return nk - nq; }
   bool windowed() const { return band.window_left >= 0 || band.window_right >= 0; }
 

@@ -64,7 +64,7 @@ struct forward_pass {
     const index_t Hk = pb.k.extent(1), Nk = pb.k.extent(2), dv = pb.v.extent(3);
     return forward_pass{pb, weights, kv, B, H, Nq, d, Hk, Nk, dv, H / Hk, ceil_div(Nq, kBlockQ), B * H,
                         std::max<index_t>(1, std::min(pb.block_k, std::max<index_t>(Nk, 1))), round_up(dv, W),
-                        dv % W != 0, attention_mask{pb.causal, Nq, Nk, pb.band}};
+                        dv % W != 0, attention_mask::of(pb.causal, Nq, Nk, pb.band)};
   }
 };
 

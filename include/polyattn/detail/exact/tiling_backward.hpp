@@ -135,7 +135,7 @@ struct backward_pass {
     const index_t Hk = pb.k.extent(1), Nk = pb.k.extent(2), dval = pb.v.extent(3);
     return backward_pass{pb, weights, kv, B, H, Nq, d, Hk, Nk, dval, H / Hk, ceil_div(Nq, kBwdBlockQ),
                          round_up(std::max<index_t>(d, 1), W), round_up(dval, W), d % W != 0,
-                         attention_mask{pb.causal, Nq, Nk, pb.band}};
+                         attention_mask::of(pb.causal, Nq, Nk, pb.band)};
   }
   /// Values of one packed query block in a window of the partials schedule.
   index_t pack_size() const { return 2 * dp * kBwdBlockQ + 2 * dvp * kBwdBlockQ + 2 * kBwdBlockQ; }
