@@ -147,13 +147,9 @@ class cache_core {
            const tensor_view<const T, 4>& q2 = {}, const tensor_view<const T, 4>& k2 = {}) {
     const index_t n = k.extent(2);
     if (n == 0) return;
-    linear_problem<T> p;
-    p.sizes = {batch_, q.extent(1), kv_heads_, q.extent(2), n, dv_, block_, true, resolve_threads(threads_)};
-    p.q = q;
-    p.k = k;
-    p.v = v;
-    p.q2 = q2;
-    p.k2 = k2;
+    const block_problem sizes{batch_, q.extent(1), kv_heads_, q.extent(2), n, dv_, block_, true,
+                              resolve_threads(threads_)};
+    linear_problem<T> p(linear_inputs<T>{sizes, q, k, v, q2, k2});
     p.out = out;
     p.bias = bias;
     p.states = states_.data();

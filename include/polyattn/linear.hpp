@@ -44,11 +44,7 @@ void linear_attention_impl(input_view<T> phi_q, input_view<T> phi_k, input_view<
         }
     return;
   }
-  linear_problem<T> p;
-  p.sizes = linear_sizes<T>(phi_q, phi_k, v, opts);
-  p.q = phi_q;
-  p.k = phi_k;
-  p.v = v;
+  linear_problem<T> p(linear_inputs<T>{linear_sizes<T>(phi_q, phi_k, v, opts), phi_q, phi_k, v, {}, {}});
   p.out = out;
   p.bias = bias;
   p.stats = stats;
@@ -91,11 +87,8 @@ void linear_attention_backward(detail::input_view<T> phi_q, detail::input_view<T
   detail::check_backward<T>(fn, phi_q, phi_k, v, out, dout, stats, dphi_q, dphi_k, dv, "phi_q", "phi_k", "dphi_q",
                          "dphi_k");
   detail::check_options<T>(fn, opts);
-  detail::linear_backward_problem<T> p;
-  p.sizes = detail::linear_sizes<T>(phi_q, phi_k, v, opts);
-  p.q = phi_q;
-  p.k = phi_k;
-  p.v = v;
+  detail::linear_backward_problem<T> p(
+      detail::linear_inputs<T>{detail::linear_sizes<T>(phi_q, phi_k, v, opts), phi_q, phi_k, v, {}, {}});
   p.out = out;
   p.dout = dout;
   p.stats = stats;

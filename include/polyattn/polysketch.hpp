@@ -42,11 +42,7 @@ void polysketch_attention_impl(input_view<T> q, input_view<T> k, input_view<T> v
   check_attention(fn, q, k, v, out);
   if (!stats.empty()) check_stats_output(fn, q, k, v, out, stats);
   check_polysketch_call<T>(fn, q, sketch, opts);
-  linear_problem<T> p;
-  p.sizes = block_problem_of(q, k, v, opts);
-  p.q = q;
-  p.k = k;
-  p.v = v;
+  linear_problem<T> p(linear_inputs<T>{block_problem_of(q, k, v, opts), q, k, v, {}, {}});
   p.out = out;
   p.bias = static_cast<T>(opts.normalizer_bias);
   p.stats = stats;
@@ -99,11 +95,7 @@ void polysketch_attention_backward(detail::input_view<T> q, detail::input_view<T
   detail::check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
   detail::check_polysketch_call<T>(fn, q, sketch, opts);
   detail::aligned_vector<T> acc(static_cast<std::size_t>(leaf_grads ? sketch.leaf_values() : 0));
-  detail::linear_backward_problem<T> p;
-  p.sizes = detail::block_problem_of(q, k, v, opts);
-  p.q = q;
-  p.k = k;
-  p.v = v;
+  detail::linear_backward_problem<T> p(detail::linear_inputs<T>{detail::block_problem_of(q, k, v, opts), q, k, v, {}, {}});
   p.out = out;
   p.dout = dout;
   p.stats = stats;

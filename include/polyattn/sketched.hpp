@@ -40,6 +40,15 @@ polysketch<T> identity_sketch(index_t r) {
   return polysketch<T>(r, identity);
 }
 
+/// The rows of sketched_attention and its backward: the sketches are the primary rows, q and k
+/// the secondary rows (read only for the exact local weights).
+template <class T>
+linear_inputs<T> sketched_inputs(const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
+                                 const tensor_view<const T, 4>& sq, const tensor_view<const T, 4>& sk,
+                                 const tensor_view<const T, 4>& v, const sketched_options& opts) {
+  return {block_problem_of(q, k, v, opts), sq, sk, v, q, k};
+}
+
 /// Caller sketches as a feature source: primary rows s(q), s(k) expanded by `expand`; with
 /// local_exact the secondary rows q, k give the exact local weights.
 template <class T>
@@ -63,13 +72,7 @@ void sketched_attention_impl(input_view<T> q, input_view<T> k, input_view<T> sq,
   }
   check_options<T>(fn, opts);
   const polysketch<T> expand = identity_sketch<T>(sq.extent(3));
-  linear_problem<T> p;
-  p.sizes = block_problem_of(q, k, v, opts);
-  p.q = sq;  // the primary rows are the sketches; q and k are the secondary rows
-  p.k = sk;
-  p.v = v;
-  p.q2 = q;
-  p.k2 = k;
+  linear_problem<T> p(sketched_inputs(q, k, sq, sk, v, opts));
   p.out = out;
   p.bias = static_cast<T>(opts.normalizer_bias);
   p.stats = stats;
@@ -146,13 +149,7 @@ void sketched_attention_backward(detail::input_view<T> q, detail::input_view<T> 
         for (index_t h = 0; h < g->extent(1); ++h)
           for (index_t i = 0; i < g->extent(2); ++i)
             for (index_t c = 0; c < g->extent(3); ++c) (*g)(b, h, i, c) = T(0);
-  detail::linear_backward_problem<T> p;
-  p.sizes = detail::block_problem_of(q, k, v, opts);
-  p.q = sq;  // the primary rows are the sketches; q and k are the secondary rows
-  p.k = sk;
-  p.v = v;
-  p.q2 = q;
-  p.k2 = k;
+  detail::linear_backward_problem<T> p(detail::sketched_inputs(q, k, sq, sk, v, opts));
   p.out = out;
   p.dout = dout;
   p.stats = stats;

@@ -59,11 +59,7 @@ template <class T>
 detail::linear_problem<T> plain_problem(const detail::block_problem& sizes, tensor_view<const T, 4> q,
                                         tensor_view<const T, 4> k, tensor_view<const T, 4> v, tensor_view<T, 4> out,
                                         T bias, detail::linear_state<T>* states = nullptr) {
-  detail::linear_problem<T> p;
-  p.sizes = sizes;
-  p.q = q;
-  p.k = k;
-  p.v = v;
+  detail::linear_problem<T> p(detail::linear_inputs<T>{sizes, q, k, v, {}, {}});
   p.out = out;
   p.bias = bias;
   p.states = states;

@@ -62,6 +62,9 @@ struct linear_inputs {
 /// per-sequence objects, not a tensor.
 template <class T>
 struct linear_problem : linear_inputs<T> {
+  linear_problem() = default;
+  explicit linear_problem(const linear_inputs<T>& in) : linear_inputs<T>(in) {}
+
   tensor_view<T, 4> out;
   T bias = T(0);  ///< β, the normaliser's bias
   tensor_view<T, 3> stats;
@@ -77,6 +80,9 @@ struct linear_problem : linear_inputs<T> {
 /// leaves in order), not a tensor, so it stays a pointer.
 template <class T>
 struct linear_backward_problem : linear_inputs<T> {
+  linear_backward_problem() = default;
+  explicit linear_backward_problem(const linear_inputs<T>& in) : linear_inputs<T>(in) {}
+
   tensor_view<const T, 4> out, dout;
   tensor_view<const T, 3> stats;
   tensor_view<T, 4> dq, dk, dv;
