@@ -240,3 +240,77 @@ TEST_CASE("segmented arguments are validated", "[segments][validation]") {
       [&] { polynomial_attention<float>(in.q.view, ks.cview(), vs.cview(), in.out.view, p); },
       {"polynomial_attention", "global_positions", "[0, 10)"});
 }
+
+namespace {
+
+/// Key j of `buf` ([1, 1, n, d], contiguous) as a one-key segment.
+template <class T>
+tensor_view<T, 4> key_row(tensor4<T>& buf, index_t j) {
+  return tensor_view<T, 4>(buf.view.data() + j * buf.view.extent(3), {1, 1, 1, buf.view.extent(3)});
+}
+
+}  // namespace
+
+TEST_CASE("many one-key segments: the backward validates them as a sweep, and still finds every overlap",
+          "[segments][validation]") {
+  // The backward used to check every pair of segments: ~18 s of validation for 10^4 segments.
+  const index_t n = 10000, d = 4;
+  const attention_shape s{1, 1, 1, 3, n, d, d, false};
+  backward_inputs<float> in(s, 7);
+  flash_attention<float>(in.q.view, in.k.cview(), in.v.cview(), in.out.view, softmax_options{}, in.stats.view);
+  std::vector<tensor_view<const float, 4>> k, v;
+  std::vector<tensor_view<float, 4>> dk, dv;
+  for (index_t j = 0; j < n; ++j) {
+    k.push_back(key_row(in.k, j));
+    v.push_back(key_row(in.v, j));
+    dk.push_back(key_row(in.dk, j));
+    dv.push_back(key_row(in.dv, j));
+  }
+  auto backward = [&](const std::vector<tensor_view<float, 4>>& gk, const std::vector<tensor_view<float, 4>>& gv) {
+    flash_attention_backward<float>(in.q.view, segmented_view<const float>(k), segmented_view<const float>(v),
+                                    in.out.view, in.dout.view, in.stats.view, in.dq.view, segmented_view<float>(gk),
+                                    segmented_view<float>(gv), softmax_options{});
+  };
+  REQUIRE_NOTHROW(backward(dk, dv));
+  // the plain kernel on the same keys: the gradients agree (one-key segments cut every tile)
+  backward_inputs<float> plain(s, 7);
+  flash_attention<float>(plain.q.view, plain.k.cview(), plain.v.cview(), plain.out.view, softmax_options{},
+                         plain.stats.view);
+  flash_attention_backward<float>(plain.q.view, plain.k.cview(), plain.v.cview(), plain.out.view, plain.dout.view,
+                                  plain.stats.view, plain.dq.view, plain.dk.view, plain.dv.view, softmax_options{});
+  CHECK(max_diff(in.dk, plain.dk) <= 1e-5);
+  CHECK(max_diff(in.dv, plain.dv) <= 1e-5);
+  // a gradient segment on another segment's key, far apart in the list
+  auto bad_dk = dk;
+  bad_dk[n - 1] = tensor_view<float, 4>(const_cast<float*>(k[0].data()), {1, 1, 1, d});
+  require_invalid_argument([&] { backward(bad_dk, dv); },
+                           {"flash_attention_backward", "output 'dk[9999]'", "overlaps input 'k[0]'"});
+  auto bad_dv = dv;
+  bad_dv[5000] = tensor_view<float, 4>(const_cast<float*>(v[17].data()), {1, 1, 1, d});
+  require_invalid_argument([&] { backward(dk, bad_dv); },
+                           {"flash_attention_backward", "output 'dv[5000]'", "overlaps input 'v[17]'"});
+  // two gradient segments on one row, found however far apart they are in the list
+  bad_dv = dv;
+  bad_dv[7] = dk[4000];
+  require_invalid_argument([&] { backward(dk, bad_dv); },
+                           {"flash_attention_backward", "outputs 'dk[4000]'", "'dv[7]'", "overlap"});
+  bad_dk = dk;
+  bad_dk[100] = tensor_view<float, 4>(in.dv.view.data() + 99 * d, {1, 1, 1, d});
+  require_invalid_argument([&] { backward(bad_dk, dv); },
+                           {"flash_attention_backward", "'dk[100]'", "'dv[99]'", "overlap"});
+}
+
+TEST_CASE("overlap messages say that the test is on address ranges", "[segments][validation]") {
+  // dk and dv interleaved in one buffer share no element, and are still rejected: the message says why
+  const attention_shape s{1, 1, 1, 4, 6, 4, 4, false};
+  backward_inputs<float> in(s, 9);
+  flash_attention<float>(in.q.view, in.k.cview(), in.v.cview(), in.out.view, softmax_options{}, in.stats.view);
+  std::vector<float> both(2 * 6 * 4);
+  const tensor_view<float, 4> dk(both.data(), {1, 1, 6, 4}, {48, 48, 8, 1}), dv(both.data() + 4, {1, 1, 6, 4}, {48, 48, 8, 1});
+  require_invalid_argument(
+      [&] {
+        flash_attention_backward<float>(in.q.view, in.k.cview(), in.v.cview(), in.out.view, in.dout.view,
+                                        in.stats.view, in.dq.view, dk, dv, softmax_options{});
+      },
+      {"flash_attention_backward", "outputs 'dk'", "'dv'", "overlap", "address ranges"});
+}

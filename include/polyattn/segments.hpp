@@ -9,6 +9,9 @@
 // the keys and values into segments shaped like them (docs/design_exact.md).
 #pragma once
 
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
 #include <initializer_list>
 #include <string>
 #include <type_traits>
@@ -158,6 +161,57 @@ void polynomial_segmented(tensor_view<const T, 4> q, const segmented_view<const 
   run_tiled_attention<T>(pb, polynomial_weights_of<T>(opts));
 }
 
+/// One view's byte range in check_gradient_segments_disjoint: argument `name`[segment].
+struct named_span {
+  std::uintptr_t first, last;
+  const char* name;
+  std::size_t segment;
+};
+
+/// The non-empty byte ranges of parts `name`[s], sorted by start.
+template <class T>
+std::vector<named_span> sorted_spans(const segmented_view<T>& parts, const char* name) {
+  std::vector<named_span> spans;
+  for (std::size_t s = 0; s < parts.size(); ++s) {
+    const auto [first, last] = byte_span(parts[s]);
+    if (first < last) spans.push_back({first, last, name, s});
+  }
+  std::sort(spans.begin(), spans.end(), [](const named_span& a, const named_span& b) { return a.first < b.first; });
+  return spans;
+}
+
+/// No gradient segment shares memory with another one or with another segment's keys or values
+/// (those of its own segment are checked with the plain backward's checks). A sweep over the
+/// address ranges sorted by start: O(S log S) for S segments, where checking every pair took
+/// seconds for 10^4 segments.
+template <class T>
+void check_gradient_segments_disjoint(const char* fn, const segmented_view<const T>& k,
+                                      const segmented_view<const T>& v, const segmented_view<T>& dk,
+                                      const segmented_view<T>& dv) {
+  auto view_of = [&](const named_span& x) -> const tensor_view<T, 4>& { return (x.name[1] == 'k' ? dk : dv)[x.segment]; };
+  std::vector<named_span> grads = sorted_spans(dk, "dk"), more = sorted_spans(dv, "dv");
+  grads.insert(grads.end(), more.begin(), more.end());
+  std::inplace_merge(grads.begin(), grads.end() - static_cast<std::ptrdiff_t>(more.size()), grads.end(),
+                     [](const named_span& a, const named_span& b) { return a.first < b.first; });
+  // two overlapping ranges: one starts before the furthest end of the ranges starting earlier
+  for (std::size_t i = 1, reach = 0; i < grads.size(); ++i) {
+    if (grads[i].first < grads[reach].last)
+      check_outputs_disjoint(fn, part_name(grads[reach].name, grads[reach].segment).c_str(), view_of(grads[reach]),
+                             part_name(grads[i].name, grads[i].segment).c_str(), view_of(grads[i]));
+    if (grads[i].last > grads[reach].last) reach = i;
+  }
+  // the gradients are disjoint, so their ends are sorted too: the first ending after an input
+  // starts is the only candidate to overlap it
+  for (const auto& [inputs, name] : {std::make_pair(&k, "k"), std::make_pair(&v, "v")})
+    for (std::size_t t = 0; t < inputs->size(); ++t) {
+      const auto [first, last] = byte_span((*inputs)[t]);
+      const auto g = std::partition_point(grads.begin(), grads.end(), [&](const named_span& x) { return x.last <= first; });
+      if (first < last && g != grads.end() && g->first < last)
+        check_no_overlap(fn, part_name(g->name, g->segment).c_str(), view_of(*g), part_name(name, t).c_str(),
+                         (*inputs)[t]);
+    }
+}
+
 /// The backward's checks: each segment as the plain backward checks k, v, dk, dv, and no
 /// gradient segment overlapping another segment's inputs or gradients.
 template <class T>
@@ -177,20 +231,8 @@ void check_segmented_backward(const char* fn, tensor_view<const T, 4> q, const s
       check_same_extent(fn, "kv head count", kn.c_str(), k[s], 1, "k[0]", k[0], 1);
       check_same_extent(fn, "value dim", vn.c_str(), v[s], 3, "v[0]", v[0], 3);
     }
-    for (std::size_t t = 0; t < k.size(); ++t) {
-      if (t == s) continue;
-      const std::string kt = part_name("k", t), vt = part_name("v", t), dkt = part_name("dk", t), dvt = part_name("dv", t);
-      for (const auto& [gname, g] : {std::pair<const std::string*, const tensor_view<T, 4>*>{&dkn, &dk[s]},
-                                     std::pair<const std::string*, const tensor_view<T, 4>*>{&dvn, &dv[s]}}) {
-        check_no_overlap(fn, gname->c_str(), *g, kt.c_str(), k[t]);
-        check_no_overlap(fn, gname->c_str(), *g, vt.c_str(), v[t]);
-        if (t > s) {
-          check_outputs_disjoint(fn, gname->c_str(), *g, dkt.c_str(), dk[t]);
-          check_outputs_disjoint(fn, gname->c_str(), *g, dvt.c_str(), dv[t]);
-        }
-      }
-    }
   }
+  check_gradient_segments_disjoint<T>(fn, k, v, dk, dv);
 }
 
 /// Runs the backward engine on pb (whose k, v, dk, dv are left empty) over the segments: keys

@@ -93,6 +93,11 @@ std::pair<std::uintptr_t, std::uintptr_t> byte_span(const tensor_view<T, R>& v) 
   return {first, first + static_cast<std::uintptr_t>(last + 1) * sizeof(T)};
 }
 
+/// Said after every overlap message: the test is on address ranges, so it is conservative.
+inline constexpr const char* kOverlapRule =
+    " (their address ranges intersect; views interleaved in one buffer are rejected even when they share no "
+    "element: give each output a range of its own)";
+
 /// `out` must not share memory with an input. The test is on the address ranges the views
 /// span, so interleaved-but-disjoint views of one buffer are (conservatively) rejected too.
 template <class T, std::size_t R, class U, std::size_t S>
@@ -102,7 +107,7 @@ void check_no_overlap(const char* function, const char* out_name, const tensor_v
   const auto b = byte_span(in);
   if (a.first < a.second && b.first < b.second && a.first < b.second && b.first < a.second)
     fail(function, std::string("output '") + out_name + "' " + shape_string(out) + " overlaps input '" + in_name +
-                       "' " + shape_string(in));
+                       "' " + shape_string(in) + kOverlapRule);
 }
 
 template <class A, class B>
@@ -181,7 +186,7 @@ void check_outputs_disjoint(const char* function, const char* an, const tensor_v
   const auto y = byte_span(b);
   if (x.first < x.second && y.first < y.second && x.first < y.second && y.first < x.second)
     fail(function, std::string("outputs '") + an + "' " + shape_string(a) + " and '" + bn + "' " + shape_string(b) +
-                       " overlap");
+                       " overlap" + kOverlapRule);
 }
 
 /// The forward overloads that also write stats [B, H, Nq]: a distinct, writable output.
