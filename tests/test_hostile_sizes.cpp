@@ -3,19 +3,20 @@
 // sizes (not overflow, write past a buffer or throw std::bad_alloc), and the matching valid input
 // must still work, so every test can fail both ways.
 #include <catch2/catch.hpp>
-
-#include "support/throws.hpp"
-
+#include <cmath>
 #include <cstdint>
 #include <limits>
+#include <polyattn/cache.hpp>
+#include <polyattn/detail/core/sizes.hpp>
+#include <polyattn/favor.hpp>
+#include <polyattn/flash.hpp>
+#include <polyattn/linear.hpp>
+#include <polyattn/linformer.hpp>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
-#include <polyattn/cache.hpp>
-#include <polyattn/detail/core/sizes.hpp>
-#include <polyattn/favor.hpp>
-#include <polyattn/linformer.hpp>
+#include "support/throws.hpp"
 
 using namespace polyattn;
 using polyattn::test::require_invalid_argument;
@@ -28,7 +29,8 @@ constexpr index_t k2to62 = index_t(1) << 62;
 /// Values 0.1 .. 1.0 cycling (positive, so linear attention's denominators stay away from 0).
 std::vector<float> ramp(index_t n, int phase) {
   std::vector<float> v(static_cast<std::size_t>(n));
-  for (std::size_t i = 0; i < v.size(); ++i) v[i] = 0.1f * static_cast<float>((i + static_cast<std::size_t>(phase)) % 10 + 1);
+  for (std::size_t i = 0; i < v.size(); ++i)
+    v[i] = 0.1f * static_cast<float>((i + static_cast<std::size_t>(phase)) % 10 + 1);
   return v;
 }
 
@@ -46,11 +48,13 @@ struct linear_call {
   linear_call(index_t n_, index_t m_, index_t dv_)
       : n(n_), m(m_), dv(dv_), pq(ramp(n * m, 1)), pk(ramp(n * m, 4)), v(ramp(n * dv, 7)), out(ramp(n * dv, 0)) {}
   void forward(linear_cache<float>& c) {
-    c.forward(tensor_view<const float, 4>(pq.data(), {1, 1, n, m}), tensor_view<const float, 4>(pk.data(), {1, 1, n, m}),
+    c.forward(tensor_view<const float, 4>(pq.data(), {1, 1, n, m}),
+              tensor_view<const float, 4>(pk.data(), {1, 1, n, m}),
               tensor_view<const float, 4>(v.data(), {1, 1, n, dv}), tensor_view<float, 4>(out.data(), {1, 1, n, dv}));
   }
   void append(linear_cache<float>& c) {
-    c.append(tensor_view<const float, 4>(pk.data(), {1, 1, n, m}), tensor_view<const float, 4>(v.data(), {1, 1, n, dv}));
+    c.append(tensor_view<const float, 4>(pk.data(), {1, 1, n, m}),
+             tensor_view<const float, 4>(v.data(), {1, 1, n, dv}));
   }
 };
 
@@ -61,20 +65,31 @@ TEST_CASE("checked_size: products past 2^48 bytes or past 64 bits throw, naming 
   CHECK(detail::checked_size<char>("f", "buffer", {index_t(1) << 24, index_t(1) << 24}) == std::size_t(1) << 48);
   CHECK(detail::checked_size<float>("f", "buffer", {3, 5, 7}) == 105u);
   CHECK(detail::checked_size<double>("f", "buffer", {kIndexMax, 0, kIndexMax}) == 0u);
-  require_invalid_argument([] { (void)detail::checked_size<char>("f", "buffer", {index_t(1) << 24, (index_t(1) << 24) + 1}); },
-                           {"polyattn::f: buffer needs 16777216 x 16777217 elements of 1 bytes", "2^48"});
-  require_invalid_argument([] { (void)detail::checked_size<float>("g", "scratch", {k2to62, 4, 2}); },
-                           {"polyattn::g: scratch needs 4611686018427387904 x 4 x 2 elements of 4 bytes"});
-  require_invalid_argument([] { (void)detail::checked_size<float>("h", "rows", {4, -1}); },
-                           {"polyattn::h: rows needs 4 x -1 elements", "negative"});
+  require_invalid_argument(
+      [] {
+        (void)detail::checked_size<char>("f", "buffer", {index_t(1) << 24, (index_t(1) << 24) + 1});
+      },
+      {"polyattn::f: buffer needs 16777216 x 16777217 elements of 1 bytes", "2^48"});
+  require_invalid_argument(
+      [] {
+        (void)detail::checked_size<float>("g", "scratch", {k2to62, 4, 2});
+      },
+      {"polyattn::g: scratch needs 4611686018427387904 x 4 x 2 elements of 4 bytes"});
+  require_invalid_argument(
+      [] {
+        (void)detail::checked_size<float>("h", "rows", {4, -1});
+      },
+      {"polyattn::h: rows needs 4 x -1 elements", "negative"});
 }
 
 TEST_CASE("linformer_attention: a stride-0 E of 2^59 rows is refused before its scratch is sized (item 2)",
           "[hostile_sizes][linformer]") {
   const index_t nq = 2, nk = 3, d = 4, kp = index_t(1) << 59;
-  std::vector<float> q = ramp(nq * d, 1), k = ramp(nk * d, 2), v = ramp(nk * d, 3), out(static_cast<std::size_t>(nq * d));
+  std::vector<float> q = ramp(nq * d, 1), k = ramp(nk * d, 2), v = ramp(nk * d, 3),
+                     out(static_cast<std::size_t>(nq * d));
   std::vector<float> e = ramp(nk, 5);  // one row, repeated by the zero row stride
-  const tensor_view<const float, 4> qv(q.data(), {1, 1, nq, d}), kv(k.data(), {1, 1, nk, d}), vv(v.data(), {1, 1, nk, d});
+  const tensor_view<const float, 4> qv(q.data(), {1, 1, nq, d}), kv(k.data(), {1, 1, nk, d}),
+      vv(v.data(), {1, 1, nk, d});
   const tensor_view<float, 4> ov(out.data(), {1, 1, nq, d});
   const tensor_view<const float, 2> small(e.data(), {4, nk}, {0, 1}), huge(e.data(), {kp, nk}, {0, 1});
   linformer_attention<float>(qv, kv, vv, small, small, ov);  // the same broadcast layout, 4 rows: fine
@@ -89,9 +104,9 @@ TEST_CASE("caches: a position near INT64_MAX is refused; a call past 2^62 tokens
   const std::vector<float> zero = cache.export_summary();  // an empty cache's: zero states
   linear_call call(40, m, dv);
   SECTION("the issue's position, INT64_MAX rounded down to a block") {
-    require_invalid_argument([&] { cache.import_summary(zero, kIndexMax - (block - 1)); },
-                             {"polyattn::linear_cache::import_summary", "'position'", "2^62",
-                              std::to_string(kIndexMax - (block - 1))});
+    require_invalid_argument(
+        [&] { cache.import_summary(zero, kIndexMax - (block - 1)); },
+        {"polyattn::linear_cache::import_summary", "'position'", "2^62", std::to_string(kIndexMax - (block - 1))});
     CHECK(cache.length() == 0);
   }
   // at the bound: no token more
@@ -191,4 +206,40 @@ TEST_CASE("favor_features: head_dim = features = 2^24 is refused as too large, n
   o.features = 8;
   const favor_features<float> f(4, o);
   CHECK(f.feature_dim() == 8);
+}
+
+TEST_CASE("engine scratch: a linear-attention state of m x dv past 2^48 bytes is refused, not std::bad_alloc",
+          "[hostile_sizes][linear]") {
+  // 2^23 features and 2^23 + 1 value dims: inputs of 32 MiB each, a state of 2^46 floats and more
+  const index_t m = index_t(1) << 23, dv = m + 1;
+  std::vector<float> pq = ramp(m, 1), pk = ramp(m, 2), v = ramp(dv, 3), out(static_cast<std::size_t>(dv));
+  linear_options o;
+  o.causal = true;
+  o.threads = 1;
+  require_invalid_argument(
+      [&] {
+        linear_attention<float>(tensor_view<const float, 4>(pq.data(), {1, 1, 1, m}),
+                                tensor_view<const float, 4>(pk.data(), {1, 1, 1, m}),
+                                tensor_view<const float, 4>(v.data(), {1, 1, 1, dv}),
+                                tensor_view<float, 4>(out.data(), {1, 1, 1, dv}), o);
+      },
+      {"polyattn::run_block_linear", "a state [m x padded dv]", "8388608 x 8388"});
+  const index_t small = 16;
+  linear_attention<float>(tensor_view<const float, 4>(pq.data(), {1, 1, 1, small}),
+                          tensor_view<const float, 4>(pk.data(), {1, 1, 1, small}),
+                          tensor_view<const float, 4>(v.data(), {1, 1, 1, small}),
+                          tensor_view<float, 4>(out.data(), {1, 1, 1, small}), o);
+  CHECK(std::abs(out[0] - v[0]) <= 1e-6f * std::abs(v[0]));  // one key: its value, whatever the weight
+}
+
+TEST_CASE("single-head Eigen overloads: an output [Nq x dv] past 2^48 bytes is refused, not std::bad_alloc",
+          "[hostile_sizes][eigen]") {
+  const index_t nq = index_t(1) << 23, dv = nq + 1;  // Nq x dv > 2^46 floats, inputs of 32 MiB
+  const matrix<float> q = matrix<float>::Constant(nq, 1, 0.5f), k = matrix<float>::Constant(1, 1, 0.25f);
+  const matrix<float> v = matrix<float>::Constant(1, dv, 2.0f);
+  require_invalid_argument([&] { (void)flash_attention(q, k, v); },
+                           {"polyattn::single_head", "the output [Nq x dv]", "8388608 x 8388609"});
+  const matrix<float> out = flash_attention(q.topRows(3), k, v.leftCols(5));
+  CHECK(out.rows() == 3);
+  CHECK(out(2, 4) == 2.0f);
 }

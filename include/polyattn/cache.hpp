@@ -103,9 +103,12 @@ class cache_core {
                    std::to_string(kv_heads_) + " x (m·dv + m) = " + std::to_string(m_ * dv_ + m_) + ", then " +
                    std::to_string(kSummaryTrailer) + " of the trailer)");
     check_summary_trailer(fn, summary.data() + summary_size() - kSummaryTrailer);
-    if (position < 0 || position % block_ != 0 || position > kMaxCacheLength)
+    if (position < 0 || position % block_ != 0)
       fail(fn, "argument 'position' must be a non-negative multiple of block_size " + std::to_string(block_) +
-                   " and at most 2^62 (" + std::to_string(kMaxCacheLength) + "), got " + std::to_string(position));
+                   ", got " + std::to_string(position));
+    if (position > kMaxCacheLength)
+      fail(fn, "argument 'position' is " + std::to_string(position) + ", beyond the 2^62 (" +
+                   std::to_string(kMaxCacheLength) + ") tokens a cache may hold");
     auto it = summary.begin();
     for (auto& s : states_) {
       std::copy(it, it + m_ * dv_, s.Z.begin());

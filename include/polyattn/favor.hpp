@@ -92,7 +92,8 @@ class favor_features {
   favor_features() = default;
 
   /// Seeded draw of W [opts.features, head_dim] (see the header comment). Throws
-  /// std::invalid_argument for head_dim < 1, features < 1, threads < 0 or sizes beyond 2^24.
+  /// std::invalid_argument for head_dim < 1, features < 1, threads < 0, sizes beyond 2^24 or a W
+  /// (or an orthogonal d x d block) of more than 2^48 bytes (detail/core/sizes.hpp).
   explicit favor_features(index_t head_dim, const favor_options& opts = {});
 
   /// A caller-supplied W [m, head_dim] (e.g. a redraw made elsewhere, or a trained one), used as

@@ -42,8 +42,10 @@ struct projected {
   index_t ld = 0;
   aligned_vector<T> data;
   tensor_view<T, 4> view;
-  projected(const char* fn, index_t b, index_t hk, index_t kp, index_t dim) : ld(round_up(std::max<index_t>(dim, 1), 16)) {
-    data.assign(std::max<std::size_t>(checked_size<T>(fn, "the projected scratch [B x Hk x kp x padded dim]", {b, hk, kp, ld}), 1), T(0));
+  projected(const char* fn, index_t b, index_t hk, index_t kp, index_t dim)
+      : ld(round_up(std::max<index_t>(dim, 1), 16)) {
+    const std::size_t size = checked_size<T>(fn, "the projected scratch [B x Hk x kp x padded dim]", {b, hk, kp, ld});
+    data.assign(std::max<std::size_t>(size, 1), T(0));
     view = tensor_view<T, 4>(data.data(), {b, hk, kp, dim}, {hk * kp * ld, kp * ld, ld, 1});
   }
 };
@@ -55,7 +57,8 @@ void project_sequence(const char* fn, tensor_view<const T, 2> P, tensor_view<con
   const index_t B = x.extent(0), Hk = x.extent(1), nk = x.extent(2), dim = x.extent(3), kp = P.extent(0);
   const index_t ld = out.ld, blocks = ceil_div(kp, kLinformerRows);
   if (nk == 0 || dim == 0 || kp == 0) return;  // the scratch is zero already
-  aligned_vector<T> pack(checked_size<T>(fn, "the packed keys [threads x chunk x padded dim]", {threads, kLinformerKeys, ld}));
+  aligned_vector<T> pack(
+      checked_size<T>(fn, "the packed keys [threads x chunk x padded dim]", {threads, kLinformerKeys, ld}));
   parallel_for(threads, B * Hk * blocks, [&](index_t task, int worker) {
     const index_t b = task / blocks / Hk, h = task / blocks % Hk, r0 = task % blocks * kLinformerRows;
     const index_t rows = std::min(kLinformerRows, kp - r0);
@@ -153,7 +156,8 @@ void back_project(const char* fn, tensor_view<const T, 2> P, const projected<T>&
                   int threads) {
   const index_t B = dx.extent(0), Hk = dx.extent(1), nk = dx.extent(2), dim = dx.extent(3), kp = P.extent(0);
   const index_t ld = dproj.ld, chunks = ceil_div(nk, kLinformerKeys);
-  aligned_vector<T> tmp(checked_size<T>(fn, "the key chunks [threads x chunk x padded dim]", {threads, kLinformerKeys, ld}));
+  aligned_vector<T> tmp(
+      checked_size<T>(fn, "the key chunks [threads x chunk x padded dim]", {threads, kLinformerKeys, ld}));
   parallel_for(threads, B * Hk * chunks, [&](index_t task, int worker) {
     const index_t b = task / chunks / Hk, h = task / chunks % Hk, j0 = task % chunks * kLinformerKeys;
     const index_t cl = std::min(kLinformerKeys, nk - j0);

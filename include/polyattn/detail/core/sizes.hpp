@@ -1,5 +1,5 @@
 // polyattn/detail/core/sizes.hpp — the overflow-checked size of every allocation whose size comes from
-// user extents or options (docs/design.md §2, "Sizes").
+// user extents or options (docs/design.md §3, "Sizes").
 //
 // An allocation's element count is a product of extents (B·Hk·kp·ld, m·dv, threads·chunk·ld, ...).
 // Formed directly, a product of large extents overflows index_t (undefined behaviour; in practice a
