@@ -11,12 +11,25 @@
 // chunk (append, export_summary), add the summaries of the chunks before theirs (one exclusive
 // prefix sum, e.g. MPI_Exscan) and continue from it (import_summary, forward):
 // examples/sequence_parallel_mpi.cpp.
+//
+// A summary is the states' values followed by a trailer of kSummaryTrailer values that records
+// where it came from: a count c (1 in an exported summary) and c times each base-256 digit of
+// the feature dim m and of the value dim dv (kSummaryDigits digits each). Summing summaries sums
+// the trailers, so a sum of c summaries of caches with the same dims has the trailer c·(1,
+// digits), and import_summary checks exactly that (c = 0: the all-zero summary of an empty
+// past). A summary of a cache with another m or dv is rejected even when its length matches.
+// The trailer's entries stay exact integers when up to 65536 summaries are summed in float.
+//
+// A cache holds at most kMaxCacheLength = 2^62 tokens: import_summary rejects a later position
+// and a call that would pass it throws (the cache unchanged), so no position overflows.
 #pragma once
 
+#include <cmath>
 #include <string>
 #include <vector>
 
 #include "detail/core/check_options.hpp"
+#include "detail/core/sizes.hpp"
 #include "detail/core/validation.hpp"
 #include "detail/linear/block_linear.hpp"
 #include "detail/linear/linear_problem.hpp"
@@ -28,6 +41,17 @@
 
 namespace polyattn {
 namespace detail {
+
+/// The most tokens a cache holds: positions stay far from overflowing (with a block of at most
+/// 2^20 keys, position + n + block fits index_t).
+inline constexpr index_t kMaxCacheLength = index_t(1) << 62;
+/// Base-256 digits of m and of dv in a summary's trailer (dims below 2^48, as every allocation).
+inline constexpr index_t kSummaryDigits = 6;
+/// Values of a summary's trailer: the count, then the digits of m, then those of dv.
+inline constexpr index_t kSummaryTrailer = 1 + 2 * kSummaryDigits;
+
+/// Digit i (base 256, least significant first) of a dim, as a summary's trailer holds it.
+constexpr index_t summary_digit(index_t dim, index_t i) { return (dim >> (8 * i)) & 255; }
 
 /// What the three caches share: the states, the checks of a call against the cache, the
 /// summaries. A call with bad arguments throws std::invalid_argument and leaves the cache as
@@ -48,11 +72,12 @@ class cache_core {
     return n;
   }
 
-  /// Values in a summary: batch · kv_heads · (m·dv + m).
-  index_t summary_size() const noexcept { return batch_ * kv_heads_ * (m_ * dv_ + m_); }
+  /// Values in a summary: batch · kv_heads · (m·dv + m), then the kSummaryTrailer values of the
+  /// trailer (see the top of cache.hpp).
+  index_t summary_size() const noexcept { return batch_ * kv_heads_ * (m_ * dv_ + m_) + kSummaryTrailer; }
 
-  /// The state summary Σ φ(k)vᵀ, Σ φ(k) of every (batch, kv head), in that order. The length
-  /// must be a multiple of block_size (no unfinished block).
+  /// The state summary Σ φ(k)vᵀ, Σ φ(k) of every (batch, kv head), in that order, then the
+  /// trailer (count 1). The length must be a multiple of block_size (no unfinished block).
   std::vector<T> export_summary_as(const char* fn) const {
     if (length() % block_ != 0)
       fail(fn, "the cache holds " + std::to_string(length()) + " tokens, not a multiple of block_size " +
@@ -63,19 +88,27 @@ class cache_core {
       out.insert(out.end(), s.Z.begin(), s.Z.end());
       out.insert(out.end(), s.z.begin(), s.z.end());
     }
+    out.push_back(T(1));
+    for (const index_t dim : {m_, dv_})
+      for (index_t i = 0; i < kSummaryDigits; ++i) out.push_back(static_cast<T>(summary_digit(dim, i)));
     return out;
   }
 
   /// Replaces the state by a summary (e.g. the sum of the summaries of the chunks before this
-  /// one) at `position`, a multiple of block_size.
+  /// one) at `position`, a multiple of block_size, at most kMaxCacheLength.
   void import_summary_as(const char* fn, const std::vector<T>& summary, index_t position) {
     if (static_cast<index_t>(summary.size()) != summary_size())
       fail(fn, "argument 'summary' holds " + std::to_string(summary.size()) + " values but the cache's summary has " +
                    std::to_string(summary_size()) + " (batch " + std::to_string(batch_) + " x kv heads " +
-                   std::to_string(kv_heads_) + " x (m·dv + m) = " + std::to_string(m_ * dv_ + m_) + ")");
+                   std::to_string(kv_heads_) + " x (m·dv + m) = " + std::to_string(m_ * dv_ + m_) + ", then " +
+                   std::to_string(kSummaryTrailer) + " of the trailer)");
+    check_summary_trailer(fn, summary.data() + summary_size() - kSummaryTrailer);
     if (position < 0 || position % block_ != 0)
       fail(fn, "argument 'position' must be a non-negative multiple of block_size " + std::to_string(block_) +
                    ", got " + std::to_string(position));
+    if (position > kMaxCacheLength)
+      fail(fn, "argument 'position' is " + std::to_string(position) + ", beyond the 2^62 (" +
+                   std::to_string(kMaxCacheLength) + ") tokens a cache may hold");
     auto it = summary.begin();
     for (auto& s : states_) {
       std::copy(it, it + m_ * dv_, s.Z.begin());
@@ -102,7 +135,44 @@ class cache_core {
     if (block > kMaxBlock)
       fail(fn, "option 'block_size' is " + std::to_string(block) + ": a cache keeps one block of keys and values per "
                "kv head, at most " + std::to_string(kMaxBlock) + " rows");
+    // every state's buffers (linear_state::reset), then all of them together, before allocating
+    const index_t per_state = static_cast<index_t>(
+        checked_size<T>(fn, "a state's Z [m x dv]", {m, value_dim}) + checked_size<T>(fn, "a state's z [m]", {m}) +
+        checked_size<T>(fn, "a state's keys [block x key dim]", {block, key_dim}) +
+        checked_size<T>(fn, "a state's values [block x dv]", {block, value_dim}));
+    checked_size<T>(fn, "the states of batch x kv_heads sequences", {batch, kv_heads, per_state});
+    states_.reserve(checked_size<linear_state<T>>(fn, "the states of batch x kv_heads sequences", {batch, kv_heads}));
     for (index_t s = 0; s < batch * kv_heads; ++s) states_.emplace_back(block, m, key_dim, value_dim);
+  }
+
+  /// The summary's trailer (see the top of cache.hpp): c·(1, digits of m, digits of dv) for a
+  /// whole number c >= 0.
+  void check_summary_trailer(const char* fn, const T* tail) const {
+    const T c = tail[0];
+    bool ok = std::isfinite(c) && c >= T(0) && c == std::floor(c);
+    index_t i = 1;
+    for (const index_t dim : {m_, dv_})
+      for (index_t g = 0; g < kSummaryDigits; ++g, ++i) ok = ok && tail[i] == c * static_cast<T>(summary_digit(dim, g));
+    if (ok) return;
+    index_t dims[2] = {0, 0};  // the dims the trailer records, if it is one
+    bool decoded = std::isfinite(c) && c >= T(1) && c == std::floor(c);
+    for (index_t j = 0; j < 2 * kSummaryDigits; ++j) {
+      const T digit = tail[1 + j] / c;
+      decoded = decoded && digit == std::floor(digit) && digit >= T(0) && digit < T(256);
+      if (decoded) dims[j / kSummaryDigits] += static_cast<index_t>(digit) << (8 * (j % kSummaryDigits));
+    }
+    fail(fn, "argument 'summary' " +
+                 (decoded ? "comes from a cache with feature dim " + std::to_string(dims[0]) + " and value dim " +
+                                std::to_string(dims[1])
+                          : std::string("does not end with the trailer of export_summary() (or a sum of them)")) +
+                 " but this cache has feature dim " + std::to_string(m_) + " and value dim " + std::to_string(dv_));
+  }
+
+  /// Appending n tokens keeps the length at most kMaxCacheLength.
+  void check_length(const char* fn, index_t n) const {
+    if (n > kMaxCacheLength - length())
+      fail(fn, "the cache holds " + std::to_string(length()) + " tokens: " + std::to_string(n) +
+                   " more would pass the 2^62 (" + std::to_string(kMaxCacheLength) + ") a cache may hold");
   }
 
   /// Checks a call: q [B, H, n, dq], k [B, Hk, n, dk], v [B, Hk, n, dv], out [B, H, n, dv] with
@@ -122,6 +192,7 @@ class cache_core {
     if (heads_ != 0 && q.extent(1) != heads_)
       fail(fn, "argument 'q' has shape " + shape_string(q) + " but earlier calls had " + std::to_string(heads_) +
                    " query heads (reset() to change)");
+    check_length(fn, k.extent(2));
   }
 
   /// Appends keys without queries: k [B, Hk, n, key_dim], v [B, Hk, n, dv] (k2: secondary rows).
@@ -136,6 +207,7 @@ class cache_core {
                    std::to_string(batch_) + ", " + std::to_string(kv_heads_) + ", n, " + std::to_string(key_dim) +
                    "] keys and [" + std::to_string(batch_) + ", " + std::to_string(kv_heads_) + ", n, " +
                    std::to_string(dv_) + "] values");
+    check_length(fn, k.extent(2));
     const tensor_view<const T, 4> q2(k2.data(), {k2.extent(0), k2.extent(1), 0, k2.extent(3)});
     run(src, q, k, v, out, bias, q2, k2);
   }
@@ -234,13 +306,11 @@ class sketched_cache : public detail::cache_core<T> {
   sketched_cache(index_t sketch_dim, index_t head_dim, index_t batch, index_t kv_heads, index_t value_dim,
                  const sketched_options& opts)
       : detail::cache_core<T>("sketched_cache", batch, kv_heads, value_dim, opts.block_size, opts.causal, opts.threads,
-                              identity(sketch_dim).feature_dim(), sketch_dim + (opts.local_exact ? head_dim : 0)),
+                              identity(sketch_dim).feature_dim(), key_width(sketch_dim, head_dim, opts.local_exact)),
         expand_(identity(sketch_dim)),
         d_(head_dim),
         opts_(opts) {
-    constexpr const char* fn = "sketched_cache";
-    if (head_dim < 0) detail::fail(fn, "argument 'head_dim' must be >= 0, got " + std::to_string(head_dim));
-    detail::check_options<T>(fn, opts);
+    detail::check_options<T>("sketched_cache", opts);
   }
 
   /// Appends n tokens (k [B, Hk, n, d], sk [B, Hk, n, r], v) and attends their n queries
@@ -279,6 +349,17 @@ class sketched_cache : public detail::cache_core<T> {
     sketch_options o;
     o.degree = 2;
     return polysketch<T>(r, o);
+  }
+
+  /// The width of a carried key row: r, and r + d with local_exact; checked before it is formed.
+  static index_t key_width(index_t r, index_t d, bool local) {
+    constexpr const char* fn = "sketched_cache";
+    if (r < 1) detail::fail(fn, "argument 'sketch_dim' must be >= 1, got " + std::to_string(r));
+    if (d < 0) detail::fail(fn, "argument 'head_dim' must be >= 0, got " + std::to_string(d));
+    if (local && (r > detail::kMaxAllocationBytes || d > detail::kMaxAllocationBytes))
+      detail::fail(fn, "with local_exact a state keeps key rows of sketch_dim + head_dim values: sketch_dim " +
+                           std::to_string(r) + " and head_dim " + std::to_string(d) + " exceed the 2^48 bound");
+    return local ? r + d : r;
   }
 
   detail::sketch_feature_source<T> source() const {

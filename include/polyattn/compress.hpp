@@ -14,6 +14,7 @@
 #include "detail/core/check_options.hpp"
 #include "detail/core/eigen_bridge.hpp"
 #include "detail/core/simd.hpp"
+#include "detail/core/sizes.hpp"
 #include "detail/core/threading.hpp"
 #include "detail/core/validation.hpp"
 #include "options.hpp"
@@ -86,12 +87,13 @@ void compress_memory(detail::input_view<T> x, index_t rate, pooling mode, tensor
   detail::check_writable(fn, "out", out);
   detail::check_no_overlap(fn, "out", out, "x", x);
   const index_t N = x.extent(2), d = x.extent(3);
+  const std::size_t row_sums = detail::checked_size<double>(fn, "a row of sums [d]", {d});
   detail::for_each_group(x.extent(0), x.extent(1), out.extent(2), rate, d, detail::resolve_threads(opts.threads),
                          [&](index_t b, index_t h, index_t g) {
                            const index_t r0 = g * rate, r1 = std::min(N, r0 + rate);
                            T* o = &out(b, h, g, 0);
                            if (mode == pooling::mean) {
-                             std::vector<double> sums(detail::to_size(d), 0.0);
+                             std::vector<double> sums(row_sums, 0.0);
                              double* const acc = sums.data();
                              for (index_t r = r0; r < r1; ++r) {
                                const T* row = &x(b, h, r, 0);
@@ -127,6 +129,7 @@ void compress_memory_backward(detail::input_view<T> x, index_t rate, pooling mod
   detail::check_no_overlap(fn, "dx", dx, "x", x);
   detail::check_no_overlap(fn, "dx", dx, "dout", dout);
   const index_t N = x.extent(2), d = x.extent(3);
+  const std::size_t row_args = detail::checked_size<index_t>(fn, "a row of the rows taken [d]", {d});
   detail::for_each_group(x.extent(0), x.extent(1), dout.extent(2), rate, d, detail::resolve_threads(opts.threads),
                          [&](index_t b, index_t h, index_t g) {
                            const index_t r0 = g * rate, r1 = std::min(N, r0 + rate);
@@ -139,7 +142,7 @@ void compress_memory_backward(detail::input_view<T> x, index_t rate, pooling mod
                              }
                            } else {
                              // forward: out_c = x_{r*, c} with r* the row max pooling took; so dx_{r*, c} = dout_c
-                             std::vector<index_t> rows_taken(detail::to_size(d), r0);
+                             std::vector<index_t> rows_taken(row_args, r0);
                              index_t* const arg = rows_taken.data();
                              for (index_t r = r0 + 1; r < r1; ++r) {
                                const T* row = &x(b, h, r, 0);

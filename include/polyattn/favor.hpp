@@ -63,6 +63,7 @@
 #include "config.hpp"
 #include "detail/core/check_options.hpp"
 #include "detail/core/eigen_bridge.hpp"
+#include "detail/core/sizes.hpp"
 #include "detail/core/threading.hpp"
 #include "detail/favor/backward.hpp"
 #include "detail/favor/checks.hpp"
@@ -91,7 +92,8 @@ class favor_features {
   favor_features() = default;
 
   /// Seeded draw of W [opts.features, head_dim] (see the header comment). Throws
-  /// std::invalid_argument for head_dim < 1, features < 1, threads < 0 or sizes beyond 2^24.
+  /// std::invalid_argument for head_dim < 1, features < 1, threads < 0, sizes beyond 2^24 or a W
+  /// (or an orthogonal d x d block) of more than 2^48 bytes (detail/core/sizes.hpp).
   explicit favor_features(index_t head_dim, const favor_options& opts = {});
 
   /// A caller-supplied W [m, head_dim] (e.g. a redraw made elsewhere, or a trained one), used as
@@ -132,8 +134,8 @@ class favor_features {
                      const Eigen::Ref<const matrix<T>>& dphi) const;
 
  private:
-  favor_features(index_t head_dim, const favor_options& opts, const std::vector<double>& w)
-      : opts_(opts), w_(detail::make_favor_projection<T>(head_dim, opts.features, w.data())) {}
+  favor_features(const char* fn, index_t head_dim, const favor_options& opts, const std::vector<double>& w)
+      : opts_(opts), w_(detail::make_favor_projection<T>(fn, head_dim, opts.features, w.data())) {}
 
   void run(const char* fn, tensor_view<const T, 4> x, tensor_view<T, 4> phi, bool keys) const;
   matrix<T> eigen_run(const char* fn, const Eigen::Ref<const matrix<T>>& x, bool keys) const;
@@ -146,8 +148,9 @@ class favor_features {
 
 template <class T>
 favor_features<T>::favor_features(index_t head_dim, const favor_options& opts) : opts_(opts) {
-  detail::check_options("favor_features", opts, head_dim);
-  w_ = detail::make_favor_projection<T>(head_dim, opts.features, detail::draw_favor_w(head_dim, opts).data());
+  constexpr const char* fn = "favor_features";
+  detail::check_options(fn, opts, head_dim);
+  w_ = detail::make_favor_projection<T>(fn, head_dim, opts.features, detail::draw_favor_w(fn, head_dim, opts).data());
 }
 
 template <class T>
@@ -157,7 +160,7 @@ favor_features<T> favor_features<T>::from_projection(const Eigen::Ref<const matr
   o.features = w.rows();
   o.orthogonal = false;
   detail::check_options(fn, o, w.cols());
-  return favor_features(w.cols(), o, detail::favor_w_from_matrix<T>(fn, w));
+  return favor_features(fn, w.cols(), o, detail::favor_w_from_matrix<T>(fn, w));
 }
 
 // ---- the map and its backward: the free functions of detail/favor/ -------------------------------
@@ -166,12 +169,13 @@ template <class T>
 void favor_features<T>::run(const char* fn, tensor_view<const T, 4> x, tensor_view<T, 4> phi, bool keys) const {
   detail::check_favor_map(fn, w_, x, phi);
   if (x.empty() || phi.empty()) return;
-  detail::favor_map(w_, detail::resolve_threads(opts_.threads), x, phi, keys);
+  detail::favor_map(fn, w_, detail::resolve_threads(opts_.threads), x, phi, keys);
 }
 
 template <class T>
 matrix<T> favor_features<T>::eigen_run(const char* fn, const Eigen::Ref<const matrix<T>>& x, bool keys) const {
   detail::check_favor_ready(fn, w_);
+  detail::checked_size<T>(fn, "phi [rows x features]", {x.rows(), w_.m});
   matrix<T> phi(x.rows(), w_.m);
   run(fn, detail::head_view<T>(x), detail::head_view<T>(phi), keys);
   return phi;
@@ -182,7 +186,7 @@ void favor_features<T>::backward(tensor_view<const T, 4> x, tensor_view<const T,
                                  tensor_view<T, 4> dx) const {
   detail::check_favor_backward("favor_features::backward", w_, x, phi, dphi, dx);
   if (x.empty()) return;
-  detail::favor_backward(w_, detail::resolve_threads(opts_.threads), x, phi, dphi, dx);
+  detail::favor_backward("favor_features::backward", w_, detail::resolve_threads(opts_.threads), x, phi, dphi, dx);
 }
 
 template <class T>

@@ -21,6 +21,7 @@
 
 #include "detail/core/check_options.hpp"
 #include "detail/core/gemm.hpp"
+#include "detail/core/sizes.hpp"
 #include "detail/core/threading.hpp"
 #include "detail/core/validation.hpp"
 #include "flash.hpp"
@@ -34,25 +35,30 @@ namespace detail {
 inline constexpr index_t kLinformerRows = 64;   // rows of K' per projection task
 inline constexpr index_t kLinformerKeys = 256;  // keys per packed chunk
 
-/// Projected tensors of one call: [B, Hk, kp, dim] with rows padded to the vector width.
+/// Projected tensors of one call: [B, Hk, kp, dim] with rows padded to the vector width. The
+/// size is checked (detail/core/sizes.hpp): kp is in no output shape, a stride-0 E may claim any.
 template <class T>
 struct projected {
   index_t ld = 0;
   aligned_vector<T> data;
   tensor_view<T, 4> view;
-  projected(index_t b, index_t hk, index_t kp, index_t dim) : ld(round_up(std::max<index_t>(dim, 1), 16)) {
-    data.assign(static_cast<std::size_t>(std::max<index_t>(b * hk * kp * ld, 1)), T(0));
+  projected(const char* fn, index_t b, index_t hk, index_t kp, index_t dim)
+      : ld(round_up(std::max<index_t>(dim, 1), 16)) {
+    const std::size_t size = checked_size<T>(fn, "the projected scratch [B x Hk x kp x padded dim]", {b, hk, kp, ld});
+    data.assign(std::max<std::size_t>(size, 1), T(0));
     view = tensor_view<T, 4>(data.data(), {b, hk, kp, dim}, {hk * kp * ld, kp * ld, ld, 1});
   }
 };
 
 /// out[b, h] = P · x[b, h] for every (batch, head): P [kp, Nk], x [B, Hk, Nk, dim], out padded.
 template <class T>
-void project_sequence(tensor_view<const T, 2> P, tensor_view<const T, 4> x, projected<T>& out, int threads) {
+void project_sequence(const char* fn, tensor_view<const T, 2> P, tensor_view<const T, 4> x, projected<T>& out,
+                      int threads) {
   const index_t B = x.extent(0), Hk = x.extent(1), nk = x.extent(2), dim = x.extent(3), kp = P.extent(0);
   const index_t ld = out.ld, blocks = ceil_div(kp, kLinformerRows);
   if (nk == 0 || dim == 0 || kp == 0) return;  // the scratch is zero already
-  aligned_vector<T> pack(static_cast<std::size_t>(threads * kLinformerKeys * ld));
+  aligned_vector<T> pack(
+      checked_size<T>(fn, "the packed keys [threads x chunk x padded dim]", {threads, kLinformerKeys, ld}));
   parallel_for(threads, B * Hk * blocks, [&](index_t task, int worker) {
     const index_t b = task / blocks / Hk, h = task / blocks % Hk, r0 = task % blocks * kLinformerRows;
     const index_t rows = std::min(kLinformerRows, kp - r0);
@@ -106,9 +112,9 @@ void linformer_impl(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor
   }
   const int threads = resolve_threads(opts.threads);
   const index_t B = k.extent(0), Hk = k.extent(1), kp = E.extent(0);
-  projected<T> kproj(B, Hk, kp, k.extent(3)), vproj(B, Hk, kp, v.extent(3));
-  project_sequence<T>(E, k, kproj, threads);
-  project_sequence<T>(F, v, vproj, threads);
+  projected<T> kproj(fn, B, Hk, kp, k.extent(3)), vproj(fn, B, Hk, kp, v.extent(3));
+  project_sequence<T>(fn, E, k, kproj, threads);
+  project_sequence<T>(fn, F, v, vproj, threads);
   // flash_attention over the projected keys and values
   softmax_family<T>("flash_attention", q, kproj.view, vproj.view, out, linformer_softmax(opts), kBlockK, stats);
 }
@@ -146,10 +152,12 @@ void check_linformer_gradients(const char* fn, tensor_view<const T, 4> q, tensor
 
 /// dx[b, h, j] = Σ_r P[r, j] dX'[b, h, r], one task per key chunk of one (batch, kv head).
 template <class T>
-void back_project(tensor_view<const T, 2> P, const projected<T>& dproj, tensor_view<T, 4> dx, int threads) {
+void back_project(const char* fn, tensor_view<const T, 2> P, const projected<T>& dproj, tensor_view<T, 4> dx,
+                  int threads) {
   const index_t B = dx.extent(0), Hk = dx.extent(1), nk = dx.extent(2), dim = dx.extent(3), kp = P.extent(0);
   const index_t ld = dproj.ld, chunks = ceil_div(nk, kLinformerKeys);
-  aligned_vector<T> tmp(static_cast<std::size_t>(threads * kLinformerKeys * ld));
+  aligned_vector<T> tmp(
+      checked_size<T>(fn, "the key chunks [threads x chunk x padded dim]", {threads, kLinformerKeys, ld}));
   parallel_for(threads, B * Hk * chunks, [&](index_t task, int worker) {
     const index_t b = task / chunks / Hk, h = task / chunks % Hk, j0 = task % chunks * kLinformerKeys;
     const index_t cl = std::min(kLinformerKeys, nk - j0);
@@ -163,10 +171,12 @@ void back_project(tensor_view<const T, 2> P, const projected<T>& dproj, tensor_v
 /// dP[:, chunk] = Σ_{b, h} dX'[b, h] · x[b, h, chunk]ᵀ, the (b, h) sum in a fixed order; one
 /// task per key chunk.
 template <class T>
-void project_grad(const projected<T>& dproj, tensor_view<const T, 4> x, tensor_view<T, 2> dP, int threads) {
+void project_grad(const char* fn, const projected<T>& dproj, tensor_view<const T, 4> x, tensor_view<T, 2> dP,
+                  int threads) {
   const index_t B = x.extent(0), Hk = x.extent(1), nk = x.extent(2), kp = dP.extent(0);
   const index_t dim = x.extent(3), ld = dproj.ld, lk = kLinformerKeys, chunks = ceil_div(nk, lk);
-  aligned_vector<T> tmp(static_cast<std::size_t>(threads * (std::max<index_t>(kp, 1) * lk + std::max<index_t>(dim, 1) * lk)));
+  aligned_vector<T> tmp(checked_size<T>(fn, "the gradient chunks [threads x (kp + dim) x chunk]",
+                                        {threads, std::max<index_t>(kp, 1) + std::max<index_t>(dim, 1), lk}));
   parallel_for(threads, chunks, [&](index_t task, int worker) {
     const index_t j0 = task * lk, cl = std::min(lk, nk - j0);
     T* c = tmp.data() + worker * (std::max<index_t>(kp, 1) * lk + std::max<index_t>(dim, 1) * lk);
@@ -229,15 +239,15 @@ void linformer_attention_backward(detail::input_view<T> q, detail::input_view<T>
   const softmax_options so = linformer_softmax(opts);
   const int threads = resolve_threads(opts.threads);
   const index_t B = k.extent(0), Hk = k.extent(1), kp = E.extent(0);
-  projected<T> kproj(B, Hk, kp, k.extent(3)), vproj(B, Hk, kp, v.extent(3));
-  project_sequence<T>(E, k, kproj, threads);
-  project_sequence<T>(F, v, vproj, threads);
-  projected<T> dkproj(B, Hk, kp, k.extent(3)), dvproj(B, Hk, kp, v.extent(3));
+  projected<T> kproj(fn, B, Hk, kp, k.extent(3)), vproj(fn, B, Hk, kp, v.extent(3));
+  project_sequence<T>(fn, E, k, kproj, threads);
+  project_sequence<T>(fn, F, v, vproj, threads);
+  projected<T> dkproj(fn, B, Hk, kp, k.extent(3)), dvproj(fn, B, Hk, kp, v.extent(3));
   flash_attention_backward<T>(q, kproj.view, vproj.view, out, dout, stats, dq, dkproj.view, dvproj.view, so);
-  back_project<T>(E, dkproj, dk, threads);
-  back_project<T>(F, dvproj, dv, threads);
-  project_grad<T>(dkproj, k, dE, threads);
-  project_grad<T>(dvproj, v, dF, threads);
+  back_project<T>(fn, E, dkproj, dk, threads);
+  back_project<T>(fn, F, dvproj, dv, threads);
+  project_grad<T>(fn, dkproj, k, dE, threads);
+  project_grad<T>(fn, dvproj, v, dF, threads);
 }
 
 /// Single head: q [Nq, d], k [Nk, d], v [Nk, dv], E, F [kp, Nk] -> out [Nq, dv].

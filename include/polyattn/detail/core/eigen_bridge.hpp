@@ -4,6 +4,7 @@
 #include <Eigen/Core>
 
 #include "../../tensor_view.hpp"
+#include "sizes.hpp"
 
 namespace polyattn {
 
@@ -30,6 +31,7 @@ tensor_view<T, 4> head_view(matrix<T>& m) {
 template <class T, class Kernel, class... Extra>
 matrix<T> single_head(Kernel kernel, const Eigen::Ref<const matrix<T>>& q, const Eigen::Ref<const matrix<T>>& k,
                       const Eigen::Ref<const matrix<T>>& v, const Extra&... extra) {
+  checked_size<T>("single_head", "the output [Nq x dv]", {q.rows(), v.cols()});
   matrix<T> out(q.rows(), v.cols());
   kernel(head_view<T>(q), head_view<T>(k), head_view<T>(v), head_view<T>(out), extra...);
   return out;

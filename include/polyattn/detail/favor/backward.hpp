@@ -12,6 +12,7 @@
 #include "../../tensor_view.hpp"
 #include "../core/gemm.hpp"
 #include "../core/simd.hpp"
+#include "../core/sizes.hpp"
 #include "../core/threading.hpp"
 #include "map.hpp"
 #include "projection.hpp"
@@ -44,14 +45,16 @@ void favor_backward_chunk(const favor_projection<T>& P, const tensor_view<const 
   }
 }
 
-/// dx = dL/dx from x, phi = φ(x) and dphi = dL/dφ (checked, non-empty views), on `threads` threads.
+/// dx = dL/dx from x, phi = φ(x) and dphi = dL/dφ (checked, non-empty views), on `threads` threads;
+/// fn names the caller in a size error.
 template <class T, class Arch = default_arch>
-void favor_backward(const favor_projection<T>& P, int threads, const tensor_view<const T, 4>& x,
+void favor_backward(const char* fn, const favor_projection<T>& P, int threads, const tensor_view<const T, 4>& x,
                     const tensor_view<const T, 4>& phi, const tensor_view<const T, 4>& dphi,
                     const tensor_view<T, 4>& dx) {
   const index_t n = x.extent(2), chunks = ceil_div(n, kFavorRowChunk), slices = x.extent(0) * x.extent(1);
   const index_t gsz = kFavorRowChunk * P.mp, tsz = kFavorRowChunk * P.dp;
-  aligned_vector<T> scratch(static_cast<std::size_t>(threads * (gsz + tsz)));
+  aligned_vector<T> scratch(checked_size<T>(fn, "the scratch [threads x chunk x (features + head_dim), padded]",
+                                            {threads, gsz + tsz}));
   const T s = favor_input_scale<T>(P.d), s2 = s * s;
   parallel_for(threads, slices * chunks, [&](index_t task, int worker) {
     const index_t b = task / chunks / x.extent(1), h = task / chunks % x.extent(1), r0 = task % chunks * kFavorRowChunk;

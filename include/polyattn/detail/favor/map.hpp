@@ -17,6 +17,7 @@
 #include "../../tensor_view.hpp"
 #include "../core/gemm.hpp"
 #include "../core/simd.hpp"
+#include "../core/sizes.hpp"
 #include "../core/threading.hpp"
 #include "projection.hpp"
 
@@ -106,17 +107,18 @@ void favor_key_exp(const favor_projection<T>& P, const favor_map_constants<T>& k
 }
 
 /// phi = φ(x) of every row (checked, non-empty views): per-row stabilisers (queries) or one per
-/// (batch, head) slice (keys), on `threads` threads.
+/// (batch, head) slice (keys), on `threads` threads; fn names the caller in a size error.
 template <class T, class Arch = default_arch>
-void favor_map(const favor_projection<T>& P, int threads, const tensor_view<const T, 4>& x,
+void favor_map(const char* fn, const favor_projection<T>& P, int threads, const tensor_view<const T, 4>& x,
                const tensor_view<T, 4>& phi, bool keys) {
   const index_t n = x.extent(2), heads = x.extent(1), slices = x.extent(0) * heads;
   const T s = favor_input_scale<T>(P.d);
   const favor_map_constants<T> k{n, ceil_div(n, kFavorRowChunk), heads, s, s * s / T(2),
                                  static_cast<T>(1.0 / std::sqrt(static_cast<double>(P.m))), keys};
   const index_t hsz = kFavorRowChunk * P.mp;
-  aligned_vector<T> scratch(static_cast<std::size_t>(threads * hsz));
-  std::vector<T> chunk_max(static_cast<std::size_t>(slices * k.chunks), -std::numeric_limits<T>::infinity());
+  aligned_vector<T> scratch(checked_size<T>(fn, "the logits [threads x chunk x padded features]", {threads, hsz}));
+  std::vector<T> chunk_max(checked_size<T>(fn, "the chunk maxima [batch x heads x chunks]", {slices, k.chunks}),
+                           -std::numeric_limits<T>::infinity());
   parallel_for(threads, slices * k.chunks, [&](index_t task, int worker) {
     const index_t b = task / k.chunks / heads, h = task / k.chunks % heads, r0 = task % k.chunks * kFavorRowChunk;
     const index_t rows = std::min(kFavorRowChunk, n - r0);

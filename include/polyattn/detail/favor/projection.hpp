@@ -19,6 +19,7 @@
 #include "../../options.hpp"
 #include "../core/random.hpp"
 #include "../core/simd.hpp"
+#include "../core/sizes.hpp"
 #include "../core/validation.hpp"
 
 namespace polyattn::detail {
@@ -37,14 +38,14 @@ struct favor_projection {
 
 /// The stored projection of W [m, d] (row-major doubles), rounded to T.
 template <class T>
-favor_projection<T> make_favor_projection(index_t d, index_t m, const double* w) {
+favor_projection<T> make_favor_projection(const char* fn, index_t d, index_t m, const double* w) {
   favor_projection<T> p;
   p.d = d;
   p.m = m;
   p.dp = round_up(d, favor_layout_pad<T>);
   p.mp = round_up(m, favor_layout_pad<T>);
-  p.w.assign(static_cast<std::size_t>(m * p.dp), T(0));
-  p.wt.assign(static_cast<std::size_t>(d * p.mp), T(0));
+  p.w.assign(checked_size<T>(fn, "W [features x padded head_dim]", {m, p.dp}), T(0));
+  p.wt.assign(checked_size<T>(fn, "W^T [head_dim x padded features]", {d, p.mp}), T(0));
   for (index_t i = 0; i < m; ++i)
     for (index_t c = 0; c < d; ++c) {
       const T v = static_cast<T>(w[static_cast<std::size_t>(i * d + c)]);
@@ -106,15 +107,15 @@ inline void draw_favor_block(normal_stream& gen, index_t d, index_t b0, index_t 
 }
 
 /// The seeded W [opts.features, d] in double, row-major (the order is documented in favor.hpp).
-inline std::vector<double> draw_favor_w(index_t d, const favor_options& opts) {
+inline std::vector<double> draw_favor_w(const char* fn, index_t d, const favor_options& opts) {
   const index_t m = opts.features;
-  std::vector<double> w(static_cast<std::size_t>(m * d));
+  std::vector<double> w(checked_size<double>(fn, "W [features x head_dim] in double", {m, d}));
   normal_stream gen(opts.seed);
   if (!opts.orthogonal) {
     for (double& x : w) x = gen.next();
     return w;
   }
-  std::vector<double> g(static_cast<std::size_t>(d * d));
+  std::vector<double> g(checked_size<double>(fn, "an orthogonal block [head_dim x head_dim] in double", {d, d}));
   for (index_t b0 = 0; b0 < m; b0 += d) draw_favor_block(gen, d, b0, std::min(d, m - b0), g, w);
   return w;
 }
@@ -122,7 +123,7 @@ inline std::vector<double> draw_favor_w(index_t d, const favor_options& opts) {
 /// A caller's W [m, d] in double, row-major; throws for a non-finite entry.
 template <class T>
 std::vector<double> favor_w_from_matrix(const char* fn, const Eigen::Ref<const matrix<T>>& w) {
-  std::vector<double> wd(static_cast<std::size_t>(w.rows() * w.cols()));
+  std::vector<double> wd(checked_size<double>(fn, "argument 'w' in double", {w.rows(), w.cols()}));
   for (index_t i = 0; i < w.rows(); ++i)
     for (index_t c = 0; c < w.cols(); ++c) {
       if (!std::isfinite(w(i, c)))

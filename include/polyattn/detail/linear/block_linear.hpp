@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "../../tensor_view.hpp"
+#include "../core/sizes.hpp"
 #include "../core/threading.hpp"
 #include "block_passes.hpp"
 #include "linear_problem.hpp"
@@ -142,7 +143,8 @@ scan_dims scan_dims_of(const linear_problem<T>& p, const Source& src) {
   d.kdim1 = src.key_dim();
   d.kdim2 = src.key_dim2();
   d.kdim = d.kdim1 + d.kdim2;
-  d.S = d.m * d.dvp + round_up(d.m, W);
+  d.S = static_cast<index_t>(checked_size<T>("run_block_linear", "a state [m x padded dv]", {d.m, d.dvp})) +
+        round_up(d.m, W);
   d.group = pb.heads / pb.kv_heads;
   d.local = pb.causal || src.local_when_noncausal();
   d.direct_v = pb.dv % W == 0;
@@ -166,9 +168,11 @@ carried_states<T> load_states(const linear_problem<T>& p, const scan_dims& d, co
                               linear_workspace<T>& wsp) {
   if (!p.states) return {};
   const index_t n_seq = p.sizes.batch * p.sizes.kv_heads, m = d.m, dv = d.dv, dvp = d.dvp, kdim = d.kdim;
-  ensure(wsp.start, n_seq * d.S);
-  ensure(wsp.start_keys, n_seq * plan.b * std::max<index_t>(kdim, 1));
-  ensure(wsp.start_vals, n_seq * plan.b * dvp);
+  ensure(wsp.start, static_cast<index_t>(checked_size<T>("run_block_linear", "the states", {n_seq, d.S})));
+  ensure(wsp.start_keys, static_cast<index_t>(checked_size<T>("run_block_linear", "the states' keys",
+                                                              {n_seq, plan.b, std::max<index_t>(kdim, 1)})));
+  ensure(wsp.start_vals,
+         static_cast<index_t>(checked_size<T>("run_block_linear", "the states' values", {n_seq, plan.b, dvp})));
   for (index_t s = 0; s < n_seq; ++s) {
     const linear_state<T>& st = p.states[s];
     if (st.position != plan.p0 || st.block != plan.b || st.feature_dim != m || st.key_dim != kdim ||
@@ -298,7 +302,8 @@ template <class T, class Source, class Arch>
 chunk_totals<T> range_pre_pass(const block_scan<T, Source, Arch>& sc, index_t n_pre,
                                std::vector<scan_workspace<T>>& scratch, int workers, aligned_vector<T>& totals) {
   const index_t n_seq = sc.p.sizes.batch * sc.p.sizes.kv_heads, S = sc.d.S;
-  T* out = ensure(totals, std::max<index_t>(n_seq * n_pre * S, 1));
+  const auto size = static_cast<index_t>(checked_size<T>("run_block_linear", "the chunk totals", {n_seq, n_pre, S}));
+  T* out = ensure(totals, std::max<index_t>(size, 1));
   parallel_for(workers, n_seq * n_pre, [&](index_t task, int worker) {
     const index_t s = task / n_pre, g = task % n_pre;
     chunk_total(sc, s, g, scratch[static_cast<std::size_t>(worker)], out + (s * n_pre + g) * S);
@@ -492,7 +497,8 @@ template <class T, class Source, class Arch>
 void run_noncausal(const block_scan<T, Source, Arch>& sc, const chunk_totals<T>& totals,
                    std::vector<scan_workspace<T>>& scratch, int workers, aligned_vector<T>& grand_buf) {
   const block_problem& pb = sc.p.sizes;
-  T* grand = ensure(grand_buf, pb.batch * pb.kv_heads * sc.d.S);
+  T* grand = ensure(grand_buf, static_cast<index_t>(checked_size<T>("run_block_linear", "the totals",
+                                                                     {pb.batch, pb.kv_heads, sc.d.S})));
   noncausal_totals(sc, totals, scratch, workers, grand);
   const index_t qc_first = floor_div(sc.plan.offset, sc.plan.b);
   const index_t n_qblocks = sc.plan.c_end - qc_first + 1;

@@ -60,6 +60,7 @@
 #include <vector>
 
 #include "../../tensor_view.hpp"
+#include "../core/sizes.hpp"
 #include "block_linear.hpp"
 #include "linear_problem.hpp"
 
@@ -99,7 +100,7 @@ backward_dims<T> backward_dims_of(const linear_backward_problem<T>& p, const Sou
   d.mp = round_up(d.m, W);
   d.dv = pb.dv;
   d.dvp = round_up(std::max<index_t>(d.dv, 1), W);
-  d.S = d.m * d.dvp + d.mp;
+  d.S = static_cast<index_t>(checked_size<T>("run_block_backward", "a state [m x padded dv]", {d.m, d.dvp})) + d.mp;
   d.rbp = round_up(src.base_dim(), W);
   d.lf = src.local();
   d.ldl = round_up(std::max<index_t>(d.lf.dim, 1), W);
@@ -565,8 +566,9 @@ void run_block_backward(const linear_backward_problem<T>& p, const Source& src) 
   const index_t nblk = sc.d.nblk;
   const int workers = static_cast<int>(std::clamp<index_t>(pb.threads, 1, 2 * n_seq));
   std::vector<backward_workspace<T>> scratch(static_cast<std::size_t>(workers));
-  aligned_vector<T> leaf_tasks(static_cast<std::size_t>(LV * 2 * n_seq), T(0));
-  std::unique_ptr<std::atomic<int>[]> delivered(new std::atomic<int>[static_cast<std::size_t>(n_seq * nblk)]);
+  aligned_vector<T> leaf_tasks(checked_size<T>("run_block_backward", "leaf gradients", {LV, 2, n_seq}), T(0));
+  std::unique_ptr<std::atomic<int>[]> delivered(
+      new std::atomic<int>[checked_size<std::atomic<int>>("run_block_backward", "the block flags", {n_seq, nblk})]);
   for (index_t e = 0; e < n_seq * nblk; ++e) delivered[static_cast<std::size_t>(e)].store(0, std::memory_order_relaxed);
   parallel_for(workers, 2 * n_seq, [&](index_t task, int worker) {
     backward_workspace<T>& ws = scratch[static_cast<std::size_t>(worker)];

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../../config.hpp"
+#include "../core/sizes.hpp"
 
 namespace polyattn::detail {
 
@@ -38,13 +39,15 @@ struct linear_state {
   /// Keys of the unfinished block, kept raw.
   index_t pending() const noexcept { return block > 0 ? position % block : 0; }
 
-  /// Back to the empty sequence.
+  /// Back to the empty sequence. Throws std::invalid_argument for sizes beyond the bound of
+  /// detail/core/sizes.hpp (the caches check them, with their own name, before building states).
   void reset() {
+    constexpr const char* fn = "linear_state";
     position = 0;
-    Z.assign(static_cast<std::size_t>(feature_dim * value_dim), T(0));
-    z.assign(static_cast<std::size_t>(feature_dim), T(0));
-    keys.assign(static_cast<std::size_t>(block * key_dim), T(0));
-    values.assign(static_cast<std::size_t>(block * value_dim), T(0));
+    Z.assign(checked_size<T>(fn, "Z [m x dv]", {feature_dim, value_dim}), T(0));
+    z.assign(checked_size<T>(fn, "z [m]", {feature_dim}), T(0));
+    keys.assign(checked_size<T>(fn, "keys [block x key dim]", {block, key_dim}), T(0));
+    values.assign(checked_size<T>(fn, "values [block x dv]", {block, value_dim}), T(0));
   }
 
   /// Bytes held (the buffers' capacity).

@@ -10,6 +10,7 @@
 #include "../../config.hpp"
 #include "../../tensor_view.hpp"
 #include "../core/simd.hpp"
+#include "../core/sizes.hpp"
 #include "expand.hpp"
 #include "layout.hpp"
 #include "tree.hpp"
@@ -40,6 +41,7 @@ void sketch_feature_rows(const sketch_layout<T>& sk, const T* x, index_t ldx, in
 /// [n, d] -> [n, feature dim]: the features of every row.
 template <class T>
 matrix<T> sketch_feature_matrix(const sketch_layout<T>& sk, const Eigen::Ref<const matrix<T>>& x) {
+  checked_size<T>("polysketch::features", "phi [rows x features]", {x.rows(), sketch_feature_dim(sk)});
   matrix<T> phi(x.rows(), sketch_feature_dim(sk));
   sketch_buffers<T> buf(sk, x.rows());
   sketch_feature_rows(sk, x.data(), x.outerStride(), x.rows(), phi.data(), sketch_feature_dim(sk), buf);
@@ -60,6 +62,7 @@ void sketch_feature_views(const sketch_layout<T>& sk, const tensor_view<const T,
 template <class T>
 matrix<T> sketch_matrix(const sketch_layout<T>& sk, const Eigen::Ref<const matrix<T>>& x) {
   const index_t n = x.rows(), r = sk.r, R = sk.r_pad;
+  checked_size<T>("polysketch::sketch", "the sketches [rows x sketch size]", {n, r});
   matrix<T> out(n, r);
   sketch_buffers<T> buf(sk, n);
   for (index_t c0 = 0; c0 < n; c0 += kSketchRowChunk) {
