@@ -359,6 +359,43 @@ struct prefix_block {
   T* dvacc;
 };
 
+/// The products of the local pairs of `rows` query rows (local rows ql, positions first_pos ..)
+/// with the first `keys` keys of blk.kb, from local_pairs' dw' and w (ld ldw):
+///   da[i] += Σ_j dw'_ij b_j  (into qacc, ld ldq),  db[j] += Σ_i dw'_ij a_i  (blk.kacc),
+///   dv[j] += Σ_i w_ij g_i  (blk.dvacc).
+/// A masked pair's dw' and w are 0, and 0 · NaN (or ±inf) is NaN: when a key row some query of
+/// the chunk may not see (b_j) or a query row that may not see some key (a_i, g_i) is not
+/// finite, each row of da sums only its visible keys and each row of db, dv only the queries
+/// that see the key. The GEMM accumulates from +0 in index order and a masked term adds ±0, so
+/// those are the same bits as the whole products give for finite rows (docs/design.md §6).
+template <class T, class Source, class Arch>
+void pair_products(const block_backward<T, Source, Arch>& sc, const prefix_block<T>& blk, const T* ql, index_t rows,
+                   index_t keys, index_t first_pos, index_t ldw, T* qacc, index_t ldq, backward_workspace<T>& ws) {
+  const backward_dims<T>& d = sc.d;
+  const index_t dim = d.lf.dim, ldl = d.ldl, dvp = d.dvp, j0 = blk.kb.j0;
+  const T *dw = ws.dw.data(), *w = ws.w.data(), *g = ws.g.data(), *kl = ws.klocal.data();
+  // causal: every row sees the first `common` keys; rows [0, partial) miss some of the keys
+  const bool causal = sc.p.sizes.causal;
+  const index_t common = causal ? std::clamp<index_t>(first_pos - j0 + 1, 0, keys) : keys;
+  const index_t partial = causal ? std::clamp<index_t>(j0 + keys - 1 - first_pos, 0, rows) : 0;
+  if (common < keys && !rows_finite<T, Arch>(kl + common * ldl, ldl, keys - common, dim))
+    for (index_t i = 0; i < rows; ++i)  // row i sees keys [0, first_pos + i − j0]
+      gemm<T, Arch>(1, dim, std::min(keys, first_pos + i - j0 + 1), dw + i * ldw, ldw, 1, kl, ldl, qacc + i * ldq, ldq,
+                    true);
+  else
+    gemm<T, Arch>(rows, dim, keys, dw, ldw, 1, kl, ldl, qacc, ldq, true);
+  if (partial > 0 && !(rows_finite<T, Arch>(ql, ldl, partial, dim) && rows_finite<T, Arch>(g, dvp, partial, d.dv))) {
+    for (index_t j = 0; j < keys; ++j) {  // key j is seen by rows [i_j, rows)
+      const index_t ij = std::max<index_t>(0, j0 + j - first_pos);
+      gemm<T, Arch>(1, dim, rows - ij, dw + ij * ldw + j, 1, ldw, ql + ij * ldl, ldl, blk.kacc + j * ldl, ldl, true);
+      gemm<T, Arch>(1, d.dv, rows - ij, w + ij * ldw + j, 1, ldw, g + ij * dvp, dvp, blk.dvacc + j * dvp, dvp, true);
+    }
+  } else {
+    gemm<T, Arch>(keys, dim, rows, dw, 1, ldw, ql, ldl, blk.kacc, ldl, true);
+    gemm<T, Arch>(keys, d.dv, rows, w, 1, ldw, g, dvp, blk.dvacc, dvp, true);
+  }
+}
+
 /// Query rows a .. a+rows of head (bi, h), prepared in qr from row i0 (their local rows in
 /// qloc, ld ldl, when the block is own): their gradients written into dq (and dq2), the
 /// block's share of their local pairs added to blk.kacc and blk.dvacc. Returns whether there
@@ -385,11 +422,7 @@ bool query_chunk(const block_backward<T, Source, Arch>& sc, const prefix_block<T
   if (keys > 0) {
     const T* ql = qloc + (a - i0) * ldl;
     const index_t ldw = local_pairs(sc, kb, ql, ldl, rows, keys, first_pos, ws, true);
-    // da[i] += Σ_j dw'_ij b_j ; db[j] += Σ_i dw'_ij a_i ; dv[j] += Σ_i w_ij g_i
-    gemm<T, Arch>(rows, d.lf.dim, keys, ws.dw.data(), ldw, 1, ws.klocal.data(), ldl, d.local_sep ? dlocal : dbase,
-                  d.local_sep ? ldl : rbp, true);
-    gemm<T, Arch>(keys, d.lf.dim, rows, ws.dw.data(), 1, ldw, ql, ldl, blk.kacc, ldl, true);
-    gemm<T, Arch>(keys, d.dv, rows, ws.w.data(), 1, ldw, ws.g.data(), d.dvp, blk.dvacc, d.dvp, true);
+    pair_products(sc, blk, ql, rows, keys, first_pos, ldw, d.local_sep ? dlocal : dbase, d.local_sep ? ldl : rbp, ws);
   }
   sc.src.finish(raw_q(sc, bi, h, a), rows, true, dbase, rbp, d.local_sep ? dlocal : nullptr, ldl, grads_q(sc, bi, h, a),
                 ws.fin, leaf_acc);
