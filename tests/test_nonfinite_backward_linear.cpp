@@ -319,3 +319,131 @@ TEMPLATE_TEST_CASE("sketched_attention_backward: a non-finite input reaches only
                    "[sketched][backward][causal][nonfinite]", float, double) {
   for (bool local_exact : {false, true}) check_family<TestType>(sketched_family<TestType>(local_exact));
 }
+
+namespace {
+
+/// c·|1 + 0.2·N(0, 1)| in every entry: weights of one sign and size.
+template <class T>
+tensor4<T> tiny_positive(index_t b, index_t h, index_t n, index_t d, double c, std::uint64_t seed) {
+  tensor4<T> t = random_tensor<T>(b, h, n, d, seed, false, 0.2);
+  for (T& e : t.storage) e = static_cast<T>(c * std::abs(1.0 + static_cast<double>(e)));
+  return t;
+}
+
+/// A gradient against the long double oracle: finite, and within `tolerance` × its magnitude.
+template <class T>
+void check_gradient(const std::string& name, const tensor4<T>& got, const dense_result& want, double tolerance) {
+  const error_summary e = compare<T>(got.cview(), want);
+  const double magnitude = max_abs_value(want);
+  INFO(name << ": error " << e.max_abs << ", magnitude " << magnitude);
+  CHECK(e.finite);
+  CHECK(e.max_abs <= tolerance * magnitude);
+}
+
+/// The issue's case: g_i = dout_i / den_i or c_i = −dout_i·out_i / den_i (the oracle's den and
+/// out) overflows T for some row. Returns the largest den.
+template <class T>
+double check_g_overflows(const tensor4<T>& dout, const dense_gradients& g) {
+  double largest = 0, ratio = 0;
+  const tensor_view<const T, 4> d = dout.cview();
+  for (index_t b = 0; b < d.extent(0); ++b)
+    for (index_t h = 0; h < d.extent(1); ++h)
+      for (index_t i = 0; i < d.extent(2); ++i) {
+        const double den = g.stats[static_cast<std::size_t>((b * d.extent(1) + h) * d.extent(2) + i)];
+        largest = std::max(largest, den);
+        double dot = 0;
+        for (index_t c = 0; c < d.extent(3); ++c) {
+          ratio = std::max(ratio, std::abs(double(d(b, h, i, c))) / den);
+          dot += double(d(b, h, i, c)) * g.out(b, h, i, c);
+        }
+        ratio = std::max(ratio, std::abs(dot) / den);
+      }
+  INFO("largest |g|, |c| " << ratio);
+  CHECK(ratio > static_cast<double>(std::numeric_limits<T>::max()));
+  return largest;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("linear_attention_backward with subnormal denominators", "[linear][backward][subnormal]", float,
+                   double) {
+  // β = 0 and features ≈ 5e-21 (float) or 1e-160 (double): each w_ij = φq_i·φk_j is ~1e-40 or
+  // ~1e-320 and the denominators are subnormal (or barely normal), so g = dout / den or
+  // c = −dout·out / den overflows, while p_ij = w_ij / den_i is O(1) and every true gradient is
+  // finite (|dφ| ~ 1/c, |dv| ≤ 4). The long double oracle holds the weights as normal numbers;
+  // the kernel's forward rounds each subnormal product to a multiple of T's denorm_min, 6e-5
+  // (float) or 5e-4 (double) of a product: the tolerance is 20 times that, relative to each
+  // result's magnitude.
+  using T = TestType;
+  const bool is_float = std::is_same_v<T, float>;
+  const double c = is_float ? 5e-21 : 1e-160, tolerance = is_float ? 1e-3 : 1e-2;
+  const shape_case shapes[] = {{1, 2, 1, 40, 40, 3, 3, 256}, {1, 1, 1, 24, 40, 3, 3, 256}, {1, 1, 1, 260, 260, 2, 3, 256}};
+  for (const shape_case& s : shapes)
+    for (bool causal : {true, false}) {
+      if (s.nk > 256 && !causal) continue;  // (two blocks matter to the causal scans only)
+      INFO("Nq=" << s.nq << " Nk=" << s.nk << " causal=" << causal);
+      tensor4<T> pq = tiny_positive<T>(s.batch, s.heads, s.nq, s.d, c, 101);
+      tensor4<T> pk = tiny_positive<T>(s.batch, s.kv_heads, s.nk, s.d, c, 102);
+      tensor4<T> v = random_tensor<T>(s.batch, s.kv_heads, s.nk, s.dv, 103);
+      tensor4<T> dout = random_tensor<T>(s.batch, s.heads, s.nq, s.dv, 104);
+      tensor4<T> out(s.batch, s.heads, s.nq, s.dv), dpq(s.batch, s.heads, s.nq, s.d), dpk(s.batch, s.kv_heads, s.nk, s.d),
+          dv(s.batch, s.kv_heads, s.nk, s.dv);
+      tensor3<T> stats(s.batch, s.heads, s.nq);
+      linear_options o;
+      o.causal = causal;
+      o.threads = 2;
+      linear_attention<T>(pq.view, pk.view, v.view, out.view, o, stats.view);
+      linear_attention_backward<T>(pq.view, pk.view, v.view, out.view, dout.view, stats.cview(), dpq.view, dpk.view,
+                                   dv.view, o);
+      const dense_gradients exact =
+          linear_gradients_oracle<T, long double>(pq.cview(), pk.cview(), v.cview(), dout.cview(), causal, 0.0);
+      INFO("largest den " << check_g_overflows<T>(dout, exact));
+      check_gradient<T>("out", out, exact.out, tolerance);
+      check_gradient<T>("dphi_q", dpq, exact.dq, tolerance);
+      check_gradient<T>("dphi_k", dpk, exact.dk, tolerance);
+      check_gradient<T>("dv", dv, exact.dv, tolerance);
+    }
+}
+
+TEMPLATE_TEST_CASE("sketched_attention_backward with subnormal denominators", "[sketched][backward][subnormal]",
+                   float, double) {
+  // β = 0, sketches ≈ 1e-10 (float) or 1e-80 (double): w_ij = (sq_i·sk_j)² ~ 1e-40 or 1e-320;
+  // with local_exact, q and k ≈ 5e-6 or 5e-41 give (q_i·k_j)^4 of the same size (d = 4). The
+  // tolerances of the test above (these weights are products of normal numbers, rounded once).
+  using T = TestType;
+  const bool is_float = std::is_same_v<T, float>;
+  const double cs = is_float ? 1e-10 : 1e-80, cq = is_float ? 5e-6 : 5e-41, tolerance = is_float ? 1e-3 : 1e-2;
+  const shape_case s{1, 2, 1, 40, 40, 4, 3, 16};
+  for (bool local_exact : {false, true}) {
+    INFO("local_exact=" << local_exact);
+    tensor4<T> q = tiny_positive<T>(s.batch, s.heads, s.nq, s.d, cq, 111);
+    tensor4<T> k = tiny_positive<T>(s.batch, s.kv_heads, s.nk, s.d, cq, 112);
+    tensor4<T> sq = tiny_positive<T>(s.batch, s.heads, s.nq, 3, cs, 113);
+    tensor4<T> sk = tiny_positive<T>(s.batch, s.kv_heads, s.nk, 3, cs, 114);
+    tensor4<T> v = random_tensor<T>(s.batch, s.kv_heads, s.nk, s.dv, 115);
+    tensor4<T> dout = random_tensor<T>(s.batch, s.heads, s.nq, s.dv, 116);
+    tensor4<T> out(s.batch, s.heads, s.nq, s.dv), dq(s.batch, s.heads, s.nq, s.d), dk(s.batch, s.kv_heads, s.nk, s.d),
+        dsq(s.batch, s.heads, s.nq, 3), dsk(s.batch, s.kv_heads, s.nk, 3), dv(s.batch, s.kv_heads, s.nk, s.dv);
+    tensor3<T> stats(s.batch, s.heads, s.nq);
+    sketched_options o;
+    o.causal = true;
+    o.local_exact = local_exact;
+    o.block_size = s.block;
+    o.normalizer_bias = 0;
+    o.threads = 2;
+    sketched_attention<T>(q.view, k.view, sq.view, sk.view, v.view, out.view, o, stats.view);
+    sketched_attention_backward<T>(q.view, k.view, sq.view, sk.view, v.view, out.view, dout.view, stats.cview(), dq.view,
+                                   dk.view, dsq.view, dsk.view, dv.view, o);
+    const sketched_gradients exact = sketched_gradients_oracle<T, long double>(q.cview(), k.cview(), sq.cview(),
+                                                                             sk.cview(), v.cview(), dout.cview(), o);
+    INFO("largest den " << check_g_overflows<T>(dout, exact));
+    check_gradient<T>("out", out, exact.out, tolerance);
+    if (local_exact) {
+      check_gradient<T>("dq", dq, exact.dq, tolerance);
+      check_gradient<T>("dk", dk, exact.dk, tolerance);
+    }
+    check_gradient<T>("dsq", dsq, exact.dsq, tolerance);
+    check_gradient<T>("dsk", dsk, exact.dsk, tolerance);
+    check_gradient<T>("dv", dv, exact.dv, tolerance);
+  }
+}
