@@ -11,7 +11,7 @@
 // A masked pair's weight and weight gradient are 0 and 0 · NaN = NaN: the own block's pair
 // products (dq += dW·K, dk += dWᵀ·Q, dv += Wᵀ·G) must not multiply a masked 0 by a later key's
 // row or by an earlier query's row. Each check poisons one entry, runs forward and backward,
-// and compares every row bitwise with the finite run (threads 2) at 1 or 2 threads.
+// and compares every row bitwise with the finite run (1 thread) at 1 or 2 threads.
 //
 // Subnormal denominators: with β = 0 and tiny features every den_i is subnormal, 1/den_i
 // overflows and g_i = dout_i / den_i would be inf, while every true gradient is finite; the
@@ -46,8 +46,9 @@ struct shape_case {
 };
 
 // several 16-key blocks; Nq < Nk with the first query inside a block; batch, GQA and a partial
-// last block; one block of 100 keys (the backward's query chunks of 64 rows); two 256-key
-// blocks (linear_attention's own block size) with Nq < Nk
+// last block; then 256-key blocks (linear_attention's only block size; the other families,
+// whose pair products are the same code, take the 16-key shapes only): one block of 100 keys
+// (the backward's query chunks of 64 rows), two blocks with Nq < Nk
 const shape_case kShapes[] = {{1, 1, 1, 40, 40, 8, 8, 16},
                               {1, 1, 1, 20, 50, 8, 5, 16},
                               {2, 4, 2, 37, 37, 6, 9, 16},
@@ -57,8 +58,8 @@ const shape_case kShapes[] = {{1, 1, 1, 40, 40, 8, 8, 16},
 /// Positions to poison: block edges (16, 256), the 64-row chunk edges, the middle and the last.
 std::vector<index_t> positions(index_t nk) {
   std::vector<index_t> out;
-  for (index_t p : {index_t(0), index_t(15), index_t(16), index_t(17), index_t(31), index_t(32), index_t(63),
-                    index_t(64), index_t(127), index_t(255), index_t(256), index_t(257), nk / 2, nk - 1})
+  for (index_t p : {index_t(0), index_t(15), index_t(16), index_t(31), index_t(32), index_t(63), index_t(64),
+                    index_t(255), index_t(256), nk / 2, nk - 1})
     if (p < nk && std::find(out.begin(), out.end(), p) == out.end()) out.push_back(p);
   return out;
 }
@@ -72,7 +73,7 @@ struct grad_case {
   std::vector<std::string> qnames, knames;
   tensor4<T> dout, out, stats;  // stats [B, H, Nq, 1]
   std::vector<tensor4<T>> dqs, dks;
-  int threads = 2;
+  int threads = 1;
 
   tensor_view<T, 3> stats_view() { return tensor_view<T, 3>(stats.storage.data(), {s.batch, s.heads, s.nq}); }
   tensor_view<const T, 3> stats_cview() const {
@@ -99,7 +100,7 @@ struct family {
   std::string name;
   std::function<grad_case<T>(const shape_case&)> make;
   std::function<void(grad_case<T>&)> run;
-  bool two_blocks_of_256 = false;  // also the 300-key shape (linear_attention: its only multi-block case)
+  bool blocks_of_256 = false;  // also the shapes with 256-key blocks (linear_attention's only block size)
   /// Whether entry `input` of the query side (`query`) or the key side at position `pos` is read
   /// at all (a check that the poisoned value reached some result).
   std::function<bool(std::size_t input, bool query, const shape_case&, index_t pos)> read =
@@ -139,7 +140,7 @@ index_t compare_rows(const std::string& what, const tensor4<T>& a, const tensor4
 template <class T>
 void check_family(const family<T>& fam) {
   for (const shape_case& s : kShapes) {
-    if (s.nk > 256 && !fam.two_blocks_of_256) continue;  // (sanitizer time: block 16 covers block edges)
+    if (s.block > 16 && !fam.blocks_of_256) continue;  // (sanitizer time: linear_attention has them)
     grad_case<T> ref = fam.make(s);
     ref.reset_outputs();
     fam.run(ref);
@@ -152,7 +153,7 @@ void check_family(const family<T>& fam) {
     auto poisoned_run = [&](grad_case<T>& in, tensor4<T>& x, index_t row, const std::string& what) {
       const T bad = count % 2 ? std::numeric_limits<T>::infinity() : std::numeric_limits<T>::quiet_NaN();
       x(bp, x.view.extent(1) - 1, row, row % x.view.extent(3)) = bad;  // the last head (query or kv)
-      in.threads = 1 + count % 2;
+      in.threads = count % 3 == 2 ? 2 : 1;  // (2 threads for a third: NaN and inf in turn; sanitizer time)
       ++count;
       in.reset_outputs();
       fam.run(in);
@@ -220,7 +221,7 @@ family<T> linear_family(double bias) {
     linear_attention_backward<T>(c.qin[0].view, c.kin[0].view, c.kin[1].view, c.out.view, c.dout.view,
                                  c.stats_cview(), c.dqs[0].view, c.dks[0].view, c.dks[1].view, o);
   };
-  f.two_blocks_of_256 = true;
+  f.blocks_of_256 = true;
   return f;
 }
 
@@ -228,7 +229,7 @@ family<T> linear_family(double bias) {
 
 TEMPLATE_TEST_CASE("linear_attention_backward: a non-finite input reaches only the gradients it enters",
                    "[linear][backward][causal][nonfinite]", float, double) {
-  for (double bias : {0.0, 1.0}) check_family<TestType>(linear_family<TestType>(bias));
+  check_family<TestType>(linear_family<TestType>(0.0));  // (β = 1: the sketch families below)
 }
 
 namespace {
