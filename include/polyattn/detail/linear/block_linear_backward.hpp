@@ -10,6 +10,11 @@
 //   dφk_j  = U v_j + u,       (U, u) = (Σ φq_i g_iᵀ, Σ c_i φq_i) over the queries after j's block
 //   dv_j   = Uᵀ φk_j + Σ_{i in j's block} w_ij g_i
 //   local:  da_i += Σ_j dw'_ij b_j,  db_j += Σ_i dw'_ij a_i,  dw'_ij = dw_ij · p·scale·(scale·a_i·b_j)^(p−1)
+// A row with a tiny den_i (β = 0, tiny weights: g_i may overflow while every gradient is
+// finite) carries g_i/s_i and c_i/s_i with s_i a power of two (scaled_den), and s_i joins them
+// where they meet the row's tiny factors: s_i·φq_i in (U, u), s_i·a_i and s_i·w_ij in the local
+// pairs, and the row's dφq, da after their products. Powers of two scale exactly, so the rows
+// that need no s_i (s_i = 1) keep their bits.
 // and then the source maps the gradients of its base rows (dφ contracted to ds for sketches)
 // and of its local rows back to its raw inputs (docs/design.md §7.6).
 //
@@ -43,10 +48,11 @@
 // The driver in pieces, each a function of what it reads (block_backward: the problem, the
 // source, the widths) and of what it writes:
 //   backward_dims_of, zero_gradients      widths and counts; the outputs cleared
-//   row_grads, fetch_keys, local_pairs,   a query chunk's g and c; a block's keys; the local
-//   state_readout                         pairs' weights; dφ from a state
+//   row_grads (scaled_den), fetch_keys,   a query chunk's g and c (and row scales); a block's
+//   local_pairs, state_readout            keys; the local pairs' weights; dφ from a state
 //   prefix_scan (prefix_block_pass,       task 2s: the queries, and each block's own pairs
-//                head_queries, query_chunk)
+//                head_queries, query_chunk,
+//                pair_products)
 //   suffix_scan (suffix_block_pass,       task 2s+1: the state's share of dk and dv
 //                add_queries)
 //   key_share, deliver_share              a block's raw key gradients, and their delivery
@@ -54,6 +60,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <limits>
 #include <memory>
 #include <thread>
 #include <utility>
@@ -71,6 +79,7 @@ struct backward_workspace {
   scan_workspace<T> scan;  // prepared rows, features, local keys transposed (scan.kt)
   aligned_vector<T> vpad, vt, klocal, qlocal, g, gt, c, w, dw, dphi, dbase, dlocal, kbase, kloc, dvb, state, fin;
   aligned_vector<T> tk, tk2;  // a key block's share of the raw key gradients, before delivery
+  aligned_vector<T> rs, qs;   // a query chunk's row scales (row_grads) and its scaled rows
 };
 
 /// Widths and counts of one call of run_block_backward (a problem with rows, keys, features
@@ -168,11 +177,34 @@ grad_rows<T> grads_q(const block_backward<T, Source, Arch>& sc, index_t bi, inde
                       p.dq2.stride(2)};
 }
 
+/// A row whose |den| is below 2^−(emax/2) is rescaled (row_grads); any other has 1/den below
+/// 2^(emax/2), and its g = dout / den overflows only for |dout| above that.
+template <class T>
+inline constexpr int kRescaleExponent = std::numeric_limits<T>::max_exponent / 2;
+
+/// The denominator row_grads divides by: den itself, or for a tiny |den| (β = 0 and tiny
+/// weights: 1/den may overflow, and g = dout / den with it, while the true gradients are
+/// finite) den·s with s = 2^k, k = −exponent(den) (capped at emax − 1), so that |den·s| is in
+/// [1/2, 1) (or a little below for a capped subnormal). Writes s into `scale`; exact.
+template <class T>
+T scaled_den(T den, T& scale) {
+  scale = T(1);
+  if (!(std::abs(den) < std::ldexp(T(1), -kRescaleExponent<T>))) return den;  // (NaN: as it is)
+  int e = 0;
+  (void)std::frexp(den, &e);
+  const int k = std::min(-e, std::numeric_limits<T>::max_exponent - 1);
+  scale = std::ldexp(T(1), k);
+  return std::ldexp(den, k);
+}
+
 /// g = dout / den [rows x dvp] and transposed [dv x kChunkRows], c = −dout·out / den, for
 /// query rows i0 .. i0+rows of head (bi, h), into ws.g, ws.gt, ws.c. Divisions, not
-/// multiplications by 1/den: a subnormal den must not overflow.
+/// multiplications by 1/den: a subnormal den must not overflow. A row with a tiny den gets
+/// g/s and c/s instead, s = ws.rs[i] a power of two (scaled_den; 1 for every other row): the
+/// callers multiply s back into what g and c meet, at the tiny end (the query's features,
+/// its weights, its gradient rows after the products). Returns whether some row has s != 1.
 template <class T, class Source, class Arch>
-void row_grads(const block_backward<T, Source, Arch>& sc, index_t bi, index_t h, index_t i0, index_t rows,
+bool row_grads(const block_backward<T, Source, Arch>& sc, index_t bi, index_t h, index_t i0, index_t rows,
                backward_workspace<T>& ws) {
   using B = batch<T, Arch>;
   constexpr index_t W = simd_width<T, Arch>;
@@ -181,8 +213,12 @@ void row_grads(const block_backward<T, Source, Arch>& sc, index_t bi, index_t h,
   T* g = ensure(ws.g, kChunkRows * dvp);
   T* gt = ensure(ws.gt, dvp * kChunkRows);
   T* c = ensure(ws.c, kChunkRows);
+  T* rs = ensure(ws.rs, kChunkRows);
+  bool rescaled = false;
   for (index_t i = 0; i < kChunkRows; ++i) {
-    const T den = i < rows ? p.stats(bi, h, i0 + i) : T(0);
+    rs[i] = T(1);
+    const T den = i < rows ? scaled_den(p.stats(bi, h, i0 + i), rs[i]) : T(0);
+    rescaled = rescaled || rs[i] != T(1);
     T* gi = g + i * dvp;
     std::fill(gi, gi + dvp, T(0));
     c[i] = T(0);
@@ -208,6 +244,14 @@ void row_grads(const block_backward<T, Source, Arch>& sc, index_t bi, index_t h,
     c[i] = -(vsum(dot) + tail) / den;
     for (x = 0; x < dvv; ++x) gt[x * kChunkRows + i] = gi[x];
   }
+  return rescaled;
+}
+
+/// y row i = f[i] · x row i, the first `cols` values of `rows` rows (in place when y == x).
+template <class T>
+void scale_rows(const T* x, index_t ldx, index_t rows, index_t cols, const T* f, T* y, index_t ldy) {
+  for (index_t i = 0; i < rows; ++i)
+    for (index_t e = 0; e < cols; ++e) y[i * ldy + e] = x[i * ldx + e] * f[i];
 }
 
 /// The keys of block c as the scans see them: first row j0, n rows, prepared rows; the leading
@@ -360,6 +404,52 @@ struct prefix_block {
   T* dvacc;
 };
 
+/// The products of the local pairs of `rows` query rows (local rows ql, positions first_pos ..)
+/// with the first `keys` keys of blk.kb, from local_pairs' dw' and w (ld ldw):
+///   da[i] += Σ_j dw'_ij b_j  (into qacc, ld ldq),  db[j] += Σ_i dw'_ij a_i  (blk.kacc),
+///   dv[j] += Σ_i w_ij g_i  (blk.dvacc).
+/// A masked pair's dw' and w are 0, and 0 · NaN (or ±inf) is NaN: when a key row some query of
+/// the chunk may not see (b_j) or a query row that may not see some key (a_i, g_i) is not
+/// finite, each row of da sums only its visible keys and each row of db, dv only the queries
+/// that see the key. The GEMM accumulates from +0 in index order and a masked term adds ±0, so
+/// those are the same bits as the whole products give for finite rows (docs/design.md §6).
+/// With row scales rs (row_grads; nullptr: none), dw' and g are those of g/s and c/s: da is
+/// left so (the caller scales the rows), db and dv take a_i·s_i and w_ij·s_i.
+template <class T, class Source, class Arch>
+void pair_products(const block_backward<T, Source, Arch>& sc, const prefix_block<T>& blk, const T* ql, index_t rows,
+                   index_t keys, index_t first_pos, index_t ldw, T* qacc, index_t ldq, const T* rs,
+                   backward_workspace<T>& ws) {
+  const backward_dims<T>& d = sc.d;
+  const index_t dim = d.lf.dim, ldl = d.ldl, dvp = d.dvp, j0 = blk.kb.j0;
+  if (rs) {
+    T* qs = ensure(ws.qs, kChunkRows * ldl);
+    scale_rows(ql, ldl, rows, ldl, rs, qs, ldl);
+    scale_rows(ws.w.data(), ldw, rows, ldw, rs, ws.w.data(), ldw);
+    ql = qs;
+  }
+  const T *dw = ws.dw.data(), *w = ws.w.data(), *g = ws.g.data(), *kl = ws.klocal.data();
+  // causal: every row sees the first `common` keys; rows [0, partial) miss some of the keys
+  const bool causal = sc.p.sizes.causal;
+  const index_t common = causal ? std::clamp<index_t>(first_pos - j0 + 1, 0, keys) : keys;
+  const index_t partial = causal ? std::clamp<index_t>(j0 + keys - 1 - first_pos, 0, rows) : 0;
+  if (common < keys && !rows_finite<T, Arch>(kl + common * ldl, ldl, keys - common, dim))
+    for (index_t i = 0; i < rows; ++i)  // row i sees keys [0, first_pos + i − j0]
+      gemm<T, Arch>(1, dim, std::min(keys, first_pos + i - j0 + 1), dw + i * ldw, ldw, 1, kl, ldl, qacc + i * ldq, ldq,
+                    true);
+  else
+    gemm<T, Arch>(rows, dim, keys, dw, ldw, 1, kl, ldl, qacc, ldq, true);
+  if (partial > 0 && !(rows_finite<T, Arch>(ql, ldl, partial, dim) && rows_finite<T, Arch>(g, dvp, partial, d.dv))) {
+    for (index_t j = 0; j < keys; ++j) {  // key j is seen by rows [i_j, rows)
+      const index_t ij = std::max<index_t>(0, j0 + j - first_pos);
+      gemm<T, Arch>(1, dim, rows - ij, dw + ij * ldw + j, 1, ldw, ql + ij * ldl, ldl, blk.kacc + j * ldl, ldl, true);
+      gemm<T, Arch>(1, d.dv, rows - ij, w + ij * ldw + j, 1, ldw, g + ij * dvp, dvp, blk.dvacc + j * dvp, dvp, true);
+    }
+  } else {
+    gemm<T, Arch>(keys, dim, rows, dw, 1, ldw, ql, ldl, blk.kacc, ldl, true);
+    gemm<T, Arch>(keys, d.dv, rows, w, 1, ldw, g, dvp, blk.dvacc, dvp, true);
+  }
+}
+
 /// Query rows a .. a+rows of head (bi, h), prepared in qr from row i0 (their local rows in
 /// qloc, ld ldl, when the block is own): their gradients written into dq (and dq2), the
 /// block's share of their local pairs added to blk.kacc and blk.dvacc. Returns whether there
@@ -371,7 +461,7 @@ bool query_chunk(const block_backward<T, Source, Arch>& sc, const prefix_block<T
   const backward_dims<T>& d = sc.d;
   const block_keys<T>& kb = blk.kb;
   const index_t rbp = d.rbp, ldl = d.ldl;
-  row_grads(sc, bi, h, a, rows, ws);
+  const bool rescaled = row_grads(sc, bi, h, a, rows, ws);
   T* dbase = ensure(ws.dbase, kChunkRows * rbp);
   T* dlocal = ensure(ws.dlocal, kChunkRows * ldl);
   if (blk.state) {  // dφq = Z g + c z, feature-major
@@ -386,11 +476,12 @@ bool query_chunk(const block_backward<T, Source, Arch>& sc, const prefix_block<T
   if (keys > 0) {
     const T* ql = qloc + (a - i0) * ldl;
     const index_t ldw = local_pairs(sc, kb, ql, ldl, rows, keys, first_pos, ws, true);
-    // da[i] += Σ_j dw'_ij b_j ; db[j] += Σ_i dw'_ij a_i ; dv[j] += Σ_i w_ij g_i
-    gemm<T, Arch>(rows, d.lf.dim, keys, ws.dw.data(), ldw, 1, ws.klocal.data(), ldl, d.local_sep ? dlocal : dbase,
-                  d.local_sep ? ldl : rbp, true);
-    gemm<T, Arch>(keys, d.lf.dim, rows, ws.dw.data(), 1, ldw, ql, ldl, blk.kacc, ldl, true);
-    gemm<T, Arch>(keys, d.dv, rows, ws.w.data(), 1, ldw, ws.g.data(), d.dvp, blk.dvacc, d.dvp, true);
+    pair_products(sc, blk, ql, rows, keys, first_pos, ldw, d.local_sep ? dlocal : dbase, d.local_sep ? ldl : rbp,
+                  rescaled ? ws.rs.data() : nullptr, ws);
+  }
+  if (rescaled) {  // the rows' gradients so far are those of g/s and c/s
+    scale_rows(dbase, rbp, rows, sc.src.base_dim(), ws.rs.data(), dbase, rbp);
+    if (d.local_sep) scale_rows(dlocal, ldl, rows, d.lf.dim, ws.rs.data(), dlocal, ldl);
   }
   sc.src.finish(raw_q(sc, bi, h, a), rows, true, dbase, rbp, d.local_sep ? dlocal : nullptr, ldl, grads_q(sc, bi, h, a),
                 ws.fin, leaf_acc);
@@ -490,9 +581,15 @@ void add_queries(const block_backward<T, Source, Arch>& sc, index_t bi, index_t 
   T* u = acc + m * dvp;
   for (index_t a = i0; a < i1; a += kChunkRows) {
     const index_t rows = std::min(kChunkRows, i1 - a);
-    row_grads(sc, bi, h, a, rows, ws);
+    const bool rescaled = row_grads(sc, bi, h, a, rows, ws);
     index_t ld = 0;
     const T* phi = sc.src.features(qr, a - i0, rows, ws.scan.phi, ld);
+    if (rescaled) {  // g/s and c/s meet s at the query's features: U += (s·φq)(g/s)ᵀ, u += (c/s)(s·φq)
+      T* ps = ensure(ws.qs, kChunkRows * m);
+      scale_rows(phi, ld, rows, m, ws.rs.data(), ps, m);
+      phi = ps;
+      ld = m;
+    }
     gemm<T, Arch>(m, dvv, rows, phi, 1, ld, ws.g.data(), dvp, acc, dvp, true);
     for (index_t i = 0; i < rows; ++i) {
       const B ci(ws.c[static_cast<std::size_t>(i)]);
