@@ -23,7 +23,8 @@ void flash_attention(detail::input_view<T> q, detail::input_view<T> k, detail::i
 }
 
 /// The same, also writing stats [B, H, Nq]: the natural log-sum-exp of each row's scaled
-/// scores over its allowed keys (−∞ for a row with no allowed key), for the backward pass.
+/// scores over its allowed keys (−∞ for a row with no allowed key, NaN for a row that sees a NaN
+/// or +∞ score, whose out row is NaN), for the backward pass.
 template <class T>
 void flash_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v, tensor_view<T, 4> out,
                      const softmax_options& opts, tensor_view<T, 3> stats) {
@@ -37,7 +38,9 @@ void flash_attention(detail::input_view<T> q, detail::input_view<T> k, detail::i
 /// With GQA, dk and dv of a kv head sum over its group of query heads. Scores are recomputed
 /// tile by tile from q, k and stats (docs/design_exact.md): scratch is O(threads · tile) plus
 /// a fixed dQ-partials buffer (8 · 512 · d values), nothing grows with N; results are bitwise
-/// identical for any thread count; rows with no allowed key give 0.
+/// identical for any thread count; rows with no allowed key (stats −∞) give 0, a NaN or +∞
+/// statistic gives that row's gradient terms NaN, and a non-finite q, k, v or dout reaches only the
+/// gradients whose terms it enters (docs/design.md §6).
 template <class T>
 void flash_attention_backward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
                               detail::input_view<T> out, detail::input_view<T> dout,

@@ -37,7 +37,8 @@ void polynomial_attention(detail::input_view<T> q, detail::input_view<T> k, deta
 }
 
 /// The same, also writing stats [B, H, Nq]: each row's denominator β + Σ_j w_ij, for the
-/// backward pass.
+/// backward pass; NaN when that is not finite (a NaN or infinite score, or an overflowing sum:
+/// the out row is then NaN too, never 0).
 template <class T>
 void polynomial_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
                           tensor_view<T, 4> out, const polynomial_options& opts, tensor_view<T, 3> stats) {
@@ -49,7 +50,9 @@ void polynomial_attention(detail::input_view<T> q, detail::input_view<T> k, deta
 /// stats (the denominators) and dout, writes (does not accumulate) dq, dk, dv shaped like q,
 /// k, v. With GQA, dk and dv of a kv head sum over its group. Tiled like
 /// flash_attention_backward (docs/design_exact.md): scratch independent of N, bitwise
-/// identical for any thread count, rows with a zero denominator give 0.
+/// identical for any thread count, rows with a zero denominator give 0, a NaN or +∞ denominator
+/// gives that row's gradient terms NaN, and a non-finite q, k, v or dout reaches only the
+/// gradients whose terms it enters (docs/design.md §6).
 template <class T>
 void polynomial_attention_backward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
                                    detail::input_view<T> out, detail::input_view<T> dout,

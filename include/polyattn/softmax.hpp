@@ -39,7 +39,8 @@ void softmax_attention(detail::input_view<T> q, detail::input_view<T> k, detail:
 
 /// The same, also writing the per-row log-sum-exp stats [B, H, Nq]:
 /// stats_i = log Σ_j exp(scale·q_i·k_j) over allowed j (natural log, −∞ for a row with no
-/// allowed key), the statistic `flash_attention_backward` takes.
+/// allowed key), the statistic `flash_attention_backward` takes. A row that sees a NaN or +∞
+/// score is a NaN row with NaN stats (docs/design.md §6), never the empty row's 0 and −∞.
 template <class T>
 void softmax_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
                        tensor_view<T, 4> out, const softmax_options& opts, tensor_view<T, 3> stats) {

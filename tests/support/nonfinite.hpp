@@ -20,8 +20,7 @@ namespace polyattn::test {
 /// Keys to poison and what with: the given positions that exist (tile and block edges), the
 /// middle and the last key, NaN and +inf in turn.
 template <class T>
-std::vector<std::pair<index_t, T>> poisoned_keys(index_t nk, std::initializer_list<index_t> edges) {
-  std::vector<index_t> js(edges);
+std::vector<std::pair<index_t, T>> poisoned_keys(index_t nk, std::vector<index_t> js) {
   js.push_back(nk / 2);
   js.push_back(nk - 1);
   std::vector<std::pair<index_t, T>> out;
@@ -29,6 +28,10 @@ std::vector<std::pair<index_t, T>> poisoned_keys(index_t nk, std::initializer_li
     if (j < nk && std::none_of(out.begin(), out.end(), [&](const auto& p) { return p.first == j; }))
       out.push_back({j, out.size() % 2 ? std::numeric_limits<T>::infinity() : std::numeric_limits<T>::quiet_NaN()});
   return out;
+}
+template <class T>
+std::vector<std::pair<index_t, T>> poisoned_keys(index_t nk, std::initializer_list<index_t> edges) {
+  return poisoned_keys<T>(nk, std::vector<index_t>(edges));
 }
 
 /// The forward engines' edges: 16-key blocks (used below), 48-query blocks, 128-key tiles.
@@ -47,6 +50,32 @@ template <class T>
 void poison(tensor4<T>& v, index_t j, T bad) {
   for (index_t b = 0; b < v.view.extent(0); ++b)
     for (index_t h = 0; h < v.view.extent(1); ++h) v(b, h, j, j % v.view.extent(3)) = bad;
+}
+
+/// Row i of (batch x, head h) of a and b: bitwise equal?
+template <class T>
+bool same_row(const tensor4<T>& a, const tensor4<T>& b, index_t x, index_t h, index_t i) {
+  for (index_t c = 0; c < a.view.extent(3); ++c) {
+    const T ea = a(x, h, i, c), eb = b(x, h, i, c);
+    if (std::memcmp(&ea, &eb, sizeof(T)) != 0) return false;
+  }
+  return true;
+}
+
+/// Every entry of row i of (batch x, head h) is NaN (true for an empty row).
+template <class T>
+bool row_all_nan(const tensor4<T>& a, index_t x, index_t h, index_t i) {
+  for (index_t c = 0; c < a.view.extent(3); ++c)
+    if (!std::isnan(static_cast<double>(a(x, h, i, c)))) return false;
+  return true;
+}
+
+/// Some entry of row i of (batch x, head h) is NaN or infinite.
+template <class T>
+bool row_has_nonfinite(const tensor4<T>& a, index_t x, index_t h, index_t i) {
+  for (index_t c = 0; c < a.view.extent(3); ++c)
+    if (!std::isfinite(static_cast<double>(a(x, h, i, c)))) return true;
+  return false;
 }
 
 /// Rows of `a` and `b` ([B, H, Nq, ·]) at positions i + Nk − Nq < j (those that do not see key

@@ -194,17 +194,30 @@ struct attention_mask {
     b = std::clamp<index_t>(hi - j0, a, nkeys);
   }
 
+  /// Lanes [a, b) of a tile's queries [i0, i0 + nqueries) that see every key of
+  /// [j0, j0 + nkeys) (globals only add to them): the transpose of common_rows.
+  void common_queries(index_t i0, index_t nqueries, index_t j0, index_t nkeys, index_t& a, index_t& b) const {
+    const index_t base = i0 + offset(), jl = j0 + nkeys - 1;
+    index_t lo = base, hi = base + nqueries;  // positions [lo, hi)
+    if (causal) lo = std::max(lo, jl);
+    if (band.window_right >= 0) lo = std::max(lo, jl - band.window_right);
+    if (band.window_left >= 0) hi = std::min(hi, j0 + band.window_left + 1);
+    a = std::clamp<index_t>(lo - base, 0, nqueries);
+    b = std::clamp<index_t>(hi - base, a, nqueries);
+  }
+
   /// Calls f(r0, r1) for each maximal run of rows [r0, r1) of the tile starting at key j0
   /// that query i sees (an entry-by-entry walk, for rare paths).
   template <class F>
   void for_each_visible_run(index_t i, index_t j0, index_t nkeys, F&& f) const {
-    index_t r = 0;
-    while (r < nkeys) {
-      while (r < nkeys && !allowed(i, j0 + r)) ++r;
-      const index_t r0 = r;
-      while (r < nkeys && allowed(i, j0 + r)) ++r;
-      if (r > r0) f(r0, r);
-    }
+    for_each_run(nkeys, [&](index_t r) { return allowed(i, j0 + r); }, f);
+  }
+
+  /// Calls f(c0, c1) for each maximal run of lanes [c0, c1) of queries [i0, i0 + nqueries)
+  /// that see key j (the transpose of for_each_visible_run, for rare paths).
+  template <class F>
+  void for_each_visible_query_run(index_t j, index_t i0, index_t nqueries, F&& f) const {
+    for_each_run(nqueries, [&](index_t c) { return allowed(i0 + c, j); }, f);
   }
 
   /// Sets the hidden entries of a transposed tile (row r = key j0 + r, lane i = query i0 + i,
@@ -247,6 +260,18 @@ struct attention_mask {
 
  private:
   static index_t ceil_blocks(index_t n, index_t b) { return (n + b - 1) / b; }
+
+  /// f(x0, x1) for each maximal run [x0, x1) of [0, n) where seen(x) holds.
+  template <class Seen, class F>
+  static void for_each_run(index_t n, const Seen& seen, F&& f) {
+    index_t x = 0;
+    while (x < n) {
+      while (x < n && !seen(x)) ++x;
+      const index_t x0 = x;
+      while (x < n && seen(x)) ++x;
+      if (x > x0) f(x0, x);
+    }
+  }
 };
 
 }  // namespace polyattn::detail

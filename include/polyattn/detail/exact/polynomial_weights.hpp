@@ -44,16 +44,24 @@ struct polynomial_weights {
 
   T denominator(T, T l) const { return bias + l; }
 
-  /// The saved statistic: the denominator β + Σ_j w_ij.
-  T row_statistic(T, T l) const { return bias + l; }
+  /// The saved statistic: the denominator β + Σ_j w_ij; NaN when that is not finite (the row
+  /// saw a NaN or infinite score, or its sum overflowed: its out row is NaN).
+  T row_statistic(T, T l) const {
+    const T den = bias + l;
+    return den <= std::numeric_limits<T>::max() ? den : std::numeric_limits<T>::quiet_NaN();
+  }
 
   // ---- backward (detail/exact/tiling_backward.hpp) ----
   /// Per-lane constant from the saved denominator: den itself, +∞ for a row with den = 0 (its
-  /// weights then divide to 0). The tile divides by it: 1/den overflows when den is subnormal
-  /// (β = 0, tiny weights) although every w/den is at most 1 (docs/design_exact.md).
+  /// weights then divide to 0), NaN for a NaN or +∞ den (a row that saw a non-finite score:
+  /// its weights, hence its gradients, are NaN). The tile divides by it: 1/den overflows when
+  /// den is subnormal (β = 0, tiny weights) although every w/den is at most 1
+  /// (docs/design_exact.md).
   void backward_init(const T* stat, index_t n, index_t lanes, T* c) const {
-    for (index_t i = 0; i < n; ++i) c[i] = stat[i] > T(0) ? stat[i] : std::numeric_limits<T>::infinity();
-    std::fill(c + n, c + lanes, std::numeric_limits<T>::infinity());
+    constexpr T inf = std::numeric_limits<T>::infinity();
+    for (index_t i = 0; i < n; ++i)
+      c[i] = !(stat[i] < inf) ? std::numeric_limits<T>::quiet_NaN() : stat[i] > T(0) ? stat[i] : inf;
+    std::fill(c + n, c + lanes, inf);
   }
 
   /// Scores Sᵀ in; normalised weights Pᵀ = s^p / den into pt and, in place of dPᵀ,

@@ -65,22 +65,31 @@ struct softmax_weights {
 
   T denominator(T, T l) const { return l; }
 
-  /// The saved statistic: lse = m + log l, −∞ for a row that saw no key.
-  T row_statistic(T m, T l) const { return l > T(0) ? m + std::log(l) : masked_score(); }
+  /// The saved statistic: lse = m + log l, −∞ for a row that saw no key, NaN for a row whose
+  /// sum is NaN (it saw a NaN or +∞ score: exp(+∞ − m) with m = +∞ is NaN).
+  T row_statistic(T m, T l) const {
+    if (l > T(0)) return m + std::log(l);
+    return l == T(0) ? masked_score() : std::numeric_limits<T>::quiet_NaN();
+  }
 
   // ---- backward (detail/exact/tiling_backward.hpp) ----
-  /// Per-lane constant from the saved lse: the lse itself, +∞ for an empty row (every
-  /// exponent then clamps to the bottom of exp's range and p = 0 exactly).
+  /// Per-lane constant from the saved lse: the lse itself, +∞ for an empty row (−∞: every
+  /// exponent then clamps to the bottom of exp's range and p = 0 exactly), NaN for a NaN or +∞
+  /// lse (a row that saw a non-finite score: its p, hence its gradients, are NaN).
   void backward_init(const T* stat, index_t n, index_t lanes, T* c) const {
-    for (index_t i = 0; i < n; ++i) c[i] = stat[i] == masked_score() ? std::numeric_limits<T>::infinity() : stat[i];
-    std::fill(c + n, c + lanes, std::numeric_limits<T>::infinity());
+    constexpr T inf = std::numeric_limits<T>::infinity();
+    for (index_t i = 0; i < n; ++i)
+      c[i] = stat[i] == masked_score() ? inf : stat[i] < inf ? stat[i] : std::numeric_limits<T>::quiet_NaN();
+    std::fill(c + n, c + lanes, inf);
   }
 
   /// Scores Sᵀ in, probabilities Pᵀ = exp(S − lse) out into pt and, in place of dPᵀ,
   /// dSᵀ = P ∘ (dP − D) with D_i = dO_i·O_i (the softmax Jacobian, FlashAttention-2 eq. for dS).
   /// The exponent is clamped to [exp_floor(), 0]: s − lse <= 0 for every allowed score up to
   /// rounding, the clamp keeps exp's argument finite for masked entries (which `hide`
-  /// overwrites afterwards) and for empty rows (lse = +∞ here).
+  /// overwrites afterwards) and for empty rows (lse = +∞ here). The clamp's operands are in the
+  /// order that keeps a NaN (max(floor, x), min(0, x), as exp_clamped): a NaN lse or score
+  /// gives p = NaN, never a plausible 0.
   void backward_tile(const T* st, T* pt, T* dpt, index_t rows, index_t ld, index_t lanes, const T* c,
                      const T* dd) const {
     using B = batch<T, Arch>;
@@ -89,7 +98,7 @@ struct softmax_weights {
       const B cv = B::load_unaligned(c + col), dv = B::load_unaligned(dd + col);
       for (index_t r = 0; r < rows; ++r) {
         const index_t at = r * ld + col;
-        const B p = vexp(vmin(vmax(B::load_unaligned(st + at) - cv, lo), zero));
+        const B p = vexp(vmin(zero, vmax(lo, B::load_unaligned(st + at) - cv)));
         p.store_unaligned(pt + at);
         (p * (B::load_unaligned(dpt + at) - dv)).store_unaligned(dpt + at);
       }

@@ -141,10 +141,10 @@ void store_forward_rows(const forward_pass<T, Weights>& f, const attention_scrat
   for (index_t i = 0; i < nq && dv > 0; ++i) {
     // divide (not multiply by 1/den): a subnormal denominator must not overflow to inf
     const T den = f.weights.denominator(s.m[to_size(i)], s.l[to_size(i)]);
-    if (den > T(0))
+    if (den > T(0) && den <= std::numeric_limits<T>::max())
       divide_into<T, Arch>(o + i * f.dvp, dv, den, orow + i * os);
-    else
-      std::fill(orow + i * os, orow + i * os + dv, T(0));
+    else  // 0: a row with no visible key (documented zero row); NaN or inf: a non-finite score it sees
+      std::fill(orow + i * os, orow + i * os + dv, den == T(0) ? T(0) : std::numeric_limits<T>::quiet_NaN());
   }
   if (pb.stats.size() > 0)
     for (index_t i = 0; i < nq; ++i)
@@ -187,8 +187,10 @@ void forward_task(const forward_pass<T, Weights>& f, attention_scratch<T>& s, in
 ///   bool apply(T* st, index_t rows, index_t ld, index_t lanes, T* m, T* l, T* alpha) const;
 ///       turn scores into weights in place; alpha[i] = factor to rescale O row i by (or
 ///       leave alpha untouched and return false when O needs no rescaling)
-///   T denominator(T m, T l) const;                 final per-query divisor (0 for empty rows)
-///   T row_statistic(T m, T l) const;               the statistic the backward pass takes
+///   T denominator(T m, T l) const;                 final per-query divisor (0 for empty rows;
+///       NaN or inf for a row that saw a NaN or +inf score, whose out row is then NaN)
+///   T row_statistic(T m, T l) const;               the statistic the backward pass takes (NaN
+///       for such a row)
 template <class T, class Weights, class Arch = default_arch>
 void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights) {
   const index_t B = pb.q.extent(0), H = pb.q.extent(1), Nq = pb.q.extent(2), dv = pb.v.extent(3);

@@ -218,18 +218,79 @@ void load_queries(const backward_pass<T, Weights>& f, attention_backward_scratch
 }
 
 /// One tile: key rows kr (inside one part) against a packed query block; leaves Pᵀ in s.pt and
-/// dSᵀ in s.dpt, hidden entries 0.
+/// dSᵀ in s.dpt, hidden entries 0. Returns whether the tile straddles the mask (holds hidden
+/// entries).
 template <class T, class Weights, class Arch>
-void backward_tile(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s, const query_block_pack<T>& qp,
+bool backward_tile(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s, const query_block_pack<T>& qp,
                    const query_block& qb, const key_rows<T>& kr) {
   const index_t lanes = qb.lanes, nk = kr.nk;
   gemm<T, Arch>(nk, lanes, f.d, kr.k, kr.ks, 1, qp.qt, lanes, s.st.data(), lanes, false);
   gemm<T, Arch>(nk, lanes, f.dval, kr.v, kr.vs, 1, qp.dot, lanes, s.dpt.data(), lanes, false);
   f.weights.backward_tile(s.st.data(), s.pt.data(), s.dpt.data(), nk, lanes, lanes, qp.c, qp.dd);
-  if (f.mask.partial(qb.i0, qb.nq, kr.j0, nk)) {
+  const bool partial = f.mask.partial(qb.i0, qb.nq, kr.j0, nk);
+  if (partial) {
     f.mask.hide(s.pt.data(), lanes, lanes, qb.i0, kr.j0, nk, T(0));
     f.mask.hide(s.dpt.data(), lanes, lanes, qb.i0, kr.j0, nk, T(0));
   }
+  return partial;
+}
+
+// A hidden entry of Pᵀ and dSᵀ is 0, and 0 · NaN (or ±inf) is NaN: the tile products below
+// must not multiply a hidden 0 by a non-finite row. As the forward's accumulate_values
+// (tiling.hpp, docs/design.md §6), a boundary tile whose rows outside the ones every query
+// (every key) sees hold a non-finite value sums each output row over its visible entries only.
+
+/// dV += Pᵀ · dO and dK += dSᵀ · (scale·Q) of a tile of keys [j0, j0 + nk) into s.vacc,
+/// s.kacc, from the rows of qp. Lanes [ca, cb) see every key of the tile, so only the other
+/// queries' q and dout rows are checked.
+template <class T, class Weights, class Arch>
+void accumulate_key_gradients(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s,
+                              const query_block_pack<T>& qp, const query_block& qb, index_t j0, index_t nk,
+                              bool partial) {
+  const index_t lanes = qb.lanes, nq = qb.nq, d = f.d, dval = f.dval, dp = f.dp, dvp = f.dvp;
+  const T* pt = s.pt.data();
+  const T* dpt = s.dpt.data();
+  index_t ca = 0, cb = nq;
+  if (partial) f.mask.common_queries(qb.i0, nq, j0, nk, ca, cb);
+  auto finite = [&](index_t a, index_t n) {
+    return n == 0 || (rows_finite<T, Arch>(qp.dorows + a * dvp, dvp, n, dval) &&
+                      rows_finite<T, Arch>(qp.qrows + a * dp, dp, n, d));
+  };
+  if (finite(0, ca) && finite(cb, nq - cb)) {
+    gemm<T, Arch>(nk, dval, nq, pt, lanes, 1, qp.dorows, dvp, s.vacc.data(), dvp, true);
+    if (d > 0) gemm<T, Arch>(nk, d, nq, dpt, lanes, 1, qp.qrows, dp, s.kacc.data(), dp, true);
+    return;
+  }
+  for (index_t r = 0; r < nk; ++r)
+    f.mask.for_each_visible_query_run(j0 + r, qb.i0, nq, [&](index_t a, index_t b) {
+      gemm<T, Arch>(1, dval, b - a, pt + r * lanes + a, lanes, 1, qp.dorows + a * dvp, dvp, s.vacc.data() + r * dvp,
+                    dvp, true);
+      if (d > 0)
+        gemm<T, Arch>(1, d, b - a, dpt + r * lanes + a, lanes, 1, qp.qrows + a * dp, dp, s.kacc.data() + r * dp, dp,
+                      true);
+    });
+}
+
+/// dQ[nq x d] += dS · K of a tile of keys [j0, j0 + nk), dS(i, j) = dSᵀ(j, i) = dpt[j·lanes + i],
+/// K the B operand kop (ldk apart), into qacc (dp apart). Rows [ca, cb) are seen by every
+/// query of the tile, so only the other key rows are checked.
+template <class T, class Weights, class Arch>
+void accumulate_query_gradients(const backward_pass<T, Weights>& f, const attention_backward_scratch<T>& s,
+                                const query_block& qb, index_t j0, index_t nk, const T* kop, index_t ldk, T* qacc,
+                                bool partial) {
+  const index_t lanes = qb.lanes, d = f.d, dp = f.dp;
+  const T* dpt = s.dpt.data();
+  index_t ca = 0, cb = nk;
+  if (partial) f.mask.common_rows(qb.i0, qb.nq, j0, nk, ca, cb);
+  if ((ca == 0 || rows_finite<T, Arch>(kop, ldk, ca, d)) &&
+      (cb == nk || rows_finite<T, Arch>(kop + cb * ldk, ldk, nk - cb, d))) {
+    gemm<T, Arch>(qb.nq, d, nk, dpt, 1, lanes, kop, ldk, qacc, dp, true);
+    return;
+  }
+  for (index_t i = 0; i < qb.nq; ++i)
+    f.mask.for_each_visible_run(qb.i0 + i, j0, nk, [&](index_t r0, index_t r1) {
+      gemm<T, Arch>(1, d, r1 - r0, dpt + r0 * lanes + i, 1, lanes, kop + r0 * ldk, ldk, qacc + i * dp, dp, true);
+    });
 }
 
 /// K rows as the B operand of dQ += dS · K (packed when rows are not whole vectors); sets ldk.
@@ -284,23 +345,21 @@ template <class T, class Weights, class Arch>
 void partials_key_piece(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s, const query_window& w,
                         const key_piece<T>& kp, bool* packed, T* qpart) {
   constexpr index_t W = simd_width<T, Arch>, BQ = kBwdBlockQ;
-  const index_t d = f.d, dval = f.dval, dp = f.dp, dvp = f.dvp, nk = kp.nk;
+  const index_t d = f.d, dp = f.dp, nk = kp.nk;
   const key_rows<T> kr = f.rows_of(kp, w.b, w.hk, s.qt.data());
   load_key_gradients(f, s, kp, w.b, w.hk);
   index_t ldk = 0;
   const T* kop = d > 0 ? k_operand(f, s, kr, ldk) : nullptr;
   f.mask.for_each_query_block(kp.j0, nk, BQ, [&](index_t i0, index_t nq) {
     const query_block qb{w.b, w.h, w.hk, i0, nq, round_up(nq, W)};
-    const index_t lanes = qb.lanes, at = (i0 - w.w0) / BQ;
+    const index_t at = (i0 - w.w0) / BQ;
     const query_block_pack<T> qp = window_pack(f, s, at);
     if (!packed[at]) load_queries(f, s, qp, qb, true);
     packed[at] = true;
-    backward_tile<T, Weights, Arch>(f, s, qp, qb, kr);
-    gemm<T, Arch>(nk, dval, nq, s.pt.data(), lanes, 1, qp.dorows, dvp, s.vacc.data(), dvp, true);
-    if (d > 0) {
-      gemm<T, Arch>(nk, d, nq, s.dpt.data(), lanes, 1, qp.qrows, dp, s.kacc.data(), dp, true);
-      gemm<T, Arch>(nq, d, nk, s.dpt.data(), 1, lanes, kop, ldk, qpart + (i0 - w.w0) * dp, dp, true);
-    }
+    const bool partial = backward_tile<T, Weights, Arch>(f, s, qp, qb, kr);
+    accumulate_key_gradients<T, Weights, Arch>(f, s, qp, qb, kp.j0, nk, partial);
+    if (d > 0)
+      accumulate_query_gradients<T, Weights, Arch>(f, s, qb, kp.j0, nk, kop, ldk, qpart + (i0 - w.w0) * dp, partial);
   }, w.w0, w.w0 + w.nw);
   store_key_gradients(f, s, kp, w.b, w.hk);
 }
@@ -375,7 +434,7 @@ template <class T, class Weights, class Arch>
 void recompute_key_task(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s, const key_piece<T>& kp,
                         index_t b, index_t hk) {
   constexpr index_t W = simd_width<T, Arch>;
-  const index_t d = f.d, dval = f.dval, dp = f.dp, dvp = f.dvp, nk = kp.nk;
+  const index_t dp = f.dp, dvp = f.dvp, nk = kp.nk;
   const key_rows<T> kr = f.rows_of(kp, b, hk, s.qt.data());
   std::fill(s.kacc.begin(), s.kacc.begin() + nk * dp, T(0));
   std::fill(s.vacc.begin(), s.vacc.begin() + nk * dvp, T(0));
@@ -383,13 +442,11 @@ void recompute_key_task(const backward_pass<T, Weights>& f, attention_backward_s
     const index_t h = hk * f.group + g;
     f.mask.for_each_query_block(kp.j0, nk, kBwdBlockQ, [&](index_t i0, index_t nq) {
       const query_block qb{b, h, hk, i0, nq, round_up(nq, W)};
-      const index_t lanes = qb.lanes;
       const query_block_pack<T> qp = scratch_pack(s);
       load_queries(f, s, qp, qb, true);
-      backward_tile<T, Weights, Arch>(f, s, qp, qb, kr);
       // dV[nk x dv] += Pᵀ · dO ; dK[nk x d] += dSᵀ · (scale·Q)
-      gemm<T, Arch>(nk, dval, nq, s.pt.data(), lanes, 1, s.dorows.data(), dvp, s.vacc.data(), dvp, true);
-      if (d > 0) gemm<T, Arch>(nk, d, nq, s.dpt.data(), lanes, 1, s.qrows.data(), dp, s.kacc.data(), dp, true);
+      const bool partial = backward_tile<T, Weights, Arch>(f, s, qp, qb, kr);
+      accumulate_key_gradients<T, Weights, Arch>(f, s, qp, qb, kp.j0, nk, partial);
     });
   }
   store_key_gradients(f, s, kp, b, hk);
@@ -405,11 +462,10 @@ void recompute_query_task(const backward_pass<T, Weights>& f, attention_backward
   std::fill(qacc, qacc + nq * dp, T(0));
   auto key_block = [&](index_t j0, index_t nk, const kv_part<T>& pt) {
     const key_rows<T> kr = f.rows_of(key_piece<T>{j0, nk, &pt}, qb.b, qb.hk, nullptr);
-    backward_tile<T, Weights, Arch>(f, s, qp, qb, kr);
+    const bool partial = backward_tile<T, Weights, Arch>(f, s, qp, qb, kr);
     index_t ldk = 0;
     const T* kb = k_operand(f, s, kr, ldk);
-    // dQ[nq x d] += dS · K with dS(i, j) = dSᵀ(j, i) = dpt[j·lanes + i]
-    gemm<T, Arch>(nq, f.d, nk, s.dpt.data(), 1, qb.lanes, kb, ldk, qacc, dp, true);
+    accumulate_query_gradients<T, Weights, Arch>(f, s, qb, j0, nk, kb, ldk, qacc, partial);
   };
   f.mask.for_each_key_block(qb.i0, nq, kBwdBlockK, true, [&](index_t j0, index_t nk) { f.kv.split(j0, nk, key_block); });
   for (index_t i = 0; i < nq; ++i) {
