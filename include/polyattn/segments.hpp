@@ -204,9 +204,10 @@ void check_gradient_segments_disjoint(const char* fn, const segmented_view<const
   // starts is the only candidate to overlap it
   for (const auto& [inputs, name] : {std::make_pair(&k, "k"), std::make_pair(&v, "v")})
     for (std::size_t t = 0; t < inputs->size(); ++t) {
-      const auto [first, last] = byte_span((*inputs)[t]);
-      const auto g = std::partition_point(grads.begin(), grads.end(), [&](const named_span& x) { return x.last <= first; });
-      if (first < last && g != grads.end() && g->first < last)
+      const auto in = byte_span((*inputs)[t]);  // (a structured binding cannot be captured in C++17)
+      const auto g =
+          std::partition_point(grads.begin(), grads.end(), [&](const named_span& x) { return x.last <= in.first; });
+      if (in.first < in.second && g != grads.end() && g->first < in.second)
         check_no_overlap(fn, part_name(g->name, g->segment).c_str(), view_of(*g), part_name(name, t).c_str(),
                          (*inputs)[t]);
     }
