@@ -22,6 +22,7 @@
 #include "../../config.hpp"
 
 #if POLYATTN_HAS_OPENMP
+#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <system_error>
@@ -51,6 +52,24 @@ inline bool& inside_parallel_task() {
 }
 
 #if POLYATTN_HAS_OPENMP
+
+/// How long a thread spins for an event before it sleeps: a kernel's successive loops follow
+/// each other, and a helper's last task ends, within microseconds, sooner than a sleeping thread
+/// is woken; under contention a spinner gives its core away after this.
+inline constexpr std::chrono::microseconds kSpinTime{50};
+
+/// Spins until `ready()` or kSpinTime has passed; returns ready().
+template <class Ready>
+bool spin_until(const Ready& ready) {
+  const auto until = std::chrono::steady_clock::now() + kSpinTime;
+  for (int i = 1; !ready(); ++i) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+    if (i % 64 == 0 && std::chrono::steady_clock::now() > until) return ready();
+  }
+  return true;
+}
 
 /// One parallel_for call: tasks [0, n_tasks) claimed from `next`, finished ones counted in
 /// `done`; worker slots [0, workers) handed out in order, slot 0 being the caller. Shared with
@@ -87,7 +106,10 @@ struct parallel_job {
   }
 
   /// Returns when every task is done (whoever ran it); then the tasks' writes are visible here.
+  /// Spins first: the helpers' last tasks usually end within microseconds, sooner than a
+  /// sleeping thread is woken.
   void wait() {
+    if (spin_until([&] { return done.load(std::memory_order_acquire) == n_tasks; })) return;
     std::unique_lock<std::mutex> lock(m);
     finished.wait(lock, [&] { return done.load(std::memory_order_acquire) == n_tasks; });
   }
@@ -122,6 +144,7 @@ class thread_pool {
     {
       const std::lock_guard<std::mutex> lock(m_);
       jobs_.push_back(job);
+      offers_.fetch_add(1, std::memory_order_relaxed);
       for (; threads_ < helpers; ++threads_)
         if (!start_thread()) break;  // no more threads: the caller and the existing helpers do the tasks
     }
@@ -156,11 +179,22 @@ class thread_pool {
     return nullptr;
   }
 
+  /// Waits for an open job: spinning first (spin_until), then asleep.
+  std::shared_ptr<parallel_job> next_job(std::unique_lock<std::mutex>& lock) {
+    std::shared_ptr<parallel_job> job = first_open();
+    if (job) return job;
+    const unsigned seen = offers_.load(std::memory_order_relaxed);
+    lock.unlock();
+    spin_until([&] { return offers_.load(std::memory_order_relaxed) != seen; });
+    lock.lock();
+    wake_.wait(lock, [&] { return (job = first_open()) != nullptr; });
+    return job;
+  }
+
   [[noreturn]] void serve() {
     std::unique_lock<std::mutex> lock(m_);
     for (;;) {
-      std::shared_ptr<parallel_job> job;
-      wake_.wait(lock, [&] { return (job = first_open()) != nullptr; });
+      std::shared_ptr<parallel_job> job = next_job(lock);
       const int slot = job->slots.fetch_add(1, std::memory_order_relaxed);
       lock.unlock();
       if (slot < job->workers) job->work(slot);
@@ -168,14 +202,25 @@ class thread_pool {
       lock.lock();
     }
   }
-
   std::mutex m_;
   std::condition_variable wake_;
   std::vector<std::shared_ptr<parallel_job>> jobs_;
   int threads_ = 0;
+  std::atomic<unsigned> offers_{0};  // jobs offered so far (what a spinning helper watches)
 };
 
 #endif  // POLYATTN_HAS_OPENMP
+
+/// Calls with less work than this many FLOPs run on the calling thread: below it, handing
+/// tasks to a helper (waking it, its cold caches, the wait for its last task) costs more than
+/// the helper saves. Measured (docs/design.md §5, "Threads"): a decode step of 2 heads over
+/// 512 keys (2.6e5 FLOPs, 29 µs on one thread) still gains 1.5× from a second thread, causal
+/// flash at N = 48 (2.9e5) neither gains nor loses.
+inline constexpr double kMinParallelFlops = 2e5;
+
+/// The threads a call doing about `flops` of work uses: 1 below kMinParallelFlops. Results do
+/// not depend on it (every kernel's bits are the same for any thread count).
+inline int threads_for(int threads, double flops) { return flops < kMinParallelFlops ? 1 : threads; }
 
 /// Runs f(task, worker) for task in [0, n_tasks) on up to `threads` workers, worker ∈ [0, threads).
 /// Tasks are claimed dynamically; every kernel makes a task's result depend only on the task
