@@ -130,6 +130,14 @@ void register_exact_benchmarks(const sweep& s) {
             set_repetitions(b, n);
           }
   }
+  // The same calls with one core taken (contention.hpp), causal d = 64
+  for (std::int64_t n : {256, 1024, 4096, 16384}) {
+    add_contention_row("flash_attention", BM_exact<exact_kernel::flash>, {"N", "d", "causal", "threads"}, {n, 64, 1, 2});
+    add_contention_row("polynomial_attention", BM_exact<exact_kernel::polynomial>, {"N", "d", "causal", "threads"},
+                       {n, 64, 1, 2});
+    add_contention_row("flash_attention_backward", BM_exact_backward<exact_kernel::flash, pass::backward>,
+                       {"N", "d", "causal", "threads"}, {n, 64, 1, 2});
+  }
   // Sliding windows beside full causal flash: the causal d = 64 picture to 65536
   for (std::int64_t w : {256, 512, 4096})
     for (std::int64_t n : sweep_lengths())

@@ -46,11 +46,13 @@ int main(int argc, char** argv) {
     }
   }
   argc = kept;
+  polyattn::bench::register_machine_before();
   polyattn::bench::register_exact_benchmarks(sweep);
   polyattn::bench::register_polysketch_benchmarks(sweep);
   polyattn::bench::register_decode_benchmarks(sweep);
   polyattn::bench::register_shaped_benchmarks(sweep);
   polyattn::bench::register_performer_benchmarks(sweep);
+  polyattn::bench::register_machine_after_and_contention_rows(sweep.full);  // (the full sweep has 1-thread rows)
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::AddCustomContext("cpu_model", cpu_model());

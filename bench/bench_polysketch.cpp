@@ -166,5 +166,12 @@ void register_polysketch_benchmarks(const sweep& s) {
             b->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.1)->Repetitions(3);
           }
         }
+  // The same calls with one core taken (contention.hpp): r = 32, local_exact, causal d = 64
+  for (std::int64_t n : {256, 1024, 4096, 16384}) {
+    const std::vector<std::string> names{"N", "d", "causal", "threads", "r", "local_exact"};
+    add_contention_row("polysketch_attention", BM_polysketch, names, {n, 64, 1, 2, 32, 1});
+    add_contention_row("polysketch_attention_backward", BM_sketch_training<false, pass::backward>, names,
+                       {n, 64, 1, 2, 32, 1});
+  }
 }
 }  // namespace polyattn::bench

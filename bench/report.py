@@ -127,6 +127,50 @@ def crossover(flash, sketch):
     return cross
 
 
+def machine_warning(rows, threads):
+    """A warning when the machine was not quiet: the FMA peak before and after the sweep
+    disagreeing by more than 10 %, or a 1-minute load average above the threads in use."""
+    state = {r["args"]["when"]: r["bench"] for r in rows if r["kernel"] == "machine" and "when" in r["args"]}
+    if 0 not in state or 1 not in state:
+        return []
+    before, after = state[0], state[1]
+    p0, p1 = before.get("fma_GFLOP/s_1thread", 0), after.get("fma_GFLOP/s_1thread", 0)
+    l0, l1 = before.get("load1", 0), after.get("load1", 0)
+    lines = [f"Machine: one core's fp32 FMA peak {p0:.0f} GFLOP/s before the sweep, {p1:.0f} after; "
+             f"1-minute load average {l0:.2f} before, {l1:.2f} after ({threads} threads in use).", ""]
+    reasons = []
+    if p0 > 0 and abs(p1 - p0) > 0.1 * p0:
+        reasons.append(f"the FMA peak changed by {100 * (p1 - p0) / p0:+.0f} % during the sweep")
+    if max(l0, l1) > threads:
+        reasons.append(f"the load average ({max(l0, l1):.2f}) exceeded the {threads} threads in use")
+    if reasons:
+        lines = [f"> **Warning: the machine was not quiet** ({'; '.join(reasons)}): other work shared the cores, "
+                 "and the times below may be slower than this machine can do.", ""] + lines
+    return lines
+
+
+def contention_table(rows, threads):
+    """Quiet and contended medians side by side (rows named contended_<kernel>)."""
+    out = []
+    for r in sorted((r for r in rows if r["kernel"].startswith("contended_")),
+                    key=lambda r: (r["kernel"], r["args"]["N"])):
+        kernel = r["kernel"][len("contended_"):]
+        want = {k: v for k, v in r["args"].items() if k != "threads"}
+        quiet = {r2["args"]["threads"]: r2 for r2 in rows
+                 if r2["kernel"] == kernel and all(r2["args"].get(k) == v for k, v in want.items())}
+        one, many = quiet.get(1), quiet.get(r["args"]["threads"])
+        ratio = f"{r['ms'] / one['ms']:.2f}" if one else "–"
+        out.append(f"| {kernel} | {r['args']['N']} | {fmt_ms(many['ms']) if many else '–'} | "
+                   f"{fmt_ms(one['ms']) if one else '–'} | {fmt_ms(r['ms'])} | {ratio} |")
+    if not out:
+        return []
+    return [f"## Under contention: one core held by a busy process, {threads} threads, causal, d = 64 (ms)", "",
+            "The benchmark starts the busy process before each contended row and stops it after; "
+            "target: contended ≤ 1.25 × the quiet 1-thread time.", "",
+            f"| kernel | N | quiet, {threads} threads | quiet, 1 thread | one core busy, {threads} threads | "
+            "busy / quiet 1 thread |", "|---|---|---|---|---|---|"] + out + [""]
+
+
 def main():
     if len(sys.argv) != 3:
         die("usage: report.py RESULTS.json OUTDIR")
@@ -143,6 +187,7 @@ def main():
         + ", ".join(f"{peak[t]:.0f} GFLOP/s ({t} thread{'s' if t > 1 else ''})" for t in sorted(peak))
     )
     lines.append("")
+    lines += machine_warning(rows, threads)
     figures = {}
     for d in (64, 128):
         sel = {label: select(rows, k, dict(extra, d=d, causal=1, threads=threads)) for label, k, extra in KERNELS}
@@ -366,6 +411,7 @@ def main():
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
 
+    lines += contention_table(rows, threads)
     if 64 not in figures:
         die("no causal d = 64 results: nothing to plot (did the filter exclude them?)")
     with open(os.path.join(outdir, "report.md"), "w") as f:

@@ -57,6 +57,18 @@ struct attention_mask {
   index_t offset() const { return nk - nq; }
   bool windowed() const { return band.window_left >= 0 || band.window_right >= 0; }
 
+  /// About how many keys a query sees (causal rows half the keys, windows their width), for
+  /// deciding whether a call is worth threads.
+  double keys_seen_estimate() const {
+    double n = causal ? std::max(double(nk) - 0.5 * double(nq), 1.0) : double(nk);
+    if (band.window_left >= 0 || band.window_right >= 0) {
+      const double left = band.window_left >= 0 ? double(band.window_left) : double(nk);
+      const double right = causal ? 0.0 : band.window_right >= 0 ? double(band.window_right) : double(nk);
+      n = std::min(n, left + right + 1.0);
+    }
+    return n;
+  }
+
   // ---- single entries
   /// The first global position >= x (or the end of the list).
   const index_t* global_from(index_t x) const {

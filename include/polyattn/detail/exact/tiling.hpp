@@ -198,9 +198,12 @@ void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights)
   if (B == 0 || H == 0 || Nq == 0 || (dv == 0 && pb.stats.size() == 0)) return;
   kv_parts<T> single;
   const auto f = forward_pass<T, Weights>::make(pb, weights, kv_parts_of(pb, single), simd_width<T, Arch>);
-  const int workers = static_cast<int>(std::min<index_t>(pb.threads, f.heads * f.n_qblocks));
+  // two products of (d + dv) FLOPs a visible pair
+  const int threads = threads_for(pb.threads, 2.0 * double(f.d + f.dv) * double(f.heads * f.Nq) *
+                                                  f.mask.keys_seen_estimate());
+  const int workers = static_cast<int>(std::min<index_t>(threads, f.heads * f.n_qblocks));
   std::vector<attention_scratch<T>> scratch(to_size(std::max(workers, 1)));
-  parallel_for(pb.threads, f.heads * f.n_qblocks, [&](index_t task, int worker) {
+  parallel_for(threads, f.heads * f.n_qblocks, [&](index_t task, int worker) {
     forward_task<T, Weights, Arch>(f, scratch[to_size(worker)], task);
   });
 }

@@ -393,11 +393,19 @@ void reduce_dq_partials(const backward_pass<T, Weights>& f, const aligned_vector
   }
 }
 
+/// The threads of a backward call: five products of d or dv FLOPs a visible pair (see the
+/// forward's threads_for).
+template <class T, class Weights>
+int backward_threads(const backward_pass<T, Weights>& f) {
+  return threads_for(f.pb.threads, (6.0 * double(f.d) + 4.0 * double(f.dval)) * double(f.B * f.H * f.Nq) *
+                                       f.mask.keys_seen_estimate());
+}
+
 /// Query windows one after the other, each as kPartialChunks tasks (the top of this file).
 template <class T, class Weights, class Arch>
 void run_partials_schedule(const backward_pass<T, Weights>& f) {
   constexpr index_t WQ = kPartialWindow, C = kPartialChunks;
-  const int threads = f.pb.threads;
+  const int threads = backward_threads(f);
   std::vector<attention_backward_scratch<T>> scratch(to_size(std::max<index_t>(std::min<index_t>(threads, C), 1)));
   zero_key_gradients(f.kv);
   aligned_vector<T> part(static_cast<std::size_t>(C * WQ * f.dp), T(0));
@@ -483,9 +491,10 @@ void run_recompute_schedule(const backward_pass<T, Weights>& f) {
   const std::vector<key_piece<T>> pieces = key_block_pieces(f);
   const index_t B = f.B, H = f.H, Hk = f.Hk;
   const index_t key_tasks = B * Hk * static_cast<index_t>(pieces.size()), query_tasks = B * H * f.n_qblocks;
-  const int workers = static_cast<int>(std::min<index_t>(f.pb.threads, key_tasks + query_tasks));
+  const int threads = backward_threads(f);
+  const int workers = static_cast<int>(std::min<index_t>(threads, key_tasks + query_tasks));
   std::vector<attention_backward_scratch<T>> scratch(to_size(std::max(workers, 1)));
-  parallel_for(f.pb.threads, key_tasks + query_tasks, [&](index_t task, int worker) {
+  parallel_for(threads, key_tasks + query_tasks, [&](index_t task, int worker) {
     attention_backward_scratch<T>& s = scratch[to_size(worker)];
     prepare_backward_scratch(f, s);
     if (task < key_tasks) {

@@ -96,7 +96,7 @@ struct scan_plan {
 /// The plan of a call: without a state to continue, a block longer than the keys means "all
 /// keys in block 0" whatever its length, so time and scratch follow the keys, not the option.
 template <class T>
-scan_plan scan_plan_of(const linear_problem<T>& p) {
+scan_plan scan_plan_of(const linear_problem<T>& p, int threads) {
   const block_problem& pb = p.sizes;
   const linear_state<T>* states = p.states;
   scan_plan plan;
@@ -110,16 +110,19 @@ scan_plan scan_plan_of(const linear_problem<T>& p) {
     const index_t n_blocks = plan.c_end - plan.c0 + 1;
     plan.per_chunk = ceil_div(n_blocks, kSuperChunks);
     plan.n_chunks = ceil_div(n_blocks, plan.per_chunk);
-    plan.ranges = std::max<index_t>(1, std::min(ceil_div(pb.threads, pb.batch * pb.kv_heads), plan.n_chunks));
+    // at least two blocks a range: with fewer the pre-pass costs more than the split saves
+    // (measured: one sequence of 3 blocks of 256 took 1.2x as long on two threads as on one)
+    plan.ranges = std::max<index_t>(
+        1, std::min({ceil_div(threads, pb.batch * pb.kv_heads), plan.n_chunks, n_blocks / 2}));
   }
   return plan;
 }
 
 /// Workers of a call: never more workers (nor workspaces) than the widest phase has tasks.
-inline int scan_workers(const block_problem& pb, const scan_plan& plan) {
+inline int scan_workers(const block_problem& pb, const scan_plan& plan, int threads) {
   const index_t n_seq = pb.batch * pb.kv_heads;
   const index_t widest = std::max(n_seq * kSuperChunks, pb.batch * pb.heads * (ceil_div(pb.nq, plan.b) + 1));
-  return static_cast<int>(std::clamp<index_t>(pb.threads, 1, std::max<index_t>(widest, 1)));
+  return static_cast<int>(std::clamp<index_t>(threads, 1, std::max<index_t>(widest, 1)));
 }
 
 /// Widths of one call, from the problem and the source.
@@ -518,8 +521,11 @@ void run_block_linear(const linear_problem<T>& p, const Source& src) {
   if (p.states && (!pb.causal || pb.nq > pb.nk))
     raise(std::logic_error("polyattn: a linear_state needs causal attention with Nq <= Nk"));
   const scan_dims d = scan_dims_of<T, Source, Arch>(p, src);
-  const scan_plan plan = scan_plan_of(p);
-  const int workers = scan_workers(pb, plan);
+  // state updates and reads, 2·m·dv FLOPs a key and a query (the bits do not depend on threads)
+  const int threads = threads_for(pb.threads, 2.0 * double(d.m) * double(d.dv + 1) *
+                                                  double(pb.batch) * double(pb.kv_heads * pb.nk + pb.heads * pb.nq));
+  const scan_plan plan = scan_plan_of(p, threads);
+  const int workers = scan_workers(pb, plan, threads);
   linear_workspace<T> own;
   linear_workspace<T>& wsp = p.workspace ? *p.workspace : own;
   if (static_cast<int>(wsp.workers.size()) < workers) wsp.workers.resize(static_cast<std::size_t>(workers));

@@ -661,7 +661,10 @@ void run_block_backward(const linear_backward_problem<T>& p, const Source& src) 
   if (n_seq == 0 || pb.nq == 0 || pb.nk == 0 || src.feature_dim() == 0 || pb.dv == 0) return;
   const block_backward<T, Source, Arch> sc{p, src, backward_dims_of<T, Source, Arch>(p, src, LV)};
   const index_t nblk = sc.d.nblk;
-  const int workers = static_cast<int>(std::clamp<index_t>(pb.threads, 1, 2 * n_seq));
+  // two state passes and three read-outs of 2·m·dv FLOPs a row (see the forward's threads_for)
+  const double flops = 5.0 * double(src.feature_dim()) * double(pb.dv) * double(pb.batch) *
+                       double(pb.kv_heads * pb.nk + pb.heads * pb.nq);
+  const int workers = static_cast<int>(std::clamp<index_t>(threads_for(pb.threads, flops), 1, 2 * n_seq));
   std::vector<backward_workspace<T>> scratch(static_cast<std::size_t>(workers));
   aligned_vector<T> leaf_tasks(checked_size<T>("run_block_backward", "leaf gradients", {LV, 2, n_seq}), T(0));
   std::unique_ptr<std::atomic<int>[]> delivered(

@@ -1,0 +1,83 @@
+// tests/test_threading.cpp — detail::parallel_for, the one parallel loop of every kernel: each
+// task runs exactly once, worker indices stay below the thread count, exceptions reach the
+// caller, nested and concurrent calls complete (docs/design.md §5, "Threads").
+#include <catch2/catch.hpp>
+
+#include <polyattn/detail/core/threading.hpp>
+
+#include <atomic>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+using polyattn::index_t;
+using polyattn::detail::parallel_for;
+
+TEST_CASE("parallel_for runs every task once, on workers below the thread count", "[threads]") {
+  for (int threads : {1, 2, 3, 8})
+    for (index_t n : {index_t(0), index_t(1), index_t(2), index_t(7), index_t(1000)}) {
+      INFO("threads " << threads << ", tasks " << n);
+      std::vector<std::atomic<int>> runs(static_cast<std::size_t>(n));
+      std::atomic<int> bad_worker{0};
+      for (int repeat = 0; repeat < 20; ++repeat)
+        parallel_for(threads, n, [&](index_t t, int w) {
+          runs[static_cast<std::size_t>(t)].fetch_add(1);
+          if (w < 0 || w >= threads) bad_worker.fetch_add(1);
+        });
+      for (const auto& r : runs) CHECK(r.load() == 20);
+      CHECK(bad_worker.load() == 0);
+    }
+}
+
+TEST_CASE("parallel_for: a worker index is held by one thread at a time", "[threads]") {
+  // per-worker scratch is indexed by the worker: two tasks running at once must differ in it
+  const int threads = 4;
+  std::vector<std::atomic<int>> busy(threads);
+  std::atomic<int> clashes{0};
+  for (int repeat = 0; repeat < 50; ++repeat)
+    parallel_for(threads, 64, [&](index_t, int w) {
+      if (busy[static_cast<std::size_t>(w)].fetch_add(1) != 0) clashes.fetch_add(1);
+      for (volatile int spin = 0; spin < 2000; spin = spin + 1) {
+      }
+      busy[static_cast<std::size_t>(w)].fetch_sub(1);
+    });
+  CHECK(clashes.load() == 0);
+}
+
+TEST_CASE("parallel_for rethrows a task's exception on the caller", "[threads]") {
+  for (int threads : {1, 2, 4}) {
+    std::atomic<int> ran{0};
+    CHECK_THROWS_WITH(parallel_for(threads, 100,
+                                   [&](index_t t, int) {
+                                     ran.fetch_add(1);
+                                     if (t == 37) throw std::invalid_argument("task 37");
+                                   }),
+                      "task 37");
+    CHECK(ran.load() >= 38);  // (the serial loop stops at the exception; helpers finish their tasks)
+    // the pool still works afterwards
+    std::atomic<int> after{0};
+    parallel_for(threads, 10, [&](index_t, int) { after.fetch_add(1); });
+    CHECK(after.load() == 10);
+  }
+}
+
+TEST_CASE("parallel_for inside a task runs on that task's thread; concurrent callers all finish", "[threads]") {
+  std::atomic<int> inner{0}, nested_helpers{0};
+  parallel_for(2, 8, [&](index_t, int) {
+    parallel_for(2, 8, [&](index_t, int w) {
+      if (w != 0) nested_helpers.fetch_add(1);  // (a nested call is serial)
+      inner.fetch_add(1);
+    });
+  });
+  CHECK(inner.load() == 64);
+  CHECK(nested_helpers.load() == 0);
+  // four program threads calling at once, each with threads = 2, many times
+  std::atomic<long> total{0};
+  std::vector<std::thread> callers;
+  for (int c = 0; c < 4; ++c)
+    callers.emplace_back([&] {
+      for (int repeat = 0; repeat < 200; ++repeat) parallel_for(2, 16, [&](index_t t, int) { total.fetch_add(t); });
+    });
+  for (auto& th : callers) th.join();
+  CHECK(total.load() == 4L * 200 * (15 * 16 / 2));
+}
