@@ -81,3 +81,43 @@ TEST_CASE("parallel_for inside a task runs on that task's thread; concurrent cal
   for (auto& th : callers) th.join();
   CHECK(total.load() == 4L * 200 * (15 * 16 / 2));
 }
+
+#if POLYATTN_HAS_OPENMP && defined(POLYATTN_HAS_PTHREAD_ATFORK)
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+
+namespace {
+
+/// Whether two tasks of one call ran at the same time on two threads: task 0 waits (at most
+/// `patience`) for task 1 to start, which only a second thread can do meanwhile.
+bool two_tasks_overlap(std::chrono::milliseconds patience) {
+  std::atomic<bool> second_started{false}, overlapped{false};
+  parallel_for(2, 2, [&](index_t t, int) {
+    if (t == 1) {
+      second_started = true;
+      return;
+    }
+    const auto until = std::chrono::steady_clock::now() + patience;
+    while (!second_started && std::chrono::steady_clock::now() < until) std::this_thread::yield();
+    overlapped = second_started.load();
+  });
+  return overlapped;
+}
+
+}  // namespace
+
+TEST_CASE("parallel_for in a child process after fork() has helper threads again", "[threads]") {
+  // fork copies only the calling thread: a child that kept the parent's pool would believe it
+  // had helpers, and run every task on its own thread
+  REQUIRE(two_tasks_overlap(std::chrono::seconds(5)));  // the parent's pool is running
+  const pid_t child = fork();
+  REQUIRE(child >= 0);
+  if (child == 0) _exit(two_tasks_overlap(std::chrono::seconds(5)) ? 0 : 3);
+  int status = 0;
+  REQUIRE(waitpid(child, &status, 0) == child);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+}
+#endif

@@ -63,10 +63,22 @@ inline xsimd::batch<T, Arch> vmin(const xsimd::batch<T, Arch>& a, const xsimd::b
   return xsimd::min(a, b);
 }
 
-/// xsimd::exp(x).
+/// xsimd::exp(x). For double, xsimd's exp converts round(x·log2 e) to a 64-bit integer, by a
+/// scalar loop where the ISA lacks the instruction: for a NaN, an infinity or |x| > 2^63·ln 2
+/// that conversion is undefined (clang's UBSan reports it). So x is clamped to [−1000, 1000]
+/// first (exp is already 0 or inf beyond ±746), and a NaN lane goes in as 0 and comes out as
+/// the NaN it was. Finite results are unchanged bit for bit. A NaN or inf reaches exp only from
+/// a non-finite input (docs/design.md §6).
 template <class T, class Arch>
 inline xsimd::batch<T, Arch> vexp(const xsimd::batch<T, Arch>& x) {
-  return xsimd::exp(x);
+  if constexpr (std::is_same_v<T, double>) {
+    using B = xsimd::batch<T, Arch>;
+    const auto nan = xsimd::isnan(x);
+    const B safe = xsimd::min(xsimd::max(xsimd::select(nan, B(0.0), x), B(-1000.0)), B(1000.0));
+    return xsimd::select(nan, x, xsimd::exp(safe));
+  } else {
+    return xsimd::exp(x);
+  }
 }
 
 /// xsimd::hadd(x): the sum of the lanes.

@@ -30,6 +30,10 @@
 #include <vector>
 
 #include <omp.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define POLYATTN_HAS_PTHREAD_ATFORK 1
+#endif
 #endif
 
 namespace polyattn::detail {
@@ -134,9 +138,16 @@ struct parallel_job {
 class thread_pool {
  public:
   /// The process's pool, never destroyed: helpers may be asleep in it when the program exits.
+  /// A child process made by fork() gets a new, empty pool: fork copies none of the helpers,
+  /// and the parent's pool may have been locked by one of them at that moment.
   static thread_pool& instance() {
-    static thread_pool* pool = new thread_pool;
-    return *pool;
+#if defined(POLYATTN_HAS_PTHREAD_ATFORK)
+    static const bool registered = (pthread_atfork(nullptr, nullptr, [] { current() = new thread_pool; }), true);
+    (void)registered;
+#endif
+    static thread_pool* const first = (current() = new thread_pool);
+    (void)first;
+    return *current();
   }
 
   /// Lists `job` and wakes up to `helpers` threads for it, starting threads the pool lacks.
@@ -159,6 +170,11 @@ class thread_pool {
 
  private:
   thread_pool() = default;
+
+  static thread_pool*& current() {
+    static thread_pool* pool = nullptr;
+    return pool;
+  }
 
   bool start_thread() {
 #if POLYATTN_HAS_EXCEPTIONS
