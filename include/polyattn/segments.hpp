@@ -168,16 +168,13 @@ struct named_span {
   std::size_t segment;
 };
 
-/// The non-empty byte ranges of parts `name`[s], sorted by start.
+/// Appends the non-empty byte ranges of parts `name`[s] to `spans`.
 template <class T>
-std::vector<named_span> sorted_spans(const segmented_view<T>& parts, const char* name) {
-  std::vector<named_span> spans;
+void add_spans(const segmented_view<T>& parts, const char* name, std::vector<named_span>& spans) {
   for (std::size_t s = 0; s < parts.size(); ++s) {
     const auto [first, last] = byte_span(parts[s]);
     if (first < last) spans.push_back({first, last, name, s});
   }
-  std::sort(spans.begin(), spans.end(), [](const named_span& a, const named_span& b) { return a.first < b.first; });
-  return spans;
 }
 
 /// No gradient segment shares memory with another one or with another segment's keys or values
@@ -189,10 +186,11 @@ void check_gradient_segments_disjoint(const char* fn, const segmented_view<const
                                       const segmented_view<const T>& v, const segmented_view<T>& dk,
                                       const segmented_view<T>& dv) {
   auto view_of = [&](const named_span& x) -> const tensor_view<T, 4>& { return (x.name[1] == 'k' ? dk : dv)[x.segment]; };
-  std::vector<named_span> grads = sorted_spans(dk, "dk"), more = sorted_spans(dv, "dv");
-  grads.insert(grads.end(), more.begin(), more.end());
-  std::inplace_merge(grads.begin(), grads.end() - static_cast<std::ptrdiff_t>(more.size()), grads.end(),
-                     [](const named_span& a, const named_span& b) { return a.first < b.first; });
+  std::vector<named_span> grads;
+  add_spans(dk, "dk", grads);
+  add_spans(dv, "dv", grads);
+  std::stable_sort(grads.begin(), grads.end(),  // (equal starts: dk before dv, as listed)
+                   [](const named_span& a, const named_span& b) { return a.first < b.first; });
   // two overlapping ranges: one starts before the furthest end of the ranges starting earlier
   for (std::size_t i = 1, reach = 0; i < grads.size(); ++i) {
     if (grads[i].first < grads[reach].last)
