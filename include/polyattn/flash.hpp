@@ -27,7 +27,7 @@ void flash_attention(detail::input_view<T> q, detail::input_view<T> k, detail::i
 /// or +∞ score, whose out row is NaN), for the backward pass.
 template <class T>
 void flash_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v, tensor_view<T, 4> out,
-                     const softmax_options& opts, tensor_view<T, 3> stats) {
+                     const softmax_options& opts, detail::stats_output<T> stats) {
   detail::check_stats_given("flash_attention", stats, q);
   detail::softmax_family<T>("flash_attention", q, k, v, out, opts, detail::kBlockK, stats);
 }
@@ -49,10 +49,10 @@ void flash_attention_backward(detail::input_view<T> q, detail::input_view<T> k, 
   constexpr const char* fn = "flash_attention_backward";
   detail::check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
   detail::check_options<T>(fn, opts, k.extent(2));
-  const T scale = detail::softmax_scale<T>(opts, q.extent(3));
+  const accum_t<T> scale = detail::softmax_scale<accum_t<T>>(opts, q.extent(3));
   const detail::attention_backward_problem<T> pb{detail::masked_inputs<T>(q, k, v, opts, scale, opts.threads), out,
                                                  dout, stats, dq, dk, dv};
-  detail::run_tiled_attention_backward<T>(pb, detail::softmax_weights<T>{});
+  detail::run_tiled_attention_backward<T>(pb, detail::softmax_weights<accum_t<T>>{});
 }
 
 inline matrix<float> flash_attention(const eigen_input<float>& q, const eigen_input<float>& k,

@@ -16,14 +16,14 @@ namespace detail {
 /// Stats written when non-empty.
 template <class T>
 void polynomial_forward(input_view<T> q, input_view<T> k, input_view<T> v, tensor_view<T, 4> out,
-                        const polynomial_options& opts, tensor_view<T, 3> stats) {
+                        const polynomial_options& opts, stats_output<T> stats) {
   constexpr const char* fn = "polynomial_attention";
   check_attention(fn, q, k, v, out);
   if (!stats.empty()) check_stats_output(fn, q, k, v, out, stats);
   check_options<T>(fn, opts, k.extent(2));
-  const attention_problem<T> pb{masked_inputs<T>(q, k, v, opts, static_cast<T>(opts.scale), opts.threads), out, stats,
-                                kBlockK};
-  run_tiled_attention<T>(pb, polynomial_weights_of<T>(opts));
+  const attention_problem<T> pb{masked_inputs<T>(q, k, v, opts, static_cast<accum_t<T>>(opts.scale), opts.threads),
+                                out, stats, kBlockK};
+  run_tiled_attention<T>(pb, polynomial_weights_of<accum_t<T>>(opts));
 }
 
 }  // namespace detail
@@ -41,7 +41,7 @@ void polynomial_attention(detail::input_view<T> q, detail::input_view<T> k, deta
 /// the out row is then NaN too, never 0).
 template <class T>
 void polynomial_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
-                          tensor_view<T, 4> out, const polynomial_options& opts, tensor_view<T, 3> stats) {
+                          tensor_view<T, 4> out, const polynomial_options& opts, detail::stats_output<T> stats) {
   detail::check_stats_given("polynomial_attention", stats, q);
   detail::polynomial_forward<T>(q, k, v, out, opts, stats);
 }
@@ -63,8 +63,9 @@ void polynomial_attention_backward(detail::input_view<T> q, detail::input_view<T
   detail::check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
   detail::check_options<T>(fn, opts, k.extent(2));
   const detail::attention_backward_problem<T> pb{
-      detail::masked_inputs<T>(q, k, v, opts, static_cast<T>(opts.scale), opts.threads), out, dout, stats, dq, dk, dv};
-  detail::run_tiled_attention_backward<T>(pb, detail::polynomial_weights_of<T>(opts));
+      detail::masked_inputs<T>(q, k, v, opts, static_cast<accum_t<T>>(opts.scale), opts.threads), out, dout, stats, dq,
+      dk, dv};
+  detail::run_tiled_attention_backward<T>(pb, detail::polynomial_weights_of<accum_t<T>>(opts));
 }
 
 inline matrix<float> polynomial_attention(const eigen_input<float>& q, const eigen_input<float>& k,

@@ -122,7 +122,7 @@ struct segmented_problem {
 template <class T>
 void check_segmented_stats(const char* fn, const tensor_view<const T, 4>& q, const segmented_view<const T>& k,
                            const segmented_view<const T>& v, const tensor_view<T, 4>& out,
-                           const tensor_view<T, 3>& stats) {
+                           const tensor_view<accum_t<T>, 3>& stats) {
   for (std::size_t s = 0; s < k.size(); ++s) {
     const std::string kn = part_name("k", s), vn = part_name("v", s);
     check_stats_output(fn, q, k[s], v[s], out, stats, "q", kn.c_str(), vn.c_str());
@@ -134,31 +134,31 @@ void check_segmented_stats(const char* fn, const tensor_view<const T, 4>& q, con
 template <class T>
 void softmax_segmented(const char* fn, tensor_view<const T, 4> q, const segmented_view<const T>& k,
                        const segmented_view<const T>& v, tensor_view<T, 4> out, const softmax_options& opts,
-                       bool materialise, tensor_view<T, 3> stats) {
+                       bool materialise, tensor_view<accum_t<T>, 3> stats) {
   check_segments(fn, q, k, v, out);
   if (!stats.empty()) check_segmented_stats(fn, q, k, v, out, stats);
   const index_t n = k.length();
   check_options<T>(fn, opts, n);
   const segmented_problem<T> sp(k, v);
-  attention_problem<T> pb{masked_inputs<T>(q, {}, {}, opts, softmax_scale<T>(opts, q.extent(3)), opts.threads), out,
+  attention_problem<T> pb{masked_inputs<T>(q, {}, {}, opts, softmax_scale<accum_t<T>>(opts, q.extent(3)), opts.threads), out,
                           stats, materialise ? std::max<index_t>(n, 1) : kBlockK};
   sp.attach(pb);
-  run_tiled_attention<T>(pb, softmax_weights<T>{});
+  run_tiled_attention<T>(pb, softmax_weights<accum_t<T>>{});
 }
 
 /// polynomial_attention over segments; stats written when non-empty.
 template <class T>
 void polynomial_segmented(tensor_view<const T, 4> q, const segmented_view<const T>& k, const segmented_view<const T>& v,
-                          tensor_view<T, 4> out, const polynomial_options& opts, tensor_view<T, 3> stats) {
+                          tensor_view<T, 4> out, const polynomial_options& opts, tensor_view<accum_t<T>, 3> stats) {
   constexpr const char* fn = "polynomial_attention";
   check_segments(fn, q, k, v, out);
   if (!stats.empty()) check_segmented_stats(fn, q, k, v, out, stats);
   check_options<T>(fn, opts, k.length());
   const segmented_problem<T> sp(k, v);
-  attention_problem<T> pb{masked_inputs<T>(q, {}, {}, opts, static_cast<T>(opts.scale), opts.threads), out, stats,
+  attention_problem<T> pb{masked_inputs<T>(q, {}, {}, opts, static_cast<accum_t<T>>(opts.scale), opts.threads), out, stats,
                           kBlockK};
   sp.attach(pb);
-  run_tiled_attention<T>(pb, polynomial_weights_of<T>(opts));
+  run_tiled_attention<T>(pb, polynomial_weights_of<accum_t<T>>(opts));
 }
 
 /// One view's byte range in check_gradient_segments_disjoint: argument `name`[segment].
@@ -255,7 +255,7 @@ void softmax_attention(detail::input_view<T> q, detail::segments_in<T> k, detail
 }
 template <class T>
 void softmax_attention(detail::input_view<T> q, detail::segments_in<T> k, detail::segments_in<T> v,
-                       tensor_view<T, 4> out, const softmax_options& opts, tensor_view<T, 3> stats) {
+                       tensor_view<T, 4> out, const softmax_options& opts, tensor_view<accum_t<T>, 3> stats) {
   detail::check_stats_given("softmax_attention", stats, q);
   detail::softmax_segmented<T>("softmax_attention", q, k, v, out, opts, true, stats);
 }
@@ -268,7 +268,7 @@ void flash_attention(detail::input_view<T> q, detail::segments_in<T> k, detail::
 }
 template <class T>
 void flash_attention(detail::input_view<T> q, detail::segments_in<T> k, detail::segments_in<T> v, tensor_view<T, 4> out,
-                     const softmax_options& opts, tensor_view<T, 3> stats) {
+                     const softmax_options& opts, tensor_view<accum_t<T>, 3> stats) {
   detail::check_stats_given("flash_attention", stats, q);
   detail::softmax_segmented<T>("flash_attention", q, k, v, out, opts, false, stats);
 }
@@ -281,7 +281,7 @@ void polynomial_attention(detail::input_view<T> q, detail::segments_in<T> k, det
 }
 template <class T>
 void polynomial_attention(detail::input_view<T> q, detail::segments_in<T> k, detail::segments_in<T> v,
-                          tensor_view<T, 4> out, const polynomial_options& opts, tensor_view<T, 3> stats) {
+                          tensor_view<T, 4> out, const polynomial_options& opts, tensor_view<accum_t<T>, 3> stats) {
   detail::check_stats_given("polynomial_attention", stats, q);
   detail::polynomial_segmented<T>(q, k, v, out, opts, stats);
 }
@@ -296,10 +296,10 @@ void flash_attention_backward(detail::input_view<T> q, detail::segments_in<T> k,
   constexpr const char* fn = "flash_attention_backward";
   detail::check_segmented_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
   detail::check_options<T>(fn, opts, k.length());
-  const T scale = detail::softmax_scale<T>(opts, q.extent(3));
+  const accum_t<T> scale = detail::softmax_scale<accum_t<T>>(opts, q.extent(3));
   const detail::attention_backward_problem<T> pb{detail::masked_inputs<T>(q, {}, {}, opts, scale, opts.threads), out,
                                                  dout, stats, dq};
-  detail::segmented_backward<T>(pb, k, v, dk, dv, detail::softmax_weights<T>{});
+  detail::segmented_backward<T>(pb, k, v, dk, dv, detail::softmax_weights<accum_t<T>>{});
 }
 
 /// polynomial_attention_backward over segmented keys and values.
@@ -313,8 +313,8 @@ void polynomial_attention_backward(detail::input_view<T> q, detail::segments_in<
   detail::check_segmented_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
   detail::check_options<T>(fn, opts, k.length());
   const detail::attention_backward_problem<T> pb{
-      detail::masked_inputs<T>(q, {}, {}, opts, static_cast<T>(opts.scale), opts.threads), out, dout, stats, dq};
-  detail::segmented_backward<T>(pb, k, v, dk, dv, detail::polynomial_weights_of<T>(opts));
+      detail::masked_inputs<T>(q, {}, {}, opts, static_cast<accum_t<T>>(opts.scale), opts.threads), out, dout, stats, dq};
+  detail::segmented_backward<T>(pb, k, v, dk, dv, detail::polynomial_weights_of<accum_t<T>>(opts));
 }
 
 }  // namespace polyattn

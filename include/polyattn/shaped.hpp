@@ -228,7 +228,7 @@ void shaped_forward(input_view<T> q, input_view<T> k, input_view<T> v, tensor_vi
   const attention_problem<T> pb{shaped_inputs<T>(q, k, v, opts), out, stats, kBlockK};
   // the softmax term A_i, written into out (and the lse into stats); skipped when β = 0 and
   // no stats are wanted
-  if (opts.beta != 0 || !stats.empty()) run_tiled_attention<T>(pb, softmax_weights<T>{});
+  if (opts.beta != 0 || !stats.empty()) run_tiled_attention<T>(pb, softmax_weights<accum_t<T>>{});
   add_shaped_terms(pb, shaped_terms{opts.alpha, opts.beta, opts.gamma});
 }
 
@@ -275,10 +275,10 @@ void shaped_softmax_gradients(const attention_backward_problem<T>& pb, const sha
     reconstruct_softmax_output(pb, co, a);
   else
     run_tiled_attention<T>(attention_problem<T>{static_cast<const attention_inputs<T>&>(pb), a, {}, kBlockK},
-                           softmax_weights<T>{});
+                           softmax_weights<accum_t<T>>{});
   attention_backward_problem<T> pa = pb;
   pa.out = a;
-  run_tiled_attention_backward<T>(pa, softmax_weights<T>{});
+  run_tiled_attention_backward<T>(pa, softmax_weights<accum_t<T>>{});
   if (co.beta != 1) {
     scale_in_place(pb.dq, co.beta, pb.threads);
     scale_in_place(pb.dk, co.beta, pb.threads);

@@ -17,13 +17,14 @@ namespace detail {
 /// softmax_attention and flash_attention (block_k keys per block); stats written when non-empty.
 template <class T>
 void softmax_family(const char* fn, tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
-                    tensor_view<T, 4> out, const softmax_options& opts, index_t block_k, tensor_view<T, 3> stats = {}) {
+                    tensor_view<T, 4> out, const softmax_options& opts, index_t block_k,
+                    tensor_view<accum_t<T>, 3> stats = {}) {
   check_attention(fn, q, k, v, out);
   if (!stats.empty()) check_stats_output(fn, q, k, v, out, stats);
   check_options<T>(fn, opts, k.extent(2));
-  const attention_problem<T> pb{masked_inputs<T>(q, k, v, opts, softmax_scale<T>(opts, q.extent(3)), opts.threads),
-                                out, stats, block_k};
-  run_tiled_attention<T>(pb, softmax_weights<T>{});
+  const attention_problem<T> pb{
+      masked_inputs<T>(q, k, v, opts, softmax_scale<accum_t<T>>(opts, q.extent(3)), opts.threads), out, stats, block_k};
+  run_tiled_attention<T>(pb, softmax_weights<accum_t<T>>{});
 }
 
 }  // namespace detail
@@ -43,7 +44,7 @@ void softmax_attention(detail::input_view<T> q, detail::input_view<T> k, detail:
 /// score is a NaN row with NaN stats (docs/design.md §6), never the empty row's 0 and −∞.
 template <class T>
 void softmax_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
-                       tensor_view<T, 4> out, const softmax_options& opts, tensor_view<T, 3> stats) {
+                       tensor_view<T, 4> out, const softmax_options& opts, detail::stats_output<T> stats) {
   detail::check_stats_given("softmax_attention", stats, q);
   detail::softmax_family<T>("softmax_attention", q, k, v, out, opts, std::max<index_t>(k.extent(2), 1), stats);
 }

@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "config.hpp"
+#include "precision.hpp"
 
 namespace polyattn {
 
@@ -100,9 +101,12 @@ using input_view = typename identity<tensor_view<const T, 4>>::type;
 /// A caller matrix input (Linformer's E, F).
 template <class T>
 using matrix_view = typename identity<tensor_view<const T, 2>>::type;
-/// The stats input [B, H, Nq] of a backward entry point.
+/// The stats input [B, H, Nq] of a backward entry point (accum_t<T>: float for bf16 and f16).
 template <class T>
-using stats_input = typename identity<tensor_view<const T, 3>>::type;
+using stats_input = typename identity<tensor_view<const accum_t<T>, 3>>::type;
+/// The stats output [B, H, Nq] of a forward entry point.
+template <class T>
+using stats_output = typename identity<tensor_view<accum_t<T>, 3>>::type;
 }  // namespace detail
 
 }  // namespace polyattn

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 
+#include "convert.hpp"
 #include "simd.hpp"
 
 namespace polyattn::detail {
@@ -103,8 +104,10 @@ void gemm(index_t m, index_t n, index_t k, const T* a, index_t a_rs, index_t a_c
 /// Packs a B operand from rows: dst[c·ld_dst + i] = factor · src[i·ld_src + c] for i < n,
 /// c < cols, and zeros in the padding columns [n, ld_dst) of each dst row (the micro-kernel
 /// reads whole vectors).
-template <class T>
-inline void pack_transposed(const T* src, index_t ld_src, index_t n, index_t cols, T factor, T* dst, index_t ld_dst) {
+/// A half-precision src is widened to the accumulation type A on the way.
+template <class S, class A>
+inline void pack_transposed(const S* src, index_t ld_src, index_t n, index_t cols, A factor, A* dst, index_t ld_dst) {
+  static_assert(std::is_same_v<accum_t<S>, A>, "pack_transposed: dst is src's accumulation type");
   // Cache-blocked: a tile of kTile source rows is read column by column (the tile's rows stay
   // in L1 across the columns) and each column of it is stored as kTile contiguous values. Reading
   // whole columns of the block (the first version) streams n strided loads per column; writing
@@ -114,29 +117,29 @@ inline void pack_transposed(const T* src, index_t ld_src, index_t n, index_t col
   constexpr index_t kTile = 16;
   for (index_t i0 = 0; i0 < n; i0 += kTile) {
     const index_t rows = std::min(kTile, n - i0);
-    const T* s = src + i0 * ld_src;
+    const S* s = src + i0 * ld_src;
     if (rows == kTile) {
       for (index_t c = 0; c < cols; ++c) {
-        T* d = dst + c * ld_dst + i0;
-        for (index_t i = 0; i < kTile; ++i) d[i] = factor * s[i * ld_src + c];
+        A* d = dst + c * ld_dst + i0;
+        for (index_t i = 0; i < kTile; ++i) d[i] = factor * widen1(s[i * ld_src + c]);
       }
     } else {
       for (index_t c = 0; c < cols; ++c) {
-        T* d = dst + c * ld_dst + i0;
-        for (index_t i = 0; i < rows; ++i) d[i] = factor * s[i * ld_src + c];
+        A* d = dst + c * ld_dst + i0;
+        for (index_t i = 0; i < rows; ++i) d[i] = factor * widen1(s[i * ld_src + c]);
       }
     }
   }
-  for (index_t c = 0; c < cols; ++c) std::fill(dst + c * ld_dst + n, dst + (c + 1) * ld_dst, T(0));
+  for (index_t c = 0; c < cols; ++c) std::fill(dst + c * ld_dst + n, dst + (c + 1) * ld_dst, A(0));
 }
 
-/// Packs a B operand row by row: dst row r = the cols values of src row r, then zeros up to
-/// ld_dst, for r < n.
-template <class T>
-inline void pack_rows(const T* src, index_t ld_src, index_t n, index_t cols, T* dst, index_t ld_dst) {
+/// Packs a B operand row by row: dst row r = the cols values of src row r (widened to the
+/// accumulation type), then zeros up to ld_dst, for r < n.
+template <class S>
+inline void pack_rows(const S* src, index_t ld_src, index_t n, index_t cols, accum_t<S>* dst, index_t ld_dst) {
   for (index_t r = 0; r < n; ++r) {
-    std::copy(src + r * ld_src, src + r * ld_src + cols, dst + r * ld_dst);
-    std::fill(dst + r * ld_dst + cols, dst + (r + 1) * ld_dst, T(0));
+    widen(src + r * ld_src, cols, dst + r * ld_dst);
+    std::fill(dst + r * ld_dst + cols, dst + (r + 1) * ld_dst, accum_t<S>(0));
   }
 }
 

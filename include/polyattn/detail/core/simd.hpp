@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <new>
 #include <type_traits>
 #include <vector>
@@ -21,6 +22,7 @@
 #endif
 
 #include "../../config.hpp"
+#include "../../precision.hpp"
 
 namespace polyattn::detail {
 
@@ -135,10 +137,10 @@ inline void divide_into(const T* x, index_t n, T den, T* y) {
   for (; i < n; ++i) y[i] = x[i] / den;
 }
 
-/// True when the first `cols` values of each of n rows (stride ld) are all finite. x − x is
-/// 0 for a finite x and NaN for ±inf and NaN, so one sum of differences decides.
+/// rows_finite of float and double: x − x is 0 for a finite x and NaN for ±inf and NaN, so one
+/// sum of differences decides.
 template <class T, class Arch>
-inline bool rows_finite(const T* x, index_t ld, index_t n, index_t cols) {
+inline bool rows_finite_values(const T* x, index_t ld, index_t n, index_t cols) {
   using B = batch<T, Arch>;
   constexpr index_t W = simd_width<T, Arch>;
   // two independent sums: one chain of dependent adds is latency-bound (~3 % of a windowed
@@ -160,6 +162,22 @@ inline bool rows_finite(const T* x, index_t ld, index_t n, index_t cols) {
     for (; c < cols; ++c) tail += row[c] - row[c];
   }
   return xsimd::all((acc0 + acc1) == B(T(0))) && tail == T(0);
+}
+
+/// True when the first `cols` values of each of n rows (stride ld) are all finite. For bf16 and
+/// f16, a value is finite when its exponent bits are not all ones.
+template <class T, class Arch>
+inline bool rows_finite(const T* x, index_t ld, index_t n, index_t cols) {
+  if constexpr (is_half_v<T>) {
+    const std::uint16_t exp_bits = std::is_same_v<T, bf16> ? 0x7f80 : 0x7c00;
+    const auto* u = reinterpret_cast<const std::uint16_t*>(x);
+    unsigned bad = 0;
+    for (index_t r = 0; r < n; ++r)
+      for (index_t c = 0; c < cols; ++c) bad |= unsigned((u[r * ld + c] & exp_bits) == exp_bits);
+    return bad == 0;
+  } else {
+    return rows_finite_values<T, Arch>(x, ld, n, cols);
+  }
 }
 
 /// Integer power by squaring, vectorised; p >= 1.

@@ -208,7 +208,7 @@ void check_stats_output(const char* function, const tensor_view<TQ, 4>& q, const
 template <class T>
 void check_backward(const char* function, const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
                     const tensor_view<const T, 4>& v, const tensor_view<const T, 4>& out,
-                    const tensor_view<const T, 4>& dout, const tensor_view<const T, 3>& stats,
+                    const tensor_view<const T, 4>& dout, const tensor_view<const accum_t<T>, 3>& stats,
                     const tensor_view<T, 4>& dq, const tensor_view<T, 4>& dk, const tensor_view<T, 4>& dv,
                     const char* qn = "q", const char* kn = "k", const char* dqn = "dq", const char* dkn = "dk",
                     const char* vn = "v", const char* dvn = "dv") {
@@ -251,12 +251,14 @@ inline std::string format_value(double x) {
 
 /// An option given in double must stay finite in the kernel's precision T (1e39 is a finite
 /// double but inf as a float).
+/// (For bf16 and f16 the kernel's precision is float: options are applied in accum_t<T>.)
 template <class T>
 void check_representable(const char* function, const char* name, double value) {
-  if (std::abs(value) > static_cast<double>(std::numeric_limits<T>::max()))
+  using A = accum_t<T>;
+  if (std::abs(value) > static_cast<double>(std::numeric_limits<A>::max()))
     fail(function, std::string("option '") + name + "' = " + format_value(value) + " overflows " +
-                       (sizeof(T) == 4 ? "float" : "the kernel's precision") + " (largest finite " +
-                       format_value(static_cast<double>(std::numeric_limits<T>::max())) + ")");
+                       (sizeof(A) == 4 ? "float" : "the kernel's precision") + " (largest finite " +
+                       format_value(static_cast<double>(std::numeric_limits<A>::max())) + ")");
 }
 
 inline void check_finite_scale(const char* function, const char* name, double value) {

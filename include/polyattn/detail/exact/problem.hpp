@@ -19,7 +19,7 @@ template <class T>
 struct attention_inputs {
   tensor_view<const T, 4> q{}, k{}, v{};
   bool causal = false;
-  T scale = T(1);
+  accum_t<T> scale = accum_t<T>(1);
   int threads = 1;
   mask_band band{};  // sliding window and global positions (detail/exact/mask.hpp)
   // Keys and values (and the backward's gradients of them) in several parts (segmented_view,
@@ -38,7 +38,7 @@ struct query_block {
 /// checked): the causal flag, window and global positions of opts, threads resolved.
 template <class T>
 attention_inputs<T> masked_inputs(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
-                                  const mask_options& opts, T scale, int threads) {
+                                  const mask_options& opts, accum_t<T> scale, int threads) {
   return attention_inputs<T>{q, k, v, opts.causal, scale, resolve_threads(threads), mask_band_of(opts), nullptr};
 }
 

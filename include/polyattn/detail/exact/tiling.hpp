@@ -22,7 +22,9 @@
 #include <vector>
 
 #include "../../tensor_view.hpp"
+#include "../core/convert.hpp"
 #include "../core/gemm.hpp"
+#include "../core/gemm_bf16.hpp"
 #include "../core/threading.hpp"
 #include "kv_parts.hpp"
 #include "mask.hpp"
@@ -37,19 +39,30 @@ inline constexpr index_t kBlockK = 128;  // keys per block (64, 192, 256 measure
 template <class T>
 struct attention_problem : attention_inputs<T> {
   tensor_view<T, 4> out{};
-  tensor_view<T, 3> stats{};  // [B, H, Nq] row statistics, written when non-empty
+  tensor_view<accum_t<T>, 3> stats{};  // [B, H, Nq] row statistics, written when non-empty
   index_t block_k = kBlockK;  // keys per block; >= Nk materialises a whole score row block
 };
 
-template <class T>
+/// How the tile products read storage type T (docs/design.md §10): bf16 on a CPU with
+/// AVX512-BF16 multiplies pairs of bf16 in place (gemm_bf16.hpp); every other T is widened to
+/// accum_t<T> while its tiles are packed (a copy-free read for float and double) and multiplied
+/// by the fp32 / fp64 micro-kernel.
+template <class T, class Arch>
+inline constexpr bool bf16_pairs = std::is_same_v<T, bf16> && has_bf16_dot<Arch>;
+
+/// A worker's buffers, all of the accumulation type A except the pair-packed bf16 operands:
+/// qw (Qᵀ), pw (P) and vw (V) in 32-bit words of two bf16 each.
+template <class A>
 struct attention_scratch {
-  aligned_vector<T> qt, st, o, vpack, m, l, alpha;
+  aligned_vector<A> qt, st, o, kpack, vpack, m, l, alpha;
+  aligned_vector<std::uint32_t> qw, pw, vw;
 };
 
 /// What every task of one forward call shares: the problem, the weights, the key parts and
 /// the sizes derived from them.
 template <class T, class Weights>
 struct forward_pass {
+  using A = accum_t<T>;
   const attention_problem<T>& pb;
   const Weights& weights;
   const kv_parts<T>& kv;
@@ -64,21 +77,58 @@ struct forward_pass {
     const index_t Hk = pb.k.extent(1), Nk = pb.k.extent(2), dv = pb.v.extent(3);
     return forward_pass{pb, weights, kv, B, H, Nq, d, Hk, Nk, dv, H / Hk, ceil_div(Nq, kBlockQ), B * H,
                         std::max<index_t>(1, std::min(pb.block_k, std::max<index_t>(Nk, 1))), round_up(dv, W),
-                        dv % W != 0, attention_mask::of(pb.causal, Nq, Nk, pb.band)};
+                        dv % W != 0 || is_half_v<T>, attention_mask::of(pb.causal, Nq, Nk, pb.band)};
   }
 };
 
 /// Sizes the worker's scratch on its first task.
-template <class T, class Weights>
-void prepare_forward_scratch(const forward_pass<T, Weights>& f, attention_scratch<T>& s) {
-  if (!s.qt.empty()) return;
-  s.qt.assign(static_cast<std::size_t>(std::max<index_t>(f.d, 1) * kBlockQ), T(0));
-  s.st.assign(static_cast<std::size_t>(f.block_k * kBlockQ), T(0));
-  s.o.assign(static_cast<std::size_t>(kBlockQ * f.dvp), T(0));
-  s.m.assign(kBlockQ, T(0));
-  s.l.assign(kBlockQ, T(0));
-  s.alpha.assign(kBlockQ, T(0));
-  if (f.pack_v) s.vpack.assign(static_cast<std::size_t>(f.block_k * f.dvp), T(0));
+template <class T, class Weights, class Arch>
+void prepare_forward_scratch(const forward_pass<T, Weights>& f, attention_scratch<accum_t<T>>& s) {
+  using A = accum_t<T>;
+  if (!s.st.empty()) return;
+  const auto n = [](index_t a, index_t b) { return static_cast<std::size_t>(a * b); };
+  s.st.assign(n(f.block_k, kBlockQ), A(0));
+  s.o.assign(n(kBlockQ, f.dvp), A(0));
+  s.m.assign(kBlockQ, A(0));
+  s.l.assign(kBlockQ, A(0));
+  s.alpha.assign(kBlockQ, A(0));
+  if constexpr (bf16_pairs<T, Arch>) {
+    s.qw.assign(n(ceil_div(f.d, 2), kBlockQ), 0u);
+    s.pw.assign(n(ceil_div(f.block_k, 2), kBlockQ), 0u);
+    s.vw.assign(n(ceil_div(f.block_k, 2), f.dvp), 0u);
+    s.vpack.assign(n(f.block_k, f.dvp), A(0));  // the non-finite fallback's widened values
+  } else {
+    s.qt.assign(n(std::max<index_t>(f.d, 1), kBlockQ), A(0));
+    if (is_half_v<T>) s.kpack.assign(n(f.block_k, f.d), A(0));
+    if (f.pack_v) s.vpack.assign(n(f.block_k, f.dvp), A(0));
+  }
+}
+
+/// Sᵀ[nk x lanes] = K_blk · Qᵀ (scaled) into s.st, for keys [j0, j0 + nk) of one part.
+template <class T, class Weights, class Arch>
+void key_block_scores(const forward_pass<T, Weights>& f, attention_scratch<accum_t<T>>& s, const query_block& qb,
+                      index_t j0, index_t nk, const kv_part<T>& part) {
+  using A = accum_t<T>;
+  const index_t lanes = qb.lanes, d = f.d;
+  A* st = s.st.data();
+  if (d == 0) {  // no product: every score is 0 (do not form pointers into a possibly null view)
+    std::fill(st, st + nk * lanes, A(0));
+    return;
+  }
+  const T* kblk = part.k_row(qb.b, qb.hk, j0);
+  const index_t ks = part.k.stride(2);
+  if constexpr (bf16_pairs<T, Arch>) {
+    gemm_pairs<Arch>(nk, lanes, ceil_div(d, 2), d % 2 != 0, reinterpret_cast<const std::uint16_t*>(kblk), ks, 2,
+                     s.qw.data(), lanes, st, lanes, false);
+    // Qᵀ is packed unscaled (exact): the scale multiplies the fp32 scores
+    if (f.pb.scale != A(1))
+      for (index_t r = 0; r < nk; ++r) scale_padded<A, Arch>(st + r * lanes, lanes, f.pb.scale);
+  } else if constexpr (is_half_v<T>) {
+    for (index_t r = 0; r < nk; ++r) widen(kblk + r * ks, d, s.kpack.data() + r * d);
+    gemm<A, Arch>(nk, lanes, d, s.kpack.data(), d, 1, s.qt.data(), lanes, st, lanes, false);
+  } else {
+    gemm<A, Arch>(nk, lanes, d, kblk, ks, 1, s.qt.data(), lanes, st, lanes, false);
+  }
 }
 
 /// O[nq x dv] += P · V_blk for keys [j0, j0 + nk) of one part, with P(i, j) = Pᵀ(j, i) =
@@ -87,64 +137,91 @@ void prepare_forward_scratch(const forward_pass<T, Weights>& f, attention_scratc
 /// (docs/design.md §6). Rows [ca, cb) are seen by every query of the block, so only the others
 /// are checked.
 template <class T, class Weights, class Arch>
-void accumulate_values(const forward_pass<T, Weights>& f, attention_scratch<T>& s, const query_block& qb, index_t j0,
-                       index_t nk, const kv_part<T>& part, bool partial) {
+void accumulate_values(const forward_pass<T, Weights>& f, attention_scratch<accum_t<T>>& s, const query_block& qb,
+                       index_t j0, index_t nk, const kv_part<T>& part, bool partial) {
+  using A = accum_t<T>;
   const index_t lanes = qb.lanes, dv = f.dv, dvp = f.dvp;
-  const T* st = s.st.data();
-  T* o = s.o.data();
-  const T* vsrc = part.v_row(qb.b, qb.hk, j0);
+  A* st = s.st.data();
+  A* o = s.o.data();
+  const T* vrow = part.v_row(qb.b, qb.hk, j0);
   const index_t vs = part.v.stride(2);
-  index_t ldv = vs;
+  index_t ca = 0, cb = nk;
+  if (partial) f.mask.common_rows(qb.i0, qb.nq, j0, nk, ca, cb);
+  auto finite = [&](const auto* x, index_t ld) {
+    using E = std::remove_const_t<std::remove_pointer_t<decltype(x)>>;
+    return (ca == 0 || rows_finite<E, Arch>(x, ld, ca, dv)) &&
+           (cb == nk || rows_finite<E, Arch>(x + cb * ld, ld, nk - cb, dv));
+  };
+  if constexpr (bf16_pairs<T, Arch>) {
+    if (finite(vrow, vs)) {
+      pack_pairs(reinterpret_cast<const std::uint16_t*>(vrow), vs, nk, dv, s.vw.data(), dvp);
+      pack_pairs_rounded<Arch>(st, lanes, nk, lanes, s.pw.data(), lanes);
+      gemm_pairs<Arch>(qb.nq, dv, ceil_div(nk, 2), false, reinterpret_cast<const std::uint16_t*>(s.pw.data()), 2,
+                       2 * lanes, s.vw.data(), dvp, o, dvp, true);
+      return;
+    }
+    // the visible-runs fallback below, on P rounded to bf16 as the pair product rounds it
+    for (index_t r = 0; r < nk * lanes; ++r) st[r] = float_of_bf16_bits(bf16_bits_of(st[r]));
+  }
+  const A* vsrc;
+  index_t ldv;
+  if constexpr (std::is_same_v<T, A>) {
+    vsrc = vrow;
+    ldv = vs;
+  }
   if (f.pack_v) {
-    pack_rows(vsrc, vs, nk, dv, s.vpack.data(), dvp);
+    pack_rows(vrow, vs, nk, dv, s.vpack.data(), dvp);
     vsrc = s.vpack.data();
     ldv = dvp;
   }
-  index_t ca = 0, cb = nk;
-  if (partial) f.mask.common_rows(qb.i0, qb.nq, j0, nk, ca, cb);
-  if ((ca > 0 && !rows_finite<T, Arch>(vsrc, ldv, ca, dv)) ||
-      (cb < nk && !rows_finite<T, Arch>(vsrc + cb * ldv, ldv, nk - cb, dv)))
+  // A hidden weight is 0 and 0 · NaN (or ±inf) is NaN: see above
+  if (!finite(vsrc, ldv))
     for (index_t i = 0; i < qb.nq; ++i)
       f.mask.for_each_visible_run(qb.i0 + i, j0, nk, [&](index_t r0, index_t r1) {
-        gemm<T, Arch>(1, dv, r1 - r0, st + r0 * lanes + i, 1, lanes, vsrc + r0 * ldv, ldv, o + i * dvp, dvp, true);
+        gemm<A, Arch>(1, dv, r1 - r0, st + r0 * lanes + i, 1, lanes, vsrc + r0 * ldv, ldv, o + i * dvp, dvp, true);
       });
   else
-    gemm<T, Arch>(qb.nq, dv, nk, st, 1, lanes, vsrc, ldv, o, dvp, true);
+    gemm<A, Arch>(qb.nq, dv, nk, st, 1, lanes, vsrc, ldv, o, dvp, true);
 }
 
 /// One key block, or the piece of it inside one part of a segmented sequence: Sᵀ = K_blk · Qᵀ,
 /// mask, Weights::apply (rescaling O when it asks to), then O += P · V_blk.
 template <class T, class Weights, class Arch>
-void forward_key_block(const forward_pass<T, Weights>& f, attention_scratch<T>& s, const query_block& qb, index_t j0,
-                       index_t nk, const kv_part<T>& part) {
-  const index_t lanes = qb.lanes, d = f.d;
-  T* qt = s.qt.data();
-  T* st = s.st.data();
-  const T* kblk = d > 0 ? part.k_row(qb.b, qb.hk, j0) : qt;
-  const index_t ks = d > 0 ? part.k.stride(2) : 0;
-  gemm<T, Arch>(nk, lanes, d, kblk, ks, 1, qt, lanes, st, lanes, false);
+void forward_key_block(const forward_pass<T, Weights>& f, attention_scratch<accum_t<T>>& s, const query_block& qb,
+                       index_t j0, index_t nk, const kv_part<T>& part) {
+  using A = accum_t<T>;
+  const index_t lanes = qb.lanes;
+  A* st = s.st.data();
+  key_block_scores<T, Weights, Arch>(f, s, qb, j0, nk, part);
   const bool partial = f.mask.partial(qb.i0, qb.nq, j0, nk);
   if (partial) f.mask.hide(st, lanes, lanes, qb.i0, j0, nk, Weights::masked_score());
   if (f.weights.apply(st, nk, lanes, lanes, s.m.data(), s.l.data(), s.alpha.data()))
-    for (index_t i = 0; i < qb.nq; ++i) scale_padded<T, Arch>(s.o.data() + i * f.dvp, f.dvp, s.alpha[to_size(i)]);
+    for (index_t i = 0; i < qb.nq; ++i) scale_padded<A, Arch>(s.o.data() + i * f.dvp, f.dvp, s.alpha[to_size(i)]);
   if (f.dv == 0) return;
   accumulate_values<T, Weights, Arch>(f, s, qb, j0, nk, part, partial);
 }
 
 /// out = O / denominator for the block's rows, and the row statistics when wanted.
 template <class T, class Weights, class Arch>
-void store_forward_rows(const forward_pass<T, Weights>& f, const attention_scratch<T>& s, const query_block& qb) {
+void store_forward_rows(const forward_pass<T, Weights>& f, attention_scratch<accum_t<T>>& s, const query_block& qb) {
+  using A = accum_t<T>;
   const attention_problem<T>& pb = f.pb;
   const index_t os = pb.out.stride(2), dv = f.dv, nq = qb.nq;
-  const T* o = s.o.data();
+  A* o = s.o.data();
   T* orow = dv > 0 ? &pb.out(qb.b, qb.h, qb.i0, 0) : nullptr;
   for (index_t i = 0; i < nq && dv > 0; ++i) {
     // divide (not multiply by 1/den): a subnormal denominator must not overflow to inf
-    const T den = f.weights.denominator(s.m[to_size(i)], s.l[to_size(i)]);
-    if (den > T(0) && den <= std::numeric_limits<T>::max())
-      divide_into<T, Arch>(o + i * f.dvp, dv, den, orow + i * os);
-    else  // 0: a row with no visible key (documented zero row); NaN or inf: a non-finite score it sees
-      std::fill(orow + i * os, orow + i * os + dv, den == T(0) ? T(0) : std::numeric_limits<T>::quiet_NaN());
+    const A den = f.weights.denominator(s.m[to_size(i)], s.l[to_size(i)]);
+    if (den > A(0) && den <= std::numeric_limits<A>::max()) {
+      if constexpr (is_half_v<T>) {  // divided in A, then rounded once
+        divide_into<A, Arch>(o + i * f.dvp, dv, den, o + i * f.dvp);
+        narrow(o + i * f.dvp, dv, orow + i * os);
+      } else {
+        divide_into<A, Arch>(o + i * f.dvp, dv, den, orow + i * os);
+      }
+    } else {  // 0: a row with no visible key (documented zero row); NaN or inf: a non-finite score it sees
+      std::fill(orow + i * os, orow + i * os + dv, narrow1<T>(den == A(0) ? A(0) : std::numeric_limits<A>::quiet_NaN()));
+    }
   }
   if (pb.stats.size() > 0)
     for (index_t i = 0; i < nq; ++i)
@@ -155,7 +232,7 @@ void store_forward_rows(const forward_pass<T, Weights>& f, const attention_scrat
 /// keys) so the dynamic schedule ends with small tasks on both cores.
 template <class T, class Weights, class Arch>
 query_block forward_task_block(const forward_pass<T, Weights>& f, index_t task) {
-  constexpr index_t W = simd_width<T, Arch>;
+  constexpr index_t W = simd_width<accum_t<T>, Arch>;
   const index_t qb = f.n_qblocks - 1 - task / f.heads;
   const index_t bh = task % f.heads;
   const index_t b = bh / f.H, h = bh % f.H, hk = h / f.group;
@@ -165,14 +242,19 @@ query_block forward_task_block(const forward_pass<T, Weights>& f, index_t task) 
 
 /// One task: pack Qᵀ, visit the key blocks the mask leaves, store the block's rows.
 template <class T, class Weights, class Arch>
-void forward_task(const forward_pass<T, Weights>& f, attention_scratch<T>& s, index_t task) {
+void forward_task(const forward_pass<T, Weights>& f, attention_scratch<accum_t<T>>& s, index_t task) {
+  using A = accum_t<T>;
   const query_block qb = forward_task_block<T, Weights, Arch>(f, task);
-  prepare_forward_scratch(f, s);
-  // Qᵀ [d x lanes], scaled; padding lanes are zero queries whose results are never stored.
-  // (with d == 0 nothing is read: do not form pointers into a possibly null view)
+  prepare_forward_scratch<T, Weights, Arch>(f, s);
+  // Qᵀ [d x lanes], scaled (pair-packed: unscaled); padding lanes are zero queries whose results
+  // are never stored. (with d == 0 nothing is read: do not form pointers into a possibly null view)
   const T* qrow = f.d > 0 ? &f.pb.q(qb.b, qb.h, qb.i0, 0) : nullptr;
-  pack_transposed(qrow, f.pb.q.stride(2), qb.nq, f.d, f.pb.scale, s.qt.data(), qb.lanes);
-  std::fill(s.o.data(), s.o.data() + qb.nq * f.dvp, T(0));
+  if constexpr (bf16_pairs<T, Arch>)
+    pack_pairs_transposed(reinterpret_cast<const std::uint16_t*>(qrow), f.pb.q.stride(2), f.d, qb.nq, s.qw.data(),
+                          qb.lanes);
+  else
+    pack_transposed(qrow, f.pb.q.stride(2), qb.nq, f.d, f.pb.scale, s.qt.data(), qb.lanes);
+  std::fill(s.o.data(), s.o.data() + qb.nq * f.dvp, A(0));
   f.weights.init(s.m.data(), s.l.data(), qb.lanes);
   auto key_block = [&](index_t j0, index_t nk, const kv_part<T>& part) {
     forward_key_block<T, Weights, Arch>(f, s, qb, j0, nk, part);
@@ -197,12 +279,12 @@ void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights)
   // with dv = 0 there is no output, but requested statistics are still computed
   if (B == 0 || H == 0 || Nq == 0 || (dv == 0 && pb.stats.size() == 0)) return;
   kv_parts<T> single;
-  const auto f = forward_pass<T, Weights>::make(pb, weights, kv_parts_of(pb, single), simd_width<T, Arch>);
+  const auto f = forward_pass<T, Weights>::make(pb, weights, kv_parts_of(pb, single), simd_width<accum_t<T>, Arch>);
   // two products of (d + dv) FLOPs a visible pair
   const int threads = threads_for(pb.threads, 2.0 * double(f.d + f.dv) * double(f.heads * f.Nq) *
                                                   f.mask.keys_seen_estimate());
   const int workers = static_cast<int>(std::min<index_t>(threads, f.heads * f.n_qblocks));
-  std::vector<attention_scratch<T>> scratch(to_size(std::max(workers, 1)));
+  std::vector<attention_scratch<accum_t<T>>> scratch(to_size(std::max(workers, 1)));
   parallel_for(threads, f.heads * f.n_qblocks, [&](index_t task, int worker) {
     forward_task<T, Weights, Arch>(f, scratch[to_size(worker)], task);
   });
