@@ -19,9 +19,24 @@
 #include "convert.hpp"
 #include "gemm.hpp"
 
+/// How the exact and linear engines multiply bf16 tiles: 1 = as bf16 pairs (gemm_pairs below:
+/// vdpbf16ps where compiled with AVX512-BF16 for an AVX-512 Arch, the fp32 emulation
+/// otherwise), 0 = widened to fp32 while packing, then the fp32 micro-kernel. The default is 1
+/// when AVX512-BF16 is compiled in and AMX is not: on AMD Zen 4 and Zen 5 vdpbf16ps does twice
+/// the FLOPs of an FMA, but on Intel Sapphire Rapids (the CPUs with AMX) it measured 0.57× the
+/// FMA rate (docs/design.md §10). Define it the same way in every translation unit of a program.
+/// Tests define it to 1 on any CPU to run the pair logic through the emulation.
+#ifndef POLYATTN_BF16_PAIRS
+#if defined(__AVX512BF16__) && !defined(__AMX_BF16__)
+#define POLYATTN_BF16_PAIRS 1
+#else
+#define POLYATTN_BF16_PAIRS 0
+#endif
+#endif
+
 namespace polyattn::detail {
 
-/// True when bf16 products of Arch run on vdpbf16ps (compiled with AVX512-BF16, Arch AVX-512).
+/// True when bf16 pair products of Arch run on vdpbf16ps (compiled with AVX512-BF16, Arch AVX-512).
 template <class Arch>
 inline constexpr bool has_bf16_dot =
 #if defined(__AVX512BF16__) && XSIMD_WITH_AVX512F
