@@ -17,15 +17,20 @@
 
 #include "../../precision.hpp"
 
+// GCC 12's unmasked AVX-512 intrinsics pass an undefined vector through (simd.hpp explains the
+// false -Wmaybe-uninitialized that gives); the conversions below call them directly.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace polyattn::detail {
 
 /// The 16 bits of a half value.
 template <class T>
 inline std::uint16_t half_bits(T x) {
   static_assert(is_half_v<T>);
-  std::uint16_t u;
-  std::memcpy(&u, &x, sizeof u);
-  return u;
+  return Eigen::numext::bit_cast<std::uint16_t>(x);
 }
 
 /// bf16 from float, rounding to nearest even; a NaN stays a (quiet) NaN.
@@ -124,13 +129,14 @@ inline accum_t<T> widen1(T x) {
 template <class T>
 inline T narrow1(accum_t<T> x) {
   if constexpr (std::is_same_v<T, bf16>) {
-    const std::uint16_t b = bf16_bits_of(x);
-    T r;
-    std::memcpy(&r, &b, sizeof r);
-    return r;
+    return Eigen::numext::bit_cast<T>(bf16_bits_of(x));
   } else {
     return static_cast<T>(x);
   }
 }
 
 }  // namespace polyattn::detail
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

@@ -34,6 +34,12 @@
 #endif
 #endif
 
+// (the AVX-512 intrinsics below: see convert.hpp on GCC 12's -Wmaybe-uninitialized)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace polyattn::detail {
 
 /// True when bf16 pair products of Arch run on vdpbf16ps (compiled with AVX512-BF16, Arch AVX-512).
@@ -215,3 +221,7 @@ inline void pack_pairs_rounded(const float* src, index_t ld_src, index_t k, inde
 }
 
 }  // namespace polyattn::detail
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

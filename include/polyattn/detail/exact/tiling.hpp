@@ -163,8 +163,8 @@ void accumulate_values(const forward_pass<T, Weights>& f, attention_scratch<accu
     // the visible-runs fallback below, on P rounded to bf16 as the pair product rounds it
     for (index_t r = 0; r < nk * lanes; ++r) st[r] = float_of_bf16_bits(bf16_bits_of(st[r]));
   }
-  const A* vsrc;
-  index_t ldv;
+  const A* vsrc = nullptr;  // T = A: the rows in place unless padded; a half T: always widened
+  index_t ldv = dvp;
   if constexpr (std::is_same_v<T, A>) {
     vsrc = vrow;
     ldv = vs;
