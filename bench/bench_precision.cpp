@@ -1,0 +1,139 @@
+// bench/bench_precision.cpp — the same calls with fp32, bf16 and f16 storage side by side, and
+// the machine's bf16 dot-product peak beside its fp32 FMA peak (docs/design.md §10).
+#include <cmath>
+
+#include "bench_common.hpp"
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+namespace polyattn::bench {
+namespace {
+
+/// GFLOP/s of one core running vdpbf16ps chains (each instruction: 2 FLOPs per bf16 pair, 32
+/// pairs per 512-bit vector), 0 when the build has no AVX512-BF16.
+double bf16_dot_gflops() {
+#if defined(__AVX512BF16__)
+  static const double peak = [] {
+    constexpr int kChains = 12;
+    const std::int64_t iters = 20'000'000;
+    double best = 0;
+    for (int rep = 0; rep < 5; ++rep) {
+      __m512 acc[kChains];
+      for (int c = 0; c < kChains; ++c) acc[c] = _mm512_set1_ps(float(c));
+      __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80), b = (__m512bh)_mm512_set1_epi32(0x3c003c00);
+      const auto t0 = std::chrono::steady_clock::now();
+      for (std::int64_t i = 0; i < iters; ++i) {
+#pragma GCC unroll 12
+        for (int c = 0; c < kChains; ++c) acc[c] = _mm512_dpbf16_ps(acc[c], a, b);
+        benchmark::DoNotOptimize(a);
+      }
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      alignas(64) float lanes[16];
+      for (int c = 1; c < kChains; ++c) acc[0] = _mm512_add_ps(acc[0], acc[c]);
+      _mm512_store_ps(lanes, acc[0]);
+      benchmark::DoNotOptimize(lanes);
+      best = std::max(best, double(kChains) * 64.0 * double(iters) / s * 1e-9);
+    }
+    return best;
+  }();
+  return peak;
+#else
+  return 0;
+#endif
+}
+
+void BM_bf16_dot_peak(benchmark::State& state) {
+  for (auto _ : state) benchmark::DoNotOptimize(bf16_dot_gflops());
+  state.counters["GFLOP/s"] = bf16_dot_gflops();
+  state.counters["fp32_GFLOP/s"] = measured_peak_gflops(1);
+}
+
+/// q, k, v, out [1, H, N, d] of storage T with N(0, 1) entries (rounded to T).
+template <class T>
+struct typed_inputs {
+  std::int64_t h, nq, nk, d;
+  std::vector<T> q, k, v, out;
+  static std::vector<T> make(std::size_t n, std::uint64_t seed) {
+    const std::vector<float> x = random_vector(n, seed);
+    return std::vector<T>(x.begin(), x.end());
+  }
+  typed_inputs(std::int64_t h_, std::int64_t nq_, std::int64_t nk_, std::int64_t d_)
+      : h(h_), nq(nq_), nk(nk_), d(d_), q(make(std::size_t(h * nq * d), 1)), k(make(std::size_t(h * nk * d), 2)),
+        v(make(std::size_t(h * nk * d), 3)), out(std::size_t(h * nq * d)) {}
+  tensor_view<const T, 4> qv() const { return {q.data(), {1, h, nq, d}}; }
+  tensor_view<const T, 4> kv() const { return {k.data(), {1, h, nk, d}}; }
+  tensor_view<const T, 4> vv() const { return {v.data(), {1, h, nk, d}}; }
+  tensor_view<T, 4> ov() { return {out.data(), {1, h, nq, d}}; }
+};
+
+/// GFLOP/s, % of the fp32 FMA peak (above 100 % is possible for bf16), and for bf16 the % of
+/// the bf16 dot peak.
+template <class T>
+void set_precision_counters(benchmark::State& state, double flops, int threads) {
+  set_flop_counters(state, flops, threads);
+  if (std::is_same_v<T, bf16> && bf16_dot_gflops() > 0)
+    state.counters["pct_bf16_peak"] = benchmark::Counter(flops * 1e-9 / (threads * bf16_dot_gflops()) * 100.0,
+                                                         benchmark::Counter::kIsIterationInvariantRate);
+}
+
+/// Args: N, H, causal, dtype, threads; d = 64, Nq = Nk = N.
+template <class T>
+void BM_precision_flash(benchmark::State& state) {
+  const std::int64_t n = state.range(0), h = state.range(1), d = 64;
+  softmax_options o;
+  o.causal = state.range(2) != 0;
+  o.threads = int(state.range(4));
+  typed_inputs<T> in(h, n, n, d);
+  run_attention_benchmark(state, n, [&] { flash_attention<T>(in.qv(), in.kv(), in.vv(), in.ov(), o); });
+  set_precision_counters<T>(state, double(h) * attention_flops(n, d, o.causal), o.threads);
+}
+
+/// Args: context, dtype, threads: one decode step (Nq = 1, one head, d = 64) over the cache.
+template <class T>
+void BM_precision_decode(benchmark::State& state) {
+  const std::int64_t ctx = state.range(0), d = 64;
+  softmax_options o;
+  o.causal = true;
+  o.threads = int(state.range(2));
+  typed_inputs<T> in(1, 1, ctx, d);
+  run_attention_benchmark(state, 1, [&] { flash_attention<T>(in.qv(), in.kv(), in.vv(), in.ov(), o); });
+  state.counters["GB/s"] = benchmark::Counter(double(2 * ctx * d) * sizeof(T) * 1e-9,
+                                              benchmark::Counter::kIsIterationInvariantRate);
+}
+
+using bench_fn = void (*)(benchmark::State&);
+
+/// Registers `name` three times, with fp32, bf16 and f16 (args[dtype_at] = 0, 1, 2).
+void register_dtypes(const char* name, const std::vector<std::string>& arg_names, std::vector<std::int64_t> args,
+                     std::size_t dtype_at, benchmark::TimeUnit unit, int repetitions, const bench_fn (&fns)[3]) {
+  for (int dtype = 0; dtype < 3; ++dtype) {
+    args[dtype_at] = dtype;
+    auto* b = benchmark::RegisterBenchmark(name, fns[dtype]);
+    b->ArgNames(arg_names)->Args(args);
+    b->UseRealTime()->Unit(unit)->MinTime(0.1)->Repetitions(repetitions);
+  }
+}
+
+}  // namespace
+
+void register_precision_benchmarks(const sweep& s) {
+  benchmark::RegisterBenchmark("peak/bf16_dot", BM_bf16_dot_peak)
+      ->ArgName("threads")->Arg(1)->Iterations(1)->Unit(benchmark::kMillisecond);
+  // H = 4 to N = 4096 (the anchor shape), one head beyond; non-causal 32768 in the full sweep
+  for (std::int64_t n : {1024, 4096, 16384, 32768})
+    for (int causal : {0, 1})
+      for (int threads : s.threads()) {
+        if (n == 32768 && causal == 0 && !s.full) continue;
+        const std::int64_t h = n <= 4096 ? 4 : 1;
+        register_dtypes("precision_flash", {"N", "H", "causal", "dtype", "threads"}, {n, h, causal, 0, threads}, 3,
+                        benchmark::kMillisecond, n > 16384 ? 1 : 3,
+                        {BM_precision_flash<float>, BM_precision_flash<bf16>, BM_precision_flash<f16>});
+      }
+  for (int threads : {1, 2})
+    register_dtypes("precision_decode", {"context", "dtype", "threads"}, {32768, 0, threads}, 1, benchmark::kMicrosecond, 3,
+                    {BM_precision_decode<float>, BM_precision_decode<bf16>, BM_precision_decode<f16>});
+}
+
+}  // namespace polyattn::bench
