@@ -29,12 +29,13 @@ block_problem linear_sizes(const tensor_view<const T, 4>& phi_q, const tensor_vi
 /// The body of both linear_attention overloads; stats (empty: not wanted) gets β + Σ w.
 template <class T>
 void linear_attention_impl(input_view<T> phi_q, input_view<T> phi_k, input_view<T> v, tensor_view<T, 4> out,
-                           const linear_options& opts, tensor_view<T, 3> stats) {
+                           const linear_options& opts, stats_output<T> stats) {
+  using A = accum_t<T>;
   constexpr const char* fn = "linear_attention";
   check_attention(fn, phi_q, phi_k, v, out, "phi_q", "phi_k");
   if (!stats.empty()) check_stats_output(fn, phi_q, phi_k, v, out, stats, "phi_q", "phi_k");
   check_options<T>(fn, opts);
-  const T bias = static_cast<T>(opts.normalizer_bias);
+  const A bias = static_cast<A>(opts.normalizer_bias);
   if (phi_q.extent(3) == 0) {  // no features: every weight is 0, so every output is 0
     for (index_t b = 0; b < out.extent(0); ++b)
       for (index_t h = 0; h < out.extent(1); ++h)
@@ -48,7 +49,7 @@ void linear_attention_impl(input_view<T> phi_q, input_view<T> phi_k, input_view<
   p.out = out;
   p.bias = bias;
   p.stats = stats;
-  run_block_linear<T>(p, view_feature_source<T>{phi_q.extent(3)});
+  run_block_linear<T>(p, view_feature_source<A>{phi_q.extent(3)});
 }
 
 }  // namespace detail
@@ -57,18 +58,19 @@ void linear_attention_impl(input_view<T> phi_q, input_view<T> phi_k, input_view<
 /// out_i = Σ_j (φq_i·φk_j) v_j / (β + Σ_j φq_i·φk_j) over allowed j; a zero denominator gives 0.
 /// phi_q [B, H, Nq, m], phi_k [B, Hk, Nk, m], v [B, Hk, Nk, dv], out [B, H, Nq, dv].
 /// Causal attention runs the block algorithm (memory linear in N) and stays parallel for a
-/// single head; β defaults to 0 here.
+/// single head; β defaults to 0 here. T is float, double, bf16 or f16; with bf16 and f16 the
+/// features are widened to fp32 as they are read, every sum is fp32 and out is rounded once.
 template <class T>
 void linear_attention(detail::input_view<T> phi_q, detail::input_view<T> phi_k, detail::input_view<T> v,
                       tensor_view<T, 4> out, const linear_options& opts = {}) {
-  detail::linear_attention_impl<T>(phi_q, phi_k, v, out, opts, tensor_view<T, 3>{});
+  detail::linear_attention_impl<T>(phi_q, phi_k, v, out, opts, tensor_view<accum_t<T>, 3>{});
 }
 
 /// As above, and writes each row's statistic stats_i = β + Σ_j φq_i·φk_j into stats [B, H, Nq]
-/// for linear_attention_backward.
+/// (accum_t<T>: float for bf16 and f16) for linear_attention_backward.
 template <class T>
 void linear_attention(detail::input_view<T> phi_q, detail::input_view<T> phi_k, detail::input_view<T> v,
-                      tensor_view<T, 4> out, const linear_options& opts, tensor_view<T, 3> stats) {
+                      tensor_view<T, 4> out, const linear_options& opts, detail::stats_output<T> stats) {
   // an empty view means "no statistics" to the body, but here it was asked for: its shape must fit
   detail::check_stats_given("linear_attention", stats, phi_q);
   detail::linear_attention_impl<T>(phi_q, phi_k, v, out, opts, stats);
@@ -77,7 +79,8 @@ void linear_attention(detail::input_view<T> phi_q, detail::input_view<T> phi_k, 
 /// Gradients of linear_attention: from the forward's inputs, its output `out`, the gradient
 /// `dout` of the loss with respect to out, and the forward's stats, writes dphi_q, dphi_k, dv
 /// (shaped like phi_q, phi_k, v; overwritten). With GQA, dphi_k and dv of a kv head sum over its
-/// query heads. Memory O(threads · (b·m + m·dv)); the same bits for any thread count.
+/// query heads. Memory O(threads · (b·m + m·dv)) (half storage: plus the fp32 stage of dphi_k
+/// and dv, O(B·Hk·Nk·(m + dv))); the same bits for any thread count.
 template <class T>
 void linear_attention_backward(detail::input_view<T> phi_q, detail::input_view<T> phi_k, detail::input_view<T> v,
                                detail::input_view<T> out, detail::input_view<T> dout,
@@ -95,7 +98,7 @@ void linear_attention_backward(detail::input_view<T> phi_q, detail::input_view<T
   p.dq = dphi_q;
   p.dk = dphi_k;
   p.dv = dv;
-  detail::run_block_backward<T>(p, detail::view_feature_source<T>{phi_q.extent(3)});
+  detail::run_block_backward<T>(p, detail::view_feature_source<accum_t<T>>{phi_q.extent(3)});
 }
 
 inline matrix<float> linear_attention(const eigen_input<float>& phi_q, const eigen_input<float>& phi_k,

@@ -50,9 +50,10 @@ linear_inputs<T> sketched_inputs(const tensor_view<const T, 4>& q, const tensor_
 }
 
 /// Caller sketches as a feature source: primary rows s(q), s(k) expanded by `expand`; with
-/// local_exact the secondary rows q, k give the exact local weights.
-template <class T>
-sketch_feature_source<T> sketched_source(const polysketch<T>& expand, const tensor_view<const T, 4>& q,
+/// local_exact the secondary rows q, k give the exact local weights. T is the accumulation
+/// type, S the storage type of q.
+template <class T, class S>
+sketch_feature_source<T> sketched_source(const polysketch<T>& expand, const tensor_view<const S, 4>& q,
                                          const sketched_options& opts) {
   return {&expand, T(1), opts.local_exact, opts.degree, static_cast<T>(opts.scale), opts.local_exact,
           opts.local_exact ? q.extent(3) : 0};
@@ -61,7 +62,7 @@ sketch_feature_source<T> sketched_source(const polysketch<T>& expand, const tens
 /// The body of both sketched_attention overloads; stats (empty: not wanted) gets β + Σ w.
 template <class T>
 void sketched_attention_impl(input_view<T> q, input_view<T> k, input_view<T> sq, input_view<T> sk, input_view<T> v,
-                             tensor_view<T, 4> out, const sketched_options& opts, tensor_view<T, 3> stats) {
+                             tensor_view<T, 4> out, const sketched_options& opts, stats_output<T> stats) {
   constexpr const char* fn = "sketched_attention";
   check_attention(fn, q, k, v, out);
   check_sketches<T>(fn, q, k, sq, sk, out);
@@ -71,10 +72,10 @@ void sketched_attention_impl(input_view<T> q, input_view<T> k, input_view<T> sq,
     check_no_overlap(fn, "stats", stats, "sk", sk);
   }
   check_options<T>(fn, opts);
-  const polysketch<T> expand = identity_sketch<T>(sq.extent(3));
+  const polysketch<accum_t<T>> expand = identity_sketch<accum_t<T>>(sq.extent(3));
   linear_problem<T> p(sketched_inputs(q, k, sq, sk, v, opts));
   p.out = out;
-  p.bias = static_cast<T>(opts.normalizer_bias);
+  p.bias = static_cast<accum_t<T>>(opts.normalizer_bias);
   p.stats = stats;
   run_block_linear<T>(p, sketched_source(expand, q, opts));
 }
@@ -88,18 +89,20 @@ void sketched_attention_impl(input_view<T> q, input_view<T> k, input_view<T> sq,
 /// q and k are read only for the exact local weights. The same engine as
 /// polysketch_attention, which is sketched_attention(q, k, s(scale·q), s(k), …) with the
 /// sketch's degree. Causal attention runs the block algorithm in time and memory linear in N.
+/// T is float, double, bf16 or f16; with bf16 and f16 (q, k, sq, sk, v, out of T, stats float)
+/// the rows are widened to fp32 as they are read, every sum is fp32 and out is rounded once.
 template <class T>
 void sketched_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> sq,
                         detail::input_view<T> sk, detail::input_view<T> v, tensor_view<T, 4> out,
                         const sketched_options& opts = {}) {
-  detail::sketched_attention_impl<T>(q, k, sq, sk, v, out, opts, tensor_view<T, 3>{});
+  detail::sketched_attention_impl<T>(q, k, sq, sk, v, out, opts, tensor_view<accum_t<T>, 3>{});
 }
 
 /// As above, and writes each row's statistic stats_i = β + Σ_j w_ij into stats [B, H, Nq].
 template <class T>
 void sketched_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> sq,
                         detail::input_view<T> sk, detail::input_view<T> v, tensor_view<T, 4> out,
-                        const sketched_options& opts, tensor_view<T, 3> stats) {
+                        const sketched_options& opts, detail::stats_output<T> stats) {
   // an empty view means "no statistics" to the body, but here it was asked for: its shape must fit
   detail::check_stats_given("sketched_attention", stats, q);
   detail::sketched_attention_impl<T>(q, k, sq, sk, v, out, opts, stats);
@@ -110,7 +113,8 @@ void sketched_attention(detail::input_view<T> q, detail::input_view<T> k, detail
 /// dq, dk (from the exact local weights; zero without local_exact), dsq, dsk and dv, shaped
 /// like q, k, sq, sk, v (overwritten). With GQA, dk, dsk and dv of a kv head sum over its query
 /// heads. Causal: the block algorithm's scans in both directions, memory
-/// O(threads · (m·dv + b·(d + r + dv))); the same bits for any thread count.
+/// O(threads · (m·dv + b·(d + r + dv))) (half storage: plus the fp32 stage of dk, dsk and dv,
+/// O(B·Hk·Nk·(d + r + dv))); the same bits for any thread count.
 template <class T>
 void sketched_attention_backward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> sq,
                                  detail::input_view<T> sk, detail::input_view<T> v, detail::input_view<T> out,
@@ -140,7 +144,7 @@ void sketched_attention_backward(detail::input_view<T> q, detail::input_view<T> 
     detail::check_no_overlap(fn, name, *g, "sk", sk);
   }
   detail::check_options<T>(fn, opts);
-  const polysketch<T> expand = detail::identity_sketch<T>(sq.extent(3));
+  const polysketch<accum_t<T>> expand = detail::identity_sketch<accum_t<T>>(sq.extent(3));
   // without local_exact q and k are not read and their gradients are zero; with it they are
   // the source's secondary rows, whose gradients the driver writes
   if (!opts.local_exact)

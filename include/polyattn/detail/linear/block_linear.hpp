@@ -30,10 +30,18 @@
 //   run_causal (scan_range, save_state)       the causal ranges in parallel, final states
 //   run_noncausal (noncausal_totals,          each sequence's total, then every query block
 //                  noncausal_query_block)     against it
+//
+// Storage and accumulation. T is the storage type of the problem's views (q, k, v, out); the
+// scan runs in A = accum_t<T> (float for bf16 and f16): the source, the states, the stats, the
+// carried rows and every scratch buffer are of A. For float and double (T == A) the rows are
+// read in place as before; for half T a block's key rows are widened into ws.kblock (the path
+// of a block assembled from a state), its values widened while packed, a query block's rows
+// widened into ws.qraw, and out rows rounded once when stored (docs/design.md §10).
 #pragma once
 
 #include <algorithm>
 #include <stdexcept>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -66,10 +74,11 @@ inline T* stat_ptr(const tensor_view<T, 3>& stats, index_t b, index_t h, index_t
   return stats.size() > 0 ? &stats(b, h, i) : nullptr;
 }
 
-/// dst row r = the cols values of src row r, for r < n (no padding written).
-template <class T>
-inline void copy_rows(const T* src, index_t ld_src, index_t n, index_t cols, T* dst, index_t ld_dst) {
-  for (index_t r = 0; r < n; ++r) std::copy(src + r * ld_src, src + r * ld_src + cols, dst + r * ld_dst);
+/// dst row r = the cols values of src row r (widened to dst's type), for r < n (no padding written).
+template <class S, class D>
+inline void copy_rows(const S* src, index_t ld_src, index_t n, index_t cols, D* dst, index_t ld_dst) {
+  static_assert(std::is_same_v<accum_t<S>, D>, "copy_rows: dst is src's accumulation type");
+  for (index_t r = 0; r < n; ++r) widen(src + r * ld_src, cols, dst + r * ld_dst);
 }
 
 /// Block bookkeeping of one call: absolute positions, blocks, super-chunks, ranges.
@@ -98,7 +107,7 @@ struct scan_plan {
 template <class T>
 scan_plan scan_plan_of(const linear_problem<T>& p, int threads) {
   const block_problem& pb = p.sizes;
-  const linear_state<T>* states = p.states;
+  const linear_state<accum_t<T>>* states = p.states;
   scan_plan plan;
   plan.b = states ? pb.block : std::min(pb.block, std::max<index_t>(pb.nk, 1));
   plan.p0 = states ? states[0].position : 0;
@@ -137,7 +146,8 @@ struct scan_dims {
 
 template <class T, class Source, class Arch>
 scan_dims scan_dims_of(const linear_problem<T>& p, const Source& src) {
-  constexpr index_t W = simd_width<T, Arch>;
+  using A = accum_t<T>;
+  constexpr index_t W = simd_width<A, Arch>;
   const block_problem& pb = p.sizes;
   scan_dims d{};
   d.m = src.feature_dim();
@@ -146,11 +156,11 @@ scan_dims scan_dims_of(const linear_problem<T>& p, const Source& src) {
   d.kdim1 = src.key_dim();
   d.kdim2 = src.key_dim2();
   d.kdim = d.kdim1 + d.kdim2;
-  d.S = static_cast<index_t>(checked_size<T>("run_block_linear", "a state [m x padded dv]", {d.m, d.dvp})) +
+  d.S = static_cast<index_t>(checked_size<A>("run_block_linear", "a state [m x padded dv]", {d.m, d.dvp})) +
         round_up(d.m, W);
   d.group = pb.heads / pb.kv_heads;
   d.local = pb.causal || src.local_when_noncausal();
-  d.direct_v = pb.dv % W == 0;
+  d.direct_v = !is_half_v<T> && pb.dv % W == 0;  // half values are widened while packed
   return d;
 }
 
@@ -166,22 +176,22 @@ struct carried_states {
 /// Checks the states against the problem and copies their inputs into the workspace before any
 /// task runs, so that a range may write its sequence's final state while another range still
 /// starts from the initial one.
-template <class T>
-carried_states<T> load_states(const linear_problem<T>& p, const scan_dims& d, const scan_plan& plan,
-                              linear_workspace<T>& wsp) {
+template <class T, class A = accum_t<T>>
+carried_states<A> load_states(const linear_problem<T>& p, const scan_dims& d, const scan_plan& plan,
+                              linear_workspace<A>& wsp) {
   if (!p.states) return {};
   const index_t n_seq = p.sizes.batch * p.sizes.kv_heads, m = d.m, dv = d.dv, dvp = d.dvp, kdim = d.kdim;
-  ensure(wsp.start, static_cast<index_t>(checked_size<T>("run_block_linear", "the states", {n_seq, d.S})));
-  ensure(wsp.start_keys, static_cast<index_t>(checked_size<T>("run_block_linear", "the states' keys",
+  ensure(wsp.start, static_cast<index_t>(checked_size<A>("run_block_linear", "the states", {n_seq, d.S})));
+  ensure(wsp.start_keys, static_cast<index_t>(checked_size<A>("run_block_linear", "the states' keys",
                                                               {n_seq, plan.b, std::max<index_t>(kdim, 1)})));
   ensure(wsp.start_vals,
-         static_cast<index_t>(checked_size<T>("run_block_linear", "the states' values", {n_seq, plan.b, dvp})));
+         static_cast<index_t>(checked_size<A>("run_block_linear", "the states' values", {n_seq, plan.b, dvp})));
   for (index_t s = 0; s < n_seq; ++s) {
-    const linear_state<T>& st = p.states[s];
+    const linear_state<A>& st = p.states[s];
     if (st.position != plan.p0 || st.block != plan.b || st.feature_dim != m || st.key_dim != kdim ||
         st.value_dim != dv)
       raise(std::logic_error("polyattn: linear_state does not match the problem"));
-    T* z0 = wsp.start.data() + s * d.S;
+    A* z0 = wsp.start.data() + s * d.S;
     for (index_t f = 0; f < m; ++f) {
       std::copy(st.Z.data() + f * dv, st.Z.data() + (f + 1) * dv, z0 + f * dvp);
       z0[m * dvp + f] = st.z[static_cast<std::size_t>(f)];
@@ -199,14 +209,15 @@ struct block_scan {
   const Source& src;
   scan_dims d;
   scan_plan plan;
-  carried_states<T> carried;
+  carried_states<accum_t<T>> carried;
 };
 
 /// Rows of this call that a block takes in place (values packed when dv is not a multiple of
-/// the vector width), from row j0 of sequence (bi, hk).
+/// the vector width), from row j0 of sequence (bi, hk). Storage in the accumulation type only.
 template <class T, class Source, class Arch>
 void fresh_rows(const block_scan<T, Source, Arch>& sc, index_t bi, index_t hk, index_t j0, key_block<T>& kb,
                 scan_workspace<T>& ws) {
+  static_assert(!is_half_v<T>, "fresh_rows: half rows are widened by assemble_rows");
   const linear_problem<T>& p = sc.p;
   const scan_dims& d = sc.d;
   kb.raw = {row_ptr(p.k, bi, hk, j0), p.k.stride(2), d.kdim2 > 0 ? row_ptr(p.k2, bi, hk, j0) : nullptr, p.k2.stride(2)};
@@ -222,17 +233,20 @@ void fresh_rows(const block_scan<T, Source, Arch>& sc, index_t bi, index_t hk, i
 }
 
 /// A block that started before this call: its `carried` rows from the state, then the rows of
-/// this call from row j0 of sequence (bi, hk), assembled in ws.kblock and ws.vblock.
-template <class T, class Source, class Arch>
+/// this call from row j0 of sequence (bi, hk), assembled (widened from half storage) in
+/// ws.kblock and ws.vblock. Every block of half storage takes this path (carried may be 0).
+template <class T, class Source, class Arch, class A = accum_t<T>>
 void assemble_rows(const block_scan<T, Source, Arch>& sc, index_t bi, index_t hk, index_t j0, index_t carried,
-                   key_block<T>& kb, scan_workspace<T>& ws) {
+                   key_block<A>& kb, scan_workspace<A>& ws) {
   const linear_problem<T>& p = sc.p;
   const scan_dims& d = sc.d;
   const index_t b = sc.plan.b, s = bi * p.sizes.kv_heads + hk, fresh = kb.n - carried;
-  T* kbuf = ensure(ws.kblock, b * std::max<index_t>(d.kdim, 1));
-  T* vbuf = ensure(ws.vblock, b * d.dvp);
-  std::copy(sc.carried.keys + s * b * d.kdim, sc.carried.keys + (s * b + carried) * d.kdim, kbuf);
-  std::copy(sc.carried.vals + s * b * d.dvp, sc.carried.vals + (s * b + carried) * d.dvp, vbuf);
+  A* kbuf = ensure(ws.kblock, b * std::max<index_t>(d.kdim, 1));
+  A* vbuf = ensure(ws.vblock, b * d.dvp);
+  if (carried > 0) {
+    std::copy(sc.carried.keys + s * b * d.kdim, sc.carried.keys + (s * b + carried) * d.kdim, kbuf);
+    std::copy(sc.carried.vals + s * b * d.dvp, sc.carried.vals + (s * b + carried) * d.dvp, vbuf);
+  }
   if (fresh > 0) {
     // a carried row is [primary | secondary]: plain strided copies (pack_rows would zero-pad
     // past the primary part into the secondary one, and past the last row)
@@ -248,41 +262,61 @@ void assemble_rows(const block_scan<T, Source, Arch>& sc, index_t bi, index_t hk
 
 /// The keys and values of block c of sequence (bi, hk), assembled with the carried rows when
 /// the block started before this call.
-template <class T, class Source, class Arch>
-key_block<T> fetch_block(const block_scan<T, Source, Arch>& sc, index_t bi, index_t hk, index_t c,
-                         scan_workspace<T>& ws) {
+template <class T, class Source, class Arch, class A = accum_t<T>>
+key_block<A> fetch_block(const block_scan<T, Source, Arch>& sc, index_t bi, index_t hk, index_t c,
+                         scan_workspace<A>& ws) {
   const scan_plan& plan = sc.plan;
-  key_block<T> kb;
+  key_block<A> kb;
   kb.first = c * plan.b;
   const index_t start_pos = std::max(kb.first, plan.p0 - plan.pending);
   const index_t end_pos = std::min(kb.first + plan.b, plan.p0 + sc.p.sizes.nk);
   kb.n = end_pos - start_pos;
   const index_t carried = std::max<index_t>(0, plan.p0 - start_pos);  // rows from the state
   const index_t j0 = start_pos + carried - plan.p0;                    // first row of this call
-  if (carried == 0)
-    fresh_rows(sc, bi, hk, j0, kb, ws);
-  else
-    assemble_rows(sc, bi, hk, j0, carried, kb, ws);
+  if constexpr (!is_half_v<T>) {
+    if (carried == 0) {
+      fresh_rows(sc, bi, hk, j0, kb, ws);
+      return kb;
+    }
+  }
+  assemble_rows(sc, bi, hk, j0, carried, kb, ws);
   return kb;
 }
 
-/// The raw query rows of head (bi, hq) from row i0.
-template <class T, class Source, class Arch>
-raw_rows<T> query_raw(const block_scan<T, Source, Arch>& sc, index_t bi, index_t hq, index_t i0) {
+/// Primary rows x [n x d1] and, when d2 > 0, secondary rows x2 [n x d2] of storage T as raw
+/// rows of the accumulation type A: in place when T is A, else widened into buf [n x (d1 + d2)].
+template <class T, class A = accum_t<T>>
+raw_rows<A> raw_rows_of(const T* x, index_t ld, const T* x2, index_t ld2, index_t n, index_t d1, index_t d2,
+                        aligned_vector<A>& buf) {
+  if constexpr (std::is_same_v<T, A>) {
+    return {x, ld, d2 > 0 ? x2 : nullptr, ld2};
+  } else {
+    const index_t w = d1 + d2;
+    A* dst = ensure(buf, std::max<index_t>(n * w, 1));
+    copy_rows(x, ld, n, d1, dst, w);
+    if (d2 > 0) copy_rows(x2, ld2, n, d2, dst + d1, w);
+    return {dst, w, d2 > 0 ? dst + d1 : nullptr, w};
+  }
+}
+
+/// The raw query rows [i0, i0 + n) of head (bi, hq) (widened into ws.qraw from half storage).
+template <class T, class Source, class Arch, class A = accum_t<T>>
+raw_rows<A> query_raw(const block_scan<T, Source, Arch>& sc, index_t bi, index_t hq, index_t i0, index_t n,
+                      scan_workspace<A>& ws) {
   const linear_problem<T>& p = sc.p;
-  return raw_rows<T>{&p.q(bi, hq, i0, 0), p.q.stride(2), sc.d.kdim2 > 0 ? &p.q2(bi, hq, i0, 0) : nullptr,
-                     p.q2.stride(2)};
+  return raw_rows_of(&p.q(bi, hq, i0, 0), p.q.stride(2), sc.d.kdim2 > 0 ? &p.q2(bi, hq, i0, 0) : nullptr,
+                     p.q2.stride(2), n, sc.d.kdim1, sc.d.kdim2, ws.qraw);
 }
 
 /// The state pass over super-chunk g of sequence s into `total` (zeroed first).
-template <class T, class Source, class Arch>
-void chunk_total(const block_scan<T, Source, Arch>& sc, index_t s, index_t g, scan_workspace<T>& ws, T* total) {
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void chunk_total(const block_scan<T, Source, Arch>& sc, index_t s, index_t g, scan_workspace<A>& ws, A* total) {
   const index_t kv_heads = sc.p.sizes.kv_heads;
-  std::fill(total, total + sc.d.S, T(0));
+  std::fill(total, total + sc.d.S, A(0));
   for (index_t c = sc.plan.chunk_first(g); c <= sc.plan.chunk_last(g); ++c) {
-    const key_block<T> kb = fetch_block(sc, s / kv_heads, s % kv_heads, c, ws);
-    const block_rows<T> kr = sc.src.prepare(kb.raw, kb.n, false, ws.krows);
-    state_pass<T, Source, Arch>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, total);
+    const key_block<A> kb = fetch_block(sc, s / kv_heads, s % kv_heads, c, ws);
+    const block_rows<A> kr = sc.src.prepare(kb.raw, kb.n, false, ws.krows);
+    state_pass<A, Source, Arch>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, total);
   }
 }
 
@@ -301,12 +335,12 @@ inline index_t pre_pass_chunks(const scan_plan& plan, bool causal) {
 
 /// Range pre-pass: the first n_pre super-chunk totals of every sequence, in parallel, into
 /// `totals` [n_seq x n_pre x S].
-template <class T, class Source, class Arch>
-chunk_totals<T> range_pre_pass(const block_scan<T, Source, Arch>& sc, index_t n_pre,
-                               std::vector<scan_workspace<T>>& scratch, int workers, aligned_vector<T>& totals) {
+template <class T, class Source, class Arch, class A = accum_t<T>>
+chunk_totals<A> range_pre_pass(const block_scan<T, Source, Arch>& sc, index_t n_pre,
+                               std::vector<scan_workspace<A>>& scratch, int workers, aligned_vector<A>& totals) {
   const index_t n_seq = sc.p.sizes.batch * sc.p.sizes.kv_heads, S = sc.d.S;
-  const auto size = static_cast<index_t>(checked_size<T>("run_block_linear", "the chunk totals", {n_seq, n_pre, S}));
-  T* out = ensure(totals, std::max<index_t>(size, 1));
+  const auto size = static_cast<index_t>(checked_size<A>("run_block_linear", "the chunk totals", {n_seq, n_pre, S}));
+  A* out = ensure(totals, std::max<index_t>(size, 1));
   parallel_for(workers, n_seq * n_pre, [&](index_t task, int worker) {
     const index_t s = task / n_pre, g = task % n_pre;
     chunk_total(sc, s, g, scratch[static_cast<std::size_t>(worker)], out + (s * n_pre + g) * S);
@@ -316,14 +350,14 @@ chunk_totals<T> range_pre_pass(const block_scan<T, Source, Arch>& sc, index_t n_
 
 /// prefix = the state before super-chunk g0 of sequence s: the carried state, then the
 /// super-chunk totals in order.
-template <class T, class Source, class Arch>
-void start_prefix(const block_scan<T, Source, Arch>& sc, const chunk_totals<T>& totals, index_t s, index_t g0,
-                  T* prefix) {
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void start_prefix(const block_scan<T, Source, Arch>& sc, const chunk_totals<A>& totals, index_t s, index_t g0,
+                  A* prefix) {
   const index_t S = sc.d.S;
   if (sc.p.states)
     std::copy(sc.carried.start + s * S, sc.carried.start + (s + 1) * S, prefix);
   else
-    std::fill(prefix, prefix + S, T(0));
+    std::fill(prefix, prefix + S, A(0));
   for (index_t g = 0; g < g0; ++g) add_states(prefix, totals.data + (s * totals.per_seq + g) * S, S, prefix);
 }
 
@@ -358,16 +392,16 @@ const T* state_before(index_t S, bool has_prefix, bool has_run, const T* prefix,
 
 /// Causal output pass of block c of sequence (bi, hk): the block's queries of every query head
 /// of the kv head, from `state` and the block's own keys kb (local keys in ws.kt, ld ldkt).
-template <class T, class Source, class Arch>
+template <class T, class Source, class Arch, class A = accum_t<T>>
 void causal_block_outputs(const block_scan<T, Source, Arch>& sc, index_t bi, index_t hk, index_t c,
-                          const key_block<T>& kb, index_t ldkt, const T* state, scan_workspace<T>& ws) {
+                          const key_block<A>& kb, index_t ldkt, const A* state, scan_workspace<A>& ws) {
   const linear_problem<T>& p = sc.p;
   const auto [i0, i1] = sc.plan.query_rows(c, p.sizes.nq);
   if (i1 <= i0) return;
   const index_t first_pos = sc.plan.p0 + sc.plan.offset + i0;
   for (index_t hq = hk * sc.d.group; hq < (hk + 1) * sc.d.group; ++hq) {
-    const block_rows<T> qr = sc.src.prepare(query_raw(sc, bi, hq, i0), i1 - i0, true, ws.qrows);
-    output_pass<T, Source, Arch>(sc.src, qr, i1 - i0, first_pos, state, &kb, ldkt, true, sc.d.dv, p.bias, ws,
+    const block_rows<A> qr = sc.src.prepare(query_raw(sc, bi, hq, i0, i1 - i0, ws), i1 - i0, true, ws.qrows);
+    output_pass<A, Source, Arch>(sc.src, qr, i1 - i0, first_pos, state, &kb, ldkt, true, sc.d.dv, p.bias, ws,
                                  row_ptr(p.out, bi, hq, i0), p.out.stride(2), stat_ptr(p.stats, bi, hq, i0),
                                  p.stats.stride(2));
   }
@@ -376,28 +410,28 @@ void causal_block_outputs(const block_scan<T, Source, Arch>& sc, index_t bi, ind
 /// The causal scan of range r of sequence s: from the prefix before its first super-chunk,
 /// each block's output pass, then its state pass. Leaves the state after the range in
 /// ws.prefix and returns the range's last block.
-template <class T, class Source, class Arch>
-key_block<T> scan_range(const block_scan<T, Source, Arch>& sc, const chunk_totals<T>& totals, index_t s, index_t r,
-                        scan_workspace<T>& ws) {
+template <class T, class Source, class Arch, class A = accum_t<T>>
+key_block<A> scan_range(const block_scan<T, Source, Arch>& sc, const chunk_totals<A>& totals, index_t s, index_t r,
+                        scan_workspace<A>& ws) {
   const scan_plan& plan = sc.plan;
   const index_t S = sc.d.S, bi = s / sc.p.sizes.kv_heads, hk = s % sc.p.sizes.kv_heads;
   const index_t g_begin = plan.range_chunk(r), g_end = plan.range_chunk(r + 1);
-  T* prefix = ensure(ws.prefix, S);
-  T* run = ensure(ws.run, S);
+  A* prefix = ensure(ws.prefix, S);
+  A* run = ensure(ws.run, S);
   start_prefix(sc, totals, s, g_begin, prefix);
-  key_block<T> kb;
+  key_block<A> kb;
   for (index_t g = g_begin; g < g_end; ++g) {
-    std::fill(run, run + S, T(0));
+    std::fill(run, run + S, A(0));
     for (index_t c = plan.chunk_first(g); c <= plan.chunk_last(g); ++c) {
       kb = fetch_block(sc, bi, hk, c, ws);
-      const block_rows<T> kr = sc.src.prepare(kb.raw, kb.n, false, ws.krows);
-      const index_t ldkt = prepare_local_keys<T, Source, Arch>(sc.src, kr, kb.n, ws);
+      const block_rows<A> kr = sc.src.prepare(kb.raw, kb.n, false, ws.krows);
+      const index_t ldkt = prepare_local_keys<A, Source, Arch>(sc.src, kr, kb.n, ws);
       const bool has_prefix = sc.p.states || g > 0, has_run = c > plan.chunk_first(g);
-      const T* state = state_before(S, has_prefix, has_run, prefix, run, ws);
+      const A* state = state_before(S, has_prefix, has_run, prefix, run, ws);
       causal_block_outputs(sc, bi, hk, c, kb, ldkt, state, ws);
       const bool complete = kb.n == plan.b;
       if (c < plan.c_end || (sc.p.states && complete))
-        state_pass<T, Source, Arch>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, run);
+        state_pass<A, Source, Arch>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, run);
     }
     add_states(prefix, run, S, prefix);
   }
@@ -406,9 +440,9 @@ key_block<T> scan_range(const block_scan<T, Source, Arch>& sc, const chunk_total
 
 /// The final state of a sequence: `prefix`, the state after its last block `last`, and the raw
 /// rows of that block when it is unfinished.
-template <class T, class Source, class Arch>
-void save_state(const block_scan<T, Source, Arch>& sc, const T* prefix, const key_block<T>& last,
-                linear_state<T>& st) {
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void save_state(const block_scan<T, Source, Arch>& sc, const A* prefix, const key_block<A>& last,
+                linear_state<A>& st) {
   const index_t m = sc.d.m, dv = sc.d.dv, dvp = sc.d.dvp, kdim1 = sc.d.kdim1, kdim2 = sc.d.kdim2, kdim = sc.d.kdim;
   for (index_t f = 0; f < m; ++f) {
     std::copy(prefix + f * dvp, prefix + f * dvp + dv, st.Z.data() + f * dv);
@@ -426,16 +460,16 @@ void save_state(const block_scan<T, Source, Arch>& sc, const T* prefix, const ke
 
 /// Causal: every range of every sequence a parallel task; the last range of a sequence leaves
 /// its final state in the sequence's linear_state.
-template <class T, class Source, class Arch>
-void run_causal(const block_scan<T, Source, Arch>& sc, const chunk_totals<T>& totals,
-                std::vector<scan_workspace<T>>& scratch, int workers) {
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void run_causal(const block_scan<T, Source, Arch>& sc, const chunk_totals<A>& totals,
+                std::vector<scan_workspace<A>>& scratch, int workers) {
   const linear_problem<T>& p = sc.p;
   const index_t n_seq = p.sizes.batch * p.sizes.kv_heads, ranges = sc.plan.ranges;
   blind_rows(p, sc.plan);
   parallel_for(workers, n_seq * ranges, [&](index_t task, int worker) {
-    scan_workspace<T>& ws = scratch[static_cast<std::size_t>(worker)];
+    scan_workspace<A>& ws = scratch[static_cast<std::size_t>(worker)];
     const index_t s = task / ranges, r = task % ranges;
-    const key_block<T> last = scan_range(sc, totals, s, r, ws);
+    const key_block<A> last = scan_range(sc, totals, s, r, ws);
     if (p.states && r == ranges - 1) save_state(sc, ws.prefix.data(), last, p.states[s]);
   });
   if (p.states)
@@ -444,16 +478,16 @@ void run_causal(const block_scan<T, Source, Arch>& sc, const chunk_totals<T>& to
 
 /// Non-causal totals of every sequence into grand [n_seq x S]: the pre-pass's super-chunk
 /// totals in order, or, with one range (none precomputed), the super-chunks summed here.
-template <class T, class Source, class Arch>
-void noncausal_totals(const block_scan<T, Source, Arch>& sc, const chunk_totals<T>& totals,
-                      std::vector<scan_workspace<T>>& scratch, int workers, T* grand) {
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void noncausal_totals(const block_scan<T, Source, Arch>& sc, const chunk_totals<A>& totals,
+                      std::vector<scan_workspace<A>>& scratch, int workers, A* grand) {
   const index_t S = sc.d.S;
   parallel_for(workers, sc.p.sizes.batch * sc.p.sizes.kv_heads, [&](index_t s, int worker) {
-    T* total = grand + s * S;
+    A* total = grand + s * S;
     start_prefix(sc, totals, s, totals.per_seq, total);
     if (totals.per_seq == 0) {
-      scan_workspace<T>& ws = scratch[static_cast<std::size_t>(worker)];
-      T* run = ensure(ws.run, S);
+      scan_workspace<A>& ws = scratch[static_cast<std::size_t>(worker)];
+      A* run = ensure(ws.run, S);
       for (index_t g = 0; g < sc.plan.n_chunks; ++g) {
         chunk_total(sc, s, g, ws, run);
         add_states(total, run, S, total);
@@ -465,42 +499,42 @@ void noncausal_totals(const block_scan<T, Source, Arch>& sc, const chunk_totals<
 /// Non-causal output pass of query block c of head (bi, hq) from its sequence's total: with
 /// local weights the block's keys are weighed locally and the queries read total − (their
 /// state). Queries at negative positions (Nq > Nk) belong to no key block (c < 0).
-template <class T, class Source, class Arch>
-void noncausal_query_block(const block_scan<T, Source, Arch>& sc, const T* grand, index_t bi, index_t hq, index_t c,
-                           scan_workspace<T>& ws) {
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void noncausal_query_block(const block_scan<T, Source, Arch>& sc, const A* grand, index_t bi, index_t hq, index_t c,
+                           scan_workspace<A>& ws) {
   const linear_problem<T>& p = sc.p;
   const index_t S = sc.d.S, hk = hq / sc.d.group, s = bi * p.sizes.kv_heads + hk;
   const auto [i0, i1] = sc.plan.query_rows(c, p.sizes.nq);
   if (i1 <= i0) return;
-  const T* total = grand + s * S;
-  const T* state = total;
-  key_block<T> kb;
+  const A* total = grand + s * S;
+  const A* state = total;
+  key_block<A> kb;
   index_t ldkt = 0;
   const bool own_block = sc.d.local && c >= 0;
   if (own_block) {
     kb = fetch_block(sc, bi, hk, c, ws);
-    const block_rows<T> kr = sc.src.prepare(kb.raw, kb.n, false, ws.krows);
-    ldkt = prepare_local_keys<T, Source, Arch>(sc.src, kr, kb.n, ws);
-    T* own_state = ensure(ws.run, S);
-    std::fill(own_state, own_state + S, T(0));
-    state_pass<T, Source, Arch>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, own_state);
-    T* zx = ensure(ws.zx, S);
+    const block_rows<A> kr = sc.src.prepare(kb.raw, kb.n, false, ws.krows);
+    ldkt = prepare_local_keys<A, Source, Arch>(sc.src, kr, kb.n, ws);
+    A* own_state = ensure(ws.run, S);
+    std::fill(own_state, own_state + S, A(0));
+    state_pass<A, Source, Arch>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, own_state);
+    A* zx = ensure(ws.zx, S);
     for (index_t e = 0; e < S; ++e) zx[e] = total[e] - own_state[e];
     state = zx;
   }
-  const block_rows<T> qr = sc.src.prepare(query_raw(sc, bi, hq, i0), i1 - i0, true, ws.qrows);
-  output_pass<T, Source, Arch>(sc.src, qr, i1 - i0, sc.plan.offset + i0, state, own_block ? &kb : nullptr, ldkt,
+  const block_rows<A> qr = sc.src.prepare(query_raw(sc, bi, hq, i0, i1 - i0, ws), i1 - i0, true, ws.qrows);
+  output_pass<A, Source, Arch>(sc.src, qr, i1 - i0, sc.plan.offset + i0, state, own_block ? &kb : nullptr, ldkt,
                                false, sc.d.dv, p.bias, ws, row_ptr(p.out, bi, hq, i0), p.out.stride(2),
                                stat_ptr(p.stats, bi, hq, i0), p.stats.stride(2));
 }
 
 /// Non-causal: out_i = φ(q_i)·(total) [+ the query's own block weighed locally, minus its
 /// features' share]. The totals first, then every query block a parallel task.
-template <class T, class Source, class Arch>
-void run_noncausal(const block_scan<T, Source, Arch>& sc, const chunk_totals<T>& totals,
-                   std::vector<scan_workspace<T>>& scratch, int workers, aligned_vector<T>& grand_buf) {
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void run_noncausal(const block_scan<T, Source, Arch>& sc, const chunk_totals<A>& totals,
+                   std::vector<scan_workspace<A>>& scratch, int workers, aligned_vector<A>& grand_buf) {
   const block_problem& pb = sc.p.sizes;
-  T* grand = ensure(grand_buf, static_cast<index_t>(checked_size<T>("run_block_linear", "the totals",
+  A* grand = ensure(grand_buf, static_cast<index_t>(checked_size<A>("run_block_linear", "the totals",
                                                                      {pb.batch, pb.kv_heads, sc.d.S})));
   noncausal_totals(sc, totals, scratch, workers, grand);
   const index_t qc_first = floor_div(sc.plan.offset, sc.plan.b);
@@ -515,6 +549,7 @@ void run_noncausal(const block_scan<T, Source, Arch>& sc, const chunk_totals<T>&
 /// feature source src (block_passes.hpp).
 template <class T, class Source, class Arch = default_arch>
 void run_block_linear(const linear_problem<T>& p, const Source& src) {
+  using A = accum_t<T>;
   const block_problem& pb = p.sizes;
   const index_t n_seq = pb.batch * pb.kv_heads;
   if (n_seq == 0 || (pb.nq == 0 && !p.states) || (pb.dv == 0 && !p.states && p.stats.size() == 0)) return;
@@ -526,11 +561,11 @@ void run_block_linear(const linear_problem<T>& p, const Source& src) {
                                                   double(pb.batch) * double(pb.kv_heads * pb.nk + pb.heads * pb.nq));
   const scan_plan plan = scan_plan_of(p, threads);
   const int workers = scan_workers(pb, plan, threads);
-  linear_workspace<T> own;
-  linear_workspace<T>& wsp = p.workspace ? *p.workspace : own;
+  linear_workspace<A> own;
+  linear_workspace<A>& wsp = p.workspace ? *p.workspace : own;
   if (static_cast<int>(wsp.workers.size()) < workers) wsp.workers.resize(static_cast<std::size_t>(workers));
   const block_scan<T, Source, Arch> sc{p, src, d, plan, load_states(p, d, plan, wsp)};
-  const chunk_totals<T> totals = range_pre_pass(sc, pre_pass_chunks(plan, pb.causal), wsp.workers, workers, wsp.totals);
+  const chunk_totals<A> totals = range_pre_pass(sc, pre_pass_chunks(plan, pb.causal), wsp.workers, workers, wsp.totals);
   if (pb.causal)
     run_causal(sc, totals, wsp.workers, workers);
   else

@@ -45,6 +45,12 @@
 //       the gradients of n raw rows written into out (every column of x and x2) from those of
 //       their base rows (dbase; nullptr: zero) and separate local rows (dlocal; nullptr: zero)
 //
+// Storage and accumulation: T is the storage type of the problem's views, A = accum_t<T> that
+// of everything else (the source, states, statistics, scratch, leaf gradients). For half T the
+// raw rows, dout and out rows are widened when read (raw_q, raw_k, row_of), a query chunk's
+// gradients are rounded once into dq (grads_q, store_query_grads), and a key block's two shares
+// meet in an fp32 stage before their sum is rounded (stage_share): O(B·Hk·Nk·(d + dv)) floats.
+//
 // The driver in pieces, each a function of what it reads (block_backward: the problem, the
 // source, the widths) and of what it writes:
 //   backward_dims_of, zero_gradients      widths and counts; the outputs cleared
@@ -64,6 +70,7 @@
 #include <limits>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -80,6 +87,8 @@ struct backward_workspace {
   aligned_vector<T> vpad, vt, klocal, qlocal, g, gt, c, w, dw, dphi, dbase, dlocal, kbase, kloc, dvb, state, fin;
   aligned_vector<T> tk, tk2;  // a key block's share of the raw key gradients, before delivery
   aligned_vector<T> rs, qs;   // a query chunk's row scales (row_grads) and its scaled rows
+  // half storage: raw query and key rows, a dout and an out row widened; query gradients
+  aligned_vector<T> qraw, kraw, drow, qgrad;
 };
 
 /// Widths and counts of one call of run_block_backward (a problem with rows, keys, features
@@ -100,16 +109,16 @@ struct backward_dims {
   index_t kd1, kd2, kdim;  // a raw key row: [primary | secondary]
 };
 
-template <class T, class Source, class Arch>
-backward_dims<T> backward_dims_of(const linear_backward_problem<T>& p, const Source& src, index_t LV) {
-  constexpr index_t W = simd_width<T, Arch>;
+template <class T, class Source, class Arch, class A = accum_t<T>>
+backward_dims<A> backward_dims_of(const linear_backward_problem<T>& p, const Source& src, index_t LV) {
+  constexpr index_t W = simd_width<A, Arch>;
   const block_problem& pb = p.sizes;
-  backward_dims<T> d{};
+  backward_dims<A> d{};
   d.m = src.feature_dim();
   d.mp = round_up(d.m, W);
   d.dv = pb.dv;
   d.dvp = round_up(std::max<index_t>(d.dv, 1), W);
-  d.S = static_cast<index_t>(checked_size<T>("run_block_backward", "a state [m x padded dv]", {d.m, d.dvp})) + d.mp;
+  d.S = static_cast<index_t>(checked_size<A>("run_block_backward", "a state [m x padded dv]", {d.m, d.dvp})) + d.mp;
   d.rbp = round_up(src.base_dim(), W);
   d.lf = src.local();
   d.ldl = round_up(std::max<index_t>(d.lf.dim, 1), W);
@@ -135,7 +144,10 @@ template <class T, class Source, class Arch>
 struct block_backward {
   const linear_backward_problem<T>& p;
   const Source& src;
-  backward_dims<T> d;
+  backward_dims<accum_t<T>> d;
+  /// Half storage only (nullptr otherwise): the key-side gradients [n_seq x nk x (kdim + dv)]
+  /// in fp32, where a key block's two shares meet before the sum is rounded (deliver_share).
+  accum_t<T>* stage;
 };
 
 /// The gradients are overwritten: zero first (dq, dk, dv, dq2, dk2 and LV leaf values).
@@ -148,7 +160,7 @@ void zero_gradients(const linear_backward_problem<T>& p, index_t LV) {
           for (index_t c = 0; c < x.extent(3); ++c) x(b, h, i, c) = T(0);
   };
   for (const tensor_view<T, 4>* x : {&p.dq, &p.dk, &p.dv, &p.dq2, &p.dk2}) zero_rows(*x);
-  std::fill(p.leaf, p.leaf + LV, T(0));
+  std::fill(p.leaf, p.leaf + LV, accum_t<T>(0));
 }
 
 /// Query rows [i0, i1) of key block c (positions c·b .. (c+1)·b − 1); rows before any key are blind.
@@ -157,24 +169,70 @@ std::pair<index_t, index_t> block_queries(const backward_dims<T>& d, index_t c) 
   return {std::clamp<index_t>(c * d.b - d.offset, 0, d.nq), std::clamp<index_t>((c + 1) * d.b - d.offset, 0, d.nq)};
 }
 
-/// Raw query rows of head (bi, h) from row i, raw key rows of (bi, hk) from row j, and where
-/// the gradients of query rows go.
-template <class T, class Source, class Arch>
-raw_rows<T> raw_q(const block_backward<T, Source, Arch>& sc, index_t bi, index_t h, index_t i) {
+/// Raw query rows [i, i + n) of head (bi, h) and raw key rows [j, j + n) of (bi, hk), in place
+/// or (half storage) widened into buf (raw_rows_of, block_linear.hpp).
+template <class T, class Source, class Arch, class A = accum_t<T>>
+raw_rows<A> raw_q(const block_backward<T, Source, Arch>& sc, index_t bi, index_t h, index_t i, index_t n,
+                  aligned_vector<A>& buf) {
   const linear_backward_problem<T>& p = sc.p;
-  return raw_rows<T>{&p.q(bi, h, i, 0), p.q.stride(2), sc.d.two_inputs ? &p.q2(bi, h, i, 0) : nullptr, p.q2.stride(2)};
+  return raw_rows_of(&p.q(bi, h, i, 0), p.q.stride(2), sc.d.two_inputs ? &p.q2(bi, h, i, 0) : nullptr, p.q2.stride(2),
+                     n, sc.d.kd1, sc.d.kd2, buf);
 }
-template <class T, class Source, class Arch>
-raw_rows<T> raw_k(const block_backward<T, Source, Arch>& sc, index_t bi, index_t hk, index_t j) {
+template <class T, class Source, class Arch, class A = accum_t<T>>
+raw_rows<A> raw_k(const block_backward<T, Source, Arch>& sc, index_t bi, index_t hk, index_t j, index_t n,
+                  aligned_vector<A>& buf) {
   const linear_backward_problem<T>& p = sc.p;
-  return raw_rows<T>{&p.k(bi, hk, j, 0), p.k.stride(2), sc.d.two_inputs ? &p.k2(bi, hk, j, 0) : nullptr,
-                     p.k2.stride(2)};
+  return raw_rows_of(&p.k(bi, hk, j, 0), p.k.stride(2), sc.d.two_inputs ? &p.k2(bi, hk, j, 0) : nullptr, p.k2.stride(2),
+                     n, sc.d.kd1, sc.d.kd2, buf);
 }
-template <class T, class Source, class Arch>
-grad_rows<T> grads_q(const block_backward<T, Source, Arch>& sc, index_t bi, index_t h, index_t i) {
+
+/// Raw rows moved on by r rows.
+template <class A>
+raw_rows<A> rows_from(const raw_rows<A>& x, index_t r) {
+  return {x.x + r * x.ld, x.ld, x.x2 ? x.x2 + r * x.ld2 : nullptr, x.ld2};
+}
+
+/// Where the gradients of query rows [i, i + n) of head (bi, h) go: the caller's dq (and dq2),
+/// or for half storage ws.qgrad [n x (kd1 + kd2)], rounded into dq by store_query_grads.
+template <class T, class Source, class Arch, class A = accum_t<T>>
+grad_rows<A> grads_q(const block_backward<T, Source, Arch>& sc, index_t bi, index_t h, index_t i, index_t n,
+                     backward_workspace<A>& ws) {
   const linear_backward_problem<T>& p = sc.p;
-  return grad_rows<T>{&p.dq(bi, h, i, 0), p.dq.stride(2), sc.d.two_inputs ? &p.dq2(bi, h, i, 0) : nullptr,
-                      p.dq2.stride(2)};
+  if constexpr (std::is_same_v<T, A>) {
+    (void)n;
+    (void)ws;
+    return grad_rows<A>{&p.dq(bi, h, i, 0), p.dq.stride(2), sc.d.two_inputs ? &p.dq2(bi, h, i, 0) : nullptr,
+                        p.dq2.stride(2)};
+  } else {
+    const index_t w = sc.d.kd1 + sc.d.kd2;
+    A* g = ensure(ws.qgrad, std::max<index_t>(n * w, 1));
+    return grad_rows<A>{g, w, sc.d.two_inputs ? g + sc.d.kd1 : nullptr, w};
+  }
+}
+
+/// Half storage: the query gradients grads_q handed out, rounded once into dq (and dq2).
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void store_query_grads(const block_backward<T, Source, Arch>& sc, index_t bi, index_t h, index_t i, index_t n,
+                       const grad_rows<A>& g) {
+  if constexpr (!std::is_same_v<T, A>) {
+    const linear_backward_problem<T>& p = sc.p;
+    for (index_t r = 0; r < n; ++r) {
+      narrow(g.x + r * g.ld, sc.d.kd1, &p.dq(bi, h, i + r, 0));
+      if (sc.d.two_inputs) narrow(g.x2 + r * g.ld2, sc.d.kd2, &p.dq2(bi, h, i + r, 0));
+    }
+  }
+}
+
+/// Row i of a view of T as values of A: in place, or (half storage) widened into buf.
+template <class T, class A = accum_t<T>>
+const A* row_of(const tensor_view<const T, 4>& x, index_t b, index_t h, index_t i, A* buf) {
+  if constexpr (std::is_same_v<T, A>) {
+    (void)buf;
+    return &x(b, h, i, 0);
+  } else {
+    widen(&x(b, h, i, 0), x.extent(3), buf);
+    return buf;
+  }
 }
 
 /// A row whose |den| is below 2^−(emax/2) is rescaled (row_grads); any other has 1/den below
@@ -203,40 +261,45 @@ T scaled_den(T den, T& scale) {
 /// g/s and c/s instead, s = ws.rs[i] a power of two (scaled_den; 1 for every other row): the
 /// callers multiply s back into what g and c meet, at the tiny end (the query's features,
 /// its weights, its gradient rows after the products). Returns whether some row has s != 1.
-template <class T, class Source, class Arch>
+template <class T, class Source, class Arch, class A = accum_t<T>>
 bool row_grads(const block_backward<T, Source, Arch>& sc, index_t bi, index_t h, index_t i0, index_t rows,
-               backward_workspace<T>& ws) {
-  using B = batch<T, Arch>;
-  constexpr index_t W = simd_width<T, Arch>;
+               backward_workspace<A>& ws) {
+  using B = batch<A, Arch>;
+  constexpr index_t W = simd_width<A, Arch>;
   const linear_backward_problem<T>& p = sc.p;
   const index_t dvv = sc.d.dv, dvp = sc.d.dvp;
-  T* g = ensure(ws.g, kChunkRows * dvp);
-  T* gt = ensure(ws.gt, dvp * kChunkRows);
-  T* c = ensure(ws.c, kChunkRows);
-  T* rs = ensure(ws.rs, kChunkRows);
+  A* g = ensure(ws.g, kChunkRows * dvp);
+  A* gt = ensure(ws.gt, dvp * kChunkRows);
+  A* c = ensure(ws.c, kChunkRows);
+  A* rs = ensure(ws.rs, kChunkRows);
+  A *dbuf = nullptr, *obuf = nullptr;  // dout and out rows widened from half storage
+  if constexpr (!std::is_same_v<T, A>) {
+    dbuf = ensure(ws.drow, 2 * dvp);
+    obuf = dbuf + dvp;
+  }
   bool rescaled = false;
   for (index_t i = 0; i < kChunkRows; ++i) {
-    rs[i] = T(1);
-    const T den = i < rows ? scaled_den(p.stats(bi, h, i0 + i), rs[i]) : T(0);
-    rescaled = rescaled || rs[i] != T(1);
-    T* gi = g + i * dvp;
-    std::fill(gi, gi + dvp, T(0));
-    c[i] = T(0);
-    if (den == T(0)) {  // the row's output was 0 and does not depend on anything (or no row)
-      for (index_t x = 0; x < dvv; ++x) gt[x * kChunkRows + i] = T(0);
+    rs[i] = A(1);
+    const A den = i < rows ? scaled_den(p.stats(bi, h, i0 + i), rs[i]) : A(0);
+    rescaled = rescaled || rs[i] != A(1);
+    A* gi = g + i * dvp;
+    std::fill(gi, gi + dvp, A(0));
+    c[i] = A(0);
+    if (den == A(0)) {  // the row's output was 0 and does not depend on anything (or no row)
+      for (index_t x = 0; x < dvv; ++x) gt[x * kChunkRows + i] = A(0);
       continue;
     }
-    const T* dr = &p.dout(bi, h, i0 + i, 0);
-    const T* orow = &p.out(bi, h, i0 + i, 0);
+    const A* dr = row_of(p.dout, bi, h, i0 + i, dbuf);
+    const A* orow = row_of(p.out, bi, h, i0 + i, obuf);
     const B dn(den);
-    B dot(T(0));
+    B dot(A(0));
     index_t x = 0;
     for (; x + W <= dvv; x += W) {
       const B dd = B::load_unaligned(dr + x);
       (dd / dn).store_unaligned(gi + x);
       dot = xsimd::fma(dd, B::load_unaligned(orow + x), dot);
     }
-    T tail = T(0);
+    A tail = A(0);
     for (; x < dvv; ++x) {
       gi[x] = dr[x] / den;
       tail += dr[x] * orow[x];
@@ -266,23 +329,23 @@ struct block_keys {
 /// The keys of block c of (bi, hk): prepared rows and values padded [n x dvp] (ws.vpad); for
 /// the local pairs (`pairs`) also the local key rows transposed (ws.scan.kt, ld ldk) and
 /// padded [n x ldl] (ws.klocal); always the values transposed [dv x ldk] (ws.vt).
-template <class T, class Source, class Arch>
-block_keys<T> fetch_keys(const block_backward<T, Source, Arch>& sc, index_t bi, index_t hk, index_t c,
-                         backward_workspace<T>& ws, bool pairs) {
-  constexpr index_t W = simd_width<T, Arch>;
+template <class T, class Source, class Arch, class A = accum_t<T>>
+block_keys<A> fetch_keys(const block_backward<T, Source, Arch>& sc, index_t bi, index_t hk, index_t c,
+                         backward_workspace<A>& ws, bool pairs) {
+  constexpr index_t W = simd_width<A, Arch>;
   const linear_backward_problem<T>& p = sc.p;
-  const backward_dims<T>& d = sc.d;
-  block_keys<T> kb;
+  const backward_dims<A>& d = sc.d;
+  block_keys<A> kb;
   kb.j0 = c * d.b;
   kb.n = std::min(d.b, d.nk - kb.j0);
   kb.ldk = 0;
-  kb.raw = raw_k(sc, bi, hk, kb.j0);
+  kb.raw = raw_k(sc, bi, hk, kb.j0, kb.n, ws.kraw);
   kb.rows = sc.src.prepare(kb.raw, kb.n, false, ws.scan.krows);
   pack_rows(&p.v(bi, hk, kb.j0, 0), p.v.stride(2), kb.n, d.dv, ensure(ws.vpad, d.b * d.dvp), d.dvp);
   kb.ldk = round_up(kb.n, W);
-  pack_transposed(&p.v(bi, hk, kb.j0, 0), p.v.stride(2), kb.n, d.dv, T(1), ensure(ws.vt, d.dv * kb.ldk), kb.ldk);
+  pack_transposed(&p.v(bi, hk, kb.j0, 0), p.v.stride(2), kb.n, d.dv, A(1), ensure(ws.vt, d.dv * kb.ldk), kb.ldk);
   if (!pairs) return kb;
-  prepare_local_keys<T, Source, Arch>(sc.src, kb.rows, kb.n, ws.scan);
+  prepare_local_keys<A, Source, Arch>(sc.src, kb.rows, kb.n, ws.scan);
   pack_rows(kb.rows.local, kb.rows.ld_local, kb.n, d.lf.dim, ensure(ws.klocal, d.b * d.ldl), d.ldl);
   return kb;
 }
@@ -290,32 +353,32 @@ block_keys<T> fetch_keys(const block_backward<T, Source, Arch>& sc, index_t bi, 
 /// Local pairs of query rows (local rows qloc, ld ldq; absolute positions first_pos ..) with
 /// the first `keys` keys of kb: dw' into ws.dw and, if want_w, the weights into ws.w
 /// ([rows x ldw] each), causally masked when causal. Returns ldw.
-template <class T, class Source, class Arch>
-index_t local_pairs(const block_backward<T, Source, Arch>& sc, const block_keys<T>& kb, const T* qloc, index_t ldq,
-                    index_t rows, index_t keys, index_t first_pos, backward_workspace<T>& ws, bool want_w) {
-  using B = batch<T, Arch>;
-  constexpr index_t W = simd_width<T, Arch>;
-  const local_form<T>& lf = sc.d.lf;
+template <class T, class Source, class Arch, class A = accum_t<T>>
+index_t local_pairs(const block_backward<T, Source, Arch>& sc, const block_keys<A>& kb, const A* qloc, index_t ldq,
+                    index_t rows, index_t keys, index_t first_pos, backward_workspace<A>& ws, bool want_w) {
+  using B = batch<A, Arch>;
+  constexpr index_t W = simd_width<A, Arch>;
+  const local_form<A>& lf = sc.d.lf;
   const index_t ldw = round_up(keys, W);
-  T* t = ensure(ws.w, kChunkRows * round_up(sc.d.b, W));
-  T* dw = ensure(ws.dw, kChunkRows * round_up(sc.d.b, W));
-  gemm<T, Arch>(rows, keys, lf.dim, qloc, ldq, 1, ws.scan.kt.data(), kb.ldk, t, ldw, false);
-  gemm<T, Arch>(rows, keys, sc.d.dv, ws.g.data(), sc.d.dvp, 1, ws.vt.data(), kb.ldk, dw, ldw, false);
-  const B scale(lf.scale), dfac(static_cast<T>(lf.power) * lf.scale);
+  A* t = ensure(ws.w, kChunkRows * round_up(sc.d.b, W));
+  A* dw = ensure(ws.dw, kChunkRows * round_up(sc.d.b, W));
+  gemm<A, Arch>(rows, keys, lf.dim, qloc, ldq, 1, ws.scan.kt.data(), kb.ldk, t, ldw, false);
+  gemm<A, Arch>(rows, keys, sc.d.dv, ws.g.data(), sc.d.dvp, 1, ws.vt.data(), kb.ldk, dw, ldw, false);
+  const B scale(lf.scale), dfac(static_cast<A>(lf.power) * lf.scale);
   for (index_t i = 0; i < rows; ++i) {
     const B ci(ws.c[static_cast<std::size_t>(i)]);
-    T* ti = t + i * ldw;
-    T* di = dw + i * ldw;
+    A* ti = t + i * ldw;
+    A* di = dw + i * ldw;
     for (index_t j = 0; j < ldw; j += W) {
       const B base = B::load_unaligned(ti + j) * scale;
-      const B pm1 = ipow<T, Arch>(base, lf.power - 1);  // (scale·a·b)^(p−1); 1 for p = 1
+      const B pm1 = ipow<A, Arch>(base, lf.power - 1);  // (scale·a·b)^(p−1); 1 for p = 1
       ((B::load_unaligned(di + j) + ci) * dfac * pm1).store_unaligned(di + j);
       if (want_w) (pm1 * base).store_unaligned(ti + j);
     }
     const index_t visible =
         sc.p.sizes.causal ? std::clamp<index_t>(first_pos + i - kb.j0 + 1, 0, keys) : keys;
-    std::fill(di + visible, di + ldw, T(0));
-    if (want_w) std::fill(ti + visible, ti + ldw, T(0));
+    std::fill(di + visible, di + ldw, A(0));
+    if (want_w) std::fill(ti + visible, ti + ldw, A(0));
   }
   return ldw;
 }
@@ -344,13 +407,39 @@ const T* state_readout(const backward_dims<T>& d, const T* state, const T* bt, i
   return dphi;
 }
 
+/// Half storage: a key block's share (rows [j0, j0 + n) of sequence (bi, hk)) written (first)
+/// or added (second) in fp32 into the stage, and the stage's rows rounded once into dk, dk2
+/// and dv. The second delivery overwrites the first's rounding with that of the sum, so the
+/// caller's views get round(a + b) == round(b + a): the same bits in either order.
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void stage_share(const block_backward<T, Source, Arch>& sc, bool first, index_t bi, index_t hk, index_t j0, index_t n,
+                 const A* tk, const A* tdv) {
+  const linear_backward_problem<T>& p = sc.p;
+  const index_t kd1 = sc.d.kd1, kd2 = sc.d.kd2, kdim = sc.d.kdim, dvv = sc.d.dv, w = kdim + dvv;
+  A* st = sc.stage + ((bi * p.sizes.kv_heads + hk) * sc.d.nk + j0) * w;
+  for (index_t j = 0; j < n; ++j, st += w) {
+    const A* row = tk + j * kdim;
+    const A* dvs = tdv + j * sc.d.dvp;
+    if (first) {
+      std::copy(row, row + kdim, st);
+      std::copy(dvs, dvs + dvv, st + kdim);
+    } else {
+      for (index_t x = 0; x < kdim; ++x) st[x] += row[x];
+      for (index_t x = 0; x < dvv; ++x) st[kdim + x] += dvs[x];
+    }
+    narrow(st, kd1, &p.dk(bi, hk, j0 + j, 0));
+    if (kd2 > 0) narrow(st + kd1, kd2, &p.dk2(bi, hk, j0 + j, 0));
+    narrow(st + kdim, dvv, &p.dv(bi, hk, j0 + j, 0));
+  }
+}
+
 /// A key block's share of dk (primary and secondary rows, tk [n x kdim]) and dv (tdv
 /// [n x dvp]), delivered to the caller's views: the first scan to deliver block c writes, the
-/// second adds (see the top of the file). `flag` is the block's: 0 nothing delivered, 1 the
+/// second adds (see the top of the file; half storage: through the stage, stage_share). `flag` is the block's: 0 nothing delivered, 1 the
 /// first share being written, 2 written.
-template <class T, class Source, class Arch>
+template <class T, class Source, class Arch, class A = accum_t<T>>
 void deliver_share(const block_backward<T, Source, Arch>& sc, std::atomic<int>& flag, index_t bi, index_t hk,
-                   index_t c, index_t n, const T* tk, const T* tdv) {
+                   index_t c, index_t n, const A* tk, const A* tdv) {
   const linear_backward_problem<T>& p = sc.p;
   const index_t kd1 = sc.d.kd1, kd2 = sc.d.kd2, kdim = sc.d.kdim, dvv = sc.d.dv;
   int expected = 0;
@@ -358,20 +447,24 @@ void deliver_share(const block_backward<T, Source, Arch>& sc, std::atomic<int>& 
   if (!first)
     while (flag.load(std::memory_order_acquire) != 2) std::this_thread::yield();  // the first is copying
   const index_t j0 = c * sc.d.b;
-  for (index_t j = 0; j < n; ++j) {
-    const T* row = tk + j * kdim;
-    T* a = &p.dk(bi, hk, j0 + j, 0);
-    T* a2 = kd2 > 0 ? &p.dk2(bi, hk, j0 + j, 0) : nullptr;
-    T* dvr = &p.dv(bi, hk, j0 + j, 0);
-    const T* dvs = tdv + j * sc.d.dvp;
-    if (first) {
-      std::copy(row, row + kd1, a);
-      std::copy(row + kd1, row + kdim, a2);
-      std::copy(dvs, dvs + dvv, dvr);
-    } else {
-      for (index_t x = 0; x < kd1; ++x) a[x] += row[x];
-      for (index_t x = 0; x < kd2; ++x) a2[x] += row[kd1 + x];
-      for (index_t x = 0; x < dvv; ++x) dvr[x] += dvs[x];
+  if constexpr (!std::is_same_v<T, A>) {
+    stage_share(sc, first, bi, hk, j0, n, tk, tdv);
+  } else {
+    for (index_t j = 0; j < n; ++j) {
+      const A* row = tk + j * kdim;
+      A* a = &p.dk(bi, hk, j0 + j, 0);
+      A* a2 = kd2 > 0 ? &p.dk2(bi, hk, j0 + j, 0) : nullptr;
+      A* dvr = &p.dv(bi, hk, j0 + j, 0);
+      const A* dvs = tdv + j * sc.d.dvp;
+      if (first) {
+        std::copy(row, row + kd1, a);
+        std::copy(row + kd1, row + kdim, a2);
+        std::copy(dvs, dvs + dvv, dvr);
+      } else {
+        for (index_t x = 0; x < kd1; ++x) a[x] += row[x];
+        for (index_t x = 0; x < kd2; ++x) a2[x] += row[kd1 + x];
+        for (index_t x = 0; x < dvv; ++x) dvr[x] += dvs[x];
+      }
     }
   }
   if (first) flag.store(2, std::memory_order_release);
@@ -379,12 +472,12 @@ void deliver_share(const block_backward<T, Source, Arch>& sc, std::atomic<int>& 
 
 /// The raw key gradients of block kb (in ws.tk) from base-row (dbase) and local-row (dlocal;
 /// nullptr: none) gradients.
-template <class T, class Source, class Arch>
-const T* key_share(const block_backward<T, Source, Arch>& sc, const block_keys<T>& kb, const T* dbase,
-                   const typename identity<T>::type* dlocal, backward_workspace<T>& ws, T* leaf_acc) {
+template <class T, class Source, class Arch, class A = accum_t<T>>
+const A* key_share(const block_backward<T, Source, Arch>& sc, const block_keys<A>& kb, const A* dbase,
+                   const typename identity<A>::type* dlocal, backward_workspace<A>& ws, A* leaf_acc) {
   const index_t kd1 = sc.d.kd1, kdim = sc.d.kdim;
-  T* tk = ensure(ws.tk, sc.d.b * std::max<index_t>(kdim, 1));
-  sc.src.finish(kb.raw, kb.n, false, dbase, sc.d.rbp, dlocal, sc.d.ldl, grad_rows<T>{tk, kdim, tk + kd1, kdim}, ws.fin,
+  A* tk = ensure(ws.tk, sc.d.b * std::max<index_t>(kdim, 1));
+  sc.src.finish(kb.raw, kb.n, false, dbase, sc.d.rbp, dlocal, sc.d.ldl, grad_rows<A>{tk, kdim, tk + kd1, kdim}, ws.fin,
                 leaf_acc);
   return tk;
 }
@@ -415,38 +508,38 @@ struct prefix_block {
 /// those are the same bits as the whole products give for finite rows (docs/design.md §6).
 /// With row scales rs (row_grads; nullptr: none), dw' and g are those of g/s and c/s: da is
 /// left so (the caller scales the rows), db and dv take a_i·s_i and w_ij·s_i.
-template <class T, class Source, class Arch>
-void pair_products(const block_backward<T, Source, Arch>& sc, const prefix_block<T>& blk, const T* ql, index_t rows,
-                   index_t keys, index_t first_pos, index_t ldw, T* qacc, index_t ldq, const T* rs,
-                   backward_workspace<T>& ws) {
-  const backward_dims<T>& d = sc.d;
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void pair_products(const block_backward<T, Source, Arch>& sc, const prefix_block<A>& blk, const A* ql, index_t rows,
+                   index_t keys, index_t first_pos, index_t ldw, A* qacc, index_t ldq, const A* rs,
+                   backward_workspace<A>& ws) {
+  const backward_dims<A>& d = sc.d;
   const index_t dim = d.lf.dim, ldl = d.ldl, dvp = d.dvp, j0 = blk.kb.j0;
   if (rs) {
-    T* qs = ensure(ws.qs, kChunkRows * ldl);
+    A* qs = ensure(ws.qs, kChunkRows * ldl);
     scale_rows(ql, ldl, rows, ldl, rs, qs, ldl);
     scale_rows(ws.w.data(), ldw, rows, ldw, rs, ws.w.data(), ldw);
     ql = qs;
   }
-  const T *dw = ws.dw.data(), *w = ws.w.data(), *g = ws.g.data(), *kl = ws.klocal.data();
+  const A *dw = ws.dw.data(), *w = ws.w.data(), *g = ws.g.data(), *kl = ws.klocal.data();
   // causal: every row sees the first `common` keys; rows [0, partial) miss some of the keys
   const bool causal = sc.p.sizes.causal;
   const index_t common = causal ? std::clamp<index_t>(first_pos - j0 + 1, 0, keys) : keys;
   const index_t partial = causal ? std::clamp<index_t>(j0 + keys - 1 - first_pos, 0, rows) : 0;
-  if (common < keys && !rows_finite<T, Arch>(kl + common * ldl, ldl, keys - common, dim))
+  if (common < keys && !rows_finite<A, Arch>(kl + common * ldl, ldl, keys - common, dim))
     for (index_t i = 0; i < rows; ++i)  // row i sees keys [0, first_pos + i − j0]
-      gemm<T, Arch>(1, dim, std::min(keys, first_pos + i - j0 + 1), dw + i * ldw, ldw, 1, kl, ldl, qacc + i * ldq, ldq,
+      gemm<A, Arch>(1, dim, std::min(keys, first_pos + i - j0 + 1), dw + i * ldw, ldw, 1, kl, ldl, qacc + i * ldq, ldq,
                     true);
   else
-    gemm<T, Arch>(rows, dim, keys, dw, ldw, 1, kl, ldl, qacc, ldq, true);
-  if (partial > 0 && !(rows_finite<T, Arch>(ql, ldl, partial, dim) && rows_finite<T, Arch>(g, dvp, partial, d.dv))) {
+    gemm<A, Arch>(rows, dim, keys, dw, ldw, 1, kl, ldl, qacc, ldq, true);
+  if (partial > 0 && !(rows_finite<A, Arch>(ql, ldl, partial, dim) && rows_finite<A, Arch>(g, dvp, partial, d.dv))) {
     for (index_t j = 0; j < keys; ++j) {  // key j is seen by rows [i_j, rows)
       const index_t ij = std::max<index_t>(0, j0 + j - first_pos);
-      gemm<T, Arch>(1, dim, rows - ij, dw + ij * ldw + j, 1, ldw, ql + ij * ldl, ldl, blk.kacc + j * ldl, ldl, true);
-      gemm<T, Arch>(1, d.dv, rows - ij, w + ij * ldw + j, 1, ldw, g + ij * dvp, dvp, blk.dvacc + j * dvp, dvp, true);
+      gemm<A, Arch>(1, dim, rows - ij, dw + ij * ldw + j, 1, ldw, ql + ij * ldl, ldl, blk.kacc + j * ldl, ldl, true);
+      gemm<A, Arch>(1, d.dv, rows - ij, w + ij * ldw + j, 1, ldw, g + ij * dvp, dvp, blk.dvacc + j * dvp, dvp, true);
     }
   } else {
-    gemm<T, Arch>(keys, dim, rows, dw, 1, ldw, ql, ldl, blk.kacc, ldl, true);
-    gemm<T, Arch>(keys, d.dv, rows, w, 1, ldw, g, dvp, blk.dvacc, dvp, true);
+    gemm<A, Arch>(keys, dim, rows, dw, 1, ldw, ql, ldl, blk.kacc, ldl, true);
+    gemm<A, Arch>(keys, d.dv, rows, w, 1, ldw, g, dvp, blk.dvacc, dvp, true);
   }
 }
 
@@ -454,27 +547,27 @@ void pair_products(const block_backward<T, Source, Arch>& sc, const prefix_block
 /// qloc, ld ldl, when the block is own): their gradients written into dq (and dq2), the
 /// block's share of their local pairs added to blk.kacc and blk.dvacc. Returns whether there
 /// were local pairs.
-template <class T, class Source, class Arch>
-bool query_chunk(const block_backward<T, Source, Arch>& sc, const prefix_block<T>& blk, index_t bi, index_t h,
-                 const block_rows<T>& qr, const T* qloc, index_t i0, index_t a, index_t rows,
-                 backward_workspace<T>& ws, T* leaf_acc) {
-  const backward_dims<T>& d = sc.d;
-  const block_keys<T>& kb = blk.kb;
+template <class T, class Source, class Arch, class A = accum_t<T>>
+bool query_chunk(const block_backward<T, Source, Arch>& sc, const prefix_block<A>& blk, index_t bi, index_t h,
+                 const raw_rows<A>& xr, const block_rows<A>& qr, const A* qloc, index_t i0, index_t a, index_t rows,
+                 backward_workspace<A>& ws, A* leaf_acc) {
+  const backward_dims<A>& d = sc.d;
+  const block_keys<A>& kb = blk.kb;
   const index_t rbp = d.rbp, ldl = d.ldl;
   const bool rescaled = row_grads(sc, bi, h, a, rows, ws);
-  T* dbase = ensure(ws.dbase, kChunkRows * rbp);
-  T* dlocal = ensure(ws.dlocal, kChunkRows * ldl);
+  A* dbase = ensure(ws.dbase, kChunkRows * rbp);
+  A* dlocal = ensure(ws.dlocal, kChunkRows * ldl);
   if (blk.state) {  // dφq = Z g + c z, feature-major
-    const T* dphi = state_readout<T, Arch>(d, blk.state, ws.gt.data(), kChunkRows, rows, ws.c.data(), ws);
+    const A* dphi = state_readout<A, Arch>(d, blk.state, ws.gt.data(), kChunkRows, rows, ws.c.data(), ws);
     sc.src.feature_grad(qr, a - i0, rows, dphi, kChunkRows, dbase, rbp, ws.fin);
   } else {
-    std::fill(dbase, dbase + rows * rbp, T(0));
+    std::fill(dbase, dbase + rows * rbp, A(0));
   }
-  if (d.local_sep) std::fill(dlocal, dlocal + rows * ldl, T(0));
+  if (d.local_sep) std::fill(dlocal, dlocal + rows * ldl, A(0));
   const index_t first_pos = a + d.offset;
   const index_t keys = !blk.own ? 0 : sc.p.sizes.causal ? std::min(kb.n, first_pos + rows - kb.j0) : kb.n;
   if (keys > 0) {
-    const T* ql = qloc + (a - i0) * ldl;
+    const A* ql = qloc + (a - i0) * ldl;
     const index_t ldw = local_pairs(sc, kb, ql, ldl, rows, keys, first_pos, ws, true);
     pair_products(sc, blk, ql, rows, keys, first_pos, ldw, d.local_sep ? dlocal : dbase, d.local_sep ? ldl : rbp,
                   rescaled ? ws.rs.data() : nullptr, ws);
@@ -483,86 +576,89 @@ bool query_chunk(const block_backward<T, Source, Arch>& sc, const prefix_block<T
     scale_rows(dbase, rbp, rows, sc.src.base_dim(), ws.rs.data(), dbase, rbp);
     if (d.local_sep) scale_rows(dlocal, ldl, rows, d.lf.dim, ws.rs.data(), dlocal, ldl);
   }
-  sc.src.finish(raw_q(sc, bi, h, a), rows, true, dbase, rbp, d.local_sep ? dlocal : nullptr, ldl, grads_q(sc, bi, h, a),
-                ws.fin, leaf_acc);
+  const grad_rows<A> gq = grads_q(sc, bi, h, a, rows, ws);
+  sc.src.finish(rows_from(xr, a - i0), rows, true, dbase, rbp, d.local_sep ? dlocal : nullptr, ldl, gq, ws.fin,
+                leaf_acc);
+  store_query_grads(sc, bi, h, a, rows, gq);
   return keys > 0;
 }
 
 /// The queries [i0, i1) of head (bi, h) in block blk, a chunk of rows at a time. Returns
 /// whether there were local pairs.
-template <class T, class Source, class Arch>
-bool head_queries(const block_backward<T, Source, Arch>& sc, const prefix_block<T>& blk, index_t bi, index_t h,
-                  index_t i0, index_t i1, backward_workspace<T>& ws, T* leaf_acc) {
-  const backward_dims<T>& d = sc.d;
-  const block_rows<T> qr = sc.src.prepare(raw_q(sc, bi, h, i0), i1 - i0, true, ws.scan.qrows);
-  T* qloc = blk.own ? ensure(ws.qlocal, round_up(d.b, kChunkRows) * d.ldl) : nullptr;
+template <class T, class Source, class Arch, class A = accum_t<T>>
+bool head_queries(const block_backward<T, Source, Arch>& sc, const prefix_block<A>& blk, index_t bi, index_t h,
+                  index_t i0, index_t i1, backward_workspace<A>& ws, A* leaf_acc) {
+  const backward_dims<A>& d = sc.d;
+  const raw_rows<A> xr = raw_q(sc, bi, h, i0, i1 - i0, ws.qraw);
+  const block_rows<A> qr = sc.src.prepare(xr, i1 - i0, true, ws.scan.qrows);
+  A* qloc = blk.own ? ensure(ws.qlocal, round_up(d.b, kChunkRows) * d.ldl) : nullptr;
   if (blk.own) pack_rows(qr.local, qr.ld_local, i1 - i0, d.lf.dim, qloc, d.ldl);
   bool any_pairs = false;
   for (index_t a = i0; a < i1; a += kChunkRows)
-    if (query_chunk(sc, blk, bi, h, qr, qloc, i0, a, std::min(kChunkRows, i1 - a), ws, leaf_acc)) any_pairs = true;
+    if (query_chunk(sc, blk, bi, h, xr, qr, qloc, i0, a, std::min(kChunkRows, i1 - a), ws, leaf_acc)) any_pairs = true;
   return any_pairs;
 }
 
 /// The non-causal total state of sequence (bi, hk) over all its keys, added to `state`.
-template <class T, class Source, class Arch>
-void total_state(const block_backward<T, Source, Arch>& sc, index_t bi, index_t hk, backward_workspace<T>& ws,
-                 T* state) {
-  const backward_dims<T>& d = sc.d;
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void total_state(const block_backward<T, Source, Arch>& sc, index_t bi, index_t hk, backward_workspace<A>& ws,
+                 A* state) {
+  const backward_dims<A>& d = sc.d;
   for (index_t c = 0; c < d.nblk; ++c) {
     const index_t n = std::min(d.b, d.nk - c * d.b);
-    const block_rows<T> kr = sc.src.prepare(raw_k(sc, bi, hk, c * d.b), n, false, ws.scan.krows);
+    const block_rows<A> kr = sc.src.prepare(raw_k(sc, bi, hk, c * d.b, n, ws.kraw), n, false, ws.scan.krows);
     pack_rows(&sc.p.v(bi, hk, c * d.b, 0), sc.p.v.stride(2), n, d.dv, ensure(ws.vpad, d.b * d.dvp), d.dvp);
-    state_pass<T, Source, Arch>(sc.src, kr, ws.vpad.data(), d.dvp, n, d.dv, ws.scan, state);
+    state_pass<A, Source, Arch>(sc.src, kr, ws.vpad.data(), d.dvp, n, d.dv, ws.scan, state);
   }
 }
 
 /// Block c of the prefix scan of (bi, hk): its queries against `state` (the prefix, or the
 /// total), its own pairs, the delivery of its share of dk and dv (when it has local pairs),
 /// then (causal) the block joins the prefix. state[S .. 2S) is scratch.
-template <class T, class Source, class Arch>
+template <class T, class Source, class Arch, class A = accum_t<T>>
 void prefix_block_pass(const block_backward<T, Source, Arch>& sc, std::atomic<int>* flags, index_t bi, index_t hk,
-                       index_t c, T* state, backward_workspace<T>& ws, T* leaf_acc) {
-  const backward_dims<T>& d = sc.d;
+                       index_t c, A* state, backward_workspace<A>& ws, A* leaf_acc) {
+  const backward_dims<A>& d = sc.d;
   const bool causal = sc.p.sizes.causal, own = d.local && c >= 0;
-  block_keys<T> kb{};
-  const T* zx = state;  // the state the block's queries read
+  block_keys<A> kb{};
+  const A* zx = state;  // the state the block's queries read
   if (own) kb = fetch_keys(sc, bi, hk, c, ws, true);
   if (own && !causal) {  // read total − (the block's own state)
-    T* mine = state + d.S;
-    std::fill(mine, mine + d.S, T(0));
-    state_pass<T, Source, Arch>(sc.src, kb.rows, ws.vpad.data(), d.dvp, kb.n, d.dv, ws.scan, mine);
+    A* mine = state + d.S;
+    std::fill(mine, mine + d.S, A(0));
+    state_pass<A, Source, Arch>(sc.src, kb.rows, ws.vpad.data(), d.dvp, kb.n, d.dv, ws.scan, mine);
     for (index_t e = 0; e < d.S; ++e) mine[e] = state[e] - mine[e];
     zx = mine;
   }
   // the block's share of the key-side gradients: local rows (or base rows) and values
-  T* kacc = ensure(ws.kloc, d.b * d.ldl);
-  T* dvacc = ensure(ws.dvb, d.b * d.dvp);
+  A* kacc = ensure(ws.kloc, d.b * d.ldl);
+  A* dvacc = ensure(ws.dvb, d.b * d.dvp);
   if (own) {
-    std::fill(kacc, kacc + kb.n * d.ldl, T(0));
-    std::fill(dvacc, dvacc + kb.n * d.dvp, T(0));
+    std::fill(kacc, kacc + kb.n * d.ldl, A(0));
+    std::fill(dvacc, dvacc + kb.n * d.dvp, A(0));
   }
-  const prefix_block<T> blk{kb, own, !causal || c > 0 ? zx : nullptr, kacc, dvacc};
+  const prefix_block<A> blk{kb, own, !causal || c > 0 ? zx : nullptr, kacc, dvacc};
   const std::pair<index_t, index_t> qrows = block_queries(d, c);
   bool any_pairs = false;
   for (index_t h = hk * d.group; h < (hk + 1) * d.group && qrows.second > qrows.first; ++h)
     if (head_queries(sc, blk, bi, h, qrows.first, qrows.second, ws, leaf_acc)) any_pairs = true;
   if (any_pairs) {  // kacc holds base-row gradients when the local rows are the base rows
-    const T* tk = key_share(sc, kb, d.local_sep ? nullptr : kacc, d.local_sep ? kacc : nullptr, ws, leaf_acc);
+    const A* tk = key_share(sc, kb, d.local_sep ? nullptr : kacc, d.local_sep ? kacc : nullptr, ws, leaf_acc);
     deliver_share(sc, flags[c], bi, hk, c, kb.n, tk, dvacc);
   }
   if (causal && c + 1 < d.nblk)  // the block joins the prefix
-    state_pass<T, Source, Arch>(sc.src, kb.rows, ws.vpad.data(), d.dvp, kb.n, d.dv, ws.scan, state);
+    state_pass<A, Source, Arch>(sc.src, kb.rows, ws.vpad.data(), d.dvp, kb.n, d.dv, ws.scan, state);
 }
 
 /// Task 2s: causal, query block c after the prefix of blocks < c; non-causal, every query
 /// block (negative ones hold the queries before the first key, Nq > Nk) against the total.
 /// `flags` are the sequence's delivery flags, one per key block.
-template <class T, class Source, class Arch>
+template <class T, class Source, class Arch, class A = accum_t<T>>
 void prefix_scan(const block_backward<T, Source, Arch>& sc, std::atomic<int>* flags, index_t bi, index_t hk,
-                 backward_workspace<T>& ws, T* leaf_acc) {
-  const backward_dims<T>& d = sc.d;
-  T* state = ensure(ws.state, 2 * d.S);  // the prefix (causal) or the total (non-causal), then scratch
-  std::fill(state, state + d.S, T(0));
+                 backward_workspace<A>& ws, A* leaf_acc) {
+  const backward_dims<A>& d = sc.d;
+  A* state = ensure(ws.state, 2 * d.S);  // the prefix (causal) or the total (non-causal), then scratch
+  std::fill(state, state + d.S, A(0));
   if (!sc.p.sizes.causal) total_state(sc, bi, hk, ws, state);
   const index_t c_first = sc.p.sizes.causal ? 0 : floor_div(d.offset, d.b);
   for (index_t c = c_first; c < d.nblk; ++c) prefix_block_pass(sc, flags, bi, hk, c, state, ws, leaf_acc);
@@ -571,29 +667,31 @@ void prefix_scan(const block_backward<T, Source, Arch>& sc, std::atomic<int>* fl
 // ---- task 2s+1: the state's share of dk and dv of sequence s (suffix scan) ----
 
 /// Query rows [i0, i1) of head (bi, h) join `acc` (U [m x dvp], u [mp]): U += φqᵀ g, u += Σ c φq.
-template <class T, class Source, class Arch>
-void add_queries(const block_backward<T, Source, Arch>& sc, index_t bi, index_t h, index_t i0, index_t i1, T* acc,
-                 backward_workspace<T>& ws) {
-  using B = batch<T, Arch>;
-  constexpr index_t W = simd_width<T, Arch>;
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void add_queries(const block_backward<T, Source, Arch>& sc, index_t bi, index_t h, index_t i0, index_t i1, A* acc,
+                 backward_workspace<A>& ws) {
+  using B = batch<A, Arch>;
+  constexpr index_t W = simd_width<A, Arch>;
   const index_t m = sc.d.m, dvv = sc.d.dv, dvp = sc.d.dvp;
-  const block_rows<T> qr = sc.src.prepare(raw_q(sc, bi, h, i0), i1 - i0, true, ws.scan.qrows);
-  T* u = acc + m * dvp;
+  A* u = acc + m * dvp;
   for (index_t a = i0; a < i1; a += kChunkRows) {
+    // prepared a chunk at a time (a row's sketch does not depend on its neighbours), so the
+    // scratch stays O(kChunkRows) even for the non-causal total over every query
     const index_t rows = std::min(kChunkRows, i1 - a);
+    const block_rows<A> qr = sc.src.prepare(raw_q(sc, bi, h, a, rows, ws.qraw), rows, true, ws.scan.qrows);
     const bool rescaled = row_grads(sc, bi, h, a, rows, ws);
     index_t ld = 0;
-    const T* phi = sc.src.features(qr, a - i0, rows, ws.scan.phi, ld);
+    const A* phi = sc.src.features(qr, 0, rows, ws.scan.phi, ld);
     if (rescaled) {  // g/s and c/s meet s at the query's features: U += (s·φq)(g/s)ᵀ, u += (c/s)(s·φq)
-      T* ps = ensure(ws.qs, kChunkRows * m);
+      A* ps = ensure(ws.qs, kChunkRows * m);
       scale_rows(phi, ld, rows, m, ws.rs.data(), ps, m);
       phi = ps;
       ld = m;
     }
-    gemm<T, Arch>(m, dvv, rows, phi, 1, ld, ws.g.data(), dvp, acc, dvp, true);
+    gemm<A, Arch>(m, dvv, rows, phi, 1, ld, ws.g.data(), dvp, acc, dvp, true);
     for (index_t i = 0; i < rows; ++i) {
       const B ci(ws.c[static_cast<std::size_t>(i)]);
-      const T* pr = phi + i * ld;
+      const A* pr = phi + i * ld;
       index_t f = 0;
       for (; f + W <= m; f += W) xsimd::fma(ci, B::load_unaligned(pr + f), B::load_unaligned(u + f)).store_unaligned(u + f);
       for (; f < m; ++f) u[f] += ws.c[static_cast<std::size_t>(i)] * pr[f];
@@ -604,32 +702,32 @@ void add_queries(const block_backward<T, Source, Arch>& sc, index_t bi, index_t 
 /// Block c of the suffix scan of (bi, hk): the state's share of the block's dk and dv from U
 /// (non-causal with local weights: U minus the share of the block's own queries, in
 /// U[S .. 2S)), delivered; then (causal) the block's queries join the suffix U.
-template <class T, class Source, class Arch>
+template <class T, class Source, class Arch, class A = accum_t<T>>
 void suffix_block_pass(const block_backward<T, Source, Arch>& sc, std::atomic<int>* flags, index_t bi, index_t hk,
-                       index_t c, T* U, backward_workspace<T>& ws, T* leaf_acc) {
-  const backward_dims<T>& d = sc.d;
+                       index_t c, A* U, backward_workspace<A>& ws, A* leaf_acc) {
+  const backward_dims<A>& d = sc.d;
   const bool causal = sc.p.sizes.causal;
-  const block_keys<T> kb = fetch_keys(sc, bi, hk, c, ws, false);
+  const block_keys<A> kb = fetch_keys(sc, bi, hk, c, ws, false);
   const std::pair<index_t, index_t> qrows = block_queries(d, c);
   const index_t i0 = qrows.first, i1 = qrows.second;
-  const T* Ux = U;
+  const A* Ux = U;
   if (d.local && !causal) {  // total − the share of the block's own queries
-    T* mine = U + d.S;
-    std::fill(mine, mine + d.S, T(0));
+    A* mine = U + d.S;
+    std::fill(mine, mine + d.S, A(0));
     for (index_t h = hk * d.group; h < (hk + 1) * d.group && i1 > i0; ++h) add_queries(sc, bi, h, i0, i1, mine, ws);
     for (index_t e = 0; e < d.S; ++e) mine[e] = U[e] - mine[e];
     Ux = mine;
   }
-  T* kbase = ensure(ws.kbase, d.b * d.rbp);
-  T* dvb = ensure(ws.dvb, d.b * d.dvp);
+  A* kbase = ensure(ws.kbase, d.b * d.rbp);
+  A* dvb = ensure(ws.dvb, d.b * d.dvp);
   // dφk = V Uᵀ + u, dv = φK U
   for (index_t a = 0; a < kb.n; a += kChunkRows) {
     const index_t rows = std::min(kChunkRows, kb.n - a);
-    const T* dphi = state_readout<T, Arch>(d, Ux, ws.vt.data() + a, kb.ldk, rows, nullptr, ws);
+    const A* dphi = state_readout<A, Arch>(d, Ux, ws.vt.data() + a, kb.ldk, rows, nullptr, ws);
     sc.src.feature_grad(kb.rows, a, rows, dphi, kChunkRows, kbase + a * d.rbp, d.rbp, ws.fin);
     index_t ld = 0;
-    const T* phi = sc.src.features(kb.rows, a, rows, ws.scan.phi, ld);
-    gemm<T, Arch>(rows, d.dv, d.m, phi, ld, 1, Ux, d.dvp, dvb + a * d.dvp, d.dvp, false);
+    const A* phi = sc.src.features(kb.rows, a, rows, ws.scan.phi, ld);
+    gemm<A, Arch>(rows, d.dv, d.m, phi, ld, 1, Ux, d.dvp, dvb + a * d.dvp, d.dvp, false);
   }
   deliver_share(sc, flags[c], bi, hk, c, kb.n, key_share(sc, kb, kbase, nullptr, ws, leaf_acc), dvb);
   if (causal)  // the block's queries join the suffix
@@ -638,12 +736,12 @@ void suffix_block_pass(const block_backward<T, Source, Arch>& sc, std::atomic<in
 
 /// Task 2s+1: the key blocks in reverse, each from the suffix U, u of the later query blocks
 /// (causal) or the total over every query (non-causal).
-template <class T, class Source, class Arch>
+template <class T, class Source, class Arch, class A = accum_t<T>>
 void suffix_scan(const block_backward<T, Source, Arch>& sc, std::atomic<int>* flags, index_t bi, index_t hk,
-                 backward_workspace<T>& ws, T* leaf_acc) {
-  const backward_dims<T>& d = sc.d;
-  T* U = ensure(ws.state, 2 * d.S);  // U [m x dvp], u [mp]; then a block's own share
-  std::fill(U, U + d.S, T(0));
+                 backward_workspace<A>& ws, A* leaf_acc) {
+  const backward_dims<A>& d = sc.d;
+  A* U = ensure(ws.state, 2 * d.S);  // U [m x dvp], u [mp]; then a block's own share
+  std::fill(U, U + d.S, A(0));
   if (!sc.p.sizes.causal)  // every query sees every key: the total over all of them first
     for (index_t h = hk * d.group; h < (hk + 1) * d.group; ++h) add_queries(sc, bi, h, 0, d.nq, U, ws);
   for (index_t c = d.nblk - 1; c >= 0; --c) suffix_block_pass(sc, flags, bi, hk, c, U, ws, leaf_acc);
@@ -654,26 +752,31 @@ void suffix_scan(const block_backward<T, Source, Arch>& sc, std::atomic<int>* fl
 /// are summed in task order, the same bits for any thread count.
 template <class T, class Source, class Arch = default_arch>
 void run_block_backward(const linear_backward_problem<T>& p, const Source& src) {
+  using A = accum_t<T>;
   const block_problem& pb = p.sizes;
   const index_t LV = p.leaf ? src.leaf_values() : 0;
   zero_gradients(p, LV);
   const index_t n_seq = pb.batch * pb.kv_heads;
   if (n_seq == 0 || pb.nq == 0 || pb.nk == 0 || src.feature_dim() == 0 || pb.dv == 0) return;
-  const block_backward<T, Source, Arch> sc{p, src, backward_dims_of<T, Source, Arch>(p, src, LV)};
+  const backward_dims<A> dims = backward_dims_of<T, Source, Arch>(p, src, LV);
+  aligned_vector<A> stage;  // half storage: the key-side gradients in fp32 (deliver_share)
+  if constexpr (!std::is_same_v<T, A>)
+    stage.assign(checked_size<A>("run_block_backward", "the key gradients", {n_seq, pb.nk, dims.kdim + pb.dv}), A(0));
+  const block_backward<T, Source, Arch> sc{p, src, dims, stage.empty() ? nullptr : stage.data()};
   const index_t nblk = sc.d.nblk;
   // two state passes and three read-outs of 2·m·dv FLOPs a row (see the forward's threads_for)
   const double flops = 5.0 * double(src.feature_dim()) * double(pb.dv) * double(pb.batch) *
                        double(pb.kv_heads * pb.nk + pb.heads * pb.nq);
   const int workers = static_cast<int>(std::clamp<index_t>(threads_for(pb.threads, flops), 1, 2 * n_seq));
-  std::vector<backward_workspace<T>> scratch(static_cast<std::size_t>(workers));
-  aligned_vector<T> leaf_tasks(checked_size<T>("run_block_backward", "leaf gradients", {LV, 2, n_seq}), T(0));
+  std::vector<backward_workspace<A>> scratch(static_cast<std::size_t>(workers));
+  aligned_vector<A> leaf_tasks(checked_size<A>("run_block_backward", "leaf gradients", {LV, 2, n_seq}), A(0));
   std::unique_ptr<std::atomic<int>[]> delivered(
       new std::atomic<int>[checked_size<std::atomic<int>>("run_block_backward", "the block flags", {n_seq, nblk})]);
   for (index_t e = 0; e < n_seq * nblk; ++e) delivered[static_cast<std::size_t>(e)].store(0, std::memory_order_relaxed);
   parallel_for(workers, 2 * n_seq, [&](index_t task, int worker) {
-    backward_workspace<T>& ws = scratch[static_cast<std::size_t>(worker)];
+    backward_workspace<A>& ws = scratch[static_cast<std::size_t>(worker)];
     const index_t s = task / 2, bi = s / pb.kv_heads, hk = s % pb.kv_heads;
-    T* leaf_acc = LV > 0 ? leaf_tasks.data() + task * LV : nullptr;
+    A* leaf_acc = LV > 0 ? leaf_tasks.data() + task * LV : nullptr;
     std::atomic<int>* flags = delivered.get() + s * nblk;
     if (task % 2 == 0)
       prefix_scan(sc, flags, bi, hk, ws, leaf_acc);

@@ -25,10 +25,19 @@
 //       φ of prepared rows r0 .. r0+n (possibly a pointer into the rows themselves)
 // Features are expanded kChunkRows rows at a time, so a block's m-dimensional features are
 // never held in full: the working set of either pass stays in L2.
+//
+// Everything here runs in the accumulation type (float or double): a source, its rows, the
+// states and the scratch are of it. Half-precision storage (bf16, f16) meets the passes only
+// at the drivers' edges (block_linear.hpp, block_linear_backward.hpp): raw rows widened into
+// a workspace before a source sees them, values widened while packed, and output rows
+// divided in fp32 and rounded once when stored (output_pass's O) (docs/design.md §10).
 #pragma once
 
 #include <algorithm>
 
+#include <type_traits>
+
+#include "../core/convert.hpp"
 #include "../core/gemm.hpp"
 #include "../core/simd.hpp"
 
@@ -93,6 +102,7 @@ struct scan_workspace {
   aligned_vector<T> phi;             // features of kChunkRows rows
   aligned_vector<T> kt;              // local key rows transposed, [local dim x round_up(b, W)]
   aligned_vector<T> kblock, vblock;  // a block assembled from pending and new rows
+  aligned_vector<T> qraw;            // query rows widened from half storage
   aligned_vector<T> vpack;           // values as a GEMM B operand (dv not a multiple of W)
   aligned_vector<T> w, num, den;     // local weights, numerators, denominators of kChunkRows rows
   aligned_vector<T> zx;              // the state a query block reads
@@ -184,14 +194,35 @@ index_t prepare_local_keys(const Source& src, const block_rows<T>& keys, index_t
   return ld;
 }
 
+/// One output row: o = row / denom (0 when denom is 0), row of dv values of T. O, the storage
+/// type of the output, is T or a half type whose row is divided in T and rounded once (row is
+/// scratch and left divided).
+template <class T, class O>
+inline void store_output_row(T* row, index_t dv, T denom, O* o) {
+  static_assert(std::is_same_v<accum_t<O>, T>, "store_output_row: T is the output's accumulation type");
+  // divide rather than multiply by 1/denom: a subnormal denominator must not overflow
+  if constexpr (std::is_same_v<O, T>) {
+    if (denom != T(0))
+      for (index_t x = 0; x < dv; ++x) o[x] = row[x] / denom;
+    else
+      std::fill(o, o + dv, T(0));
+  } else {
+    if (denom != T(0))
+      for (index_t x = 0; x < dv; ++x) row[x] /= denom;
+    else
+      std::fill(row, row + dv, T(0));
+    narrow(row, dv, o);
+  }
+}
+
 /// Output pass for n query rows whose absolute positions are first_pos .. first_pos+n−1, all in
 /// the block of `kb`: reads `state` (nullptr: nothing before the block) and, when kt is given,
 /// weighs the block's keys locally (ws.kt from prepare_local_keys, leading dimension ldkt),
-/// causally masked when `causal`. Writes out rows (stride ldo) and, when `stats` is given, each
-/// row's β + Σ w (stride lds).
-template <class T, class Source, class Arch>
+/// causally masked when `causal`. Writes out rows (stride ldo; of T, or of a half type O that
+/// accumulates in T) and, when `stats` is given, each row's β + Σ w (stride lds).
+template <class T, class Source, class Arch, class O>
 void output_pass(const Source& src, const block_rows<T>& q, index_t n, index_t first_pos, const T* state,
-                 const key_block<T>* kb, index_t ldkt, bool causal, index_t dv, T bias, scan_workspace<T>& ws, T* out,
+                 const key_block<T>* kb, index_t ldkt, bool causal, index_t dv, T bias, scan_workspace<T>& ws, O* out,
                  index_t ldo, T* stats = nullptr, index_t lds = 0) {
   using B = batch<T, Arch>;
   constexpr index_t W = simd_width<T, Arch>;
@@ -243,13 +274,7 @@ void output_pass(const Source& src, const block_rows<T>& q, index_t n, index_t f
     for (index_t i = 0; i < rows; ++i) {
       const T denom = bias + den[i];
       if (stats) stats[(a + i) * lds] = denom;  // the backward pass's row statistic
-      const T* row = num + i * dvp;
-      T* o = out + (a + i) * ldo;
-      // divide rather than multiply by 1/denom: a subnormal denominator must not overflow
-      if (denom != T(0))
-        for (index_t x = 0; x < dv; ++x) o[x] = row[x] / denom;
-      else
-        std::fill(o, o + dv, T(0));
+      store_output_row(num + i * dvp, dv, denom, out + (a + i) * ldo);
     }
   }
 }

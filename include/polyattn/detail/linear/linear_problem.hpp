@@ -36,6 +36,7 @@ block_problem block_problem_of(const tensor_view<const T, 4>& q, const tensor_vi
 
 /// Everything a call of run_block_linear allocates; a caller that calls it repeatedly (a
 /// cache decoding token by token) keeps one and saves the allocation and the page faults.
+/// T is the accumulation type.
 template <class T>
 struct linear_workspace {
   std::vector<scan_workspace<T>> workers;
@@ -43,7 +44,8 @@ struct linear_workspace {
   aligned_vector<T> totals, grand;                  // super-chunk totals, non-causal totals
 };
 
-/// What both directions read. q holds the raw query rows [B, H, Nq, ·] and k the raw key rows
+/// What both directions read (views of the storage type T: float, double, bf16 or f16; the
+/// statistics, states, bias and leaf gradients of the problems below are of accum_t<T>). q holds the raw query rows [B, H, Nq, ·] and k the raw key rows
 /// [B, Hk, Nk, src.key_dim()] the source turns into features and local rows; q2 and k2 the
 /// secondary rows of a source that has them (key width src.key_dim2(); empty otherwise).
 template <class T>
@@ -66,10 +68,10 @@ struct linear_problem : linear_inputs<T> {
   explicit linear_problem(const linear_inputs<T>& in) : linear_inputs<T>(in) {}
 
   tensor_view<T, 4> out;
-  T bias = T(0);  ///< β, the normaliser's bias
-  tensor_view<T, 3> stats;
-  linear_state<T>* states = nullptr;
-  linear_workspace<T>* workspace = nullptr;
+  accum_t<T> bias = accum_t<T>(0);  ///< β, the normaliser's bias
+  tensor_view<accum_t<T>, 3> stats;
+  linear_state<accum_t<T>>* states = nullptr;
+  linear_workspace<accum_t<T>>* workspace = nullptr;
 };
 
 /// The backward problem (run_block_backward): from the forward's output `out`, the gradient
@@ -84,10 +86,10 @@ struct linear_backward_problem : linear_inputs<T> {
   explicit linear_backward_problem(const linear_inputs<T>& in) : linear_inputs<T>(in) {}
 
   tensor_view<const T, 4> out, dout;
-  tensor_view<const T, 3> stats;
+  tensor_view<const accum_t<T>, 3> stats;
   tensor_view<T, 4> dq, dk, dv;
   tensor_view<T, 4> dq2, dk2;
-  T* leaf = nullptr;
+  accum_t<T>* leaf = nullptr;
 };
 
 }  // namespace polyattn::detail
