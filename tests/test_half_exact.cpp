@@ -6,7 +6,9 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <random>
 
 #include "support/exact_battery.hpp"
 #include "support/half_reference.hpp"
@@ -146,4 +148,52 @@ TEMPLATE_TEST_CASE("half storage: validation names the function and the stats sh
                            tensor_view<float, 3>(st.data(), {1, 1, 8}));
       },
       {"flash_attention", "stats"});
+}
+
+TEST_CASE("half storage: widen and narrow agree with Eigen's conversions on every half and on hard floats", "[half]") {
+  // every bf16 and f16 bit pattern widens to the float Eigen gives (NaN to a NaN)
+  std::vector<bf16> b(65536);
+  std::vector<f16> h(65536);
+  for (std::size_t i = 0; i < 65536; ++i) {
+    b[i] = Eigen::numext::bit_cast<bf16>(static_cast<std::uint16_t>(i));
+    h[i] = Eigen::numext::bit_cast<f16>(static_cast<std::uint16_t>(i));
+  }
+  std::vector<float> wb(65536), wh(65536);
+  detail::widen(b.data(), 65536, wb.data());
+  detail::widen(h.data(), 65536, wh.data());
+  for (std::size_t i = 0; i < 65536; ++i) {
+    const float eb = static_cast<float>(b[i]), eh = static_cast<float>(h[i]);
+    REQUIRE((std::isnan(eb) ? std::isnan(wb[i]) : Eigen::numext::bit_cast<std::uint32_t>(eb) ==
+                                                       Eigen::numext::bit_cast<std::uint32_t>(wb[i])));
+    REQUIRE((std::isnan(eh) ? std::isnan(wh[i]) : Eigen::numext::bit_cast<std::uint32_t>(eh) ==
+                                                       Eigen::numext::bit_cast<std::uint32_t>(wh[i])));
+  }
+  // floats of every exponent with random mantissas, ties, subnormals, infinities and NaNs round
+  // to nearest even as Eigen rounds them (the vector loop and its scalar tail both)
+  std::vector<float> x;
+  std::mt19937 gen(5);
+  for (std::uint32_t e = 0; e < 256; ++e)
+    for (int r = 0; r < 64; ++r) {
+      const std::uint32_t sign = (r & 1u) << 31, mant = gen() & 0x7fffffu;
+      x.push_back(Eigen::numext::bit_cast<float>(sign | e << 23 | mant));
+      x.push_back(Eigen::numext::bit_cast<float>(sign | e << 23 | (mant & ~0xffffu) | 0x8000u));  // a bf16 tie
+      x.push_back(Eigen::numext::bit_cast<float>(sign | e << 23 | (mant & ~0x1fffu) | 0x1000u));  // an f16 tie
+    }
+  x.push_back(std::numeric_limits<float>::infinity());
+  x.push_back(std::numeric_limits<float>::quiet_NaN());
+  x.push_back(65520.0f);  // rounds to f16 infinity
+  std::vector<bf16> nb(x.size());
+  std::vector<f16> nh(x.size());
+  detail::narrow(x.data(), index_t(x.size()), nb.data());
+  detail::narrow(x.data(), index_t(x.size()), nh.data());
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    INFO("x = " << x[i] << " bits " << std::hex << Eigen::numext::bit_cast<std::uint32_t>(x[i]));
+    if (std::isnan(x[i])) {
+      REQUIRE(std::isnan(float(nb[i])));
+      REQUIRE(std::isnan(float(nh[i])));
+    } else {
+      REQUIRE(Eigen::numext::bit_cast<std::uint16_t>(nb[i]) == Eigen::numext::bit_cast<std::uint16_t>(bf16(x[i])));
+      REQUIRE(Eigen::numext::bit_cast<std::uint16_t>(nh[i]) == Eigen::numext::bit_cast<std::uint16_t>(f16(x[i])));
+    }
+  }
 }
