@@ -16,12 +16,14 @@
 #endif
 
 #include "../../precision.hpp"
+#include "simd.hpp"
 
 // GCC 12's unmasked AVX-512 intrinsics pass an undefined vector through (simd.hpp explains the
 // false -Wmaybe-uninitialized that gives); the conversions below call them directly.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 namespace polyattn::detail {
@@ -118,6 +120,39 @@ inline void narrow(const accum_t<T>* src, index_t n, T* dst) {
       for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
     }
   }
+}
+
+/// The W = simd_width<accum_t<T>, Arch> values at p as one vector of accum_t<T> (widened in
+/// registers for bf16 and f16); `n` < W reads only the first n values and zero-fills the rest.
+template <class Arch, class T>
+inline batch<accum_t<T>, Arch> load_widened(const T* p, index_t n = simd_width<accum_t<T>, Arch>) {
+  using A = accum_t<T>;
+  using B = batch<A, Arch>;
+  constexpr index_t W = simd_width<A, Arch>;
+  if (n >= W) {
+    if constexpr (!is_half_v<T>) {
+      return B::load_unaligned(p);
+    } else {
+      const auto* s = reinterpret_cast<const std::uint16_t*>(p);
+#if defined(__AVX512F__)
+      if constexpr (W == 16) {
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s));
+        if constexpr (std::is_same_v<T, bf16>) return B(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+        else return B(_mm512_cvtph_ps(h));
+      }
+#endif
+#if defined(__AVX2__) && defined(__F16C__)
+      if constexpr (W == 8) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s));
+        if constexpr (std::is_same_v<T, bf16>) return B(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+        else return B(_mm256_cvtph_ps(h));
+      }
+#endif
+    }
+  }
+  alignas(64) A tmp[W] = {};
+  widen(p, std::min(n, W), tmp);
+  return B::load_aligned(tmp);
 }
 
 /// One value: T → accum_t<T> and back (the scalar paths of widen and narrow).

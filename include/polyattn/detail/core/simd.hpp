@@ -51,6 +51,7 @@ inline constexpr index_t simd_width = static_cast<index_t>(xsimd::batch<T, Arch>
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 /// xsimd::max(a, b).
@@ -87,6 +88,30 @@ inline xsimd::batch<T, Arch> vexp(const xsimd::batch<T, Arch>& x) {
 template <class T, class Arch>
 inline T vsum(const xsimd::batch<T, Arch>& x) {
   return xsimd::hadd(x);
+}
+
+/// Lane i = the sum of the lanes of rows[i], for W rows (xsimd::haddp). xsimd 8.1's AVX-512
+/// float haddp returns lanes 2–5 and 10–13 permuted (measured: lane 2 holds the sum of row 4),
+/// so for AVX-512 float each row is folded to 256 bits and the AVX2 haddp, which is right,
+/// sums each half of the rows (tests/test_decode.cpp checks the result lane by lane).
+template <class T, class Arch>
+inline xsimd::batch<T, Arch> vhaddp(const xsimd::batch<T, Arch>* rows) {
+#if XSIMD_WITH_AVX512F
+  if constexpr (std::is_same_v<T, float> && std::is_base_of<xsimd::avx512f, Arch>::value) {
+    using H = xsimd::batch<float, xsimd::avx2>;
+    H lo[8], hi[8];
+    auto fold = [](const __m512 x) {
+      return _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+    };
+    for (int i = 0; i < 8; ++i) {
+      lo[i] = H(fold(rows[i]));
+      hi[i] = H(fold(rows[i + 8]));
+    }
+    const __m256 a = xsimd::haddp(lo), b = xsimd::haddp(hi);
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(a)), _mm256_castps_pd(b), 1));
+  }
+#endif
+  return xsimd::haddp(rows);
 }
 
 #if defined(__GNUC__) && !defined(__clang__)

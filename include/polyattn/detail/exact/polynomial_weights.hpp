@@ -42,6 +42,25 @@ struct polynomial_weights {
     return false;
   }
 
+  /// apply for one query whose scores run along s[0, n) (decode.hpp; padding scores are 0).
+  bool apply_row(T* s, index_t n, T&, T& l, T&) const {
+    using B = batch<T, Arch>;
+    B sum(T(0));
+    for (index_t c = 0; c < n; c += simd_width<T, Arch>) {
+      const B w = ipow<T, Arch>(B::load_unaligned(s + c), degree);
+      w.store_unaligned(s + c);
+      sum += w;
+    }
+    l += vsum(sum);
+    return false;
+  }
+
+  /// Merges the sums of a query over one key range into those over earlier ranges.
+  void merge(T&, T& la, T, T l, T& scale_a, T& scale_b) const {
+    la += l;
+    scale_a = scale_b = T(1);
+  }
+
   T denominator(T, T l) const { return bias + l; }
 
   /// The saved statistic: the denominator β + Σ_j w_ij; NaN when that is not finite (the row

@@ -28,6 +28,14 @@ struct attention_inputs {
   const kv_parts<T>* segments = nullptr;
 };
 
+/// The forward problem: the inputs and what the forward writes.
+template <class T>
+struct attention_problem : attention_inputs<T> {
+  tensor_view<T, 4> out{};
+  tensor_view<accum_t<T>, 3> stats{};  // [B, H, Nq] row statistics, written when non-empty
+  index_t block_k = 128;  // keys per block (tiling.hpp's kBlockK); >= Nk materialises a whole score row block
+};
+
 /// Queries [i0, i0 + nq) of head (b, h), which reads kv head hk, padded to `lanes` SIMD lanes:
 /// the query side of a task of either engine.
 struct query_block {

@@ -63,6 +63,42 @@ struct softmax_weights {
     return true;
   }
 
+  /// apply for one query whose scores run along s[0, n) (n a whole number of vectors, padded
+  /// with masked scores): the decode path (decode.hpp), keys in lanes. Returns true with alpha
+  /// the factor to rescale the query's O by.
+  bool apply_row(T* s, index_t n, T& m, T& l, T& alpha) const {
+    using B = batch<T, Arch>;
+    constexpr index_t W = simd_width<T, Arch>;
+    B bmax(masked_score());
+    for (index_t c = 0; c < n; c += W) bmax = vmax(bmax, B::load_unaligned(s + c));
+    alignas(64) T lanes[W];
+    bmax.store_aligned(lanes);
+    T m_new = m;
+    for (index_t c = 0; c < W; ++c) m_new = std::max(m_new, lanes[c]);
+    const T m_use = m_new == masked_score() ? T(0) : m_new;
+    B sum(T(0));
+    for (index_t c = 0; c < n; c += W) {
+      const B e = exp_clamped(B::load_unaligned(s + c) - B(m_use));
+      e.store_unaligned(s + c);
+      sum += e;
+    }
+    alpha = std::exp(std::max(exp_floor(), m - m_use));
+    l = l * alpha + vsum(sum);
+    m = m_new;
+    return true;
+  }
+
+  /// Merges the state (m, l) of a query over one key range into (ma, la) over earlier ranges:
+  /// the factors their O sums are rescaled by before they are added (split-KV decode).
+  void merge(T& ma, T& la, T m, T l, T& scale_a, T& scale_b) const {
+    const T m_new = std::max(ma, m);
+    const T m_use = m_new == masked_score() ? T(0) : m_new;
+    scale_a = std::exp(std::max(exp_floor(), ma - m_use));
+    scale_b = std::exp(std::max(exp_floor(), m - m_use));
+    la = la * scale_a + l * scale_b;
+    ma = m_new;
+  }
+
   T denominator(T, T l) const { return l; }
 
   /// The saved statistic: lse = m + log l, −∞ for a row that saw no key, NaN for a row whose

@@ -26,6 +26,7 @@
 #include "../core/gemm.hpp"
 #include "../core/gemm_bf16.hpp"
 #include "../core/threading.hpp"
+#include "decode.hpp"
 #include "kv_parts.hpp"
 #include "mask.hpp"
 #include "problem.hpp"
@@ -34,14 +35,6 @@ namespace polyattn::detail {
 
 inline constexpr index_t kBlockQ = 48;  // queries per task: 8 row tiles of 6, 6 AVX2 / 3 AVX-512 lane vectors
 inline constexpr index_t kBlockK = 128;  // keys per block (64, 192, 256 measured within noise on Zen 3)
-
-/// The forward problem: the inputs and what the forward writes.
-template <class T>
-struct attention_problem : attention_inputs<T> {
-  tensor_view<T, 4> out{};
-  tensor_view<accum_t<T>, 3> stats{};  // [B, H, Nq] row statistics, written when non-empty
-  index_t block_k = kBlockK;  // keys per block; >= Nk materialises a whole score row block
-};
 
 /// How the tile products read storage type T (docs/design.md §10): bf16 with POLYATTN_BF16_PAIRS
 /// (gemm_bf16.hpp) multiplies pairs of bf16 in place; every other T is widened to accum_t<T>
@@ -209,20 +202,8 @@ void store_forward_rows(const forward_pass<T, Weights>& f, attention_scratch<acc
   const index_t os = pb.out.stride(2), dv = f.dv, nq = qb.nq;
   A* o = s.o.data();
   T* orow = dv > 0 ? &pb.out(qb.b, qb.h, qb.i0, 0) : nullptr;
-  for (index_t i = 0; i < nq && dv > 0; ++i) {
-    // divide (not multiply by 1/den): a subnormal denominator must not overflow to inf
-    const A den = f.weights.denominator(s.m[to_size(i)], s.l[to_size(i)]);
-    if (den > A(0) && den <= std::numeric_limits<A>::max()) {
-      if constexpr (is_half_v<T>) {  // divided in A, then rounded once
-        divide_into<A, Arch>(o + i * f.dvp, dv, den, o + i * f.dvp);
-        narrow(o + i * f.dvp, dv, orow + i * os);
-      } else {
-        divide_into<A, Arch>(o + i * f.dvp, dv, den, orow + i * os);
-      }
-    } else {  // 0: a row with no visible key (documented zero row); NaN or inf: a non-finite score it sees
-      std::fill(orow + i * os, orow + i * os + dv, narrow1<T>(den == A(0) ? A(0) : std::numeric_limits<A>::quiet_NaN()));
-    }
-  }
+  for (index_t i = 0; i < nq && dv > 0; ++i)
+    store_output_row<T, Arch>(o + i * f.dvp, dv, f.weights.denominator(s.m[to_size(i)], s.l[to_size(i)]), orow + i * os);
   if (pb.stats.size() > 0)
     for (index_t i = 0; i < nq; ++i)
       pb.stats(qb.b, qb.h, qb.i0 + i) = f.weights.row_statistic(s.m[to_size(i)], s.l[to_size(i)]);
@@ -279,7 +260,9 @@ void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights)
   // with dv = 0 there is no output, but requested statistics are still computed
   if (B == 0 || H == 0 || Nq == 0 || (dv == 0 && pb.stats.size() == 0)) return;
   kv_parts<T> single;
-  const auto f = forward_pass<T, Weights>::make(pb, weights, kv_parts_of(pb, single), simd_width<accum_t<T>, Arch>);
+  const kv_parts<T>& kv = kv_parts_of(pb, single);
+  if (decode_applies(pb)) return run_decode_attention<T, Weights, Arch>(pb, weights, kv);
+  const auto f = forward_pass<T, Weights>::make(pb, weights, kv, simd_width<accum_t<T>, Arch>);
   // two products of (d + dv) FLOPs a visible pair
   const int threads = threads_for(pb.threads, 2.0 * double(f.d + f.dv) * double(f.heads * f.Nq) *
                                                   f.mask.keys_seen_estimate());

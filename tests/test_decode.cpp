@@ -1,0 +1,146 @@
+// The exact forward's decode path (detail/exact/decode.hpp): calls with at most 4 queries a head
+// run with keys in lanes, the heads of a GQA group in one task and the keys split into fixed
+// chunks of 4096 merged in order. Oracle checks across chunk and block boundaries, GQA groups
+// larger than a task's rows, masks, stats; bitwise thread invariance; non-finite values; and
+// the lane-by-lane horizontal sum the scores rely on.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <limits>
+
+#include "support/exact_battery.hpp"
+#include "support/half_reference.hpp"
+
+using namespace polyattn;
+using namespace polyattn::test;
+
+TEMPLATE_TEST_CASE("vhaddp: lane i is the sum of row i", "[decode]", float, double) {
+  using B = xsimd::batch<TestType>;
+  constexpr std::size_t W = B::size;
+  B rows[W];
+  for (std::size_t i = 0; i < W; ++i) {
+    alignas(64) TestType t[W];
+    for (std::size_t j = 0; j < W; ++j) t[j] = TestType(100 * i + j);
+    rows[i] = B::load_aligned(t);
+  }
+  alignas(64) TestType out[W];
+  detail::vhaddp(rows).store_aligned(out);
+  for (std::size_t i = 0; i < W; ++i) CHECK(out[i] == TestType(100 * W * i + W * (W - 1) / 2));
+}
+
+namespace {
+
+/// Decode shapes: Nq <= 4, keys across the 256-key blocks and 4096-key chunks, GQA groups of 1
+/// to 8 heads (a task holds 8 / Nq heads), strided views, odd head dims.
+std::vector<attention_shape> decode_shapes() {
+  return {
+      {1, 1, 1, 1, 1, 16, 16, false},     {1, 1, 1, 1, 255, 64, 64, false},   {1, 1, 1, 1, 256, 64, 64, false},
+      {1, 1, 1, 1, 257, 64, 64, false},   {1, 1, 1, 2, 4095, 33, 17, false},  {1, 1, 1, 1, 4096, 64, 64, false},
+      {1, 1, 1, 3, 4097, 64, 128, true},  {2, 8, 1, 1, 9000, 64, 64, false},  {1, 8, 2, 4, 700, 111, 7, true},
+      {2, 6, 3, 2, 1300, 5, 65, false},   {1, 12, 1, 3, 520, 64, 64, false},  {1, 3, 3, 4, 4, 1, 1, false},
+  };
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("decode path: softmax, flash and polynomial match the oracle", "[decode]", float, double) {
+  for (const attention_shape& s : decode_shapes())
+    for (bool causal : {false, true}) {
+      exact_case_options o;
+      o.causal = causal;
+      o.threads = 2;
+      check_against_oracle<flash_kernel, TestType>(s, o);
+      check_against_oracle<softmax_kernel, TestType>(s, o);
+      check_against_oracle<polynomial_kernel, TestType>(s, o);
+    }
+  exact_case_options w;  // a window with global tokens, and a window to the right
+  w.causal = true;
+  w.window_left = 300;
+  w.global = {0, 5000};
+  check_against_oracle<flash_kernel, TestType>({1, 4, 2, 3, 9000, 32, 32, false}, w);
+  check_against_oracle<polynomial_kernel, TestType>({1, 4, 2, 3, 9000, 32, 32, false}, w);
+  w.causal = false;
+  w.window_left = 100;
+  w.window_right = 2;
+  w.global = {};
+  check_against_oracle<flash_kernel, TestType>({1, 2, 1, 4, 600, 16, 16, true}, w);
+}
+
+TEMPLATE_TEST_CASE("decode path: half storage meets the accuracy contract", "[decode][half]", bf16, f16) {
+  using T = TestType;
+  for (const attention_shape& s : {attention_shape{1, 4, 1, 1, 5000, 64, 64, false}, attention_shape{1, 8, 2, 3, 700, 37, 9, true}})
+    for (bool causal : {false, true}) {
+      exact_case_options o;
+      o.causal = causal;
+      o.threads = 2;
+      attention_inputs<T> in(s, 11);
+      flash_kernel::run<T>(in.q.cview(), in.k.cview(), in.v.cview(), in.out.view, o);
+      const dense_result exact = flash_kernel::oracle<T>(in.q.cview(), in.k.cview(), in.v.cview(), o);
+      const error_summary e = compare<T>(in.out.cview(), exact);
+      // the final rounding to T dominates: at most one unit of T's spacing at the output's magnitude
+      INFO(s.str() << " causal " << causal << " error " << e.max_abs);
+      REQUIRE(e.finite);
+      CHECK(e.max_abs <= std::ldexp(1.0, int(std::ceil(std::log2(e.max_expected))) -
+                                              (std::is_same_v<T, bf16> ? 8 : 11)));
+    }
+}
+
+TEST_CASE("decode path: the same bits for any thread count, across chunks", "[decode][threads]") {
+  exact_case_options o;
+  o.causal = true;
+  for (const attention_shape& s : {attention_shape{1, 1, 1, 1, 20000, 64, 64, false}, attention_shape{2, 8, 2, 2, 9000, 32, 48, true}}) {
+    check_thread_invariance<flash_kernel, float>(s, o);
+    check_thread_invariance<polynomial_kernel, float>(s, o);
+    check_thread_invariance<flash_kernel, bf16>(s, o);
+  }
+}
+
+TEST_CASE("decode path: rows with no key give 0; stats are the oracle's log-sum-exp", "[decode]") {
+  exact_case_options o;
+  o.causal = true;
+  check_fully_masked_rows<flash_kernel, float>(o);  // (Nq = 70: the tiled path; below the decode one)
+  const attention_shape s{1, 2, 2, 4, 2, 8, 8, false};  // causal Nq > Nk: rows 0 and 1 see no key
+  attention_inputs<float> in(s, 2);
+  std::vector<float> st(8, 0.0f);
+  softmax_options so;
+  so.causal = true;
+  flash_attention<float>(in.q.cview(), in.k.cview(), in.v.cview(), in.out.view, so, tensor_view<float, 3>(st.data(), {1, 2, 4}));
+  for (index_t h = 0; h < 2; ++h)
+    for (index_t i = 0; i < 4; ++i) {
+      double mx = -INFINITY, sum = 0;
+      std::vector<double> sc;
+      for (index_t j = 0; j <= i - 2; ++j) {
+        double dot = 0;
+        for (index_t c = 0; c < 8; ++c) dot += double(in.q(0, h, i, c)) * double(in.k(0, h, j, c));
+        sc.push_back(dot / std::sqrt(8.0));
+        mx = std::max(mx, sc.back());
+      }
+      for (double x : sc) sum += std::exp(x - mx);
+      INFO("head " << h << " row " << i);
+      if (i < 2) {
+        CHECK(st[std::size_t(h * 4 + i)] == -std::numeric_limits<float>::infinity());
+        for (index_t c = 0; c < 8; ++c) CHECK(in.out(0, h, i, c) == 0.0f);
+      } else {
+        CHECK(std::abs(double(st[std::size_t(h * 4 + i)]) - (mx + std::log(sum))) <= 1e-5);
+      }
+    }
+}
+
+TEST_CASE("decode path: a non-finite value reaches only the rows that see it", "[decode]") {
+  for (index_t nk : {300, 5000}) {
+    const attention_shape s{1, 1, 1, 2, nk, 16, 16, false};
+    attention_inputs<float> a(s, 3);
+    exact_case_options o;
+    o.causal = true;
+    o.window_left = 50;  // keys before nk − 52 are hidden from both rows
+    flash_kernel::run<float>(a.q.cview(), a.k.cview(), a.v.cview(), a.out.view, o);
+    attention_inputs<float> b = a;
+    b.v(0, 0, nk - 60, 0) = std::numeric_limits<float>::infinity();  // outside both windows
+    b.v(0, 0, nk - 1, 1) = std::numeric_limits<float>::quiet_NaN();   // seen by row 1 only
+    flash_kernel::run<float>(b.q.cview(), b.k.cview(), b.v.cview(), b.out.view, o);
+    INFO("nk " << nk);
+    for (index_t c = 0; c < 16; ++c) CHECK(a.out(0, 0, 0, c) == b.out(0, 0, 0, c));
+    CHECK(std::isnan(b.out(0, 0, 1, 1)));
+    CHECK(a.out(0, 0, 1, 0) == b.out(0, 0, 1, 0));
+  }
+}
