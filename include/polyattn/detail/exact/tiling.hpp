@@ -43,7 +43,12 @@ struct attention_problem : attention_inputs<T> {
   index_t block_k = kBlockK;  // keys per block; >= Nk materialises a whole score row block
 };
 
-// (bf16_pairs<T, Arch>, which the forward and the backward share, is in gemm_bf16.hpp)
+/// How the tile products read storage type T (docs/design.md §10): bf16 on a CPU with
+/// AVX512-BF16 multiplies pairs of bf16 in place (gemm_bf16.hpp); every other T is widened to
+/// accum_t<T> while its tiles are packed (a copy-free read for float and double) and multiplied
+/// by the fp32 / fp64 micro-kernel.
+template <class T, class Arch>
+inline constexpr bool bf16_pairs = std::is_same_v<T, bf16> && has_bf16_dot<Arch>;
 
 /// A worker's buffers, all of the accumulation type A except the pair-packed bf16 operands:
 /// qw (Qᵀ), pw (P) and vw (V) in 32-bit words of two bf16 each.
