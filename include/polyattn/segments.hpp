@@ -216,7 +216,7 @@ void check_gradient_segments_disjoint(const char* fn, const segmented_view<const
 template <class T>
 void check_segmented_backward(const char* fn, tensor_view<const T, 4> q, const segmented_view<const T>& k,
                               const segmented_view<const T>& v, tensor_view<const T, 4> out,
-                              tensor_view<const T, 4> dout, tensor_view<const T, 3> stats, tensor_view<T, 4> dq,
+                              tensor_view<const T, 4> dout, tensor_view<const accum_t<T>, 3> stats, tensor_view<T, 4> dq,
                               const segmented_view<T>& dk, const segmented_view<T>& dv) {
   if (k.size() == 0) fail(fn, "argument 'k' has no segments (an empty segment stands for no keys)");
   if (v.size() != k.size() || dk.size() != k.size() || dv.size() != k.size())

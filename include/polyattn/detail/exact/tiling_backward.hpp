@@ -20,6 +20,13 @@
 // Measured on 2 Zen 5 cores at N = 4096, d ∈ {64, 128} the partials schedule is 1.07–1.27x
 // faster (docs/design_exact.md has the numbers).
 //
+// Storage type T: every tile, statistic and running sum is of A = accum_t<T>. A half T (bf16,
+// f16) is widened while packing (Qᵀ, dOᵀ and their rows per query block; a key piece's K and V
+// rows once per piece, rows_of), D_i is summed from widened rows, and each gradient is rounded
+// to T once, when stored: dQ after its partials are summed; dK, dV of the partials schedule
+// summed across windows and the group's heads in an A buffer of Nk·(d + dv) values (a float or
+// double gradient is its own running sum), of the recompute schedule by their key task.
+//
 // Pieces: backward_pass (what every task shares), load_queries and backward_tile (shared by
 // both schedules), then per schedule its driver (run_partials_schedule: partials_chunk,
 // partials_key_piece, reduce_dq_partials; run_recompute_schedule: recompute_key_task,
@@ -32,6 +39,7 @@
 #include <vector>
 
 #include "../../tensor_view.hpp"
+#include "../core/convert.hpp"
 #include "../core/gemm.hpp"
 #include "../core/threading.hpp"
 #include "kv_parts.hpp"
@@ -51,28 +59,32 @@ inline constexpr index_t kPartialChunks = 8;    // key slices per window: fixed,
 static_assert(kPartialWindow % kBwdBlockQ == 0, "windows are whole query blocks");
 inline constexpr backward_schedule kDefaultBackwardSchedule = backward_schedule::partials;
 
-/// The backward problem: the inputs, the forward's out and stats, dout = dL/dout, and the
-/// gradients it writes (with segments, dk and dv of the parts instead of dk, dv here).
+/// The backward problem: the inputs, the forward's out and stats (of the accumulation type),
+/// dout = dL/dout, and the gradients it writes (with segments, dk and dv of the parts instead
+/// of dk, dv here).
 template <class T>
 struct attention_backward_problem : attention_inputs<T> {
   tensor_view<const T, 4> out{}, dout{};
-  tensor_view<const T, 3> stats{};
+  tensor_view<const accum_t<T>, 3> stats{};
   tensor_view<T, 4> dq{}, dk{}, dv{};
   backward_schedule schedule = kDefaultBackwardSchedule;
 
   attention_backward_problem() = default;
   attention_backward_problem(const attention_inputs<T>& in, tensor_view<const T, 4> forward_out,
-                             tensor_view<const T, 4> loss_grad, tensor_view<const T, 3> forward_stats,
+                             tensor_view<const T, 4> loss_grad, tensor_view<const accum_t<T>, 3> forward_stats,
                              tensor_view<T, 4> grad_q, tensor_view<T, 4> grad_k = {}, tensor_view<T, 4> grad_v = {},
                              backward_schedule order = kDefaultBackwardSchedule)
       : attention_inputs<T>(in), out(forward_out), dout(loss_grad), stats(forward_stats), dq(grad_q), dk(grad_k),
         dv(grad_v), schedule(order) {}
 };
 
-template <class T>
+/// A worker's buffers, all of the accumulation type A. kpack: K rows as the B operand of
+/// dQ += dS · K when they are not whole vectors; for a half T, kpack and vpack hold the key
+/// piece's K and V rows widened (rows_of).
+template <class A>
 struct attention_backward_scratch {
-  aligned_vector<T> qt, dot, qrows, dorows, st, pt, dpt, kacc, vacc, kpack, c, dd, stat;
-  aligned_vector<T> window;  // partials schedule: the window's packed query blocks
+  aligned_vector<A> qt, dot, qrows, dorows, st, pt, dpt, kacc, vacc, kpack, vpack, c, dd, stat;
+  aligned_vector<A> window;  // partials schedule: the window's packed query blocks
 };
 
 /// A packed query block: Qᵀ (scaled) and dOᵀ with queries in lanes, the rows scale·Q and dO
@@ -120,13 +132,17 @@ void zero_key_gradients(const kv_parts<T>& kv) {
 /// the sizes derived from them.
 template <class T, class Weights>
 struct backward_pass {
+  using A = accum_t<T>;
   const attention_backward_problem<T>& pb;
   const Weights& weights;
   const kv_parts<T>& kv;
   index_t B, H, Nq, d, Hk, Nk, dval;
   index_t group, n_qblocks, dp, dvp;
-  bool pack_k;
+  bool pack_k;  // K rows are packed as dQ's B operand (a half T's widened rows are whole vectors)
   attention_mask mask;
+  // A half T under the partials schedule: dK, dV of the current kv head in A, key position j's
+  // d + dval values at j·(d + dval), rounded into the gradients once the head is done.
+  A* key_acc;
 
   /// (W: the SIMD width, lanes per vector)
   static backward_pass make(const attention_backward_problem<T>& pb, const Weights& weights, const kv_parts<T>& kv,
@@ -134,64 +150,79 @@ struct backward_pass {
     const index_t B = pb.q.extent(0), H = pb.q.extent(1), Nq = pb.q.extent(2), d = pb.q.extent(3);
     const index_t Hk = pb.k.extent(1), Nk = pb.k.extent(2), dval = pb.v.extent(3);
     return backward_pass{pb, weights, kv, B, H, Nq, d, Hk, Nk, dval, H / Hk, ceil_div(Nq, kBwdBlockQ),
-                         round_up(std::max<index_t>(d, 1), W), round_up(dval, W), d % W != 0,
-                         attention_mask::of(pb.causal, Nq, Nk, pb.band)};
+                         round_up(std::max<index_t>(d, 1), W), round_up(dval, W), d % W != 0 && !is_half_v<T>,
+                         attention_mask::of(pb.causal, Nq, Nk, pb.band), nullptr};
   }
   /// Values of one packed query block in a window of the partials schedule.
   index_t pack_size() const { return 2 * dp * kBwdBlockQ + 2 * dvp * kBwdBlockQ + 2 * kBwdBlockQ; }
-  /// The rows of piece kp of kv head (b, hk); with d == 0 nothing is read from k, so no
-  /// pointer into a possibly null view is formed (`spare`, any valid address, stands in).
-  key_rows<T> rows_of(const key_piece<T>& kp, index_t b, index_t hk, const T* spare) const {
-    const kv_part<T>& p = *kp.part;
-    return key_rows<T>{d > 0 ? p.k_row(b, hk, kp.j0) : spare, p.k.stride(2), p.v_row(b, hk, kp.j0), p.v.stride(2),
-                       kp.j0, kp.nk};
-  }
 };
 
 /// Sizes the worker's per-tile scratch on its first task.
 template <class T, class Weights>
-void prepare_backward_scratch(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s) {
+void prepare_backward_scratch(const backward_pass<T, Weights>& f, attention_backward_scratch<accum_t<T>>& s) {
+  using A = accum_t<T>;
   constexpr index_t BQ = kBwdBlockQ, BK = kBwdBlockK;
   if (!s.qt.empty()) return;
   const index_t dp = f.dp, dvp = f.dvp;
-  s.qt.assign(static_cast<std::size_t>(dp * BQ), T(0));
-  s.dot.assign(static_cast<std::size_t>(dvp * BQ), T(0));
-  s.qrows.assign(static_cast<std::size_t>(BQ * dp), T(0));
-  s.dorows.assign(static_cast<std::size_t>(BQ * dvp), T(0));
-  s.st.assign(static_cast<std::size_t>(BK * BQ), T(0));
-  s.pt.assign(static_cast<std::size_t>(BK * BQ), T(0));
-  s.dpt.assign(static_cast<std::size_t>(BK * BQ), T(0));
-  s.kacc.assign(static_cast<std::size_t>(BK * dp), T(0));
-  s.vacc.assign(static_cast<std::size_t>(BK * dvp), T(0));
-  if (f.pack_k) s.kpack.assign(static_cast<std::size_t>(BK * dp), T(0));
-  s.c.assign(BQ, T(0));
-  s.dd.assign(BQ, T(0));
-  s.stat.assign(BQ, T(0));
+  s.qt.assign(static_cast<std::size_t>(dp * BQ), A(0));
+  s.dot.assign(static_cast<std::size_t>(dvp * BQ), A(0));
+  s.qrows.assign(static_cast<std::size_t>(BQ * dp), A(0));
+  s.dorows.assign(static_cast<std::size_t>(BQ * dvp), A(0));
+  s.st.assign(static_cast<std::size_t>(BK * BQ), A(0));
+  s.pt.assign(static_cast<std::size_t>(BK * BQ), A(0));
+  s.dpt.assign(static_cast<std::size_t>(BK * BQ), A(0));
+  s.kacc.assign(static_cast<std::size_t>(BK * dp), A(0));
+  s.vacc.assign(static_cast<std::size_t>(BK * dvp), A(0));
+  if (f.pack_k || is_half_v<T>) s.kpack.assign(static_cast<std::size_t>(BK * dp), A(0));
+  if (is_half_v<T>) s.vpack.assign(static_cast<std::size_t>(BK * dvp), A(0));
+  s.c.assign(BQ, A(0));
+  s.dd.assign(BQ, A(0));
+  s.stat.assign(BQ, A(0));
+}
+
+/// The rows of piece kp of kv head (b, hk) as the tile products read them: in place for float
+/// and double; a half T's rows widened into s.kpack and s.vpack (dp and dvp apart, zero
+/// padded), once per piece. With d == 0 nothing is read from k, so no pointer into a possibly
+/// null view is formed (s.qt, any valid address, stands in).
+template <class T, class Weights>
+key_rows<accum_t<T>> rows_of(const backward_pass<T, Weights>& f, attention_backward_scratch<accum_t<T>>& s,
+                             const key_piece<T>& kp, index_t b, index_t hk) {
+  const kv_part<T>& p = *kp.part;
+  if constexpr (is_half_v<T>) {
+    if (f.d > 0) pack_rows(p.k_row(b, hk, kp.j0), p.k.stride(2), kp.nk, f.d, s.kpack.data(), f.dp);
+    pack_rows(p.v_row(b, hk, kp.j0), p.v.stride(2), kp.nk, f.dval, s.vpack.data(), f.dvp);
+    return key_rows<accum_t<T>>{s.kpack.data(), f.dp, s.vpack.data(), f.dvp, kp.j0, kp.nk};
+  } else {
+    return key_rows<T>{f.d > 0 ? p.k_row(b, hk, kp.j0) : s.qt.data(), p.k.stride(2), p.v_row(b, hk, kp.j0),
+                       p.v.stride(2), kp.j0, kp.nk};
+  }
 }
 
 /// The query block packed in the worker's per-tile scratch.
-template <class T>
-query_block_pack<T> scratch_pack(attention_backward_scratch<T>& s) {
-  return query_block_pack<T>{s.qt.data(), s.dot.data(), s.qrows.data(), s.dorows.data(), s.c.data(), s.dd.data()};
+template <class A>
+query_block_pack<A> scratch_pack(attention_backward_scratch<A>& s) {
+  return query_block_pack<A>{s.qt.data(), s.dot.data(), s.qrows.data(), s.dorows.data(), s.c.data(), s.dd.data()};
 }
 
 /// Query block `block` of the window in s.window: the partials schedule packs each query block
 /// of a window once per task, not once per key block.
 template <class T, class Weights>
-query_block_pack<T> window_pack(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s, index_t block) {
+query_block_pack<accum_t<T>> window_pack(const backward_pass<T, Weights>& f, attention_backward_scratch<accum_t<T>>& s,
+                                         index_t block) {
   constexpr index_t BQ = kBwdBlockQ;
   const index_t dp = f.dp, dvp = f.dvp;
-  T* base = s.window.data() + block * f.pack_size();
-  return query_block_pack<T>{base, base + dp * BQ, base + (dp + dvp) * BQ, base + (2 * dp + dvp) * BQ,
+  accum_t<T>* base = s.window.data() + block * f.pack_size();
+  return query_block_pack<accum_t<T>>{base, base + dp * BQ, base + (dp + dvp) * BQ, base + (2 * dp + dvp) * BQ,
                              base + 2 * (dp + dvp) * BQ, base + 2 * (dp + dvp) * BQ + BQ};
 }
 
 /// Loads query block qb: Qᵀ scaled and dOᵀ (queries in lanes, zero padding lanes), the
 /// per-lane constants from the statistic, D_i = dO_i·O_i, and with `rows` (key tasks) the rows
-/// scale·Q and dO as B operands.
+/// scale·Q and dO as B operands; all in the accumulation type (a half T widened on the way).
 template <class T, class Weights>
-void load_queries(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s, const query_block_pack<T>& qp,
-                  const query_block& qb, bool rows) {
+void load_queries(const backward_pass<T, Weights>& f, attention_backward_scratch<accum_t<T>>& s,
+                  const query_block_pack<accum_t<T>>& qp, const query_block& qb, bool rows) {
+  using A = accum_t<T>;
   const attention_backward_problem<T>& pb = f.pb;
   const index_t d = f.d, dval = f.dval, i0 = qb.i0, nq = qb.nq, lanes = qb.lanes;
   const T* qrow = d > 0 ? &pb.q(qb.b, qb.h, i0, 0) : nullptr;
@@ -199,20 +230,20 @@ void load_queries(const backward_pass<T, Weights>& f, attention_backward_scratch
   const T* orow = &pb.out(qb.b, qb.h, i0, 0);
   const index_t qs = pb.q.stride(2), dos = pb.dout.stride(2), os = pb.out.stride(2);
   pack_transposed(qrow, qs, nq, d, pb.scale, qp.qt, lanes);
-  pack_transposed(dorow, dos, nq, dval, T(1), qp.dot, lanes);
+  pack_transposed(dorow, dos, nq, dval, A(1), qp.dot, lanes);
   for (index_t i = 0; i < nq; ++i) {
     s.stat[to_size(i)] = pb.stats(qb.b, qb.h, i0 + i);
-    T acc(0);
-    for (index_t c = 0; c < dval; ++c) acc += dorow[i * dos + c] * orow[i * os + c];
+    A acc(0);
+    for (index_t c = 0; c < dval; ++c) acc += widen1(dorow[i * dos + c]) * widen1(orow[i * os + c]);
     qp.dd[i] = acc;
   }
-  std::fill(qp.dd + nq, qp.dd + lanes, T(0));
+  std::fill(qp.dd + nq, qp.dd + lanes, A(0));
   f.weights.backward_init(s.stat.data(), nq, lanes, qp.c);
   if (!rows) return;
   for (index_t i = 0; i < nq; ++i) {
-    T* dst = qp.qrows + i * f.dp;
-    for (index_t c = 0; c < d; ++c) dst[c] = pb.scale * qrow[i * qs + c];
-    std::fill(dst + d, dst + f.dp, T(0));
+    A* dst = qp.qrows + i * f.dp;
+    for (index_t c = 0; c < d; ++c) dst[c] = pb.scale * widen1(qrow[i * qs + c]);
+    std::fill(dst + d, dst + f.dp, A(0));
   }
   pack_rows(dorow, dos, nq, dval, qp.dorows, f.dvp);
 }
@@ -221,16 +252,17 @@ void load_queries(const backward_pass<T, Weights>& f, attention_backward_scratch
 /// dSᵀ in s.dpt, hidden entries 0. Returns whether the tile straddles the mask (holds hidden
 /// entries).
 template <class T, class Weights, class Arch>
-bool backward_tile(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s, const query_block_pack<T>& qp,
-                   const query_block& qb, const key_rows<T>& kr) {
+bool backward_tile(const backward_pass<T, Weights>& f, attention_backward_scratch<accum_t<T>>& s,
+                   const query_block_pack<accum_t<T>>& qp, const query_block& qb, const key_rows<accum_t<T>>& kr) {
+  using A = accum_t<T>;
   const index_t lanes = qb.lanes, nk = kr.nk;
-  gemm<T, Arch>(nk, lanes, f.d, kr.k, kr.ks, 1, qp.qt, lanes, s.st.data(), lanes, false);
-  gemm<T, Arch>(nk, lanes, f.dval, kr.v, kr.vs, 1, qp.dot, lanes, s.dpt.data(), lanes, false);
+  gemm<A, Arch>(nk, lanes, f.d, kr.k, kr.ks, 1, qp.qt, lanes, s.st.data(), lanes, false);
+  gemm<A, Arch>(nk, lanes, f.dval, kr.v, kr.vs, 1, qp.dot, lanes, s.dpt.data(), lanes, false);
   f.weights.backward_tile(s.st.data(), s.pt.data(), s.dpt.data(), nk, lanes, lanes, qp.c, qp.dd);
   const bool partial = f.mask.partial(qb.i0, qb.nq, kr.j0, nk);
   if (partial) {
-    f.mask.hide(s.pt.data(), lanes, lanes, qb.i0, kr.j0, nk, T(0));
-    f.mask.hide(s.dpt.data(), lanes, lanes, qb.i0, kr.j0, nk, T(0));
+    f.mask.hide(s.pt.data(), lanes, lanes, qb.i0, kr.j0, nk, A(0));
+    f.mask.hide(s.dpt.data(), lanes, lanes, qb.i0, kr.j0, nk, A(0));
   }
   return partial;
 }
@@ -244,29 +276,30 @@ bool backward_tile(const backward_pass<T, Weights>& f, attention_backward_scratc
 /// s.kacc, from the rows of qp. Lanes [ca, cb) see every key of the tile, so only the other
 /// queries' q and dout rows are checked.
 template <class T, class Weights, class Arch>
-void accumulate_key_gradients(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s,
-                              const query_block_pack<T>& qp, const query_block& qb, index_t j0, index_t nk,
+void accumulate_key_gradients(const backward_pass<T, Weights>& f, attention_backward_scratch<accum_t<T>>& s,
+                              const query_block_pack<accum_t<T>>& qp, const query_block& qb, index_t j0, index_t nk,
                               bool partial) {
+  using A = accum_t<T>;
   const index_t lanes = qb.lanes, nq = qb.nq, d = f.d, dval = f.dval, dp = f.dp, dvp = f.dvp;
-  const T* pt = s.pt.data();
-  const T* dpt = s.dpt.data();
+  const A* pt = s.pt.data();
+  const A* dpt = s.dpt.data();
   index_t ca = 0, cb = nq;
   if (partial) f.mask.common_queries(qb.i0, nq, j0, nk, ca, cb);
   auto finite = [&](index_t a, index_t n) {
-    return n == 0 || (rows_finite<T, Arch>(qp.dorows + a * dvp, dvp, n, dval) &&
-                      rows_finite<T, Arch>(qp.qrows + a * dp, dp, n, d));
+    return n == 0 || (rows_finite<A, Arch>(qp.dorows + a * dvp, dvp, n, dval) &&
+                      rows_finite<A, Arch>(qp.qrows + a * dp, dp, n, d));
   };
   if (finite(0, ca) && finite(cb, nq - cb)) {
-    gemm<T, Arch>(nk, dval, nq, pt, lanes, 1, qp.dorows, dvp, s.vacc.data(), dvp, true);
-    if (d > 0) gemm<T, Arch>(nk, d, nq, dpt, lanes, 1, qp.qrows, dp, s.kacc.data(), dp, true);
+    gemm<A, Arch>(nk, dval, nq, pt, lanes, 1, qp.dorows, dvp, s.vacc.data(), dvp, true);
+    if (d > 0) gemm<A, Arch>(nk, d, nq, dpt, lanes, 1, qp.qrows, dp, s.kacc.data(), dp, true);
     return;
   }
   for (index_t r = 0; r < nk; ++r)
     f.mask.for_each_visible_query_run(j0 + r, qb.i0, nq, [&](index_t a, index_t b) {
-      gemm<T, Arch>(1, dval, b - a, pt + r * lanes + a, lanes, 1, qp.dorows + a * dvp, dvp, s.vacc.data() + r * dvp,
+      gemm<A, Arch>(1, dval, b - a, pt + r * lanes + a, lanes, 1, qp.dorows + a * dvp, dvp, s.vacc.data() + r * dvp,
                     dvp, true);
       if (d > 0)
-        gemm<T, Arch>(1, d, b - a, dpt + r * lanes + a, lanes, 1, qp.qrows + a * dp, dp, s.kacc.data() + r * dp, dp,
+        gemm<A, Arch>(1, d, b - a, dpt + r * lanes + a, lanes, 1, qp.qrows + a * dp, dp, s.kacc.data() + r * dp, dp,
                       true);
     });
 }
@@ -275,28 +308,29 @@ void accumulate_key_gradients(const backward_pass<T, Weights>& f, attention_back
 /// K the B operand kop (ldk apart), into qacc (dp apart). Rows [ca, cb) are seen by every
 /// query of the tile, so only the other key rows are checked.
 template <class T, class Weights, class Arch>
-void accumulate_query_gradients(const backward_pass<T, Weights>& f, const attention_backward_scratch<T>& s,
-                                const query_block& qb, index_t j0, index_t nk, const T* kop, index_t ldk, T* qacc,
-                                bool partial) {
+void accumulate_query_gradients(const backward_pass<T, Weights>& f, const attention_backward_scratch<accum_t<T>>& s,
+                                const query_block& qb, index_t j0, index_t nk, const accum_t<T>* kop, index_t ldk,
+                                accum_t<T>* qacc, bool partial) {
+  using A = accum_t<T>;
   const index_t lanes = qb.lanes, d = f.d, dp = f.dp;
-  const T* dpt = s.dpt.data();
+  const A* dpt = s.dpt.data();
   index_t ca = 0, cb = nk;
   if (partial) f.mask.common_rows(qb.i0, qb.nq, j0, nk, ca, cb);
-  if ((ca == 0 || rows_finite<T, Arch>(kop, ldk, ca, d)) &&
-      (cb == nk || rows_finite<T, Arch>(kop + cb * ldk, ldk, nk - cb, d))) {
-    gemm<T, Arch>(qb.nq, d, nk, dpt, 1, lanes, kop, ldk, qacc, dp, true);
+  if ((ca == 0 || rows_finite<A, Arch>(kop, ldk, ca, d)) &&
+      (cb == nk || rows_finite<A, Arch>(kop + cb * ldk, ldk, nk - cb, d))) {
+    gemm<A, Arch>(qb.nq, d, nk, dpt, 1, lanes, kop, ldk, qacc, dp, true);
     return;
   }
   for (index_t i = 0; i < qb.nq; ++i)
     f.mask.for_each_visible_run(qb.i0 + i, j0, nk, [&](index_t r0, index_t r1) {
-      gemm<T, Arch>(1, d, r1 - r0, dpt + r0 * lanes + i, 1, lanes, kop + r0 * ldk, ldk, qacc + i * dp, dp, true);
+      gemm<A, Arch>(1, d, r1 - r0, dpt + r0 * lanes + i, 1, lanes, kop + r0 * ldk, ldk, qacc + i * dp, dp, true);
     });
 }
 
 /// K rows as the B operand of dQ += dS · K (packed when rows are not whole vectors); sets ldk.
 template <class T, class Weights>
-const T* k_operand(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s, const key_rows<T>& kr,
-                   index_t& ldk) {
+const accum_t<T>* k_operand(const backward_pass<T, Weights>& f, attention_backward_scratch<accum_t<T>>& s,
+                            const key_rows<accum_t<T>>& kr, index_t& ldk) {
   ldk = kr.ks;
   if (!f.pack_k) return kr.k;
   pack_rows(kr.k, kr.ks, kr.nk, f.d, s.kpack.data(), f.dp);
@@ -304,22 +338,51 @@ const T* k_operand(const backward_pass<T, Weights>& f, attention_backward_scratc
   return s.kpack.data();
 }
 
-/// dK, dV of piece kp of kv head (b, hk) into the accumulators (s.kacc, s.vacc) and back.
+/// dK, dV of piece kp of kv head (b, hk) into the accumulators (s.kacc, s.vacc) and back: from
+/// and to the gradients for float and double. A half T's gradient is rounded only once, so its
+/// running sums stay in A: in f.key_acc under the partials schedule (rounded into the gradients
+/// by flush_key_gradients), and under the recompute schedule, whose key task sums all of a
+/// piece's terms before storing them, rounded straight into the gradients (f.key_acc null).
 template <class T, class Weights>
-void load_key_gradients(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s, const key_piece<T>& kp,
-                        index_t b, index_t hk) {
+void load_key_gradients(const backward_pass<T, Weights>& f, attention_backward_scratch<accum_t<T>>& s,
+                        const key_piece<T>& kp, index_t b, index_t hk) {
   for (index_t r = 0; r < kp.nk; ++r) {
-    if (f.d > 0) std::copy_n(kp.part->dk_row(b, hk, kp.j0 + r), f.d, s.kacc.data() + r * f.dp);
-    std::copy_n(kp.part->dv_row(b, hk, kp.j0 + r), f.dval, s.vacc.data() + r * f.dvp);
+    if constexpr (is_half_v<T>) {
+      const accum_t<T>* src = f.key_acc + (kp.j0 + r) * (f.d + f.dval);
+      std::copy_n(src, f.d, s.kacc.data() + r * f.dp);
+      std::copy_n(src + f.d, f.dval, s.vacc.data() + r * f.dvp);
+    } else {
+      if (f.d > 0) std::copy_n(kp.part->dk_row(b, hk, kp.j0 + r), f.d, s.kacc.data() + r * f.dp);
+      std::copy_n(kp.part->dv_row(b, hk, kp.j0 + r), f.dval, s.vacc.data() + r * f.dvp);
+    }
   }
 }
 template <class T, class Weights>
-void store_key_gradients(const backward_pass<T, Weights>& f, const attention_backward_scratch<T>& s,
+void store_key_gradients(const backward_pass<T, Weights>& f, const attention_backward_scratch<accum_t<T>>& s,
                          const key_piece<T>& kp, index_t b, index_t hk) {
   for (index_t r = 0; r < kp.nk; ++r) {
-    if (f.d > 0) std::copy_n(s.kacc.data() + r * f.dp, f.d, kp.part->dk_row(b, hk, kp.j0 + r));
-    std::copy_n(s.vacc.data() + r * f.dvp, f.dval, kp.part->dv_row(b, hk, kp.j0 + r));
+    if (is_half_v<T> && f.key_acc) {
+      accum_t<T>* dst = f.key_acc + (kp.j0 + r) * (f.d + f.dval);
+      std::copy_n(s.kacc.data() + r * f.dp, f.d, dst);
+      std::copy_n(s.vacc.data() + r * f.dvp, f.dval, dst + f.d);
+    } else {  // (narrow: a copy for float and double)
+      if (f.d > 0) narrow(s.kacc.data() + r * f.dp, f.d, kp.part->dk_row(b, hk, kp.j0 + r));
+      narrow(s.vacc.data() + r * f.dvp, f.dval, kp.part->dv_row(b, hk, kp.j0 + r));
+    }
   }
+}
+
+/// A half T under the partials schedule: kv head (b, hk)'s dK, dV, summed in f.key_acc over
+/// every window and head of its group, rounded once into the gradients of the parts.
+template <class T, class Weights>
+void flush_key_gradients(const backward_pass<T, Weights>& f, index_t b, index_t hk) {
+  f.kv.split(0, f.Nk, [&](index_t j0, index_t n, const kv_part<T>& p) {
+    for (index_t j = j0; j < j0 + n; ++j) {
+      const accum_t<T>* src = f.key_acc + j * (f.d + f.dval);
+      if (f.d > 0) narrow(src, f.d, p.dk_row(b, hk, j));
+      narrow(src + f.d, f.dval, p.dv_row(b, hk, j));
+    }
+  });
 }
 
 // ---- the partials schedule
@@ -342,18 +405,19 @@ void window_key_blocks(const backward_pass<T, Weights>& f, const query_window& w
 /// One key piece of a chunk: its dK, dV so far (earlier windows and heads, in order) plus the
 /// tiles of every query block of the window that sees it, and the tiles' dQ into qpart.
 template <class T, class Weights, class Arch>
-void partials_key_piece(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s, const query_window& w,
-                        const key_piece<T>& kp, bool* packed, T* qpart) {
-  constexpr index_t W = simd_width<T, Arch>, BQ = kBwdBlockQ;
+void partials_key_piece(const backward_pass<T, Weights>& f, attention_backward_scratch<accum_t<T>>& s,
+                        const query_window& w, const key_piece<T>& kp, bool* packed, accum_t<T>* qpart) {
+  using A = accum_t<T>;
+  constexpr index_t W = simd_width<A, Arch>, BQ = kBwdBlockQ;
   const index_t d = f.d, dp = f.dp, nk = kp.nk;
-  const key_rows<T> kr = f.rows_of(kp, w.b, w.hk, s.qt.data());
+  const key_rows<A> kr = rows_of(f, s, kp, w.b, w.hk);
   load_key_gradients(f, s, kp, w.b, w.hk);
   index_t ldk = 0;
-  const T* kop = d > 0 ? k_operand(f, s, kr, ldk) : nullptr;
+  const A* kop = d > 0 ? k_operand(f, s, kr, ldk) : nullptr;
   f.mask.for_each_query_block(kp.j0, nk, BQ, [&](index_t i0, index_t nq) {
     const query_block qb{w.b, w.h, w.hk, i0, nq, round_up(nq, W)};
     const index_t at = (i0 - w.w0) / BQ;
-    const query_block_pack<T> qp = window_pack(f, s, at);
+    const query_block_pack<A> qp = window_pack(f, s, at);
     if (!packed[at]) load_queries(f, s, qp, qb, true);
     packed[at] = true;
     const bool partial = backward_tile<T, Weights, Arch>(f, s, qp, qb, kr);
@@ -366,29 +430,32 @@ void partials_key_piece(const backward_pass<T, Weights>& f, attention_backward_s
 
 /// Chunk c of a window: the key pieces of its fixed slice of kblocks, its dQ partial in qpart.
 template <class T, class Weights, class Arch>
-void partials_chunk(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s, const query_window& w,
-                    const std::vector<key_piece<T>>& kblocks, index_t c, T* qpart) {
+void partials_chunk(const backward_pass<T, Weights>& f, attention_backward_scratch<accum_t<T>>& s,
+                    const query_window& w, const std::vector<key_piece<T>>& kblocks, index_t c, accum_t<T>* qpart) {
+  using A = accum_t<T>;
   constexpr index_t WQ = kPartialWindow, C = kPartialChunks;
   prepare_backward_scratch(f, s);
-  std::fill(qpart, qpart + w.nw * f.dp, T(0));
-  if (s.window.empty()) s.window.assign(static_cast<std::size_t>(WQ / kBwdBlockQ * f.pack_size()), T(0));
+  std::fill(qpart, qpart + w.nw * f.dp, A(0));
+  if (s.window.empty()) s.window.assign(static_cast<std::size_t>(WQ / kBwdBlockQ * f.pack_size()), A(0));
   bool packed[to_size(WQ / kBwdBlockQ)] = {};
   const index_t L = static_cast<index_t>(kblocks.size());
   for (index_t at = c * L / C; at < (c + 1) * L / C; ++at)
     partials_key_piece<T, Weights, Arch>(f, s, w, kblocks[static_cast<std::size_t>(at)], packed, qpart);
 }
 
-/// dQ of the window: the chunks' partials summed in chunk order, times the scale.
+/// dQ of the window: the chunks' partials summed in chunk order, times the scale (then rounded
+/// to a half T).
 template <class T, class Weights>
-void reduce_dq_partials(const backward_pass<T, Weights>& f, const aligned_vector<T>& part, const query_window& w) {
+void reduce_dq_partials(const backward_pass<T, Weights>& f, const aligned_vector<accum_t<T>>& part,
+                        const query_window& w) {
   constexpr index_t WQ = kPartialWindow, C = kPartialChunks;
   const index_t dp = f.dp;
   for (index_t i = 0; i < w.nw && f.d > 0; ++i) {
     T* dst = &f.pb.dq(w.b, w.h, w.w0 + i, 0);
     for (index_t col = 0; col < f.d; ++col) {
-      T acc = part[static_cast<std::size_t>(i * dp + col)];
+      accum_t<T> acc = part[static_cast<std::size_t>(i * dp + col)];
       for (index_t c = 1; c < C; ++c) acc += part[static_cast<std::size_t>((c * WQ + i) * dp + col)];
-      dst[col] = f.pb.scale * acc;
+      dst[col] = narrow1<T>(f.pb.scale * acc);
     }
   }
 }
@@ -401,17 +468,24 @@ int backward_threads(const backward_pass<T, Weights>& f) {
                                        f.mask.keys_seen_estimate());
 }
 
-/// Query windows one after the other, each as kPartialChunks tasks (the top of this file).
+/// Query windows one after the other, each as kPartialChunks tasks (the top of this file). A
+/// half T's dK, dV are summed in A across the windows and the heads of a kv head's group (whose
+/// heads come one after the other here): Nk·(d + dv) values, rounded once after the group.
 template <class T, class Weights, class Arch>
-void run_partials_schedule(const backward_pass<T, Weights>& f) {
+void run_partials_schedule(const backward_pass<T, Weights>& pass) {
+  using A = accum_t<T>;
   constexpr index_t WQ = kPartialWindow, C = kPartialChunks;
+  aligned_vector<A> key_acc(is_half_v<T> ? to_size(pass.Nk * (pass.d + pass.dval)) : 0);
+  backward_pass<T, Weights> f = pass;
+  f.key_acc = key_acc.data();
   const int threads = backward_threads(f);
-  std::vector<attention_backward_scratch<T>> scratch(to_size(std::max<index_t>(std::min<index_t>(threads, C), 1)));
-  zero_key_gradients(f.kv);
-  aligned_vector<T> part(static_cast<std::size_t>(C * WQ * f.dp), T(0));
+  std::vector<attention_backward_scratch<A>> scratch(to_size(std::max<index_t>(std::min<index_t>(threads, C), 1)));
+  if constexpr (!is_half_v<T>) zero_key_gradients(f.kv);
+  aligned_vector<A> part(static_cast<std::size_t>(C * WQ * f.dp), A(0));
   std::vector<key_piece<T>> kblocks;
   for (index_t bh = 0; bh < f.B * f.H; ++bh) {
     const index_t b = bh / f.H, h = bh % f.H, hk = h / f.group;
+    if (is_half_v<T> && h % f.group == 0) std::fill(key_acc.begin(), key_acc.end(), A(0));
     for (index_t w0 = 0; w0 < f.Nq; w0 += WQ) {
       const query_window w{b, h, hk, w0, std::min(WQ, f.Nq - w0)};
       window_key_blocks(f, w, kblocks);
@@ -420,6 +494,7 @@ void run_partials_schedule(const backward_pass<T, Weights>& f) {
       });
       reduce_dq_partials(f, part, w);
     }
+    if (is_half_v<T> && h % f.group == f.group - 1) flush_key_gradients(f, b, hk);
   }
 }
 
@@ -439,18 +514,19 @@ std::vector<key_piece<T>> key_block_pieces(const backward_pass<T, Weights>& f) {
 /// dK, dV of piece kp of kv head (b, hk): the tiles of every query block of the group's heads
 /// that sees it.
 template <class T, class Weights, class Arch>
-void recompute_key_task(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s, const key_piece<T>& kp,
-                        index_t b, index_t hk) {
-  constexpr index_t W = simd_width<T, Arch>;
+void recompute_key_task(const backward_pass<T, Weights>& f, attention_backward_scratch<accum_t<T>>& s,
+                        const key_piece<T>& kp, index_t b, index_t hk) {
+  using A = accum_t<T>;
+  constexpr index_t W = simd_width<A, Arch>;
   const index_t dp = f.dp, dvp = f.dvp, nk = kp.nk;
-  const key_rows<T> kr = f.rows_of(kp, b, hk, s.qt.data());
-  std::fill(s.kacc.begin(), s.kacc.begin() + nk * dp, T(0));
-  std::fill(s.vacc.begin(), s.vacc.begin() + nk * dvp, T(0));
+  const key_rows<A> kr = rows_of(f, s, kp, b, hk);
+  std::fill(s.kacc.begin(), s.kacc.begin() + nk * dp, A(0));
+  std::fill(s.vacc.begin(), s.vacc.begin() + nk * dvp, A(0));
   for (index_t g = 0; g < f.group; ++g) {
     const index_t h = hk * f.group + g;
     f.mask.for_each_query_block(kp.j0, nk, kBwdBlockQ, [&](index_t i0, index_t nq) {
       const query_block qb{b, h, hk, i0, nq, round_up(nq, W)};
-      const query_block_pack<T> qp = scratch_pack(s);
+      const query_block_pack<A> qp = scratch_pack(s);
       load_queries(f, s, qp, qb, true);
       // dV[nk x dv] += Pᵀ · dO ; dK[nk x d] += dSᵀ · (scale·Q)
       const bool partial = backward_tile<T, Weights, Arch>(f, s, qp, qb, kr);
@@ -462,23 +538,25 @@ void recompute_key_task(const backward_pass<T, Weights>& f, attention_backward_s
 
 /// dQ of query block qb (d > 0): the tiles of every key block it sees.
 template <class T, class Weights, class Arch>
-void recompute_query_task(const backward_pass<T, Weights>& f, attention_backward_scratch<T>& s, const query_block& qb) {
+void recompute_query_task(const backward_pass<T, Weights>& f, attention_backward_scratch<accum_t<T>>& s,
+                          const query_block& qb) {
+  using A = accum_t<T>;
   const index_t dp = f.dp, nq = qb.nq;
-  const query_block_pack<T> qp = scratch_pack(s);
+  const query_block_pack<A> qp = scratch_pack(s);
   load_queries(f, s, qp, qb, false);
-  T* qacc = s.qrows.data();  // dQ accumulator [nq x dp]; the rows are not needed here
-  std::fill(qacc, qacc + nq * dp, T(0));
+  A* qacc = s.qrows.data();  // dQ accumulator [nq x dp]; the rows are not needed here
+  std::fill(qacc, qacc + nq * dp, A(0));
   auto key_block = [&](index_t j0, index_t nk, const kv_part<T>& pt) {
-    const key_rows<T> kr = f.rows_of(key_piece<T>{j0, nk, &pt}, qb.b, qb.hk, nullptr);
+    const key_rows<A> kr = rows_of(f, s, key_piece<T>{j0, nk, &pt}, qb.b, qb.hk);
     const bool partial = backward_tile<T, Weights, Arch>(f, s, qp, qb, kr);
     index_t ldk = 0;
-    const T* kb = k_operand(f, s, kr, ldk);
+    const A* kb = k_operand(f, s, kr, ldk);
     accumulate_query_gradients<T, Weights, Arch>(f, s, qb, j0, nk, kb, ldk, qacc, partial);
   };
   f.mask.for_each_key_block(qb.i0, nq, kBwdBlockK, true, [&](index_t j0, index_t nk) { f.kv.split(j0, nk, key_block); });
   for (index_t i = 0; i < nq; ++i) {
     T* dst = &f.pb.dq(qb.b, qb.h, qb.i0 + i, 0);
-    for (index_t c = 0; c < f.d; ++c) dst[c] = f.pb.scale * qacc[i * dp + c];
+    for (index_t c = 0; c < f.d; ++c) dst[c] = narrow1<T>(f.pb.scale * qacc[i * dp + c]);
   }
 }
 
@@ -487,15 +565,16 @@ void recompute_query_task(const backward_pass<T, Weights>& f, attention_backward
 /// last query blocks see the most of the other side.
 template <class T, class Weights, class Arch>
 void run_recompute_schedule(const backward_pass<T, Weights>& f) {
-  constexpr index_t W = simd_width<T, Arch>, BQ = kBwdBlockQ;
+  using A = accum_t<T>;
+  constexpr index_t W = simd_width<A, Arch>, BQ = kBwdBlockQ;
   const std::vector<key_piece<T>> pieces = key_block_pieces(f);
   const index_t B = f.B, H = f.H, Hk = f.Hk;
   const index_t key_tasks = B * Hk * static_cast<index_t>(pieces.size()), query_tasks = B * H * f.n_qblocks;
   const int threads = backward_threads(f);
   const int workers = static_cast<int>(std::min<index_t>(threads, key_tasks + query_tasks));
-  std::vector<attention_backward_scratch<T>> scratch(to_size(std::max(workers, 1)));
+  std::vector<attention_backward_scratch<A>> scratch(to_size(std::max(workers, 1)));
   parallel_for(threads, key_tasks + query_tasks, [&](index_t task, int worker) {
-    attention_backward_scratch<T>& s = scratch[to_size(worker)];
+    attention_backward_scratch<A>& s = scratch[to_size(worker)];
     prepare_backward_scratch(f, s);
     if (task < key_tasks) {
       const index_t kb = task / (B * Hk), bhk = task % (B * Hk);
@@ -510,10 +589,12 @@ void run_recompute_schedule(const backward_pass<T, Weights>& f) {
   });
 }
 
-/// Runs the backward engine. Weights provides (besides the forward interface)
-///   void backward_init(const T* stat, index_t n, index_t lanes, T* c) const;  per-lane constant
-///   void backward_tile(const T* st, T* pt, T* dpt, index_t rows, index_t ld, index_t lanes,
-///                      const T* c, const T* dd) const;   Sᵀ, dPᵀ -> Pᵀ, dSᵀ (in place of dPᵀ)
+/// Runs the backward engine on storage type T, every tile and sum in A = accum_t<T> (a half T
+/// widened as its rows are packed, each gradient rounded to T once when stored). Weights
+/// (of A) provides, besides the forward interface,
+///   void backward_init(const A* stat, index_t n, index_t lanes, A* c) const;  per-lane constant
+///   void backward_tile(const A* st, A* pt, A* dpt, index_t rows, index_t ld, index_t lanes,
+///                      const A* c, const A* dd) const;   Sᵀ, dPᵀ -> Pᵀ, dSᵀ (in place of dPᵀ)
 template <class T, class Weights, class Arch = default_arch>
 void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const Weights& weights) {
   if (pb.q.extent(0) == 0 || pb.q.extent(1) == 0) return;
@@ -525,7 +606,7 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
     zero_key_gradients(kv);
     return;
   }
-  const auto f = backward_pass<T, Weights>::make(pb, weights, kv, simd_width<T, Arch>);
+  const auto f = backward_pass<T, Weights>::make(pb, weights, kv, simd_width<accum_t<T>, Arch>);
   if (pb.schedule == backward_schedule::partials)
     run_partials_schedule<T, Weights, Arch>(f);
   else
