@@ -96,11 +96,12 @@ void check_problem(const half_problem<T>& p, bool polynomial, const exact_case_o
   const dense_gradients exact = attention_gradients_oracle<T, double>(p.q.cview(), p.k.cview(), p.v.cview(),
                                                                       p.dout.cview(), o.mask(), scale, polynomial,
                                                                       o.degree, o.normalizer_bias);
-  // the forward's P · V on bf16 pairs rounds the weights to bf16 (tiling.hpp)
-  constexpr bool forward_pairs = detail::bf16_pairs<T, detail::default_arch>;
+  // on bf16 pairs the forward's P · V rounds the weights to bf16 (tiling.hpp), the backward
+  // rounds P for dV and dS for dK (tiling_backward.hpp)
+  constexpr bool pairs = detail::bf16_pairs<T, detail::default_arch>;
   const dense_gradients naive = naive_half_gradients<T>(p.q.cview(), p.k.cview(), p.v.cview(), p.dout.cview(),
                                                         o.mask(), scale, polynomial, o.degree, o.normalizer_bias,
-                                                        forward_pairs);
+                                                        pairs, pairs);
   check_contract("dq", p.dq, exact.dq, naive.dq);
   check_contract("dk", p.dk, exact.dk, naive.dk);
   check_contract("dv", p.dv, exact.dv, naive.dv);

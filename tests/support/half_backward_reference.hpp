@@ -8,9 +8,9 @@
 // in fp32 (dk and dv over the queries and the GQA group's heads) and rounded to T once at the
 // end. A forward whose P · V multiplies pairs of bf16 (the exact forward on AVX512-BF16) rounds
 // the unnormalised weights to bf16 for that product: with `forward_rounds_weights` this
-// reference's out does so too. With `round_products` the backward's P and dS are also rounded
-// to T where they enter a product (a kernel whose tile products multiply pairs of bf16 rounds
-// them so).
+// reference's out does so too. With `pair_products` the backward's P is rounded to T where it
+// enters dV's product and dS where it enters dK's (dQ's takes dS unrounded), as the exact
+// backward does when its tile products multiply pairs of bf16.
 #pragma once
 
 #include <cmath>
@@ -79,11 +79,11 @@ template <class T>
 dense_gradients naive_half_gradients(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
                                      tensor_view<const T, 4> dout, const test_mask& mask, double scale_d,
                                      bool polynomial, int degree = 4, double bias_d = 1.0,
-                                     bool forward_rounds_weights = false, bool round_products = false) {
+                                     bool forward_rounds_weights = false, bool pair_products = false) {
   const index_t B = q.extent(0), H = q.extent(1), Nq = q.extent(2), d = q.extent(3);
   const index_t Hk = k.extent(1), Nk = k.extent(2), dv = v.extent(3), group = H / std::max<index_t>(Hk, 1);
   const float scale = static_cast<float>(scale_d), bias = static_cast<float>(bias_d);
-  auto in_product = [&](float x) { return round_products ? round_to<T>(x) : x; };
+  auto in_product = [&](float x) { return pair_products ? round_to<T>(x) : x; };
   dense_gradients g{zero_result(B, H, Nq, d), zero_result(B, Hk, Nk, d), zero_result(B, Hk, Nk, dv), {}, {}};
   for (index_t b = 0; b < B; ++b)
     for (index_t hk = 0; hk < Hk; ++hk) {
@@ -106,7 +106,7 @@ dense_gradients naive_half_gradients(tensor_view<const T, 4> q, tensor_view<cons
             const float pj = in_product(r.p[j]), dsj = in_product(ds);
             for (index_t c = 0; c < dv; ++c) dvv[j * dv + c] += pj * widened(dout(b, h, i, c));
             for (index_t c = 0; c < d; ++c) {
-              dq[c] += dsj * widened(k(b, hk, j, c));
+              dq[c] += ds * widened(k(b, hk, j, c));
               dk[j * d + c] += dsj * widened(q(b, h, i, c));
             }
           }

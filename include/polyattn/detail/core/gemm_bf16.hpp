@@ -52,6 +52,13 @@ inline constexpr bool has_bf16_dot =
     false;
 #endif
 
+/// How the exact engines' tile products read storage type T (docs/design.md §10): bf16 with
+/// POLYATTN_BF16_PAIRS multiplies pairs of bf16 in place; every other T is widened to accum_t<T>
+/// while its tiles are packed (a copy-free read for float and double) and multiplied by the
+/// fp32 / fp64 micro-kernel.
+template <class T, class Arch>
+inline constexpr bool bf16_pairs = std::is_same_v<T, bf16> && POLYATTN_BF16_PAIRS;
+
 /// Word p of a pair operand read in place: 32 bits at a (a pair of bf16), or only the low 16
 /// bits when `single` (an odd contraction length's last pair: the partner would be out of range).
 inline std::uint32_t pair_word(const std::uint16_t* a, bool single) {

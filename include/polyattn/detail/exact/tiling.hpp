@@ -36,12 +36,7 @@ namespace polyattn::detail {
 inline constexpr index_t kBlockQ = 48;  // queries per task: 8 row tiles of 6, 6 AVX2 / 3 AVX-512 lane vectors
 inline constexpr index_t kBlockK = 128;  // keys per block (64, 192, 256 measured within noise on Zen 3)
 
-/// How the tile products read storage type T (docs/design.md §10): bf16 with POLYATTN_BF16_PAIRS
-/// (gemm_bf16.hpp) multiplies pairs of bf16 in place; every other T is widened to accum_t<T>
-/// while its tiles are packed (a copy-free read for float and double) and multiplied by the
-/// fp32 / fp64 micro-kernel.
-template <class T, class Arch>
-inline constexpr bool bf16_pairs = std::is_same_v<T, bf16> && POLYATTN_BF16_PAIRS;
+// (bf16_pairs<T, Arch>, which the forward and the backward share, is in gemm_bf16.hpp)
 
 /// A worker's buffers, all of the accumulation type A except the pair-packed bf16 operands:
 /// qw (Qᵀ), pw (P) and vw (V) in 32-bit words of two bf16 each.

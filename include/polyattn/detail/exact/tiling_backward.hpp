@@ -41,6 +41,7 @@
 #include "../../tensor_view.hpp"
 #include "../core/convert.hpp"
 #include "../core/gemm.hpp"
+#include "../core/gemm_bf16.hpp"
 #include "../core/threading.hpp"
 #include "kv_parts.hpp"
 #include "mask.hpp"
@@ -85,13 +86,20 @@ template <class A>
 struct attention_backward_scratch {
   aligned_vector<A> qt, dot, qrows, dorows, st, pt, dpt, kacc, vacc, kpack, vpack, c, dd, stat;
   aligned_vector<A> window;  // partials schedule: the window's packed query blocks
+  // bf16 pairs (backward_pass::pairs): the query blocks' pair operands (window_pack's blocks),
+  // the tile's P and dS rounded to bf16 (A operands of dV and dK)
+  aligned_vector<std::uint32_t> window_pairs;
+  aligned_vector<std::uint16_t> p16, ds16;
 };
 
 /// A packed query block: Qᵀ (scaled) and dOᵀ with queries in lanes, the rows scale·Q and dO
-/// as B operands, the per-lane constant from the statistic and D_i = dO_i·O_i.
+/// as B operands, the per-lane constant from the statistic and D_i = dO_i·O_i. With bf16
+/// pairs also, in 32-bit words of two bf16: Qᵀ and dOᵀ (head dims paired; Sᵀ's and dPᵀ's B
+/// operands) and the rows Q (unscaled) and dO (queries paired; dK's and dV's B operands).
 template <class T>
 struct query_block_pack {
   T *qt, *dot, *qrows, *dorows, *c, *dd;
+  std::uint32_t *qtw, *dotw, *qw, *dow;
 };
 
 /// Keys [j0, j0 + nk), inside one part.
@@ -101,7 +109,8 @@ struct key_piece {
   const kv_part<T>* part;
 };
 
-/// The rows of a key piece of kv head (b, hk) as a tile reads them: K (ks apart) and V (vs apart).
+/// The rows of a key piece of kv head (b, hk) as a tile reads them: K (ks apart) and V (vs
+/// apart); with bf16 pairs also the bf16 rows in place (k16, v16, ks16 and vs16 apart).
 template <class T>
 struct key_rows {
   const T* k;
@@ -109,6 +118,8 @@ struct key_rows {
   const T* v;
   index_t vs;
   index_t j0, nk;
+  const std::uint16_t *k16, *v16;
+  index_t ks16, vs16;
 };
 
 template <class T, std::size_t R>
@@ -143,6 +154,10 @@ struct backward_pass {
   // A half T under the partials schedule: dK, dV of the current kv head in A, key position j's
   // d + dval values at j·(d + dval), rounded into the gradients once the head is done.
   A* key_acc;
+  // bf16 pairs (bf16_pairs<T, Arch>): the tile products multiply bf16 pairs, dK's with Q
+  // unscaled (qrow_scale 1), its sums times dk_scale when rounded; otherwise scale and 1
+  bool pairs;
+  A qrow_scale, dk_scale;
 
   /// (W: the SIMD width, lanes per vector)
   static backward_pass make(const attention_backward_problem<T>& pb, const Weights& weights, const kv_parts<T>& kv,
@@ -151,10 +166,14 @@ struct backward_pass {
     const index_t Hk = pb.k.extent(1), Nk = pb.k.extent(2), dval = pb.v.extent(3);
     return backward_pass{pb, weights, kv, B, H, Nq, d, Hk, Nk, dval, H / Hk, ceil_div(Nq, kBwdBlockQ),
                          round_up(std::max<index_t>(d, 1), W), round_up(dval, W), d % W != 0 && !is_half_v<T>,
-                         attention_mask::of(pb.causal, Nq, Nk, pb.band), nullptr};
+                         attention_mask::of(pb.causal, Nq, Nk, pb.band), nullptr, false, pb.scale, A(1)};
   }
   /// Values of one packed query block in a window of the partials schedule.
   index_t pack_size() const { return 2 * dp * kBwdBlockQ + 2 * dvp * kBwdBlockQ + 2 * kBwdBlockQ; }
+  /// Words of one query block's pair operands (pairs).
+  index_t pair_pack_size() const {
+    return (ceil_div(d, 2) + ceil_div(dval, 2)) * kBwdBlockQ + ceil_div(kBwdBlockQ, 2) * (dp + dvp);
+  }
 };
 
 /// Sizes the worker's per-tile scratch on its first task.
@@ -175,6 +194,11 @@ void prepare_backward_scratch(const backward_pass<T, Weights>& f, attention_back
   s.vacc.assign(static_cast<std::size_t>(BK * dvp), A(0));
   if (f.pack_k || is_half_v<T>) s.kpack.assign(static_cast<std::size_t>(BK * dp), A(0));
   if (is_half_v<T>) s.vpack.assign(static_cast<std::size_t>(BK * dvp), A(0));
+  if (f.pairs) {
+    s.window_pairs.assign(static_cast<std::size_t>(kPartialWindow / BQ * f.pair_pack_size()), 0u);
+    s.p16.assign(static_cast<std::size_t>(BK * BQ), 0);
+    s.ds16.assign(static_cast<std::size_t>(BK * BQ), 0);
+  }
   s.c.assign(BQ, A(0));
   s.dd.assign(BQ, A(0));
   s.stat.assign(BQ, A(0));
@@ -189,19 +213,38 @@ key_rows<accum_t<T>> rows_of(const backward_pass<T, Weights>& f, attention_backw
                              const key_piece<T>& kp, index_t b, index_t hk) {
   const kv_part<T>& p = *kp.part;
   if constexpr (is_half_v<T>) {
-    if (f.d > 0) pack_rows(p.k_row(b, hk, kp.j0), p.k.stride(2), kp.nk, f.d, s.kpack.data(), f.dp);
-    pack_rows(p.v_row(b, hk, kp.j0), p.v.stride(2), kp.nk, f.dval, s.vpack.data(), f.dvp);
-    return key_rows<accum_t<T>>{s.kpack.data(), f.dp, s.vpack.data(), f.dvp, kp.j0, kp.nk};
+    const T* k = f.d > 0 ? p.k_row(b, hk, kp.j0) : nullptr;
+    const T* v = p.v_row(b, hk, kp.j0);
+    if (f.d > 0) pack_rows(k, p.k.stride(2), kp.nk, f.d, s.kpack.data(), f.dp);
+    pack_rows(v, p.v.stride(2), kp.nk, f.dval, s.vpack.data(), f.dvp);
+    return key_rows<accum_t<T>>{s.kpack.data(), f.dp, s.vpack.data(), f.dvp, kp.j0, kp.nk,
+                                reinterpret_cast<const std::uint16_t*>(k), reinterpret_cast<const std::uint16_t*>(v),
+                                p.k.stride(2), p.v.stride(2)};
   } else {
     return key_rows<T>{f.d > 0 ? p.k_row(b, hk, kp.j0) : s.qt.data(), p.k.stride(2), p.v_row(b, hk, kp.j0),
-                       p.v.stride(2), kp.j0, kp.nk};
+                       p.v.stride(2), kp.j0, kp.nk, nullptr, nullptr, 0, 0};
   }
 }
 
+/// With bf16 pairs: qp with the pair operands of block `block` of s.window_pairs.
+template <class T, class Weights>
+query_block_pack<accum_t<T>> with_pairs(const backward_pass<T, Weights>& f, attention_backward_scratch<accum_t<T>>& s,
+                                        query_block_pack<accum_t<T>> qp, index_t block) {
+  constexpr index_t BQ = kBwdBlockQ;
+  if (!f.pairs) return qp;
+  qp.qtw = s.window_pairs.data() + block * f.pair_pack_size();
+  qp.dotw = qp.qtw + ceil_div(f.d, 2) * BQ;
+  qp.qw = qp.dotw + ceil_div(f.dval, 2) * BQ;
+  qp.dow = qp.qw + ceil_div(BQ, 2) * f.dp;
+  return qp;
+}
+
 /// The query block packed in the worker's per-tile scratch.
-template <class A>
-query_block_pack<A> scratch_pack(attention_backward_scratch<A>& s) {
-  return query_block_pack<A>{s.qt.data(), s.dot.data(), s.qrows.data(), s.dorows.data(), s.c.data(), s.dd.data()};
+template <class T, class Weights>
+query_block_pack<accum_t<T>> scratch_pack(const backward_pass<T, Weights>& f, attention_backward_scratch<accum_t<T>>& s) {
+  return with_pairs(f, s, query_block_pack<accum_t<T>>{s.qt.data(), s.dot.data(), s.qrows.data(), s.dorows.data(),
+                                                       s.c.data(), s.dd.data(), nullptr, nullptr, nullptr, nullptr},
+                    0);
 }
 
 /// Query block `block` of the window in s.window: the partials schedule packs each query block
@@ -212,8 +255,25 @@ query_block_pack<accum_t<T>> window_pack(const backward_pass<T, Weights>& f, att
   constexpr index_t BQ = kBwdBlockQ;
   const index_t dp = f.dp, dvp = f.dvp;
   accum_t<T>* base = s.window.data() + block * f.pack_size();
-  return query_block_pack<accum_t<T>>{base, base + dp * BQ, base + (dp + dvp) * BQ, base + (2 * dp + dvp) * BQ,
-                             base + 2 * (dp + dvp) * BQ, base + 2 * (dp + dvp) * BQ + BQ};
+  return with_pairs(f, s,
+                    query_block_pack<accum_t<T>>{base, base + dp * BQ, base + (dp + dvp) * BQ,
+                                                 base + (2 * dp + dvp) * BQ, base + 2 * (dp + dvp) * BQ,
+                                                 base + 2 * (dp + dvp) * BQ + BQ, nullptr, nullptr, nullptr, nullptr},
+                    block);
+}
+
+/// bf16 pairs: query block qb's pair operands (query_block_pack).
+template <class T, class Weights>
+void load_query_pairs(const backward_pass<T, Weights>& f, const query_block_pack<accum_t<T>>& qp, const query_block& qb) {
+  const auto* dout = reinterpret_cast<const std::uint16_t*>(&f.pb.dout(qb.b, qb.h, qb.i0, 0));
+  const index_t dos = f.pb.dout.stride(2);
+  if (f.d > 0) {
+    const auto* q = reinterpret_cast<const std::uint16_t*>(&f.pb.q(qb.b, qb.h, qb.i0, 0));
+    pack_pairs_transposed(q, f.pb.q.stride(2), f.d, qb.nq, qp.qtw, qb.lanes);
+    pack_pairs(q, f.pb.q.stride(2), qb.nq, f.d, qp.qw, f.dp);
+  }
+  pack_pairs_transposed(dout, dos, f.dval, qb.nq, qp.dotw, qb.lanes);
+  pack_pairs(dout, dos, qb.nq, f.dval, qp.dow, f.dvp);
 }
 
 /// Loads query block qb: Qᵀ scaled and dOᵀ (queries in lanes, zero padding lanes), the
@@ -239,10 +299,12 @@ void load_queries(const backward_pass<T, Weights>& f, attention_backward_scratch
   }
   std::fill(qp.dd + nq, qp.dd + lanes, A(0));
   f.weights.backward_init(s.stat.data(), nq, lanes, qp.c);
+  if constexpr (is_half_v<T>)
+    if (f.pairs) load_query_pairs(f, qp, qb);
   if (!rows) return;
   for (index_t i = 0; i < nq; ++i) {
     A* dst = qp.qrows + i * f.dp;
-    for (index_t c = 0; c < d; ++c) dst[c] = pb.scale * widen1(qrow[i * qs + c]);
+    for (index_t c = 0; c < d; ++c) dst[c] = f.qrow_scale * widen1(qrow[i * qs + c]);
     std::fill(dst + d, dst + f.dp, A(0));
   }
   pack_rows(dorow, dos, nq, dval, qp.dorows, f.dvp);
@@ -256,8 +318,18 @@ bool backward_tile(const backward_pass<T, Weights>& f, attention_backward_scratc
                    const query_block_pack<accum_t<T>>& qp, const query_block& qb, const key_rows<accum_t<T>>& kr) {
   using A = accum_t<T>;
   const index_t lanes = qb.lanes, nk = kr.nk;
-  gemm<A, Arch>(nk, lanes, f.d, kr.k, kr.ks, 1, qp.qt, lanes, s.st.data(), lanes, false);
-  gemm<A, Arch>(nk, lanes, f.dval, kr.v, kr.vs, 1, qp.dot, lanes, s.dpt.data(), lanes, false);
+  if constexpr (bf16_pairs<T, Arch>) {  // exact products of bf16 pairs; Qᵀ unscaled: scale the scores
+    A* st = s.st.data();
+    if (f.d == 0) std::fill(st, st + nk * lanes, A(0));
+    else gemm_pairs<Arch>(nk, lanes, ceil_div(f.d, 2), f.d % 2 != 0, kr.k16, kr.ks16, 2, qp.qtw, lanes, st, lanes, false);
+    if (f.pb.scale != A(1))
+      for (index_t r = 0; r < nk; ++r) scale_padded<A, Arch>(st + r * lanes, lanes, f.pb.scale);
+    gemm_pairs<Arch>(nk, lanes, ceil_div(f.dval, 2), f.dval % 2 != 0, kr.v16, kr.vs16, 2, qp.dotw, lanes,
+                     s.dpt.data(), lanes, false);
+  } else {
+    gemm<A, Arch>(nk, lanes, f.d, kr.k, kr.ks, 1, qp.qt, lanes, s.st.data(), lanes, false);
+    gemm<A, Arch>(nk, lanes, f.dval, kr.v, kr.vs, 1, qp.dot, lanes, s.dpt.data(), lanes, false);
+  }
   f.weights.backward_tile(s.st.data(), s.pt.data(), s.dpt.data(), nk, lanes, lanes, qp.c, qp.dd);
   const bool partial = f.mask.partial(qb.i0, qb.nq, kr.j0, nk);
   if (partial) {
@@ -289,7 +361,22 @@ void accumulate_key_gradients(const backward_pass<T, Weights>& f, attention_back
     return n == 0 || (rows_finite<A, Arch>(qp.dorows + a * dvp, dvp, n, dval) &&
                       rows_finite<A, Arch>(qp.qrows + a * dp, dp, n, d));
   };
-  if (finite(0, ca) && finite(cb, nq - cb)) {
+  const bool all_finite = finite(0, ca) && finite(cb, nq - cb);
+  if constexpr (bf16_pairs<T, Arch>) {  // P and dS rounded to bf16 (the fallback below reads them widened)
+    narrow(s.pt.data(), nk * lanes, reinterpret_cast<bf16*>(s.p16.data()));
+    narrow(s.dpt.data(), nk * lanes, reinterpret_cast<bf16*>(s.ds16.data()));
+    if (all_finite) {
+      gemm_pairs<Arch>(nk, dval, ceil_div(nq, 2), nq % 2 != 0, s.p16.data(), lanes, 2, qp.dow, dvp, s.vacc.data(), dvp,
+                       true);
+      if (d > 0)
+        gemm_pairs<Arch>(nk, d, ceil_div(nq, 2), nq % 2 != 0, s.ds16.data(), lanes, 2, qp.qw, dp, s.kacc.data(), dp,
+                         true);
+      return;
+    }
+    widen(reinterpret_cast<const bf16*>(s.p16.data()), nk * lanes, s.pt.data());
+    widen(reinterpret_cast<const bf16*>(s.ds16.data()), nk * lanes, s.st.data());  // (dS stays in s.dpt for dQ)
+    dpt = s.st.data();
+  } else if (all_finite) {
     gemm<A, Arch>(nk, dval, nq, pt, lanes, 1, qp.dorows, dvp, s.vacc.data(), dvp, true);
     if (d > 0) gemm<A, Arch>(nk, d, nq, dpt, lanes, 1, qp.qrows, dp, s.kacc.data(), dp, true);
     return;
@@ -338,6 +425,13 @@ const accum_t<T>* k_operand(const backward_pass<T, Weights>& f, attention_backwa
   return s.kpack.data();
 }
 
+/// dst = factor · src rounded to T (a copy for float and double, whose factor is 1).
+template <class T>
+void narrow_scaled(const accum_t<T>* src, index_t n, accum_t<T> factor, T* dst) {
+  if (factor == accum_t<T>(1)) return narrow(src, n, dst);
+  for (index_t c = 0; c < n; ++c) dst[c] = narrow1<T>(factor * src[c]);
+}
+
 /// dK, dV of piece kp of kv head (b, hk) into the accumulators (s.kacc, s.vacc) and back: from
 /// and to the gradients for float and double. A half T's gradient is rounded only once, so its
 /// running sums stay in A: in f.key_acc under the partials schedule (rounded into the gradients
@@ -366,7 +460,7 @@ void store_key_gradients(const backward_pass<T, Weights>& f, const attention_bac
       std::copy_n(s.kacc.data() + r * f.dp, f.d, dst);
       std::copy_n(s.vacc.data() + r * f.dvp, f.dval, dst + f.d);
     } else {  // (narrow: a copy for float and double)
-      if (f.d > 0) narrow(s.kacc.data() + r * f.dp, f.d, kp.part->dk_row(b, hk, kp.j0 + r));
+      if (f.d > 0) narrow_scaled(s.kacc.data() + r * f.dp, f.d, f.dk_scale, kp.part->dk_row(b, hk, kp.j0 + r));
       narrow(s.vacc.data() + r * f.dvp, f.dval, kp.part->dv_row(b, hk, kp.j0 + r));
     }
   }
@@ -379,7 +473,7 @@ void flush_key_gradients(const backward_pass<T, Weights>& f, index_t b, index_t 
   f.kv.split(0, f.Nk, [&](index_t j0, index_t n, const kv_part<T>& p) {
     for (index_t j = j0; j < j0 + n; ++j) {
       const accum_t<T>* src = f.key_acc + j * (f.d + f.dval);
-      if (f.d > 0) narrow(src, f.d, p.dk_row(b, hk, j));
+      if (f.d > 0) narrow_scaled(src, f.d, f.dk_scale, p.dk_row(b, hk, j));
       narrow(src + f.d, f.dval, p.dv_row(b, hk, j));
     }
   });
@@ -526,7 +620,7 @@ void recompute_key_task(const backward_pass<T, Weights>& f, attention_backward_s
     const index_t h = hk * f.group + g;
     f.mask.for_each_query_block(kp.j0, nk, kBwdBlockQ, [&](index_t i0, index_t nq) {
       const query_block qb{b, h, hk, i0, nq, round_up(nq, W)};
-      const query_block_pack<A> qp = scratch_pack(s);
+      const query_block_pack<A> qp = scratch_pack(f, s);
       load_queries(f, s, qp, qb, true);
       // dV[nk x dv] += Pᵀ · dO ; dK[nk x d] += dSᵀ · (scale·Q)
       const bool partial = backward_tile<T, Weights, Arch>(f, s, qp, qb, kr);
@@ -542,7 +636,7 @@ void recompute_query_task(const backward_pass<T, Weights>& f, attention_backward
                           const query_block& qb) {
   using A = accum_t<T>;
   const index_t dp = f.dp, nq = qb.nq;
-  const query_block_pack<A> qp = scratch_pack(s);
+  const query_block_pack<A> qp = scratch_pack(f, s);
   load_queries(f, s, qp, qb, false);
   A* qacc = s.qrows.data();  // dQ accumulator [nq x dp]; the rows are not needed here
   std::fill(qacc, qacc + nq * dp, A(0));
@@ -606,7 +700,12 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
     zero_key_gradients(kv);
     return;
   }
-  const auto f = backward_pass<T, Weights>::make(pb, weights, kv, simd_width<accum_t<T>, Arch>);
+  auto f = backward_pass<T, Weights>::make(pb, weights, kv, simd_width<accum_t<T>, Arch>);
+  if constexpr (bf16_pairs<T, Arch>) {
+    f.pairs = true;
+    f.qrow_scale = accum_t<T>(1);
+    f.dk_scale = pb.scale;
+  }
   if (pb.schedule == backward_schedule::partials)
     run_partials_schedule<T, Weights, Arch>(f);
   else
