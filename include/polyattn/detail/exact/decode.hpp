@@ -39,22 +39,32 @@ bool decode_applies(const attention_problem<T>& pb) {
   return pb.q.extent(2) <= kDecodeMaxQueries;
 }
 
-/// out row = o / den rounded to T, 0 for den = 0 (no visible key), NaN for a non-finite den.
+/// row = o / den rounded to T, 0 for den = 0 (no visible key), NaN for a non-finite den.
 /// Divides (not multiplies by 1/den): a subnormal denominator must not overflow to inf. `o` is
 /// scratch (a half T divides in place, then rounds once).
 template <class T, class Arch>
-void store_output_row(accum_t<T>* o, index_t dv, accum_t<T> den, T* orow) {
+void store_row(accum_t<T>* o, index_t dv, accum_t<T> den, T* row) {
   using A = accum_t<T>;
   if (den > A(0) && den <= std::numeric_limits<A>::max()) {
     if constexpr (is_half_v<T>) {
       divide_into<A, Arch>(o, dv, den, o);
-      narrow(o, dv, orow);
+      narrow(o, dv, row);
     } else {
-      divide_into<A, Arch>(o, dv, den, orow);
+      divide_into<A, Arch>(o, dv, den, row);
     }
   } else {
-    std::fill(orow, orow + dv, narrow1<T>(den == A(0) ? A(0) : std::numeric_limits<A>::quiet_NaN()));
+    std::fill(row, row + dv, narrow1<T>(den == A(0) ? A(0) : std::numeric_limits<A>::quiet_NaN()));
   }
+}
+
+/// Output row (b, h, i) of the forward: into out, or unrounded into out_accum when given.
+template <class T, class Arch>
+void store_output_row(const attention_problem<T>& pb, accum_t<T>* o, accum_t<T> den, index_t b, index_t h, index_t i) {
+  const index_t dv = pb.v.extent(3);
+  if (pb.out_accum.size() > 0)
+    store_row<accum_t<T>, Arch>(o, dv, den, &pb.out_accum(b, h, i, 0));
+  else
+    store_row<T, Arch>(o, dv, den, &pb.out(b, h, i, 0));
 }
 
 template <class T, class Weights>
@@ -241,7 +251,7 @@ void decode_merge(const decode_pass<T, Weights>& f, index_t g, accum_t<T>* parti
         (Bt::load_unaligned(o + x) * Bt(sa) + Bt::load_unaligned(oc + x) * Bt(sb)).store_unaligned(o + x);
     }
     const index_t h = h0 + r / f.Nq, i = r % f.Nq;
-    if (f.dv > 0) store_output_row<T, Arch>(o, f.dv, f.weights.denominator(m, l), &f.pb.out(b, h, i, 0));
+    if (f.dv > 0) store_output_row<T, Arch>(f.pb, o, f.weights.denominator(m, l), b, h, i);
     if (f.pb.stats.size() > 0) f.pb.stats(b, h, i) = f.weights.row_statistic(m, l);
   }
 }

@@ -34,6 +34,10 @@ struct attention_problem : attention_inputs<T> {
   tensor_view<T, 4> out{};
   tensor_view<accum_t<T>, 3> stats{};  // [B, H, Nq] row statistics, written when non-empty
   index_t block_k = 128;  // keys per block (tiling.hpp's kBlockK); >= Nk materialises a whole score row block
+  // When non-empty (a half T only), the rows are written here in accum_t<T>, unrounded, instead
+  // of into out: for a caller that combines them with other terms before the one rounding
+  // (shaped attention's softmax term).
+  tensor_view<accum_t<T>, 4> out_accum{};
 };
 
 /// Queries [i0, i0 + nq) of head (b, h), which reads kv head hk, padded to `lanes` SIMD lanes:

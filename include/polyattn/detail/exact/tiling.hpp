@@ -194,11 +194,11 @@ template <class T, class Weights, class Arch>
 void store_forward_rows(const forward_pass<T, Weights>& f, attention_scratch<accum_t<T>>& s, const query_block& qb) {
   using A = accum_t<T>;
   const attention_problem<T>& pb = f.pb;
-  const index_t os = pb.out.stride(2), dv = f.dv, nq = qb.nq;
+  const index_t dv = f.dv, nq = qb.nq;
   A* o = s.o.data();
-  T* orow = dv > 0 ? &pb.out(qb.b, qb.h, qb.i0, 0) : nullptr;
   for (index_t i = 0; i < nq && dv > 0; ++i)
-    store_output_row<T, Arch>(o + i * f.dvp, dv, f.weights.denominator(s.m[to_size(i)], s.l[to_size(i)]), orow + i * os);
+    store_output_row<T, Arch>(pb, o + i * f.dvp, f.weights.denominator(s.m[to_size(i)], s.l[to_size(i)]), qb.b, qb.h,
+                              qb.i0 + i);
   if (pb.stats.size() > 0)
     for (index_t i = 0; i < nq; ++i)
       pb.stats(qb.b, qb.h, qb.i0 + i) = f.weights.row_statistic(s.m[to_size(i)], s.l[to_size(i)]);
