@@ -22,6 +22,13 @@
 //
 // A cache holds at most kMaxCacheLength = 2^62 tokens: import_summary rejects a later position
 // and a call that would pass it throws (the cache unchanged), so no position overflows.
+//
+// Half storage (T = bf16 or f16): the calls' q, k, v (features, sketches) and out are views of
+// T, while the state — Z, z and the raw rows of the unfinished block — is accum_t<T> (float),
+// and so are the summaries (std::vector<float>) and the sketch a polysketch_cache holds
+// (polysketch<float>, as polysketch_attention<T> takes). Rows are widened as they are read,
+// every sum is fp32 and each output row is rounded to T once: decoding token by token gives
+// the one-shot kernel's rows up to fp32 rounding, with no rounding to half in between.
 #pragma once
 
 #include <cmath>
@@ -59,6 +66,9 @@ constexpr index_t summary_digit(index_t dim, index_t i) { return (dim >> (8 * i)
 template <class T>
 class cache_core {
  public:
+  /// The accumulation type: the states, the summaries and the bias (float for bf16 and f16).
+  using accum_type = accum_t<T>;
+
   index_t length() const noexcept { return states_.empty() ? 0 : states_.front().position; }
 
   void reset() {
@@ -78,25 +88,25 @@ class cache_core {
 
   /// The state summary Σ φ(k)vᵀ, Σ φ(k) of every (batch, kv head), in that order, then the
   /// trailer (count 1). The length must be a multiple of block_size (no unfinished block).
-  std::vector<T> export_summary_as(const char* fn) const {
+  std::vector<accum_type> export_summary_as(const char* fn) const {
     if (length() % block_ != 0)
       fail(fn, "the cache holds " + std::to_string(length()) + " tokens, not a multiple of block_size " +
                    std::to_string(block_) + ": the unfinished block has no summary");
-    std::vector<T> out;
+    std::vector<accum_type> out;
     out.reserve(static_cast<std::size_t>(summary_size()));
     for (const auto& s : states_) {
       out.insert(out.end(), s.Z.begin(), s.Z.end());
       out.insert(out.end(), s.z.begin(), s.z.end());
     }
-    out.push_back(T(1));
+    out.push_back(accum_type(1));
     for (const index_t dim : {m_, dv_})
-      for (index_t i = 0; i < kSummaryDigits; ++i) out.push_back(static_cast<T>(summary_digit(dim, i)));
+      for (index_t i = 0; i < kSummaryDigits; ++i) out.push_back(static_cast<accum_type>(summary_digit(dim, i)));
     return out;
   }
 
   /// Replaces the state by a summary (e.g. the sum of the summaries of the chunks before this
   /// one) at `position`, a multiple of block_size, at most kMaxCacheLength.
-  void import_summary_as(const char* fn, const std::vector<T>& summary, index_t position) {
+  void import_summary_as(const char* fn, const std::vector<accum_type>& summary, index_t position) {
     if (static_cast<index_t>(summary.size()) != summary_size())
       fail(fn, "argument 'summary' holds " + std::to_string(summary.size()) + " values but the cache's summary has " +
                    std::to_string(summary_size()) + " (batch " + std::to_string(batch_) + " x kv heads " +
@@ -137,28 +147,31 @@ class cache_core {
                "kv head, at most " + std::to_string(kMaxBlock) + " rows");
     // every state's buffers (linear_state::reset), then all of them together, before allocating
     const index_t per_state = static_cast<index_t>(
-        checked_size<T>(fn, "a state's Z [m x dv]", {m, value_dim}) + checked_size<T>(fn, "a state's z [m]", {m}) +
-        checked_size<T>(fn, "a state's keys [block x key dim]", {block, key_dim}) +
-        checked_size<T>(fn, "a state's values [block x dv]", {block, value_dim}));
-    checked_size<T>(fn, "the states of batch x kv_heads sequences", {batch, kv_heads, per_state});
-    states_.reserve(checked_size<linear_state<T>>(fn, "the states of batch x kv_heads sequences", {batch, kv_heads}));
+        checked_size<accum_type>(fn, "a state's Z [m x dv]", {m, value_dim}) +
+        checked_size<accum_type>(fn, "a state's z [m]", {m}) +
+        checked_size<accum_type>(fn, "a state's keys [block x key dim]", {block, key_dim}) +
+        checked_size<accum_type>(fn, "a state's values [block x dv]", {block, value_dim}));
+    checked_size<accum_type>(fn, "the states of batch x kv_heads sequences", {batch, kv_heads, per_state});
+    states_.reserve(
+        checked_size<linear_state<accum_type>>(fn, "the states of batch x kv_heads sequences", {batch, kv_heads}));
     for (index_t s = 0; s < batch * kv_heads; ++s) states_.emplace_back(block, m, key_dim, value_dim);
   }
 
   /// The summary's trailer (see the top of cache.hpp): c·(1, digits of m, digits of dv) for a
   /// whole number c >= 0.
-  void check_summary_trailer(const char* fn, const T* tail) const {
-    const T c = tail[0];
-    bool ok = std::isfinite(c) && c >= T(0) && c == std::floor(c);
+  void check_summary_trailer(const char* fn, const accum_type* tail) const {
+    using A = accum_type;
+    const A c = tail[0];
+    bool ok = std::isfinite(c) && c >= A(0) && c == std::floor(c);
     index_t i = 1;
     for (const index_t dim : {m_, dv_})
-      for (index_t g = 0; g < kSummaryDigits; ++g, ++i) ok = ok && tail[i] == c * static_cast<T>(summary_digit(dim, g));
+      for (index_t g = 0; g < kSummaryDigits; ++g, ++i) ok = ok && tail[i] == c * static_cast<A>(summary_digit(dim, g));
     if (ok) return;
     index_t dims[2] = {0, 0};  // the dims the trailer records, if it is one
-    bool decoded = std::isfinite(c) && c >= T(1) && c == std::floor(c);
+    bool decoded = std::isfinite(c) && c >= A(1) && c == std::floor(c);
     for (index_t j = 0; j < 2 * kSummaryDigits; ++j) {
-      const T digit = tail[1 + j] / c;
-      decoded = decoded && digit == std::floor(digit) && digit >= T(0) && digit < T(256);
+      const A digit = tail[1 + j] / c;
+      decoded = decoded && digit == std::floor(digit) && digit >= A(0) && digit < A(256);
       if (decoded) dims[j / kSummaryDigits] += static_cast<index_t>(digit) << (8 * (j % kSummaryDigits));
     }
     fail(fn, "argument 'summary' " +
@@ -198,7 +211,7 @@ class cache_core {
   /// Appends keys without queries: k [B, Hk, n, key_dim], v [B, Hk, n, dv] (k2: secondary rows).
   template <class Source>
   void append_keys(const char* fn, const Source& src, const tensor_view<const T, 4>& k, const tensor_view<const T, 4>& v,
-                   index_t key_dim, T bias, const tensor_view<const T, 4>& k2 = {}) {
+                   index_t key_dim, accum_type bias, const tensor_view<const T, 4>& k2 = {}) {
     const tensor_view<const T, 4> q(k.data(), {k.extent(0), k.extent(1), 0, k.extent(3)});
     const tensor_view<T, 4> out(nullptr, {k.extent(0), k.extent(1), 0, v.extent(3)});
     check_attention(fn, q, k, v, out);
@@ -215,7 +228,7 @@ class cache_core {
   /// Runs the engine on the states; any exception from inside resets the cache.
   template <class Source>
   void run(const Source& src, const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
-           const tensor_view<const T, 4>& v, const tensor_view<T, 4>& out, T bias,
+           const tensor_view<const T, 4>& v, const tensor_view<T, 4>& out, accum_type bias,
            const tensor_view<const T, 4>& q2 = {}, const tensor_view<const T, 4>& k2 = {}) {
     const index_t n = k.extent(2);
     if (n == 0) return;
@@ -242,8 +255,8 @@ class cache_core {
   index_t batch_, kv_heads_, dv_, block_, m_;
   int threads_;
   index_t heads_ = 0;  // query heads, fixed by the first call with queries
-  std::vector<linear_state<T>> states_;
-  linear_workspace<T> workspace_;
+  std::vector<linear_state<accum_type>> states_;  // fp32 for half storage
+  linear_workspace<accum_type> workspace_;
 };
 
 }  // namespace detail
@@ -253,7 +266,7 @@ class cache_core {
 template <class T>
 class polysketch_cache : public detail::cache_core<T> {
  public:
-  polysketch_cache(const polysketch<T>& sketch, index_t batch, index_t kv_heads, index_t value_dim,
+  polysketch_cache(const polysketch<accum_t<T>>& sketch, index_t batch, index_t kv_heads, index_t value_dim,
                    const polysketch_options& opts)
       : detail::cache_core<T>("polysketch_cache", batch, kv_heads, value_dim, opts.block_size, opts.causal, opts.threads,
                               checked(sketch).feature_dim(), sketch.head_dim()),
@@ -267,33 +280,31 @@ class polysketch_cache : public detail::cache_core<T> {
   /// queries (q: [batch, H, n, d]) attending causally to everything so far.
   void forward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v, tensor_view<T, 4> out) {
     this->check_call("polysketch_cache::forward", q, k, v, out, sketch_.head_dim());
-    this->run(source(), q, k, v, out, static_cast<T>(opts_.normalizer_bias));
+    this->run(source(), q, k, v, out, static_cast<accum_t<T>>(opts_.normalizer_bias));
   }
 
   /// Appends n tokens without queries (k, v: [batch, kv_heads, n, ·]), e.g. a chunk to summarise.
   void append(detail::input_view<T> k, detail::input_view<T> v) {
     this->append_keys("polysketch_cache::append", source(), k, v, sketch_.head_dim(),
-                      static_cast<T>(opts_.normalizer_bias));
+                      static_cast<accum_t<T>>(opts_.normalizer_bias));
   }
 
-  std::vector<T> export_summary() const { return this->export_summary_as("polysketch_cache::export_summary"); }
-  void import_summary(const std::vector<T>& summary, index_t position) {
+  std::vector<accum_t<T>> export_summary() const { return this->export_summary_as("polysketch_cache::export_summary"); }
+  void import_summary(const std::vector<accum_t<T>>& summary, index_t position) {
     this->import_summary_as("polysketch_cache::import_summary", summary, position);
   }
 
-  const polysketch<T>& sketch() const noexcept { return sketch_; }
+  const polysketch<accum_t<T>>& sketch() const noexcept { return sketch_; }
   const polysketch_options& options() const noexcept { return opts_; }
 
  private:
-  static const polysketch<T>& checked(const polysketch<T>& sk) {
+  static const polysketch<accum_t<T>>& checked(const polysketch<accum_t<T>>& sk) {
     if (sk.degree() == 0) detail::fail("polysketch_cache", "argument 'sketch' is empty (default-constructed)");
     return sk;
   }
-  detail::sketch_feature_source<T> source() const {
-    return {&sketch_, static_cast<T>(opts_.scale), opts_.local_exact, sketch_.degree(), static_cast<T>(opts_.scale)};
-  }
+  detail::sketch_feature_source<accum_t<T>> source() const { return detail::polysketch_source(sketch_, opts_); }
 
-  polysketch<T> sketch_;
+  polysketch<accum_t<T>> sketch_;
   polysketch_options opts_;
 };
 
@@ -323,7 +334,7 @@ class sketched_cache : public detail::cache_core<T> {
     if (sq.extent(3) != expand_.head_dim())
       detail::fail(fn, "argument 'sq' has shape " + detail::shape_string(sq) + " but the cache was built for sketch size " +
                            std::to_string(expand_.head_dim()));
-    this->run(source(), sq, sk, v, out, static_cast<T>(opts_.normalizer_bias), q, k);
+    this->run(source(), sq, sk, v, out, static_cast<accum_t<T>>(opts_.normalizer_bias), q, k);
   }
 
   /// Appends n tokens without queries (k [B, Hk, n, d], sk [B, Hk, n, r], v).
@@ -335,20 +346,20 @@ class sketched_cache : public detail::cache_core<T> {
         detail::fail(fn, "argument 'k' has shape " + detail::shape_string(k) + " but 'sk' has shape " +
                              detail::shape_string(sk) + " and the cache's head dim is " + std::to_string(d_));
     }
-    this->append_keys(fn, source(), sk, v, expand_.head_dim(), static_cast<T>(opts_.normalizer_bias), k);
+    this->append_keys(fn, source(), sk, v, expand_.head_dim(), static_cast<accum_t<T>>(opts_.normalizer_bias), k);
   }
 
-  std::vector<T> export_summary() const { return this->export_summary_as("sketched_cache::export_summary"); }
-  void import_summary(const std::vector<T>& summary, index_t position) {
+  std::vector<accum_t<T>> export_summary() const { return this->export_summary_as("sketched_cache::export_summary"); }
+  void import_summary(const std::vector<accum_t<T>>& summary, index_t position) {
     this->import_summary_as("sketched_cache::import_summary", summary, position);
   }
 
  private:
-  static polysketch<T> identity(index_t r) {
+  static polysketch<accum_t<T>> identity(index_t r) {
     if (r < 1) detail::fail("sketched_cache", "argument 'sketch_dim' must be >= 1, got " + std::to_string(r));
     sketch_options o;
     o.degree = 2;
-    return polysketch<T>(r, o);
+    return polysketch<accum_t<T>>(r, o);
   }
 
   /// The width of a carried key row: r, and r + d with local_exact; checked before it is formed.
@@ -362,12 +373,12 @@ class sketched_cache : public detail::cache_core<T> {
     return local ? r + d : r;
   }
 
-  detail::sketch_feature_source<T> source() const {
-    return {&expand_, T(1), opts_.local_exact, opts_.degree, static_cast<T>(opts_.scale), opts_.local_exact,
+  detail::sketch_feature_source<accum_t<T>> source() const {
+    return {&expand_, accum_t<T>(1), opts_.local_exact, opts_.degree, static_cast<accum_t<T>>(opts_.scale), opts_.local_exact,
             opts_.local_exact ? d_ : 0};
   }
 
-  polysketch<T> expand_;  // s ⊗ s expansion of the caller's sketches
+  polysketch<accum_t<T>> expand_;  // s ⊗ s expansion of the caller's sketches
   index_t d_;
   sketched_options opts_;
 };
@@ -387,17 +398,17 @@ class linear_cache : public detail::cache_core<T> {
   /// Appends n tokens (phi_k [B, Hk, n, m], v) and attends their n queries (phi_q [B, H, n, m]).
   void forward(detail::input_view<T> phi_q, detail::input_view<T> phi_k, detail::input_view<T> v, tensor_view<T, 4> out) {
     this->check_call("linear_cache::forward", phi_q, phi_k, v, out, this->m_);
-    this->run(detail::view_feature_source<T>{this->m_}, phi_q, phi_k, v, out, static_cast<T>(opts_.normalizer_bias));
+    this->run(detail::view_feature_source<accum_t<T>>{this->m_}, phi_q, phi_k, v, out, static_cast<accum_t<T>>(opts_.normalizer_bias));
   }
 
   /// Appends n tokens without queries (phi_k [B, Hk, n, m], v).
   void append(detail::input_view<T> phi_k, detail::input_view<T> v) {
-    this->append_keys("linear_cache::append", detail::view_feature_source<T>{this->m_}, phi_k, v, this->m_,
-                      static_cast<T>(opts_.normalizer_bias));
+    this->append_keys("linear_cache::append", detail::view_feature_source<accum_t<T>>{this->m_}, phi_k, v, this->m_,
+                      static_cast<accum_t<T>>(opts_.normalizer_bias));
   }
 
-  std::vector<T> export_summary() const { return this->export_summary_as("linear_cache::export_summary"); }
-  void import_summary(const std::vector<T>& summary, index_t position) {
+  std::vector<accum_t<T>> export_summary() const { return this->export_summary_as("linear_cache::export_summary"); }
+  void import_summary(const std::vector<accum_t<T>>& summary, index_t position) {
     this->import_summary_as("linear_cache::import_summary", summary, position);
   }
 

@@ -9,9 +9,11 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "detail/core/check_options.hpp"
+#include "detail/core/convert.hpp"
 #include "detail/core/eigen_bridge.hpp"
 #include "detail/core/simd.hpp"
 #include "detail/core/sizes.hpp"
@@ -65,7 +67,61 @@ void for_each_group(index_t batch, index_t heads, index_t groups, index_t rate, 
 /// value replaces, so ties keep the first maximum.
 template <class T>
 bool replaces_max(T y, T m) {
-  return !(m != m) && (y > m || y != y);
+  if constexpr (is_half_v<T>) {
+    return replaces_max(widen1(y), widen1(m));  // exact: a half value is a float
+  } else {
+    return !(m != m) && (y > m || y != y);
+  }
+}
+
+/// What mean pooling sums in: double for float and double storage, fp32 (accum_t) for half.
+template <class T>
+using pool_sum_t = std::conditional_t<is_half_v<T>, accum_t<T>, double>;
+
+/// o = the mean of rows r0 .. r1 of slice (b, h) of x, summed in pool_sum_t<T> (a row of
+/// `width` sums) and rounded to T once; half rows are widened exactly before they are added.
+template <class T>
+void mean_pool_group(const tensor_view<const T, 4>& x, index_t b, index_t h, index_t r0, index_t r1, std::size_t width,
+                     T* o) {
+  using S = pool_sum_t<T>;
+  const index_t d = x.extent(3);
+  std::vector<S> sums(is_half_v<T> ? 2 * width : width, S(0));
+  S* const acc = sums.data();
+  for (index_t r = r0; r < r1; ++r) {
+    const T* row = &x(b, h, r, 0);
+    if constexpr (is_half_v<T>) {
+      S* const wide = acc + width;
+      widen(row, d, wide);
+      for (index_t c = 0; c < d; ++c) acc[c] += wide[c];
+    } else {
+      for (index_t c = 0; c < d; ++c) acc[c] += static_cast<double>(row[c]);
+    }
+  }
+  const S count = static_cast<S>(r1 - r0);
+  if constexpr (is_half_v<T>) {
+    for (index_t c = 0; c < d; ++c) acc[c] /= count;
+    narrow(acc, d, o);
+  } else {
+    for (index_t c = 0; c < d; ++c) o[c] = static_cast<T>(acc[c] / count);
+  }
+}
+
+/// Mean pooling's backward for one group: rows r0 .. r0 + count of slice (b, h) of dx get
+/// dout / count, divided in pool_sum_t<T> and rounded to T once.
+template <class T>
+void mean_pool_backward_group(const T* go, index_t count, const tensor_view<T, 4>& dx, index_t b, index_t h,
+                              index_t r0) {
+  using S = pool_sum_t<T>;
+  const index_t d = dx.extent(3);
+  const S n = static_cast<S>(count);
+  for (index_t r = r0; r < r0 + count; ++r) {
+    T* row = &dx(b, h, r, 0);
+    if constexpr (is_half_v<T>) {
+      for (index_t c = 0; c < d; ++c) row[c] = narrow1<T>(widen1(go[c]) / n);
+    } else {
+      for (index_t c = 0; c < d; ++c) row[c] = static_cast<T>(static_cast<double>(go[c]) / n);
+    }
+  }
 }
 
 }  // namespace detail
@@ -75,7 +131,8 @@ bool replaces_max(T y, T m) {
 /// partial last group is pooled over the rows it has. pooling::mean averages (summed in
 /// double, rounded once); pooling::max takes the elementwise maximum, NaN when the group holds
 /// a NaN in that column. Validated like the attention entry points; bitwise identical for any
-/// thread count.
+/// thread count. T is float, double, bf16 or f16; with bf16 and f16 the mean is summed in
+/// fp32 (rows widened exactly) and rounded to T once, and max pooling copies the chosen value.
 template <class T>
 void compress_memory(detail::input_view<T> x, index_t rate, pooling mode, tensor_view<T, 4> out,
                      const compress_options& opts = {}) {
@@ -87,19 +144,13 @@ void compress_memory(detail::input_view<T> x, index_t rate, pooling mode, tensor
   detail::check_writable(fn, "out", out);
   detail::check_no_overlap(fn, "out", out, "x", x);
   const index_t N = x.extent(2), d = x.extent(3);
-  const std::size_t row_sums = detail::checked_size<double>(fn, "a row of sums [d]", {d});
+  const std::size_t row_sums = detail::checked_size<detail::pool_sum_t<T>>(fn, "a row of sums [d]", {d});
   detail::for_each_group(x.extent(0), x.extent(1), out.extent(2), rate, d, detail::resolve_threads(opts.threads),
                          [&](index_t b, index_t h, index_t g) {
                            const index_t r0 = g * rate, r1 = std::min(N, r0 + rate);
                            T* o = &out(b, h, g, 0);
                            if (mode == pooling::mean) {
-                             std::vector<double> sums(row_sums, 0.0);
-                             double* const acc = sums.data();
-                             for (index_t r = r0; r < r1; ++r) {
-                               const T* row = &x(b, h, r, 0);
-                               for (index_t c = 0; c < d; ++c) acc[c] += static_cast<double>(row[c]);
-                             }
-                             for (index_t c = 0; c < d; ++c) o[c] = static_cast<T>(acc[c] / static_cast<double>(r1 - r0));
+                             detail::mean_pool_group(x, b, h, r0, r1, row_sums, o);
                            } else {
                              std::copy_n(&x(b, h, r0, 0), d, o);
                              for (index_t r = r0 + 1; r < r1; ++r) {
@@ -135,11 +186,7 @@ void compress_memory_backward(detail::input_view<T> x, index_t rate, pooling mod
                            const index_t r0 = g * rate, r1 = std::min(N, r0 + rate);
                            const T* go = &dout(b, h, g, 0);
                            if (mode == pooling::mean) {
-                             const double count = static_cast<double>(r1 - r0);
-                             for (index_t r = r0; r < r1; ++r) {
-                               T* row = &dx(b, h, r, 0);
-                               for (index_t c = 0; c < d; ++c) row[c] = static_cast<T>(static_cast<double>(go[c]) / count);
-                             }
+                             detail::mean_pool_backward_group(go, r1 - r0, dx, b, h, r0);
                            } else {
                              // forward: out_c = x_{r*, c} with r* the row max pooling took; so dx_{r*, c} = dout_c
                              std::vector<index_t> rows_taken(row_args, r0);

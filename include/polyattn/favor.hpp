@@ -43,6 +43,14 @@
 // derivative through c contributes nothing to the loss's gradient. Given φ from the forward the
 // formula is the same for queries and keys, hence one backward().
 //
+// ---- half storage (T = bf16 or f16) -------------------------------------------------------------
+// x, phi, dphi and dx (and the Eigen form's matrices) are of T, so φq and φk feed
+// linear_attention<T> directly; W is a parameter and stays in param_type = accum_t<T> (float):
+// from_projection takes and projection() returns a float matrix, and the seeded draw rounds the
+// double W to float, so favor_features<bf16> and favor_features<float> of one seed share W.
+// Every feature is computed in fp32 from the widened row (logits, stabiliser, exponential) and
+// rounded to T once; the backward's g, g·W and update are fp32 and dx is rounded once.
+//
 // ---- storage ----------------------------------------------------------------------------------
 // W lives in polyattn's own 64-byte aligned buffers with strides padded to 64 bytes (the widest
 // vector of any ISA), not in Eigen matrices: a map built in a file compiled for one ISA is used
@@ -62,6 +70,7 @@
 
 #include "config.hpp"
 #include "detail/core/check_options.hpp"
+#include "precision.hpp"
 #include "detail/core/eigen_bridge.hpp"
 #include "detail/core/sizes.hpp"
 #include "detail/core/threading.hpp"
@@ -79,12 +88,15 @@ namespace polyattn {
 /// softmax attention with scale 1/√d, causal or not. Immutable; all members const and thread-safe.
 template <class T>
 class favor_features {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "favor_features<T>: T must be float or double");
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> || is_half_v<T>,
+                "favor_features<T>: T must be float, double, bf16 or f16");
 
  public:
   using value_type = T;
+  /// The type of W (the parameters): T for float and double, float for bf16 and f16.
+  using param_type = accum_t<T>;
   /// Padding of the stored layout: 64 bytes, whatever the ISA of the constructing file.
-  static constexpr index_t layout_pad = detail::favor_layout_pad<T>;
+  static constexpr index_t layout_pad = detail::favor_layout_pad<param_type>;
   /// Rows per task of the view-form map.
   static constexpr index_t kRowChunk = detail::kFavorRowChunk;
 
@@ -99,14 +111,14 @@ class favor_features {
   /// A caller-supplied W [m, head_dim] (e.g. a redraw made elsewhere, or a trained one), used as
   /// given. opts.features is taken from W; seed and orthogonal are ignored (options() reports
   /// orthogonal = false). Throws for an empty or non-finite W.
-  static favor_features from_projection(const Eigen::Ref<const matrix<T>>& w, const favor_options& opts = {});
+  static favor_features from_projection(const Eigen::Ref<const matrix<param_type>>& w, const favor_options& opts = {});
 
   index_t head_dim() const noexcept { return w_.d; }
   /// m, the number of features (0 for an empty map).
   index_t feature_dim() const noexcept { return w_.m; }
   const favor_options& options() const noexcept { return opts_; }
   /// W [m, head_dim] as used (before the d^(−1/4) input scaling), a copy.
-  matrix<T> projection() const { return detail::favor_projection_matrix(w_); }
+  matrix<param_type> projection() const { return detail::favor_projection_matrix(w_); }
 
   // ---- view form -------------------------------------------------------------------------------
 
@@ -135,13 +147,13 @@ class favor_features {
 
  private:
   favor_features(const char* fn, index_t head_dim, const favor_options& opts, const std::vector<double>& w)
-      : opts_(opts), w_(detail::make_favor_projection<T>(fn, head_dim, opts.features, w.data())) {}
+      : opts_(opts), w_(detail::make_favor_projection<param_type>(fn, head_dim, opts.features, w.data())) {}
 
   void run(const char* fn, tensor_view<const T, 4> x, tensor_view<T, 4> phi, bool keys) const;
   matrix<T> eigen_run(const char* fn, const Eigen::Ref<const matrix<T>>& x, bool keys) const;
 
   favor_options opts_{};
-  detail::favor_projection<T> w_;  // ISA-independent (detail/favor/projection.hpp)
+  detail::favor_projection<param_type> w_;  // ISA-independent (detail/favor/projection.hpp)
 };
 
 // ---- construction ------------------------------------------------------------------------------
@@ -150,17 +162,19 @@ template <class T>
 favor_features<T>::favor_features(index_t head_dim, const favor_options& opts) : opts_(opts) {
   constexpr const char* fn = "favor_features";
   detail::check_options(fn, opts, head_dim);
-  w_ = detail::make_favor_projection<T>(fn, head_dim, opts.features, detail::draw_favor_w(fn, head_dim, opts).data());
+  w_ = detail::make_favor_projection<param_type>(fn, head_dim, opts.features,
+                                                 detail::draw_favor_w(fn, head_dim, opts).data());
 }
 
 template <class T>
-favor_features<T> favor_features<T>::from_projection(const Eigen::Ref<const matrix<T>>& w, const favor_options& opts) {
+favor_features<T> favor_features<T>::from_projection(const Eigen::Ref<const matrix<param_type>>& w,
+                                                     const favor_options& opts) {
   constexpr const char* fn = "favor_features::from_projection";
   favor_options o = opts;
   o.features = w.rows();
   o.orthogonal = false;
   detail::check_options(fn, o, w.cols());
-  return favor_features(fn, w.cols(), o, detail::favor_w_from_matrix<T>(fn, w));
+  return favor_features(fn, w.cols(), o, detail::favor_w_from_matrix<param_type>(fn, w));
 }
 
 // ---- the map and its backward: the free functions of detail/favor/ -------------------------------
@@ -169,7 +183,7 @@ template <class T>
 void favor_features<T>::run(const char* fn, tensor_view<const T, 4> x, tensor_view<T, 4> phi, bool keys) const {
   detail::check_favor_map(fn, w_, x, phi);
   if (x.empty() || phi.empty()) return;
-  detail::favor_map(fn, w_, detail::resolve_threads(opts_.threads), x, phi, keys);
+  detail::favor_map<T>(fn, w_, detail::resolve_threads(opts_.threads), x, phi, keys);
 }
 
 template <class T>
@@ -186,7 +200,7 @@ void favor_features<T>::backward(tensor_view<const T, 4> x, tensor_view<const T,
                                  tensor_view<T, 4> dx) const {
   detail::check_favor_backward("favor_features::backward", w_, x, phi, dphi, dx);
   if (x.empty()) return;
-  detail::favor_backward("favor_features::backward", w_, detail::resolve_threads(opts_.threads), x, phi, dphi, dx);
+  detail::favor_backward<T>("favor_features::backward", w_, detail::resolve_threads(opts_.threads), x, phi, dphi, dx);
 }
 
 template <class T>

@@ -13,6 +13,13 @@
 //
 // Causal attention is rejected: a projection along the sequence mixes every key, future ones
 // included, into every projected key, so no mask over K' can keep query i from seeing key j > i.
+//
+// Half storage (T = bf16 or f16): q, k, v, out, dout, dq, dk, dv are views of T; E, F, dE, dF
+// are views of accum_t<T> = float (learned weights, kept in fp32 like a sketch's leaves) and so
+// are stats. K' = E·K and V' = F·V are fp32 (the key rows widened while packed) and are never
+// rounded to half: the queries (and in the backward out, dout) are widened into fp32 copies,
+// flash_attention<float> runs on them, and out (dq, dk, dv) is rounded to T once. Extra memory:
+// the fp32 copies, (Nq·(d + dv)) values per head forward and 2·Nq·(d + dv) backward.
 #pragma once
 
 #include <algorithm>
@@ -20,6 +27,7 @@
 #include <utility>
 
 #include "detail/core/check_options.hpp"
+#include "detail/core/convert.hpp"
 #include "detail/core/gemm.hpp"
 #include "detail/core/sizes.hpp"
 #include "detail/core/threading.hpp"
@@ -42,38 +50,42 @@ struct projected {
   index_t ld = 0;
   aligned_vector<T> data;
   tensor_view<T, 4> view;
-  projected(const char* fn, index_t b, index_t hk, index_t kp, index_t dim)
+  projected(const char* fn, index_t b, index_t hk, index_t kp, index_t dim,
+            const char* what = "the projected scratch [B x Hk x kp x padded dim]")
       : ld(round_up(std::max<index_t>(dim, 1), 16)) {
-    const std::size_t size = checked_size<T>(fn, "the projected scratch [B x Hk x kp x padded dim]", {b, hk, kp, ld});
+    const std::size_t size = checked_size<T>(fn, what, {b, hk, kp, ld});
     data.assign(std::max<std::size_t>(size, 1), T(0));
     view = tensor_view<T, 4>(data.data(), {b, hk, kp, dim}, {hk * kp * ld, kp * ld, ld, 1});
   }
 };
 
 /// out[b, h] = P · x[b, h] for every (batch, head): P [kp, Nk], x [B, Hk, Nk, dim], out padded.
-template <class T>
-void project_sequence(const char* fn, tensor_view<const T, 2> P, tensor_view<const T, 4> x, projected<T>& out,
+/// T is the storage type of x, A its accumulation type (of P and out); half rows are widened
+/// while packed.
+template <class T, class A = accum_t<T>>
+void project_sequence(const char* fn, tensor_view<const A, 2> P, tensor_view<const T, 4> x, projected<A>& out,
                       int threads) {
   const index_t B = x.extent(0), Hk = x.extent(1), nk = x.extent(2), dim = x.extent(3), kp = P.extent(0);
   const index_t ld = out.ld, blocks = ceil_div(kp, kLinformerRows);
   if (nk == 0 || dim == 0 || kp == 0) return;  // the scratch is zero already
-  aligned_vector<T> pack(
-      checked_size<T>(fn, "the packed keys [threads x chunk x padded dim]", {threads, kLinformerKeys, ld}));
+  aligned_vector<A> pack(
+      checked_size<A>(fn, "the packed keys [threads x chunk x padded dim]", {threads, kLinformerKeys, ld}));
   parallel_for(threads, B * Hk * blocks, [&](index_t task, int worker) {
     const index_t b = task / blocks / Hk, h = task / blocks % Hk, r0 = task % blocks * kLinformerRows;
     const index_t rows = std::min(kLinformerRows, kp - r0);
-    T* buf = pack.data() + worker * kLinformerKeys * ld;
-    T* c = &out.view(b, h, r0, 0);
+    A* buf = pack.data() + worker * kLinformerKeys * ld;
+    A* c = &out.view(b, h, r0, 0);
     for (index_t j0 = 0; j0 < nk; j0 += kLinformerKeys) {
       const index_t cl = std::min(kLinformerKeys, nk - j0);
       pack_rows(&x(b, h, j0, 0), x.stride(2), cl, dim, buf, ld);
-      gemm<T>(rows, dim, cl, &P(r0, j0), P.stride(0), 1, buf, ld, c, ld, j0 > 0);
+      gemm<A>(rows, dim, cl, &P(r0, j0), P.stride(0), 1, buf, ld, c, ld, j0 > 0);
     }
   });
 }
 
-template <class T>
-void check_projections(const char* fn, tensor_view<const T, 2> E, tensor_view<const T, 2> F,
+/// E, F [kp, Nk] (of P: accum_t of k's storage type) against k.
+template <class P, class T>
+void check_projections(const char* fn, tensor_view<const P, 2> E, tensor_view<const P, 2> F,
                        const tensor_view<const T, 4>& k) {
   check_view(fn, "E", E);
   check_view(fn, "F", F);
@@ -94,11 +106,38 @@ inline softmax_options linformer_softmax(const linformer_options& opts) {
   return so;
 }
 
-/// Stats written when non-empty.
-template <class T>
+/// The rows of x [B, H, N, dim] (storage T) widened into dst, in parallel over (batch, head).
+template <class T, class A = accum_t<T>>
+void widen_rows(const tensor_view<const T, 4>& x, const projected<A>& dst, int threads) {
+  const index_t H = x.extent(1), n = x.extent(2), dim = x.extent(3);
+  parallel_for(threads, x.extent(0) * H, [&](index_t bh, int) {
+    for (index_t i = 0; i < n; ++i) widen(&x(bh / H, bh % H, i, 0), dim, &dst.view(bh / H, bh % H, i, 0));
+  });
+}
+
+/// The rows of src rounded into x [B, H, N, dim] (storage T), in parallel over (batch, head).
+template <class T, class A = accum_t<T>>
+void narrow_rows(const projected<A>& src, const tensor_view<T, 4>& x, int threads) {
+  const index_t H = x.extent(1), n = x.extent(2), dim = x.extent(3);
+  parallel_for(threads, x.extent(0) * H, [&](index_t bh, int) {
+    for (index_t i = 0; i < n; ++i) narrow(&src.view(bh / H, bh % H, i, 0), dim, &x(bh / H, bh % H, i, 0));
+  });
+}
+
+/// A fp32 copy [B, H, N, dim] of the rows of a half view (what: its name in a size error).
+template <class T, class A = accum_t<T>>
+projected<A> widened_copy(const char* fn, const char* what, const tensor_view<const T, 4>& x, int threads) {
+  projected<A> w(fn, x.extent(0), x.extent(1), x.extent(2), x.extent(3), what);
+  widen_rows(x, w, threads);
+  return w;
+}
+
+/// Stats written when non-empty. T is the storage type of q, k, v, out; E, F and stats are
+/// accum_t<T> (half storage: see the header comment).
+template <class T, class A = accum_t<T>>
 void linformer_impl(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
-                    tensor_view<const T, 2> E, tensor_view<const T, 2> F, tensor_view<T, 4> out,
-                    const linformer_options& opts, tensor_view<T, 3> stats) {
+                    tensor_view<const A, 2> E, tensor_view<const A, 2> F, tensor_view<T, 4> out,
+                    const linformer_options& opts, tensor_view<A, 3> stats) {
   constexpr const char* fn = "linformer_attention";
   check_attention(fn, q, k, v, out);
   check_options<T>(fn, opts);
@@ -112,22 +151,31 @@ void linformer_impl(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor
   }
   const int threads = resolve_threads(opts.threads);
   const index_t B = k.extent(0), Hk = k.extent(1), kp = E.extent(0);
-  projected<T> kproj(fn, B, Hk, kp, k.extent(3)), vproj(fn, B, Hk, kp, v.extent(3));
+  projected<A> kproj(fn, B, Hk, kp, k.extent(3)), vproj(fn, B, Hk, kp, v.extent(3));
   project_sequence<T>(fn, E, k, kproj, threads);
   project_sequence<T>(fn, F, v, vproj, threads);
-  // flash_attention over the projected keys and values
-  softmax_family<T>("flash_attention", q, kproj.view, vproj.view, out, linformer_softmax(opts), kBlockK, stats);
+  // flash_attention over the projected keys and values (half storage: on fp32 copies of q, out)
+  if constexpr (is_half_v<T>) {
+    const projected<A> qw = widened_copy(fn, "the fp32 copy of q [B x H x Nq x padded d]", q, threads);
+    projected<A> ow(fn, out.extent(0), out.extent(1), out.extent(2), out.extent(3),
+                    "the fp32 out [B x H x Nq x padded dv]");
+    softmax_family<A>("flash_attention", qw.view, kproj.view, vproj.view, ow.view, linformer_softmax(opts), kBlockK,
+                      stats);
+    narrow_rows(ow, out, threads);
+  } else {
+    softmax_family<T>("flash_attention", q, kproj.view, vproj.view, out, linformer_softmax(opts), kBlockK, stats);
+  }
 }
 
 /// The backward's checks besides check_backward's and the projections': dE, dF shaped like E,
 /// writable, disjoint from every input and every other gradient; dq, dk, dv disjoint from E, F.
-template <class T>
+template <class T, class A = accum_t<T>>
 void check_linformer_gradients(const char* fn, tensor_view<const T, 4> q, tensor_view<const T, 4> k,
-                               tensor_view<const T, 4> v, tensor_view<const T, 2> E, tensor_view<const T, 2> F,
-                               tensor_view<const T, 4> out, tensor_view<const T, 4> dout, tensor_view<const T, 3> stats,
-                               tensor_view<T, 4> dq, tensor_view<T, 4> dk, tensor_view<T, 4> dv, tensor_view<T, 2> dE,
-                               tensor_view<T, 2> dF) {
-  const std::pair<const char*, const tensor_view<T, 2>*> pgrads[] = {{"dE", &dE}, {"dF", &dF}};
+                               tensor_view<const T, 4> v, tensor_view<const A, 2> E, tensor_view<const A, 2> F,
+                               tensor_view<const T, 4> out, tensor_view<const T, 4> dout, tensor_view<const A, 3> stats,
+                               tensor_view<T, 4> dq, tensor_view<T, 4> dk, tensor_view<T, 4> dv, tensor_view<A, 2> dE,
+                               tensor_view<A, 2> dF) {
+  const std::pair<const char*, const tensor_view<A, 2>*> pgrads[] = {{"dE", &dE}, {"dF", &dF}};
   const std::pair<const char*, const tensor_view<const T, 4>*> inputs[] = {
       {"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"dout", &dout}};
   const std::pair<const char*, const tensor_view<T, 4>*> grads[] = {{"dq", &dq}, {"dk", &dk}, {"dv", &dv}};
@@ -150,43 +198,45 @@ void check_linformer_gradients(const char* fn, tensor_view<const T, 4> q, tensor
   }
 }
 
-/// dx[b, h, j] = Σ_r P[r, j] dX'[b, h, r], one task per key chunk of one (batch, kv head).
-template <class T>
-void back_project(const char* fn, tensor_view<const T, 2> P, const projected<T>& dproj, tensor_view<T, 4> dx,
+/// dx[b, h, j] = Σ_r P[r, j] dX'[b, h, r], one task per key chunk of one (batch, kv head); in
+/// A, each row rounded to the storage type T of dx once.
+template <class T, class A = accum_t<T>>
+void back_project(const char* fn, tensor_view<const A, 2> P, const projected<A>& dproj, tensor_view<T, 4> dx,
                   int threads) {
   const index_t B = dx.extent(0), Hk = dx.extent(1), nk = dx.extent(2), dim = dx.extent(3), kp = P.extent(0);
   const index_t ld = dproj.ld, chunks = ceil_div(nk, kLinformerKeys);
-  aligned_vector<T> tmp(
-      checked_size<T>(fn, "the key chunks [threads x chunk x padded dim]", {threads, kLinformerKeys, ld}));
+  aligned_vector<A> tmp(
+      checked_size<A>(fn, "the key chunks [threads x chunk x padded dim]", {threads, kLinformerKeys, ld}));
   parallel_for(threads, B * Hk * chunks, [&](index_t task, int worker) {
     const index_t b = task / chunks / Hk, h = task / chunks % Hk, j0 = task % chunks * kLinformerKeys;
     const index_t cl = std::min(kLinformerKeys, nk - j0);
-    T* c = tmp.data() + worker * kLinformerKeys * ld;
-    if (kp == 0) std::fill(c, c + cl * ld, T(0));
-    else gemm<T>(cl, dim, kp, &P(0, j0), 1, P.stride(0), &dproj.view(b, h, 0, 0), ld, c, ld, false);
-    for (index_t j = 0; j < cl; ++j) std::copy(c + j * ld, c + j * ld + dim, &dx(b, h, j0 + j, 0));
+    A* c = tmp.data() + worker * kLinformerKeys * ld;
+    if (kp == 0) std::fill(c, c + cl * ld, A(0));
+    else gemm<A>(cl, dim, kp, &P(0, j0), 1, P.stride(0), &dproj.view(b, h, 0, 0), ld, c, ld, false);
+    for (index_t j = 0; j < cl; ++j) narrow(c + j * ld, dim, &dx(b, h, j0 + j, 0));
   });
 }
 
 /// dP[:, chunk] = Σ_{b, h} dX'[b, h] · x[b, h, chunk]ᵀ, the (b, h) sum in a fixed order; one
 /// task per key chunk.
-template <class T>
-void project_grad(const char* fn, const projected<T>& dproj, tensor_view<const T, 4> x, tensor_view<T, 2> dP,
+/// T is the storage type of x, A = accum_t<T> that of dproj and dP (half rows widened while packed).
+template <class T, class A = accum_t<T>>
+void project_grad(const char* fn, const projected<A>& dproj, tensor_view<const T, 4> x, tensor_view<A, 2> dP,
                   int threads) {
   const index_t B = x.extent(0), Hk = x.extent(1), nk = x.extent(2), kp = dP.extent(0);
   const index_t dim = x.extent(3), ld = dproj.ld, lk = kLinformerKeys, chunks = ceil_div(nk, lk);
-  aligned_vector<T> tmp(checked_size<T>(fn, "the gradient chunks [threads x (kp + dim) x chunk]",
+  aligned_vector<A> tmp(checked_size<A>(fn, "the gradient chunks [threads x (kp + dim) x chunk]",
                                         {threads, std::max<index_t>(kp, 1) + std::max<index_t>(dim, 1), lk}));
   parallel_for(threads, chunks, [&](index_t task, int worker) {
     const index_t j0 = task * lk, cl = std::min(lk, nk - j0);
-    T* c = tmp.data() + worker * (std::max<index_t>(kp, 1) * lk + std::max<index_t>(dim, 1) * lk);
-    T* xt = c + std::max<index_t>(kp, 1) * lk;
-    std::fill(c, c + kp * lk, T(0));
+    A* c = tmp.data() + worker * (std::max<index_t>(kp, 1) * lk + std::max<index_t>(dim, 1) * lk);
+    A* xt = c + std::max<index_t>(kp, 1) * lk;
+    std::fill(c, c + kp * lk, A(0));
     for (index_t b = 0; b < B; ++b)
       for (index_t h = 0; h < Hk; ++h) {
         if (dim == 0) continue;
-        pack_transposed(&x(b, h, j0, 0), x.stride(2), cl, dim, T(1), xt, lk);
-        gemm<T>(kp, cl, dim, &dproj.view(b, h, 0, 0), ld, 1, xt, lk, c, lk, true);
+        pack_transposed(&x(b, h, j0, 0), x.stride(2), cl, dim, A(1), xt, lk);
+        gemm<A>(kp, cl, dim, &dproj.view(b, h, 0, 0), ld, 1, xt, lk, c, lk, true);
       }
     for (index_t r = 0; r < kp; ++r)
       for (index_t j = 0; j < cl; ++j) dP(r, j0 + j) = c[r * lk + j];
@@ -200,50 +250,81 @@ void project_grad(const char* fn, const projected<T>& dproj, tensor_view<const T
 /// (row-major views, inner stride 1), the same E and F for every batch and head; GQA as
 /// everywhere (query head h uses kv head h / (H/Hk)). Cost O(kp·Nk·(d + dv) + Nq·kp·(d + dv)),
 /// scratch kp·(d + dv) values per kv head. opts.causal = true throws (see the header comment).
+/// T is float, double, bf16 or f16; E and F are of accum_t<T> (float for bf16 and f16).
 template <class T>
 void linformer_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
-                         detail::matrix_view<T> E, detail::matrix_view<T> F, tensor_view<T, 4> out,
+                         detail::matrix_view<accum_t<T>> E, detail::matrix_view<accum_t<T>> F, tensor_view<T, 4> out,
                          const linformer_options& opts = {}) {
   detail::linformer_impl<T>(q, k, v, E, F, out, opts, {});
 }
 
-/// As above, also writing stats [B, H, Nq]: the natural log-sum-exp of each row's scaled scores
-/// over the kp projected keys (as flash_attention's), for linformer_attention_backward.
+/// As above, also writing stats [B, H, Nq] (accum_t<T>): the natural log-sum-exp of each row's
+/// scaled scores over the kp projected keys (as flash_attention's), for linformer_attention_backward.
 template <class T>
 void linformer_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
-                         detail::matrix_view<T> E, detail::matrix_view<T> F, tensor_view<T, 4> out,
-                         const linformer_options& opts, tensor_view<T, 3> stats) {
+                         detail::matrix_view<accum_t<T>> E, detail::matrix_view<accum_t<T>> F, tensor_view<T, 4> out,
+                         const linformer_options& opts, detail::stats_output<T> stats) {
   detail::check_stats_given("linformer_attention", stats, q);
   detail::linformer_impl<T>(q, k, v, E, F, out, opts, stats);
 }
+
+namespace detail {
+
+/// flash_attention_backward over the projected keys and values; half storage: on fp32 copies
+/// of q, out and dout, dq rounded to T once (dK', dV' stay fp32).
+template <class T, class A = accum_t<T>>
+void linformer_flash_backward(const char* fn, const tensor_view<const T, 4>& q, const projected<A>& kproj,
+                              const projected<A>& vproj, const tensor_view<const T, 4>& out,
+                              const tensor_view<const T, 4>& dout, const tensor_view<const A, 3>& stats,
+                              const tensor_view<T, 4>& dq, projected<A>& dkproj, projected<A>& dvproj,
+                              const softmax_options& so, int threads) {
+  if constexpr (is_half_v<T>) {
+    const projected<A> qw = widened_copy(fn, "the fp32 copy of q [B x H x Nq x padded d]", q, threads);
+    const projected<A> ow = widened_copy(fn, "the fp32 copy of out [B x H x Nq x padded dv]", out, threads);
+    const projected<A> dow = widened_copy(fn, "the fp32 copy of dout [B x H x Nq x padded dv]", dout, threads);
+    projected<A> dqw(fn, dq.extent(0), dq.extent(1), dq.extent(2), dq.extent(3), "the fp32 dq [B x H x Nq x padded d]");
+    flash_attention_backward<A>(qw.view, kproj.view, vproj.view, ow.view, dow.view, stats, dqw.view, dkproj.view,
+                                dvproj.view, so);
+    narrow_rows(dqw, dq, threads);
+  } else {
+    (void)fn;
+    (void)threads;
+    flash_attention_backward<T>(q, kproj.view, vproj.view, out, dout, stats, dq, dkproj.view, dvproj.view, so);
+  }
+}
+
+}  // namespace detail
 
 /// Gradients of linformer_attention from its inputs, out, dout = dL/dout and the forward's
 /// stats: K', V' are projected again, flash_attention_backward gives dq and dK', dV', then
 /// dK = Eᵀ dK', dV = Fᵀ dV' per (batch, kv head) and, E and F being shared by every batch and
 /// head, dE = Σ_{batch, kv head} dK' Kᵀ and dF = Σ_{batch, kv head} dV' Vᵀ (with GQA, dK' of a kv
 /// head already sums over its query heads). dq, dk, dv, dE [kp, Nk], dF [kp, Nk] are
-/// overwritten. Bitwise identical for any thread count.
+/// overwritten. Bitwise identical for any thread count. Half storage: dE, dF (like E, F) and
+/// stats are accum_t<T>; every sum is fp32 and dq, dk, dv are rounded to T once.
 template <class T>
 void linformer_attention_backward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
-                                  detail::matrix_view<T> E, detail::matrix_view<T> F, detail::input_view<T> out,
-                                  detail::input_view<T> dout,
+                                  detail::matrix_view<accum_t<T>> E, detail::matrix_view<accum_t<T>> F,
+                                  detail::input_view<T> out, detail::input_view<T> dout,
                                   detail::stats_input<T> stats,
                                   tensor_view<T, 4> dq, tensor_view<T, 4> dk, tensor_view<T, 4> dv,
-                                  tensor_view<T, 2> dE, tensor_view<T, 2> dF, const linformer_options& opts = {}) {
+                                  tensor_view<accum_t<T>, 2> dE, tensor_view<accum_t<T>, 2> dF,
+                                  const linformer_options& opts = {}) {
   using namespace detail;
+  using A = accum_t<T>;
   constexpr const char* fn = "linformer_attention_backward";
   check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
   check_options<T>(fn, opts);
-  check_projections<T>(fn, E, F, k);
+  check_projections(fn, E, F, k);
   check_linformer_gradients<T>(fn, q, k, v, E, F, out, dout, stats, dq, dk, dv, dE, dF);
   const softmax_options so = linformer_softmax(opts);
   const int threads = resolve_threads(opts.threads);
   const index_t B = k.extent(0), Hk = k.extent(1), kp = E.extent(0);
-  projected<T> kproj(fn, B, Hk, kp, k.extent(3)), vproj(fn, B, Hk, kp, v.extent(3));
+  projected<A> kproj(fn, B, Hk, kp, k.extent(3)), vproj(fn, B, Hk, kp, v.extent(3));
   project_sequence<T>(fn, E, k, kproj, threads);
   project_sequence<T>(fn, F, v, vproj, threads);
-  projected<T> dkproj(fn, B, Hk, kp, k.extent(3)), dvproj(fn, B, Hk, kp, v.extent(3));
-  flash_attention_backward<T>(q, kproj.view, vproj.view, out, dout, stats, dq, dkproj.view, dvproj.view, so);
+  projected<A> dkproj(fn, B, Hk, kp, k.extent(3)), dvproj(fn, B, Hk, kp, v.extent(3));
+  linformer_flash_backward<T>(fn, q, kproj, vproj, out, dout, stats, dq, dkproj, dvproj, so, threads);
   back_project<T>(fn, E, dkproj, dk, threads);
   back_project<T>(fn, F, dvproj, dv, threads);
   project_grad<T>(fn, dkproj, k, dE, threads);

@@ -12,14 +12,15 @@
 
 namespace polyattn::detail {
 
-template <class T>
-void check_favor_ready(const char* fn, const favor_projection<T>& p) {
+/// The checks take the projection of accum_t<T> (A) and views of the storage type T.
+template <class A>
+void check_favor_ready(const char* fn, const favor_projection<A>& p) {
   if (p.m == 0) fail(fn, "the feature map is empty (default-constructed)");
 }
 
 /// x [B, H, N, d] and phi (named pn) [B, H, N, m].
-template <class T, class P>
-void check_favor_pair(const char* fn, const favor_projection<T>& p, const tensor_view<const T, 4>& x, const P& phi,
+template <class A, class T, class P>
+void check_favor_pair(const char* fn, const favor_projection<A>& p, const tensor_view<const T, 4>& x, const P& phi,
                       const char* pn) {
   check_view(fn, "x", x);
   check_view(fn, pn, phi);
@@ -35,8 +36,8 @@ void check_favor_pair(const char* fn, const favor_projection<T>& p, const tensor
 }
 
 /// The views of the map: x -> phi, phi writable and apart from x.
-template <class T>
-void check_favor_map(const char* fn, const favor_projection<T>& p, const tensor_view<const T, 4>& x,
+template <class A, class T>
+void check_favor_map(const char* fn, const favor_projection<A>& p, const tensor_view<const T, 4>& x,
                      const tensor_view<T, 4>& phi) {
   check_favor_ready(fn, p);
   check_favor_pair(fn, p, x, phi, "phi");
@@ -45,8 +46,8 @@ void check_favor_map(const char* fn, const favor_projection<T>& p, const tensor_
 }
 
 /// The views of the backward: x, phi, dphi -> dx (shaped like x, writable, apart from the inputs).
-template <class T>
-void check_favor_backward(const char* fn, const favor_projection<T>& p, const tensor_view<const T, 4>& x,
+template <class A, class T>
+void check_favor_backward(const char* fn, const favor_projection<A>& p, const tensor_view<const T, 4>& x,
                           const tensor_view<const T, 4>& phi, const tensor_view<const T, 4>& dphi,
                           const tensor_view<T, 4>& dx) {
   check_favor_ready(fn, p);

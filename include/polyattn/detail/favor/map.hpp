@@ -6,6 +6,12 @@
 // exponentiated at once with their row's max; keys are stored in phi with the chunk's max, and
 // pass 2 exponentiates them with the max over every chunk of their slice. No allocation beyond
 // the per-thread scratch, checks done by the caller.
+//
+// Half storage (x and phi of bf16 or f16; W, the logits and the maxima in accum_t = float):
+// a chunk's rows are widened into the scratch before the product, every feature is computed in
+// fp32 and rounded to T once. Keys' logits are not parked in phi (that would round them to
+// half before the exponential): pass 1 keeps only the chunk maxima and pass 2 computes the
+// logits again (the same bits) and stores the rounded exponentials.
 #pragma once
 
 #include <algorithm>
@@ -15,6 +21,7 @@
 
 #include "../../config.hpp"
 #include "../../tensor_view.hpp"
+#include "../core/convert.hpp"
 #include "../core/gemm.hpp"
 #include "../core/simd.hpp"
 #include "../core/sizes.hpp"
@@ -106,26 +113,89 @@ void favor_key_exp(const favor_projection<T>& P, const favor_map_constants<T>& k
   });
 }
 
+/// Half storage, rows r0 .. r0 + rows of slice (b, h): the rows widened into xw [rows, dp], the
+/// logits computed into hb [rows, mp] (fp32). Queries are exponentiated with their row's max and
+/// rounded into phi. Keys: pass 1 (key_max null) writes nothing and returns the chunk's max;
+/// pass 2 (key_max: the slice's max) exponentiates with it and rounds into phi.
+template <class T, class Arch = default_arch, class A = accum_t<T>>
+A favor_half_chunk(const favor_projection<A>& P, const favor_map_constants<A>& k, const tensor_view<const T, 4>& x,
+                   const tensor_view<T, 4>& phi, index_t b, index_t h, index_t r0, index_t rows, A* hb, A* xw,
+                   const A* key_max) {
+  for (index_t i = 0; i < rows; ++i) {
+    A* xr = xw + i * P.dp;
+    widen(&x(b, h, r0 + i, 0), P.d, xr);
+    std::fill(xr + P.d, xr + P.dp, A(0));
+  }
+  gemm<A, Arch>(rows, P.m, P.d, xw, P.dp, 1, P.wt.data(), P.mp, hb, P.mp, false);
+  A cmax = -std::numeric_limits<A>::infinity();
+  for (index_t i = 0; i < rows; ++i) {
+    const A* xr = xw + i * P.dp;
+    A n2 = 0;
+    for (index_t c = 0; c < P.d; ++c) n2 += xr[c] * xr[c];
+    A* hr = hb + i * P.mp;
+    const A rmax = favor_logits_row<A, Arch>(hr, hr, P.m, k.s, k.half_s2 * n2);
+    if (k.keys && !key_max) {
+      cmax = std::max(cmax, rmax);
+      continue;
+    }
+    favor_exp_row<A, Arch>(hr, P.m, k.keys ? *key_max : rmax, k.inv_sqrt_m);
+    narrow(hr, P.m, &phi(b, h, r0 + i, 0));
+  }
+  return cmax;
+}
+
+/// phi = φ(x) for half storage (see the header comment): pass 1 (queries: the whole map; keys:
+/// the chunk maxima), then for keys pass 2 with each slice's max.
+template <class T, class Arch = default_arch, class A = accum_t<T>>
+void favor_map_half(const char* fn, const favor_projection<A>& P, int threads, const tensor_view<const T, 4>& x,
+                    const tensor_view<T, 4>& phi, const favor_map_constants<A>& k) {
+  const index_t slices = x.extent(0) * k.heads, hsz = kFavorRowChunk * P.mp, per = hsz + kFavorRowChunk * P.dp;
+  aligned_vector<A> scratch(
+      checked_size<A>(fn, "the logits and rows [threads x chunk x padded (features + head_dim)]", {threads, per}));
+  std::vector<A> chunk_max(checked_size<A>(fn, "the chunk maxima [batch x heads x chunks]", {slices, k.chunks}),
+                           -std::numeric_limits<A>::infinity());
+  auto pass = [&](bool second) {
+    parallel_for(threads, slices * k.chunks, [&](index_t task, int worker) {
+      const index_t slice = task / k.chunks, r0 = task % k.chunks * kFavorRowChunk;
+      const index_t rows = std::min(kFavorRowChunk, k.n - r0);
+      A c = -std::numeric_limits<A>::infinity();
+      if (second)
+        for (index_t j = 0; j < k.chunks; ++j) c = std::max(c, chunk_max[static_cast<std::size_t>(slice * k.chunks + j)]);
+      A* hb = scratch.data() + worker * per;
+      const A cmax = favor_half_chunk<T, Arch>(P, k, x, phi, slice / k.heads, slice % k.heads, r0, rows, hb, hb + hsz,
+                                               second ? &c : nullptr);
+      if (k.keys && !second) chunk_max[static_cast<std::size_t>(task)] = cmax;
+    });
+  };
+  pass(false);
+  if (k.keys) pass(true);
+}
+
 /// phi = φ(x) of every row (checked, non-empty views): per-row stabilisers (queries) or one per
-/// (batch, head) slice (keys), on `threads` threads; fn names the caller in a size error.
-template <class T, class Arch = default_arch>
-void favor_map(const char* fn, const favor_projection<T>& P, int threads, const tensor_view<const T, 4>& x,
+/// (batch, head) slice (keys), on `threads` threads; fn names the caller in a size error. T is
+/// the storage type of x and phi; P, the logits and the maxima are accum_t<T>.
+template <class T, class Arch = default_arch, class A = accum_t<T>>
+void favor_map(const char* fn, const favor_projection<A>& P, int threads, const tensor_view<const T, 4>& x,
                const tensor_view<T, 4>& phi, bool keys) {
   const index_t n = x.extent(2), heads = x.extent(1), slices = x.extent(0) * heads;
-  const T s = favor_input_scale<T>(P.d);
-  const favor_map_constants<T> k{n, ceil_div(n, kFavorRowChunk), heads, s, s * s / T(2),
-                                 static_cast<T>(1.0 / std::sqrt(static_cast<double>(P.m))), keys};
-  const index_t hsz = kFavorRowChunk * P.mp;
-  aligned_vector<T> scratch(checked_size<T>(fn, "the logits [threads x chunk x padded features]", {threads, hsz}));
-  std::vector<T> chunk_max(checked_size<T>(fn, "the chunk maxima [batch x heads x chunks]", {slices, k.chunks}),
-                           -std::numeric_limits<T>::infinity());
-  parallel_for(threads, slices * k.chunks, [&](index_t task, int worker) {
-    const index_t b = task / k.chunks / heads, h = task / k.chunks % heads, r0 = task % k.chunks * kFavorRowChunk;
-    const index_t rows = std::min(kFavorRowChunk, n - r0);
-    const T cmax = favor_logits_chunk<T, Arch>(P, k, x, phi, b, h, r0, rows, scratch.data() + worker * hsz);
-    if (keys) chunk_max[static_cast<std::size_t>(task)] = cmax;
-  });
-  if (keys) favor_key_exp<T, Arch>(P, k, phi, threads, slices, chunk_max);
+  const A s = favor_input_scale<A>(P.d);
+  const favor_map_constants<A> k{n, ceil_div(n, kFavorRowChunk), heads, s, s * s / A(2),
+                                 static_cast<A>(1.0 / std::sqrt(static_cast<double>(P.m))), keys};
+  if constexpr (is_half_v<T>) {
+    favor_map_half<T, Arch>(fn, P, threads, x, phi, k);
+  } else {
+    const index_t hsz = kFavorRowChunk * P.mp;
+    aligned_vector<T> scratch(checked_size<T>(fn, "the logits [threads x chunk x padded features]", {threads, hsz}));
+    std::vector<T> chunk_max(checked_size<T>(fn, "the chunk maxima [batch x heads x chunks]", {slices, k.chunks}),
+                             -std::numeric_limits<T>::infinity());
+    parallel_for(threads, slices * k.chunks, [&](index_t task, int worker) {
+      const index_t b = task / k.chunks / heads, h = task / k.chunks % heads, r0 = task % k.chunks * kFavorRowChunk;
+      const index_t rows = std::min(kFavorRowChunk, n - r0);
+      const T cmax = favor_logits_chunk<T, Arch>(P, k, x, phi, b, h, r0, rows, scratch.data() + worker * hsz);
+      if (keys) chunk_max[static_cast<std::size_t>(task)] = cmax;
+    });
+    if (keys) favor_key_exp<T, Arch>(P, k, phi, threads, slices, chunk_max);
+  }
 }
 
 }  // namespace polyattn::detail
