@@ -1,5 +1,6 @@
 // tests/warnings/all_entry_points.cpp — every public entry point of polyattn, instantiated for
-// float and double in one translation unit, run causal and not on deterministic inputs.
+// float and double (and the bf16 and f16 storage types) in one translation unit, run causal and
+// not on deterministic inputs.
 //
 // Two uses. (1) tests/CMakeLists.txt (header_warnings_*) compiles it with a user's strict warning
 // flags and -Werror, polyattn's include directory as a plain -I and Eigen / xsimd as system
@@ -69,7 +70,7 @@ struct checker {
   template <class T>
   void finite(const char* what, const T* p, std::size_t n) {
     for (std::size_t i = 0; i < n; ++i)
-      if (!std::isfinite(p[i])) {
+      if (!std::isfinite(static_cast<double>(p[i]))) {
         std::printf("non-finite value in %s at %zu\n", what, i);
         ++bad;
         break;
@@ -106,7 +107,7 @@ void exact_kernels(checker& ck, const sizes& z, bool causal) {
   const index_t B = 1, H = 4, Hk = 2, N = z.n, d = z.d, dv = z.dv;
   tensor<T> q({B, H, N, d}, 1), k({B, Hk, N, d}, 2), v({B, Hk, N, dv}, 3), out({B, H, N, dv}, 0);
   tensor<T> dout({B, H, N, dv}, 4), dq({B, H, N, d}, 0), dk({B, Hk, N, d}, 0), dv_({B, Hk, N, dv}, 0);
-  tensor<T, 3> stats({B, H, N}, 0);
+  tensor<polyattn::accum_t<T>, 3> stats({B, H, N}, 0);
 
   softmax_options so;
   so.causal = causal;
@@ -145,16 +146,18 @@ void exact_kernels(checker& ck, const sizes& z, bool causal) {
 
   shaped_options sh;
   sh.causal = causal;
-  shaped_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), sh);
-  ck.finite("shaped_attention out", out);
-  shaped_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), sh, stats.view());
-  ck.finite("shaped_attention out", out);
-  ck.finite("shaped_attention stats", stats);
-  shaped_attention_backward<T>(q.cview(), k.cview(), v.cview(), out.cview(), dout.cview(), stats.cview(), dq.view(),
-                               dk.view(), dv_.view(), sh);
-  ck.finite("shaped_attention_backward dk", dk);
-  ck.finite("shaped_attention_backward dv", dv_);
-  ck.finite("shaped_attention_backward dq", dq);
+  if constexpr (!is_half_v<T>) {  // (shaped attention takes bf16/f16 storage in a later change)
+    shaped_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), sh);
+    ck.finite("shaped_attention out", out);
+    shaped_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), sh, stats.view());
+    ck.finite("shaped_attention out", out);
+    ck.finite("shaped_attention stats", stats);
+    shaped_attention_backward<T>(q.cview(), k.cview(), v.cview(), out.cview(), dout.cview(), stats.cview(), dq.view(),
+                                 dk.view(), dv_.view(), sh);
+    ck.finite("shaped_attention_backward dk", dk);
+    ck.finite("shaped_attention_backward dv", dv_);
+    ck.finite("shaped_attention_backward dq", dq);
+  }
 
   // segmented keys and values: [k0 | k1] of lengths split and N - split
   const index_t split = z.split;
@@ -193,7 +196,7 @@ void exact_kernels(checker& ck, const sizes& z, bool causal) {
 
   // Linformer: E, F [kp, Nk]
   const index_t kp = z.kp;
-  tensor<T, 2> E({kp, N}, 9), F({kp, N}, 10), dE({kp, N}, 0), dF({kp, N}, 0);
+  tensor<accum_t<T>, 2> E({kp, N}, 9), F({kp, N}, 10), dE({kp, N}, 0), dF({kp, N}, 0);
   linformer_options lo;
   linformer_attention<T>(q.cview(), k.cview(), v.cview(), E.cview(), F.cview(), out.view(), lo);
   ck.finite("linformer_attention out", out);
@@ -223,17 +226,19 @@ void exact_kernels(checker& ck, const sizes& z, bool causal) {
   flash_attention<T>(qb, k.cview(), v.cview(), out.view());
   ck.finite("flash_attention out", out);
 
-  // single-head Eigen overloads
-  const matrix<T> mq = small_matrix<T>(N, d, 1), mk = small_matrix<T>(N, d, 2), mv = small_matrix<T>(N, dv, 3);
-  ck.finite("softmax_attention (Eigen)", softmax_attention(mq, mk, mv, so));
-  ck.finite("flash_attention (Eigen)", flash_attention(mq, mk, mv, windowed));
-  ck.finite("polynomial_attention (Eigen)", polynomial_attention(mq, mk, mv, po));
-  ck.finite("shaped_attention (Eigen)", shaped_attention(mq, mk, mv, sh));
-  const matrix<T> mE = small_matrix<T>(kp, N, 4), mF = small_matrix<T>(kp, N, 5);
-  ck.finite("linformer_attention (Eigen)", linformer_attention(mq, mk, mv, mE, mF, lo));
-  const matrix<T> mc = compress_memory(mq, index_t(3), pooling::mean);
-  ck.finite("compress_memory (Eigen)", mc);
-  ck.finite("compress_memory_backward (Eigen)", compress_memory_backward(mq, index_t(3), pooling::max, mc));
+  // single-head Eigen overloads (float and double)
+  if constexpr (!is_half_v<T>) {
+    const matrix<T> mq = small_matrix<T>(N, d, 1), mk = small_matrix<T>(N, d, 2), mv = small_matrix<T>(N, dv, 3);
+    ck.finite("softmax_attention (Eigen)", softmax_attention(mq, mk, mv, so));
+    ck.finite("flash_attention (Eigen)", flash_attention(mq, mk, mv, windowed));
+    ck.finite("polynomial_attention (Eigen)", polynomial_attention(mq, mk, mv, po));
+    ck.finite("shaped_attention (Eigen)", shaped_attention(mq, mk, mv, sh));
+    const matrix<T> mE = small_matrix<T>(kp, N, 4), mF = small_matrix<T>(kp, N, 5);
+    ck.finite("linformer_attention (Eigen)", linformer_attention(mq, mk, mv, mE, mF, lo));
+    const matrix<T> mc = compress_memory(mq, index_t(3), pooling::mean);
+    ck.finite("compress_memory (Eigen)", mc);
+    ck.finite("compress_memory_backward (Eigen)", compress_memory_backward(mq, index_t(3), pooling::max, mc));
+  }
 }
 
 template <class T>
@@ -242,7 +247,7 @@ void linear_kernels(checker& ck, const sizes& z, bool causal) {
   const index_t B = 1, H = 2, Hk = 1, N = z.n, d = z.d, dv = z.dv, r = z.r;
   tensor<T> q({B, H, N, d}, 1), k({B, Hk, N, d}, 2), v({B, Hk, N, dv}, 3), out({B, H, N, dv}, 0);
   tensor<T> dout({B, H, N, dv}, 4), dq({B, H, N, d}, 0), dk({B, Hk, N, d}, 0), dv_({B, Hk, N, dv}, 0);
-  tensor<T, 3> stats({B, H, N}, 0);
+  tensor<polyattn::accum_t<T>, 3> stats({B, H, N}, 0);
 
   // Performer features: FAVOR+ through linear_attention
   favor_options fo;
@@ -268,28 +273,30 @@ void linear_kernels(checker& ck, const sizes& z, bool causal) {
   ck.finite("linear_attention_backward dphk", dphk);
   favor.backward(q.cview(), phq.cview(), dphq.cview(), dq.view());
   ck.finite("favor_features::backward dq", dq);
-  const matrix<T> mq = small_matrix<T>(N, d, 1), mk = small_matrix<T>(N, d, 2), mv = small_matrix<T>(N, dv, 3);
-  const matrix<T> fq = favor.queries(mq), fk = favor.keys(mk);
-  ck.finite("linear_attention (Eigen)", linear_attention(fq, fk, mv, lo));
-  ck.finite("favor_features::backward (Eigen)", favor.backward(mq, fq, fq));
-  const favor_features<T> favor2 = favor_features<T>::from_projection(favor.projection());
-  ck.finite("favor_features::from_projection", favor2.keys(mk));
-
-  // PolySketch
+  // PolySketch (the sketch's leaves are accum_t<T>: float for bf16 and f16)
   sketch_options sko;
   sko.degree = 4;
   sko.sketch_size = r;
-  const polysketch<T> sketch(d, sko);
-  const polysketch<T> sketch2 = polysketch<T>::from_matrices(sketch.leaves(), sko);
-  const matrix<T> s = sketch2.sketch(mq);
-  matrix<T> sdx;
-  std::vector<matrix<T>> leaf_grads;
-  sketch.sketch_backward(mq, s, sdx, &leaf_grads);
-  ck.finite("polysketch::sketch_backward", sdx);
-  ck.finite("polysketch::features (Eigen)", sketch.features(mq));
-  tensor<T> phi({B, H, N, sketch.feature_dim()}, 0);
-  sketch.features(q.cview(), phi.view());
-  ck.finite("polysketch::features phi", phi);
+  const polysketch<accum_t<T>> sketch(d, sko);
+  std::vector<matrix<accum_t<T>>> leaf_grads;
+  // Eigen overloads and the sketch's own API (float and double)
+  if constexpr (!is_half_v<T>) {
+    const matrix<T> mq = small_matrix<T>(N, d, 1), mk = small_matrix<T>(N, d, 2), mv = small_matrix<T>(N, dv, 3);
+    const matrix<T> fq = favor.queries(mq), fk = favor.keys(mk);
+    ck.finite("linear_attention (Eigen)", linear_attention(fq, fk, mv, lo));
+    ck.finite("favor_features::backward (Eigen)", favor.backward(mq, fq, fq));
+    const favor_features<T> favor2 = favor_features<T>::from_projection(favor.projection());
+    ck.finite("favor_features::from_projection", favor2.keys(mk));
+    const polysketch<T> sketch2 = polysketch<T>::from_matrices(sketch.leaves(), sko);
+    const matrix<T> s = sketch2.sketch(mq);
+    matrix<T> sdx;
+    sketch.sketch_backward(mq, s, sdx, &leaf_grads);
+    ck.finite("polysketch::sketch_backward", sdx);
+    ck.finite("polysketch::features (Eigen)", sketch.features(mq));
+    tensor<T> phi({B, H, N, sketch.feature_dim()}, 0);
+    sketch.features(q.cview(), phi.view());
+    ck.finite("polysketch::features phi", phi);
+  }
 
   polysketch_options pso;
   pso.causal = causal;
@@ -305,8 +312,11 @@ void linear_kernels(checker& ck, const sizes& z, bool causal) {
   ck.finite("polysketch_attention_backward dq", dq);
   ck.finite("polysketch_attention_backward dv", dv_);
   ck.finite("polysketch_attention_backward dk", dk);
-  for (const matrix<T>& g : leaf_grads) ck.finite("polysketch_attention_backward leaf grads", g);
-  ck.finite("polysketch_attention (Eigen)", polysketch_attention(mq, mk, mv, sketch, pso));
+  for (const auto& g : leaf_grads) ck.finite("polysketch_attention_backward leaf grads", g);
+  if constexpr (!is_half_v<T>) {
+    const matrix<T> mq = small_matrix<T>(N, d, 1), mk = small_matrix<T>(N, d, 2), mv = small_matrix<T>(N, dv, 3);
+    ck.finite("polysketch_attention (Eigen)", polysketch_attention(mq, mk, mv, sketch, pso));
+  }
 
   // caller-supplied sketches
   tensor<T> sq({B, H, N, r}, 5), sk({B, Hk, N, r}, 6), dsq({B, H, N, r}, 0), dsk({B, Hk, N, r}, 0);
@@ -348,7 +358,7 @@ void linear_kernels(checker& ck, const sizes& z, bool causal) {
   ck.finite("forward oh", oh);
   for (int step = 0; step < 4; ++step) pc.forward(q1.cview(), k1.cview(), v1.cview(), o1.view());
   pc.append(kh.cview(), vh.cview());
-  const std::vector<T> summary = pc.export_summary();
+  const std::vector<accum_t<T>> summary = pc.export_summary();
   pc.import_summary(summary, pc.length());
   ck.finite("polysketch_cache", o1);
   ck.finite("polysketch_cache summary", summary);
@@ -387,6 +397,12 @@ int main(int argc, char** argv) {
     exact_kernels<double>(ck, z, causal);
     linear_kernels<float>(ck, z, causal);
     linear_kernels<double>(ck, z, causal);
+    if (!ck.print) {  // bf16 and f16 storage: compiled under the strict flags, smoke-run (no fingerprint)
+      exact_kernels<polyattn::bf16>(ck, z, causal);
+      exact_kernels<polyattn::f16>(ck, z, causal);
+      linear_kernels<polyattn::bf16>(ck, z, causal);
+      linear_kernels<polyattn::f16>(ck, z, causal);
+    }
   }
   std::printf("%s\n", ck.bad == 0 ? "all entry points ran" : "some outputs were not finite");
   return ck.bad == 0 ? 0 : 1;

@@ -133,24 +133,23 @@ inline batch<accum_t<T>, Arch> load_widened(const T* p, index_t n = simd_width<a
     if constexpr (!is_half_v<T>) {
       return B::load_unaligned(p);
     } else {
-      const auto* s = reinterpret_cast<const std::uint16_t*>(p);
 #if defined(__AVX512F__)
       if constexpr (W == 16) {
-        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s));
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
         if constexpr (std::is_same_v<T, bf16>) return B(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
         else return B(_mm512_cvtph_ps(h));
       }
 #endif
 #if defined(__AVX2__) && defined(__F16C__)
       if constexpr (W == 8) {
-        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s));
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
         if constexpr (std::is_same_v<T, bf16>) return B(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
         else return B(_mm256_cvtph_ps(h));
       }
 #endif
     }
   }
-  alignas(64) A tmp[W] = {};
+  alignas(64) A tmp[to_size(W)] = {};
   widen(p, std::min(n, W), tmp);
   return B::load_aligned(tmp);
 }

@@ -130,17 +130,18 @@ void decode_values_columns(accum_t<T>* o, const accum_t<T>* p, const T* v, index
   using A = accum_t<T>;
   using Bt = batch<A, Arch>;
   constexpr index_t W = simd_width<A, Arch>;
-  Bt acc[NV];
+  Bt acc[to_size(NV)];
 #pragma GCC unroll 4
-  for (int x = 0; x < NV; ++x) acc[x] = Bt::load_unaligned(o + c0 + x * W);
+  for (int x = 0; x < NV; ++x) acc[to_size(x)] = Bt::load_unaligned(o + c0 + x * W);
   for (index_t j = ja; j < jb; ++j) {
     const Bt pj(p[j]);
     const T* row = v + j * vs + c0;
 #pragma GCC unroll 4
-    for (int x = 0; x < NV; ++x) acc[x] = xsimd::fma(pj, load_widened<Arch>(row + x * W, dv - c0 - x * W), acc[x]);
+    for (int x = 0; x < NV; ++x)
+      acc[to_size(x)] = xsimd::fma(pj, load_widened<Arch>(row + x * W, dv - c0 - x * W), acc[to_size(x)]);
   }
 #pragma GCC unroll 4
-  for (int x = 0; x < NV; ++x) acc[x].store_unaligned(o + c0 + x * W);
+  for (int x = 0; x < NV; ++x) acc[to_size(x)].store_unaligned(o + c0 + x * W);
 }
 
 template <class T, class Arch>

@@ -71,10 +71,10 @@ struct softmax_weights {
     constexpr index_t W = simd_width<T, Arch>;
     B bmax(masked_score());
     for (index_t c = 0; c < n; c += W) bmax = vmax(bmax, B::load_unaligned(s + c));
-    alignas(64) T lanes[W];
+    alignas(64) T lanes[to_size(W)];
     bmax.store_aligned(lanes);
     T m_new = m;
-    for (index_t c = 0; c < W; ++c) m_new = std::max(m_new, lanes[c]);
+    for (T x : lanes) m_new = std::max(m_new, x);
     const T m_use = m_new == masked_score() ? T(0) : m_new;
     B sum(T(0));
     for (index_t c = 0; c < n; c += W) {
