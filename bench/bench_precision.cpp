@@ -103,6 +103,52 @@ void BM_precision_decode(benchmark::State& state) {
                                               benchmark::Counter::kIsIterationInvariantRate);
 }
 
+/// Args: N, H, causal, dtype, threads; d = 64: flash forward with stats, then its backward.
+/// FLOPs 14·N²·d a head (4 forward, 10 backward), half of it causal.
+template <class T>
+void BM_precision_flash_fwd_bwd(benchmark::State& state) {
+  const std::int64_t n = state.range(0), h = state.range(1), d = 64;
+  softmax_options o;
+  o.causal = state.range(2) != 0;
+  o.threads = int(state.range(4));
+  typed_inputs<T> in(h, n, n, d), grads(h, n, n, d);  // grads: dq in q, dk in k, dv in v, dout in out
+  std::vector<float> stats(std::size_t(h * n));
+  const tensor_view<float, 3> sv(stats.data(), {1, h, n});
+  const tensor_view<T, 4> dq(grads.q.data(), {1, h, n, d}), dk(grads.k.data(), {1, h, n, d}),
+      dv(grads.v.data(), {1, h, n, d});
+  run_attention_benchmark(state, n, [&] {
+    flash_attention<T>(in.qv(), in.kv(), in.vv(), in.ov(), o, sv);
+    flash_attention_backward<T>(in.qv(), in.kv(), in.vv(), in.ov(), grads.ov(), sv, dq, dk, dv, o);
+  });
+  set_precision_counters<T>(state, 14.0 / 4.0 * double(h) * attention_flops(n, d, o.causal), o.threads);
+}
+
+/// Args: N, backward (0: forward only, 1: forward + backward), dtype, threads: causal
+/// polysketch_attention (p = 4, r = 32, block 256, local_exact), one head, d = 64.
+template <class T>
+void BM_precision_polysketch(benchmark::State& state) {
+  const std::int64_t n = state.range(0), d = 64;
+  const bool backward = state.range(1) != 0;
+  polysketch_options o;
+  o.causal = true;
+  o.local_exact = true;
+  o.block_size = 256;
+  o.scale = 1.0 / 8;
+  o.threads = int(state.range(3));
+  sketch_options so;
+  so.sketch_size = 32;
+  const polysketch<float> sketch(d, so);
+  typed_inputs<T> in(1, n, n, d), grads(1, n, n, d);
+  std::vector<float> stats(std::size_t(n));
+  const tensor_view<float, 3> sv(stats.data(), {1, 1, n});
+  const tensor_view<T, 4> dq(grads.q.data(), {1, 1, n, d}), dk(grads.k.data(), {1, 1, n, d}),
+      dv(grads.v.data(), {1, 1, n, d});
+  run_attention_benchmark(state, n, [&] {
+    polysketch_attention<T>(in.qv(), in.kv(), in.vv(), in.ov(), sketch, o, sv);
+    if (backward) polysketch_attention_backward<T>(in.qv(), in.kv(), in.vv(), in.ov(), grads.ov(), sv, dq, dk, dv, sketch, o);
+  });
+}
+
 using bench_fn = void (*)(benchmark::State&);
 
 /// Registers `name` three times, with fp32, bf16 and f16 (args[dtype_at] = 0, 1, 2).
@@ -131,6 +177,17 @@ void register_precision_benchmarks(const sweep& s) {
                         benchmark::kMillisecond, n > 16384 ? 1 : 3,
                         {BM_precision_flash<float>, BM_precision_flash<bf16>, BM_precision_flash<f16>});
       }
+  for (int causal : {0, 1})
+    for (int threads : s.threads())
+      register_dtypes("precision_flash_fwd_bwd", {"N", "H", "causal", "dtype", "threads"}, {4096, 4, causal, 0, threads},
+                      3, benchmark::kMillisecond, 3,
+                      {BM_precision_flash_fwd_bwd<float>, BM_precision_flash_fwd_bwd<bf16>, BM_precision_flash_fwd_bwd<f16>});
+  for (std::int64_t n : {4096, 32768})
+    for (int backward : {0, 1})
+      for (int threads : s.threads())
+        register_dtypes("precision_polysketch", {"N", "backward", "dtype", "threads"}, {n, backward, 0, threads}, 2,
+                        benchmark::kMillisecond, 3,
+                        {BM_precision_polysketch<float>, BM_precision_polysketch<bf16>, BM_precision_polysketch<f16>});
   for (int threads : {1, 2})
     register_dtypes("precision_decode", {"context", "dtype", "threads"}, {32768, 0, threads}, 1, benchmark::kMicrosecond, 3,
                     {BM_precision_decode<float>, BM_precision_decode<bf16>, BM_precision_decode<f16>});

@@ -171,6 +171,56 @@ def contention_table(rows, threads):
             "busy / quiet 1 thread |", "|---|---|---|---|---|---|"] + out + [""]
 
 
+PRECISION_CALLS = [
+    ("precision_flash", "flash forward", ("N", "H", "causal")),
+    ("precision_flash_fwd_bwd", "flash forward + backward", ("N", "H", "causal")),
+    ("precision_polysketch", "polysketch r=32 local_exact causal", ("N", "backward")),
+    ("precision_decode", "decode step (flash, Nq = 1)", ("context",)),
+]
+DTYPES = {0: "fp32", 1: "bf16", 2: "f16"}
+
+
+def precision_table(rows):
+    """fp32, bf16 and f16 storage side by side (rows named precision_*, dtype 0/1/2), with the
+    bf16 dot-product peak beside the fp32 FMA peak."""
+    prec = [r for r in rows if r["kernel"].startswith("precision_")]
+    if not prec:
+        return []
+    out = ["## Precision: fp32, bf16 and f16 storage, same run", ""]
+    dot = [r["bench"] for r in rows if r["kernel"] == "peak" and "fp32_GFLOP/s" in r["bench"]]
+    if dot and dot[0].get("GFLOP/s", 0) > 0:
+        ratio = dot[0]["GFLOP/s"] / dot[0]["fp32_GFLOP/s"]
+        out.append(f"vdpbf16ps peak (one core): {dot[0]['GFLOP/s']:.0f} GFLOP/s, {ratio:.2f}× the fp32 FMA peak "
+                   f"of {dot[0]['fp32_GFLOP/s']:.0f}.")
+    else:
+        out.append("No AVX512-BF16 in this build: bf16 and f16 tiles are widened to fp32 (docs/design.md §10).")
+    out.append("% of peak is of the fp32 FMA peak (bf16 may exceed 100 %); decode rows give GB/s of K and V read.")
+    out.append("")
+    out.append("| call | shape | threads | fp32 ms | bf16 ms | fp32 / bf16 | f16 ms | fp32 / f16 | bf16 % of peak |")
+    out.append("|---|---|---|---|---|---|---|---|---|")
+    for kernel, label, keys in PRECISION_CALLS:
+        groups = {}
+        for r in prec:
+            if r["kernel"] == kernel:
+                key = tuple(r["args"].get(k) for k in keys) + (r["args"].get("threads"),)
+                groups.setdefault(key, {})[r["args"].get("dtype")] = r
+        for key in sorted(groups):
+            g = groups[key]
+            shape = ", ".join(f"{k} = {v}" for k, v in zip(keys, key))
+            base = g.get(0)
+            cells = [label, shape, str(key[-1]), fmt_ms(base["ms"]) if base else "–"]
+            for dt in (1, 2):
+                r = g.get(dt)
+                cells.append(fmt_ms(r["ms"]) if r else "–")
+                cells.append(f"{base['ms'] / r['ms']:.2f}×" if r and base else "–")
+            b16 = g.get(1, {}).get("bench", {})
+            cells.append(f"{b16['pct_peak']:.0f} %" if "pct_peak" in b16 else
+                         (f"{b16['GB/s']:.1f} GB/s" if "GB/s" in b16 else "–"))
+            out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    return out
+
+
 def main():
     if len(sys.argv) != 3:
         die("usage: report.py RESULTS.json OUTDIR")
@@ -411,6 +461,7 @@ def main():
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
 
+    lines += precision_table(rows)
     lines += contention_table(rows, threads)
     if 64 not in figures:
         die("no causal d = 64 results: nothing to plot (did the filter exclude them?)")
@@ -429,7 +480,11 @@ def plot(sel, training, non_causal, rows, threads, path):
     except ImportError as e:
         die(f"matplotlib is missing ({e}); install python3-matplotlib and run with /usr/bin/python3")
     decode = {k: select_by(rows, k, "context") for k in ("decode_flash", "decode_polysketch")}
-    panels = 2 + (1 if any(decode.values()) else 0) + (1 if training else 0)
+    precision = {dt: sorted((r["args"]["N"], r["ms"]) for r in rows if r["kernel"] == "precision_flash"
+                            and r["args"].get("causal") == 1 and r["args"].get("threads") == threads
+                            and r["args"].get("dtype") == dt) for dt in DTYPES}
+    has_precision = any(precision.values())
+    panels = 2 + (1 if any(decode.values()) else 0) + (1 if training else 0) + (1 if has_precision else 0)
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5.2))
     ax1, ax2 = axes[0], axes[1]
     next_panel = 2
@@ -504,6 +559,19 @@ def plot(sel, training, non_causal, rows, threads, path):
         ax4.set_title(f"forward + backward, causal, d = 64, {threads} threads")
         ax4.grid(True, which="both", alpha=0.3)
         ax4.legend(fontsize=8)
+    if has_precision:
+        ax5 = axes[-1]
+        for dt, name in DTYPES.items():
+            pts = precision[dt]
+            if pts:
+                ax5.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"flash, {name} storage")
+        ax5.set_xscale("log", base=2)
+        ax5.set_yscale("log")
+        ax5.set_xlabel("sequence length N")
+        ax5.set_ylabel("time per call (ms)")
+        ax5.set_title(f"causal flash, d = 64, H = 4 to N = 4096 then 1, {threads} threads")
+        ax5.grid(True, which="both", alpha=0.3)
+        ax5.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
