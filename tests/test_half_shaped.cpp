@@ -28,6 +28,8 @@ struct half_case {
   shaped_coefficients co{};
   int threads = 2;
   source from = source::automatic;
+  double scale = 0;      // 0: the default 1/√d
+  double key_shift = 0;  // added to every key element
 };
 
 shaped_options options_of(const half_case& c) {
@@ -37,6 +39,7 @@ shaped_options options_of(const half_case& c) {
   o.beta = c.co.beta;
   o.gamma = c.co.gamma;
   o.threads = c.threads;
+  if (c.scale != 0) o.scale = c.scale;
   return o;
 }
 
@@ -182,8 +185,9 @@ void check_case(const attention_shape& s, const half_case& c) {
   INFO(s.str() << " causal=" << c.causal << " alpha=" << c.co.alpha << " beta=" << c.co.beta << " gamma=" << c.co.gamma
                << " source=" << int(c.from));
   half_shaped_run<T> r(s, 4242 + static_cast<std::uint64_t>(s.nq * 7 + s.nk * 13 + s.d));
+  for (T& x : r.k.storage) x = static_cast<T>(static_cast<float>(x) + static_cast<float>(c.key_shift));
   r.run(c);
-  const double scale = 1.0 / std::sqrt(double(s.d));
+  const double scale = c.scale != 0 ? c.scale : 1.0 / std::sqrt(double(s.d));
   const dense_gradients exact =
       shaped_gradients_oracle<T, double>(r.q.cview(), r.k.cview(), r.v.cview(), r.dout.cview(), c.causal, scale, c.co);
   const dense_gradients naive =
@@ -222,6 +226,19 @@ TEMPLATE_TEST_CASE("shaped_attention and its backward on half storage meet the a
   for (bool causal : {false, true})
     for (const shaped_coefficients& co : half_coefficients())
       for (const attention_shape& s : half_shaped_shapes()) check_case<TestType>(s, half_case{causal, co, 2, source::automatic});
+}
+
+TEMPLATE_TEST_CASE("shaped_attention on half storage: terms that cancel are rounded once, after their sum",
+                   "[half][shaped]", polyattn::bf16, polyattn::f16) {
+  // scores near 0 make the softmax term almost the mean of the values it sees: out = A − mean
+  // (and its gradients) is far smaller than A, so an A rounded to T before the sum (an error of
+  // A's size) is caught, where with terms of out's size it would hide under 2× one rounding.
+  // Keys with a common offset leave dq unchanged (Σ_j dS_ij = 0) but carry an error of D_i
+  // into it times the offset: an A rebuilt for the backward and rounded to T is caught too.
+  for (bool causal : {false, true})
+    for (const attention_shape& s : {attention_shape{1, 4, 2, 40, 70, 8, 6, false}, attention_shape{1, 1, 1, 70, 70, 5, 9, true}})
+      for (source from : {source::reconstruct, source::recompute})
+        for (double shift : {0.0, 8.0}) check_case<TestType>(s, half_case{causal, {0.0, 1.0, 1.0}, 2, from, 1e-3, shift});
 }
 
 TEMPLATE_TEST_CASE("shaped_attention_backward on half storage: both sources of the softmax output", "[half][shaped]",
