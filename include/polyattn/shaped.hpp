@@ -170,7 +170,7 @@ void scale_in_place(const tensor_view<T, 4>& x, double factor, int threads) {
 }
 
 template <class T>
-T shaped_scale(const shaped_options& opts, index_t head_dim) {
+T shaped_scale(const shaped_options& opts, index_t head_dim) {  // (T: an accumulation type)
   if (opts.scale) return static_cast<T>(*opts.scale);
   return head_dim > 0 ? static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim))) : T(1);
 }
@@ -189,7 +189,7 @@ void check_shaped(const char* fn, const shaped_options& opts, const tensor_view<
 template <class T>
 attention_inputs<T> shaped_inputs(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
                                   const shaped_options& opts) {
-  return attention_inputs<T>{q, k, v, opts.causal, shaped_scale<T>(opts, q.extent(3)), resolve_threads(opts.threads),
+  return attention_inputs<T>{q, k, v, opts.causal, shaped_scale<accum_t<T>>(opts, q.extent(3)), resolve_threads(opts.threads),
                              mask_band{}, nullptr};
 }
 
@@ -198,7 +198,18 @@ struct shaped_terms {
   double alpha, beta, gamma;
 };
 
-/// out_i = β·A_i + α·v_pos − γ·mean_i in double, rounded once, with A_i already in out.
+/// x (a double sum) rounded to T; a half T through fp32, whose rounding of x is exact or
+/// below the half rounding's resolution (T's own conversion from double also goes through fp32).
+template <class T>
+T round_sum(double x) {
+  if constexpr (is_half_v<T>)
+    return narrow1<T>(static_cast<float>(x));
+  else
+    return static_cast<T>(x);
+}
+
+/// out_i = β·A_i + α·v_pos − γ·mean_i in double, rounded once, with A_i already in out (a
+/// half T: in pb.out_accum, unrounded; read only when β ≠ 0).
 template <class T>
 void add_shaped_terms(const attention_problem<T>& pb, const shaped_terms& co) {
   const double alpha = co.alpha, beta = co.beta, gamma = co.gamma;
@@ -207,27 +218,36 @@ void add_shaped_terms(const attention_problem<T>& pb, const shaped_terms& co) {
                             [&](index_t b, index_t h, index_t hk, index_t i, index_t pos, const double* mean) {
                               T* o = &pb.out(b, h, i, 0);
                               const T* vp = &pb.v(b, hk, pos, 0);
+                              const accum_t<T>* a = nullptr;
+                              if constexpr (is_half_v<T>)
+                                a = beta != 0 ? &pb.out_accum(b, h, i, 0) : nullptr;
+                              else
+                                a = o;
                               for (index_t c = 0; c < dv; ++c) {
                                 double acc = 0.0;
-                                if (beta != 0) acc += beta * static_cast<double>(o[c]);
+                                if (beta != 0) acc += beta * static_cast<double>(a[c]);
                                 if (alpha != 0) acc += alpha * static_cast<double>(vp[c]);
                                 if (gamma != 0) acc -= gamma * mean[c];
-                                o[c] = static_cast<T>(acc);
+                                o[c] = round_sum<T>(acc);
                               }
                             });
 }
 
-/// Stats written when non-empty.
+/// Stats written when non-empty. A half T's softmax term goes (when β ≠ 0) to an fp32 buffer
+/// the size of out, so that out is rounded once, after the sum of the three terms.
 template <class T>
 void shaped_forward(input_view<T> q, input_view<T> k, input_view<T> v, tensor_view<T, 4> out,
-                    const shaped_options& opts, tensor_view<T, 3> stats) {
+                    const shaped_options& opts, stats_output<T> stats) {
   constexpr const char* fn = "shaped_attention";
   check_attention(fn, q, k, v, out);
   if (!stats.empty()) check_stats_output(fn, q, k, v, out, stats);
   check_shaped<T>(fn, opts, q, k);
-  const attention_problem<T> pb{shaped_inputs<T>(q, k, v, opts), out, stats, kBlockK};
-  // the softmax term A_i, written into out (and the lse into stats); skipped when β = 0 and
-  // no stats are wanted
+  attention_problem<T> pb{shaped_inputs<T>(q, k, v, opts), out, stats, kBlockK};
+  const bool half_buffer = is_half_v<T> && opts.beta != 0;
+  const uninitialized_buffer<accum_t<T>> a_storage(half_buffer ? to_size(out.size()) : 0);
+  if (half_buffer) pb.out_accum = tensor_view<accum_t<T>, 4>(a_storage.data(), out.extents());
+  // the softmax term A_i, written into out or out_accum (and the lse into stats); skipped when
+  // β = 0 and no stats are wanted
   if (opts.beta != 0 || !stats.empty()) run_tiled_attention<T>(pb, softmax_weights<accum_t<T>>{});
   add_shaped_terms(pb, shaped_terms{opts.alpha, opts.beta, opts.gamma});
 }
@@ -237,51 +257,72 @@ void shaped_forward(input_view<T> q, input_view<T> k, input_view<T> v, tensor_vi
 /// again, or (automatic) by the rule of kReconstructLimit.
 enum class shaped_softmax_output { automatic, reconstruct, recompute };
 
-/// A = (out − α·v_pos + γ·mean)/β into a, every element.
+/// A = (out − α·v_pos + γ·mean)/β into a, every element (of accum_t<T>: a half T's A is not
+/// rounded to T).
 template <class T>
 void reconstruct_softmax_output(const attention_backward_problem<T>& pb, const shaped_terms& co,
-                                const tensor_view<T, 4>& a) {
+                                const tensor_view<accum_t<T>, 4>& a) {
   const double alpha = co.alpha, beta = co.beta, gamma = co.gamma;
   const index_t dval = pb.v.extent(3);
   for_each_row_with_mean<T>(pb.v, pb.q.extent(0), pb.q.extent(1), pb.q.extent(2), pb.causal, gamma != 0, pb.threads,
                             [&](index_t b, index_t h, index_t hk, index_t i, index_t pos, const double* mean) {
                               const T* o = &pb.out(b, h, i, 0);
                               const T* vp = &pb.v(b, hk, pos, 0);
-                              T* dst = &a(b, h, i, 0);
+                              accum_t<T>* dst = &a(b, h, i, 0);
                               for (index_t c = 0; c < dval; ++c) {
                                 double acc = static_cast<double>(o[c]);
                                 if (alpha != 0) acc -= alpha * static_cast<double>(vp[c]);
                                 if (gamma != 0) acc += gamma * mean[c];
-                                dst[c] = static_cast<T>(acc / beta);
+                                dst[c] = static_cast<accum_t<T>>(acc / beta);
                               }
                             });
 }
 
-/// dq, dk and the softmax term's part of dv (β ≠ 0, B, H > 0): out = … + β·A, so they are β
-/// times the flash backward engine's gradients of A for dout.
+/// The softmax output A the flash backward engine needs, into a [B, H, Nq, dv]: reconstructed
+/// from out or recomputed by the forward engine (a half T's unrounded, through out_accum).
 template <class T>
-void shaped_softmax_gradients(const attention_backward_problem<T>& pb, const shaped_terms& co,
-                              shaped_softmax_output source) {
+void shaped_softmax_output_into(const attention_backward_problem<T>& pb, const shaped_terms& co,
+                                shaped_softmax_output source, const tensor_view<accum_t<T>, 4>& a) {
   if (source == shaped_softmax_output::automatic)
     source = std::abs(co.alpha) + std::abs(co.gamma) <= kReconstructLimit * std::abs(co.beta)
                  ? shaped_softmax_output::reconstruct
                  : shaped_softmax_output::recompute;
-  const index_t B = pb.q.extent(0), H = pb.q.extent(1), Nq = pb.q.extent(2), dval = pb.v.extent(3);
-  // A [B, H, Nq, dv]: the size of out (docs/design_exact.md: the one buffer proportional to
-  // N), every element written below, so it is not zero-filled first
-  const uninitialized_buffer<T> a_storage(static_cast<std::size_t>(B * H * Nq * dval));
-  const tensor_view<T, 4> a(a_storage.data(), {B, H, Nq, dval});
-  if (source == shaped_softmax_output::reconstruct)
-    reconstruct_softmax_output(pb, co, a);
+  if (source == shaped_softmax_output::reconstruct) return reconstruct_softmax_output(pb, co, a);
+  attention_problem<T> pf{static_cast<const attention_inputs<T>&>(pb), {}, {}, kBlockK};
+  if constexpr (is_half_v<T>)
+    pf.out_accum = a;
   else
-    run_tiled_attention<T>(attention_problem<T>{static_cast<const attention_inputs<T>&>(pb), a, {}, kBlockK},
-                           softmax_weights<accum_t<T>>{});
+    pf.out = a;
+  run_tiled_attention<T>(pf, softmax_weights<accum_t<T>>{});
+}
+
+/// dq, dk and the softmax term's part of dv (β ≠ 0, B, H > 0): out = … + β·A, so they are β
+/// times the flash backward engine's gradients of A for dout. float and double: the engine
+/// writes dq, dk, dv, then dq and dk are scaled by β. A half T's are rounded once: the engine
+/// reads A in fp32 (out_accum), multiplies dq and dk by β before rounding them (grad_scale)
+/// and leaves dv's softmax part unrounded in pb.dv_accum for shaped_dv_chunk.
+template <class T>
+void shaped_softmax_gradients(const attention_backward_problem<T>& pb, const shaped_terms& co,
+                              shaped_softmax_output source) {
+  const index_t B = pb.q.extent(0), H = pb.q.extent(1), Nq = pb.q.extent(2), dval = pb.v.extent(3);
+  // A [B, H, Nq, dv] in accum_t<T>: the size of out (docs/design_exact.md: the one buffer
+  // proportional to N; a half T's twice the bytes of out), every element written below, so
+  // it is not zero-filled first
+  const uninitialized_buffer<accum_t<T>> a_storage(static_cast<std::size_t>(B * H * Nq * dval));
+  const tensor_view<accum_t<T>, 4> a(a_storage.data(), {B, H, Nq, dval});
+  shaped_softmax_output_into(pb, co, source, a);
   attention_backward_problem<T> pa = pb;
-  pa.out = a;
-  run_tiled_attention_backward<T>(pa, softmax_weights<accum_t<T>>{});
-  if (co.beta != 1) {
-    scale_in_place(pb.dq, co.beta, pb.threads);
-    scale_in_place(pb.dk, co.beta, pb.threads);
+  if constexpr (is_half_v<T>) {
+    pa.out_accum = a;
+    pa.grad_scale = static_cast<accum_t<T>>(co.beta);
+    run_tiled_attention_backward<T>(pa, softmax_weights<accum_t<T>>{});
+  } else {
+    pa.out = a;
+    run_tiled_attention_backward<T>(pa, softmax_weights<accum_t<T>>{});
+    if (co.beta != 1) {
+      scale_in_place(pb.dq, co.beta, pb.threads);
+      scale_in_place(pb.dk, co.beta, pb.threads);
+    }
   }
 }
 
@@ -329,11 +370,16 @@ void shaped_dv_chunk(const attention_backward_problem<T>& pb, const shaped_terms
     std::fill(ident.begin(), ident.end(), 0.0);
     if (alpha != 0 && p >= offset) add_dout(p - offset, ident.data());
     T* g = &pb.dv(b, hk, p, 0);
+    const accum_t<T>* a = nullptr;  // the softmax term's part: in dv, or a half T's in dv_accum
+    if constexpr (is_half_v<T>)
+      a = softmax ? &pb.dv_accum(b, hk, p, 0) : nullptr;
+    else
+      a = g;
     for (index_t col = 0; col < dval; ++col) {
-      double acc = softmax ? beta * static_cast<double>(g[col]) : 0.0;
+      double acc = softmax ? beta * static_cast<double>(a[col]) : 0.0;
       if (alpha != 0) acc += alpha * ident[to_size(col)];
       if (gamma != 0) acc -= gamma * rest[to_size(col)];
-      g[col] = static_cast<T>(acc);
+      g[col] = round_sum<T>(acc);
     }
   }
 }
@@ -359,9 +405,13 @@ void shaped_backward(input_view<T> q, input_view<T> k, input_view<T> v, input_vi
   constexpr const char* fn = "shaped_attention_backward";
   check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
   check_shaped<T>(fn, opts, q, k);
-  const attention_backward_problem<T> pb{shaped_inputs<T>(q, k, v, opts), out, dout, stats, dq, dk, dv};
+  attention_backward_problem<T> pb{shaped_inputs<T>(q, k, v, opts), out, dout, stats, dq, dk, dv};
   const shaped_terms co{opts.alpha, opts.beta, opts.gamma};
   const bool softmax = co.beta != 0 && q.extent(0) > 0 && q.extent(1) > 0;
+  // a half T: dv's softmax part in fp32 [B, Hk, Nk, dv] (twice the bytes of dv), every element
+  // written by the engine
+  const uninitialized_buffer<accum_t<T>> dv_storage(is_half_v<T> && softmax ? to_size(dv.size()) : 0);
+  if (is_half_v<T> && softmax) pb.dv_accum = tensor_view<accum_t<T>, 4>(dv_storage.data(), dv.extents());
   if (softmax) {
     shaped_softmax_gradients(pb, co, source);
   } else {
@@ -388,7 +438,7 @@ void shaped_attention(detail::input_view<T> q, detail::input_view<T> k, detail::
 /// (as flash_attention writes it; also when β = 0), for shaped_attention_backward.
 template <class T>
 void shaped_attention(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v, tensor_view<T, 4> out,
-                      const shaped_options& opts, tensor_view<T, 3> stats) {
+                      const shaped_options& opts, detail::stats_output<T> stats) {
   detail::check_stats_given("shaped_attention", stats, q);
   detail::shaped_forward<T>(q, k, v, out, opts, stats);
 }

@@ -69,6 +69,14 @@ struct attention_backward_problem : attention_inputs<T> {
   tensor_view<const accum_t<T>, 3> stats{};
   tensor_view<T, 4> dq{}, dk{}, dv{};
   backward_schedule schedule = kDefaultBackwardSchedule;
+  // Hooks for a caller that combines these gradients with other terms before the one rounding
+  // (shaped attention; a half T only, without segments; unused when empty or 1): D_i = dO_i·O_i
+  // reads the forward's rows unrounded from out_accum [B, H, Nq, dv] instead of out; dq and dk
+  // are multiplied by grad_scale before they are rounded; dv is written unrounded into
+  // dv_accum [B, Hk, Nk, dv] instead of dv.
+  tensor_view<const accum_t<T>, 4> out_accum{};
+  tensor_view<accum_t<T>, 4> dv_accum{};
+  accum_t<T> grad_scale = accum_t<T>(1);
 
   attention_backward_problem() = default;
   attention_backward_problem(const attention_inputs<T>& in, tensor_view<const T, 4> forward_out,
@@ -158,6 +166,7 @@ struct backward_pass {
   // unscaled (qrow_scale 1), its sums times dk_scale when rounded; otherwise scale and 1
   bool pairs;
   A qrow_scale, dk_scale;
+  A dq_scale;  // dQ's sums times this when stored: the scale (a half T: times pb.grad_scale)
 
   /// (W: the SIMD width, lanes per vector)
   static backward_pass make(const attention_backward_problem<T>& pb, const Weights& weights, const kv_parts<T>& kv,
@@ -166,7 +175,8 @@ struct backward_pass {
     const index_t Hk = pb.k.extent(1), Nk = pb.k.extent(2), dval = pb.v.extent(3);
     return backward_pass{pb, weights, kv, B, H, Nq, d, Hk, Nk, dval, H / Hk, ceil_div(Nq, kBwdBlockQ),
                          round_up(std::max<index_t>(d, 1), W), round_up(dval, W), d % W != 0 && !is_half_v<T>,
-                         attention_mask::of(pb.causal, Nq, Nk, pb.band), nullptr, false, pb.scale, A(1)};
+                         attention_mask::of(pb.causal, Nq, Nk, pb.band), nullptr, false, pb.scale,
+                         is_half_v<T> ? pb.grad_scale : A(1), is_half_v<T> ? pb.scale * pb.grad_scale : pb.scale};
   }
   /// Values of one packed query block in a window of the partials schedule.
   index_t pack_size() const { return 2 * dp * kBwdBlockQ + 2 * dvp * kBwdBlockQ + 2 * kBwdBlockQ; }
@@ -287,16 +297,21 @@ void load_queries(const backward_pass<T, Weights>& f, attention_backward_scratch
   const index_t d = f.d, dval = f.dval, i0 = qb.i0, nq = qb.nq, lanes = qb.lanes;
   const T* qrow = d > 0 ? &pb.q(qb.b, qb.h, i0, 0) : nullptr;
   const T* dorow = &pb.dout(qb.b, qb.h, i0, 0);
-  const T* orow = &pb.out(qb.b, qb.h, i0, 0);
-  const index_t qs = pb.q.stride(2), dos = pb.dout.stride(2), os = pb.out.stride(2);
+  const index_t qs = pb.q.stride(2), dos = pb.dout.stride(2);
   pack_transposed(qrow, qs, nq, d, pb.scale, qp.qt, lanes);
   pack_transposed(dorow, dos, nq, dval, A(1), qp.dot, lanes);
-  for (index_t i = 0; i < nq; ++i) {
-    s.stat[to_size(i)] = pb.stats(qb.b, qb.h, i0 + i);
-    A acc(0);
-    for (index_t c = 0; c < dval; ++c) acc += widen1(dorow[i * dos + c]) * widen1(orow[i * os + c]);
-    qp.dd[i] = acc;
-  }
+  for (index_t i = 0; i < nq; ++i) s.stat[to_size(i)] = pb.stats(qb.b, qb.h, i0 + i);
+  auto output_dots = [&](const auto* orow, index_t os) {  // D_i = dO_i·O_i
+    for (index_t i = 0; i < nq; ++i) {
+      A acc(0);
+      for (index_t c = 0; c < dval; ++c) acc += widen1(dorow[i * dos + c]) * widen1(orow[i * os + c]);
+      qp.dd[i] = acc;
+    }
+  };
+  if (is_half_v<T> && pb.out_accum.size() > 0)
+    output_dots(&pb.out_accum(qb.b, qb.h, i0, 0), pb.out_accum.stride(2));
+  else
+    output_dots(&pb.out(qb.b, qb.h, i0, 0), pb.out.stride(2));
   std::fill(qp.dd + nq, qp.dd + lanes, A(0));
   f.weights.backward_init(s.stat.data(), nq, lanes, qp.c);
   if constexpr (is_half_v<T>)
@@ -451,6 +466,16 @@ void load_key_gradients(const backward_pass<T, Weights>& f, attention_backward_s
     }
   }
 }
+/// dV of key j of kv head (b, hk), in part p, from its sums: rounded into the gradient (a copy
+/// for float and double), or for a half T unrounded into pb.dv_accum when given.
+template <class T, class Weights>
+void store_value_gradient(const backward_pass<T, Weights>& f, const kv_part<T>& p, const accum_t<T>* src, index_t b,
+                          index_t hk, index_t j) {
+  if (is_half_v<T> && f.pb.dv_accum.size() > 0)
+    std::copy_n(src, f.dval, &f.pb.dv_accum(b, hk, j, 0));
+  else
+    narrow(src, f.dval, p.dv_row(b, hk, j));
+}
 template <class T, class Weights>
 void store_key_gradients(const backward_pass<T, Weights>& f, const attention_backward_scratch<accum_t<T>>& s,
                          const key_piece<T>& kp, index_t b, index_t hk) {
@@ -461,7 +486,7 @@ void store_key_gradients(const backward_pass<T, Weights>& f, const attention_bac
       std::copy_n(s.vacc.data() + r * f.dvp, f.dval, dst + f.d);
     } else {  // (narrow: a copy for float and double)
       if (f.d > 0) narrow_scaled(s.kacc.data() + r * f.dp, f.d, f.dk_scale, kp.part->dk_row(b, hk, kp.j0 + r));
-      narrow(s.vacc.data() + r * f.dvp, f.dval, kp.part->dv_row(b, hk, kp.j0 + r));
+      store_value_gradient(f, *kp.part, s.vacc.data() + r * f.dvp, b, hk, kp.j0 + r);
     }
   }
 }
@@ -474,7 +499,7 @@ void flush_key_gradients(const backward_pass<T, Weights>& f, index_t b, index_t 
     for (index_t j = j0; j < j0 + n; ++j) {
       const accum_t<T>* src = f.key_acc + j * (f.d + f.dval);
       if (f.d > 0) narrow_scaled(src, f.d, f.dk_scale, p.dk_row(b, hk, j));
-      narrow(src + f.d, f.dval, p.dv_row(b, hk, j));
+      store_value_gradient(f, p, src + f.d, b, hk, j);
     }
   });
 }
@@ -549,7 +574,7 @@ void reduce_dq_partials(const backward_pass<T, Weights>& f, const aligned_vector
     for (index_t col = 0; col < f.d; ++col) {
       accum_t<T> acc = part[static_cast<std::size_t>(i * dp + col)];
       for (index_t c = 1; c < C; ++c) acc += part[static_cast<std::size_t>((c * WQ + i) * dp + col)];
-      dst[col] = narrow1<T>(f.pb.scale * acc);
+      dst[col] = narrow1<T>(f.dq_scale * acc);
     }
   }
 }
@@ -650,7 +675,7 @@ void recompute_query_task(const backward_pass<T, Weights>& f, attention_backward
   f.mask.for_each_key_block(qb.i0, nq, kBwdBlockK, true, [&](index_t j0, index_t nk) { f.kv.split(j0, nk, key_block); });
   for (index_t i = 0; i < nq; ++i) {
     T* dst = &f.pb.dq(qb.b, qb.h, qb.i0 + i, 0);
-    for (index_t c = 0; c < f.d; ++c) dst[c] = narrow1<T>(f.pb.scale * qacc[i * dp + c]);
+    for (index_t c = 0; c < f.d; ++c) dst[c] = narrow1<T>(f.dq_scale * qacc[i * dp + c]);
   }
 }
 
@@ -698,13 +723,14 @@ void run_tiled_attention_backward(const attention_backward_problem<T>& pb, const
     // no query, no key or no value: every gradient is 0 (dS = P ∘ (dP − D) with dP = D = 0)
     fill_zero(pb.dq);
     zero_key_gradients(kv);
+    fill_zero(pb.dv_accum);
     return;
   }
   auto f = backward_pass<T, Weights>::make(pb, weights, kv, simd_width<accum_t<T>, Arch>);
   if constexpr (bf16_pairs<T, Arch>) {
     f.pairs = true;
     f.qrow_scale = accum_t<T>(1);
-    f.dk_scale = pb.scale;
+    f.dk_scale = pb.scale * pb.grad_scale;
   }
   if (pb.schedule == backward_schedule::partials)
     run_partials_schedule<T, Weights, Arch>(f);
