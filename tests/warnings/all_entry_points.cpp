@@ -146,18 +146,16 @@ void exact_kernels(checker& ck, const sizes& z, bool causal) {
 
   shaped_options sh;
   sh.causal = causal;
-  if constexpr (!is_half_v<T>) {  // (shaped attention takes bf16/f16 storage in a later change)
-    shaped_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), sh);
-    ck.finite("shaped_attention out", out);
-    shaped_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), sh, stats.view());
-    ck.finite("shaped_attention out", out);
-    ck.finite("shaped_attention stats", stats);
-    shaped_attention_backward<T>(q.cview(), k.cview(), v.cview(), out.cview(), dout.cview(), stats.cview(), dq.view(),
-                                 dk.view(), dv_.view(), sh);
-    ck.finite("shaped_attention_backward dk", dk);
-    ck.finite("shaped_attention_backward dv", dv_);
-    ck.finite("shaped_attention_backward dq", dq);
-  }
+  shaped_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), sh);
+  ck.finite("shaped_attention out", out);
+  shaped_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), sh, stats.view());
+  ck.finite("shaped_attention out", out);
+  ck.finite("shaped_attention stats", stats);
+  shaped_attention_backward<T>(q.cview(), k.cview(), v.cview(), out.cview(), dout.cview(), stats.cview(), dq.view(),
+                               dk.view(), dv_.view(), sh);
+  ck.finite("shaped_attention_backward dk", dk);
+  ck.finite("shaped_attention_backward dv", dv_);
+  ck.finite("shaped_attention_backward dq", dq);
 
   // segmented keys and values: [k0 | k1] of lengths split and N - split
   const index_t split = z.split;
