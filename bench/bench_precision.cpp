@@ -111,14 +111,14 @@ void BM_precision_flash_fwd_bwd(benchmark::State& state) {
   softmax_options o;
   o.causal = state.range(2) != 0;
   o.threads = int(state.range(4));
-  typed_inputs<T> in(h, n, n, d), grads(h, n, n, d);  // grads: dq in q, dk in k, dv in v, dout in out
+  typed_inputs<T> in(h, n, n, d), grads(h, n, n, d), dout(h, n, n, d);  // grads: dq, dk, dv; dout: its q
   std::vector<float> stats(std::size_t(h * n));
   const tensor_view<float, 3> sv(stats.data(), {1, h, n});
   const tensor_view<T, 4> dq(grads.q.data(), {1, h, n, d}), dk(grads.k.data(), {1, h, n, d}),
       dv(grads.v.data(), {1, h, n, d});
   run_attention_benchmark(state, n, [&] {
     flash_attention<T>(in.qv(), in.kv(), in.vv(), in.ov(), o, sv);
-    flash_attention_backward<T>(in.qv(), in.kv(), in.vv(), in.ov(), grads.ov(), sv, dq, dk, dv, o);
+    flash_attention_backward<T>(in.qv(), in.kv(), in.vv(), in.ov(), dout.qv(), sv, dq, dk, dv, o);
   });
   set_precision_counters<T>(state, 14.0 / 4.0 * double(h) * attention_flops(n, d, o.causal), o.threads);
 }
@@ -138,14 +138,15 @@ void BM_precision_polysketch(benchmark::State& state) {
   sketch_options so;
   so.sketch_size = 32;
   const polysketch<float> sketch(d, so);
-  typed_inputs<T> in(1, n, n, d), grads(1, n, n, d);
-  std::vector<float> stats(std::size_t(n));
+  typed_inputs<T> in(1, n, n, d), grads(1, n, n, d), dout(1, n, n, d);
+  std::vector<float> stats(static_cast<std::size_t>(n));
   const tensor_view<float, 3> sv(stats.data(), {1, 1, n});
   const tensor_view<T, 4> dq(grads.q.data(), {1, 1, n, d}), dk(grads.k.data(), {1, 1, n, d}),
       dv(grads.v.data(), {1, 1, n, d});
   run_attention_benchmark(state, n, [&] {
     polysketch_attention<T>(in.qv(), in.kv(), in.vv(), in.ov(), sketch, o, sv);
-    if (backward) polysketch_attention_backward<T>(in.qv(), in.kv(), in.vv(), in.ov(), grads.ov(), sv, dq, dk, dv, sketch, o);
+    if (backward)
+      polysketch_attention_backward<T>(in.qv(), in.kv(), in.vv(), in.ov(), dout.qv(), sv, dq, dk, dv, sketch, o);
   });
 }
 

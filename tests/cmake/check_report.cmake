@@ -1,5 +1,6 @@
 # bench/report.py on a recorded sample (a subset of a real polyattn_bench run; the shaped_attention
-# rows come from a later run on another machine, the machine and contention rows from a third):
+# rows come from a later run on another machine, the machine and contention rows from a third, the
+# precision rows from a fourth):
 # it must write a table that names the
 # crossover and a non-empty PNG; on a result file without benchmarks it must fail with an error
 # message instead of drawing an empty picture.
@@ -15,7 +16,8 @@ foreach(expected "| 4096 |" "faster than flash from N = " "flash_attention" "## 
         "## Training step" "training step (r = 32, local_exact) is faster than flash"
         "performer m=256" "flash / performer" "## Non-causal attention" "flash / linformer"
         "## Shaped attention" "| shaped fwd+bwd α = 8 ms |" "Machine: one core's fp32 FMA peak"
-        "## Under contention" "| flash_attention | 4096 |")
+        "## Under contention" "| flash_attention | 4096 |" "## Precision: fp32, bf16 and f16"
+        "vdpbf16ps peak (one core)" "| decode step (flash, Nq = 1) | context = 32768 | 2 |")
   string(FIND "${md}" "${expected}" at)
   if(at EQUAL -1)
     message(FATAL_ERROR "report.md lacks '${expected}':\n${md}")
