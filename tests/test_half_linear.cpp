@@ -44,44 +44,6 @@ std::vector<half_shape> block_shapes() {
           {2, 2, 1, 70, 70, 7, 3, false},  {1, 2, 2, 20, 33, 7, 5, false}, {1, 1, 1, 40, 33, 5, 6, false}};
 }
 
-/// A tensor rounded to T (the kernel's input) and the same values widened to float (exact).
-template <class T>
-struct half_tensor {
-  tensor4<T> h;
-  tensor4<float> f;
-};
-
-/// N(0, sigma²) values (or, with `features`, their squares / d: non-negative) rounded to T.
-template <class T>
-half_tensor<T> rounded_tensor(index_t b, index_t h, index_t n, index_t d, std::uint64_t seed, bool bnhd,
-                              double sigma = 1.0, bool features = false) {
-  const tensor4<float> x = random_tensor<float>(b, h, n, d, seed, false, sigma);
-  half_tensor<T> r{tensor4<T>(b, h, n, d, bnhd), tensor4<float>(b, h, n, d)};
-  for (index_t i0 = 0; i0 < b; ++i0)
-    for (index_t i1 = 0; i1 < h; ++i1)
-      for (index_t i2 = 0; i2 < n; ++i2)
-        for (index_t i3 = 0; i3 < d; ++i3) {
-          float val = x(i0, i1, i2, i3);
-          if (features) val = val * val / float(d);
-          const T t = static_cast<T>(val);
-          r.h(i0, i1, i2, i3) = t;
-          r.f(i0, i1, i2, i3) = static_cast<float>(t);
-        }
-  return r;
-}
-
-/// The kernel's output widened to float (for the backward's `out` input of the references).
-template <class T>
-tensor4<float> widened(const tensor4<T>& x) {
-  const auto& e = x.view;
-  tensor4<float> y(e.extent(0), e.extent(1), e.extent(2), e.extent(3));
-  for (index_t b = 0; b < e.extent(0); ++b)
-    for (index_t h = 0; h < e.extent(1); ++h)
-      for (index_t i = 0; i < e.extent(2); ++i)
-        for (index_t c = 0; c < e.extent(3); ++c) y(b, h, i, c) = static_cast<float>(x(b, h, i, c));
-  return y;
-}
-
 /// max |x − oracle| over every element; +inf when some x is not finite (NaN must not hide in a max).
 template <class F>
 double max_error(const dense_result& oracle, F x) {
@@ -168,11 +130,11 @@ void check_linear(const half_shape& s, bool causal, double bias) {
   family_spec spec;
   spec.causal = causal;
   spec.bias = bias;
-  const tensor4<float> out_f = widened(in.out);
+  const tensor4<float> out_f = converted<float>(in.out);
   auto reference = [&](auto acc) {
     using Acc = decltype(acc);
-    const tensor4<Acc> pq = to_precision<Acc>(in.pq.f), pk = to_precision<Acc>(in.pk.f), v = to_precision<Acc>(in.v.f);
-    const tensor4<Acc> dout = to_precision<Acc>(in.dout.f), out = to_precision<Acc>(out_f);
+    const tensor4<Acc> pq = converted<Acc>(in.pq.f), pk = converted<Acc>(in.pk.f), v = converted<Acc>(in.v.f);
+    const tensor4<Acc> dout = converted<Acc>(in.dout.f), out = converted<Acc>(out_f);
     return family_reference<Acc>({pq.view, pk.view, pq.view, pk.view, v.view, dout.view, out.view}, spec);
   };
   const family_result oracle = reference(0.0), naive = reference(0.0f);
@@ -244,7 +206,7 @@ void check_polysketch(const half_shape& s, index_t r, bool causal, bool local_ex
   spec.block = o.block_size;
   spec.scale = o.scale;
   spec.bias = o.normalizer_bias;
-  const tensor4<float> out_f = widened(in.out);
+  const tensor4<float> out_f = converted<float>(in.out);
   const family_result oracle =
       polysketch_reference<double>(sketch, in.q.f, in.k.f, in.v.f, &in.dout.f, &out_f, spec);
   const family_result naive = polysketch_reference<float>(sketch, in.q.f, in.k.f, in.v.f, &in.dout.f, &out_f, spec);
@@ -294,12 +256,12 @@ void check_sketched(const half_shape& s, index_t r, bool causal, bool local_exac
   spec.degree = o.degree;
   spec.scale = o.scale;
   spec.bias = o.normalizer_bias;
-  const tensor4<float> out_f = widened(in.out);
+  const tensor4<float> out_f = converted<float>(in.out);
   auto reference = [&](auto acc) {
     using Acc = decltype(acc);
-    const tensor4<Acc> q = to_precision<Acc>(in.q.f), k = to_precision<Acc>(in.k.f), v = to_precision<Acc>(in.v.f);
-    const tensor4<Acc> a = to_precision<Acc>(sq.f), b = to_precision<Acc>(sk.f);
-    const tensor4<Acc> dout = to_precision<Acc>(in.dout.f), out = to_precision<Acc>(out_f);
+    const tensor4<Acc> q = converted<Acc>(in.q.f), k = converted<Acc>(in.k.f), v = converted<Acc>(in.v.f);
+    const tensor4<Acc> a = converted<Acc>(sq.f), b = converted<Acc>(sk.f);
+    const tensor4<Acc> dout = converted<Acc>(in.dout.f), out = converted<Acc>(out_f);
     return family_reference<Acc>({q.view, k.view, a.view, b.view, v.view, dout.view, out.view}, spec);
   };
   const family_result oracle = reference(0.0), naive = reference(0.0f);

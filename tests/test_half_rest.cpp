@@ -89,13 +89,13 @@ tensor_view<const T, 4> rows(const tensor4<T>& x, index_t t, index_t c) {
 /// Inputs of the three caches: q, k (d wide), sq, sk (r wide), v.
 template <class T>
 struct cache_inputs {
-  half_pair<T> q, k, sq, sk, v;
+  half_tensor<T> q, k, sq, sk, v;
   cache_inputs(const cache_shape& s, index_t r, std::uint64_t seed, bool features)
-      : q(half_input<T>(s.batch, s.heads, s.n, s.d, seed, s.bnhd, 1.0, features)),
-        k(half_input<T>(s.batch, s.kv_heads, s.n, s.d, seed + 1, s.bnhd, 1.0, features)),
-        sq(half_input<T>(s.batch, s.heads, s.n, r, seed + 2, s.bnhd, 0.5)),
-        sk(half_input<T>(s.batch, s.kv_heads, s.n, r, seed + 3, s.bnhd, 0.5)),
-        v(half_input<T>(s.batch, s.kv_heads, s.n, s.dv, seed + 4, s.bnhd)) {}
+      : q(rounded_tensor<T>(s.batch, s.heads, s.n, s.d, seed, s.bnhd, 1.0, features)),
+        k(rounded_tensor<T>(s.batch, s.kv_heads, s.n, s.d, seed + 1, s.bnhd, 1.0, features)),
+        sq(rounded_tensor<T>(s.batch, s.heads, s.n, r, seed + 2, s.bnhd, 0.5)),
+        sk(rounded_tensor<T>(s.batch, s.kv_heads, s.n, r, seed + 3, s.bnhd, 0.5)),
+        v(rounded_tensor<T>(s.batch, s.kv_heads, s.n, s.dv, seed + 4, s.bnhd)) {}
 };
 
 polysketch<float> rest_sketch(index_t d) {
@@ -181,8 +181,8 @@ cache_case<T> sketched_case(const cache_inputs<T>& in, const cache_shape& s, ind
   };
   auto reference = [&](auto acc) {
     using Acc = decltype(acc);
-    const tensor4<Acc> q = in_precision<Acc>(in.q.f), k = in_precision<Acc>(in.k.f), v = in_precision<Acc>(in.v.f);
-    const tensor4<Acc> a = in_precision<Acc>(in.sq.f), b = in_precision<Acc>(in.sk.f);
+    const tensor4<Acc> q = converted<Acc>(in.q.f), k = converted<Acc>(in.k.f), v = converted<Acc>(in.v.f);
+    const tensor4<Acc> a = converted<Acc>(in.sq.f), b = converted<Acc>(in.sk.f);
     return family_reference<Acc>({q.view, k.view, a.view, b.view, v.view, {}, {}}, spec);
   };
   c.oracle = reference(0.0);
@@ -210,7 +210,7 @@ cache_case<T> linear_case(const cache_inputs<T>& in, const cache_shape& s) {
   };
   auto reference = [&](auto acc) {
     using Acc = decltype(acc);
-    const tensor4<Acc> q = in_precision<Acc>(in.q.f), k = in_precision<Acc>(in.k.f), v = in_precision<Acc>(in.v.f);
+    const tensor4<Acc> q = converted<Acc>(in.q.f), k = converted<Acc>(in.k.f), v = converted<Acc>(in.v.f);
     return family_reference<Acc>({q.view, k.view, q.view, k.view, v.view, {}, {}}, spec);
   };
   c.oracle = reference(0.0);
@@ -455,9 +455,9 @@ TEMPLATE_TEST_CASE("half compress_memory: mean meets the contract, max is exact"
   // values around 4 (so sums grow), partial last groups, strided views, long groups
   for (const shape& s : {shape{1, 2, 10, 7, 3, false}, shape{2, 3, 64, 5, 64, true}, shape{1, 1, 200, 9, 48, false}}) {
     INFO(type_name<T>() << " compress_memory n=" << s.n << " d=" << s.d << " rate=" << s.rate);
-    const half_pair<T> x = half_input<T>(s.b, s.h, s.n, s.d, 700 + std::uint64_t(s.n), s.bnhd, 1.0, false, 4.0f);
+    const half_tensor<T> x = rounded_tensor<T>(s.b, s.h, s.n, s.d, 700 + std::uint64_t(s.n), s.bnhd, 1.0, false, 4.0f);
     const index_t groups = (s.n + s.rate - 1) / s.rate;
-    const half_pair<T> dout = half_input<T>(s.b, s.h, groups, s.d, 800 + std::uint64_t(s.n), s.bnhd);
+    const half_tensor<T> dout = rounded_tensor<T>(s.b, s.h, groups, s.d, 800 + std::uint64_t(s.n), s.bnhd);
     compress_options o;
     o.threads = 2;
     tensor4<T> mean(s.b, s.h, groups, s.d, s.bnhd), mx(s.b, s.h, groups, s.d, s.bnhd);
@@ -485,7 +485,7 @@ TEMPLATE_TEST_CASE("half compress_memory: mean meets the contract, max is exact"
 
 TEMPLATE_TEST_CASE("half compress_memory: NaN, threads, validation", "[half][compress]", bf16, f16) {
   using T = TestType;
-  half_pair<T> x = half_input<T>(1, 2, 300, 40, 9, false);
+  half_tensor<T> x = rounded_tensor<T>(1, 2, 300, 40, 9, false);
   x.h(0, 1, 5, 3) = T(std::numeric_limits<float>::quiet_NaN());
   tensor4<T> m1(1, 2, 75, 40), m2(1, 2, 75, 40), a1(1, 2, 75, 40), a2(1, 2, 75, 40);
   compress_options one, two;
@@ -535,16 +535,16 @@ TEMPLATE_TEST_CASE("half favor_features: queries, keys and backward meet the con
     const favor_features<T> f(s.d, fo);
     const std::vector<float> w = projection_of(f);
     CHECK(same_bits(w, projection_of(favor_features<float>(s.d, fo))));  // one seed, one W
-    const half_pair<T> x = half_input<T>(s.b, s.h, s.n, s.d, 900 + std::uint64_t(s.n), s.bnhd);
+    const half_tensor<T> x = rounded_tensor<T>(s.b, s.h, s.n, s.d, 900 + std::uint64_t(s.n), s.bnhd);
     for (bool keys : {false, true}) {
       INFO((keys ? "keys" : "queries"));
       tensor4<T> phi(s.b, s.h, s.n, s.m, s.bnhd), dx(s.b, s.h, s.n, s.d, s.bnhd);
       if (keys) f.keys(x.h.view, phi.view);
       else f.queries(x.h.view, phi.view);
       require_half_contract("phi", phi, favor_reference<double>(x.f, w, s.m, keys), favor_reference<float>(x.f, w, s.m, keys));
-      const half_pair<T> dphi = half_input<T>(s.b, s.h, s.n, s.m, 950 + std::uint64_t(s.n), s.bnhd);
+      const half_tensor<T> dphi = rounded_tensor<T>(s.b, s.h, s.n, s.m, 950 + std::uint64_t(s.n), s.bnhd);
       f.backward(x.h.view, phi.view, dphi.h.view, dx.view);
-      const tensor4<float> phf = widen_tensor(phi);
+      const tensor4<float> phf = converted<float>(phi);
       require_half_contract("dx", dx, favor_backward_reference<double>(x.f, w, s.m, phf, dphi.f),
                             favor_backward_reference<float>(x.f, w, s.m, phf, dphi.f));
     }
@@ -560,7 +560,7 @@ TEMPLATE_TEST_CASE("half favor_features: feeds linear_attention<T>; threads; Eig
   f1.threads = 1;
   f2.threads = 2;
   const favor_features<T> one(d, f1), two(d, f2);
-  const half_pair<T> x = half_input<T>(1, 2, n, d, 31, false), dphi = half_input<T>(1, 2, n, m, 32, false);
+  const half_tensor<T> x = rounded_tensor<T>(1, 2, n, d, 31, false), dphi = rounded_tensor<T>(1, 2, n, m, 32, false);
   tensor4<T> p1(1, 2, n, m), p2(1, 2, n, m), k1(1, 2, n, m), k2(1, 2, n, m), d1(1, 2, n, d), d2(1, 2, n, d);
   one.queries(x.h.view, p1.view);
   two.queries(x.h.view, p2.view);
@@ -572,7 +572,7 @@ TEMPLATE_TEST_CASE("half favor_features: feeds linear_attention<T>; threads; Eig
   CHECK(same_bits(k1, k2));
   CHECK(same_bits(d1, d2));
   // φq, φk of T feed linear_attention<T> directly: positive features, finite outputs
-  const half_pair<T> v = half_input<T>(1, 2, n, 5, 33, false);
+  const half_tensor<T> v = rounded_tensor<T>(1, 2, n, 5, 33, false);
   tensor4<T> out(1, 2, n, 5);
   linear_options lo;
   lo.causal = true;
@@ -616,10 +616,10 @@ void check_linformer(const linformer_shape& s) {
   INFO(type_name<T>() << " linformer B=" << s.batch << " H=" << s.heads << " Hk=" << s.kv_heads << " Nq=" << s.nq
                       << " Nk=" << s.nk << " d=" << s.d << " dv=" << s.dv << " kp=" << s.kp);
   const std::uint64_t seed = 1100 + std::uint64_t(s.nq * 3 + s.nk);
-  const half_pair<T> q = half_input<T>(s.batch, s.heads, s.nq, s.d, seed, s.bnhd);
-  const half_pair<T> k = half_input<T>(s.batch, s.kv_heads, s.nk, s.d, seed + 1, s.bnhd);
-  const half_pair<T> v = half_input<T>(s.batch, s.kv_heads, s.nk, s.dv, seed + 2, s.bnhd);
-  const half_pair<T> dout = half_input<T>(s.batch, s.heads, s.nq, s.dv, seed + 3, s.bnhd);
+  const half_tensor<T> q = rounded_tensor<T>(s.batch, s.heads, s.nq, s.d, seed, s.bnhd);
+  const half_tensor<T> k = rounded_tensor<T>(s.batch, s.kv_heads, s.nk, s.d, seed + 1, s.bnhd);
+  const half_tensor<T> v = rounded_tensor<T>(s.batch, s.kv_heads, s.nk, s.dv, seed + 2, s.bnhd);
+  const half_tensor<T> dout = rounded_tensor<T>(s.batch, s.heads, s.nq, s.dv, seed + 3, s.bnhd);
   const std::vector<float> E = projection_weights(s.kp, s.nk, seed + 4), F = projection_weights(s.kp, s.nk, seed + 5);
   const tensor_view<const float, 2> Ev(E.data(), {s.kp, s.nk}), Fv(F.data(), {s.kp, s.nk});
   linformer_options o;
@@ -632,7 +632,7 @@ void check_linformer(const linformer_shape& s) {
   linformer_attention_backward<T>(q.h.view, k.h.view, v.h.view, Ev, Fv, out.view, dout.h.view, stats.cview(), dq.view,
                                   dk.view, dv.view, tensor_view<float, 2>(dE.data(), {s.kp, s.nk}),
                                   tensor_view<float, 2>(dF.data(), {s.kp, s.nk}), o);
-  const tensor4<float> outf = widen_tensor(out);
+  const tensor4<float> outf = converted<float>(out);
   const double scale = 1.0 / std::sqrt(double(s.d));
   const linformer_result oracle = linformer_reference<double>(q.f, k.f, v.f, E, F, s.kp, scale, &dout.f, &outf);
   const linformer_result naive = linformer_reference<float>(q.f, k.f, v.f, E, F, s.kp, scale, &dout.f, &outf);
@@ -663,7 +663,7 @@ TEMPLATE_TEST_CASE("half linformer_attention and its backward meet the accuracy 
 TEMPLATE_TEST_CASE("half linformer_attention: threads, validation", "[half][linformer]", bf16, f16) {
   using T = TestType;
   const index_t nq = 70, nk = 300, d = 8, kp = 20;
-  const half_pair<T> q = half_input<T>(1, 2, nq, d, 1, false), k = half_input<T>(1, 2, nk, d, 2, false);
+  const half_tensor<T> q = rounded_tensor<T>(1, 2, nq, d, 1, false), k = rounded_tensor<T>(1, 2, nk, d, 2, false);
   const std::vector<float> E = projection_weights(kp, nk, 3);
   const tensor_view<const float, 2> Ev(E.data(), {kp, nk});
   tensor4<T> o1(1, 2, nq, d), o2(1, 2, nq, d);

@@ -146,18 +146,6 @@ family_result family_reference(const family_inputs<Acc>& in, const family_spec& 
   return g;
 }
 
-/// x as a tensor of Acc (exact: x holds widened half values).
-template <class Acc>
-tensor4<Acc> to_precision(const tensor4<float>& x) {
-  const auto& e = x.view;
-  tensor4<Acc> y(e.extent(0), e.extent(1), e.extent(2), e.extent(3));
-  for (index_t b = 0; b < e.extent(0); ++b)
-    for (index_t h = 0; h < e.extent(1); ++h)
-      for (index_t i = 0; i < e.extent(2); ++i)
-        for (index_t c = 0; c < e.extent(3); ++c) y(b, h, i, c) = static_cast<Acc>(x(b, h, i, c));
-  return y;
-}
-
 /// PolySketch attention in Acc = sketched attention on s(scale·q), s(k) (the sketch's leaves in
 /// Acc, sketch_in) with the sketch's degree for the exact weights, its gradients chained
 /// through polysketch::sketch_backward (validated against finite differences in
@@ -167,9 +155,9 @@ family_result polysketch_reference(const polysketch<float>& sketch, const tensor
                                    const tensor4<float>& vf, const tensor4<float>* doutf, const tensor4<float>* outf,
                                    family_spec s) {
   const polysketch<Acc> sk = sketch_in<Acc>(sketch);
-  const tensor4<Acc> q = to_precision<Acc>(qf), k = to_precision<Acc>(kf), v = to_precision<Acc>(vf);
-  const tensor4<Acc> dout = doutf ? to_precision<Acc>(*doutf) : tensor4<Acc>();
-  const tensor4<Acc> out = outf ? to_precision<Acc>(*outf) : tensor4<Acc>();
+  const tensor4<Acc> q = converted<Acc>(qf), k = converted<Acc>(kf), v = converted<Acc>(vf);
+  const tensor4<Acc> dout = doutf ? converted<Acc>(*doutf) : tensor4<Acc>();
+  const tensor4<Acc> out = outf ? converted<Acc>(*outf) : tensor4<Acc>();
   const index_t r = sk.sketch_dim(), d = sk.head_dim();
   auto rows_of_head = [&](const tensor4<Acc>& x, index_t b, index_t h, Acc factor) {
     matrix<Acc> m(x.view.extent(2), d);

@@ -63,4 +63,43 @@ tensor4<T> random_tensor(index_t b, index_t h, index_t n, index_t d, std::uint64
   return t;
 }
 
+
+/// x with every element converted to To (widening half storage to float or double is exact).
+template <class To, class From>
+tensor4<To> converted(const tensor4<From>& x) {
+  const auto& e = x.view;
+  tensor4<To> y(e.extent(0), e.extent(1), e.extent(2), e.extent(3));
+  for (index_t b = 0; b < e.extent(0); ++b)
+    for (index_t h = 0; h < e.extent(1); ++h)
+      for (index_t i = 0; i < e.extent(2); ++i)
+        for (index_t c = 0; c < e.extent(3); ++c) y(b, h, i, c) = static_cast<To>(x(b, h, i, c));
+  return y;
+}
+
+/// A tensor rounded to T (a half-precision kernel's input) and the same values widened to float.
+template <class T>
+struct half_tensor {
+  tensor4<T> h;
+  tensor4<float> f;
+};
+
+/// N(0, sigma²) values plus `shift` (with `features`, their squares / d: non-negative) rounded to T.
+template <class T>
+half_tensor<T> rounded_tensor(index_t b, index_t h, index_t n, index_t d, std::uint64_t seed, bool bnhd,
+                              double sigma = 1.0, bool features = false, float shift = 0.0f) {
+  const tensor4<float> x = random_tensor<float>(b, h, n, d, seed, false, sigma);
+  half_tensor<T> r{tensor4<T>(b, h, n, d, bnhd), tensor4<float>(b, h, n, d)};
+  for (index_t i0 = 0; i0 < b; ++i0)
+    for (index_t i1 = 0; i1 < h; ++i1)
+      for (index_t i2 = 0; i2 < n; ++i2)
+        for (index_t i3 = 0; i3 < d; ++i3) {
+          float val = x(i0, i1, i2, i3) + shift;
+          if (features) val = val * val / float(d);
+          const T t = static_cast<T>(val);
+          r.h(i0, i1, i2, i3) = t;
+          r.f(i0, i1, i2, i3) = static_cast<float>(t);
+        }
+  return r;
+}
+
 }  // namespace polyattn::test
