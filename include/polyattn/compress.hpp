@@ -79,31 +79,19 @@ template <class T>
 using pool_sum_t = std::conditional_t<is_half_v<T>, accum_t<T>, double>;
 
 /// o = the mean of rows r0 .. r1 of slice (b, h) of x, summed in pool_sum_t<T> (a row of
-/// `width` sums) and rounded to T once; half rows are widened exactly before they are added.
+/// `width` sums; half rows widened exactly) and rounded to T once.
 template <class T>
 void mean_pool_group(const tensor_view<const T, 4>& x, index_t b, index_t h, index_t r0, index_t r1, std::size_t width,
                      T* o) {
   using S = pool_sum_t<T>;
   const index_t d = x.extent(3);
-  std::vector<S> sums(is_half_v<T> ? 2 * width : width, S(0));
-  S* const acc = sums.data();
+  std::vector<S> acc(width, S(0));
   for (index_t r = r0; r < r1; ++r) {
     const T* row = &x(b, h, r, 0);
-    if constexpr (is_half_v<T>) {
-      S* const wide = acc + width;
-      widen(row, d, wide);
-      for (index_t c = 0; c < d; ++c) acc[c] += wide[c];
-    } else {
-      for (index_t c = 0; c < d; ++c) acc[c] += static_cast<double>(row[c]);
-    }
+    for (index_t c = 0; c < d; ++c) acc[to_size(c)] += static_cast<S>(widen1(row[c]));
   }
   const S count = static_cast<S>(r1 - r0);
-  if constexpr (is_half_v<T>) {
-    for (index_t c = 0; c < d; ++c) acc[c] /= count;
-    narrow(acc, d, o);
-  } else {
-    for (index_t c = 0; c < d; ++c) o[c] = static_cast<T>(acc[c] / count);
-  }
+  for (index_t c = 0; c < d; ++c) o[c] = narrow1<T>(static_cast<accum_t<T>>(acc[to_size(c)] / count));
 }
 
 /// Mean pooling's backward for one group: rows r0 .. r0 + count of slice (b, h) of dx get
@@ -116,11 +104,7 @@ void mean_pool_backward_group(const T* go, index_t count, const tensor_view<T, 4
   const S n = static_cast<S>(count);
   for (index_t r = r0; r < r0 + count; ++r) {
     T* row = &dx(b, h, r, 0);
-    if constexpr (is_half_v<T>) {
-      for (index_t c = 0; c < d; ++c) row[c] = narrow1<T>(widen1(go[c]) / n);
-    } else {
-      for (index_t c = 0; c < d; ++c) row[c] = static_cast<T>(static_cast<double>(go[c]) / n);
-    }
+    for (index_t c = 0; c < d; ++c) row[c] = narrow1<T>(static_cast<accum_t<T>>(static_cast<S>(widen1(go[c])) / n));
   }
 }
 
