@@ -20,11 +20,7 @@
 
 // GCC 12's unmasked AVX-512 intrinsics pass an undefined vector through (simd.hpp explains the
 // false -Wmaybe-uninitialized that gives); the conversions below call them directly.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
+POLYATTN_BEGIN_INTRINSICS
 
 namespace polyattn::detail {
 
@@ -171,6 +167,4 @@ inline T narrow1(accum_t<T> x) {
 
 }  // namespace polyattn::detail
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+POLYATTN_END_INTRINSICS

@@ -34,12 +34,8 @@
 #endif
 #endif
 
-// (the AVX-512 intrinsics below: see convert.hpp on GCC 12's -Wmaybe-uninitialized)
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
+// (the AVX-512 intrinsics below: see simd.hpp on GCC 12's -Wmaybe-uninitialized)
+POLYATTN_BEGIN_INTRINSICS
 
 namespace polyattn::detail {
 
@@ -230,6 +226,4 @@ inline void pack_pairs_rounded(const float* src, index_t ld_src, index_t k, inde
 
 }  // namespace polyattn::detail
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+POLYATTN_END_INTRINSICS

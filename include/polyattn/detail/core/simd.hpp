@@ -48,11 +48,19 @@ inline constexpr index_t simd_width = static_cast<index_t>(xsimd::batch<T, Arch>
 // uninitialised, so no initialisation can silence it; GCC honours a diagnostic pragma at any call
 // site of the inlining chain, so polyattn makes those xsimd calls only through the wrappers below
 // and turns the warning off around them, and only there (clang does not warn: no pragma for it).
+// POLYATTN_BEGIN_INTRINSICS / POLYATTN_END_INTRINSICS bracket such code (here, and the direct
+// AVX-512 intrinsics of convert.hpp and gemm_bf16.hpp).
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
+#define POLYATTN_BEGIN_INTRINSICS                                  \
+  _Pragma("GCC diagnostic push")                                   \
+  _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")     \
+  _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")
+#define POLYATTN_END_INTRINSICS _Pragma("GCC diagnostic pop")
+#else
+#define POLYATTN_BEGIN_INTRINSICS
+#define POLYATTN_END_INTRINSICS
 #endif
+POLYATTN_BEGIN_INTRINSICS
 
 /// xsimd::max(a, b).
 template <class T, class Arch>
@@ -114,9 +122,7 @@ inline xsimd::batch<T, Arch> vhaddp(const xsimd::batch<T, Arch>* rows) {
   return xsimd::haddp(rows);
 }
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+POLYATTN_END_INTRINSICS
 
 /// 64-byte aligned allocation through C++17 aligned operator new, so applications (and our
 /// benchmark's memory counter) see every byte polyattn allocates.
