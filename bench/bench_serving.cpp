@@ -119,7 +119,7 @@ void BM_serving_decode(benchmark::State& state) {
 void register_serving_benchmarks(const sweep&) {
   for (int threads : {1, 2}) {
     for (std::int64_t mib : {0, 16, 64}) {
-      auto* b = benchmark::RegisterBenchmark("peak/read_bandwidth", BM_read_bandwidth);
+      auto* b = benchmark::RegisterBenchmark("roof/read_bandwidth", BM_read_bandwidth);
       b->ArgNames({"threads", "MiB"})->Args({threads, mib})->Iterations(1)->UseRealTime();
     }
   }
