@@ -101,80 +101,175 @@ struct decode_scratch {
   aligned_vector<A> q, s;  // rows' scaled queries [rows × dq], scores [rows × kDecodeBlock]
 };
 
-/// s[0, nk) = q · k_j for the keys of one block (rows of k, stride ks); s padded to whole
-/// vectors with `pad`. q is padded with zeros to whole vectors.
-template <class T, class Arch>
-void decode_scores(const T* k, index_t ks, index_t nk, index_t d, const accum_t<T>* q, accum_t<T>* s, accum_t<T> pad) {
+/// Rows a decode kernel handles at once: the rows of a GQA group share each K and V vector
+/// loaded, as many as the vector registers hold (AVX-512's 32: 4 rows × 4 vectors of
+/// accumulators; 16 elsewhere: 2).
+template <class Arch>
+inline constexpr int kDecodeRowBlock = simd_width<float, Arch> >= 16 ? 4 : 2;
+
+/// dot[r][x] = q_r · k_x for RN query rows (q + r·dq, padded with zeros to whole vectors) and KN
+/// key rows (k + x·ks, d values), each a vector of partial sums: accumulators in registers, each
+/// K and q vector loaded once for all RN × KN products, and every product's FMAs in column order
+/// (the same sums whatever RN and KN).
+template <int RN, int KN, class T, class Arch>
+void decode_dots(const T* k, index_t ks, index_t d, const accum_t<T>* q, index_t dq, batch<accum_t<T>, Arch>* dot,
+                 index_t dot_stride) {
   using A = accum_t<T>;
   using Bt = batch<A, Arch>;
   constexpr index_t W = simd_width<A, Arch>;
-  Bt acc[to_size(W)];
+  Bt acc[RN][KN];
+#pragma GCC unroll 4
+  for (int r = 0; r < RN; ++r)
+#pragma GCC unroll 4
+    for (int x = 0; x < KN; ++x) acc[r][x] = Bt(A(0));
+  for (index_t c = 0; c < d; c += W) {
+    const index_t n = std::min(W, d - c);
+    Bt kv[KN];
+#pragma GCC unroll 4
+    for (int x = 0; x < KN; ++x) kv[x] = n == W ? load_widened<Arch>(k + x * ks + c) : load_widened<Arch>(k + x * ks + c, n);
+#pragma GCC unroll 4
+    for (int r = 0; r < RN; ++r) {
+      const Bt qv = Bt::load_unaligned(q + r * dq + c);
+#pragma GCC unroll 4
+      for (int x = 0; x < KN; ++x) acc[r][x] = xsimd::fma(kv[x], qv, acc[r][x]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < RN; ++r)
+#pragma GCC unroll 4
+    for (int x = 0; x < KN; ++x) dot[r * dot_stride + x] = acc[r][x];
+}
+
+/// s_r[0, nk) = q_r · k_j for RN rows (q_r = q + r·dq, s_r = s + r·kDecodeBlock) and the keys
+/// of one block (rows of k, stride ks); each s_r padded to whole vectors with `pad`.
+template <int RN, class T, class Arch>
+void decode_scores(const T* k, index_t ks, index_t nk, index_t d, const accum_t<T>* q, index_t dq, accum_t<T>* s,
+                   accum_t<T> pad) {
+  using A = accum_t<T>;
+  using Bt = batch<A, Arch>;
+  constexpr index_t W = simd_width<A, Arch>;
+  Bt acc[to_size(RN * W)];
   for (index_t j0 = 0; j0 < nk; j0 += W) {
     const index_t n = std::min(W, nk - j0);
-    for (index_t j = 0; j < W; ++j) {
-      acc[to_size(j)] = Bt(A(0));
-      if (j >= n) continue;
-      const T* row = k + (j0 + j) * ks;
-      for (index_t c = 0; c < d; c += W)
-        acc[to_size(j)] = xsimd::fma(load_widened<Arch>(row + c, d - c), Bt::load_unaligned(q + c), acc[to_size(j)]);
+    index_t j = 0;
+    for (; j + 4 <= n; j += 4) decode_dots<RN, 4, T, Arch>(k + (j0 + j) * ks, ks, d, q, dq, acc + j, W);
+    for (; j < n; ++j) decode_dots<RN, 1, T, Arch>(k + (j0 + j) * ks, ks, d, q, dq, acc + j, W);
+    for (int r = 0; r < RN; ++r) {
+      for (index_t x = n; x < W; ++x) acc[to_size(r * W + x)] = Bt(A(0));
+      A* sr = s + r * kDecodeBlock;
+      vhaddp(acc + r * W).store_unaligned(sr + j0);
+      for (index_t x = n; x < W; ++x) sr[j0 + x] = pad;
     }
-    vhaddp(acc).store_unaligned(s + j0);
-    for (index_t j = n; j < W; ++j) s[j0 + j] = pad;
   }
 }
 
-/// O[0, dv) += Σ_{j in [ja, jb)} p_j v_j, v rows of stride vs, NV vectors from column c0.
-template <int NV, class T, class Arch>
-void decode_values_columns(accum_t<T>* o, const accum_t<T>* p, const T* v, index_t vs, index_t ja, index_t jb,
-                           index_t c0, index_t dv) {
+/// O_r[c0, c0 + NV·W) += Σ_{j in [ja, jb)} p_r[j] v_j for RN rows (O_r = o + r·os, p_r = p +
+/// r·kDecodeBlock), v rows of stride vs: each V vector loaded once for the RN rows, each row's
+/// sums in key order.
+template <int RN, int NV, class T, class Arch>
+void decode_values_columns(accum_t<T>* o, index_t os, const accum_t<T>* p, const T* v, index_t vs, index_t ja,
+                           index_t jb, index_t c0, index_t dv) {
   using A = accum_t<T>;
   using Bt = batch<A, Arch>;
   constexpr index_t W = simd_width<A, Arch>;
-  Bt acc[to_size(NV)];
+  Bt acc[RN][NV];
 #pragma GCC unroll 4
-  for (int x = 0; x < NV; ++x) acc[to_size(x)] = Bt::load_unaligned(o + c0 + x * W);
+  for (int r = 0; r < RN; ++r)
+#pragma GCC unroll 4
+    for (int x = 0; x < NV; ++x) acc[r][x] = Bt::load_unaligned(o + r * os + c0 + x * W);
   for (index_t j = ja; j < jb; ++j) {
-    const Bt pj(p[j]);
     const T* row = v + j * vs + c0;
+    Bt vx[NV];
 #pragma GCC unroll 4
-    for (int x = 0; x < NV; ++x)
-      acc[to_size(x)] = xsimd::fma(pj, load_widened<Arch>(row + x * W, dv - c0 - x * W), acc[to_size(x)]);
+    for (int x = 0; x < NV; ++x) vx[x] = load_widened<Arch>(row + x * W, dv - c0 - x * W);
+#pragma GCC unroll 4
+    for (int r = 0; r < RN; ++r) {
+      const Bt pj(p[r * kDecodeBlock + j]);
+#pragma GCC unroll 4
+      for (int x = 0; x < NV; ++x) acc[r][x] = xsimd::fma(pj, vx[x], acc[r][x]);
+    }
   }
 #pragma GCC unroll 4
-  for (int x = 0; x < NV; ++x) acc[to_size(x)].store_unaligned(o + c0 + x * W);
+  for (int r = 0; r < RN; ++r)
+#pragma GCC unroll 4
+    for (int x = 0; x < NV; ++x) acc[r][x].store_unaligned(o + r * os + c0 + x * W);
 }
 
-template <class T, class Arch>
-void decode_values(accum_t<T>* o, const accum_t<T>* p, const T* v, index_t vs, index_t ja, index_t jb, index_t dv) {
+template <int RN, class T, class Arch>
+void decode_values(accum_t<T>* o, index_t os, const accum_t<T>* p, const T* v, index_t vs, index_t ja, index_t jb,
+                   index_t dv) {
   constexpr index_t W = simd_width<accum_t<T>, Arch>;
   for (index_t c0 = 0; c0 < dv; c0 += 4 * W) {
     switch (std::min<index_t>(4, ceil_div(dv - c0, W))) {
-      case 1: decode_values_columns<1, T, Arch>(o, p, v, vs, ja, jb, c0, dv); break;
-      case 2: decode_values_columns<2, T, Arch>(o, p, v, vs, ja, jb, c0, dv); break;
-      case 3: decode_values_columns<3, T, Arch>(o, p, v, vs, ja, jb, c0, dv); break;
-      default: decode_values_columns<4, T, Arch>(o, p, v, vs, ja, jb, c0, dv); break;
+      case 1: decode_values_columns<RN, 1, T, Arch>(o, os, p, v, vs, ja, jb, c0, dv); break;
+      case 2: decode_values_columns<RN, 2, T, Arch>(o, os, p, v, vs, ja, jb, c0, dv); break;
+      case 3: decode_values_columns<RN, 3, T, Arch>(o, os, p, v, vs, ja, jb, c0, dv); break;
+      default: decode_values_columns<RN, 4, T, Arch>(o, os, p, v, vs, ja, jb, c0, dv); break;
     }
   }
 }
 
+/// Scores of rows [0, rows) of a task for one key block: kDecodeRowBlock rows at a time, then
+/// one at a time; each row's scores padded to whole vectors with masked scores.
+template <class T, class Weights, class Arch>
+void decode_block_scores(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s, const T* k, index_t ks,
+                         index_t rows, index_t nk) {
+  using A = accum_t<T>;
+  constexpr int RB = kDecodeRowBlock<Arch>;
+  const index_t dq = round_up(std::max<index_t>(f.d, 1), simd_width<A, Arch>);
+  const A pad = Weights::masked_score();
+  index_t r = 0;
+  if (f.d > 0) {
+    for (; r + RB <= rows; r += RB)
+      decode_scores<RB, T, Arch>(k, ks, nk, f.d, s.q.data() + r * dq, dq, s.s.data() + r * kDecodeBlock, pad);
+    for (; r < rows; ++r)
+      decode_scores<1, T, Arch>(k, ks, nk, f.d, s.q.data() + r * dq, dq, s.s.data() + r * kDecodeBlock, pad);
+  } else {
+    for (; r < rows; ++r) {
+      A* sr = s.s.data() + r * kDecodeBlock;
+      std::fill(sr, sr + nk, A(0));
+      std::fill(sr + nk, sr + round_up(nk, simd_width<A, Arch>), pad);
+    }
+  }
+}
+
+/// O_r += P_r·V of one key block for rows [0, rows): kDecodeRowBlock rows at a time sharing
+/// each V load; where a value row hidden from some query is not finite, row by row over the
+/// keys each row sees (docs/design.md §6).
+template <class T, class Weights, class Arch>
+void decode_block_values(const decode_pass<T, Weights>& f, const decode_scratch<accum_t<T>>& s, const T* v,
+                         index_t vs, index_t rows, index_t j0, index_t nk, bool hidden, accum_t<T>* partial) {
+  constexpr int RB = kDecodeRowBlock<Arch>;
+  index_t ca = 0, cb = nk;
+  if (hidden) f.mask.common_rows(0, f.Nq, j0, nk, ca, cb);
+  const bool finite = (ca == 0 || rows_finite<T, Arch>(v, vs, ca, f.dv)) &&
+                      (cb == nk || rows_finite<T, Arch>(v + cb * vs, vs, nk - cb, f.dv));
+  const auto* p = s.s.data();
+  index_t r = 0;
+  if (finite) {
+    for (; r + RB <= rows; r += RB)
+      decode_values<RB, T, Arch>(partial + r * f.slot, f.slot, p + r * kDecodeBlock, v, vs, 0, nk, f.dv);
+    for (; r < rows; ++r)
+      decode_values<1, T, Arch>(partial + r * f.slot, f.slot, p + r * kDecodeBlock, v, vs, 0, nk, f.dv);
+    return;
+  }
+  for (; r < rows; ++r)
+    f.mask.for_each_visible_run(r % f.Nq, j0, nk, [&](index_t r0, index_t r1) {
+      decode_values<1, T, Arch>(partial + r * f.slot, f.slot, p + r * kDecodeBlock, v, vs, r0, r1, f.dv);
+    });
+}
+
 /// One key block (or its piece inside one part) for the rows of a task: scores, mask,
-/// Weights::apply_row, then O_row += P·V. P rows hidden by the mask are 0; where a hidden value
-/// row is not finite, each row sums its visible keys only (docs/design.md §6).
+/// Weights::apply_row, then O_row += P·V. P rows hidden by the mask are 0.
 template <class T, class Weights, class Arch>
 void decode_key_block(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s, index_t b, index_t hk,
                       index_t rows, index_t j0, index_t nk, const kv_part<T>& part, accum_t<T>* partial) {
   using A = accum_t<T>;
-  constexpr index_t W = simd_width<A, Arch>;
-  const index_t nkp = round_up(nk, W), dq = round_up(std::max<index_t>(f.d, 1), W);
+  const index_t nkp = round_up(nk, simd_width<A, Arch>);
   const bool hidden = f.mask.partial(0, f.Nq, j0, nk);
+  decode_block_scores<T, Weights, Arch>(f, s, part.k_row(b, hk, j0), part.k.stride(2), rows, nk);
   for (index_t r = 0; r < rows; ++r) {
     A* sr = s.s.data() + r * kDecodeBlock;
-    if (f.d > 0)
-      decode_scores<T, Arch>(part.k_row(b, hk, j0), part.k.stride(2), nk, f.d, s.q.data() + r * dq, sr,
-                             Weights::masked_score());
-    else
-      std::fill(sr, sr + nk, A(0));
-    std::fill(sr + nk, sr + nkp, Weights::masked_score());
     if (hidden)
       for (index_t j = 0; j < nk; ++j)
         if (!f.mask.allowed(r % f.Nq, j0 + j)) sr[j] = Weights::masked_score();
@@ -182,22 +277,7 @@ void decode_key_block(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T
     A alpha(1);
     if (f.weights.apply_row(sr, nkp, row[f.dvp], row[f.dvp + 1], alpha)) scale_padded<A, Arch>(row, f.dvp, alpha);
   }
-  if (f.dv == 0) return;
-  const T* v = part.v_row(b, hk, j0);
-  const index_t vs = part.v.stride(2);
-  index_t ca = 0, cb = nk;
-  if (hidden) f.mask.common_rows(0, f.Nq, j0, nk, ca, cb);
-  const bool finite = (ca == 0 || rows_finite<T, Arch>(v, vs, ca, f.dv)) &&
-                      (cb == nk || rows_finite<T, Arch>(v + cb * vs, vs, nk - cb, f.dv));
-  for (index_t r = 0; r < rows; ++r) {
-    const A* sr = s.s.data() + r * kDecodeBlock;
-    A* row = partial + r * f.slot;
-    if (finite)
-      decode_values<T, Arch>(row, sr, v, vs, 0, nk, f.dv);
-    else
-      f.mask.for_each_visible_run(r % f.Nq, j0, nk,
-                                  [&](index_t r0, index_t r1) { decode_values<T, Arch>(row, sr, v, vs, r0, r1, f.dv); });
-  }
+  if (f.dv > 0) decode_block_values<T, Weights, Arch>(f, s, part.v_row(b, hk, j0), part.v.stride(2), rows, j0, nk, hidden, partial);
 }
 
 /// Task t: chunk t % chunks of row group t / chunks; its partial (O, m, l) per row.
