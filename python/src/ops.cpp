@@ -228,12 +228,13 @@ polyattn::polysketch_options polysketch_opts(bool causal, bool local_exact, int6
   return o;
 }
 
-pair polysketch_fwd(const Tensor& q, const Tensor& k, const Tensor& v, std::vector<Tensor> leaves, int64_t degree,
+pair polysketch_fwd(const Tensor& q, const Tensor& k, const Tensor& v, std::vector<Tensor> leaves, int64_t head_dim,
+                    int64_t degree,
                     bool packed, bool causal, bool local_exact, int64_t block, double scale, double bias, bool bhnd) {
   return guarded([&] {
     call c("polyattn.polysketch_attention", q, bhnd);
     const view4 vq = c.in("q", q), vk = c.in("k", k), vv = c.in("v", v);
-    const sketch_spec s = sketch_of(c.fn, leaves, vq.ext[3], degree, packed, accum_of(c.type), c.keep);
+    const sketch_spec s = sketch_of(c.fn, leaves, head_dim, degree, packed, accum_of(c.type), c.keep);
     Tensor out = c.out(vq, vv.ext[3]), stats = c.new_stats(vq);
     polysketch_forward(c.type, vq, vk, vv, c.view(out), c.stats(stats), s,
                        polysketch_opts(causal, local_exact, block, scale, bias));
@@ -243,12 +244,12 @@ pair polysketch_fwd(const Tensor& q, const Tensor& k, const Tensor& v, std::vect
 
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> polysketch_bwd(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& dout, const Tensor& stats,
-    std::vector<Tensor> leaves, int64_t degree, bool packed, bool causal, bool local_exact, int64_t block, double scale,
+    std::vector<Tensor> leaves, int64_t head_dim, int64_t degree, bool packed, bool causal, bool local_exact, int64_t block, double scale,
     double bias, bool want_leaf_grads, bool bhnd) {
   return guarded([&] {
     call c("polyattn.polysketch_attention backward", q, bhnd);
     const view4 vq = c.in("q", q), vk = c.in("k", k), vv = c.in("v", v), vo = c.in("out", out), vd = c.in("dout", dout);
-    const sketch_spec s = sketch_of(c.fn, leaves, vq.ext[3], degree, packed, accum_of(c.type), c.keep);
+    const sketch_spec s = sketch_of(c.fn, leaves, head_dim, degree, packed, accum_of(c.type), c.keep);
     Tensor dq = call::like(q), dk = call::like(k), dv = call::like(v);
     std::vector<Tensor> grads;
     std::vector<void*> ptrs;
@@ -451,11 +452,11 @@ TORCH_LIBRARY(polyattn, m) {
         "float scale, float normalizer_bias, bool causal, int window_left, int window_right, int[] global_positions, "
         "bool bhnd) -> (Tensor, Tensor, Tensor)",
         &polynomial_bwd);
-  m.def("polysketch_forward(Tensor q, Tensor k, Tensor v, Tensor[] leaves, int degree, bool packed, bool causal, "
+  m.def("polysketch_forward(Tensor q, Tensor k, Tensor v, Tensor[] leaves, int head_dim, int degree, bool packed, bool causal, "
         "bool local_exact, int block_size, float scale, float normalizer_bias, bool bhnd) -> (Tensor, Tensor)",
         &polysketch_fwd);
   m.def("polysketch_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor dout, Tensor stats, Tensor[] leaves, "
-        "int degree, bool packed, bool causal, bool local_exact, int block_size, float scale, float normalizer_bias, "
+        "int head_dim, int degree, bool packed, bool causal, bool local_exact, int block_size, float scale, float normalizer_bias, "
         "bool leaf_grads, bool bhnd) -> (Tensor, Tensor, Tensor, Tensor[])",
         &polysketch_bwd);
   m.def("sketched_forward(Tensor q, Tensor k, Tensor sq, Tensor sk, Tensor v, bool causal, bool local_exact, "
