@@ -22,6 +22,9 @@ __all__ = [
 
 _LIB = os.environ.get("POLYATTN_TORCH_LIBRARY",
                       os.path.join(os.path.dirname(os.path.abspath(__file__)), "_polyattn_torch.so"))
+if not os.path.exists(_LIB):
+    raise ImportError(f"polyattn: the extension {_LIB} is not built; build the target polyattn_torch and put "
+                      "<build>/python on PYTHONPATH (the package there holds it)")
 torch.ops.load_library(_LIB)
 _ops = torch.ops.polyattn
 
