@@ -75,7 +75,8 @@ struct call {
   view4 in(const char* name, const Tensor& x) {
     if (!x.defined()) value_error(std::string(fn) + ": argument '" + name + "' is undefined");
     if (x.device().type() != at::kCPU)
-      value_error(std::string(fn) + ": argument '" + name + "' is on " + x.device().str() + "; polyattn runs on the CPU");
+      value_error(std::string(fn) + ": argument '" + name + "' is on " + x.device().str() +
+                  "; polyattn runs on the CPU");
     if (x.dim() != 4)
       value_error(std::string(fn) + ": argument '" + name + "' has shape " + shape_of(x) + "; expected 4 dimensions " +
                   (bhnd ? "[B, H, N, d] (layout 'bhnd')" : "[B, N, H, d] (layout 'bnhd')"));
@@ -103,7 +104,9 @@ struct call {
                 : at::empty({B, N, H, c}, at::TensorOptions().dtype(scalar));
   }
   /// A new output shaped like the input x.
-  static Tensor like(const Tensor& x) { return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)); }
+  static Tensor like(const Tensor& x) {
+    return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  }
   /// The stats [B, H, N] (accumulation type) of a query view.
   Tensor new_stats(const view4& q) const {
     return at::empty({q.ext[0], q.ext[1], q.ext[2]}, at::TensorOptions().dtype(accum_of(type)));
@@ -111,7 +114,8 @@ struct call {
   view3 stats(const Tensor& s) const {
     if (s.dim() != 3 || s.scalar_type() != accum_of(type))
       value_error(std::string(fn) + ": argument 'stats' has shape " + shape_of(s) + " and dtype " +
-                  c10::toString(s.scalar_type()) + "; expected the forward's [B, H, N] " + c10::toString(accum_of(type)));
+                  c10::toString(s.scalar_type()) + "; expected the forward's [B, H, N] " +
+                  c10::toString(accum_of(type)));
     view3 v;
     v.data = s.data_ptr();
     v.ext = {s.size(0), s.size(1), s.size(2)};
@@ -244,8 +248,8 @@ pair polysketch_fwd(const Tensor& q, const Tensor& k, const Tensor& v, std::vect
 
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> polysketch_bwd(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& dout, const Tensor& stats,
-    std::vector<Tensor> leaves, int64_t head_dim, int64_t degree, bool packed, bool causal, bool local_exact, int64_t block, double scale,
-    double bias, bool want_leaf_grads, bool bhnd) {
+    std::vector<Tensor> leaves, int64_t head_dim, int64_t degree, bool packed, bool causal, bool local_exact,
+    int64_t block, double scale, double bias, bool want_leaf_grads, bool bhnd) {
   return guarded([&] {
     call c("polyattn.polysketch_attention backward", q, bhnd);
     const view4 vq = c.in("q", q), vk = c.in("k", k), vv = c.in("v", v), vo = c.in("out", out), vd = c.in("dout", dout);
@@ -390,7 +394,8 @@ struct PolySketchCache : torch::CustomClassHolder {
       const Tensor probe = at::empty({0}, at::TensorOptions().dtype(scalar_of(dtype_name)));
       type = dtype_of("polyattn.PolySketchCache", probe);
       std::vector<Tensor> keep;
-      const sketch_spec s = sketch_of("polyattn.PolySketchCache", leaves, head_dim, degree, packed, accum_of(type), keep);
+      const sketch_spec s =
+          sketch_of("polyattn.PolySketchCache", leaves, head_dim, degree, packed, accum_of(type), keep);
       impl = make_polysketch_cache(type, s, batch, kv_heads, value_dim,
                                    polysketch_opts(true, local_exact, block, scale, bias));
       return 0;
@@ -443,7 +448,8 @@ TORCH_LIBRARY(polyattn, m) {
         "int[] global_positions, bool bhnd) -> (Tensor, Tensor)",
         &flash_fwd);
   m.def("flash_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor dout, Tensor stats, bool causal, "
-        "float? scale, int window_left, int window_right, int[] global_positions, bool bhnd) -> (Tensor, Tensor, Tensor)",
+        "float? scale, int window_left, int window_right, int[] global_positions, bool bhnd) "
+        "-> (Tensor, Tensor, Tensor)",
         &flash_bwd);
   m.def("polynomial_forward(Tensor q, Tensor k, Tensor v, int degree, float scale, float normalizer_bias, bool causal, "
         "int window_left, int window_right, int[] global_positions, bool bhnd) -> (Tensor, Tensor)",
@@ -452,12 +458,13 @@ TORCH_LIBRARY(polyattn, m) {
         "float scale, float normalizer_bias, bool causal, int window_left, int window_right, int[] global_positions, "
         "bool bhnd) -> (Tensor, Tensor, Tensor)",
         &polynomial_bwd);
-  m.def("polysketch_forward(Tensor q, Tensor k, Tensor v, Tensor[] leaves, int head_dim, int degree, bool packed, bool causal, "
-        "bool local_exact, int block_size, float scale, float normalizer_bias, bool bhnd) -> (Tensor, Tensor)",
+  m.def("polysketch_forward(Tensor q, Tensor k, Tensor v, Tensor[] leaves, int head_dim, int degree, bool packed, "
+        "bool causal, bool local_exact, int block_size, float scale, float normalizer_bias, bool bhnd) "
+        "-> (Tensor, Tensor)",
         &polysketch_fwd);
   m.def("polysketch_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor dout, Tensor stats, Tensor[] leaves, "
-        "int head_dim, int degree, bool packed, bool causal, bool local_exact, int block_size, float scale, float normalizer_bias, "
-        "bool leaf_grads, bool bhnd) -> (Tensor, Tensor, Tensor, Tensor[])",
+        "int head_dim, int degree, bool packed, bool causal, bool local_exact, int block_size, float scale, "
+        "float normalizer_bias, bool leaf_grads, bool bhnd) -> (Tensor, Tensor, Tensor, Tensor[])",
         &polysketch_bwd);
   m.def("sketched_forward(Tensor q, Tensor k, Tensor sq, Tensor sk, Tensor v, bool causal, bool local_exact, "
         "int block_size, int degree, float scale, float normalizer_bias, bool bhnd) -> (Tensor, Tensor)",
