@@ -95,8 +95,8 @@ class cache_core {
     std::vector<accum_type> out;
     out.reserve(static_cast<std::size_t>(summary_size()));
     for (const auto& s : states_) {
-      out.insert(out.end(), s.Z.begin(), s.Z.end());
-      out.insert(out.end(), s.z.begin(), s.z.end());
+      for (index_t f = 0; f < m_; ++f) out.insert(out.end(), s.Z(f), s.Z(f) + dv_);
+      out.insert(out.end(), s.z(), s.z() + m_);
     }
     out.push_back(accum_type(1));
     for (const index_t dim : {m_, dv_})
@@ -121,9 +121,8 @@ class cache_core {
                    std::to_string(kMaxCacheLength) + ") tokens a cache may hold");
     auto it = summary.begin();
     for (auto& s : states_) {
-      std::copy(it, it + m_ * dv_, s.Z.begin());
-      it += m_ * dv_;
-      std::copy(it, it + m_, s.z.begin());
+      for (index_t f = 0; f < m_; ++f, it += dv_) std::copy(it, it + dv_, s.Z(f));
+      std::copy(it, it + m_, s.z());
       it += m_;
       s.position = position;
     }
@@ -146,11 +145,13 @@ class cache_core {
       fail(fn, "option 'block_size' is " + std::to_string(block) + ": a cache keeps one block of keys and values per "
                "kv head, at most " + std::to_string(kMaxBlock) + " rows");
     // every state's buffers (linear_state::reset), then all of them together, before allocating
+    checked_size<accum_type>(fn, "a state's Z [m x dv]", {m, value_dim});  // bounds m and dv before rounding
+    const index_t ld = round_up(value_dim, kStateLanes<accum_type>);     // rows padded (linear_state.hpp)
     const index_t per_state = static_cast<index_t>(
-        checked_size<accum_type>(fn, "a state's Z [m x dv]", {m, value_dim}) +
-        checked_size<accum_type>(fn, "a state's z [m]", {m}) +
+        checked_size<accum_type>(fn, "a state's Z [m x dv]", {m, ld}) +
+        checked_size<accum_type>(fn, "a state's z [m]", {round_up(m, kStateLanes<accum_type>)}) +
         checked_size<accum_type>(fn, "a state's keys [block x key dim]", {block, key_dim}) +
-        checked_size<accum_type>(fn, "a state's values [block x dv]", {block, value_dim}));
+        checked_size<accum_type>(fn, "a state's values [block x dv]", {block, ld}));
     checked_size<accum_type>(fn, "the states of batch x kv_heads sequences", {batch, kv_heads, per_state});
     states_.reserve(
         checked_size<linear_state<accum_type>>(fn, "the states of batch x kv_heads sequences", {batch, kv_heads}));
