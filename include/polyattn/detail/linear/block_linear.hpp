@@ -192,7 +192,8 @@ carried_states<A> load_states(const linear_problem<T>& p, const scan_dims& d, co
   for (index_t s = 0; s < n_seq; ++s) {
     const linear_state<A>& st = p.states[s];
     if (st.position != plan.p0 || st.block != plan.b || st.feature_dim != d.m || st.key_dim != kdim ||
-        st.value_dim != d.dv || st.ld != ldz || static_cast<index_t>(st.S.size()) < d.S)
+        st.value_dim != d.dv || st.ld != ldz || static_cast<index_t>(st.S.size()) < d.S ||
+        st.transposed != p.states[0].transposed)
       raise(std::logic_error("polyattn: linear_state does not match the problem"));
   }
   if (plan.ranges == 1) return {nullptr, nullptr, nullptr, p.states};
@@ -204,7 +205,11 @@ carried_states<A> load_states(const linear_problem<T>& p, const scan_dims& d, co
   for (index_t s = 0; s < n_seq; ++s) {
     const linear_state<A>& st = p.states[s];
     std::copy(st.S.begin(), st.S.begin() + d.S, wsp.start.begin() + s * d.S);
-    std::copy(st.keys.begin(), st.keys.begin() + plan.pending * kdim, wsp.start_keys.begin() + s * plan.b * kdim);
+    A* keys = wsp.start_keys.data() + s * plan.b * kdim;
+    for (index_t r = 0; r < plan.pending; ++r)
+      for (index_t c = 0; c < kdim; ++c)
+        keys[r * kdim + c] = st.transposed ? st.keys[static_cast<std::size_t>(c * st.ldt + r)]
+                                           : st.keys[static_cast<std::size_t>(r * kdim + c)];
     std::copy(st.values.begin(), st.values.begin() + plan.pending * ldz, wsp.start_vals.begin() + s * plan.b * ldz);
   }
   return {wsp.start.data(), wsp.start_keys.data(), wsp.start_vals.data()};
@@ -240,6 +245,40 @@ void fresh_rows(const block_scan<T, Source, Arch>& sc, index_t bi, index_t hk, i
   }
 }
 
+/// Key rows [n x cols] from row r0 (widened) written as columns col .. col + n − 1 of the
+/// transposed rows dst [· x ldt] from row `row0` on; tmp holds one widened row.
+template <class S, class A>
+void append_columns(const S* src, index_t ld_src, index_t n, index_t cols, A* dst, index_t ldt, index_t row0,
+                    index_t col, A* tmp) {
+  for (index_t r = 0; r < n; ++r) {
+    widen(src + r * ld_src, cols, tmp);
+    for (index_t c = 0; c < cols; ++c) dst[(row0 + c) * ldt + col + r] = tmp[c];
+  }
+}
+
+/// A block in a state whose keys are stored transposed: the rows of this call from row j0
+/// appended as columns after the `carried` ones, the values as rows; the block's raw rows are
+/// given transposed (kb.raw_t), for prepared_keys to read.
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void transposed_keys(const block_scan<T, Source, Arch>& sc, index_t bi, index_t hk, index_t j0, index_t carried,
+                     index_t fresh, linear_state<A>& st, key_block<A>& kb, scan_workspace<A>& ws) {
+  const linear_problem<T>& p = sc.p;
+  const scan_dims& d = sc.d;
+  if (fresh > 0) {
+    A* tmp = ensure(ws.kblock, sc.plan.b * std::max<index_t>(d.kdim, 1));
+    append_columns(row_ptr(p.k, bi, hk, j0), p.k.stride(2), fresh, d.kdim1, st.keys.data(), st.ldt, 0, carried, tmp);
+    if (d.kdim2 > 0)
+      append_columns(row_ptr(p.k2, bi, hk, j0), p.k2.stride(2), fresh, d.kdim2, st.keys.data(), st.ldt, d.kdim1,
+                     carried, tmp);
+    if (d.dv > 0) pack_rows(row_ptr(p.v, bi, hk, j0), p.v.stride(2), fresh, d.dv, st.values.data() + carried * d.ldz, d.ldz);
+  }
+  kb.raw = {};
+  kb.raw_t = st.keys.data();
+  kb.ld_raw_t = st.ldt;
+  kb.vals = st.values.data();
+  kb.ld_vals = d.ldz;
+}
+
 /// A block assembled from `carried` rows of the state and then the rows of this call from row
 /// j0 of sequence (bi, hk) (widened from half storage). `in_state`: in the state's own key and
 /// value rows, where its carried rows already are (a block that started before this call or
@@ -252,8 +291,13 @@ void assemble_rows(const block_scan<T, Source, Arch>& sc, index_t bi, index_t hk
   const linear_problem<T>& p = sc.p;
   const scan_dims& d = sc.d;
   const index_t b = sc.plan.b, s = bi * p.sizes.kv_heads + hk, fresh = kb.n - carried, ldv = d.ldz;
-  A* kbuf = in_state ? sc.carried.in_place[s].keys.data() : ensure(ws.kblock, b * std::max<index_t>(d.kdim, 1));
-  A* vbuf = in_state ? sc.carried.in_place[s].values.data() : ensure(ws.vblock, b * ldv);
+  linear_state<A>* st = in_state ? sc.carried.in_place + s : nullptr;
+  if (st && st->transposed) {  // the state's keys are columns: append the new ones
+    transposed_keys(sc, bi, hk, j0, carried, fresh, *st, kb, ws);
+    return;
+  }
+  A* kbuf = st ? st->keys.data() : ensure(ws.kblock, b * std::max<index_t>(d.kdim, 1));
+  A* vbuf = st ? st->values.data() : ensure(ws.vblock, b * ldv);
   if (carried > 0 && !in_state) {
     std::copy(sc.carried.keys + s * b * d.kdim, sc.carried.keys + (s * b + carried) * d.kdim, kbuf);
     std::copy(sc.carried.vals + s * b * ldv, sc.carried.vals + (s * b + carried) * ldv, vbuf);
@@ -420,6 +464,29 @@ void causal_block_outputs(const block_scan<T, Source, Arch>& sc, index_t bi, ind
   }
 }
 
+/// A block's prepared key rows for the passes and its local keys transposed (returns their
+/// leading dimension): prepared as usual (only the local rows when no state pass follows), or,
+/// for a block whose raw rows a state holds transposed (kb.raw_t), the local keys read where
+/// they are when they are raw rows, and the raw rows restored row-major (ws.kblock) only for a
+/// state pass or a source whose local rows are computed.
+template <class T, class Source, class Arch, class A = accum_t<T>>
+std::pair<block_rows<A>, index_t> prepared_keys(const block_scan<T, Source, Arch>& sc, key_block<A>& kb, bool pass,
+                                             scan_workspace<A>& ws) {
+  const index_t off = sc.src.local_raw_offset(), kdim = sc.d.kdim;
+  if (kb.raw_t) {
+    if (off >= 0) kb.kt = kb.raw_t + off * kb.ld_raw_t;
+    if (off >= 0 && !pass) return {block_rows<A>{}, kb.ld_raw_t};
+    A* rows = ensure(ws.kblock, sc.plan.b * std::max<index_t>(kdim, 1));
+    for (index_t r = 0; r < kb.n; ++r)
+      for (index_t c = 0; c < kdim; ++c) rows[r * kdim + c] = kb.raw_t[c * kb.ld_raw_t + r];
+    kb.raw = {rows, kdim, rows + sc.d.kdim1, kdim};
+    if (off >= 0) return {sc.src.prepare(kb.raw, kb.n, false, ws.krows), kb.ld_raw_t};
+  }
+  const block_rows<A> kr =
+      pass ? sc.src.prepare(kb.raw, kb.n, false, ws.krows) : sc.src.prepare_local(kb.raw, kb.n, ws.krows);
+  return {kr, prepare_local_keys<A, Source, Arch>(sc.src, kr, kb.n, ws)};
+}
+
 /// The causal scan of range r of sequence s: from the prefix before its first super-chunk,
 /// each block's output pass, then its state pass. Leaves the state after the range in the
 /// prefix (ws.prefix, or the sequence's state itself when the scan works in place) and returns
@@ -440,9 +507,7 @@ key_block<A> scan_range(const block_scan<T, Source, Arch>& sc, const chunk_total
     for (index_t c = plan.chunk_first(g); c <= plan.chunk_last(g); ++c) {
       kb = fetch_block(sc, bi, hk, c, ws);
       const bool pass = c < plan.c_end || (sc.p.states && kb.n == plan.b);
-      const block_rows<A> kr = pass ? sc.src.prepare(kb.raw, kb.n, false, ws.krows)
-                                    : sc.src.prepare_local(kb.raw, kb.n, ws.krows);
-      const index_t ldkt = prepare_local_keys<A, Source, Arch>(sc.src, kr, kb.n, ws);
+      const auto [kr, ldkt] = prepared_keys(sc, kb, pass, ws);
       const bool has_prefix = sc.p.states || g > 0, has_run = c > plan.chunk_first(g);
       const A* state = state_before(S, has_prefix, has_run, prefix, run, ws);
       causal_block_outputs(sc, bi, hk, c, kb, ldkt, state, ws);
@@ -462,15 +527,14 @@ template <class T, class Source, class Arch, class A = accum_t<T>>
 void save_state(const block_scan<T, Source, Arch>& sc, const A* prefix, const key_block<A>& last,
                 linear_state<A>& st) {
   if (sc.carried.in_place) return;
-  const index_t dv = sc.d.dv, kdim1 = sc.d.kdim1, kdim2 = sc.d.kdim2, kdim = sc.d.kdim;
+  const index_t dv = sc.d.dv, kdim1 = sc.d.kdim1, kdim = sc.d.kdim;
   std::copy(prefix, prefix + sc.d.S, st.S.data());
   const index_t left = last.n == sc.plan.b ? 0 : last.n;  // rows of the unfinished last block
-  for (index_t i = 0; i < left; ++i) {
-    std::copy(last.raw.x + i * last.raw.ld, last.raw.x + i * last.raw.ld + kdim1, st.keys.data() + i * kdim);
-    if (kdim2 > 0)
-      std::copy(last.raw.x2 + i * last.raw.ld2, last.raw.x2 + i * last.raw.ld2 + kdim2,
-                st.keys.data() + i * kdim + kdim1);
-  }
+  for (index_t i = 0; i < left; ++i)
+    for (index_t c = 0; c < kdim; ++c) {
+      const A x = c < kdim1 ? last.raw.x[i * last.raw.ld + c] : last.raw.x2[i * last.raw.ld2 + c - kdim1];
+      st.keys[static_cast<std::size_t>(st.transposed ? c * st.ldt + i : i * kdim + c)] = x;
+    }
   if (left > 0 && dv > 0) pack_rows(last.vals, last.ld_vals, left, dv, st.values.data(), st.ld);
 }
 

@@ -16,6 +16,11 @@
 // translation unit, so the layout does not depend on the ISA a file was compiled for and a
 // state can be exported, summed and imported anywhere. Padding holds no state: nothing reads it
 // into a result (a GEMM may write into it).
+//
+// Key rows: row-major [block x key_dim], or with `transposed` (a source whose local weights read
+// the raw key rows: exact local weights, caller features) transposed, [key_dim x ldt] with ldt =
+// block rounded up to kStateLanes: then a step appends its key's column and the output pass
+// reads the block's local keys where they are, instead of transposing every pending row again.
 #pragma once
 
 #include <vector>
@@ -37,14 +42,22 @@ struct linear_state {
   index_t key_dim = 0;      ///< width of a raw key row (d for q/k sources, m for caller features)
   index_t value_dim = 0;    ///< dv
   index_t ld = 0;           ///< row stride of Z and of the value rows: dv rounded up to kStateLanes
+  bool transposed = false;  ///< keys stored transposed
+  index_t ldt = 0;          ///< row stride of transposed keys: block rounded up to kStateLanes
   index_t position = 0;     ///< keys consumed so far: the absolute position of the next key
   aligned_vector<T> S;      ///< Z [m x ld], then z [m] (padded to kStateLanes)
-  aligned_vector<T> keys;   ///< [block x key_dim], the first pending() rows valid
+  aligned_vector<T> keys;   ///< [block x key_dim] or transposed [key_dim x ldt], the first pending() rows valid
   aligned_vector<T> values; ///< [block x ld], the first pending() rows valid
 
   linear_state() = default;
-  linear_state(index_t block_, index_t m, index_t key_dim_, index_t dv)
-      : block(block_), feature_dim(m), key_dim(key_dim_), value_dim(dv), ld(round_up(dv, kStateLanes<T>)) {
+  linear_state(index_t block_, index_t m, index_t key_dim_, index_t dv, bool transposed_keys = false)
+      : block(block_),
+        feature_dim(m),
+        key_dim(key_dim_),
+        value_dim(dv),
+        ld(round_up(dv, kStateLanes<T>)),
+        transposed(transposed_keys),
+        ldt(transposed_keys ? round_up(block_, kStateLanes<T>) : 0) {
     reset();
   }
 
@@ -65,7 +78,9 @@ struct linear_state {
     const std::size_t zs = checked_size<T>(fn, "Z [m x dv]", {feature_dim, ld});
     const std::size_t zz = checked_size<T>(fn, "z [m]", {round_up(feature_dim, kStateLanes<T>)});
     S.assign(zs + zz, T(0));
-    keys.assign(checked_size<T>(fn, "keys [block x key dim]", {block, key_dim}), T(0));
+    keys.assign(transposed ? checked_size<T>(fn, "keys [key dim x block]", {key_dim, ldt})
+                           : checked_size<T>(fn, "keys [block x key dim]", {block, key_dim}),
+                T(0));
     values.assign(checked_size<T>(fn, "values [block x dv]", {block, ld}), T(0));
   }
 

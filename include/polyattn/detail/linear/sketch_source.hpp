@@ -47,6 +47,7 @@ struct sketch_feature_source {
     if (exact_from_secondary) return {s, lds, x.x2, x.ld2};
     return {s, lds, x.x, x.ld};
   }
+  index_t local_raw_offset() const { return local_exact ? (exact_from_secondary ? key_dim() : 0) : -1; }
   /// Exact local weights read the raw rows: nothing to sketch for a block no state pass follows.
   block_rows<T> prepare_local(const raw_rows<T>& x, index_t n, row_buffers<T>& buf) const {
     if (!local_exact) return prepare(x, n, false, buf);
