@@ -121,6 +121,10 @@ void register_shaped_benchmarks(const sweep& s);
 void register_performer_benchmarks(const sweep& s);
 void register_precision_benchmarks(const sweep& s);
 void register_serving_benchmarks(const sweep& s);
+void register_cache_step_benchmarks(const sweep& s);
+
+/// One flash decode step (Args: context, threads), from bench_decode.cpp.
+void BM_decode_flash(benchmark::State& state);
 
 /// Runs the timed loop of `run` and sets the extra-memory and tokens/s counters. The
 /// extra memory is the peak of bytes allocated (through operator new) above the level

@@ -4,12 +4,11 @@
 #include "bench_common.hpp"
 
 namespace polyattn::bench {
-namespace {
-
-constexpr std::int64_t kDecodeDim = 64;
 
 /// Args: context, threads. One head, d = 64: q [1, 1, 1, d] against K, V [1, 1, context, d].
+/// (Also the flash rows of bench_cache_step.cpp.)
 void BM_decode_flash(benchmark::State& state) {
+  constexpr std::int64_t kDecodeDim = 64;
   const std::int64_t ctx = state.range(0), d = kDecodeDim;
   const std::vector<float> q = random_vector(std::size_t(d), 1), k = random_vector(std::size_t(ctx * d), 2),
                            v = random_vector(std::size_t(ctx * d), 3);
@@ -21,6 +20,10 @@ void BM_decode_flash(benchmark::State& state) {
   run_attention_benchmark(state, 1, [&] { flash_attention<float>(Q, K, V, tensor_view<float, 4>(out.data(), {1, 1, 1, d}), o); });
   state.counters["state_KiB"] = double(2 * ctx * d * sizeof(float)) / 1024.0;  // the KV cache
 }
+
+namespace {
+
+constexpr std::int64_t kDecodeDim = 64;
 
 /// Args: context, threads. polysketch_cache (r = 32, b = 256, local_exact) prefilled with
 /// `context` tokens, then one token per iteration (the context grows by the iteration count,

@@ -95,8 +95,8 @@ class cache_core {
     std::vector<accum_type> out;
     out.reserve(static_cast<std::size_t>(summary_size()));
     for (const auto& s : states_) {
-      out.insert(out.end(), s.Z.begin(), s.Z.end());
-      out.insert(out.end(), s.z.begin(), s.z.end());
+      for (index_t f = 0; f < m_; ++f) out.insert(out.end(), s.Z(f), s.Z(f) + dv_);
+      out.insert(out.end(), s.z(), s.z() + m_);
     }
     out.push_back(accum_type(1));
     for (const index_t dim : {m_, dv_})
@@ -121,17 +121,18 @@ class cache_core {
                    std::to_string(kMaxCacheLength) + ") tokens a cache may hold");
     auto it = summary.begin();
     for (auto& s : states_) {
-      std::copy(it, it + m_ * dv_, s.Z.begin());
-      it += m_ * dv_;
-      std::copy(it, it + m_, s.z.begin());
+      for (index_t f = 0; f < m_; ++f, it += dv_) std::copy(it, it + dv_, s.Z(f));
+      std::copy(it, it + m_, s.z());
       it += m_;
       s.position = position;
     }
   }
 
  protected:
+  /// raw_local: the source's local weights read the raw key rows, which the states then keep
+  /// transposed (linear_state.hpp).
   cache_core(const char* fn, index_t batch, index_t kv_heads, index_t value_dim, index_t block, bool causal,
-             int threads, index_t m, index_t key_dim)
+             int threads, index_t m, index_t key_dim, bool raw_local)
       : batch_(batch), kv_heads_(kv_heads), dv_(value_dim), block_(block), m_(m), threads_(threads) {
     if (!causal)
       fail(fn, "a cache attends causally: option 'causal' must be true (the one-shot kernels do non-causal attention)");
@@ -146,15 +147,17 @@ class cache_core {
       fail(fn, "option 'block_size' is " + std::to_string(block) + ": a cache keeps one block of keys and values per "
                "kv head, at most " + std::to_string(kMaxBlock) + " rows");
     // every state's buffers (linear_state::reset), then all of them together, before allocating
+    checked_size<accum_type>(fn, "a state's Z [m x dv]", {m, value_dim});  // bounds m and dv before rounding
+    const index_t ld = round_up(value_dim, kStateLanes<accum_type>);     // rows padded (linear_state.hpp)
     const index_t per_state = static_cast<index_t>(
-        checked_size<accum_type>(fn, "a state's Z [m x dv]", {m, value_dim}) +
-        checked_size<accum_type>(fn, "a state's z [m]", {m}) +
-        checked_size<accum_type>(fn, "a state's keys [block x key dim]", {block, key_dim}) +
-        checked_size<accum_type>(fn, "a state's values [block x dv]", {block, value_dim}));
+        checked_size<accum_type>(fn, "a state's Z [m x dv]", {m, ld}) +
+        checked_size<accum_type>(fn, "a state's z [m]", {round_up(m, kStateLanes<accum_type>)}) +
+        checked_size<accum_type>(fn, "a state's keys [block x key dim]", {round_up(block, kStateLanes<accum_type>), key_dim}) +
+        checked_size<accum_type>(fn, "a state's values [block x dv]", {block, ld}));
     checked_size<accum_type>(fn, "the states of batch x kv_heads sequences", {batch, kv_heads, per_state});
     states_.reserve(
         checked_size<linear_state<accum_type>>(fn, "the states of batch x kv_heads sequences", {batch, kv_heads}));
-    for (index_t s = 0; s < batch * kv_heads; ++s) states_.emplace_back(block, m, key_dim, value_dim);
+    for (index_t s = 0; s < batch * kv_heads; ++s) states_.emplace_back(block, m, key_dim, value_dim, raw_local);
   }
 
   /// The summary's trailer (see the top of cache.hpp): c·(1, digits of m, digits of dv) for a
@@ -269,7 +272,7 @@ class polysketch_cache : public detail::cache_core<T> {
   polysketch_cache(const polysketch<accum_t<T>>& sketch, index_t batch, index_t kv_heads, index_t value_dim,
                    const polysketch_options& opts)
       : detail::cache_core<T>("polysketch_cache", batch, kv_heads, value_dim, opts.block_size, opts.causal, opts.threads,
-                              checked(sketch).feature_dim(), sketch.head_dim()),
+                              checked(sketch).feature_dim(), sketch.head_dim(), opts.local_exact),
         sketch_(sketch),
         opts_(opts) {
     constexpr const char* fn = "polysketch_cache";
@@ -317,7 +320,8 @@ class sketched_cache : public detail::cache_core<T> {
   sketched_cache(index_t sketch_dim, index_t head_dim, index_t batch, index_t kv_heads, index_t value_dim,
                  const sketched_options& opts)
       : detail::cache_core<T>("sketched_cache", batch, kv_heads, value_dim, opts.block_size, opts.causal, opts.threads,
-                              identity(sketch_dim).feature_dim(), key_width(sketch_dim, head_dim, opts.local_exact)),
+                              identity(sketch_dim).feature_dim(), key_width(sketch_dim, head_dim, opts.local_exact),
+                              opts.local_exact),
         expand_(identity(sketch_dim)),
         d_(head_dim),
         opts_(opts) {
@@ -390,7 +394,7 @@ class linear_cache : public detail::cache_core<T> {
  public:
   linear_cache(index_t feature_dim, index_t batch, index_t kv_heads, index_t value_dim, const linear_options& opts)
       : detail::cache_core<T>("linear_cache", batch, kv_heads, value_dim, detail::kLinearBlock, opts.causal,
-                              opts.threads, positive(feature_dim), feature_dim),
+                              opts.threads, positive(feature_dim), feature_dim, true),
         opts_(opts) {
     detail::check_options<T>("linear_cache", opts);
   }

@@ -137,8 +137,9 @@ inline int scan_workers(const block_problem& pb, const scan_plan& plan, int thre
 /// Widths of one call, from the problem and the source.
 struct scan_dims {
   index_t m, dv, dvp;          // features; values, and values rounded up to the vector width
+  index_t ldz;                 // row stride of a state's Z and of carried value rows
   index_t kdim1, kdim2, kdim;  // a carried key row: [primary | secondary]
-  index_t S;                   // a state: Z [m x dvp], then z
+  index_t S;                   // a state: Z [m x ldz], then z
   index_t group;               // query heads per kv head
   bool local;                  // the query's own block is weighed locally
   bool direct_v;               // value rows are a GEMM B operand as they are
@@ -156,7 +157,9 @@ scan_dims scan_dims_of(const linear_problem<T>& p, const Source& src) {
   d.kdim1 = src.key_dim();
   d.kdim2 = src.key_dim2();
   d.kdim = d.kdim1 + d.kdim2;
-  d.S = static_cast<index_t>(checked_size<A>("run_block_linear", "a state [m x padded dv]", {d.m, d.dvp})) +
+  // with states, the states' own layout (linear_state.hpp), so that a scan can work in them
+  d.ldz = p.states ? round_up(pb.dv, kStateLanes<A>) : d.dvp;
+  d.S = static_cast<index_t>(checked_size<A>("run_block_linear", "a state [m x padded dv]", {d.m, d.ldz})) +
         round_up(d.m, W);
   d.group = pb.heads / pb.kv_heads;
   d.local = pb.causal || src.local_when_noncausal();
@@ -164,40 +167,50 @@ scan_dims scan_dims_of(const linear_problem<T>& p, const Source& src) {
   return d;
 }
 
-/// The states' inputs (all null without states): per sequence a state [S], then b carried key
-/// rows [kdim] and b carried value rows [dvp] each.
+/// The states' inputs (all null without states). In place (one range per sequence): the states
+/// themselves, which each sequence's task reads and updates where they live. Copied (several
+/// ranges per sequence): per sequence a state [S], then b carried key rows [kdim] and b carried
+/// value rows [ldz] each.
 template <class T>
 struct carried_states {
   const T* start = nullptr;
   const T* keys = nullptr;
   const T* vals = nullptr;
+  linear_state<T>* in_place = nullptr;
 };
 
-/// Checks the states against the problem and copies their inputs into the workspace before any
-/// task runs, so that a range may write its sequence's final state while another range still
-/// starts from the initial one.
+/// Checks the states against the problem. With one range per sequence, every task reads and
+/// writes only its own sequence's state: the scan works in place. With several, a range may
+/// write its sequence's final state while another still starts from the initial one, so their
+/// inputs are copied into the workspace before any task runs (a long prefill: the copy is
+/// small beside it).
 template <class T, class A = accum_t<T>>
 carried_states<A> load_states(const linear_problem<T>& p, const scan_dims& d, const scan_plan& plan,
                               linear_workspace<A>& wsp) {
   if (!p.states) return {};
-  const index_t n_seq = p.sizes.batch * p.sizes.kv_heads, m = d.m, dv = d.dv, dvp = d.dvp, kdim = d.kdim;
+  const index_t n_seq = p.sizes.batch * p.sizes.kv_heads, kdim = d.kdim, ldz = d.ldz;
+  for (index_t s = 0; s < n_seq; ++s) {
+    const linear_state<A>& st = p.states[s];
+    if (st.position != plan.p0 || st.block != plan.b || st.feature_dim != d.m || st.key_dim != kdim ||
+        st.value_dim != d.dv || st.ld != ldz || static_cast<index_t>(st.S.size()) < d.S ||
+        st.transposed != p.states[0].transposed)
+      raise(std::logic_error("polyattn: linear_state does not match the problem"));
+  }
+  if (plan.ranges == 1) return {nullptr, nullptr, nullptr, p.states};
   ensure(wsp.start, static_cast<index_t>(checked_size<A>("run_block_linear", "the states", {n_seq, d.S})));
   ensure(wsp.start_keys, static_cast<index_t>(checked_size<A>("run_block_linear", "the states' keys",
                                                               {n_seq, plan.b, std::max<index_t>(kdim, 1)})));
   ensure(wsp.start_vals,
-         static_cast<index_t>(checked_size<A>("run_block_linear", "the states' values", {n_seq, plan.b, dvp})));
+         static_cast<index_t>(checked_size<A>("run_block_linear", "the states' values", {n_seq, plan.b, ldz})));
   for (index_t s = 0; s < n_seq; ++s) {
     const linear_state<A>& st = p.states[s];
-    if (st.position != plan.p0 || st.block != plan.b || st.feature_dim != m || st.key_dim != kdim ||
-        st.value_dim != dv)
-      raise(std::logic_error("polyattn: linear_state does not match the problem"));
-    A* z0 = wsp.start.data() + s * d.S;
-    for (index_t f = 0; f < m; ++f) {
-      std::copy(st.Z.data() + f * dv, st.Z.data() + (f + 1) * dv, z0 + f * dvp);
-      z0[m * dvp + f] = st.z[static_cast<std::size_t>(f)];
-    }
-    std::copy(st.keys.begin(), st.keys.begin() + plan.pending * kdim, wsp.start_keys.begin() + s * plan.b * kdim);
-    pack_rows(st.values.data(), dv, plan.pending, dv, wsp.start_vals.data() + s * plan.b * dvp, dvp);
+    std::copy(st.S.begin(), st.S.begin() + d.S, wsp.start.begin() + s * d.S);
+    A* keys = wsp.start_keys.data() + s * plan.b * kdim;
+    for (index_t r = 0; r < plan.pending; ++r)
+      for (index_t c = 0; c < kdim; ++c)
+        keys[r * kdim + c] = st.transposed ? st.keys[static_cast<std::size_t>(c * st.ldt + r)]
+                                           : st.keys[static_cast<std::size_t>(r * kdim + c)];
+    std::copy(st.values.begin(), st.values.begin() + plan.pending * ldz, wsp.start_vals.begin() + s * plan.b * ldz);
   }
   return {wsp.start.data(), wsp.start_keys.data(), wsp.start_vals.data()};
 }
@@ -232,20 +245,62 @@ void fresh_rows(const block_scan<T, Source, Arch>& sc, index_t bi, index_t hk, i
   }
 }
 
-/// A block that started before this call: its `carried` rows from the state, then the rows of
-/// this call from row j0 of sequence (bi, hk), assembled (widened from half storage) in
-/// ws.kblock and ws.vblock. Every block of half storage takes this path (carried may be 0).
+/// Key rows [n x cols] from row r0 (widened) written as columns col .. col + n − 1 of the
+/// transposed rows dst [· x ldt] from row `row0` on; tmp holds one widened row.
+template <class S, class A>
+void append_columns(const S* src, index_t ld_src, index_t n, index_t cols, A* dst, index_t ldt, index_t row0,
+                    index_t col, A* tmp) {
+  for (index_t r = 0; r < n; ++r) {
+    widen(src + r * ld_src, cols, tmp);
+    for (index_t c = 0; c < cols; ++c) dst[(row0 + c) * ldt + col + r] = tmp[c];
+  }
+}
+
+/// A block in a state whose keys are stored transposed: the rows of this call from row j0
+/// appended as columns after the `carried` ones, the values as rows; the block's raw rows are
+/// given transposed (kb.raw_t), for prepared_keys to read.
 template <class T, class Source, class Arch, class A = accum_t<T>>
-void assemble_rows(const block_scan<T, Source, Arch>& sc, index_t bi, index_t hk, index_t j0, index_t carried,
-                   key_block<A>& kb, scan_workspace<A>& ws) {
+void transposed_keys(const block_scan<T, Source, Arch>& sc, index_t bi, index_t hk, index_t j0, index_t carried,
+                     index_t fresh, linear_state<A>& st, key_block<A>& kb, scan_workspace<A>& ws) {
   const linear_problem<T>& p = sc.p;
   const scan_dims& d = sc.d;
-  const index_t b = sc.plan.b, s = bi * p.sizes.kv_heads + hk, fresh = kb.n - carried;
-  A* kbuf = ensure(ws.kblock, b * std::max<index_t>(d.kdim, 1));
-  A* vbuf = ensure(ws.vblock, b * d.dvp);
-  if (carried > 0) {
+  if (fresh > 0) {
+    A* tmp = ensure(ws.kblock, sc.plan.b * std::max<index_t>(d.kdim, 1));
+    append_columns(row_ptr(p.k, bi, hk, j0), p.k.stride(2), fresh, d.kdim1, st.keys.data(), st.ldt, 0, carried, tmp);
+    if (d.kdim2 > 0)
+      append_columns(row_ptr(p.k2, bi, hk, j0), p.k2.stride(2), fresh, d.kdim2, st.keys.data(), st.ldt, d.kdim1,
+                     carried, tmp);
+    if (d.dv > 0) pack_rows(row_ptr(p.v, bi, hk, j0), p.v.stride(2), fresh, d.dv, st.values.data() + carried * d.ldz, d.ldz);
+  }
+  kb.raw = {};
+  kb.raw_t = st.keys.data();
+  kb.ld_raw_t = st.ldt;
+  kb.vals = st.values.data();
+  kb.ld_vals = d.ldz;
+}
+
+/// A block assembled from `carried` rows of the state and then the rows of this call from row
+/// j0 of sequence (bi, hk) (widened from half storage). `in_state`: in the state's own key and
+/// value rows, where its carried rows already are (a block that started before this call or
+/// that this call leaves unfinished, when the scan works in place); otherwise in ws.kblock and
+/// ws.vblock, the carried rows copied from the states' inputs. Every block of half storage
+/// takes this path (carried may be 0).
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void assemble_rows(const block_scan<T, Source, Arch>& sc, index_t bi, index_t hk, index_t j0, index_t carried,
+                   bool in_state, key_block<A>& kb, scan_workspace<A>& ws) {
+  const linear_problem<T>& p = sc.p;
+  const scan_dims& d = sc.d;
+  const index_t b = sc.plan.b, s = bi * p.sizes.kv_heads + hk, fresh = kb.n - carried, ldv = d.ldz;
+  linear_state<A>* st = in_state ? sc.carried.in_place + s : nullptr;
+  if (st && st->transposed) {  // the state's keys are columns: append the new ones
+    transposed_keys(sc, bi, hk, j0, carried, fresh, *st, kb, ws);
+    return;
+  }
+  A* kbuf = st ? st->keys.data() : ensure(ws.kblock, b * std::max<index_t>(d.kdim, 1));
+  A* vbuf = st ? st->values.data() : ensure(ws.vblock, b * ldv);
+  if (carried > 0 && !in_state) {
     std::copy(sc.carried.keys + s * b * d.kdim, sc.carried.keys + (s * b + carried) * d.kdim, kbuf);
-    std::copy(sc.carried.vals + s * b * d.dvp, sc.carried.vals + (s * b + carried) * d.dvp, vbuf);
+    std::copy(sc.carried.vals + s * b * ldv, sc.carried.vals + (s * b + carried) * ldv, vbuf);
   }
   if (fresh > 0) {
     // a carried row is [primary | secondary]: plain strided copies (pack_rows would zero-pad
@@ -253,15 +308,16 @@ void assemble_rows(const block_scan<T, Source, Arch>& sc, index_t bi, index_t hk
     copy_rows(row_ptr(p.k, bi, hk, j0), p.k.stride(2), fresh, d.kdim1, kbuf + carried * d.kdim, d.kdim);
     if (d.kdim2 > 0)
       copy_rows(row_ptr(p.k2, bi, hk, j0), p.k2.stride(2), fresh, d.kdim2, kbuf + carried * d.kdim + d.kdim1, d.kdim);
-    if (d.dv > 0) pack_rows(row_ptr(p.v, bi, hk, j0), p.v.stride(2), fresh, d.dv, vbuf + carried * d.dvp, d.dvp);
+    if (d.dv > 0) pack_rows(row_ptr(p.v, bi, hk, j0), p.v.stride(2), fresh, d.dv, vbuf + carried * ldv, ldv);
   }
   kb.raw = {kbuf, d.kdim, kbuf + d.kdim1, d.kdim};
   kb.vals = vbuf;
-  kb.ld_vals = d.dvp;
+  kb.ld_vals = ldv;
 }
 
 /// The keys and values of block c of sequence (bi, hk), assembled with the carried rows when
-/// the block started before this call.
+/// the block started before this call, and in the state's rows when the scan works in place
+/// and the block started before this call or stays unfinished after it.
 template <class T, class Source, class Arch, class A = accum_t<T>>
 key_block<A> fetch_block(const block_scan<T, Source, Arch>& sc, index_t bi, index_t hk, index_t c,
                          scan_workspace<A>& ws) {
@@ -273,13 +329,14 @@ key_block<A> fetch_block(const block_scan<T, Source, Arch>& sc, index_t bi, inde
   kb.n = end_pos - start_pos;
   const index_t carried = std::max<index_t>(0, plan.p0 - start_pos);  // rows from the state
   const index_t j0 = start_pos + carried - plan.p0;                    // first row of this call
+  const bool in_state = sc.carried.in_place && (carried > 0 || end_pos < kb.first + plan.b);
   if constexpr (!is_half_v<T>) {
-    if (carried == 0) {
+    if (carried == 0 && !in_state) {
       fresh_rows(sc, bi, hk, j0, kb, ws);
       return kb;
     }
   }
-  assemble_rows(sc, bi, hk, j0, carried, kb, ws);
+  assemble_rows(sc, bi, hk, j0, carried, in_state, kb, ws);
   return kb;
 }
 
@@ -316,7 +373,7 @@ void chunk_total(const block_scan<T, Source, Arch>& sc, index_t s, index_t g, sc
   for (index_t c = sc.plan.chunk_first(g); c <= sc.plan.chunk_last(g); ++c) {
     const key_block<A> kb = fetch_block(sc, s / kv_heads, s % kv_heads, c, ws);
     const block_rows<A> kr = sc.src.prepare(kb.raw, kb.n, false, ws.krows);
-    state_pass<A, Source, Arch>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, total);
+    state_pass<A, Source, Arch>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, total, sc.d.ldz);
   }
 }
 
@@ -401,61 +458,84 @@ void causal_block_outputs(const block_scan<T, Source, Arch>& sc, index_t bi, ind
   const index_t first_pos = sc.plan.p0 + sc.plan.offset + i0;
   for (index_t hq = hk * sc.d.group; hq < (hk + 1) * sc.d.group; ++hq) {
     const block_rows<A> qr = sc.src.prepare(query_raw(sc, bi, hq, i0, i1 - i0, ws), i1 - i0, true, ws.qrows);
-    output_pass<A, Source, Arch>(sc.src, qr, i1 - i0, first_pos, state, &kb, ldkt, true, sc.d.dv, p.bias, ws,
+    output_pass<A, Source, Arch>(sc.src, qr, i1 - i0, first_pos, state, sc.d.ldz, &kb, ldkt, true, sc.d.dv, p.bias, ws,
                                  row_ptr(p.out, bi, hq, i0), p.out.stride(2), stat_ptr(p.stats, bi, hq, i0),
                                  p.stats.stride(2));
   }
 }
 
+/// A block's prepared key rows for the passes and its local keys transposed (returns their
+/// leading dimension): prepared as usual (only the local rows when no state pass follows), or,
+/// for a block whose raw rows a state holds transposed (kb.raw_t), the local keys read where
+/// they are when they are raw rows, and the raw rows restored row-major (ws.kblock) only for a
+/// state pass or a source whose local rows are computed.
+template <class T, class Source, class Arch, class A = accum_t<T>>
+std::pair<block_rows<A>, index_t> prepared_keys(const block_scan<T, Source, Arch>& sc, key_block<A>& kb, bool pass,
+                                             scan_workspace<A>& ws) {
+  const index_t off = sc.src.local_raw_offset(), kdim = sc.d.kdim;
+  if (kb.raw_t) {
+    if (off >= 0) kb.kt = kb.raw_t + off * kb.ld_raw_t;
+    if (off >= 0 && !pass) return {block_rows<A>{}, kb.ld_raw_t};
+    A* rows = ensure(ws.kblock, sc.plan.b * std::max<index_t>(kdim, 1));
+    for (index_t r = 0; r < kb.n; ++r)
+      for (index_t c = 0; c < kdim; ++c) rows[r * kdim + c] = kb.raw_t[c * kb.ld_raw_t + r];
+    kb.raw = {rows, kdim, rows + sc.d.kdim1, kdim};
+    if (off >= 0) return {sc.src.prepare(kb.raw, kb.n, false, ws.krows), kb.ld_raw_t};
+  }
+  const block_rows<A> kr =
+      pass ? sc.src.prepare(kb.raw, kb.n, false, ws.krows) : sc.src.prepare_local(kb.raw, kb.n, ws.krows);
+  return {kr, prepare_local_keys<A, Source, Arch>(sc.src, kr, kb.n, ws)};
+}
+
 /// The causal scan of range r of sequence s: from the prefix before its first super-chunk,
-/// each block's output pass, then its state pass. Leaves the state after the range in
-/// ws.prefix and returns the range's last block.
+/// each block's output pass, then its state pass. Leaves the state after the range in the
+/// prefix (ws.prefix, or the sequence's state itself when the scan works in place) and returns
+/// the range's last block. A block followed by no state pass (the unfinished last one) needs
+/// only its local rows, and a super-chunk without a state pass adds nothing to the prefix.
 template <class T, class Source, class Arch, class A = accum_t<T>>
 key_block<A> scan_range(const block_scan<T, Source, Arch>& sc, const chunk_totals<A>& totals, index_t s, index_t r,
                         scan_workspace<A>& ws) {
   const scan_plan& plan = sc.plan;
   const index_t S = sc.d.S, bi = s / sc.p.sizes.kv_heads, hk = s % sc.p.sizes.kv_heads;
   const index_t g_begin = plan.range_chunk(r), g_end = plan.range_chunk(r + 1);
-  A* prefix = ensure(ws.prefix, S);
+  A* prefix = sc.carried.in_place ? sc.carried.in_place[s].S.data() : ensure(ws.prefix, S);
   A* run = ensure(ws.run, S);
-  start_prefix(sc, totals, s, g_begin, prefix);
+  if (!sc.carried.in_place) start_prefix(sc, totals, s, g_begin, prefix);
   key_block<A> kb;
   for (index_t g = g_begin; g < g_end; ++g) {
-    std::fill(run, run + S, A(0));
+    bool summed = false;  // run holds the state passes of this super-chunk's blocks so far
     for (index_t c = plan.chunk_first(g); c <= plan.chunk_last(g); ++c) {
       kb = fetch_block(sc, bi, hk, c, ws);
-      const block_rows<A> kr = sc.src.prepare(kb.raw, kb.n, false, ws.krows);
-      const index_t ldkt = prepare_local_keys<A, Source, Arch>(sc.src, kr, kb.n, ws);
+      const bool pass = c < plan.c_end || (sc.p.states && kb.n == plan.b);
+      const auto [kr, ldkt] = prepared_keys(sc, kb, pass, ws);
       const bool has_prefix = sc.p.states || g > 0, has_run = c > plan.chunk_first(g);
       const A* state = state_before(S, has_prefix, has_run, prefix, run, ws);
       causal_block_outputs(sc, bi, hk, c, kb, ldkt, state, ws);
-      const bool complete = kb.n == plan.b;
-      if (c < plan.c_end || (sc.p.states && complete))
-        state_pass<A, Source, Arch>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, run);
+      if (!pass) continue;
+      if (!summed) std::fill(run, run + S, A(0));
+      state_pass<A, Source, Arch>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, run, sc.d.ldz);
+      summed = true;
     }
-    add_states(prefix, run, S, prefix);
+    if (summed) add_states(prefix, run, S, prefix);
   }
   return kb;
 }
 
-/// The final state of a sequence: `prefix`, the state after its last block `last`, and the raw
-/// rows of that block when it is unfinished.
+/// The final state of a sequence, unless the scan worked in the state itself: `prefix`, the
+/// state after its last block `last`, and the raw rows of that block when it is unfinished.
 template <class T, class Source, class Arch, class A = accum_t<T>>
 void save_state(const block_scan<T, Source, Arch>& sc, const A* prefix, const key_block<A>& last,
                 linear_state<A>& st) {
-  const index_t m = sc.d.m, dv = sc.d.dv, dvp = sc.d.dvp, kdim1 = sc.d.kdim1, kdim2 = sc.d.kdim2, kdim = sc.d.kdim;
-  for (index_t f = 0; f < m; ++f) {
-    std::copy(prefix + f * dvp, prefix + f * dvp + dv, st.Z.data() + f * dv);
-    st.z[static_cast<std::size_t>(f)] = prefix[m * dvp + f];
-  }
+  if (sc.carried.in_place) return;
+  const index_t dv = sc.d.dv, kdim1 = sc.d.kdim1, kdim = sc.d.kdim;
+  std::copy(prefix, prefix + sc.d.S, st.S.data());
   const index_t left = last.n == sc.plan.b ? 0 : last.n;  // rows of the unfinished last block
-  for (index_t i = 0; i < left; ++i) {
-    std::copy(last.raw.x + i * last.raw.ld, last.raw.x + i * last.raw.ld + kdim1, st.keys.data() + i * kdim);
-    if (kdim2 > 0)
-      std::copy(last.raw.x2 + i * last.raw.ld2, last.raw.x2 + i * last.raw.ld2 + kdim2,
-                st.keys.data() + i * kdim + kdim1);
-    std::copy(last.vals + i * last.ld_vals, last.vals + i * last.ld_vals + dv, st.values.data() + i * dv);
-  }
+  for (index_t i = 0; i < left; ++i)
+    for (index_t c = 0; c < kdim; ++c) {
+      const A x = c < kdim1 ? last.raw.x[i * last.raw.ld + c] : last.raw.x2[i * last.raw.ld2 + c - kdim1];
+      st.keys[static_cast<std::size_t>(st.transposed ? c * st.ldt + i : i * kdim + c)] = x;
+    }
+  if (left > 0 && dv > 0) pack_rows(last.vals, last.ld_vals, left, dv, st.values.data(), st.ld);
 }
 
 /// Causal: every range of every sequence a parallel task; the last range of a sequence leaves
@@ -517,13 +597,13 @@ void noncausal_query_block(const block_scan<T, Source, Arch>& sc, const A* grand
     ldkt = prepare_local_keys<A, Source, Arch>(sc.src, kr, kb.n, ws);
     A* own_state = ensure(ws.run, S);
     std::fill(own_state, own_state + S, A(0));
-    state_pass<A, Source, Arch>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, own_state);
+    state_pass<A, Source, Arch>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, own_state, sc.d.ldz);
     A* zx = ensure(ws.zx, S);
     for (index_t e = 0; e < S; ++e) zx[e] = total[e] - own_state[e];
     state = zx;
   }
   const block_rows<A> qr = sc.src.prepare(query_raw(sc, bi, hq, i0, i1 - i0, ws), i1 - i0, true, ws.qrows);
-  output_pass<A, Source, Arch>(sc.src, qr, i1 - i0, sc.plan.offset + i0, state, own_block ? &kb : nullptr, ldkt,
+  output_pass<A, Source, Arch>(sc.src, qr, i1 - i0, sc.plan.offset + i0, state, sc.d.ldz, own_block ? &kb : nullptr, ldkt,
                                false, sc.d.dv, p.bias, ws, row_ptr(p.out, bi, hq, i0), p.out.stride(2),
                                stat_ptr(p.stats, bi, hq, i0), p.stats.stride(2));
 }

@@ -21,6 +21,11 @@
 //   block_rows<T> prepare(const raw_rows<T>& x, index_t n, bool query, row_buffers<T>&) const;
 //       per-row data of n raw rows (queries or keys): the base rows features expand from and
 //       the local rows
+//   block_rows<T> prepare_local(const raw_rows<T>& x, index_t n, row_buffers<T>&) const;
+//       the local rows of n key rows alone (base may be null): a block no state pass follows
+//   index_t local_raw_offset() const;
+//       where the local rows sit in a raw key row [primary | secondary] when they are raw
+//       rows themselves (exact local weights, caller features), −1 when they are computed
 //   const T* features(const block_rows<T>&, index_t r0, index_t n, aligned_vector<T>& buf, index_t& ld) const;
 //       φ of prepared rows r0 .. r0+n (possibly a pointer into the rows themselves)
 // Features are expanded kChunkRows rows at a time, so a block's m-dimensional features are
@@ -163,14 +168,18 @@ struct key_block {
   raw_rows<T> raw;  ///< raw key rows
   const T* vals = nullptr;
   index_t ld_vals = 0;  ///< value rows, readable in whole vectors up to dv rounded up
+  const T* raw_t = nullptr;  ///< the raw key rows transposed [key dim x ld_raw_t] (a state's), or null
+  index_t ld_raw_t = 0;
+  const T* kt = nullptr;  ///< the local key rows transposed where they are (null: in ws.kt)
 };
 
 /// State pass: state += (φ(K)ᵀ V, Σ φ(K)) over the n prepared key rows. The state is
-/// [m x dvp] then [m]; the sum runs in chunks of kChunkRows rows, always in the same order.
+/// Z [m x ldz] then z [m], ldz at least dv rounded up to the vector width (< 0: exactly that);
+/// the sum runs in chunks of kChunkRows rows, always in the same order.
 template <class T, class Source, class Arch>
 void state_pass(const Source& src, const block_rows<T>& keys, const T* vals, index_t ldv, index_t n, index_t dv,
-                scan_workspace<T>& ws, T* state) {
-  const index_t m = src.feature_dim(), dvp = round_up(dv, simd_width<T, Arch>);
+                scan_workspace<T>& ws, T* state, index_t ldz = -1) {
+  const index_t m = src.feature_dim(), dvp = ldz < 0 ? round_up(dv, simd_width<T, Arch>) : ldz;
   T* Z = state;
   T* z = state + m * dvp;
   for (index_t a = 0; a < n; a += kChunkRows) {
@@ -216,12 +225,12 @@ inline void store_output_row(T* row, index_t dv, T denom, O* o) {
 }
 
 /// Output pass for n query rows whose absolute positions are first_pos .. first_pos+n−1, all in
-/// the block of `kb`: reads `state` (nullptr: nothing before the block) and, when kt is given,
-/// weighs the block's keys locally (ws.kt from prepare_local_keys, leading dimension ldkt),
+/// the block of `kb`: reads `state` (Z [m x ldz], then z; nullptr: nothing before the block) and, when kt is given,
+/// weighs the block's keys locally (kb->kt, or ws.kt from prepare_local_keys; leading dimension ldkt),
 /// causally masked when `causal`. Writes out rows (stride ldo; of T, or of a half type O that
 /// accumulates in T) and, when `stats` is given, each row's β + Σ w (stride lds).
 template <class T, class Source, class Arch, class O>
-void output_pass(const Source& src, const block_rows<T>& q, index_t n, index_t first_pos, const T* state,
+void output_pass(const Source& src, const block_rows<T>& q, index_t n, index_t first_pos, const T* state, index_t ldz,
                  const key_block<T>* kb, index_t ldkt, bool causal, index_t dv, T bias, scan_workspace<T>& ws, O* out,
                  index_t ldo, T* stats = nullptr, index_t lds = 0) {
   using B = batch<T, Arch>;
@@ -235,8 +244,8 @@ void output_pass(const Source& src, const block_rows<T>& q, index_t n, index_t f
     if (state) {
       index_t ld = 0;
       const T* phi = src.features(q, a, rows, ws.phi, ld);
-      gemm<T, Arch>(rows, dv, m, phi, ld, 1, state, dvp, num, dvp, false);
-      const T* z = state + m * dvp;
+      gemm<T, Arch>(rows, dv, m, phi, ld, 1, state, ldz, num, dvp, false);
+      const T* z = state + m * ldz;
       for (index_t i = 0; i < rows; ++i) den[i] = dot<T, Arch>(phi + i * ld, z, m);
     } else {
       std::fill(num, num + rows * dvp, T(0));
@@ -249,7 +258,8 @@ void output_pass(const Source& src, const block_rows<T>& q, index_t n, index_t f
       if (keys > 0) {
         const index_t ldw = round_up(keys, W);
         T* w = ensure(ws.w, kChunkRows * round_up(std::max<index_t>(kb->n, 1), W));
-        gemm<T, Arch>(rows, keys, lf.dim, q.local + a * q.ld_local, q.ld_local, 1, ws.kt.data(), ldkt, w, ldw, false);
+        const T* kt = kb->kt ? kb->kt : ws.kt.data();
+        gemm<T, Arch>(rows, keys, lf.dim, q.local + a * q.ld_local, q.ld_local, 1, kt, ldkt, w, ldw, false);
         const B sc(lf.scale);
         // keys of the block row i sees (first .. pos_i)
         auto visible = [&](index_t i) { return causal ? std::clamp<index_t>(first_pos + a + i - kb->first + 1, 0, keys) : keys; };

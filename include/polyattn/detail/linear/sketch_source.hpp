@@ -47,6 +47,13 @@ struct sketch_feature_source {
     if (exact_from_secondary) return {s, lds, x.x2, x.ld2};
     return {s, lds, x.x, x.ld};
   }
+  index_t local_raw_offset() const { return local_exact ? (exact_from_secondary ? key_dim() : 0) : -1; }
+  /// Exact local weights read the raw rows: nothing to sketch for a block no state pass follows.
+  block_rows<T> prepare_local(const raw_rows<T>& x, index_t n, row_buffers<T>& buf) const {
+    if (!local_exact) return prepare(x, n, false, buf);
+    if (exact_from_secondary) return {nullptr, 0, x.x2, x.ld2};
+    return {nullptr, 0, x.x, x.ld};
+  }
   const T* features(const block_rows<T>& rows, index_t r0, index_t n, aligned_vector<T>& buf, index_t& ld) const {
     ld = feature_dim();
     T* phi = ensure(buf, kChunkRows * ld);

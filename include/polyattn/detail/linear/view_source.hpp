@@ -20,6 +20,10 @@ struct view_feature_source {
   local_form<T> local() const { return {m, 1, T(1)}; }
   bool local_when_noncausal() const { return false; }
   block_rows<T> prepare(const raw_rows<T>& x, index_t, bool, row_buffers<T>&) const { return {x.x, x.ld, x.x, x.ld}; }
+  index_t local_raw_offset() const { return 0; }
+  block_rows<T> prepare_local(const raw_rows<T>& x, index_t n, row_buffers<T>& buf) const {
+    return prepare(x, n, false, buf);
+  }
   const T* features(const block_rows<T>& rows, index_t r0, index_t, aligned_vector<T>&, index_t& ld) const {
     ld = rows.ld_base;
     return rows.base + r0 * rows.ld_base;
