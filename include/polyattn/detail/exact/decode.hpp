@@ -157,21 +157,26 @@ void decode_values(accum_t<T>* o, const accum_t<T>* p, const T* v, index_t vs, i
   }
 }
 
-/// One key block (or its piece inside one part) for the rows of a task: scores, mask,
-/// Weights::apply_row, then O_row += P·V. P rows hidden by the mask are 0; where a hidden value
-/// row is not finite, each row sums its visible keys only (docs/design.md §6).
-template <class T, class Weights, class Arch>
+/// One key block [j0, j0 + nk) for the rows of a task: scores, mask, Weights::apply_row, then
+/// O_row += P·V. pieces(g) calls g(ja, na, part) for the block's pieces inside one part each
+/// (one piece, except in a joined (paged) sequence, whose block keeps one weights step across
+/// its pages: the scores and P·V of a key do not depend on where its piece starts). P rows
+/// hidden by the mask are 0; where a hidden value row is not finite, each row sums its
+/// visible keys only (docs/design.md §6).
+template <class T, class Weights, class Arch, class Pieces>
 void decode_key_block(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s, index_t b, index_t hk,
-                      index_t rows, index_t j0, index_t nk, const kv_part<T>& part, accum_t<T>* partial) {
+                      index_t rows, index_t j0, index_t nk, const Pieces& pieces, accum_t<T>* partial) {
   using A = accum_t<T>;
   constexpr index_t W = simd_width<A, Arch>;
-  const index_t nkp = round_up(nk, W), dq = round_up(std::max<index_t>(f.d, 1), W);
+  const index_t nkp = round_up(nk, W), dq = round_up(std::max<index_t>(f.d, 1), W), ss = kDecodeBlock + W;
   const bool hidden = f.mask.partial(0, f.Nq, j0, nk);
   for (index_t r = 0; r < rows; ++r) {
-    A* sr = s.s.data() + r * kDecodeBlock;
+    A* sr = s.s.data() + r * ss;  // (a piece's last vector may run W - 1 past the block: ss)
     if (f.d > 0)
-      decode_scores<T, Arch>(part.k_row(b, hk, j0), part.k.stride(2), nk, f.d, s.q.data() + r * dq, sr,
-                             Weights::masked_score());
+      pieces([&](index_t ja, index_t na, const kv_part<T>& part) {
+        decode_scores<T, Arch>(part.k_row(b, hk, ja), part.k.stride(2), na, f.d, s.q.data() + r * dq, sr + (ja - j0),
+                               Weights::masked_score());
+      });
     else
       std::fill(sr, sr + nk, A(0));
     std::fill(sr + nk, sr + nkp, Weights::masked_score());
@@ -183,21 +188,30 @@ void decode_key_block(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T
     if (f.weights.apply_row(sr, nkp, row[f.dvp], row[f.dvp + 1], alpha)) scale_padded<A, Arch>(row, f.dvp, alpha);
   }
   if (f.dv == 0) return;
-  const T* v = part.v_row(b, hk, j0);
-  const index_t vs = part.v.stride(2);
-  index_t ca = 0, cb = nk;
+  index_t ca = 0, cb = nk;  // block rows every row sees: only the others are checked
   if (hidden) f.mask.common_rows(0, f.Nq, j0, nk, ca, cb);
-  const bool finite = (ca == 0 || rows_finite<T, Arch>(v, vs, ca, f.dv)) &&
-                      (cb == nk || rows_finite<T, Arch>(v + cb * vs, vs, nk - cb, f.dv));
-  for (index_t r = 0; r < rows; ++r) {
-    const A* sr = s.s.data() + r * kDecodeBlock;
-    A* row = partial + r * f.slot;
-    if (finite)
-      decode_values<T, Arch>(row, sr, v, vs, 0, nk, f.dv);
-    else
-      f.mask.for_each_visible_run(r % f.Nq, j0, nk,
-                                  [&](index_t r0, index_t r1) { decode_values<T, Arch>(row, sr, v, vs, r0, r1, f.dv); });
-  }
+  bool finite = true;
+  pieces([&](index_t ja, index_t na, const kv_part<T>& part) {
+    const T* v = part.v_row(b, hk, ja);
+    const index_t vs = part.v.stride(2), a = ja - j0, e = a + na, x = std::min(e, ca), y = std::max(a, cb);
+    finite = finite && (x <= a || rows_finite<T, Arch>(v, vs, x - a, f.dv)) &&
+             (y >= e || rows_finite<T, Arch>(v + (y - a) * vs, vs, e - y, f.dv));
+  });
+  pieces([&](index_t ja, index_t na, const kv_part<T>& part) {
+    const T* v = part.v_row(b, hk, ja);
+    const index_t vs = part.v.stride(2), a = ja - j0;
+    for (index_t r = 0; r < rows; ++r) {
+      const A* sr = s.s.data() + r * ss + a;
+      A* row = partial + r * f.slot;
+      if (finite)
+        decode_values<T, Arch>(row, sr, v, vs, 0, na, f.dv);
+      else
+        f.mask.for_each_visible_run(r % f.Nq, j0, nk, [&](index_t r0, index_t r1) {
+          if (std::max(r0, a) < std::min(r1, a + na))
+            decode_values<T, Arch>(row, sr, v, vs, std::max(r0, a) - a, std::min(r1, a + na) - a, f.dv);
+        });
+    }
+  });
 }
 
 /// Task t: chunk t % chunks of row group t / chunks; its partial (O, m, l) per row.
@@ -211,7 +225,7 @@ void decode_task(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s
   const index_t hk = h0 / f.group, rows = nh * f.Nq;
   if (s.q.empty()) {
     s.q.assign(to_size(kDecodeRows * dq), A(0));
-    s.s.assign(to_size(kDecodeRows * kDecodeBlock), A(0));
+    s.s.assign(to_size(kDecodeRows * (kDecodeBlock + W)), A(0));
   }
   A* partial = partials + t * kDecodeRows * f.slot;
   for (index_t r = 0; r < rows; ++r) {
@@ -226,9 +240,13 @@ void decode_task(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s
   const index_t c0 = chunk * kDecodeChunk, c1 = std::min(f.Nk, c0 + kDecodeChunk);
   f.mask.for_each_key_block(0, f.Nq, kDecodeBlock, true, [&](index_t j0, index_t n) {
     const index_t a = std::max(j0, c0), e = std::min(j0 + n, c1);
-    if (a < e)
+    if (a >= e) return;
+    if (f.kv.joined())
+      decode_key_block<T, Weights, Arch>(f, s, b, hk, rows, a, e - a, [&](const auto& g) { f.kv.split(a, e - a, g); },
+                                         partial);
+    else
       f.kv.split(a, e - a, [&](index_t ja, index_t na, const kv_part<T>& part) {
-        decode_key_block<T, Weights, Arch>(f, s, b, hk, rows, ja, na, part, partial);
+        decode_key_block<T, Weights, Arch>(f, s, b, hk, rows, ja, na, [&](const auto& g) { g(ja, na, part); }, partial);
       });
   });
 }
