@@ -157,6 +157,58 @@ void decode_values(accum_t<T>* o, const accum_t<T>* p, const T* v, index_t vs, i
   }
 }
 
+/// A block's rows inside one part: keys [j0 + a, j0 + a + n), K and V rows from k, v (strides ks, vs).
+template <class T>
+struct decode_piece {
+  index_t a, n;
+  const T* k;
+  const T* v;
+  index_t ks, vs;
+};
+
+/// Asks for the line at p to be brought into the caches.
+inline void prefetch_line(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p);
+#else
+  (void)p;
+#endif
+}
+
+/// Scores, mask and Weights::apply_row of one key block for the rows of a task (pieces pc[0, np)).
+/// With several pieces (pages in any order) the hardware prefetchers cannot guess where the
+/// next one is: the first line of every piece's keys and values is asked for up front, so that
+/// their TLB and memory latencies overlap (measured: paged decode over 32k keys in shuffled
+/// pages of 16, 1.47× contiguous decode's time without, 1.13× with; prefetching whole pages
+/// instead stalled on the fill buffers).
+template <class T, class Weights, class Arch>
+void decode_block_weights(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s, index_t rows, index_t j0,
+                          index_t nk, const decode_piece<T>* pc, index_t np, accum_t<T>* partial) {
+  using A = accum_t<T>;
+  constexpr index_t W = simd_width<A, Arch>;
+  const index_t nkp = round_up(nk, W), dq = round_up(std::max<index_t>(f.d, 1), W), ss = kDecodeBlock + W;
+  for (index_t x = 0; x < np && f.kv.joined(); ++x) {  // a row every 4 KiB
+    const decode_piece<T>& p = pc[x];
+    const index_t kstep = std::max<index_t>(1, 4096 / (p.ks * index_t(sizeof(T)) + 1) + 1);
+    const index_t vstep = std::max<index_t>(1, 4096 / (p.vs * index_t(sizeof(T)) + 1) + 1);
+    for (index_t j = 0; j < p.n && f.d > 0; j += kstep) prefetch_line(p.k + j * p.ks);
+    for (index_t j = 0; j < p.n && f.dv > 0; j += vstep) prefetch_line(p.v + j * p.vs);
+  }
+  for (index_t r = 0; r < rows; ++r) {
+    A* sr = s.s.data() + r * ss;  // (a piece's last vector may run W - 1 past the block: ss)
+    for (index_t x = 0; x < np && f.d > 0; ++x)
+      decode_scores<T, Arch>(pc[x].k, pc[x].ks, pc[x].n, f.d, s.q.data() + r * dq, sr + pc[x].a, Weights::masked_score());
+    if (f.d == 0) std::fill(sr, sr + nk, A(0));
+    std::fill(sr + nk, sr + nkp, Weights::masked_score());
+    if (f.mask.partial(0, f.Nq, j0, nk))
+      for (index_t j = 0; j < nk; ++j)
+        if (!f.mask.allowed(r % f.Nq, j0 + j)) sr[j] = Weights::masked_score();
+    A* row = partial + r * f.slot;
+    A alpha(1);
+    if (f.weights.apply_row(sr, nkp, row[f.dvp], row[f.dvp + 1], alpha)) scale_padded<A, Arch>(row, f.dvp, alpha);
+  }
+}
+
 /// One key block [j0, j0 + nk) for the rows of a task: scores, mask, Weights::apply_row, then
 /// O_row += P·V. pieces(g) calls g(ja, na, part) for the block's pieces inside one part each
 /// (one piece, except in a joined (paged) sequence, whose block keeps one weights step across
@@ -167,51 +219,38 @@ template <class T, class Weights, class Arch, class Pieces>
 void decode_key_block(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s, index_t b, index_t hk,
                       index_t rows, index_t j0, index_t nk, const Pieces& pieces, accum_t<T>* partial) {
   using A = accum_t<T>;
-  constexpr index_t W = simd_width<A, Arch>;
-  const index_t nkp = round_up(nk, W), dq = round_up(std::max<index_t>(f.d, 1), W), ss = kDecodeBlock + W;
-  const bool hidden = f.mask.partial(0, f.Nq, j0, nk);
-  for (index_t r = 0; r < rows; ++r) {
-    A* sr = s.s.data() + r * ss;  // (a piece's last vector may run W - 1 past the block: ss)
-    if (f.d > 0)
-      pieces([&](index_t ja, index_t na, const kv_part<T>& part) {
-        decode_scores<T, Arch>(part.k_row(b, hk, ja), part.k.stride(2), na, f.d, s.q.data() + r * dq, sr + (ja - j0),
-                               Weights::masked_score());
-      });
-    else
-      std::fill(sr, sr + nk, A(0));
-    std::fill(sr + nk, sr + nkp, Weights::masked_score());
-    if (hidden)
-      for (index_t j = 0; j < nk; ++j)
-        if (!f.mask.allowed(r % f.Nq, j0 + j)) sr[j] = Weights::masked_score();
-    A* row = partial + r * f.slot;
-    A alpha(1);
-    if (f.weights.apply_row(sr, nkp, row[f.dvp], row[f.dvp + 1], alpha)) scale_padded<A, Arch>(row, f.dvp, alpha);
-  }
-  if (f.dv == 0) return;
-  index_t ca = 0, cb = nk;  // block rows every row sees: only the others are checked
-  if (hidden) f.mask.common_rows(0, f.Nq, j0, nk, ca, cb);
-  bool finite = true;
+  decode_piece<T> pc[kDecodeBlock];  // (a piece holds one key at least)
+  index_t np = 0;
   pieces([&](index_t ja, index_t na, const kv_part<T>& part) {
-    const T* v = part.v_row(b, hk, ja);
-    const index_t vs = part.v.stride(2), a = ja - j0, e = a + na, x = std::min(e, ca), y = std::max(a, cb);
-    finite = finite && (x <= a || rows_finite<T, Arch>(v, vs, x - a, f.dv)) &&
-             (y >= e || rows_finite<T, Arch>(v + (y - a) * vs, vs, e - y, f.dv));
+    pc[np++] = decode_piece<T>{ja - j0, na, part.k_row(b, hk, ja), part.v_row(b, hk, ja), part.k.stride(2),
+                               part.v.stride(2)};
   });
-  pieces([&](index_t ja, index_t na, const kv_part<T>& part) {
-    const T* v = part.v_row(b, hk, ja);
-    const index_t vs = part.v.stride(2), a = ja - j0;
+  decode_block_weights<T, Weights, Arch>(f, s, rows, j0, nk, pc, np, partial);
+  if (f.dv == 0) return;
+  const index_t ss = kDecodeBlock + simd_width<A, Arch>;
+  index_t ca = 0, cb = nk;  // block rows every row sees: only the others are checked
+  if (f.mask.partial(0, f.Nq, j0, nk)) f.mask.common_rows(0, f.Nq, j0, nk, ca, cb);
+  bool finite = true;
+  for (index_t x = 0; x < np; ++x) {
+    const decode_piece<T>& p = pc[x];
+    const index_t e = p.a + p.n, lo = std::min(e, ca), hi = std::max(p.a, cb);
+    finite = finite && (lo <= p.a || rows_finite<T, Arch>(p.v, p.vs, lo - p.a, f.dv)) &&
+             (hi >= e || rows_finite<T, Arch>(p.v + (hi - p.a) * p.vs, p.vs, e - hi, f.dv));
+  }
+  for (index_t x = 0; x < np; ++x) {
+    const decode_piece<T>& p = pc[x];
     for (index_t r = 0; r < rows; ++r) {
-      const A* sr = s.s.data() + r * ss + a;
+      const A* sr = s.s.data() + r * ss + p.a;
       A* row = partial + r * f.slot;
       if (finite)
-        decode_values<T, Arch>(row, sr, v, vs, 0, na, f.dv);
+        decode_values<T, Arch>(row, sr, p.v, p.vs, 0, p.n, f.dv);
       else
         f.mask.for_each_visible_run(r % f.Nq, j0, nk, [&](index_t r0, index_t r1) {
-          if (std::max(r0, a) < std::min(r1, a + na))
-            decode_values<T, Arch>(row, sr, v, vs, std::max(r0, a) - a, std::min(r1, a + na) - a, f.dv);
+          const index_t u = std::max(r0, p.a), w = std::min(r1, p.a + p.n);
+          if (u < w) decode_values<T, Arch>(row, sr, p.v, p.vs, u - p.a, w - p.a, f.dv);
         });
     }
-  });
+  }
 }
 
 /// Task t: chunk t % chunks of row group t / chunks; its partial (O, m, l) per row.

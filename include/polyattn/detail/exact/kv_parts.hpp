@@ -82,7 +82,7 @@ struct kv_parts {
   kv_part<T> page_part(index_t slot, index_t slots) const {
     const index_t page = pages.table[slot];
     auto part = [&](const tensor_view<const T, 4>& pool) {  // [1, Hk, rows, d] (a null pool: no elements)
-      return tensor_view<const T, 4>(pool.data() ? &pool(page, 0, 0, 0) : nullptr,
+      return tensor_view<const T, 4>(pool.data() ? pool.data() + page * pool.stride(0) : nullptr,
                                      {1, pool.extent(2), slots * pages.page_size, pool.extent(3)},
                                      {pool.stride(0), pool.stride(2), pool.stride(1), 1});
     };
