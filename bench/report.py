@@ -221,6 +221,43 @@ def precision_table(rows):
     return out
 
 
+def serving_table(rows):
+    """Decode steps (rows named serving_decode/<dtype>) against the read roofs measured in the
+    same run (roof/read_bandwidth rows): GB/s of K and V, % of a warm read of as many bytes, % of
+    a read from memory, the speed-up from 1 to 2 threads and the cost of a GQA step against 1:1."""
+    dec = [r for r in rows if r["kernel"] == "serving_decode"]
+    roofs = [r for r in rows if r["kernel"] == "roof"]
+    if not dec and not roofs:
+        return []
+    out = ["## Serving: decode steps against the read bandwidth, same run", ""]
+    if roofs:
+        cells = [f"{r['bench']['buffer_MiB']:.0f} MiB on {r['args'].get('threads')} thread(s): {r['bench']['GB/s']:.1f} GB/s"
+                 for r in sorted(roofs, key=lambda r: (r["args"].get("threads", 0), r["bench"]["buffer_MiB"]))]
+        out.append("Streaming read (warm, best pass): " + "; ".join(cells) + ". The largest buffer is beyond the "
+                   "last-level cache (the memory roof); a decode step is quoted against a read of as many bytes as "
+                   "its K and V (the warm roof), because a benchmark repeats the step over the same cache.")
+        out.append("")
+    if not dec:
+        return out
+    keys = ("context", "batch", "heads", "kv_heads", "threads")
+    index = {(r["bench"]["name"].split("/")[1],) + tuple(r["args"].get(k) for k in keys): r for r in dec}
+    out.append("| dtype | context | B | H | Hk | threads | µs | GB/s of K, V | % of warm roof | % of memory roof "
+               "| 1 → 2 threads | step / 1:1 step |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for key in sorted(index):
+        r = index[key]
+        dtype, ctx, b, h, hk, t = key
+        one = index.get((dtype, ctx, b, h, hk, 1)) if t == 2 else None
+        flat = index.get((dtype, ctx, 1, 1, 1, t)) if (b, h, hk) != (1, 1, 1) and b == 1 else None
+        bm = r["bench"]
+        cells = [dtype, str(ctx), str(b), str(h), str(hk), str(t), f"{r['ms'] * 1e3:.4g}",
+                 f"{bm.get('GB/s', 0):.1f}", f"{bm.get('pct_read_roof', 0):.0f} %", f"{bm.get('pct_memory_roof', 0):.0f} %",
+                 f"{one['ms'] / r['ms']:.2f}×" if one else "–", f"{r['ms'] / flat['ms']:.2f}×" if flat else "–"]
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    return out
+
+
 def main():
     if len(sys.argv) != 3:
         die("usage: report.py RESULTS.json OUTDIR")
@@ -462,6 +499,7 @@ def main():
             lines.append("")
 
     lines += precision_table(rows)
+    lines += serving_table(rows)
     lines += contention_table(rows, threads)
     if 64 not in figures:
         die("no causal d = 64 results: nothing to plot (did the filter exclude them?)")

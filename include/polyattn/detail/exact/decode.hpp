@@ -33,6 +33,9 @@ inline constexpr index_t kDecodeMaxQueries = 4;  // queries a head at most for t
 inline constexpr index_t kDecodeRows = 8;        // rows (group heads × queries) a task at most
 inline constexpr index_t kDecodeChunk = 4096;    // keys a split-KV chunk: fixed, never the thread count
 inline constexpr index_t kDecodeBlock = 256;     // keys a block inside a chunk
+// Scores a row takes in the scratch: a block plus one vector (a paged block's last piece stores
+// whole vectors, up to 15 lanes past the block)
+inline constexpr index_t kDecodeScoreRow = kDecodeBlock + 16;
 
 template <class T>
 bool decode_applies(const attention_problem<T>& pb) {
@@ -98,61 +101,113 @@ struct decode_pass {
 
 template <class A>
 struct decode_scratch {
-  aligned_vector<A> q, s;  // rows' scaled queries [rows × dq], scores [rows × kDecodeBlock]
+  aligned_vector<A> q, s;  // rows' scaled queries [rows × dq], scores [rows × kDecodeScoreRow]
 };
 
-/// s[0, nk) = q · k_j for the keys of one block (rows of k, stride ks); s padded to whole
-/// vectors with `pad`. q is padded with zeros to whole vectors.
-template <class T, class Arch>
-void decode_scores(const T* k, index_t ks, index_t nk, index_t d, const accum_t<T>* q, accum_t<T>* s, accum_t<T> pad) {
+/// Rows a decode kernel handles at once: the rows of a GQA group share each K and V vector
+/// loaded, as many as the vector registers hold (AVX-512's 32: 4 rows × 4 vectors of
+/// accumulators; 16 elsewhere: 2).
+template <class Arch>
+inline constexpr int kDecodeRowBlock = simd_width<float, Arch> >= 16 ? 4 : 2;
+
+/// dot[r][x] = q_r · k_x for RN query rows (q + r·dq, padded with zeros to whole vectors) and KN
+/// key rows (k + x·ks, d values), each a vector of partial sums: accumulators in registers, each
+/// K and q vector loaded once for all RN × KN products, and every product's FMAs in column order
+/// (the same sums whatever RN and KN).
+template <int RN, int KN, class T, class Arch>
+void decode_dots(const T* k, index_t ks, index_t d, const accum_t<T>* q, index_t dq, batch<accum_t<T>, Arch>* dot,
+                 index_t dot_stride) {
   using A = accum_t<T>;
   using Bt = batch<A, Arch>;
   constexpr index_t W = simd_width<A, Arch>;
-  Bt acc[to_size(W)];
+  Bt acc[RN][KN];
+#pragma GCC unroll 4
+  for (int r = 0; r < RN; ++r)
+#pragma GCC unroll 4
+    for (int x = 0; x < KN; ++x) acc[r][x] = Bt(A(0));
+  for (index_t c = 0; c < d; c += W) {
+    const index_t n = std::min(W, d - c);
+    Bt kv[KN];
+#pragma GCC unroll 4
+    for (int x = 0; x < KN; ++x) kv[x] = n == W ? load_widened<Arch>(k + x * ks + c) : load_widened<Arch>(k + x * ks + c, n);
+#pragma GCC unroll 4
+    for (int r = 0; r < RN; ++r) {
+      const Bt qv = Bt::load_unaligned(q + r * dq + c);
+#pragma GCC unroll 4
+      for (int x = 0; x < KN; ++x) acc[r][x] = xsimd::fma(kv[x], qv, acc[r][x]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < RN; ++r)
+#pragma GCC unroll 4
+    for (int x = 0; x < KN; ++x) dot[r * dot_stride + x] = acc[r][x];
+}
+
+/// s_r[0, nk) = q_r · k_j for RN rows (q_r = q + r·dq, s_r = s + r·kDecodeScoreRow) and the keys
+/// of one block (rows of k, stride ks); each s_r padded to whole vectors with `pad`.
+template <int RN, class T, class Arch>
+void decode_scores(const T* k, index_t ks, index_t nk, index_t d, const accum_t<T>* q, index_t dq, accum_t<T>* s,
+                   accum_t<T> pad) {
+  using A = accum_t<T>;
+  using Bt = batch<A, Arch>;
+  constexpr index_t W = simd_width<A, Arch>;
+  Bt acc[to_size(RN * W)];
   for (index_t j0 = 0; j0 < nk; j0 += W) {
     const index_t n = std::min(W, nk - j0);
-    for (index_t j = 0; j < W; ++j) {
-      acc[to_size(j)] = Bt(A(0));
-      if (j >= n) continue;
-      const T* row = k + (j0 + j) * ks;
-      for (index_t c = 0; c < d; c += W)
-        acc[to_size(j)] = xsimd::fma(load_widened<Arch>(row + c, d - c), Bt::load_unaligned(q + c), acc[to_size(j)]);
+    index_t j = 0;
+    for (; j + 4 <= n; j += 4) decode_dots<RN, 4, T, Arch>(k + (j0 + j) * ks, ks, d, q, dq, acc + j, W);
+    for (; j < n; ++j) decode_dots<RN, 1, T, Arch>(k + (j0 + j) * ks, ks, d, q, dq, acc + j, W);
+    for (int r = 0; r < RN; ++r) {
+      for (index_t x = n; x < W; ++x) acc[to_size(r * W + x)] = Bt(A(0));
+      A* sr = s + r * kDecodeScoreRow;
+      vhaddp(acc + r * W).store_unaligned(sr + j0);
+      for (index_t x = n; x < W; ++x) sr[j0 + x] = pad;
     }
-    vhaddp(acc).store_unaligned(s + j0);
-    for (index_t j = n; j < W; ++j) s[j0 + j] = pad;
   }
 }
 
-/// O[0, dv) += Σ_{j in [ja, jb)} p_j v_j, v rows of stride vs, NV vectors from column c0.
-template <int NV, class T, class Arch>
-void decode_values_columns(accum_t<T>* o, const accum_t<T>* p, const T* v, index_t vs, index_t ja, index_t jb,
-                           index_t c0, index_t dv) {
+/// O_r[c0, c0 + NV·W) += Σ_{j in [ja, jb)} p_r[j] v_j for RN rows (O_r = o + r·os, p_r = p +
+/// r·kDecodeScoreRow), v rows of stride vs: each V vector loaded once for the RN rows, each row's
+/// sums in key order.
+template <int RN, int NV, class T, class Arch>
+void decode_values_columns(accum_t<T>* o, index_t os, const accum_t<T>* p, const T* v, index_t vs, index_t ja,
+                           index_t jb, index_t c0, index_t dv) {
   using A = accum_t<T>;
   using Bt = batch<A, Arch>;
   constexpr index_t W = simd_width<A, Arch>;
-  Bt acc[to_size(NV)];
+  Bt acc[RN][NV];
 #pragma GCC unroll 4
-  for (int x = 0; x < NV; ++x) acc[to_size(x)] = Bt::load_unaligned(o + c0 + x * W);
+  for (int r = 0; r < RN; ++r)
+#pragma GCC unroll 4
+    for (int x = 0; x < NV; ++x) acc[r][x] = Bt::load_unaligned(o + r * os + c0 + x * W);
   for (index_t j = ja; j < jb; ++j) {
-    const Bt pj(p[j]);
     const T* row = v + j * vs + c0;
+    Bt vx[NV];
 #pragma GCC unroll 4
-    for (int x = 0; x < NV; ++x)
-      acc[to_size(x)] = xsimd::fma(pj, load_widened<Arch>(row + x * W, dv - c0 - x * W), acc[to_size(x)]);
+    for (int x = 0; x < NV; ++x) vx[x] = load_widened<Arch>(row + x * W, dv - c0 - x * W);
+#pragma GCC unroll 4
+    for (int r = 0; r < RN; ++r) {
+      const Bt pj(p[r * kDecodeScoreRow + j]);
+#pragma GCC unroll 4
+      for (int x = 0; x < NV; ++x) acc[r][x] = xsimd::fma(pj, vx[x], acc[r][x]);
+    }
   }
 #pragma GCC unroll 4
-  for (int x = 0; x < NV; ++x) acc[to_size(x)].store_unaligned(o + c0 + x * W);
+  for (int r = 0; r < RN; ++r)
+#pragma GCC unroll 4
+    for (int x = 0; x < NV; ++x) acc[r][x].store_unaligned(o + r * os + c0 + x * W);
 }
 
-template <class T, class Arch>
-void decode_values(accum_t<T>* o, const accum_t<T>* p, const T* v, index_t vs, index_t ja, index_t jb, index_t dv) {
+template <int RN, class T, class Arch>
+void decode_values(accum_t<T>* o, index_t os, const accum_t<T>* p, const T* v, index_t vs, index_t ja, index_t jb,
+                   index_t dv) {
   constexpr index_t W = simd_width<accum_t<T>, Arch>;
   for (index_t c0 = 0; c0 < dv; c0 += 4 * W) {
     switch (std::min<index_t>(4, ceil_div(dv - c0, W))) {
-      case 1: decode_values_columns<1, T, Arch>(o, p, v, vs, ja, jb, c0, dv); break;
-      case 2: decode_values_columns<2, T, Arch>(o, p, v, vs, ja, jb, c0, dv); break;
-      case 3: decode_values_columns<3, T, Arch>(o, p, v, vs, ja, jb, c0, dv); break;
-      default: decode_values_columns<4, T, Arch>(o, p, v, vs, ja, jb, c0, dv); break;
+      case 1: decode_values_columns<RN, 1, T, Arch>(o, os, p, v, vs, ja, jb, c0, dv); break;
+      case 2: decode_values_columns<RN, 2, T, Arch>(o, os, p, v, vs, ja, jb, c0, dv); break;
+      case 3: decode_values_columns<RN, 3, T, Arch>(o, os, p, v, vs, ja, jb, c0, dv); break;
+      default: decode_values_columns<RN, 4, T, Arch>(o, os, p, v, vs, ja, jb, c0, dv); break;
     }
   }
 }
@@ -166,55 +221,106 @@ struct decode_piece {
   index_t ks, vs;
 };
 
-/// Asks for the line at p to be brought into the caches.
+/// Asks for the line at p to be brought into the caches. (The empty asm keeps a loop of
+/// prefetches: C++ lets a compiler delete a loop without side effects, and GCC 12 did.)
 inline void prefetch_line(const void* p) {
 #if defined(__GNUC__)
   __builtin_prefetch(p);
+  __asm__ __volatile__("" : : "r"(p));
 #else
   (void)p;
 #endif
 }
 
-/// Scores, mask and Weights::apply_row of one key block for the rows of a task (pieces pc[0, np)).
-/// With several pieces (pages in any order) the hardware prefetchers cannot guess where the
-/// next one is: the first line of every piece's keys and values is asked for up front, so that
-/// their TLB and memory latencies overlap (measured: paged decode over 32k keys in shuffled
-/// pages of 16, 1.47× contiguous decode's time without, 1.13× with; prefetching whole pages
-/// instead stalled on the fill buffers).
-template <class T, class Weights, class Arch>
-void decode_block_weights(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s, index_t rows, index_t j0,
-                          index_t nk, const decode_piece<T>* pc, index_t np, accum_t<T>* partial) {
-  using A = accum_t<T>;
-  constexpr index_t W = simd_width<A, Arch>;
-  const index_t nkp = round_up(nk, W), dq = round_up(std::max<index_t>(f.d, 1), W), ss = kDecodeBlock + W;
-  for (index_t x = 0; x < np && f.kv.joined(); ++x) {  // a row every 4 KiB
+/// A joined (paged) block's pieces lie in pages in any order, where the hardware prefetchers
+/// cannot guess the next one: one line every 4 KiB of every piece's keys and values is asked for
+/// up front, so that their TLB and memory latencies overlap (docs/design_exact.md, "Paged KV
+/// caches": 32k keys in shuffled pages of 16, 1.4x contiguous decode's time without, 1.15x with).
+template <class T>
+void prefetch_pieces(const decode_piece<T>* pc, index_t np, index_t d, index_t dv) {
+  for (index_t x = 0; x < np; ++x) {
     const decode_piece<T>& p = pc[x];
-    const index_t kstep = std::max<index_t>(1, 4096 / (p.ks * index_t(sizeof(T)) + 1) + 1);
-    const index_t vstep = std::max<index_t>(1, 4096 / (p.vs * index_t(sizeof(T)) + 1) + 1);
-    for (index_t j = 0; j < p.n && f.d > 0; j += kstep) prefetch_line(p.k + j * p.ks);
-    for (index_t j = 0; j < p.n && f.dv > 0; j += vstep) prefetch_line(p.v + j * p.vs);
+    const index_t kstep = 4096 / (p.ks * index_t(sizeof(T)) + 1) + 1, vstep = 4096 / (p.vs * index_t(sizeof(T)) + 1) + 1;
+    for (index_t j = 0; j < p.n && d > 0; j += kstep) prefetch_line(p.k + j * p.ks);
+    for (index_t j = 0; j < p.n && dv > 0; j += vstep) prefetch_line(p.v + j * p.vs);
   }
-  for (index_t r = 0; r < rows; ++r) {
-    A* sr = s.s.data() + r * ss;  // (a piece's last vector may run W - 1 past the block: ss)
-    for (index_t x = 0; x < np && f.d > 0; ++x)
-      decode_scores<T, Arch>(pc[x].k, pc[x].ks, pc[x].n, f.d, s.q.data() + r * dq, sr + pc[x].a, Weights::masked_score());
-    if (f.d == 0) std::fill(sr, sr + nk, A(0));
-    std::fill(sr + nk, sr + nkp, Weights::masked_score());
-    if (f.mask.partial(0, f.Nq, j0, nk))
-      for (index_t j = 0; j < nk; ++j)
-        if (!f.mask.allowed(r % f.Nq, j0 + j)) sr[j] = Weights::masked_score();
-    A* row = partial + r * f.slot;
-    A alpha(1);
-    if (f.weights.apply_row(sr, nkp, row[f.dvp], row[f.dvp + 1], alpha)) scale_padded<A, Arch>(row, f.dvp, alpha);
+}
+
+/// Scores of rows [0, rows) of a task for one key block, piece by piece (pc[0, np), each inside
+/// one part; a key's score does not depend on where its piece starts): kDecodeRowBlock rows at a
+/// time, then one at a time; each row's scores padded to whole vectors with masked scores.
+template <class T, class Weights, class Arch>
+void decode_block_scores(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s, const decode_piece<T>* pc,
+                         index_t np, index_t rows, index_t nk) {
+  using A = accum_t<T>;
+  constexpr int RB = kDecodeRowBlock<Arch>;
+  const index_t dq = round_up(std::max<index_t>(f.d, 1), simd_width<A, Arch>);
+  const A pad = Weights::masked_score();
+  index_t r = 0;
+  if (f.d > 0) {
+    for (index_t x = 0; x < np; ++x) {
+      const decode_piece<T>& p = pc[x];
+      for (r = 0; r + RB <= rows; r += RB)
+        decode_scores<RB, T, Arch>(p.k, p.ks, p.n, f.d, s.q.data() + r * dq, dq, s.s.data() + r * kDecodeScoreRow + p.a, pad);
+      for (; r < rows; ++r)
+        decode_scores<1, T, Arch>(p.k, p.ks, p.n, f.d, s.q.data() + r * dq, dq, s.s.data() + r * kDecodeScoreRow + p.a, pad);
+    }
+    for (r = 0; r < rows && np > 1; ++r) {  // (the last piece padded past its own vectors only)
+      A* sr = s.s.data() + r * kDecodeScoreRow;
+      std::fill(sr + nk, sr + round_up(nk, simd_width<A, Arch>), pad);
+    }
+  } else {
+    for (; r < rows; ++r) {
+      A* sr = s.s.data() + r * kDecodeScoreRow;
+      std::fill(sr, sr + nk, A(0));
+      std::fill(sr + nk, sr + round_up(nk, simd_width<A, Arch>), pad);
+    }
+  }
+}
+
+/// O_r += P_r·V of one key block for rows [0, rows), piece by piece in key order (each row's
+/// sums in key order, as over one part): kDecodeRowBlock rows at a time sharing each V load;
+/// where a value row hidden from some query is not finite, row by row over the keys each row
+/// sees (docs/design.md §6).
+template <class T, class Weights, class Arch>
+void decode_block_values(const decode_pass<T, Weights>& f, const decode_scratch<accum_t<T>>& s, const decode_piece<T>* pc,
+                         index_t np, index_t rows, index_t j0, index_t nk, bool hidden, accum_t<T>* partial) {
+  constexpr int RB = kDecodeRowBlock<Arch>;
+  index_t ca = 0, cb = nk;  // block rows every query sees: only the others are checked
+  if (hidden) f.mask.common_rows(0, f.Nq, j0, nk, ca, cb);
+  bool finite = true;
+  for (index_t x = 0; x < np; ++x) {
+    const decode_piece<T>& p = pc[x];
+    const index_t e = p.a + p.n, lo = std::min(e, ca), hi = std::max(p.a, cb);
+    finite = finite && (lo <= p.a || rows_finite<T, Arch>(p.v, p.vs, lo - p.a, f.dv)) &&
+             (hi >= e || rows_finite<T, Arch>(p.v + (hi - p.a) * p.vs, p.vs, e - hi, f.dv));
+  }
+  const auto* sc = s.s.data();
+  for (index_t x = 0; x < np; ++x) {
+    const decode_piece<T>& p = pc[x];
+    const auto* ps = sc + p.a;
+    index_t r = 0;
+    if (finite) {
+      for (; r + RB <= rows; r += RB)
+        decode_values<RB, T, Arch>(partial + r * f.slot, f.slot, ps + r * kDecodeScoreRow, p.v, p.vs, 0, p.n, f.dv);
+      for (; r < rows; ++r)
+        decode_values<1, T, Arch>(partial + r * f.slot, f.slot, ps + r * kDecodeScoreRow, p.v, p.vs, 0, p.n, f.dv);
+      continue;
+    }
+    for (; r < rows; ++r)
+      f.mask.for_each_visible_run(r % f.Nq, j0, nk, [&](index_t r0, index_t r1) {
+        const index_t u = std::max(r0, p.a), w = std::min(r1, p.a + p.n);
+        if (u < w)
+          decode_values<1, T, Arch>(partial + r * f.slot, f.slot, ps + r * kDecodeScoreRow, p.v, p.vs, u - p.a, w - p.a,
+                                    f.dv);
+      });
   }
 }
 
 /// One key block [j0, j0 + nk) for the rows of a task: scores, mask, Weights::apply_row, then
-/// O_row += P·V. pieces(g) calls g(ja, na, part) for the block's pieces inside one part each
-/// (one piece, except in a joined (paged) sequence, whose block keeps one weights step across
-/// its pages: the scores and P·V of a key do not depend on where its piece starts). P rows
-/// hidden by the mask are 0; where a hidden value row is not finite, each row sums its
-/// visible keys only (docs/design.md §6).
+/// O_row += P·V. pieces(g) calls g(ja, na, part) for the block's pieces inside one part each:
+/// one piece, except in a joined (paged) sequence, whose block keeps one weights step across its
+/// pages (the bits of the same keys in one view). P rows hidden by the mask are 0.
 template <class T, class Weights, class Arch, class Pieces>
 void decode_key_block(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s, index_t b, index_t hk,
                       index_t rows, index_t j0, index_t nk, const Pieces& pieces, accum_t<T>* partial) {
@@ -225,32 +331,20 @@ void decode_key_block(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T
     pc[np++] = decode_piece<T>{ja - j0, na, part.k_row(b, hk, ja), part.v_row(b, hk, ja), part.k.stride(2),
                                part.v.stride(2)};
   });
-  decode_block_weights<T, Weights, Arch>(f, s, rows, j0, nk, pc, np, partial);
-  if (f.dv == 0) return;
-  const index_t ss = kDecodeBlock + simd_width<A, Arch>;
-  index_t ca = 0, cb = nk;  // block rows every row sees: only the others are checked
-  if (f.mask.partial(0, f.Nq, j0, nk)) f.mask.common_rows(0, f.Nq, j0, nk, ca, cb);
-  bool finite = true;
-  for (index_t x = 0; x < np; ++x) {
-    const decode_piece<T>& p = pc[x];
-    const index_t e = p.a + p.n, lo = std::min(e, ca), hi = std::max(p.a, cb);
-    finite = finite && (lo <= p.a || rows_finite<T, Arch>(p.v, p.vs, lo - p.a, f.dv)) &&
-             (hi >= e || rows_finite<T, Arch>(p.v + (hi - p.a) * p.vs, p.vs, e - hi, f.dv));
+  if (f.kv.joined()) prefetch_pieces(pc, np, f.d, f.dv);
+  const index_t nkp = round_up(nk, simd_width<A, Arch>);
+  const bool hidden = f.mask.partial(0, f.Nq, j0, nk);
+  decode_block_scores<T, Weights, Arch>(f, s, pc, np, rows, nk);
+  for (index_t r = 0; r < rows; ++r) {
+    A* sr = s.s.data() + r * kDecodeScoreRow;
+    if (hidden)
+      for (index_t j = 0; j < nk; ++j)
+        if (!f.mask.allowed(r % f.Nq, j0 + j)) sr[j] = Weights::masked_score();
+    A* row = partial + r * f.slot;
+    A alpha(1);
+    if (f.weights.apply_row(sr, nkp, row[f.dvp], row[f.dvp + 1], alpha)) scale_padded<A, Arch>(row, f.dvp, alpha);
   }
-  for (index_t x = 0; x < np; ++x) {
-    const decode_piece<T>& p = pc[x];
-    for (index_t r = 0; r < rows; ++r) {
-      const A* sr = s.s.data() + r * ss + p.a;
-      A* row = partial + r * f.slot;
-      if (finite)
-        decode_values<T, Arch>(row, sr, p.v, p.vs, 0, p.n, f.dv);
-      else
-        f.mask.for_each_visible_run(r % f.Nq, j0, nk, [&](index_t r0, index_t r1) {
-          const index_t u = std::max(r0, p.a), w = std::min(r1, p.a + p.n);
-          if (u < w) decode_values<T, Arch>(row, sr, p.v, p.vs, u - p.a, w - p.a, f.dv);
-        });
-    }
-  }
+  if (f.dv > 0) decode_block_values<T, Weights, Arch>(f, s, pc, np, rows, j0, nk, hidden, partial);
 }
 
 /// Task t: chunk t % chunks of row group t / chunks; its partial (O, m, l) per row.
@@ -264,7 +358,7 @@ void decode_task(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s
   const index_t hk = h0 / f.group, rows = nh * f.Nq;
   if (s.q.empty()) {
     s.q.assign(to_size(kDecodeRows * dq), A(0));
-    s.s.assign(to_size(kDecodeRows * (kDecodeBlock + W)), A(0));
+    s.s.assign(to_size(kDecodeRows * kDecodeScoreRow), A(0));
   }
   A* partial = partials + t * kDecodeRows * f.slot;
   for (index_t r = 0; r < rows; ++r) {
