@@ -9,6 +9,7 @@
 #include "linear.hpp"
 #include "linformer.hpp"
 #include "options.hpp"
+#include "paged.hpp"
 #include "polynomial.hpp"
 #include "polysketch.hpp"
 #include "segments.hpp"

@@ -383,6 +383,40 @@ void linear_kernels(checker& ck, const sizes& z, bool causal) {
   if (lc.memory_bytes() == 0) ++ck.bad;
 }
 
+/// The paged KV cache overloads (paged.hpp): decode and a few queries over two sequences in
+/// pages of 4 listed in reverse, int32 and int64 tables. Checked for finiteness only (main runs
+/// them without printing, so the fingerprint's lines stay those of the other calls).
+template <class T>
+void paged_kernels(checker& ck, const sizes& z, bool causal) {
+  using namespace polyattn;
+  const index_t B = 2, H = 4, Hk = 2, ps = 4, slots = z.n / ps + 1, pages = B * slots, d = z.d, dv = z.dv;
+  tensor<T> kp({pages, ps, Hk, d}, 11), vp({pages, ps, Hk, dv}, 12);
+  std::vector<std::int32_t> table(static_cast<std::size_t>(pages)), lens = {static_cast<std::int32_t>(z.n),
+                                                                            static_cast<std::int32_t>(z.n / 2)};
+  for (std::size_t i = 0; i < table.size(); ++i) table[i] = static_cast<std::int32_t>(table.size() - 1 - i);
+  const std::vector<std::int64_t> table64(table.begin(), table.end()), lens64(lens.begin(), lens.end());
+  const paged_kv<T> kv{kp.cview(), vp.cview(), {table.data(), {B, slots}}, {lens.data(), {B}}};
+  const paged_kv<T, std::int64_t> kv64{kp.cview(), vp.cview(), {table64.data(), {B, slots}}, {lens64.data(), {B}}};
+  softmax_options so;
+  so.causal = causal;
+  polynomial_options po;
+  po.causal = causal;
+  for (const index_t nq : {index_t(1), z.n / 2}) {
+    tensor<T> q({B, H, nq, d}, 13), out({B, H, nq, dv}, 0);
+    tensor<polyattn::accum_t<T>, 3> stats({B, H, nq}, 0);
+    flash_attention<T>(q.cview(), kv, out.view(), so);
+    ck.finite("paged flash_attention out", out);
+    flash_attention<T>(q.cview(), kv64, out.view(), so, stats.view());
+    ck.finite("paged flash_attention out", out);
+    ck.finite("paged flash_attention stats", stats);
+    polynomial_attention<T>(q.cview(), kv64, out.view(), po);
+    ck.finite("paged polynomial_attention out", out);
+    polynomial_attention<T>(q.cview(), kv, out.view(), po, stats.view());
+    ck.finite("paged polynomial_attention out", out);
+    ck.finite("paged polynomial_attention stats", stats);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -395,6 +429,13 @@ int main(int argc, char** argv) {
     exact_kernels<double>(ck, z, causal);
     linear_kernels<float>(ck, z, causal);
     linear_kernels<double>(ck, z, causal);
+    const bool print = ck.print;  // (no lines of their own: the fingerprint stays comparable)
+    ck.print = false;
+    paged_kernels<float>(ck, z, causal);
+    paged_kernels<double>(ck, z, causal);
+    paged_kernels<polyattn::bf16>(ck, z, causal);
+    paged_kernels<polyattn::f16>(ck, z, causal);
+    ck.print = print;
     if (!ck.print) {  // bf16 and f16 storage: compiled under the strict flags, smoke-run (no fingerprint)
       exact_kernels<polyattn::bf16>(ck, z, causal);
       exact_kernels<polyattn::f16>(ck, z, causal);

@@ -33,6 +33,9 @@ inline constexpr index_t kDecodeMaxQueries = 4;  // queries a head at most for t
 inline constexpr index_t kDecodeRows = 8;        // rows (group heads × queries) a task at most
 inline constexpr index_t kDecodeChunk = 4096;    // keys a split-KV chunk: fixed, never the thread count
 inline constexpr index_t kDecodeBlock = 256;     // keys a block inside a chunk
+// Scores a row takes in the scratch: a block plus one vector (a paged block's last piece stores
+// whole vectors, up to 15 lanes past the block)
+inline constexpr index_t kDecodeScoreRow = kDecodeBlock + 16;
 
 template <class T>
 bool decode_applies(const attention_problem<T>& pb) {
@@ -98,7 +101,7 @@ struct decode_pass {
 
 template <class A>
 struct decode_scratch {
-  aligned_vector<A> q, s;  // rows' scaled queries [rows × dq], scores [rows × kDecodeBlock]
+  aligned_vector<A> q, s;  // rows' scaled queries [rows × dq], scores [rows × kDecodeScoreRow]
 };
 
 /// Rows a decode kernel handles at once: the rows of a GQA group share each K and V vector
@@ -140,7 +143,7 @@ void decode_dots(const T* k, index_t ks, index_t d, const accum_t<T>* q, index_t
     for (int x = 0; x < KN; ++x) dot[r * dot_stride + x] = acc[r][x];
 }
 
-/// s_r[0, nk) = q_r · k_j for RN rows (q_r = q + r·dq, s_r = s + r·kDecodeBlock) and the keys
+/// s_r[0, nk) = q_r · k_j for RN rows (q_r = q + r·dq, s_r = s + r·kDecodeScoreRow) and the keys
 /// of one block (rows of k, stride ks); each s_r padded to whole vectors with `pad`.
 template <int RN, class T, class Arch>
 void decode_scores(const T* k, index_t ks, index_t nk, index_t d, const accum_t<T>* q, index_t dq, accum_t<T>* s,
@@ -156,7 +159,7 @@ void decode_scores(const T* k, index_t ks, index_t nk, index_t d, const accum_t<
     for (; j < n; ++j) decode_dots<RN, 1, T, Arch>(k + (j0 + j) * ks, ks, d, q, dq, acc + j, W);
     for (int r = 0; r < RN; ++r) {
       for (index_t x = n; x < W; ++x) acc[to_size(r * W + x)] = Bt(A(0));
-      A* sr = s + r * kDecodeBlock;
+      A* sr = s + r * kDecodeScoreRow;
       vhaddp(acc + r * W).store_unaligned(sr + j0);
       for (index_t x = n; x < W; ++x) sr[j0 + x] = pad;
     }
@@ -164,7 +167,7 @@ void decode_scores(const T* k, index_t ks, index_t nk, index_t d, const accum_t<
 }
 
 /// O_r[c0, c0 + NV·W) += Σ_{j in [ja, jb)} p_r[j] v_j for RN rows (O_r = o + r·os, p_r = p +
-/// r·kDecodeBlock), v rows of stride vs: each V vector loaded once for the RN rows, each row's
+/// r·kDecodeScoreRow), v rows of stride vs: each V vector loaded once for the RN rows, each row's
 /// sums in key order.
 template <int RN, int NV, class T, class Arch>
 void decode_values_columns(accum_t<T>* o, index_t os, const accum_t<T>* p, const T* v, index_t vs, index_t ja,
@@ -184,7 +187,7 @@ void decode_values_columns(accum_t<T>* o, index_t os, const accum_t<T>* p, const
     for (int x = 0; x < NV; ++x) vx[x] = load_widened<Arch>(row + x * W, dv - c0 - x * W);
 #pragma GCC unroll 4
     for (int r = 0; r < RN; ++r) {
-      const Bt pj(p[r * kDecodeBlock + j]);
+      const Bt pj(p[r * kDecodeScoreRow + j]);
 #pragma GCC unroll 4
       for (int x = 0; x < NV; ++x) acc[r][x] = xsimd::fma(pj, vx[x], acc[r][x]);
     }
@@ -209,67 +212,131 @@ void decode_values(accum_t<T>* o, index_t os, const accum_t<T>* p, const T* v, i
   }
 }
 
-/// Scores of rows [0, rows) of a task for one key block: kDecodeRowBlock rows at a time, then
-/// one at a time; each row's scores padded to whole vectors with masked scores.
+/// A block's rows inside one part: keys [j0 + a, j0 + a + n), K and V rows from k, v (strides ks, vs).
+template <class T>
+struct decode_piece {
+  index_t a, n;
+  const T* k;
+  const T* v;
+  index_t ks, vs;
+};
+
+/// Asks for the line at p to be brought into the caches. (The empty asm keeps a loop of
+/// prefetches: C++ lets a compiler delete a loop without side effects, and GCC 12 did.)
+inline void prefetch_line(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p);
+  __asm__ __volatile__("" : : "r"(p));
+#else
+  (void)p;
+#endif
+}
+
+/// A joined (paged) block's pieces lie in pages in any order, where the hardware prefetchers
+/// cannot guess the next one: one line every 4 KiB of every piece's keys and values is asked for
+/// up front, so that their TLB and memory latencies overlap (docs/design_exact.md, "Paged KV
+/// caches": 32k keys in shuffled pages of 16, 1.4x contiguous decode's time without, 1.15x with).
+template <class T>
+void prefetch_pieces(const decode_piece<T>* pc, index_t np, index_t d, index_t dv) {
+  for (index_t x = 0; x < np; ++x) {
+    const decode_piece<T>& p = pc[x];
+    const index_t kstep = 4096 / (p.ks * index_t(sizeof(T)) + 1) + 1, vstep = 4096 / (p.vs * index_t(sizeof(T)) + 1) + 1;
+    for (index_t j = 0; j < p.n && d > 0; j += kstep) prefetch_line(p.k + j * p.ks);
+    for (index_t j = 0; j < p.n && dv > 0; j += vstep) prefetch_line(p.v + j * p.vs);
+  }
+}
+
+/// Scores of rows [0, rows) of a task for one key block, piece by piece (pc[0, np), each inside
+/// one part; a key's score does not depend on where its piece starts): kDecodeRowBlock rows at a
+/// time, then one at a time; each row's scores padded to whole vectors with masked scores.
 template <class T, class Weights, class Arch>
-void decode_block_scores(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s, const T* k, index_t ks,
-                         index_t rows, index_t nk) {
+void decode_block_scores(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s, const decode_piece<T>* pc,
+                         index_t np, index_t rows, index_t nk) {
   using A = accum_t<T>;
   constexpr int RB = kDecodeRowBlock<Arch>;
   const index_t dq = round_up(std::max<index_t>(f.d, 1), simd_width<A, Arch>);
   const A pad = Weights::masked_score();
   index_t r = 0;
   if (f.d > 0) {
-    for (; r + RB <= rows; r += RB)
-      decode_scores<RB, T, Arch>(k, ks, nk, f.d, s.q.data() + r * dq, dq, s.s.data() + r * kDecodeBlock, pad);
-    for (; r < rows; ++r)
-      decode_scores<1, T, Arch>(k, ks, nk, f.d, s.q.data() + r * dq, dq, s.s.data() + r * kDecodeBlock, pad);
+    for (index_t x = 0; x < np; ++x) {
+      const decode_piece<T>& p = pc[x];
+      for (r = 0; r + RB <= rows; r += RB)
+        decode_scores<RB, T, Arch>(p.k, p.ks, p.n, f.d, s.q.data() + r * dq, dq, s.s.data() + r * kDecodeScoreRow + p.a, pad);
+      for (; r < rows; ++r)
+        decode_scores<1, T, Arch>(p.k, p.ks, p.n, f.d, s.q.data() + r * dq, dq, s.s.data() + r * kDecodeScoreRow + p.a, pad);
+    }
+    for (r = 0; r < rows && np > 1; ++r) {  // (the last piece padded past its own vectors only)
+      A* sr = s.s.data() + r * kDecodeScoreRow;
+      std::fill(sr + nk, sr + round_up(nk, simd_width<A, Arch>), pad);
+    }
   } else {
     for (; r < rows; ++r) {
-      A* sr = s.s.data() + r * kDecodeBlock;
+      A* sr = s.s.data() + r * kDecodeScoreRow;
       std::fill(sr, sr + nk, A(0));
       std::fill(sr + nk, sr + round_up(nk, simd_width<A, Arch>), pad);
     }
   }
 }
 
-/// O_r += P_r·V of one key block for rows [0, rows): kDecodeRowBlock rows at a time sharing
-/// each V load; where a value row hidden from some query is not finite, row by row over the
-/// keys each row sees (docs/design.md §6).
+/// O_r += P_r·V of one key block for rows [0, rows), piece by piece in key order (each row's
+/// sums in key order, as over one part): kDecodeRowBlock rows at a time sharing each V load;
+/// where a value row hidden from some query is not finite, row by row over the keys each row
+/// sees (docs/design.md §6).
 template <class T, class Weights, class Arch>
-void decode_block_values(const decode_pass<T, Weights>& f, const decode_scratch<accum_t<T>>& s, const T* v,
-                         index_t vs, index_t rows, index_t j0, index_t nk, bool hidden, accum_t<T>* partial) {
+void decode_block_values(const decode_pass<T, Weights>& f, const decode_scratch<accum_t<T>>& s, const decode_piece<T>* pc,
+                         index_t np, index_t rows, index_t j0, index_t nk, bool hidden, accum_t<T>* partial) {
   constexpr int RB = kDecodeRowBlock<Arch>;
-  index_t ca = 0, cb = nk;
+  index_t ca = 0, cb = nk;  // block rows every query sees: only the others are checked
   if (hidden) f.mask.common_rows(0, f.Nq, j0, nk, ca, cb);
-  const bool finite = (ca == 0 || rows_finite<T, Arch>(v, vs, ca, f.dv)) &&
-                      (cb == nk || rows_finite<T, Arch>(v + cb * vs, vs, nk - cb, f.dv));
-  const auto* p = s.s.data();
-  index_t r = 0;
-  if (finite) {
-    for (; r + RB <= rows; r += RB)
-      decode_values<RB, T, Arch>(partial + r * f.slot, f.slot, p + r * kDecodeBlock, v, vs, 0, nk, f.dv);
-    for (; r < rows; ++r)
-      decode_values<1, T, Arch>(partial + r * f.slot, f.slot, p + r * kDecodeBlock, v, vs, 0, nk, f.dv);
-    return;
+  bool finite = true;
+  for (index_t x = 0; x < np; ++x) {
+    const decode_piece<T>& p = pc[x];
+    const index_t e = p.a + p.n, lo = std::min(e, ca), hi = std::max(p.a, cb);
+    finite = finite && (lo <= p.a || rows_finite<T, Arch>(p.v, p.vs, lo - p.a, f.dv)) &&
+             (hi >= e || rows_finite<T, Arch>(p.v + (hi - p.a) * p.vs, p.vs, e - hi, f.dv));
   }
-  for (; r < rows; ++r)
-    f.mask.for_each_visible_run(r % f.Nq, j0, nk, [&](index_t r0, index_t r1) {
-      decode_values<1, T, Arch>(partial + r * f.slot, f.slot, p + r * kDecodeBlock, v, vs, r0, r1, f.dv);
-    });
+  const auto* sc = s.s.data();
+  for (index_t x = 0; x < np; ++x) {
+    const decode_piece<T>& p = pc[x];
+    const auto* ps = sc + p.a;
+    index_t r = 0;
+    if (finite) {
+      for (; r + RB <= rows; r += RB)
+        decode_values<RB, T, Arch>(partial + r * f.slot, f.slot, ps + r * kDecodeScoreRow, p.v, p.vs, 0, p.n, f.dv);
+      for (; r < rows; ++r)
+        decode_values<1, T, Arch>(partial + r * f.slot, f.slot, ps + r * kDecodeScoreRow, p.v, p.vs, 0, p.n, f.dv);
+      continue;
+    }
+    for (; r < rows; ++r)
+      f.mask.for_each_visible_run(r % f.Nq, j0, nk, [&](index_t r0, index_t r1) {
+        const index_t u = std::max(r0, p.a), w = std::min(r1, p.a + p.n);
+        if (u < w)
+          decode_values<1, T, Arch>(partial + r * f.slot, f.slot, ps + r * kDecodeScoreRow, p.v, p.vs, u - p.a, w - p.a,
+                                    f.dv);
+      });
+  }
 }
 
-/// One key block (or its piece inside one part) for the rows of a task: scores, mask,
-/// Weights::apply_row, then O_row += P·V. P rows hidden by the mask are 0.
-template <class T, class Weights, class Arch>
+/// One key block [j0, j0 + nk) for the rows of a task: scores, mask, Weights::apply_row, then
+/// O_row += P·V. pieces(g) calls g(ja, na, part) for the block's pieces inside one part each:
+/// one piece, except in a joined (paged) sequence, whose block keeps one weights step across its
+/// pages (the bits of the same keys in one view). P rows hidden by the mask are 0.
+template <class T, class Weights, class Arch, class Pieces>
 void decode_key_block(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s, index_t b, index_t hk,
-                      index_t rows, index_t j0, index_t nk, const kv_part<T>& part, accum_t<T>* partial) {
+                      index_t rows, index_t j0, index_t nk, const Pieces& pieces, accum_t<T>* partial) {
   using A = accum_t<T>;
+  decode_piece<T> pc[kDecodeBlock];  // (a piece holds one key at least)
+  index_t np = 0;
+  pieces([&](index_t ja, index_t na, const kv_part<T>& part) {
+    pc[np++] = decode_piece<T>{ja - j0, na, part.k_row(b, hk, ja), part.v_row(b, hk, ja), part.k.stride(2),
+                               part.v.stride(2)};
+  });
+  if (f.kv.joined()) prefetch_pieces(pc, np, f.d, f.dv);
   const index_t nkp = round_up(nk, simd_width<A, Arch>);
   const bool hidden = f.mask.partial(0, f.Nq, j0, nk);
-  decode_block_scores<T, Weights, Arch>(f, s, part.k_row(b, hk, j0), part.k.stride(2), rows, nk);
+  decode_block_scores<T, Weights, Arch>(f, s, pc, np, rows, nk);
   for (index_t r = 0; r < rows; ++r) {
-    A* sr = s.s.data() + r * kDecodeBlock;
+    A* sr = s.s.data() + r * kDecodeScoreRow;
     if (hidden)
       for (index_t j = 0; j < nk; ++j)
         if (!f.mask.allowed(r % f.Nq, j0 + j)) sr[j] = Weights::masked_score();
@@ -277,7 +344,7 @@ void decode_key_block(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T
     A alpha(1);
     if (f.weights.apply_row(sr, nkp, row[f.dvp], row[f.dvp + 1], alpha)) scale_padded<A, Arch>(row, f.dvp, alpha);
   }
-  if (f.dv > 0) decode_block_values<T, Weights, Arch>(f, s, part.v_row(b, hk, j0), part.v.stride(2), rows, j0, nk, hidden, partial);
+  if (f.dv > 0) decode_block_values<T, Weights, Arch>(f, s, pc, np, rows, j0, nk, hidden, partial);
 }
 
 /// Task t: chunk t % chunks of row group t / chunks; its partial (O, m, l) per row.
@@ -291,7 +358,7 @@ void decode_task(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s
   const index_t hk = h0 / f.group, rows = nh * f.Nq;
   if (s.q.empty()) {
     s.q.assign(to_size(kDecodeRows * dq), A(0));
-    s.s.assign(to_size(kDecodeRows * kDecodeBlock), A(0));
+    s.s.assign(to_size(kDecodeRows * kDecodeScoreRow), A(0));
   }
   A* partial = partials + t * kDecodeRows * f.slot;
   for (index_t r = 0; r < rows; ++r) {
@@ -306,9 +373,13 @@ void decode_task(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s
   const index_t c0 = chunk * kDecodeChunk, c1 = std::min(f.Nk, c0 + kDecodeChunk);
   f.mask.for_each_key_block(0, f.Nq, kDecodeBlock, true, [&](index_t j0, index_t n) {
     const index_t a = std::max(j0, c0), e = std::min(j0 + n, c1);
-    if (a < e)
+    if (a >= e) return;
+    if (f.kv.joined())
+      decode_key_block<T, Weights, Arch>(f, s, b, hk, rows, a, e - a, [&](const auto& g) { f.kv.split(a, e - a, g); },
+                                         partial);
+    else
       f.kv.split(a, e - a, [&](index_t ja, index_t na, const kv_part<T>& part) {
-        decode_key_block<T, Weights, Arch>(f, s, b, hk, rows, ja, na, part, partial);
+        decode_key_block<T, Weights, Arch>(f, s, b, hk, rows, ja, na, [&](const auto& g) { g(ja, na, part); }, partial);
       });
   });
 }

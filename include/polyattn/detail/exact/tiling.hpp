@@ -235,7 +235,10 @@ void forward_task(const forward_pass<T, Weights>& f, attention_scratch<accum_t<T
   auto key_block = [&](index_t j0, index_t nk, const kv_part<T>& part) {
     forward_key_block<T, Weights, Arch>(f, s, qb, j0, nk, part);
   };
-  f.mask.for_each_key_block(qb.i0, qb.nq, f.block_k, false, [&](index_t j0, index_t nk) { f.kv.split(j0, nk, key_block); });
+  std::vector<T> gathered;  // (a joined block over several pages, copied: kv_parts::block)
+  f.mask.for_each_key_block(qb.i0, qb.nq, f.block_k, false, [&](index_t j0, index_t nk) {
+    f.kv.block(qb.b, qb.hk, j0, nk, gathered, key_block);
+  });
   store_forward_rows<T, Weights, Arch>(f, s, qb);
 }
 
