@@ -157,15 +157,16 @@ void decode_values(accum_t<T>* o, const accum_t<T>* p, const T* v, index_t vs, i
   }
 }
 
-/// One key block (or its piece inside one part) for the rows of a task: scores, mask,
-/// Weights::apply_row, then O_row += P·V. P rows hidden by the mask are 0; where a hidden value
+/// One key block (or its piece inside one part) for the rows of a task (heads from h0 on):
+/// scores, softcap and ALiBi when set, mask, Weights::apply_row, then O_row += P·V. P rows hidden by the mask are 0; where a hidden value
 /// row is not finite, each row sums its visible keys only (docs/design.md §6).
 template <class T, class Weights, class Arch>
-void decode_key_block(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s, index_t b, index_t hk,
+void decode_key_block(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s, index_t b, index_t h0,
                       index_t rows, index_t j0, index_t nk, const kv_part<T>& part, accum_t<T>* partial) {
   using A = accum_t<T>;
   constexpr index_t W = simd_width<A, Arch>;
   const index_t nkp = round_up(nk, W), dq = round_up(std::max<index_t>(f.d, 1), W);
+  const index_t hk = h0 / f.group;
   const bool hidden = f.mask.partial(0, f.Nq, j0, nk);
   for (index_t r = 0; r < rows; ++r) {
     A* sr = s.s.data() + r * kDecodeBlock;
@@ -174,6 +175,8 @@ void decode_key_block(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T
                              Weights::masked_score());
     else
       std::fill(sr, sr + nk, A(0));
+    if (f.pb.mods.transforms())  // softcap, ALiBi (modifiers.hpp); the padding is reset below
+      modify_score_row<A, Arch>(f.pb.mods, h0 + r / f.Nq, sr, nkp, j0, r % f.Nq + f.mask.offset());
     std::fill(sr + nk, sr + nkp, Weights::masked_score());
     if (hidden)
       for (index_t j = 0; j < nk; ++j)
@@ -208,7 +211,7 @@ void decode_task(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s
   const index_t chunk = t % f.chunks, dq = round_up(std::max<index_t>(f.d, 1), W);
   index_t b, h0, nh;
   f.rows_of(t / f.chunks, b, h0, nh);
-  const index_t hk = h0 / f.group, rows = nh * f.Nq;
+  const index_t rows = nh * f.Nq;
   if (s.q.empty()) {
     s.q.assign(to_size(kDecodeRows * dq), A(0));
     s.s.assign(to_size(kDecodeRows * kDecodeBlock), A(0));
@@ -228,7 +231,7 @@ void decode_task(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s
     const index_t a = std::max(j0, c0), e = std::min(j0 + n, c1);
     if (a < e)
       f.kv.split(a, e - a, [&](index_t ja, index_t na, const kv_part<T>& part) {
-        decode_key_block<T, Weights, Arch>(f, s, b, hk, rows, ja, na, part, partial);
+        decode_key_block<T, Weights, Arch>(f, s, b, h0, rows, ja, na, part, partial);
       });
   });
 }
@@ -252,6 +255,10 @@ void decode_merge(const decode_pass<T, Weights>& f, index_t g, accum_t<T>* parti
         (Bt::load_unaligned(o + x) * Bt(sa) + Bt::load_unaligned(oc + x) * Bt(sb)).store_unaligned(o + x);
     }
     const index_t h = h0 + r / f.Nq, i = r % f.Nq;
+    if (f.pb.mods.sinks) {  // the head's sink joins the row's denominator (modifiers.hpp)
+      const A factor = fold_sink(f.weights, f.pb.mods, h, m, l);
+      scale_padded<A, Arch>(o, f.dvp, factor);
+    }
     if (f.dv > 0) store_output_row<T, Arch>(f.pb, o, f.weights.denominator(m, l), b, h, i);
     if (f.pb.stats.size() > 0) f.pb.stats(b, h, i) = f.weights.row_statistic(m, l);
   }

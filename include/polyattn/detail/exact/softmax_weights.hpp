@@ -11,6 +11,8 @@
 
 #include "../../options.hpp"
 #include "../core/simd.hpp"
+#include "modifiers.hpp"
+#include "problem.hpp"
 
 namespace polyattn::detail {
 
@@ -147,6 +149,16 @@ template <class T>
 T softmax_scale(const softmax_options& opts, index_t head_dim) {
   if (opts.scale) return static_cast<T>(*opts.scale);
   return head_dim > 0 ? static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim))) : T(1);
+}
+
+/// The inputs of a softmax kernel with checked options: the mask, the scale (default 1/√d of
+/// q's head dim) and the score modifiers of opts.
+template <class T>
+attention_inputs<T> softmax_inputs(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+                                   const softmax_options& opts) {
+  attention_inputs<T> in = masked_inputs<T>(q, k, v, opts, softmax_scale<accum_t<T>>(opts, q.extent(3)), opts.threads);
+  in.mods = modifiers_of<accum_t<T>>(opts);
+  return in;
 }
 
 }  // namespace polyattn::detail
