@@ -1,8 +1,6 @@
 // polyattn/flash.hpp — flash_attention: tiled online-softmax attention in O(tile) memory, and its backward pass.
 #pragma once
 
-#include <utility>
-
 #include "detail/core/check_options.hpp"
 #include "detail/core/eigen_bridge.hpp"
 #include "detail/core/validation.hpp"
@@ -65,10 +63,7 @@ void flash_attention_backward(detail::input_view<T> q, detail::input_view<T> k, 
                               detail::stats_input<T> stats, tensor_view<T, 4> dq,
                               tensor_view<T, 4> dk, tensor_view<T, 4> dv, const softmax_options& opts,
                               tensor_view<accum_t<T>, 1> dsinks) {
-  detail::check_sink_gradient_output<T>(
-      "flash_attention_backward", opts, q, dsinks, std::pair{"q", q}, std::pair{"k", k}, std::pair{"v", v},
-      std::pair{"out", out}, std::pair{"dout", dout}, std::pair{"stats", stats}, std::pair{"dq", dq},
-      std::pair{"dk", dk}, std::pair{"dv", dv});
+  detail::check_sink_gradient_output<T>("flash_attention_backward", opts, q, k, v, out, dout, stats, dq, dk, dv, dsinks);
   flash_attention_backward<T>(q, k, v, out, dout, stats, dq, dk, dv, opts);
   detail::sink_gradients<T>(detail::modifiers_of<accum_t<T>>(opts), out, dout, stats, dsinks,
                             detail::resolve_threads(opts.threads));

@@ -7,7 +7,6 @@
 #pragma once
 
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "../../options.hpp"
@@ -89,11 +88,15 @@ void check_score_modifiers(const char* fn, const softmax_options& opts, index_t 
 }
 
 /// dsinks [H] of the backward overload that writes the sinks' gradient: opts.sinks set, one
-/// value per query head of q, a writable view sharing no memory with the call's other views
-/// (checked with the rest of the backward's arguments by the overload).
-template <class T, class A, class... Views>
+/// value per query head of q, a writable view sharing no memory with the call's inputs and
+/// other outputs (which the overload's plain backward checks afterwards).
+template <class T, class A>
 void check_sink_gradient_output(const char* fn, const softmax_options& opts, const tensor_view<const T, 4>& q,
-                                const tensor_view<A, 1>& dsinks, const std::pair<const char*, Views>&... others) {
+                                const tensor_view<const T, 4>& k, const tensor_view<const T, 4>& v,
+                                const tensor_view<const T, 4>& out, const tensor_view<const T, 4>& dout,
+                                const tensor_view<const A, 3>& stats, const tensor_view<T, 4>& dq,
+                                const tensor_view<T, 4>& dk, const tensor_view<T, 4>& dv,
+                                const tensor_view<A, 1>& dsinks) {
   check_view(fn, "dsinks", dsinks);
   if (dsinks.extent(0) != q.extent(1))
     fail(fn, "shape mismatch: argument 'dsinks' has shape " + shape_string(dsinks) + " but must be [heads] = [" +
@@ -102,7 +105,15 @@ void check_sink_gradient_output(const char* fn, const softmax_options& opts, con
     fail(fn, "argument 'dsinks' " + shape_string(dsinks) + " was given but option 'sinks' is empty (no sinks to "
              "differentiate: use the overload without dsinks)");
   check_writable(fn, "dsinks", dsinks);
-  (check_no_overlap(fn, "dsinks", dsinks, others.first, others.second), ...);
+  check_no_overlap(fn, "dsinks", dsinks, "q", q);
+  check_no_overlap(fn, "dsinks", dsinks, "k", k);
+  check_no_overlap(fn, "dsinks", dsinks, "v", v);
+  check_no_overlap(fn, "dsinks", dsinks, "out", out);
+  check_no_overlap(fn, "dsinks", dsinks, "dout", dout);
+  check_no_overlap(fn, "dsinks", dsinks, "stats", stats);
+  check_outputs_disjoint(fn, "dq", dq, "dsinks", dsinks);
+  check_outputs_disjoint(fn, "dk", dk, "dsinks", dsinks);
+  check_outputs_disjoint(fn, "dv", dv, "dsinks", dsinks);
 }
 
 /// softmax_options for q with `heads` query heads and nk keys.
