@@ -50,7 +50,7 @@ void flash_attention_backward(detail::input_view<T> q, detail::input_view<T> k, 
   detail::check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
   detail::check_options<T>(fn, opts, k.extent(2), q.extent(1));
   const detail::attention_backward_problem<T> pb{detail::softmax_inputs<T>(q, k, v, opts), out, dout, stats, dq, dk, dv};
-  detail::run_tiled_attention_backward<T>(pb, detail::softmax_weights<accum_t<T>>{});
+  detail::run_tiled_attention_backward<T>(pb, detail::softmax_weights_for(pb.mods));
 }
 
 /// The same, also writing dsinks [H] (written, not accumulated), the gradient of the loss with

@@ -142,7 +142,7 @@ void softmax_segmented(const char* fn, tensor_view<const T, 4> q, const segmente
   const segmented_problem<T> sp(k, v);
   attention_problem<T> pb{softmax_inputs<T>(q, {}, {}, opts), out, stats, materialise ? std::max<index_t>(n, 1) : kBlockK};
   sp.attach(pb);
-  run_tiled_attention<T>(pb, softmax_weights<accum_t<T>>{});
+  run_tiled_attention<T>(pb, softmax_weights_for(pb.mods));
 }
 
 /// polynomial_attention over segments; stats written when non-empty.
@@ -296,7 +296,7 @@ void flash_attention_backward(detail::input_view<T> q, detail::segments_in<T> k,
   detail::check_segmented_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
   detail::check_options<T>(fn, opts, k.length(), q.extent(1));
   const detail::attention_backward_problem<T> pb{detail::softmax_inputs<T>(q, {}, {}, opts), out, dout, stats, dq};
-  detail::segmented_backward<T>(pb, k, v, dk, dv, detail::softmax_weights<accum_t<T>>{});
+  detail::segmented_backward<T>(pb, k, v, dk, dv, detail::softmax_weights_for(pb.mods));
 }
 
 /// polynomial_attention_backward over segmented keys and values.
