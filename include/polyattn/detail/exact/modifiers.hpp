@@ -42,40 +42,17 @@ score_modifiers<A> modifiers_of(const softmax_options& opts) {
                             static_cast<A>(opts.softcap)};
 }
 
-/// tanh(x) lane by lane; a NaN lane stays NaN.
-/// float: Eigen's rational approximation (generic_fast_tanh_float, Eigen/src/Core/
-/// MathFunctionsImpl.h: x·p(x²)/q(x²) on x clamped to ±7.9988, FMA coefficients), about 10 FMAs
-/// and a reciprocal: a few ulps (docs/design_exact.md, "Score modifiers"), at about a third of the
-/// cost of xsimd::tanh, which computes both of its branches and an exp.
-/// double: xsimd::tanh on x clamped to [−20, 20] (tanh is ±1 there), a NaN lane going in as 0:
-/// xsimd's tanh reaches exp, whose integer conversion is undefined for non-finite or huge
-/// arguments (as vexp, simd.hpp).
+/// tanh(x) lane by lane: xsimd::tanh on x clamped to [−20, 20] (tanh is ±1 there in float and
+/// double), a NaN lane going in as 0 and coming out as the NaN it was: xsimd's tanh reaches exp,
+/// whose integer conversion is undefined for non-finite or huge arguments (as vexp, simd.hpp).
+/// (Eigen's rational float approximation, 10 FMAs and a reciprocal, measured no faster in the
+/// softcap and 5x less accurate: docs/design_exact.md, "Score modifiers".)
 template <class T, class Arch>
 batch<T, Arch> vtanh(const batch<T, Arch>& x) {
   using B = batch<T, Arch>;
-  if constexpr (std::is_same_v<T, float>) {
-    const B c = vmin(B(7.99881172180175781f), vmax(B(-7.99881172180175781f), x));  // (keeps a NaN)
-    const B x2 = c * c;
-    B p = xsimd::fma(x2, B(-2.76076847742355e-16f), B(2.00018790482477e-13f));
-    p = xsimd::fma(x2, p, B(-8.60467152213735e-11f));
-    p = xsimd::fma(x2, p, B(5.12229709037114e-08f));
-    p = xsimd::fma(x2, p, B(1.48572235717979e-05f));
-    p = xsimd::fma(x2, p, B(6.37261928875436e-04f));
-    p = xsimd::fma(x2, p, B(4.89352455891786e-03f));
-    B q = xsimd::fma(x2, B(1.19825839466702e-06f), B(1.18534705686654e-04f));
-    q = xsimd::fma(x2, q, B(2.26843463243900e-03f));
-    q = xsimd::fma(x2, q, B(4.89352518554385e-03f));
-    // c·p / q with q in [0.0049, 1.1]: the approximate reciprocal (12 or 14 bits) and one Newton
-    // step (about 24 bits) instead of a vector division, whose throughput (about 10 cycles a
-    // 512-bit vector) would cost as much as the rest of the tile's elementwise work
-    const B r0 = xsimd::reciprocal(q);
-    const B r = xsimd::fma(r0, xsimd::fnma(q, r0, B(1.0f)), r0);
-    return c * p * r;
-  } else {
-    const auto nan = xsimd::isnan(x);
-    const B safe = xsimd::min(xsimd::max(xsimd::select(nan, B(T(0)), x), B(T(-20))), B(T(20)));
-    return xsimd::select(nan, x, xsimd::tanh(safe));
-  }
+  const auto nan = xsimd::isnan(x);
+  const B safe = xsimd::min(xsimd::max(xsimd::select(nan, B(T(0)), x), B(T(-20))), B(T(20)));
+  return xsimd::select(nan, x, xsimd::tanh(safe));
 }
 
 /// x[k] = cap·tanh(x[k] / cap) for k in [0, n) (n a whole number of vectors); with g, also
