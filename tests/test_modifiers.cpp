@@ -118,6 +118,7 @@ void run_forward_battery(double tol) {
   for (const forward_case& c : forward_cases())
     for (which w : {which::sinks, which::softcap, which::alibi, which::all})
       for (bool materialise : {false, true}) {
+        if (materialise && w != which::all) continue;  // (the materialising kernel: all three together)
         INFO(c.name << ", " << name_of(w) << (materialise ? ", softmax_attention" : ", flash_attention"));
         check_forward<T>(c.s, spec_of(w, c.s.h, c.mask, c.s.d), materialise, tol);
       }
@@ -295,8 +296,8 @@ TEST_CASE("modifiers: gradients against finite differences", "[modifiers][backwa
     check_gradients({1, 2, 2, 6, 9, 3, 2}, spec_of(w, 2, test_mask(true, 2, -1, {}), 3), 0);
   }
   // several tiles and query windows (96 keys, 64 queries, windows of 512 a tile), sampled
-  check_gradients({1, 2, 1, 150, 230, 4, 2}, spec_of(which::all, 2, test_mask(true, 100, -1, {3}), 4), 8);
-  check_gradients({1, 1, 1, 530, 100, 2, 2}, spec_of(which::all, 1, test_mask(false), 2), 6);
+  check_gradients({1, 2, 1, 130, 200, 4, 2}, spec_of(which::all, 2, test_mask(true, 100, -1, {3}), 4), 4);
+  check_gradients({1, 1, 1, 530, 40, 2, 2}, spec_of(which::all, 1, test_mask(false), 2), 4);
 }
 
 TEST_CASE("modifiers: bf16 backward follows the double backward", "[modifiers][half]") {
@@ -350,7 +351,7 @@ TEST_CASE("modifiers: the same bits for 1 and 2 threads", "[modifiers][threads]"
     return all;
   };
   const std::vector<std::pair<shape, test_mask>> cases{
-      {{1, 2, 1, 600, 700, 16, 16}, test_mask(true, 300, -1, {})},
+      {{1, 2, 1, 530, 300, 16, 16}, test_mask(true, 200, -1, {})},
       {{1, 4, 2, 1, 9000, 16, 16}, test_mask(true)},  // decode, three split-KV chunks
   };
   for (const auto& [s, mask] : cases) {
