@@ -48,11 +48,25 @@ void flash_attention_backward(detail::input_view<T> q, detail::input_view<T> k, 
                               tensor_view<T, 4> dk, tensor_view<T, 4> dv, const softmax_options& opts = {}) {
   constexpr const char* fn = "flash_attention_backward";
   detail::check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
-  detail::check_options<T>(fn, opts, k.extent(2));
-  const accum_t<T> scale = detail::softmax_scale<accum_t<T>>(opts, q.extent(3));
-  const detail::attention_backward_problem<T> pb{detail::masked_inputs<T>(q, k, v, opts, scale, opts.threads), out,
-                                                 dout, stats, dq, dk, dv};
-  detail::run_tiled_attention_backward<T>(pb, detail::softmax_weights<accum_t<T>>{});
+  detail::check_options<T>(fn, opts, k.extent(2), q.extent(1));
+  const detail::attention_backward_problem<T> pb{detail::softmax_inputs<T>(q, k, v, opts), out, dout, stats, dq, dk, dv};
+  detail::run_tiled_attention_backward<T>(pb, detail::softmax_weights_for(pb.mods));
+}
+
+/// The same, also writing dsinks [H] (written, not accumulated), the gradient of the loss with
+/// respect to `opts.sinks`, which must be set: dsinks_h = −Σ_{b,i} exp(sinks_h − stats_{b,h,i})·D_{b,h,i}
+/// with D_i = dout_i·out_i, summed over batch and rows in a fixed order (the same bits for any
+/// thread count; docs/design_exact.md, "Score modifiers").
+template <class T>
+void flash_attention_backward(detail::input_view<T> q, detail::input_view<T> k, detail::input_view<T> v,
+                              detail::input_view<T> out, detail::input_view<T> dout,
+                              detail::stats_input<T> stats, tensor_view<T, 4> dq,
+                              tensor_view<T, 4> dk, tensor_view<T, 4> dv, const softmax_options& opts,
+                              tensor_view<accum_t<T>, 1> dsinks) {
+  detail::check_sink_gradient_output<T>("flash_attention_backward", opts, q, k, v, out, dout, stats, dq, dk, dv, dsinks);
+  flash_attention_backward<T>(q, k, v, out, dout, stats, dq, dk, dv, opts);
+  detail::sink_gradients<T>(detail::modifiers_of<accum_t<T>>(opts), out, dout, stats, dsinks,
+                            detail::resolve_threads(opts.threads));
 }
 
 inline matrix<float> flash_attention(const eigen_input<float>& q, const eigen_input<float>& k,

@@ -24,10 +24,17 @@ struct mask_options {
 };
 
 /// Options of `softmax_attention` and `flash_attention` (and their backward): the mask fields
-/// of mask_options, and
+/// of mask_options, and the score modifiers, applied in this order (docs/design_exact.md,
+/// "Score modifiers"): s = scale·q·k, s = softcap·tanh(s / softcap), s += alibi_slopes[h]·(j − p)
+/// with p = i + Nk − Nq the query's position, the mask, then a softmax with exp(sinks[h]) added
+/// to its denominator. They come after the older fields, so aggregate initialisation keeps its
+/// meaning.
 struct softmax_options : mask_options {
   std::optional<double> scale{}; ///< logit scale; unset means 1/sqrt(head_dim)
   int threads = 0;               ///< 0 = all available
+  std::vector<double> sinks{};   ///< empty = off; else one logit per query head (H), denominator only
+  double softcap = 0;            ///< 0 = off; else > 0, the scaled score's soft cap (Gemma 2)
+  std::vector<double> alibi_slopes{};  ///< empty = off; else one ALiBi slope per query head (H)
 };
 
 /// Options of `polynomial_attention`: w_ij = (scale·q_i·k_j)^degree, out_i = Σ w v / (β + Σ w);

@@ -188,10 +188,9 @@ template <class T, class I>
 void flash_paged(tensor_view<const T, 4> q, const paged_kv<T, I>& kv, tensor_view<T, 4> out, const softmax_options& opts,
                  tensor_view<accum_t<T>, 3> stats) {
   constexpr const char* fn = "flash_attention";
-  check_options<T>(fn, opts, check_paged(fn, q, kv, out, stats));
-  const attention_problem<T> all{masked_inputs<T>(q, {}, {}, opts, softmax_scale<accum_t<T>>(opts, q.extent(3)), opts.threads),
-                                 out, stats, kBlockK};
-  run_paged<T, I>(all, kv, softmax_weights<accum_t<T>>{});
+  check_options<T>(fn, opts, check_paged(fn, q, kv, out, stats), q.extent(1));
+  const attention_problem<T> all{softmax_inputs<T>(q, {}, {}, opts), out, stats, kBlockK};
+  run_paged<T, I>(all, kv, softmax_weights_for(all.mods));
 }
 
 template <class T, class I>

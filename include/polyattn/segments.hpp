@@ -138,12 +138,11 @@ void softmax_segmented(const char* fn, tensor_view<const T, 4> q, const segmente
   check_segments(fn, q, k, v, out);
   if (!stats.empty()) check_segmented_stats(fn, q, k, v, out, stats);
   const index_t n = k.length();
-  check_options<T>(fn, opts, n);
+  check_options<T>(fn, opts, n, q.extent(1));
   const segmented_problem<T> sp(k, v);
-  attention_problem<T> pb{masked_inputs<T>(q, {}, {}, opts, softmax_scale<accum_t<T>>(opts, q.extent(3)), opts.threads), out,
-                          stats, materialise ? std::max<index_t>(n, 1) : kBlockK};
+  attention_problem<T> pb{softmax_inputs<T>(q, {}, {}, opts), out, stats, materialise ? std::max<index_t>(n, 1) : kBlockK};
   sp.attach(pb);
-  run_tiled_attention<T>(pb, softmax_weights<accum_t<T>>{});
+  run_tiled_attention<T>(pb, softmax_weights_for(pb.mods));
 }
 
 /// polynomial_attention over segments; stats written when non-empty.
@@ -295,11 +294,9 @@ void flash_attention_backward(detail::input_view<T> q, detail::segments_in<T> k,
                               detail::segments_out<T> dk, detail::segments_out<T> dv, const softmax_options& opts = {}) {
   constexpr const char* fn = "flash_attention_backward";
   detail::check_segmented_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
-  detail::check_options<T>(fn, opts, k.length());
-  const accum_t<T> scale = detail::softmax_scale<accum_t<T>>(opts, q.extent(3));
-  const detail::attention_backward_problem<T> pb{detail::masked_inputs<T>(q, {}, {}, opts, scale, opts.threads), out,
-                                                 dout, stats, dq};
-  detail::segmented_backward<T>(pb, k, v, dk, dv, detail::softmax_weights<accum_t<T>>{});
+  detail::check_options<T>(fn, opts, k.length(), q.extent(1));
+  const detail::attention_backward_problem<T> pb{detail::softmax_inputs<T>(q, {}, {}, opts), out, dout, stats, dq};
+  detail::segmented_backward<T>(pb, k, v, dk, dv, detail::softmax_weights_for(pb.mods));
 }
 
 /// polynomial_attention_backward over segmented keys and values.

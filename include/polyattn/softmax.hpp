@@ -21,10 +21,9 @@ void softmax_family(const char* fn, tensor_view<const T, 4> q, tensor_view<const
                     tensor_view<accum_t<T>, 3> stats = {}) {
   check_attention(fn, q, k, v, out);
   if (!stats.empty()) check_stats_output(fn, q, k, v, out, stats);
-  check_options<T>(fn, opts, k.extent(2));
-  const attention_problem<T> pb{
-      masked_inputs<T>(q, k, v, opts, softmax_scale<accum_t<T>>(opts, q.extent(3)), opts.threads), out, stats, block_k};
-  run_tiled_attention<T>(pb, softmax_weights<accum_t<T>>{});
+  check_options<T>(fn, opts, k.extent(2), q.extent(1));
+  const attention_problem<T> pb{softmax_inputs<T>(q, k, v, opts), out, stats, block_k};
+  run_tiled_attention<T>(pb, softmax_weights_for(pb.mods));
 }
 
 }  // namespace detail

@@ -417,6 +417,31 @@ void paged_kernels(checker& ck, const sizes& z, bool causal) {
   }
 }
 
+/// The score modifiers of softmax_options (sinks, softcap, alibi_slopes) through the forward
+/// kernels, the backward and its dsinks overload; smoke-run only (the fingerprint is unchanged).
+template <class T>
+void modifier_kernels(checker& ck, const sizes& z, bool causal) {
+  using namespace polyattn;
+  const index_t B = 1, H = 4, Hk = 2, N = z.n, d = z.d, dv = z.dv;
+  tensor<T> q({B, H, N, d}, 1), k({B, Hk, N, d}, 2), v({B, Hk, N, dv}, 3), out({B, H, N, dv}, 0);
+  tensor<T> dout({B, H, N, dv}, 4), dq({B, H, N, d}, 0), dk({B, Hk, N, d}, 0), dv_({B, Hk, N, dv}, 0);
+  tensor<polyattn::accum_t<T>, 3> stats({B, H, N}, 0);
+  tensor<polyattn::accum_t<T>, 1> dsinks({H}, 0);
+  softmax_options so;
+  so.causal = causal;
+  so.sinks = {0.5, -1.0, 0.0, 2.0};
+  so.softcap = 30.0;
+  so.alibi_slopes = {0.5, 0.25, 0.125, 0.0625};
+  softmax_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), so);
+  ck.finite("softmax_attention (modifiers) out", out);
+  flash_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), so, stats.view());
+  ck.finite("flash_attention (modifiers) out", out);
+  flash_attention_backward<T>(q.cview(), k.cview(), v.cview(), out.cview(), dout.cview(), stats.cview(), dq.view(),
+                              dk.view(), dv_.view(), so, dsinks.view());
+  ck.finite("flash_attention_backward (modifiers) dq", dq);
+  ck.finite("flash_attention_backward (modifiers) dsinks", dsinks);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -441,6 +466,10 @@ int main(int argc, char** argv) {
       exact_kernels<polyattn::f16>(ck, z, causal);
       linear_kernels<polyattn::bf16>(ck, z, causal);
       linear_kernels<polyattn::f16>(ck, z, causal);
+      modifier_kernels<float>(ck, z, causal);
+      modifier_kernels<double>(ck, z, causal);
+      modifier_kernels<polyattn::bf16>(ck, z, causal);
+      modifier_kernels<polyattn::f16>(ck, z, causal);
     }
   }
   std::printf("%s\n", ck.bad == 0 ? "all entry points ran" : "some outputs were not finite");

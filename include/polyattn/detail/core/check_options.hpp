@@ -7,6 +7,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "../../options.hpp"
 #include "validation.hpp"
@@ -70,11 +71,68 @@ inline void check_mask(const char* fn, const mask_options& opts, index_t nk) {
   }
 }
 
+/// A per-head option (sinks, alibi_slopes): empty, or one finite value per query head.
 template <class T>
-void check_options(const char* fn, const softmax_options& opts, index_t nk) {
+void check_per_head(const char* fn, const char* name, const std::vector<double>& values, index_t heads) {
+  if (values.empty()) return;
+  if (static_cast<index_t>(values.size()) != heads)
+    fail(fn, std::string("option '") + name + "' has " + std::to_string(values.size()) +
+                 " values, expected one per query head (q has " + std::to_string(heads) + " heads) or none");
+  for (std::size_t h = 0; h < values.size(); ++h) {
+    const std::string entry = std::string(name) + "[" + std::to_string(h) + "]";
+    check_coefficient<T>(fn, entry.c_str(), values[h]);
+  }
+}
+
+/// The score modifiers of softmax options (docs/design_exact.md, "Score modifiers") for q with
+/// `heads` query heads.
+template <class T>
+void check_score_modifiers(const char* fn, const softmax_options& opts, index_t heads) {
+  check_per_head<T>(fn, "sinks", opts.sinks, heads);
+  check_per_head<T>(fn, "alibi_slopes", opts.alibi_slopes, heads);
+  if (!(opts.softcap >= 0.0) || opts.softcap == 1.0 / 0.0)
+    fail(fn, "option 'softcap' must be finite and >= 0 (0 = off), got " + format_value(opts.softcap));
+  check_representable<T>(fn, "softcap", opts.softcap);
+  if (opts.softcap > 0.0 && !(static_cast<accum_t<T>>(opts.softcap) > 0))
+    fail(fn, "option 'softcap' = " + format_value(opts.softcap) + " underflows to 0 in the kernel's precision");
+}
+
+/// dsinks [H] of the backward overload that writes the sinks' gradient: opts.sinks set, one
+/// value per query head of q, a writable view sharing no memory with the call's inputs and
+/// other outputs (which the overload's plain backward checks afterwards).
+template <class T, class A>
+void check_sink_gradient_output(const char* fn, const softmax_options& opts, const tensor_view<const T, 4>& q,
+                                const tensor_view<const T, 4>& k, const tensor_view<const T, 4>& v,
+                                const tensor_view<const T, 4>& out, const tensor_view<const T, 4>& dout,
+                                const tensor_view<const A, 3>& stats, const tensor_view<T, 4>& dq,
+                                const tensor_view<T, 4>& dk, const tensor_view<T, 4>& dv,
+                                const tensor_view<A, 1>& dsinks) {
+  check_view(fn, "dsinks", dsinks);
+  if (dsinks.extent(0) != q.extent(1))
+    fail(fn, "shape mismatch: argument 'dsinks' has shape " + shape_string(dsinks) + " but must be [heads] = [" +
+                 std::to_string(q.extent(1)) + "] for 'q' " + shape_string(q));
+  if (opts.sinks.empty())
+    fail(fn, "argument 'dsinks' " + shape_string(dsinks) + " was given but option 'sinks' is empty (no sinks to "
+             "differentiate: use the overload without dsinks)");
+  check_writable(fn, "dsinks", dsinks);
+  check_no_overlap(fn, "dsinks", dsinks, "q", q);
+  check_no_overlap(fn, "dsinks", dsinks, "k", k);
+  check_no_overlap(fn, "dsinks", dsinks, "v", v);
+  check_no_overlap(fn, "dsinks", dsinks, "out", out);
+  check_no_overlap(fn, "dsinks", dsinks, "dout", dout);
+  check_no_overlap(fn, "dsinks", dsinks, "stats", stats);
+  check_outputs_disjoint(fn, "dq", dq, "dsinks", dsinks);
+  check_outputs_disjoint(fn, "dk", dk, "dsinks", dsinks);
+  check_outputs_disjoint(fn, "dv", dv, "dsinks", dsinks);
+}
+
+/// softmax_options for q with `heads` query heads and nk keys.
+template <class T>
+void check_options(const char* fn, const softmax_options& opts, index_t nk, index_t heads) {
   check_threads(fn, opts.threads);
   check_optional_scale<T>(fn, opts.scale);
   check_mask(fn, opts, nk);
+  check_score_modifiers<T>(fn, opts, heads);
 }
 
 /// The fields polynomial weights share (polynomial_options, sketched_options).

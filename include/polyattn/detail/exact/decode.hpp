@@ -120,14 +120,14 @@ void decode_dots(const T* k, index_t ks, index_t d, const accum_t<T>* q, index_t
   using A = accum_t<T>;
   using Bt = batch<A, Arch>;
   constexpr index_t W = simd_width<A, Arch>;
-  Bt acc[RN][KN];
+  Bt acc[std::size_t(RN)][std::size_t(KN)];
 #pragma GCC unroll 4
   for (int r = 0; r < RN; ++r)
 #pragma GCC unroll 4
     for (int x = 0; x < KN; ++x) acc[r][x] = Bt(A(0));
   for (index_t c = 0; c < d; c += W) {
     const index_t n = std::min(W, d - c);
-    Bt kv[KN];
+    Bt kv[std::size_t(KN)];
 #pragma GCC unroll 4
     for (int x = 0; x < KN; ++x) kv[x] = n == W ? load_widened<Arch>(k + x * ks + c) : load_widened<Arch>(k + x * ks + c, n);
 #pragma GCC unroll 4
@@ -175,14 +175,14 @@ void decode_values_columns(accum_t<T>* o, index_t os, const accum_t<T>* p, const
   using A = accum_t<T>;
   using Bt = batch<A, Arch>;
   constexpr index_t W = simd_width<A, Arch>;
-  Bt acc[RN][NV];
+  Bt acc[std::size_t(RN)][std::size_t(NV)];
 #pragma GCC unroll 4
   for (int r = 0; r < RN; ++r)
 #pragma GCC unroll 4
     for (int x = 0; x < NV; ++x) acc[r][x] = Bt::load_unaligned(o + r * os + c0 + x * W);
   for (index_t j = ja; j < jb; ++j) {
     const T* row = v + j * vs + c0;
-    Bt vx[NV];
+    Bt vx[std::size_t(NV)];
 #pragma GCC unroll 4
     for (int x = 0; x < NV; ++x) vx[x] = load_widened<Arch>(row + x * W, dv - c0 - x * W);
 #pragma GCC unroll 4
@@ -320,11 +320,13 @@ void decode_block_values(const decode_pass<T, Weights>& f, const decode_scratch<
 /// One key block [j0, j0 + nk) for the rows of a task: scores, mask, Weights::apply_row, then
 /// O_row += P·V. pieces(g) calls g(ja, na, part) for the block's pieces inside one part each:
 /// one piece, except in a joined (paged) sequence, whose block keeps one weights step across its
-/// pages (the bits of the same keys in one view). P rows hidden by the mask are 0.
+/// pages (the bits of the same keys in one view). Softcap and ALiBi (when set) follow the
+/// scores; P rows hidden by the mask are 0. The rows are those of heads h0, h0 + 1, ...
 template <class T, class Weights, class Arch, class Pieces>
-void decode_key_block(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s, index_t b, index_t hk,
+void decode_key_block(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s, index_t b, index_t h0,
                       index_t rows, index_t j0, index_t nk, const Pieces& pieces, accum_t<T>* partial) {
   using A = accum_t<T>;
+  const index_t hk = h0 / f.group;
   decode_piece<T> pc[kDecodeBlock];  // (a piece holds one key at least)
   index_t np = 0;
   pieces([&](index_t ja, index_t na, const kv_part<T>& part) {
@@ -337,6 +339,10 @@ void decode_key_block(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T
   decode_block_scores<T, Weights, Arch>(f, s, pc, np, rows, nk);
   for (index_t r = 0; r < rows; ++r) {
     A* sr = s.s.data() + r * kDecodeScoreRow;
+    if (f.pb.mods.transforms()) {  // softcap, ALiBi (modifiers.hpp), then the padding masked again
+      modify_score_row<A, Arch>(f.pb.mods, h0 + r / f.Nq, sr, nkp, j0, r % f.Nq + f.mask.offset());
+      std::fill(sr + nk, sr + nkp, Weights::masked_score());
+    }
     if (hidden)
       for (index_t j = 0; j < nk; ++j)
         if (!f.mask.allowed(r % f.Nq, j0 + j)) sr[j] = Weights::masked_score();
@@ -355,7 +361,7 @@ void decode_task(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s
   const index_t chunk = t % f.chunks, dq = round_up(std::max<index_t>(f.d, 1), W);
   index_t b, h0, nh;
   f.rows_of(t / f.chunks, b, h0, nh);
-  const index_t hk = h0 / f.group, rows = nh * f.Nq;
+  const index_t rows = nh * f.Nq;
   if (s.q.empty()) {
     s.q.assign(to_size(kDecodeRows * dq), A(0));
     s.s.assign(to_size(kDecodeRows * kDecodeScoreRow), A(0));
@@ -375,11 +381,11 @@ void decode_task(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s
     const index_t a = std::max(j0, c0), e = std::min(j0 + n, c1);
     if (a >= e) return;
     if (f.kv.joined())
-      decode_key_block<T, Weights, Arch>(f, s, b, hk, rows, a, e - a, [&](const auto& g) { f.kv.split(a, e - a, g); },
+      decode_key_block<T, Weights, Arch>(f, s, b, h0, rows, a, e - a, [&](const auto& g) { f.kv.split(a, e - a, g); },
                                          partial);
     else
       f.kv.split(a, e - a, [&](index_t ja, index_t na, const kv_part<T>& part) {
-        decode_key_block<T, Weights, Arch>(f, s, b, hk, rows, ja, na, [&](const auto& g) { g(ja, na, part); }, partial);
+        decode_key_block<T, Weights, Arch>(f, s, b, h0, rows, ja, na, [&](const auto& g) { g(ja, na, part); }, partial);
       });
   });
 }
@@ -403,6 +409,10 @@ void decode_merge(const decode_pass<T, Weights>& f, index_t g, accum_t<T>* parti
         (Bt::load_unaligned(o + x) * Bt(sa) + Bt::load_unaligned(oc + x) * Bt(sb)).store_unaligned(o + x);
     }
     const index_t h = h0 + r / f.Nq, i = r % f.Nq;
+    if (f.pb.mods.sinks) {  // the head's sink joins the row's denominator (modifiers.hpp)
+      const A factor = fold_sink(f.weights, f.pb.mods, h, m, l);
+      scale_padded<A, Arch>(o, f.dvp, factor);
+    }
     if (f.dv > 0) store_output_row<T, Arch>(f.pb, o, f.weights.denominator(m, l), b, h, i);
     if (f.pb.stats.size() > 0) f.pb.stats(b, h, i) = f.weights.row_statistic(m, l);
   }

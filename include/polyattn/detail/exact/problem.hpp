@@ -12,6 +12,7 @@
 #include "../core/threading.hpp"
 #include "kv_parts.hpp"
 #include "mask.hpp"
+#include "modifiers.hpp"
 
 namespace polyattn::detail {
 
@@ -26,6 +27,8 @@ struct attention_inputs {
   // docs/design_exact.md "Segmented keys and values"); then k and v above carry only the
   // shapes of their concatenation and are never read.
   const kv_parts<T>* segments = nullptr;
+  // Softcap, ALiBi and sinks of a softmax call (modifiers.hpp); all off for other kernels.
+  score_modifiers<accum_t<T>> mods{};
 };
 
 /// The forward problem: the inputs and what the forward writes.

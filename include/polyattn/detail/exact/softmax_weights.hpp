@@ -8,9 +8,12 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "../../options.hpp"
 #include "../core/simd.hpp"
+#include "modifiers.hpp"
+#include "problem.hpp"
 
 namespace polyattn::detail {
 
@@ -20,7 +23,22 @@ namespace polyattn::detail {
 /// gives p = 0 and alpha = 0 rather than NaN, so fully masked rows end with l = 0 and output 0.
 template <class T, class Arch = default_arch>
 struct softmax_weights {
+  /// Set for calls with score modifiers (softmax_weights_for): weights below eps² (1.4e-14 in
+  /// float, 1.2e-32 in double) of the row's running maximum are flushed to 0. ALiBi spreads a
+  /// row's scores over hundreds, so many exp(s − m) and the dS = p·(dp − D) made from them land
+  /// in the subnormal range, where each multiply that reads them runs about 50x slower on x86
+  /// (ALiBi's backward took 1.9x plain flash's time). Flushed weights change an output by less
+  /// than Nk·eps²·max|v|, below one rounding for any Nk < 1/eps. Off for calls without
+  /// modifiers, which keep their bits.
+  bool flush_subnormal = false;
+
   static constexpr T masked_score() { return -std::numeric_limits<T>::infinity(); }
+
+  /// p with lanes below eps² set to 0 (a NaN lane stays NaN).
+  static batch<T, Arch> flushed(const batch<T, Arch>& p) {
+    constexpr T eps = std::numeric_limits<T>::epsilon();
+    return xsimd::select(p < batch<T, Arch>(eps * eps), batch<T, Arch>(T(0)), p);
+  }
 
   /// The lowest argument handed to xsimd::exp: exp is 0 there in float and double (xsimd
   /// returns 0 below −88.4 and −708.4), and x / ln 2 still fits an integer. xsimd's exp
@@ -50,12 +68,20 @@ struct softmax_weights {
       const B m_use = xsimd::select(m_new == neg_inf, B(T(0)), m_new);
       const B a = exp_clamped(m_old - m_use);
       B sum(T(0));
-      for (index_t r = 0; r < rows; ++r) {
-        T* p = st + r * ld + c;
-        const B e = exp_clamped(B::load_unaligned(p) - m_use);
-        e.store_unaligned(p);
-        sum += e;
-      }
+      if (flush_subnormal)
+        for (index_t r = 0; r < rows; ++r) {
+          T* p = st + r * ld + c;
+          const B e = flushed(exp_clamped(B::load_unaligned(p) - m_use));
+          e.store_unaligned(p);
+          sum += e;
+        }
+      else
+        for (index_t r = 0; r < rows; ++r) {
+          T* p = st + r * ld + c;
+          const B e = exp_clamped(B::load_unaligned(p) - m_use);
+          e.store_unaligned(p);
+          sum += e;
+        }
       (B::load_unaligned(l + c) * a + sum).store_unaligned(l + c);
       m_new.store_unaligned(m + c);
       a.store_unaligned(alpha + c);
@@ -78,7 +104,8 @@ struct softmax_weights {
     const T m_use = m_new == masked_score() ? T(0) : m_new;
     B sum(T(0));
     for (index_t c = 0; c < n; c += W) {
-      const B e = exp_clamped(B::load_unaligned(s + c) - B(m_use));
+      B e = exp_clamped(B::load_unaligned(s + c) - B(m_use));
+      if (flush_subnormal) e = flushed(e);
       e.store_unaligned(s + c);
       sum += e;
     }
@@ -130,15 +157,22 @@ struct softmax_weights {
                      const T* dd) const {
     using B = batch<T, Arch>;
     const B lo(exp_floor()), zero(T(0));
-    for (index_t col = 0; col < lanes; col += simd_width<T, Arch>) {
-      const B cv = B::load_unaligned(c + col), dv = B::load_unaligned(dd + col);
-      for (index_t r = 0; r < rows; ++r) {
-        const index_t at = r * ld + col;
-        const B p = vexp(vmin(zero, vmax(lo, B::load_unaligned(st + at) - cv)));
-        p.store_unaligned(pt + at);
-        (p * (B::load_unaligned(dpt + at) - dv)).store_unaligned(dpt + at);
+    auto tile = [&](auto flush) {  // (flush: std::bool_constant, one loop each, no per-element branch)
+      for (index_t col = 0; col < lanes; col += simd_width<T, Arch>) {
+        const B cv = B::load_unaligned(c + col), dv = B::load_unaligned(dd + col);
+        for (index_t r = 0; r < rows; ++r) {
+          const index_t at = r * ld + col;
+          B p = vexp(vmin(zero, vmax(lo, B::load_unaligned(st + at) - cv)));
+          if constexpr (decltype(flush)::value) p = flushed(p);
+          p.store_unaligned(pt + at);
+          (p * (B::load_unaligned(dpt + at) - dv)).store_unaligned(dpt + at);
+        }
       }
-    }
+    };
+    if (flush_subnormal)
+      tile(std::true_type{});
+    else
+      tile(std::false_type{});
   }
 };
 
@@ -147,6 +181,24 @@ template <class T>
 T softmax_scale(const softmax_options& opts, index_t head_dim) {
   if (opts.scale) return static_cast<T>(*opts.scale);
   return head_dim > 0 ? static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim))) : T(1);
+}
+
+/// The weights of a softmax call with these modifiers: subnormal weights flushed when any is set.
+template <class A>
+softmax_weights<A> softmax_weights_for(const score_modifiers<A>& mods) {
+  softmax_weights<A> w;
+  w.flush_subnormal = mods.any();
+  return w;
+}
+
+/// The inputs of a softmax kernel with checked options: the mask, the scale (default 1/√d of
+/// q's head dim) and the score modifiers of opts.
+template <class T>
+attention_inputs<T> softmax_inputs(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+                                   const softmax_options& opts) {
+  attention_inputs<T> in = masked_inputs<T>(q, k, v, opts, softmax_scale<accum_t<T>>(opts, q.extent(3)), opts.threads);
+  in.mods = modifiers_of<accum_t<T>>(opts);
+  return in;
 }
 
 }  // namespace polyattn::detail

@@ -181,6 +181,8 @@ void forward_key_block(const forward_pass<T, Weights>& f, attention_scratch<accu
   const index_t lanes = qb.lanes;
   A* st = s.st.data();
   key_block_scores<T, Weights, Arch>(f, s, qb, j0, nk, part);
+  if (f.pb.mods.transforms())  // softcap, ALiBi (modifiers.hpp), before the mask
+    modify_score_tile<A, Arch>(f.pb.mods, qb.h, st, nk, lanes, lanes, j0, qb.i0 + f.mask.offset(), nullptr);
   const bool partial = f.mask.partial(qb.i0, qb.nq, j0, nk);
   if (partial) f.mask.hide(st, lanes, lanes, qb.i0, j0, nk, Weights::masked_score());
   if (f.weights.apply(st, nk, lanes, lanes, s.m.data(), s.l.data(), s.alpha.data()))
@@ -196,6 +198,11 @@ void store_forward_rows(const forward_pass<T, Weights>& f, attention_scratch<acc
   const attention_problem<T>& pb = f.pb;
   const index_t dv = f.dv, nq = qb.nq;
   A* o = s.o.data();
+  if (pb.mods.sinks)  // the head's sink joins each row's denominator (modifiers.hpp)
+    for (index_t i = 0; i < nq; ++i) {
+      const A factor = fold_sink(f.weights, pb.mods, qb.h, s.m[to_size(i)], s.l[to_size(i)]);
+      if (dv > 0) scale_padded<A, Arch>(o + i * f.dvp, f.dvp, factor);
+    }
   for (index_t i = 0; i < nq && dv > 0; ++i)
     store_output_row<T, Arch>(pb, o + i * f.dvp, f.weights.denominator(s.m[to_size(i)], s.l[to_size(i)]), qb.b, qb.h,
                               qb.i0 + i);

@@ -93,6 +93,7 @@ struct attention_backward_problem : attention_inputs<T> {
 template <class A>
 struct attention_backward_scratch {
   aligned_vector<A> qt, dot, qrows, dorows, st, pt, dpt, kacc, vacc, kpack, vpack, c, dd, stat;
+  aligned_vector<A> dcap;  // with a softcap: its derivative 1 − tanh² per tile entry, dS's factor
   aligned_vector<A> window;  // partials schedule: the window's packed query blocks
   // bf16 pairs (backward_pass::pairs): the query blocks' pair operands (window_pack's blocks),
   // the tile's P and dS rounded to bf16 (A operands of dV and dK)
@@ -209,6 +210,7 @@ void prepare_backward_scratch(const backward_pass<T, Weights>& f, attention_back
     s.p16.assign(static_cast<std::size_t>(BK * BQ), 0);
     s.ds16.assign(static_cast<std::size_t>(BK * BQ), 0);
   }
+  if (f.pb.mods.softcap != A(0)) s.dcap.assign(static_cast<std::size_t>(BK * BQ), A(0));
   s.c.assign(BQ, A(0));
   s.dd.assign(BQ, A(0));
   s.stat.assign(BQ, A(0));
@@ -345,7 +347,13 @@ bool backward_tile(const backward_pass<T, Weights>& f, attention_backward_scratc
     gemm<A, Arch>(nk, lanes, f.d, kr.k, kr.ks, 1, qp.qt, lanes, s.st.data(), lanes, false);
     gemm<A, Arch>(nk, lanes, f.dval, kr.v, kr.vs, 1, qp.dot, lanes, s.dpt.data(), lanes, false);
   }
+  const score_modifiers<A>& mods = f.pb.mods;
+  if (mods.transforms())  // the forward's softcap and ALiBi, recomputed (modifiers.hpp)
+    modify_score_tile<A, Arch>(mods, qb.h, s.st.data(), nk, lanes, lanes, kr.j0, qb.i0 + f.mask.offset(),
+                               mods.softcap != A(0) ? s.dcap.data() : nullptr);
   f.weights.backward_tile(s.st.data(), s.pt.data(), s.dpt.data(), nk, lanes, lanes, qp.c, qp.dd);
+  if (mods.softcap != A(0))  // dS of the uncapped score: times 1 − tanh²
+    multiply_into<A, Arch>(s.dpt.data(), s.dcap.data(), nk * lanes);
   const bool partial = f.mask.partial(qb.i0, qb.nq, kr.j0, nk);
   if (partial) {
     f.mask.hide(s.pt.data(), lanes, lanes, qb.i0, kr.j0, nk, A(0));
