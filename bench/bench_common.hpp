@@ -120,6 +120,7 @@ void register_decode_benchmarks(const sweep& s);
 void register_shaped_benchmarks(const sweep& s);
 void register_performer_benchmarks(const sweep& s);
 void register_precision_benchmarks(const sweep& s);
+void register_varlen_benchmarks(const sweep& s);
 
 /// Runs the timed loop of `run` and sets the extra-memory and tokens/s counters. The
 /// extra memory is the peak of bytes allocated (through operator new) above the level

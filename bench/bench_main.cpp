@@ -53,6 +53,7 @@ int main(int argc, char** argv) {
   polyattn::bench::register_shaped_benchmarks(sweep);
   polyattn::bench::register_performer_benchmarks(sweep);
   polyattn::bench::register_precision_benchmarks(sweep);
+  polyattn::bench::register_varlen_benchmarks(sweep);
   polyattn::bench::register_machine_after_and_contention_rows(sweep.full);  // (the full sweep has 1-thread rows)
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
