@@ -318,6 +318,59 @@ TEMPLATE_TEST_CASE("varlen: linear, sketched and polysketch attention per sequen
     }
 }
 
+namespace {
+
+/// Every output of flash (forward with stats, backward) and polysketch (forward with stats,
+/// backward with leaf gradients) on 24 sequences of 64 to 320 tokens: tasks long enough that
+/// the second thread takes part in the sequences' schedule (with tiny sequences the calling
+/// thread is done before a helper wakes).
+std::vector<float> busy_batch(int threads) {
+  std::mt19937 gen(3);
+  std::uniform_int_distribution<int> len(64, 320);
+  std::vector<std::pair<index_t, index_t>> lens;
+  for (int s = 0; s < 24; ++s) lens.push_back({len(gen), len(gen)});
+  const offsets off(lens);
+  const index_t tq = off.total_q(), tk = off.total_k(), d = 16;
+  const packed_sequences seqs(off.q, off.k);
+  const packed<float> q = random_packed<float>(tq, H, d, 61, 0.3), k = random_packed<float>(tk, Hk, d, 62, 0.3),
+                      v = random_packed<float>(tk, Hk, d, 63), dout = random_packed<float>(tq, H, d, 64);
+  packed<float> out(tq, H, d), dq(tq, H, d), dk(tk, Hk, d), dv(tk, Hk, d);
+  std::vector<float> st(static_cast<std::size_t>(H * tq)), all;
+  const tensor_view<float, 2> stats(st.data(), {H, tq});
+  auto keep = [&] {
+    for (const packed<float>* p : {&out, &dq, &dk, &dv}) all.insert(all.end(), p->data.begin(), p->data.end());
+    all.insert(all.end(), st.begin(), st.end());
+  };
+  softmax_options so;
+  so.causal = true;
+  so.threads = threads;
+  flash_attention<float>(q.view, k.view, v.view, out.view, seqs, so, stats);
+  flash_attention_backward<float>(q.view, k.view, v.view, out.view, dout.view, stats, dq.view, dk.view, dv.view, seqs, so);
+  keep();
+  sketch_options sko;
+  sko.sketch_size = 8;
+  const polysketch<float> sketch(d, sko);
+  polysketch_options po;
+  po.causal = true;
+  po.block_size = 64;
+  po.local_exact = true;
+  po.threads = threads;
+  std::vector<matrix<float>> leaves;
+  polysketch_attention<float>(q.view, k.view, v.view, out.view, sketch, seqs, po, stats);
+  polysketch_attention_backward<float>(q.view, k.view, v.view, out.view, dout.view, stats, dq.view, dk.view, dv.view,
+                                       sketch, seqs, po, &leaves);
+  keep();
+  for (const matrix<float>& l : leaves) all.insert(all.end(), l.data(), l.data() + l.size());
+  return all;
+}
+
+}  // namespace
+
+TEST_CASE("varlen: a batch that keeps both threads busy gives the same bits on 1 and 2 threads", "[varlen]") {
+  const std::vector<float> one = busy_batch(1);
+  for (int run = 0; run < 3; ++run) REQUIRE(same_bits(one, busy_batch(2)));
+}
+
 TEST_CASE("varlen: bf16 flash forward matches the float64 oracle on the rounded inputs", "[varlen]") {
   packed_case<bf16> c(D, DV, 41);
   softmax_options so;

@@ -13,7 +13,10 @@
 // thread count.
 #pragma once
 
+#include <algorithm>
+#include <initializer_list>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "detail/core/check_options.hpp"
