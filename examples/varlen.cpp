@@ -3,6 +3,7 @@
 // by one call, each sequence only to itself; checked against one call per sequence.
 #include <polyattn/polyattn.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>

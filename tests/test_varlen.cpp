@@ -321,14 +321,14 @@ TEMPLATE_TEST_CASE("varlen: linear, sketched and polysketch attention per sequen
 namespace {
 
 /// Every output of flash (forward with stats, backward) and polysketch (forward with stats,
-/// backward with leaf gradients) on 24 sequences of 64 to 320 tokens: tasks long enough that
+/// backward with leaf gradients) on 16 sequences of 32 to 192 tokens: tasks long enough that
 /// the second thread takes part in the sequences' schedule (with tiny sequences the calling
 /// thread is done before a helper wakes).
 std::vector<float> busy_batch(int threads) {
   std::mt19937 gen(3);
-  std::uniform_int_distribution<int> len(64, 320);
+  std::uniform_int_distribution<int> len(32, 192);
   std::vector<std::pair<index_t, index_t>> lens;
-  for (int s = 0; s < 24; ++s) lens.push_back({len(gen), len(gen)});
+  for (int s = 0; s < 16; ++s) lens.push_back({len(gen), len(gen)});
   const offsets off(lens);
   const index_t tq = off.total_q(), tk = off.total_k(), d = 16;
   const packed_sequences seqs(off.q, off.k);
@@ -367,8 +367,7 @@ std::vector<float> busy_batch(int threads) {
 }  // namespace
 
 TEST_CASE("varlen: a batch that keeps both threads busy gives the same bits on 1 and 2 threads", "[varlen]") {
-  const std::vector<float> one = busy_batch(1);
-  for (int run = 0; run < 3; ++run) REQUIRE(same_bits(one, busy_batch(2)));
+  REQUIRE(same_bits(busy_batch(1), busy_batch(2)));
 }
 
 TEST_CASE("varlen: bf16 flash forward matches the float64 oracle on the rounded inputs", "[varlen]") {
@@ -378,6 +377,12 @@ TEST_CASE("varlen: bf16 flash forward matches the float64 oracle on the rounded 
   flash_attention<bf16>(c.q.view, c.k.view, c.v.view, c.out.view, c.seqs(), so, c.stats_view());
   for (std::size_t s = 0; s + 1 < c.off.q.size(); ++s) {
     const index_t q0 = c.off.q[s], nq = c.off.q[s + 1] - q0, k0 = c.off.k[s], nk = c.off.k[s + 1] - k0;
+    if (nk == 0) {  // no keys: zero rows (checked here: the oracle indexes its empty score matrix)
+      for (index_t i = q0; i < q0 + nq; ++i)
+        for (index_t h = 0; h < H; ++h)
+          for (index_t col = 0; col < DV; ++col) REQUIRE(float(c.out(i, h, col)) == 0.0f);
+      continue;
+    }
     const auto qs = converted<double>(sequence_copy(c.q, q0, nq)), ks = converted<double>(sequence_copy(c.k, k0, nk)),
                vs = converted<double>(sequence_copy(c.v, k0, nk));
     const dense_result o = softmax_oracle<double>(qs.cview(), ks.cview(), vs.cview(), test_mask(true), 1.0 / std::sqrt(double(D)));

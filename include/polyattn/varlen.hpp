@@ -1,6 +1,6 @@
 // polyattn/varlen.hpp — variable-length packed batches (FlashAttention's varlen convention):
 // overloads of the exact and linear entry points on packed [total, heads, dim] tensors and
-// per-sequence offsets (docs/design.md, "Variable-length batches").
+// per-sequence offsets (docs/design.md §11).
 //
 // q [Tq, H, d], k [Tk, Hk, d], v [Tk, Hk, dv], out [Tq, H, dv] (rank-3 views, innermost dim
 // contiguous, other strides free) and packed_sequences{cu_seqlens_q, cu_seqlens_k}: sequence s

@@ -1,6 +1,6 @@
 // polyattn/detail/core/packed.hpp — packed variable-length batches (varlen.hpp): the offsets,
 // their checks, one sequence of a packed tensor as a strided rank-4 view, and the schedule that
-// runs the sequences (docs/design.md, "Variable-length batches").
+// runs the sequences (docs/design.md §11).
 #pragma once
 
 #include <algorithm>
@@ -207,8 +207,8 @@ tensor_view<T, 3> sequence_stats(const tensor_view<T, 2>& stats, index_t row0, i
 /// schedule only decides speed: sequences are taken longest first; each one that holds more
 /// than 1/(2·threads) of the total work runs alone with every thread (its own kernel splits it),
 /// then the rest run at once, one thread per sequence, claimed from a shared counter by all
-/// the threads (docs/design.md, "Variable-length batches"). Below kMinParallelFlops in total,
-/// everything runs on the calling thread.
+/// the threads (docs/design.md §11). Below kMinParallelFlops in total, everything runs on the
+/// calling thread.
 template <class Cost, class Run>
 void for_each_sequence(const packed_sequences& seqs, int threads, const Cost& cost, const Run& run) {
   const index_t batch = seqs.batch();
