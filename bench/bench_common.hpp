@@ -127,6 +127,7 @@ void register_cache_step_benchmarks(const sweep& s);
 void BM_decode_flash(benchmark::State& state);
 void register_paged_benchmarks(const sweep& s);
 void register_modifiers_benchmarks(const sweep& s);
+void register_varlen_benchmarks(const sweep& s);
 
 /// Runs the timed loop of `run` and sets the extra-memory and tokens/s counters. The
 /// extra memory is the peak of bytes allocated (through operator new) above the level

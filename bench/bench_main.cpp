@@ -57,6 +57,7 @@ int main(int argc, char** argv) {
   polyattn::bench::register_cache_step_benchmarks(sweep);
   polyattn::bench::register_paged_benchmarks(sweep);
   polyattn::bench::register_modifiers_benchmarks(sweep);
+  polyattn::bench::register_varlen_benchmarks(sweep);
   polyattn::bench::register_machine_after_and_contention_rows(sweep.full);  // (the full sweep has 1-thread rows)
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;

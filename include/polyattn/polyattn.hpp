@@ -18,4 +18,5 @@
 #include "sketched.hpp"
 #include "softmax.hpp"
 #include "tensor_view.hpp"
+#include "varlen.hpp"
 #include "version.hpp"

@@ -442,6 +442,67 @@ void modifier_kernels(checker& ck, const sizes& z, bool causal) {
   ck.finite("flash_attention_backward (modifiers) dsinks", dsinks);
 }
 
+/// The packed variable-length overloads (varlen.hpp): three sequences of lengths n, 0 and 3
+/// queries against n + 1, 2 and 0 keys, GQA, every packed entry point once.
+template <class T>
+void varlen_kernels(checker& ck, const sizes& z, bool causal) {
+  using namespace polyattn;
+  const index_t H = 4, Hk = 2, d = z.d, dv = z.dv, r = z.r, tq = z.n + 3, tk = z.n + 3;
+  const std::vector<std::int64_t> cq{0, z.n, z.n, tq}, ckk{0, z.n + 1, tk, tk};
+  const packed_sequences seqs(cq, ckk);
+  tensor<T, 3> q({tq, H, d}, 1), k({tk, Hk, d}, 2), v({tk, Hk, dv}, 3), out({tq, H, dv}, 0), dout({tq, H, dv}, 4);
+  tensor<T, 3> dq({tq, H, d}, 0), dk({tk, Hk, d}, 0), dv_({tk, Hk, dv}, 0);
+  tensor<accum_t<T>, 2> stats({H, tq}, 0);
+  softmax_options so;
+  so.causal = causal;
+  so.window_left = z.window_left;
+  so.global_positions = {0};
+  flash_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), seqs, so);
+  flash_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), seqs, so, stats.view());
+  flash_attention_backward<T>(q.cview(), k.cview(), v.cview(), out.cview(), dout.cview(), stats.cview(), dq.view(),
+                              dk.view(), dv_.view(), seqs, so);
+  ck.finite("varlen flash_attention_backward dq", dq);
+  polynomial_options po;
+  po.causal = causal;
+  polynomial_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), seqs, po);
+  polynomial_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), seqs, po, stats.view());
+  polynomial_attention_backward<T>(q.cview(), k.cview(), v.cview(), out.cview(), dout.cview(), stats.cview(),
+                                   dq.view(), dk.view(), dv_.view(), seqs, po);
+  ck.finite("varlen polynomial_attention_backward dk", dk);
+  linear_options lo;
+  lo.causal = causal;
+  lo.normalizer_bias = 1.0;
+  linear_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), seqs, lo);
+  linear_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), seqs, lo, stats.view());
+  linear_attention_backward<T>(q.cview(), k.cview(), v.cview(), out.cview(), dout.cview(), stats.cview(), dq.view(),
+                               dk.view(), dv_.view(), seqs, lo);
+  ck.finite("varlen linear_attention_backward dv", dv_);
+  sketch_options sko;
+  sko.sketch_size = r;
+  const polysketch<accum_t<T>> sketch(d, sko);
+  std::vector<matrix<accum_t<T>>> leaf_grads;
+  polysketch_options pso;
+  pso.causal = causal;
+  pso.block_size = z.block;
+  pso.local_exact = true;
+  polysketch_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), sketch, seqs, pso);
+  polysketch_attention<T>(q.cview(), k.cview(), v.cview(), out.view(), sketch, seqs, pso, stats.view());
+  polysketch_attention_backward<T>(q.cview(), k.cview(), v.cview(), out.cview(), dout.cview(), stats.cview(),
+                                   dq.view(), dk.view(), dv_.view(), sketch, seqs, pso, &leaf_grads);
+  for (const auto& g : leaf_grads) ck.finite("varlen polysketch_attention_backward leaf grads", g);
+  tensor<T, 3> sq({tq, H, r}, 5), sk({tk, Hk, r}, 6), dsq({tq, H, r}, 0), dsk({tk, Hk, r}, 0);
+  sketched_options sdo;
+  sdo.causal = causal;
+  sdo.block_size = z.block;
+  sdo.local_exact = true;
+  sketched_attention<T>(q.cview(), k.cview(), sq.cview(), sk.cview(), v.cview(), out.view(), seqs, sdo);
+  sketched_attention<T>(q.cview(), k.cview(), sq.cview(), sk.cview(), v.cview(), out.view(), seqs, sdo, stats.view());
+  sketched_attention_backward<T>(q.cview(), k.cview(), sq.cview(), sk.cview(), v.cview(), out.cview(), dout.cview(),
+                                 stats.cview(), dq.view(), dk.view(), dsq.view(), dsk.view(), dv_.view(), seqs, sdo);
+  ck.finite("varlen sketched_attention_backward dsq", dsq);
+  ck.finite("varlen sketched_attention out", out);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -470,6 +531,11 @@ int main(int argc, char** argv) {
       modifier_kernels<double>(ck, z, causal);
       modifier_kernels<polyattn::bf16>(ck, z, causal);
       modifier_kernels<polyattn::f16>(ck, z, causal);
+      // packed variable-length batches: smoke-run only, so the fingerprint's lines stay as they were
+      varlen_kernels<float>(ck, z, causal);
+      varlen_kernels<double>(ck, z, causal);
+      varlen_kernels<polyattn::bf16>(ck, z, causal);
+      varlen_kernels<polyattn::f16>(ck, z, causal);
     }
   }
   std::printf("%s\n", ck.bad == 0 ? "all entry points ran" : "some outputs were not finite");
