@@ -258,6 +258,78 @@ def serving_table(rows):
     return out
 
 
+def serving_extras(rows):
+    """The other serving rows, as ratios from the same run: score modifiers against plain flash,
+    cache decode steps against a copy of their state and against flash decode, packed varlen
+    batches against per-sequence calls and padding, paged decode against contiguous decode."""
+    by = {}
+    for r in rows:
+        by.setdefault(r["kernel"], []).append(r)
+    out = []
+
+    def find(name, **want):
+        for r in by.get(name, []):
+            if all(r["args"].get(k) == v for k, v in want.items()):
+                return r
+        return None
+
+    mods = by.get("modifiers_flash", []) + by.get("modifiers_flash_fwd_bwd", [])
+    if mods:
+        out += ["### Score modifiers: flash with one modifier / plain flash", "",
+                "| call | N | H | causal | threads | plain ms | sinks | softcap | ALiBi |", "|---|---|---|---|---|---|---|---|---|"]
+        keys = sorted({(r["kernel"], r["args"].get("N"), r["args"].get("H"), r["args"].get("causal"), r["args"].get("threads"))
+                       for r in mods})
+        for kernel, n, h, c, t in keys:
+            base = find(kernel, N=n, H=h, causal=c, threads=t, modifier=0)
+            cells = [kernel, str(n), str(h), str(c), str(t), fmt_ms(base["ms"]) if base else "–"]
+            for m in (1, 2, 3):
+                r = find(kernel, N=n, H=h, causal=c, threads=t, modifier=m)
+                cells.append(f"{r['ms'] / base['ms']:.2f}×" if r and base else "–")
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    steps = [k for k in by if k.startswith("cache_step_") and k not in ("cache_step_state_copy", "cache_step_flash_decode")]
+    if steps:
+        out += ["### Cache decode steps (µs) against one read + write of their state", "",
+                "| cache | B·H | threads | µs | / state copy |", "|---|---|---|---|---|"]
+        for k in sorted(steps):
+            for r in sorted(by[k], key=lambda r: (r["args"].get("BH", 0), r["args"].get("threads", 0))):
+                copy = find("cache_step_state_copy", BH=r["args"].get("BH"))
+                out.append(f"| {k[len('cache_step_'):]} | {r['args'].get('BH')} | {r['args'].get('threads')} | "
+                           f"{r['ms'] * 1e3:.3g} | " + (f"{r['ms'] / copy['ms']:.2f}×" if copy else "–") + " |")
+        one = find("cache_step_polysketch", BH=1, threads=1)
+        for ctx in (32768, 131072):
+            fl = find("cache_step_flash_decode", context=ctx, threads=1)
+            if one and fl:
+                out.append(f"\nflash decode over {ctx} keys / polysketch_cache step (1 thread): {fl['ms'] / one['ms']:.0f}×")
+        out.append("")
+    if "varlen" in by:
+        out += ["### Packed variable-length batches (64 causal sequences, H = 4, d = 64)", "",
+                "| tokens | call | packed ms | per-sequence calls / packed | padded / packed |", "|---|---|---|---|---|"]
+        names = {0: "flash forward", 1: "flash forward + backward", 2: "polysketch forward"}
+        for total in sorted({r["args"].get("total") for r in by["varlen"]}):
+            for kern in (0, 1, 2):
+                p_, s_, d_ = (find("varlen", total=total, kernel=kern, layout=x) for x in (0, 1, 2))
+                if p_:
+                    out.append(f"| {total} | {names[kern]} | {fmt_ms(p_['ms'])} | "
+                               + (f"{s_['ms'] / p_['ms']:.2f}×" if s_ else "–") + " | "
+                               + (f"{d_['ms'] / p_['ms']:.2f}×" if d_ else "–") + " |")
+        out.append("")
+    if "paged_decode" in by:
+        out += ["### Paged decode / contiguous decode", "",
+                "| context | B | H | threads | contiguous µs | pages of 16 | pages of 256 |", "|---|---|---|---|---|---|---|"]
+        keys = sorted({(r["args"].get("context"), r["args"].get("batch"), r["args"].get("heads"), r["args"].get("threads"))
+                       for r in by["paged_decode"]})
+        for ctx, b, h, t in keys:
+            base = find("paged_decode", context=ctx, batch=b, heads=h, threads=t, page_size=0)
+            cells = [str(ctx), str(b), str(h), str(t), f"{base['ms'] * 1e3:.4g}" if base else "–"]
+            for ps in (16, 256):
+                r = find("paged_decode", context=ctx, batch=b, heads=h, threads=t, page_size=ps)
+                cells.append(f"{r['ms'] / base['ms']:.2f}×" if r and base else "–")
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
 def main():
     if len(sys.argv) != 3:
         die("usage: report.py RESULTS.json OUTDIR")
@@ -500,6 +572,7 @@ def main():
 
     lines += precision_table(rows)
     lines += serving_table(rows)
+    lines += serving_extras(rows)
     lines += contention_table(rows, threads)
     if 64 not in figures:
         die("no causal d = 64 results: nothing to plot (did the filter exclude them?)")
