@@ -72,7 +72,7 @@ dense_result dense_attention(tensor_view<const T, 4> q, tensor_view<const T, 4> 
           allowed[i * nk + j] = mask(i, j, nq, nk);
         }
       for (index_t i = 0; i < nq; ++i) {
-        std::vector<double> w = weight_row(i, &s[i * nk], allowed, i * nk, nk);
+        std::vector<double> w = weight_row(i, s.data() + i * nk, allowed, i * nk, nk);
         Acc denom = static_cast<Acc>(bias);
         for (index_t j = 0; j < nk; ++j) denom += static_cast<Acc>(w[j]);
         for (index_t c = 0; c < r.cols; ++c) {
