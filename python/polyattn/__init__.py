@@ -51,19 +51,29 @@ def _accum(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class _Flash(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, args):
-        out, stats = _ops.flash_forward(q, k, v, *args)
-        ctx.save_for_backward(q, k, v, out, stats)
-        ctx.args = args
-        return out
+def _exact_function(name):
+    """The autograd Function of an exact kernel: forward saves q, k, v, out and the per-row stats;
+    backward calls the kernel's backward op (`<name>_forward`, `<name>_backward`)."""
+    forward_op, backward_op = getattr(_ops, name + "_forward"), getattr(_ops, name + "_backward")
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        q, k, v, out, stats = ctx.saved_tensors
-        return (*_ops.flash_backward(q, k, v, out, dout, stats, *ctx.args), None)
+    class _Exact(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, args):
+            out, stats = forward_op(q, k, v, *args)
+            ctx.save_for_backward(q, k, v, out, stats)
+            ctx.args = args
+            return out
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, dout):
+            q, k, v, out, stats = ctx.saved_tensors
+            return (*backward_op(q, k, v, out, dout, stats, *ctx.args), None)
+
+    return _Exact
+
+
+_Flash = _exact_function("flash")
 
 
 def flash_attention(q, k, v, causal=False, scale=None, window=(-1, -1), global_positions=None, layout="bnhd"):
@@ -76,19 +86,7 @@ def flash_attention(q, k, v, causal=False, scale=None, window=(-1, -1), global_p
     return _ops.flash_forward(q, k, v, *args)[0]
 
 
-class _Polynomial(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, args):
-        out, stats = _ops.polynomial_forward(q, k, v, *args)
-        ctx.save_for_backward(q, k, v, out, stats)
-        ctx.args = args
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        q, k, v, out, stats = ctx.saved_tensors
-        return (*_ops.polynomial_backward(q, k, v, out, dout, stats, *ctx.args), None)
+_Polynomial = _exact_function("polynomial")
 
 
 def polynomial_attention(q, k, v, degree=4, scale=1.0, normalizer_bias=1.0, causal=False, window=(-1, -1),
