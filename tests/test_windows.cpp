@@ -81,10 +81,14 @@ TEMPLATE_TEST_CASE("windowed backward passes match the gradient oracle with both
                    (with_schedule<flash_backward_kernel, detail::backward_schedule::partials>),
                    (with_schedule<polynomial_backward_kernel, detail::backward_schedule::recompute>),
                    (with_schedule<polynomial_backward_kernel, detail::backward_schedule::partials>)) {
+  // (under AddressSanitizer without the first, largest shape: half the work, and the other two
+  // still cross query windows and key blocks; the Release run checks all three)
+  std::vector<attention_shape> shapes = {attention_shape{1, 2, 1, 200, 333, 40, 24, false},
+                                         attention_shape{1, 1, 1, 300, 97, 17, 9, false},
+                                         attention_shape{2, 4, 2, 97, 113, 19, 33, true}};
+  if (kAddressSanitizer) shapes.erase(shapes.begin());
   for (const mask_case& m : mask_cases())
-    for (const attention_shape& s : {attention_shape{1, 2, 1, 200, 333, 40, 24, false},
-                                     attention_shape{1, 1, 1, 300, 97, 17, 9, false},
-                                     attention_shape{2, 4, 2, 97, 113, 19, 33, true}}) {
+    for (const attention_shape& s : shapes) {
       // (one thread: the partials schedule's per-window barriers cost a time slice each on a
       // loaded machine; thread invariance is its own test below)
       const exact_case_options o = with_mask(m, s.nk, 1);

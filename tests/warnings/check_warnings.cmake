@@ -5,7 +5,7 @@
 # the polyattn headers, or if the program (a smoke test of every entry point) does not return 0.
 #
 #   cmake -DCXX=<compiler> -DSOURCE=<cpp> -DINCLUDE_DIR=<polyattn include dir>
-#         -DSYSTEM_DIRS=<dir;dir> -DOPENMP=ON|OFF -DWORK_DIR=<dir> -P check_warnings.cmake
+#         -DSYSTEM_DIRS=<dir;dir> -DOPENMP=ON|OFF -DWORK_DIR=<dir> [-DISAS=native|plain] -P check_warnings.cmake
 cmake_minimum_required(VERSION 3.21)
 file(REMOVE_RECURSE ${WORK_DIR})
 file(MAKE_DIRECTORY ${WORK_DIR})
@@ -13,7 +13,10 @@ file(MAKE_DIRECTORY ${WORK_DIR})
 include(${CMAKE_CURRENT_LIST_DIR}/strict_flags.cmake)
 set(flags ${strict_flags} -O2)
 
-foreach(isa native plain)
+if(NOT DEFINED ISAS)
+  set(ISAS native plain)
+endif()
+foreach(isa IN LISTS ISAS)
   set(isa_flags)
   if(isa STREQUAL "native")
     set(isa_flags -march=native)
