@@ -289,3 +289,45 @@ TEST_CASE("paged: invalid arguments name the function, the argument and the shap
       [&] { flash_attention<float>(q.cview(), kv, out.view, {}, tensor_view<float, 3>(st.data(), {2, 4, 2})); },
       {"'stats' has shape [2, 4, 2]"});
 }
+
+TEST_CASE("paged: score modifiers (sinks, softcap, ALiBi) give the contiguous kernel's bits", "[paged][modifiers]") {
+  // pages of 16 in reverse order; the contiguous kernel with the same modifiers is checked
+  // against the float64 oracle in test_modifiers.cpp
+  const index_t H = 4, Hk = 2, d = 16, ps = 16, n = 300, pages = n / ps + 1;
+  std::mt19937 gen(3);
+  std::normal_distribution<float> nd;
+  std::vector<float> kp(static_cast<std::size_t>(pages * ps * Hk * d)), vp(kp.size());
+  for (float& x : kp) x = nd(gen);
+  for (float& x : vp) x = nd(gen);
+  std::vector<std::int32_t> table(static_cast<std::size_t>(pages)), lens = {std::int32_t(n)};
+  for (index_t i = 0; i < pages; ++i) table[std::size_t(i)] = std::int32_t(pages - 1 - i);
+  std::vector<float> kc(static_cast<std::size_t>(Hk * n * d)), vc(kc.size());
+  for (index_t h = 0; h < Hk; ++h)
+    for (index_t j = 0; j < n; ++j)
+      for (index_t c = 0; c < d; ++c) {
+        const std::size_t from = std::size_t(((table[std::size_t(j / ps)] * ps + j % ps) * Hk + h) * d + c);
+        kc[std::size_t((h * n + j) * d + c)] = kp[from];
+        vc[std::size_t((h * n + j) * d + c)] = vp[from];
+      }
+  softmax_options o;
+  o.causal = true;
+  o.sinks = {0.5, -1.0, 0.0, 2.0};
+  o.softcap = 5.0;
+  o.alibi_slopes = {0.5, 0.25, 0.125, 0.0625};
+  const paged_kv<float> kv{{kp.data(), {pages, ps, Hk, d}}, {vp.data(), {pages, ps, Hk, d}}, {table.data(), {1, pages}},
+                           {lens.data(), {1}}};
+  for (const index_t nq : {index_t(1), index_t(3), index_t(60)}) {
+    INFO("Nq = " << nq);
+    std::vector<float> q(static_cast<std::size_t>(H * nq * d)), paged(q.size()), plain(q.size());
+    for (float& x : q) x = nd(gen);
+    const tensor_view<const float, 4> Q(q.data(), {1, H, nq, d});
+    flash_attention<float>(Q, kv, {paged.data(), {1, H, nq, d}}, o);
+    flash_attention<float>(Q, tensor_view<const float, 4>(kc.data(), {1, Hk, n, d}),
+                           tensor_view<const float, 4>(vc.data(), {1, Hk, n, d}), {plain.data(), {1, H, nq, d}}, o);
+    CHECK(std::memcmp(paged.data(), plain.data(), paged.size() * sizeof(float)) == 0);
+    softmax_options none = o;
+    none.sinks.clear();
+    flash_attention<float>(Q, kv, {plain.data(), {1, H, nq, d}}, none);
+    CHECK(std::memcmp(paged.data(), plain.data(), paged.size() * sizeof(float)) != 0);  // the sinks took effect
+  }
+}
