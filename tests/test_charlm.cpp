@@ -55,11 +55,19 @@ batch first_windows(const dataset& d, index_t B, index_t N) {
 TEST_CASE("charlm: the whole model's gradients match central finite differences (double)", "[charlm]") {
   const dataset data = load_text(sample_text(6));
   const index_t V = index_t(data.chars.size());
-  const std::pair<attention_kind, bool> kinds[] = {
-      {attention_kind::softmax, false},    {attention_kind::polynomial, false}, {attention_kind::polysketch, false},
-      {attention_kind::polysketch, true},  {attention_kind::learned, false},    {attention_kind::learned, true}};
-  for (const auto& [kind, local_exact] : kinds) {
-    const config c = tiny_config(kind, local_exact, V);
+  struct variant {
+    attention_kind kind;
+    bool local_exact, ablation;  // ablation: --rope, --head-gain and a learned β (polynomial kinds)
+  };
+  const variant kinds[] = {
+      {attention_kind::softmax, false, false},   {attention_kind::polynomial, false, false},
+      {attention_kind::polysketch, false, false}, {attention_kind::polysketch, true, false},
+      {attention_kind::learned, false, false},    {attention_kind::learned, true, false},
+      {attention_kind::softmax, false, true},    {attention_kind::polynomial, false, true},
+      {attention_kind::polysketch, true, true},  {attention_kind::learned, true, true}};
+  for (const auto& [kind, local_exact, ablation] : kinds) {
+    config c = tiny_config(kind, local_exact, V);
+    if (ablation) c.rope = c.head_gain = c.learn_bias = true, c.normalizer_bias = 0.5;
     model<double> m(c);
     // parameters of order 0.3 rather than the 0.02 of training's init, so that every path
     // (attention weights far from uniform, GELU and tanh away from their linear parts) carries
@@ -93,7 +101,10 @@ TEST_CASE("charlm: the whole model's gradients match central finite differences 
       for (int j = 0; j < 3; ++j) picks.insert(gen.below(n));
       for (index_t i : picks) {
         const std::size_t at = std::size_t(t.offset + i);
-        const double h = 1e-4, x = m.param[at];
+        // the ablation's tiny models (rope, head gain and learned β on parameters moved by 0.3) have
+        // large higher derivatives: polysketch's worst entry is off by 1 % at h = 1e-3 and by
+        // 3e-6 at 1e-4, and converges as h shrinks (3e-7 at 1e-5), so they take the smaller step
+        const double h = ablation ? 1e-5 : 1e-4, x = m.param[at];
         // the five-point central difference: truncation O(h^4 f5), rounding about 1e-16 L/h, 1e-12
         const double fd = (8 * (loss_at(at, x + h) - loss_at(at, x - h)) -
                            (loss_at(at, x + 2 * h) - loss_at(at, x - 2 * h))) / (12 * h);
@@ -106,7 +117,8 @@ TEST_CASE("charlm: the whole model's gradients match central finite differences 
         ++checked;
       }
     }
-    INFO(kind_name(kind) << (local_exact ? " local_exact" : "") << ": " << checked << " entries of "
+    INFO(kind_name(kind) << (local_exact ? " local_exact" : "") << (ablation ? " rope, head gain, learned bias" : "")
+                         << ": " << checked << " entries of "
                          << m.layout.size() << " tensors, worst relative error " << worst << " at " << worst_at);
     CHECK(checked >= index_t(m.layout.size()));
     CHECK(worst < 1e-6);
@@ -219,4 +231,81 @@ TEST_CASE("charlm: the data split and the command line", "[charlm]") {
   CHECK_THROWS_WITH(parse({"train_charlm", "--context", "8"}), Catch::Contains("--data"));
   CHECK_THROWS_WITH(parse({"train_charlm", "--data", "x", "--attention", "polysketch", "--degree", "6"}),
                     Catch::Contains("--degree"));
+  // the ablation flags
+  const config a = parse({"train_charlm", "--data", "x", "--rope", "--head-gain", "--normalizer-bias", "learned",
+                          "--beta2", "0.99", "--qk-lr", "3", "--qk-gain-init", "0.5", "--attn-log", "a.csv"});
+  CHECK((a.rope && a.head_gain && a.learn_bias && a.beta2 == 0.99 && a.qk_lr == 3 && a.qk_gain_init == 0.5));
+  CHECK(a.attn_log == "a.csv");
+  CHECK(parse({"train_charlm", "--data", "x", "--normalizer-bias", "0"}).normalizer_bias == 0);
+  CHECK_FALSE(parse({"train_charlm", "--data", "x", "--normalizer-bias", "0"}).learn_bias);
+  CHECK_THROWS_WITH(parse({"train_charlm", "--data", "x", "--beta2", "1"}), Catch::Contains("--beta2"));
+  CHECK_THROWS_WITH(parse({"train_charlm", "--data", "x", "--rope", "--dim", "9", "--heads", "3"}),
+                    Catch::Contains("--rope"));
+}
+
+TEST_CASE("charlm: RoPE makes q·k depend on the offset only, and its inverse undoes it", "[charlm]") {
+  const index_t N = 40, H = 2, hd = 8;
+  const std::vector<double> cs = rope_table<double>(N, hd);
+  rng gen(5);
+  std::vector<double> u(std::size_t(hd * H)), w(std::size_t(hd * H));
+  for (double& x : u) x = gen.normal();
+  for (double& x : w) x = gen.normal();
+  // the same q at every position, the same k at every position: after rotation q_t·k_s is a
+  // function of t − s (and differs between offsets)
+  std::vector<double> q, k;
+  for (index_t t = 0; t < N; ++t) q.insert(q.end(), u.begin(), u.end()), k.insert(k.end(), w.begin(), w.end());
+  const std::vector<double> q0 = q;
+  rope_rotate(q.data(), cs.data(), N, N, H, hd, false, 1);
+  rope_rotate(k.data(), cs.data(), N, N, H, hd, false, 1);
+  auto dot = [&](index_t t, index_t s, index_t h) {
+    double d = 0;
+    for (index_t e = 0; e < hd; ++e) d += q[std::size_t((t * H + h) * hd + e)] * k[std::size_t((s * H + h) * hd + e)];
+    return d;
+  };
+  for (index_t h = 0; h < H; ++h) {
+    for (index_t off : {0, 1, 7})
+      for (index_t t : {off, index_t(13), index_t(N - 1)}) CHECK(dot(t, t - off, h) == Approx(dot(off, 0, h)).margin(1e-12));
+    CHECK(std::abs(dot(5, 4, h) - dot(5, 0, h)) > 1e-3);
+  }
+  rope_rotate(q.data(), cs.data(), N, N, H, hd, true, 1);
+  for (std::size_t i = 0; i < q.size(); ++i) CHECK(q[i] == Approx(q0[i]).margin(1e-12));
+}
+
+TEST_CASE("charlm: attention_summary of rows with equal scores", "[charlm]") {
+  // q = k = the same vector on every row (wq = wk = 0, bq = bk = c) makes every score of a row
+  // equal: weights 1/(t + 1) (softmax) or w/(β + (t + 1)w) (polynomial), whose means over the
+  // rows t = 1 … N−1 are written here in closed form
+  const dataset data = load_text(sample_text(6));
+  for (attention_kind kind : {attention_kind::softmax, attention_kind::polynomial}) {
+    config c = tiny_config(kind, false, index_t(data.chars.size()));
+    c.normalizer_bias = 3;
+    model<double> m(c);
+    const index_t C = c.dim, hd = c.head_dim(), N = c.context;
+    const double cvec[] = {0.3, -1.2, 0.7, 2.0};  // per head dim; the heads get the same
+    for (index_t l = 0; l < c.layers; ++l) {
+      const layer_params<double>& w = m.p.layer[std::size_t(l)];
+      std::fill(w.wq, w.wq + C * C, 0.0), std::fill(w.wk, w.wk + C * C, 0.0);
+      for (index_t i = 0; i < C; ++i) w.bq[i] = w.bk[i] = cvec[i % hd];
+    }
+    const batch b = first_windows(data, c.batch, N);
+    m.forward(b.x.data(), b.y.data(), c.batch);
+    // polynomial: q' = k' = LayerNorm(c) (gain 1, bias 0), w = (scale·q'·q')^p
+    double mu = 0, var = 0;
+    for (double x : cvec) mu += x / double(hd);
+    for (double x : cvec) var += (x - mu) * (x - mu) / double(hd);
+    const double nn = double(hd) * var / (var + 1e-5), wgt = std::pow(nn * c.poly_scale(), c.degree);
+    double prev = 0, entropy = 0;
+    for (index_t t = 1; t < N; ++t) {
+      prev += kind == attention_kind::softmax ? 1.0 / double(t + 1) : wgt / (3 + double(t + 1) * wgt);
+      entropy += std::log2(double(t + 1));
+    }
+    prev /= double(N - 1), entropy /= double(N - 1);
+    for (const auto& h : m.attention_summary(2)) {
+      INFO(kind_name(kind));
+      CHECK(h.prev == Approx(prev).epsilon(1e-9));
+      CHECK(h.self == Approx(prev).epsilon(1e-9));
+      CHECK(h.max == Approx(prev).epsilon(1e-9));
+      CHECK(h.entropy == Approx(entropy).epsilon(1e-9));
+    }
+  }
 }

@@ -76,12 +76,21 @@ struct config {
   index_t block = 64;         // block size of the sketched kinds (semantic with local_exact)
   index_t eval_every = 100;
   index_t val_chars = 65536;  // characters of the validation split scored at each evaluation (0: all)
-  std::string data, log;
+  // the ablation of docs/design.md §9.8 (defaults: the model of §9.1)
+  bool rope = false;            // rotary position embedding on q and k (before the per-head LayerNorm)
+  bool head_gain = false;       // a learned per-head gain exp(τ_h) on the q given to the kernel
+  double normalizer_bias = 1;   // β of the polynomial kinds
+  bool learn_bias = false;      // β = exp(θ) learned per layer, θ starting at log β
+  double beta2 = 0.95;          // AdamW β₂
+  double qk_lr = 1;             // learning-rate multiplier of wq, bq, wk, bk, the q/k LayerNorms and gains
+  double qk_gain_init = 1;      // initial per-head q/k LayerNorm gain (polynomial kinds)
+  std::string data, log, attn_log;
   index_t vocab = 0;          // from the data
 
   index_t head_dim() const { return dim / heads; }
   bool normalises_qk() const { return kind != attention_kind::softmax; }
   bool sketched() const { return kind == attention_kind::polysketch || kind == attention_kind::learned; }
+  bool learns_bias() const { return learn_bias && normalises_qk(); }
   /// Scale of the polynomial weights (scale·q·k)^p on LayerNorm-ed q, k: 1/√head_dim, so an
   /// unrelated pair's scaled score has unit variance, as softmax's q·k/√d (docs/design.md §9).
   double poly_scale() const { return 1.0 / std::sqrt(double(head_dim())); }
@@ -114,8 +123,9 @@ struct param_tensor {
   std::string name;
   index_t offset, rows, cols;
   bool decay;  // AdamW weight decay (matrices, not gains and biases)
-  enum init_kind { normal, zeros, ones } init;
-  double sigma;
+  enum init_kind { normal, zeros, ones, constant } init;
+  double sigma;        // normal: the standard deviation; constant: the value
+  double lr_mult = 1;  // learning-rate multiplier (config::qk_lr on the q/k path)
 };
 
 template <class T>
@@ -123,6 +133,7 @@ struct layer_params {
   T *ln1_g, *ln1_b;                      // pre-attention LayerNorm [C]
   T *wq, *bq, *wk, *bk, *wv, *bv;        // [C, C], [C]
   T *qln_g, *qln_b, *kln_g, *kln_b;      // per-head LayerNorm of q and k [hd] (polynomial kinds)
+  T *qgain, *nbias;                      // --head-gain: log-gains τ [H]; learned β: θ = log β [1]
   T *sk_ln_g[2], *sk_ln_b[2];            // learned sketch, per branch: LayerNorm [hd],
   T *sk_w1[2], *sk_w2[2];                //   Dense [hd, 8r], Dense [8r, r]
   T *wo, *bo;                            // attention output projection [C, C], [C]
@@ -147,6 +158,7 @@ inline std::vector<param_tensor> param_layout(const config& c) {
     l.push_back({std::move(name), off, rows, cols, rows > 1 && cols > 1, init, sigma});
     off += rows * cols;
   };
+  auto qk_path = [&]() { l.back().lr_mult = c.qk_lr; };
   const index_t C = c.dim, hd = c.head_dim(), r = c.sketch_size;
   // N(0, 0.06²) for the matrices and embeddings, the residual projections scaled by 1/√(2L) as
   // in GPT-2; with GPT-2's 0.02 (chosen for width 768) this width-128 model stayed on its bigram
@@ -160,11 +172,18 @@ inline std::vector<param_tensor> param_layout(const config& c) {
     add(p + "ln1_b", 1, C, param_tensor::zeros);
     for (const char* w : {"q", "k", "v"}) {
       add(p + "w" + w, C, C, param_tensor::normal, sigma);
+      if (*w != 'v') qk_path();
       add(p + "b" + w, 1, C, param_tensor::zeros);
+      if (*w != 'v') qk_path();
     }
     if (c.normalises_qk())
-      for (const char* w : {"qln_g", "qln_b", "kln_g", "kln_b"})
-        add(p + w, 1, hd, w[4] == 'g' ? param_tensor::ones : param_tensor::zeros);
+      for (const char* w : {"qln_g", "qln_b", "kln_g", "kln_b"}) {
+        if (w[4] == 'g') add(p + w, 1, hd, param_tensor::constant, c.qk_gain_init);
+        else add(p + w, 1, hd, param_tensor::zeros);
+        qk_path();
+      }
+    if (c.head_gain) add(p + "qgain", 1, c.heads, param_tensor::zeros), qk_path();
+    if (c.learns_bias()) add(p + "nbias", 1, 1, param_tensor::constant, std::log(c.normalizer_bias));
     if (c.kind == attention_kind::learned)
       for (int b = 0; b < 2; ++b) {
         const std::string s = p + "sk" + std::to_string(b) + "_";
@@ -206,6 +225,8 @@ params<T> bind_params(const config& c, const std::vector<param_tensor>& layout, 
     l.ln1_g = take(), l.ln1_b = take();
     l.wq = take(), l.bq = take(), l.wk = take(), l.bk = take(), l.wv = take(), l.bv = take();
     if (c.normalises_qk()) l.qln_g = take(), l.qln_b = take(), l.kln_g = take(), l.kln_b = take();
+    if (c.head_gain) l.qgain = take();
+    if (c.learns_bias()) l.nbias = take();
     if (c.kind == attention_kind::learned)
       for (int b = 0; b < 2; ++b) l.sk_ln_g[b] = take(), l.sk_ln_b[b] = take(), l.sk_w1[b] = take(), l.sk_w2[b] = take();
     l.wo = take(), l.bo = take(), l.ln2_g = take(), l.ln2_b = take();
@@ -371,6 +392,34 @@ void gelu_backward(T* dx, const T* x, const T* dy, index_t n, int threads) {
   });
 }
 
+// --- rotary position embedding (RoFormer): in each head, the pair of dims (2i, 2i+1) of the row at
+// position t is rotated by the angle t·10000^(−2i/hd), so q_t·k_s depends on t − s through the
+// rotation. cs holds cos, sin for every position and pair [N, hd/2, 2]; inverse rotates back (the
+// transpose, which is the backward of the rotation).
+template <class T>
+void rope_rotate(T* x, const T* cs, index_t rows, index_t N, index_t H, index_t hd, bool inverse, int threads) {
+  parallel_for(rows, threads, [&](index_t row) {
+    const T* a = cs + (row % N) * hd;
+    for (index_t h = 0; h < H; ++h) {
+      T* v = x + (row * H + h) * hd;
+      for (index_t i = 0; i < hd / 2; ++i) {
+        const T c = a[2 * i], s = inverse ? -a[2 * i + 1] : a[2 * i + 1], u = v[2 * i], w = v[2 * i + 1];
+        v[2 * i] = c * u - s * w, v[2 * i + 1] = s * u + c * w;
+      }
+    }
+  });
+}
+template <class T>
+std::vector<T> rope_table(index_t N, index_t hd) {
+  std::vector<T> cs(std::size_t(N * hd));
+  for (index_t t = 0; t < N; ++t)
+    for (index_t i = 0; i < hd / 2; ++i) {
+      const double angle = double(t) * std::pow(10000.0, -2.0 * double(i) / double(hd));
+      cs[std::size_t(t * hd + 2 * i)] = T(std::cos(angle)), cs[std::size_t(t * hd + 2 * i + 1)] = T(std::sin(angle));
+    }
+  return cs;
+}
+
 // --- softmax cross-entropy: loss = mean over rows of (logsumexp(logits) − logits[target]);
 // probs overwrite logits. Returns the summed loss (in nats) of the rows.
 template <class T>
@@ -467,6 +516,7 @@ struct attention_call {
   const config& c;
   index_t B, N;
   const polyattn::polysketch<T>* sketch;  // polysketch kind: the layer's fixed random sketch
+  double beta;                            // the polynomial kinds' normaliser bias β
 
   cview4<T> in(const T* x, index_t width) const {
     return polyattn::view_bnhd<const T>(x, B, N, c.heads, width);
@@ -481,19 +531,19 @@ struct attention_call {
   }
   polyattn::polynomial_options polynomial() const {
     polyattn::polynomial_options o;
-    o.causal = true, o.degree = c.degree, o.scale = c.poly_scale(), o.normalizer_bias = 1, o.threads = c.threads;
+    o.causal = true, o.degree = c.degree, o.scale = c.poly_scale(), o.normalizer_bias = beta, o.threads = c.threads;
     return o;
   }
   polyattn::polysketch_options polysketch() const {
     polyattn::polysketch_options o;
     o.causal = true, o.block_size = c.block, o.local_exact = c.local_exact, o.scale = c.poly_scale();
-    o.normalizer_bias = 1, o.threads = c.threads;
+    o.normalizer_bias = beta, o.threads = c.threads;
     return o;
   }
   polyattn::sketched_options learned() const {
     polyattn::sketched_options o;
     o.causal = true, o.block_size = c.block, o.local_exact = c.local_exact, o.degree = c.degree;
-    o.scale = c.poly_scale(), o.normalizer_bias = 1, o.threads = c.threads;
+    o.scale = c.poly_scale(), o.normalizer_bias = beta, o.threads = c.threads;
     return o;
   }
 
@@ -554,6 +604,8 @@ struct layer_acts {
   std::vector<T> qkn, qkn_mean, qkn_rstd;  // per-head LayerNorm of q then k [2, BN, C] (polynomial kinds)
   std::vector<T> sketch;                   // learned sketches of q then k [2, BN·H, r]
   sketch_acts<T> sk;                       // the sketch network's activations over those 2·BN·H rows
+  std::vector<T> qg;                       // --head-gain: the kernel's q [BN, C]
+  const T *q_att = nullptr, *k_att = nullptr;  // the q and k the kernel was given
   std::vector<T> att, stats;               // attention out [BN, C], stats [B, H, N]
   std::vector<T> res1;                     // x + attention branch [BN, C]
   std::vector<T> ln2, ln2_mean, ln2_rstd;  // LayerNorm(res1)
@@ -585,7 +637,8 @@ class model {
     for (const param_tensor& t : layout)
       for (index_t i = 0; i < t.rows * t.cols; ++i)
         param[std::size_t(t.offset + i)] =
-            t.init == param_tensor::normal ? T(t.sigma * gen.normal()) : T(t.init == param_tensor::ones ? 1 : 0);
+            t.init == param_tensor::normal ? T(t.sigma * gen.normal())
+            : T(t.init == param_tensor::ones ? 1 : t.init == param_tensor::constant ? t.sigma : 0);
     if (cfg.kind == attention_kind::polysketch)
       for (index_t l = 0; l < cfg.layers; ++l) {
         polyattn::sketch_options so;
@@ -615,6 +668,10 @@ class model {
       linear_forward(a.q.data(), a.ln1.data(), w.wq, w.bq, BN, C, C, th);
       linear_forward(a.k.data(), a.ln1.data(), w.wk, w.bk, BN, C, C, th);
       linear_forward(a.v.data(), a.ln1.data(), w.wv, w.bv, BN, C, C, th);
+      if (c.rope) {  // q, k rotated in place (the projections' backward needs only ln1)
+        rope_rotate(a.q.data(), rope_.data(), BN, N, H, hd, false, th);
+        rope_rotate(a.k.data(), rope_.data(), BN, N, H, hd, false, th);
+      }
       const T *q = a.q.data(), *k = a.k.data(), *sq = nullptr, *sk = nullptr;
       if (c.normalises_qk()) {  // q, k LayerNorm-ed per head (rows of hd), as the paper's models do
         T* qn = a.qkn.data();
@@ -627,6 +684,14 @@ class model {
         sketch_forward(a.sketch.data(), a.sk, a.qkn.data(), w, 2 * BN * H, hd, r, th);
         sq = a.sketch.data(), sk = a.sketch.data() + BN * H * r;
       }
+      if (c.head_gain) {  // the kernel's q: exp(τ_h)·q in head h
+        parallel_for(BN * H, th, [&](index_t i) {
+          const T f = std::exp(w.qgain[i % H]);
+          for (index_t j = 0; j < hd; ++j) a.qg[std::size_t(i * hd + j)] = f * q[i * hd + j];
+        });
+        q = a.qg.data();
+      }
+      a.q_att = q, a.k_att = k;
       call(B, l).forward(a.att.data(), a.stats.data(), q, k, a.v.data(), sq, sk);
       // res1 = x + att·wo + bo
       linear_forward(a.res1.data(), a.att.data(), w.wo, w.bo, BN, C, C, th);
@@ -682,10 +747,21 @@ class model {
       // res1 = x + att·wo + bo: x gets dres_ unchanged
       std::fill(datt_.begin(), datt_.end(), T(0));
       linear_backward(datt_.data(), dw.wo, dw.bo, dres_.data(), a.att.data(), w.wo, BN, C, C, th);
+      if (c.learns_bias()) {  // β = exp(θ): o = Σ w v / (β + Σ w), so dL/dβ = −Σ_rows (dout·o) / stats
+        const T beta = std::exp(*w.nbias);
+        double sum = 0;
+        for (index_t i = 0; i < BN * H; ++i) {  // rows of [B, N, H]; stats are [B, H, N]
+          const index_t b = i / (N * H), t = i / H % N, h = i % H;
+          double dot = 0;
+          for (index_t j = 0; j < hd; ++j) dot += double(datt_[std::size_t(i * hd + j)]) * double(a.att[std::size_t(i * hd + j)]);
+          sum -= dot / double(a.stats[std::size_t((b * H + h) * N + t)]);
+        }
+        *dw.nbias += T(sum * double(beta));
+      }
       // att = attention(q', k', v) with q' = q (softmax) or per-head LayerNorm(q) (polynomial kinds)
       const bool norm = c.normalises_qk();
-      const T* q = norm ? a.qkn.data() : a.q.data();
-      const T* k = norm ? a.qkn.data() + BN * C : a.k.data();
+      const T* q = a.q_att;
+      const T* k = a.k_att;
       T* dq = norm ? dqkn_.data() : dq_.data();
       T* dk = norm ? dqkn_.data() + BN * C : dk_.data();
       const bool learned = c.kind == attention_kind::learned;
@@ -694,6 +770,18 @@ class model {
       call(B, l).backward(dq, dk, dv_.data(), learned ? dsketch_.data() : nullptr,
                        learned ? dsketch_.data() + BN * H * r : nullptr, datt_.data(), a.att.data(), a.stats.data(), q,
                        k, a.v.data(), sq, sk);
+      if (c.head_gain)  // q'' = exp(τ_h)·q': dτ_h += Σ dq''·q'', dq' = exp(τ_h)·dq''
+        for (index_t h = 0; h < H; ++h) {
+          const T f = std::exp(w.qgain[h]);
+          double s = 0;
+          for (index_t i = h; i < BN * H; i += H)
+            for (index_t j = 0; j < hd; ++j) {
+              T& d = dq[i * hd + j];
+              s += double(d) * double(q[i * hd + j]);
+              d *= f;
+            }
+          dw.qgain[h] += T(s);
+        }
       // sketch = sketch_net([q'; k']): adds to dq', dk'
       if (learned)
         sketch_backward(dqkn_.data(), dw, dsketch_.data(), a.sketch.data(), a.sk, a.qkn.data(), w, 2 * BN * H, hd, r,
@@ -705,6 +793,10 @@ class model {
                            a.qkn_rstd.data(), w.qln_g, BN * H, hd, th);
         layernorm_backward(dk_.data(), dw.kln_g, dw.kln_b, dqkn_.data() + BN * C, a.k.data(),
                            a.qkn_mean.data() + BN * H, a.qkn_rstd.data() + BN * H, w.kln_g, BN * H, hd, th);
+      }
+      if (c.rope) {  // q, k were rotated after the projections
+        rope_rotate(dq_.data(), rope_.data(), BN, N, H, hd, true, th);
+        rope_rotate(dk_.data(), rope_.data(), BN, N, H, hd, true, th);
       }
       // q = ln1·wq + bq, k = ln1·wk + bk, v = ln1·wv + bv
       std::fill(dln_.begin(), dln_.end(), T(0));
@@ -731,18 +823,76 @@ class model {
     return norm;
   }
 
-  /// One AdamW step (β₁ = 0.9, β₂ = 0.95, ε = 1e-8; decoupled weight decay on the matrices).
+  /// What the attention rows of the last forward look like, per layer and head (layer-major):
+  /// means over the rows at positions 1 … N−1 of its first `seqs` sequences of the weight on the
+  /// previous position, on the own position, the largest weight and the entropy (bits) of the
+  /// row's weights normalised to sum 1. Recomputed here from the kernel's q and k by the textbook
+  /// formula (softmax of scale·q·k; (scale·q·k)^p / (β + Σ)), so only for the exact kinds.
+  struct head_summary {
+    double prev = 0, self = 0, max = 0, entropy = 0;
+  };
+  std::vector<head_summary> attention_summary(index_t seqs) const {
+    const config& c = cfg;
+    if (c.sketched()) throw std::invalid_argument("charlm::model::attention_summary: exact kinds only");
+    const index_t N = c.context, H = c.heads, hd = c.head_dim(), S = std::min(seqs, cur_batch_);
+    std::vector<head_summary> out(std::size_t(c.layers * H));
+    std::vector<double> wt(static_cast<std::size_t>(N));
+    for (index_t l = 0; l < c.layers; ++l) {
+      const layer_acts<T>& a = acts_[std::size_t(l)];
+      const double beta_l = beta(l);
+      for (index_t h = 0; h < H; ++h) {
+        head_summary& o = out[std::size_t(l * H + h)];
+        for (index_t b = 0; b < S; ++b)
+          for (index_t t = 1; t < N; ++t) {
+            const T* q = a.q_att + ((b * N + t) * H + h) * hd;
+            double top = -std::numeric_limits<double>::infinity(), sum = 0;
+            for (index_t j = 0; j <= t; ++j) {
+              const T* k = a.k_att + ((b * N + j) * H + h) * hd;
+              double d = 0;
+              for (index_t e = 0; e < hd; ++e) d += double(q[e]) * double(k[e]);
+              wt[std::size_t(j)] = c.kind == attention_kind::softmax ? d / std::sqrt(double(hd))
+                                                                     : std::pow(d * c.poly_scale(), c.degree);
+              top = std::max(top, wt[std::size_t(j)]);
+            }
+            for (index_t j = 0; j <= t; ++j) {
+              double& x = wt[std::size_t(j)];
+              if (c.kind == attention_kind::softmax) x = std::exp(x - top);
+              sum += x;
+            }
+            const double denom = c.kind == attention_kind::softmax ? sum : beta_l + sum;
+            double biggest = 0, entropy = 0;
+            for (index_t j = 0; j <= t; ++j) {
+              const double x = wt[std::size_t(j)];
+              biggest = std::max(biggest, x);
+              if (x > 0) entropy -= x / sum * std::log2(x / sum);
+            }
+            o.prev += wt[std::size_t(t - 1)] / denom, o.self += wt[std::size_t(t)] / denom;
+            o.max += biggest / denom, o.entropy += entropy;
+          }
+        const double rows = double(S * (N - 1));
+        o.prev /= rows, o.self /= rows, o.max /= rows, o.entropy /= rows;
+      }
+    }
+    return out;
+  }
+
+  /// The normaliser bias β of layer l's polynomial kernel (learned or fixed).
+  double beta(index_t l) const {
+    return cfg.learns_bias() ? std::exp(double(*p.layer[std::size_t(l)].nbias)) : cfg.normalizer_bias;
+  }
+
+  /// One AdamW step (β₁ = 0.9, β₂ = --beta2 (0.95), ε = 1e-8; decoupled weight decay on the matrices).
   void adamw_step(double lr, index_t t) {
-    const double b1 = 0.9, b2 = 0.95, eps = 1e-8;
+    const double b1 = 0.9, b2 = cfg.beta2, eps = 1e-8;
     const double c1 = 1 - std::pow(b1, double(t)), c2 = 1 - std::pow(b2, double(t));
     for (const param_tensor& pt : layout) {
-      const double wd = pt.decay ? cfg.weight_decay : 0.0;
+      const double wd = pt.decay ? cfg.weight_decay : 0.0, lr_t = lr * pt.lr_mult;
       parallel_for(pt.rows * pt.cols, cfg.threads, [&](index_t j) {
         const std::size_t i = std::size_t(pt.offset + j);
         const double gi = double(grad[i]);
         const double m = b1 * adam_m[i] + (1 - b1) * gi, v = b2 * adam_v[i] + (1 - b2) * gi * gi;
         adam_m[i] = float(m), adam_v[i] = float(v);
-        param[i] = T(double(param[i]) - lr * ((m / c1) / (std::sqrt(v / c2) + eps) + wd * double(param[i])));
+        param[i] = T(double(param[i]) - lr_t * ((m / c1) / (std::sqrt(v / c2) + eps) + wd * double(param[i])));
       });
     }
   }
@@ -754,10 +904,12 @@ class model {
   std::vector<T> lnf_, lnf_mean_, lnf_rstd_, logits_, row_loss_;
   std::vector<int> inputs_, targets_;
   // backward scratch, shared by the layers
+  std::vector<T> rope_;  // --rope: cos, sin [N, hd/2, 2]
   std::vector<T> dres_, dln_, dfc_, dfc2_, datt_, dq_, dk_, dv_, dqkn_, dsketch_, dlogits_, sketch_scratch_;
 
   attention_call<T> call(index_t B, index_t layer) const {
-    return {cfg, B, cfg.context, cfg.kind == attention_kind::polysketch ? &sketches[std::size_t(layer)] : nullptr};
+    return {cfg, B, cfg.context, cfg.kind == attention_kind::polysketch ? &sketches[std::size_t(layer)] : nullptr,
+            beta(layer)};
   }
 
   void allocate(index_t B) {
@@ -773,6 +925,7 @@ class model {
       for (auto* v : {&a.ln1, &a.q, &a.k, &a.v, &a.att, &a.res1, &a.ln2}) v->resize(BN * C);
       for (auto* v : {&a.ln1_mean, &a.ln1_rstd, &a.ln2_mean, &a.ln2_rstd}) v->resize(BN);
       a.stats.resize(BN * H);
+      if (c.head_gain) a.qg.resize(BN * C);
       a.fc.resize(BN * 4 * C), a.fcg.resize(BN * 4 * C);
       if (c.normalises_qk()) a.qkn.resize(2 * BN * C), a.qkn_mean.resize(2 * BN * H), a.qkn_rstd.resize(2 * BN * H);
       if (c.kind == attention_kind::learned) {
@@ -785,6 +938,7 @@ class model {
     dfc_.resize(BN * 4 * C), dfc2_.resize(BN * 4 * C), dlogits_.resize(BN * V);
     if (c.normalises_qk()) dqkn_.resize(2 * BN * C);
     if (c.kind == attention_kind::learned) dsketch_.resize(2 * BN * H * r);
+    if (c.rope) rope_ = rope_table<T>(c.context, c.head_dim());
   }
 };
 
@@ -919,6 +1073,11 @@ inline double train(config c, const dataset& data) {
                kind_name(c.kind), c.sketched() && c.local_exact ? " (local_exact)" : "", (long long)c.context,
                (long long)c.layers, (long long)c.dim, (long long)c.heads, (long long)c.batch, (long long)c.steps, c.lr,
                (long long)m.num_params(), (long long)c.vocab, data.train.size(), data.val.size(), c.threads);
+  if (c.rope || c.head_gain || c.learns_bias() || c.normalizer_bias != 1 || c.beta2 != 0.95 || c.qk_lr != 1 ||
+      c.qk_gain_init != 1)
+    std::fprintf(stderr, "charlm: rope %d, head gain %d, normaliser bias %g%s, beta2 %g, q/k lr x%g, q/k gain init %g\n",
+                 int(c.rope), int(c.head_gain), c.normalizer_bias, c.learns_bias() ? " (learned)" : "", c.beta2, c.qk_lr,
+                 c.qk_gain_init);
   if (c.sketched())
     std::fprintf(stderr, "charlm: sketch size r = %lld, block %lld, degree %d\n", (long long)c.sketch_size,
                  (long long)c.block, c.degree);
@@ -927,6 +1086,13 @@ inline double train(config c, const dataset& data) {
     log = std::fopen(c.log.c_str(), "w");
     if (!log) throw std::runtime_error("cannot write '" + c.log + "'");
     std::fprintf(log, "step,train_loss,val_bpc,seconds,val_chars\n");
+  }
+  std::FILE* attn_log = nullptr;
+  if (!c.attn_log.empty()) {
+    if (c.sketched()) throw std::invalid_argument("--attn-log: softmax and polynomial only");
+    attn_log = std::fopen(c.attn_log.c_str(), "w");
+    if (!attn_log) throw std::runtime_error("cannot write '" + c.attn_log + "'");
+    std::fprintf(attn_log, "step,layer,head,prev,self,max,entropy_bits\n");
   }
   const bool tty = isatty(2);
   rng gen(c.seed ^ 0x5EEDull);
@@ -946,6 +1112,13 @@ inline double train(config c, const dataset& data) {
                  (long long)step, tl, bpc, (long long)scored, train_seconds);
     if (log) std::fprintf(log, "%lld,%.6f,%.6f,%.3f,%lld\n", (long long)step, tl, bpc, train_seconds, (long long)scored), std::fflush(log);
     loss_sum = 0, loss_count = 0;
+    if (attn_log) {  // the rows of the evaluation's last batch (4 sequences)
+      const auto heads = m.attention_summary(4);
+      for (std::size_t i = 0; i < heads.size(); ++i)
+        std::fprintf(attn_log, "%lld,%lld,%lld,%.5f,%.5f,%.5f,%.4f\n", (long long)step, (long long)(index_t(i) / c.heads),
+                     (long long)(index_t(i) % c.heads), heads[i].prev, heads[i].self, heads[i].max, heads[i].entropy);
+      std::fflush(attn_log);
+    }
     return bpc;
   };
   log_row(0, c.val_chars);
@@ -984,6 +1157,7 @@ inline double train(config c, const dataset& data) {
                final_bpc, double(c.batch * c.context * c.steps) / train_seconds,
                1000 * step_seconds[step_seconds.size() / 2], train_seconds, eval_seconds);
   if (log) std::fclose(log);
+  if (attn_log) std::fclose(attn_log);
   return final_bpc;
 }
 
@@ -1004,7 +1178,16 @@ inline const char* usage() {
          "  --block B              block size of the sketched kinds (64)\n"
          "  --warmup S --weight-decay W --grad-clip G   (100, 0.1, 1.0)\n"
          "  --eval-every S --val-chars N   evaluation period and characters scored (100, 65536; 0 = all)\n"
-         "  --log FILE             CSV: step, train_loss (nats), val_bpc, seconds (training only), val_chars\n";
+         "  --log FILE             CSV: step, train_loss (nats), val_bpc, seconds (training only), val_chars\n"
+         "ablation (docs/design.md §9.8):\n"
+         "  --rope                 rotary position embedding on q and k (before the q/k LayerNorm)\n"
+         "  --head-gain            a learned per-head gain exp(tau) on q (softmax: a temperature)\n"
+         "  --normalizer-bias B|learned   beta of the polynomial kinds (1; learned: exp(theta) per layer from 1)\n"
+         "  --beta2 B              AdamW beta2 (0.95)\n"
+         "  --qk-lr M              learning-rate multiplier of the q/k projections, LayerNorms and gains (1)\n"
+         "  --qk-gain-init G       initial q/k LayerNorm gain of the polynomial kinds (1)\n"
+         "  --attn-log FILE        CSV at each evaluation, exact kinds: per layer and head the mean weight on\n"
+         "                         the previous and the own position, the largest weight, the entropy (bits)\n";
 }
 
 inline config parse_args(int argc, char** argv) {
@@ -1067,10 +1250,21 @@ inline config parse_args(int argc, char** argv) {
     else if (a == "--val-chars") c.val_chars = integer(0);
     else if (a == "--data") c.data = value();
     else if (a == "--log") c.log = value();
+    else if (a == "--rope") c.rope = true;
+    else if (a == "--head-gain") c.head_gain = true;
+    else if (a == "--normalizer-bias") {
+      if (i + 1 < argc && std::string(argv[i + 1]) == "learned") c.learn_bias = true, ++i;
+      else c.normalizer_bias = real();
+    } else if (a == "--beta2") c.beta2 = real();
+    else if (a == "--qk-lr") c.qk_lr = real();
+    else if (a == "--qk-gain-init") c.qk_gain_init = real();
+    else if (a == "--attn-log") c.attn_log = value();
     else throw std::invalid_argument("unknown argument '" + a + "'");
   }
   if (c.data.empty()) throw std::invalid_argument("--data FILE is required");
   if (c.dim % c.heads != 0) throw std::invalid_argument("--dim must be a multiple of --heads");
+  if (c.rope && c.head_dim() % 2 != 0) throw std::invalid_argument("--rope needs an even head dim (--dim / --heads)");
+  if (!(c.beta2 < 1)) throw std::invalid_argument("--beta2 must be below 1");
   if (c.degree % 2 != 0) throw std::invalid_argument("--degree must be even");
   if (c.kind == attention_kind::polysketch && c.degree != 2 && c.degree != 4 && c.degree != 8 && c.degree != 16)
     throw std::invalid_argument("--attention polysketch needs --degree 2, 4, 8 or 16");
