@@ -1,6 +1,6 @@
 """polyattn's PyTorch ops against PyTorch's own CPU attention, in one run.
 
-    PYTHONPATH=build/test/python python3 bench/bench_torch.py [--threads 2] [--reps 3]
+    PYTHONPATH=build/test/python python3 bench/bench_torch.py [--threads 2] [--reps 3] [--overhead-only]
 
 Rows (B = 1, H = 4 heads, d = 64, float32, layout [B, H, N, d], the given threads for both):
   * N = 4096, causal and not: PyTorch's matmul-softmax-matmul (what a user writes; torch 1.13
@@ -99,10 +99,19 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--long", type=int, default=32768)
+    ap.add_argument("--overhead-only", action="store_true", help="only the per-call overhead rows")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.zeros(8, 8) @ torch.zeros(8, 8)  # loads the BLAS
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, BLAS: {blas()}")
+    if not a.overhead_only:
+        compare(a)
+    overhead()
+    return 0
+
+
+def compare(a):
+    """The PyTorch against polyattn rows (N = --n) and flash against polysketch (N = --long)."""
     mib = 1 / 2**20
     print(f"\n| N = {a.n}, 4 heads, d = 64 | PyTorch ms | polyattn ms | speed-up | PyTorch peak MiB | polyattn peak MiB |")
     print("|---|---|---|---|---|---|")
@@ -136,9 +145,11 @@ def main():
     print(f"| polysketch_attention (r = 32, local_exact, b = 256) | {ts * 1e3:.0f} | {ms * mib:.0f} |")
     print(f"| speed-up of polysketch over flash | {tf / ts:.1f}x | |")
 
-    # overhead: the three ways to call the same forward, interleaved round by round, the fastest round
-    # of each (robust to the load of a shared machine); at N = 256 and at N = 1, where the kernel is
-    # almost free and what is left is the per-call cost
+
+def overhead():
+    """The three ways to call the same forward, interleaved round by round, the fastest round of
+    each (robust to the load of a shared machine); at N = 256 and at N = 1, where the kernel is
+    almost free and what is left is the per-call cost."""
     print("\n| forward, 4 heads, d = 64 | µs per call | over C++ µs |")
     print("|---|---|---|")
     for n in (256, 1):
@@ -163,7 +174,6 @@ def main():
         for name, t in best.items():
             over = "" if name.endswith("C++") else f"{(t - cpp) * 1e6:.1f}"
             print(f"| N = {n}: {name} | {t * 1e6:.1f} | {over} |", flush=True)
-    return 0
 
 
 if __name__ == "__main__":
