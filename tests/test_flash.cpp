@@ -10,9 +10,11 @@ TEMPLATE_TEST_CASE("flash_attention matches the oracle on the shape battery", "[
 }
 
 TEMPLATE_TEST_CASE("flash_attention error stays within 2x naive fp32 at long lengths", "[flash]", float, double) {
-  // several key blocks and query blocks, both masks, offsets that cut through blocks
+  // several key blocks and query blocks, both masks, offsets that cut through blocks; under ASan
+  // (CI time) only the second shape, which has both too (Release runs both)
   for (bool causal : {false, true}) {
-    check_against_oracle<flash_kernel, TestType>({1, 1, 1, 1025, 1025, 64, 64, false}, {causal, 2});
+    if (!kAddressSanitizer)
+      check_against_oracle<flash_kernel, TestType>({1, 1, 1, 1025, 1025, 64, 64, false}, {causal, 2});
     check_against_oracle<flash_kernel, TestType>({1, 2, 1, 333, 1100, 128, 128, false}, {causal, 2});
   }
 }
