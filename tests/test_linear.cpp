@@ -177,7 +177,8 @@ TEST_CASE("linear_attention single-head Eigen overload", "[linear][eigen]") {
 // only those not published yet. 900 keys in blocks of 25: 12 super-chunks of 3 blocks.
 TEMPLATE_TEST_CASE("causal scan: one thread running every range computes no total twice", "[linear][threads][scan]",
                    float, double) {
-  for (const linear_shape& s : {linear_shape{1, 2, 1, 900, 900, 12, 8, false}, linear_shape{2, 2, 1, 900, 900, 12, 8, true}}) {
+  const linear_shape shapes[] = {{1, 2, 1, 900, 900, 12, 8, false}, {2, 2, 1, 900, 900, 12, 8, true}};
+  for (const linear_shape& s : shapes) {
     linear_inputs<TestType> in(s, 21);
     const tensor4<TestType> one = causal_scan(in, s, 1);
     for (int t : {2, 3, 4}) {

@@ -11,11 +11,28 @@
 // super-chunks (a count fixed independently of the thread count). S is kept in two levels:
 // a prefix over finished super-chunks and a running sum within the current one, each summed
 // in a fixed order. Every super-chunk's total is therefore the same bits whoever computes it,
-// so the sequence can be cut at super-chunk boundaries into P ranges scanned in parallel: a
-// pre-pass computes the totals of the super-chunks before the last range (in parallel), each
-// range starts from their prefix, and the results are bitwise identical for any P. P grows
-// with the thread count only while there are fewer sequences than threads; the pre-pass costs
-// (P−1)/P of the state updates (25 % of the state FLOPs at P = 2, nothing at P = 1).
+// so the sequence can be cut at super-chunk boundaries into P ranges scanned in parallel, each
+// starting from the prefix of the totals before it: the results are bitwise identical for any
+// P. P grows with the thread count only while there are fewer sequences than threads.
+//
+// Causal schedule (docs/design.md §5, "Threads"): one parallel loop of (range, sequence)
+// tasks, and no pre-pass. A range's running sum at the end of a super-chunk IS that
+// super-chunk's total, so the range publishes it (shared_totals: a slot and an
+// empty / writing / published flag per super-chunk a later range starts after). A range's
+// prefix (shared_prefix) adds the published totals and computes only the missing ones,
+// latest first, publishing them too; it never waits for a slot another thread is writing
+// (that thread may not be running) but computes its own copy, the same bits. Tasks are
+// numbered range-major: range 0 of every sequence, then range 1, ... A caller that ends up
+// running every task itself (its helpers not scheduled) thus scans each range after the one
+// before it and finds its whole prefix published: the 1-thread work, plus P − 1 sums of
+// prefixes. A helper that arrives takes the next task, a later range (or range 0 of another
+// sequence, which needs no prefix), and computes from the back the totals the range before
+// has not published yet, while that range publishes them from the front. With P threads all
+// running, the later ranges compute the totals the earlier ones have not reached: less state
+// work in all than a pre-pass of every total before the last range, but on their threads
+// rather than shared evenly (measured in docs/design.md §5).
+// Non-causal calls keep the pre-pass: every query block needs every total, so there is no
+// order of tasks for the totals to be published in.
 //
 // Explicit state: a scan can start from a linear_state (Z, z, the position, the raw rows of the
 // unfinished block) and leave the final state in it, so a sequence cut anywhere continues
@@ -26,8 +43,9 @@
 //   scan_dims_of, scan_plan_of, scan_workers  widths, block bookkeeping, worker count
 //   load_states                               the states' inputs, copied before any task
 //   fetch_block (fresh_rows, assemble_rows)   a block's keys and values
-//   range_pre_pass (chunk_total)              the super-chunk totals the ranges start from
-//   run_causal (scan_range, save_state)       the causal ranges in parallel, final states
+//   run_causal (shared_prefix, scan_range,    the causal ranges in parallel, sharing the
+//               chunk_total, save_state)      super-chunk totals; final states
+//   range_pre_pass (chunk_total)              the non-causal super-chunk totals
 //   run_noncausal (noncausal_totals,          each sequence's total, then every query block
 //                  noncausal_query_block)     against it
 //
@@ -57,8 +75,8 @@
 
 namespace polyattn::detail {
 
-/// Super-chunks per sequence: the unit of the parallel pre-pass. 12 splits evenly into
-/// 1, 2, 3, 4 or 6 ranges.
+/// Super-chunks per sequence: the unit of the ranges and of their shared totals. 12 splits
+/// evenly into 1, 2, 3, 4 or 6 ranges.
 inline constexpr index_t kSuperChunks = 12;
 
 /// floor(a / b) for b > 0.
@@ -122,7 +140,7 @@ scan_plan scan_plan_of(const linear_problem<T>& p, int threads) {
     const index_t n_blocks = plan.c_end - plan.c0 + 1;
     plan.per_chunk = ceil_div(n_blocks, kSuperChunks);
     plan.n_chunks = ceil_div(n_blocks, plan.per_chunk);
-    // at least two blocks a range: with fewer the pre-pass costs more than the split saves
+    // at least two blocks a range: with fewer the prefix totals cost more than the split saves
     // (measured: one sequence of 3 blocks of 256 took 1.2x as long on two threads as on one)
     plan.ranges = std::max<index_t>(
         1, std::min({ceil_div(threads, pb.batch * pb.kv_heads), plan.n_chunks, n_blocks / 2}));
@@ -396,8 +414,8 @@ struct chunk_totals {
   index_t per_seq;
 };
 
-/// The super-chunks per sequence the pre-pass sums: those a range other than the first starts
-/// after (causal), or every super-chunk (non-causal, when more than one range).
+/// The super-chunk totals per sequence the ranges share (causal: those a range other than the
+/// first starts after) or the pre-pass sums (non-causal: every one, when more than one range).
 inline index_t pre_pass_chunks(const scan_plan& plan, bool causal) {
   return plan.ranges > 1 ? (causal ? plan.range_chunk(plan.ranges - 1) : plan.n_chunks) : 0;
 }
@@ -460,8 +478,8 @@ void shared_prefix(const block_scan<T, Source, Arch>& sc, const shared_totals<A>
   }
 }
 
-/// Range pre-pass (non-causal): the first n_pre super-chunk totals of every sequence, in parallel, into
-/// `totals` [n_seq x n_pre x S].
+/// Range pre-pass (non-causal): the first n_pre super-chunk totals of every sequence, in
+/// parallel, into `totals` [n_seq x n_pre x S].
 template <class T, class Source, class Arch, class A = accum_t<T>>
 chunk_totals<A> range_pre_pass(const block_scan<T, Source, Arch>& sc, index_t n_pre,
                                std::vector<scan_workspace<A>>& scratch, int workers, aligned_vector<A>& totals) {
