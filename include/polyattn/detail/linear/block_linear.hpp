@@ -18,7 +18,8 @@
 // Causal schedule (docs/design.md §5, "Threads"): one parallel loop of (range, sequence)
 // tasks, and no pre-pass. A range's running sum at the end of a super-chunk IS that
 // super-chunk's total, so the range publishes it (shared_totals: a slot and an
-// empty / writing / published flag per super-chunk a later range starts after). A range's
+// empty / writing / published flag per super-chunk a later range starts after), as soon as it
+// is complete: before the output pass of the super-chunk's last block. A range's
 // prefix (shared_prefix) adds the published totals and computes only the missing ones,
 // latest first, publishing them too; it never waits for a slot another thread is writing
 // (that thread may not be running) but computes its own copy, the same bits. Tasks are
@@ -576,7 +577,9 @@ std::pair<block_rows<A>, index_t> prepared_keys(const block_scan<T, Source, Arch
 }
 
 /// The causal scan of range r of sequence s: from the prefix before its first super-chunk,
-/// each block's output pass, then its state pass. Leaves the state after the range in the
+/// each block's output pass, then its state pass; the last block of a super-chunk whose
+/// shared total this range writes has its state pass first, then the total is published, then
+/// its output pass (which reads the state before the block, as always). Leaves the state after the range in the
 /// prefix (ws.prefix, or the sequence's state itself when the scan works in place) and returns
 /// the range's last block. A block followed by no state pass (the unfinished last one) needs
 /// only its local rows, and a super-chunk without a state pass adds nothing to the prefix.
@@ -601,14 +604,24 @@ key_block<A> scan_range(const block_scan<T, Source, Arch>& sc, const shared_tota
       const auto [kr, ldkt] = prepared_keys(sc, kb, pass, ws);
       const bool has_prefix = sc.p.states || g > 0, has_run = c > plan.chunk_first(g);
       const A* state = state_before(S, has_prefix, has_run, prefix, run, ws);
-      causal_block_outputs(sc, bi, hk, c, kb, ldkt, state, ws);
+      // a shared total is published before the output pass of its super-chunk's last block:
+      // that block's state pass comes first (the output pass reads `state`, made not to be run)
+      const bool early = publish && pass && c == plan.chunk_last(g);
+      if (early && state == run) {
+        A* zx = ensure(ws.zx, S);
+        std::copy(run, run + S, zx);
+        state = zx;
+      }
+      if (!early) causal_block_outputs(sc, bi, hk, c, kb, ldkt, state, ws);
       if (!pass) continue;
       if (!summed) std::fill(run, run + S, A(0));
       state_pass<A, Source, Arch>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, run, sc.d.ldz);
       summed = true;
+      if (!early) continue;
+      tot.publish(s, g);  // (a slot never published stays kWriting: the others compute their own)
+      causal_block_outputs(sc, bi, hk, c, kb, ldkt, state, ws);
     }
     if (summed) add_states(prefix, run, S, prefix);
-    if (publish && summed) tot.publish(s, g);  // (a slot left kWriting: the others compute it)
   }
   return kb;
 }
