@@ -1,6 +1,14 @@
 // tests/test_linear.cpp — linear_attention and the block algorithm against the dense oracle.
 #include <polyattn/linear.hpp>
 
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
 #include "support/linear_battery.hpp"
 #include "support/throws.hpp"
 
@@ -42,6 +50,27 @@ void check_linear(const linear_shape& s, bool causal, double bias, index_t block
   const double mag = max_abs_of<T>(in.v.cview());
   INFO("error " << e.max_abs << " magnitude " << mag);
   CHECK(e.max_abs <= weighted_average_tolerance<T>(mag, s.nk + s.m));
+}
+
+/// While alive, parallel_for runs every task on the calling thread in task order, as when no
+/// helper thread gets scheduled (a parallel_for inside a task runs the same way).
+struct helpers_held_back {
+  bool& inside = detail::inside_parallel_task();
+  const bool was = inside;
+  helpers_held_back() { inside = true; }
+  ~helpers_held_back() { inside = was; }
+  helpers_held_back(const helpers_held_back&) = delete;
+  helpers_held_back& operator=(const helpers_held_back&) = delete;
+};
+
+/// The causal scan of features in, blocks of 25 keys, planned for `threads` (its ranges follow).
+template <class T>
+tensor4<T> causal_scan(const linear_inputs<T>& in, const linear_shape& s, int threads) {
+  tensor4<T> out(s.batch, s.heads, s.nq, s.dv, s.bnhd);
+  const detail::block_problem pb{s.batch, s.heads, s.kv_heads, s.nq, s.nk, s.dv, 25, true, threads};
+  detail::run_block_linear<T>(plain_problem<T>(pb, in.pq.view, in.pk.view, in.v.view, out.view, T(0.5)),
+                              detail::view_feature_source<T>{s.m});
+  return out;
 }
 
 }  // namespace
@@ -141,4 +170,83 @@ TEST_CASE("linear_attention single-head Eigen overload", "[linear][eigen]") {
                                                    detail::head_view<double>(v), true, 0.0);
   for (index_t i = 0; i < 20; ++i)
     for (index_t c = 0; c < 4; ++c) CHECK(std::abs(out(i, c) - exact(0, 0, i, c)) < 1e-12);
+}
+
+// The causal scan's ranges share the super-chunk totals (block_linear.hpp, docs/design.md §5
+// "Threads"): a range publishes the totals it sums while scanning, and a later range computes
+// only those not published yet. 900 keys in blocks of 25: 12 super-chunks of 3 blocks.
+TEMPLATE_TEST_CASE("causal scan: one thread running every range computes no total twice", "[linear][threads][scan]",
+                   float, double) {
+  const linear_shape shapes[] = {{1, 2, 1, 900, 900, 12, 8, false}, {2, 2, 1, 900, 900, 12, 8, true}};
+  for (const linear_shape& s : shapes) {
+    linear_inputs<TestType> in(s, 21);
+    const tensor4<TestType> one = causal_scan(in, s, 1);
+    for (int t : {2, 3, 4}) {
+      INFO(s.str() << " threads " << t);
+      const detail::block_problem pb{s.batch, s.heads, s.kv_heads, s.nq, s.nk, s.dv, 25, true, t};
+      const index_t ranges = detail::scan_plan_of(plain_problem<TestType>(pb, in.pq.view, in.pk.view, in.v.view,
+                                                                          in.out.view, TestType(0)), t).ranges;
+      CHECK(ranges == (t + s.batch - 1) / s.batch);  // the split this test is about happens
+      const std::uint64_t before = detail::chunk_totals_computed().load();
+      tensor4<TestType> alone;
+      {
+        const helpers_held_back hold;
+        alone = causal_scan(in, s, t);
+      }
+      CHECK(detail::chunk_totals_computed().load() == before);
+      CHECK(bitwise_equal<TestType>(one.cview(), alone.cview()));
+      CHECK(bitwise_equal<TestType>(one.cview(), causal_scan(in, s, t).cview()));  // with the helpers
+    }
+  }
+}
+
+// A range's prefix from the shared totals, whatever state their slots are in: all empty (it
+// computes and publishes each), all being written by a thread that never runs (it computes
+// its own copies, publishes nothing), all published (it computes none). The same bits, and the
+// plain float64 sum of φ(k) vᵀ and φ(k) over the first half of the keys.
+TEMPLATE_TEST_CASE("causal scan: a range's prefix from empty, stuck and published totals", "[linear][threads][scan]",
+                   float, double) {
+  using T = TestType;
+  using source = detail::view_feature_source<T>;
+  const linear_shape s{1, 1, 1, 900, 900, 12, 8, false};
+  linear_inputs<T> in(s, 33);
+  const detail::block_problem pb{1, 1, 1, s.nq, s.nk, s.dv, 25, true, 2};
+  const detail::linear_problem<T> p = plain_problem<T>(pb, in.pq.view, in.pk.view, in.v.view, in.out.view, T(0));
+  const source src{s.m};
+  const detail::scan_dims d = detail::scan_dims_of<T, source, detail::default_arch>(p, src);
+  const detail::block_scan<T, source, detail::default_arch> sc{p, src, d, detail::scan_plan_of(p, 2), {}};
+  const index_t n_pre = detail::pre_pass_chunks(sc.plan, true);
+  REQUIRE(n_pre == 6);
+  detail::aligned_vector<T> slots(static_cast<std::size_t>(n_pre * d.S));
+  std::vector<std::atomic<unsigned char>> flags(static_cast<std::size_t>(n_pre));
+  const detail::shared_totals<T> tot{slots.data(), flags.data(), n_pre, d.S};
+  detail::scan_workspace<T> ws;
+  const auto prefix_with = [&](unsigned char flag, std::uint64_t computed, unsigned char after) {
+    for (auto& f : flags) f.store(flag);
+    std::vector<T> prefix(static_cast<std::size_t>(d.S));
+    const std::uint64_t before = detail::chunk_totals_computed().load();
+    detail::shared_prefix(sc, tot, 0, n_pre, prefix.data(), ws);
+    CHECK(detail::chunk_totals_computed().load() - before == computed);
+    for (auto& f : flags) CHECK(f.load() == after);
+    return prefix;
+  };
+  using st = detail::shared_totals<T>;
+  const std::vector<T> stuck = prefix_with(st::kWriting, 6, st::kWriting);
+  const std::vector<T> empty = prefix_with(st::kEmpty, 6, st::kPublished);
+  const std::vector<T> published = prefix_with(st::kPublished, 0, st::kPublished);
+  const std::size_t bytes = empty.size() * sizeof(T);
+  CHECK(std::memcmp(stuck.data(), empty.data(), bytes) == 0);
+  CHECK(std::memcmp(published.data(), empty.data(), bytes) == 0);
+  double worst = 0, magnitude = 0;  // the state before key 450: Z[f][c] = Σ φ(k)_f v_c, then z[f] = Σ φ(k)_f
+  for (index_t f = 0; f < s.m; ++f)
+    for (index_t c = 0; c <= s.dv; ++c) {
+      double x = 0;
+      for (index_t j = 0; j < 450; ++j) x += double(in.pk(0, 0, j, f)) * (c < s.dv ? double(in.v(0, 0, j, c)) : 1.0);
+      const T got = c < s.dv ? empty[static_cast<std::size_t>(f * d.ldz + c)]
+                             : empty[static_cast<std::size_t>(s.m * d.ldz + f)];
+      worst = std::max(worst, std::abs(double(got) - x));
+      magnitude = std::max(magnitude, std::abs(x));
+    }
+  INFO("error " << worst << " magnitude " << magnitude);
+  CHECK(worst <= magnitude * 1e3 * double(std::numeric_limits<T>::epsilon()));
 }

@@ -11,11 +11,29 @@
 // super-chunks (a count fixed independently of the thread count). S is kept in two levels:
 // a prefix over finished super-chunks and a running sum within the current one, each summed
 // in a fixed order. Every super-chunk's total is therefore the same bits whoever computes it,
-// so the sequence can be cut at super-chunk boundaries into P ranges scanned in parallel: a
-// pre-pass computes the totals of the super-chunks before the last range (in parallel), each
-// range starts from their prefix, and the results are bitwise identical for any P. P grows
-// with the thread count only while there are fewer sequences than threads; the pre-pass costs
-// (P−1)/P of the state updates (25 % of the state FLOPs at P = 2, nothing at P = 1).
+// so the sequence can be cut at super-chunk boundaries into P ranges scanned in parallel, each
+// starting from the prefix of the totals before it: the results are bitwise identical for any
+// P. P grows with the thread count only while there are fewer sequences than threads.
+//
+// Causal schedule (docs/design.md §5, "Threads"): one parallel loop of (range, sequence)
+// tasks, and no pre-pass. A range's running sum at the end of a super-chunk IS that
+// super-chunk's total, so the range publishes it (shared_totals: a slot and an
+// empty / writing / published flag per super-chunk a later range starts after), as soon as it
+// is complete: before the output pass of the super-chunk's last block. A range's
+// prefix (shared_prefix) adds the published totals and computes only the missing ones,
+// latest first, publishing them too; it never waits for a slot another thread is writing
+// (that thread may not be running) but computes its own copy, the same bits. Tasks are
+// numbered range-major: range 0 of every sequence, then range 1, ... A caller that ends up
+// running every task itself (its helpers not scheduled) thus scans each range after the one
+// before it and finds its whole prefix published: the 1-thread work, plus P − 1 sums of
+// prefixes. A helper that arrives takes the next task, a later range (or range 0 of another
+// sequence, which needs no prefix), and computes from the back the totals the range before
+// has not published yet, while that range publishes them from the front. With P threads all
+// running, the later ranges compute the totals the earlier ones have not reached: less state
+// work in all than a pre-pass of every total before the last range, but on their threads
+// rather than shared evenly (measured in docs/design.md §5).
+// Non-causal calls keep the pre-pass: every query block needs every total, so there is no
+// order of tasks for the totals to be published in.
 //
 // Explicit state: a scan can start from a linear_state (Z, z, the position, the raw rows of the
 // unfinished block) and leave the final state in it, so a sequence cut anywhere continues
@@ -26,8 +44,9 @@
 //   scan_dims_of, scan_plan_of, scan_workers  widths, block bookkeeping, worker count
 //   load_states                               the states' inputs, copied before any task
 //   fetch_block (fresh_rows, assemble_rows)   a block's keys and values
-//   range_pre_pass (chunk_total)              the super-chunk totals the ranges start from
-//   run_causal (scan_range, save_state)       the causal ranges in parallel, final states
+//   run_causal (shared_prefix, scan_range,    the causal ranges in parallel, sharing the
+//               chunk_total, save_state)      super-chunk totals; final states
+//   range_pre_pass (chunk_total)              the non-causal super-chunk totals
 //   run_noncausal (noncausal_totals,          each sequence's total, then every query block
 //                  noncausal_query_block)     against it
 //
@@ -40,6 +59,9 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <type_traits>
 #include <utility>
@@ -54,8 +76,8 @@
 
 namespace polyattn::detail {
 
-/// Super-chunks per sequence: the unit of the parallel pre-pass. 12 splits evenly into
-/// 1, 2, 3, 4 or 6 ranges.
+/// Super-chunks per sequence: the unit of the ranges and of their shared totals. 12 splits
+/// evenly into 1, 2, 3, 4 or 6 ranges.
 inline constexpr index_t kSuperChunks = 12;
 
 /// floor(a / b) for b > 0.
@@ -119,7 +141,7 @@ scan_plan scan_plan_of(const linear_problem<T>& p, int threads) {
     const index_t n_blocks = plan.c_end - plan.c0 + 1;
     plan.per_chunk = ceil_div(n_blocks, kSuperChunks);
     plan.n_chunks = ceil_div(n_blocks, plan.per_chunk);
-    // at least two blocks a range: with fewer the pre-pass costs more than the split saves
+    // at least two blocks a range: with fewer the prefix totals cost more than the split saves
     // (measured: one sequence of 3 blocks of 256 took 1.2x as long on two threads as on one)
     plan.ranges = std::max<index_t>(
         1, std::min({ceil_div(threads, pb.batch * pb.kv_heads), plan.n_chunks, n_blocks / 2}));
@@ -365,10 +387,19 @@ raw_rows<A> query_raw(const block_scan<T, Source, Arch>& sc, index_t bi, index_t
                      p.q2.stride(2), n, sc.d.kdim1, sc.d.kdim2, ws.qraw);
 }
 
+/// How many super-chunk totals chunk_total has computed in this process: the state passes a
+/// scan did on top of its ranges' own (tests check that a scan run by one thread does none).
+/// One relaxed increment per super-chunk total, at most kSuperChunks per sequence and call.
+inline std::atomic<std::uint64_t>& chunk_totals_computed() {
+  static std::atomic<std::uint64_t> count{0};
+  return count;
+}
+
 /// The state pass over super-chunk g of sequence s into `total` (zeroed first).
 template <class T, class Source, class Arch, class A = accum_t<T>>
 void chunk_total(const block_scan<T, Source, Arch>& sc, index_t s, index_t g, scan_workspace<A>& ws, A* total) {
   const index_t kv_heads = sc.p.sizes.kv_heads;
+  chunk_totals_computed().fetch_add(1, std::memory_order_relaxed);
   std::fill(total, total + sc.d.S, A(0));
   for (index_t c = sc.plan.chunk_first(g); c <= sc.plan.chunk_last(g); ++c) {
     const key_block<A> kb = fetch_block(sc, s / kv_heads, s % kv_heads, c, ws);
@@ -384,14 +415,72 @@ struct chunk_totals {
   index_t per_seq;
 };
 
-/// The super-chunks per sequence the pre-pass sums: those a range other than the first starts
-/// after (causal), or every super-chunk (non-causal, when more than one range).
+/// The super-chunk totals per sequence the ranges share (causal: those a range other than the
+/// first starts after) or the pre-pass sums (non-causal: every one, when more than one range).
 inline index_t pre_pass_chunks(const scan_plan& plan, bool causal) {
   return plan.ranges > 1 ? (causal ? plan.range_chunk(plan.ranges - 1) : plan.n_chunks) : 0;
 }
 
-/// Range pre-pass: the first n_pre super-chunk totals of every sequence, in parallel, into
-/// `totals` [n_seq x n_pre x S].
+/// The super-chunk totals the ranges of a causal scan share: per sequence the first `per_seq`
+/// ones [S] (those a range other than the first starts after), each with a flag. A slot is
+/// written only by the thread that moved its flag from kEmpty to kWriting (the range scanning
+/// that super-chunk, or a later range that needed it first) and read by the others once it is
+/// kPublished (release / acquire). Nobody waits for a slot being written: its writer may not be
+/// running. A range that finds one computes its own copy, the same bits (chunk_total).
+template <class A>
+struct shared_totals {
+  static constexpr unsigned char kEmpty = 0, kWriting = 1, kPublished = 2;
+  A* data = nullptr;
+  std::atomic<unsigned char>* flags = nullptr;
+  index_t per_seq = 0, S = 0;
+
+  A* slot(index_t s, index_t g) const { return data + (s * per_seq + g) * S; }
+  std::atomic<unsigned char>& flag(index_t s, index_t g) const { return flags[s * per_seq + g]; }
+  bool published(index_t s, index_t g) const {
+    return flag(s, g).load(std::memory_order_acquire) == kPublished;
+  }
+  /// True when this thread is to write slot (s, g): it was empty, and nobody else will write it.
+  bool claim(index_t s, index_t g) const {
+    if (g >= per_seq) return false;
+    unsigned char expected = kEmpty;
+    return flag(s, g).load(std::memory_order_relaxed) == kEmpty &&
+           flag(s, g).compare_exchange_strong(expected, kWriting, std::memory_order_relaxed);
+  }
+  void publish(index_t s, index_t g) const { flag(s, g).store(kPublished, std::memory_order_release); }
+};
+
+/// prefix = the state before super-chunk g0 of sequence s: the carried state, then the
+/// super-chunk totals in order. First, latest first, every total nobody has claimed is
+/// computed into its slot and published: the range before this one publishes its totals from
+/// its first super-chunk on as it scans, so going backwards meets it (and a range that runs
+/// after the one before it finished computes none). Then the totals are added in order: the
+/// published ones, and for a slot still being written by another thread, a copy computed here.
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void shared_prefix(const block_scan<T, Source, Arch>& sc, const shared_totals<A>& tot, index_t s, index_t g0,
+                   A* prefix, scan_workspace<A>& ws) {
+  const index_t S = sc.d.S;
+  for (index_t g = g0; g-- > 0;)
+    if (tot.claim(s, g)) {
+      chunk_total(sc, s, g, ws, tot.slot(s, g));
+      tot.publish(s, g);
+    }
+  if (sc.p.states)
+    std::copy(sc.carried.start + s * S, sc.carried.start + (s + 1) * S, prefix);
+  else
+    std::fill(prefix, prefix + S, A(0));
+  for (index_t g = 0; g < g0; ++g) {
+    const A* total = tot.slot(s, g);
+    if (!tot.published(s, g)) {
+      A* own = ensure(ws.run, S);
+      chunk_total(sc, s, g, ws, own);
+      total = own;
+    }
+    add_states(prefix, total, S, prefix);
+  }
+}
+
+/// Range pre-pass (non-causal): the first n_pre super-chunk totals of every sequence, in
+/// parallel, into `totals` [n_seq x n_pre x S].
 template <class T, class Source, class Arch, class A = accum_t<T>>
 chunk_totals<A> range_pre_pass(const block_scan<T, Source, Arch>& sc, index_t n_pre,
                                std::vector<scan_workspace<A>>& scratch, int workers, aligned_vector<A>& totals) {
@@ -488,21 +577,26 @@ std::pair<block_rows<A>, index_t> prepared_keys(const block_scan<T, Source, Arch
 }
 
 /// The causal scan of range r of sequence s: from the prefix before its first super-chunk,
-/// each block's output pass, then its state pass. Leaves the state after the range in the
+/// each block's output pass, then its state pass; the last block of a super-chunk whose
+/// shared total this range writes has its state pass first, then the total is published, then
+/// its output pass (which reads the state before the block, as always). Leaves the state after the range in the
 /// prefix (ws.prefix, or the sequence's state itself when the scan works in place) and returns
 /// the range's last block. A block followed by no state pass (the unfinished last one) needs
 /// only its local rows, and a super-chunk without a state pass adds nothing to the prefix.
 template <class T, class Source, class Arch, class A = accum_t<T>>
-key_block<A> scan_range(const block_scan<T, Source, Arch>& sc, const chunk_totals<A>& totals, index_t s, index_t r,
+key_block<A> scan_range(const block_scan<T, Source, Arch>& sc, const shared_totals<A>& tot, index_t s, index_t r,
                         scan_workspace<A>& ws) {
   const scan_plan& plan = sc.plan;
   const index_t S = sc.d.S, bi = s / sc.p.sizes.kv_heads, hk = s % sc.p.sizes.kv_heads;
   const index_t g_begin = plan.range_chunk(r), g_end = plan.range_chunk(r + 1);
   A* prefix = sc.carried.in_place ? sc.carried.in_place[s].S.data() : ensure(ws.prefix, S);
-  A* run = ensure(ws.run, S);
-  if (!sc.carried.in_place) start_prefix(sc, totals, s, g_begin, prefix);
+  if (!sc.carried.in_place) shared_prefix(sc, tot, s, g_begin, prefix, ws);
+  A* const own_run = ensure(ws.run, S);
   key_block<A> kb;
   for (index_t g = g_begin; g < g_end; ++g) {
+    // a super-chunk a later range starts after: its running sum is summed in its shared slot
+    const bool publish = tot.claim(s, g);
+    A* run = publish ? tot.slot(s, g) : own_run;
     bool summed = false;  // run holds the state passes of this super-chunk's blocks so far
     for (index_t c = plan.chunk_first(g); c <= plan.chunk_last(g); ++c) {
       kb = fetch_block(sc, bi, hk, c, ws);
@@ -510,11 +604,22 @@ key_block<A> scan_range(const block_scan<T, Source, Arch>& sc, const chunk_total
       const auto [kr, ldkt] = prepared_keys(sc, kb, pass, ws);
       const bool has_prefix = sc.p.states || g > 0, has_run = c > plan.chunk_first(g);
       const A* state = state_before(S, has_prefix, has_run, prefix, run, ws);
-      causal_block_outputs(sc, bi, hk, c, kb, ldkt, state, ws);
+      // a shared total is published before the output pass of its super-chunk's last block:
+      // that block's state pass comes first (the output pass reads `state`, made not to be run)
+      const bool early = publish && pass && c == plan.chunk_last(g);
+      if (early && state == run) {
+        A* zx = ensure(ws.zx, S);
+        std::copy(run, run + S, zx);
+        state = zx;
+      }
+      if (!early) causal_block_outputs(sc, bi, hk, c, kb, ldkt, state, ws);
       if (!pass) continue;
       if (!summed) std::fill(run, run + S, A(0));
       state_pass<A, Source, Arch>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, run, sc.d.ldz);
       summed = true;
+      if (!early) continue;
+      tot.publish(s, g);  // (a slot never published stays kWriting: the others compute their own)
+      causal_block_outputs(sc, bi, hk, c, kb, ldkt, state, ws);
     }
     if (summed) add_states(prefix, run, S, prefix);
   }
@@ -538,18 +643,31 @@ void save_state(const block_scan<T, Source, Arch>& sc, const A* prefix, const ke
   if (left > 0 && dv > 0) pack_rows(last.vals, last.ld_vals, left, dv, st.values.data(), st.ld);
 }
 
-/// Causal: every range of every sequence a parallel task; the last range of a sequence leaves
-/// its final state in the sequence's linear_state.
+/// Causal: every range of every sequence one task of one parallel loop, range-major (task t is
+/// range t / n_seq of sequence t % n_seq), so that tasks are claimed in dependency order: a
+/// thread that runs the tasks alone finishes every range before it starts the next, and finds
+/// every total it starts after published. The last range of a sequence leaves its final state
+/// in the sequence's linear_state.
 template <class T, class Source, class Arch, class A = accum_t<T>>
-void run_causal(const block_scan<T, Source, Arch>& sc, const chunk_totals<A>& totals,
-                std::vector<scan_workspace<A>>& scratch, int workers) {
+void run_causal(const block_scan<T, Source, Arch>& sc, std::vector<scan_workspace<A>>& scratch, int workers,
+                aligned_vector<A>& totals_buf) {
   const linear_problem<T>& p = sc.p;
-  const index_t n_seq = p.sizes.batch * p.sizes.kv_heads, ranges = sc.plan.ranges;
+  const index_t n_seq = p.sizes.batch * p.sizes.kv_heads, ranges = sc.plan.ranges, S = sc.d.S;
+  const index_t n_pre = pre_pass_chunks(sc.plan, true);
+  shared_totals<A> tot;
+  std::unique_ptr<std::atomic<unsigned char>[]> flags;
+  if (n_pre > 0) {
+    const auto size = static_cast<index_t>(checked_size<A>("run_block_linear", "the chunk totals", {n_seq, n_pre, S}));
+    flags.reset(new std::atomic<unsigned char>[static_cast<std::size_t>(n_seq * n_pre)]);
+    for (index_t i = 0; i < n_seq * n_pre; ++i)
+      flags.get()[i].store(shared_totals<A>::kEmpty, std::memory_order_relaxed);
+    tot = {ensure(totals_buf, size), flags.get(), n_pre, S};
+  }
   blind_rows(p, sc.plan);
   parallel_for(workers, n_seq * ranges, [&](index_t task, int worker) {
     scan_workspace<A>& ws = scratch[static_cast<std::size_t>(worker)];
-    const index_t s = task / ranges, r = task % ranges;
-    const key_block<A> last = scan_range(sc, totals, s, r, ws);
+    const index_t r = task / n_seq, s = task % n_seq;
+    const key_block<A> last = scan_range(sc, tot, s, r, ws);
     if (p.states && r == ranges - 1) save_state(sc, ws.prefix.data(), last, p.states[s]);
   });
   if (p.states)
@@ -645,11 +763,12 @@ void run_block_linear(const linear_problem<T>& p, const Source& src) {
   linear_workspace<A>& wsp = p.workspace ? *p.workspace : own;
   if (static_cast<int>(wsp.workers.size()) < workers) wsp.workers.resize(static_cast<std::size_t>(workers));
   const block_scan<T, Source, Arch> sc{p, src, d, plan, load_states(p, d, plan, wsp)};
-  const chunk_totals<A> totals = range_pre_pass(sc, pre_pass_chunks(plan, pb.causal), wsp.workers, workers, wsp.totals);
-  if (pb.causal)
-    run_causal(sc, totals, wsp.workers, workers);
-  else
+  if (pb.causal) {
+    run_causal(sc, wsp.workers, workers, wsp.totals);
+  } else {
+    const chunk_totals<A> totals = range_pre_pass(sc, pre_pass_chunks(plan, false), wsp.workers, workers, wsp.totals);
     run_noncausal(sc, totals, wsp.workers, workers, wsp.grand);
+  }
 }
 
 }  // namespace polyattn::detail
