@@ -33,6 +33,7 @@ config tiny_config(attention_kind kind, bool local_exact, index_t vocab) {
   c.kind = kind, c.local_exact = local_exact;
   c.context = 12, c.layers = 2, c.dim = 8, c.heads = 2, c.batch = 2;
   c.sketch_size = 3, c.block = 4, c.degree = 4, c.threads = 1, c.seed = 7, c.vocab = vocab;
+  c.rope = false;  // the model of §9.1; the gradient check's ablation variants add RoPE and the rest
   return c;
 }
 
@@ -237,6 +238,8 @@ TEST_CASE("charlm: the data split and the command line", "[charlm]") {
   CHECK((a.rope && a.head_gain && a.learn_bias && a.beta2 == 0.99 && a.qk_lr == 3 && a.qk_gain_init == 0.5));
   CHECK(a.attn_log == "a.csv");
   CHECK(parse({"train_charlm", "--data", "x", "--normalizer-bias", "0"}).normalizer_bias == 0);
+  CHECK(parse({"train_charlm", "--data", "x"}).rope);  // the recipe of docs/design.md §9.8
+  CHECK_FALSE(parse({"train_charlm", "--data", "x", "--no-rope"}).rope);
   CHECK_FALSE(parse({"train_charlm", "--data", "x", "--normalizer-bias", "0"}).learn_bias);
   CHECK_THROWS_WITH(parse({"train_charlm", "--data", "x", "--beta2", "1"}), Catch::Contains("--beta2"));
   CHECK_THROWS_WITH(parse({"train_charlm", "--data", "x", "--rope", "--dim", "9", "--heads", "3"}),

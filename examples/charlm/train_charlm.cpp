@@ -76,8 +76,8 @@ struct config {
   index_t block = 64;         // block size of the sketched kinds (semantic with local_exact)
   index_t eval_every = 100;
   index_t val_chars = 65536;  // characters of the validation split scored at each evaluation (0: all)
-  // the ablation of docs/design.md §9.8 (defaults: the model of §9.1)
-  bool rope = false;            // rotary position embedding on q and k (before the per-head LayerNorm)
+  // the ablation of docs/design.md §9.8 (defaults: the model of §9.1 with RoPE, §9.8's recipe)
+  bool rope = true;             // rotary position embedding on q and k (before the per-head LayerNorm)
   bool head_gain = false;       // a learned per-head gain exp(τ_h) on the q given to the kernel
   double normalizer_bias = 1;   // β of the polynomial kinds
   bool learn_bias = false;      // β = exp(θ) learned per layer, θ starting at log β
@@ -1073,7 +1073,7 @@ inline double train(config c, const dataset& data) {
                kind_name(c.kind), c.sketched() && c.local_exact ? " (local_exact)" : "", (long long)c.context,
                (long long)c.layers, (long long)c.dim, (long long)c.heads, (long long)c.batch, (long long)c.steps, c.lr,
                (long long)m.num_params(), (long long)c.vocab, data.train.size(), data.val.size(), c.threads);
-  if (c.rope || c.head_gain || c.learns_bias() || c.normalizer_bias != 1 || c.beta2 != 0.95 || c.qk_lr != 1 ||
+  if (!c.rope || c.head_gain || c.learns_bias() || c.normalizer_bias != 1 || c.beta2 != 0.95 || c.qk_lr != 1 ||
       c.qk_gain_init != 1)
     std::fprintf(stderr, "charlm: rope %d, head gain %d, normaliser bias %g%s, beta2 %g, q/k lr x%g, q/k gain init %g\n",
                  int(c.rope), int(c.head_gain), c.normalizer_bias, c.learns_bias() ? " (learned)" : "", c.beta2, c.qk_lr,
@@ -1180,7 +1180,7 @@ inline const char* usage() {
          "  --eval-every S --val-chars N   evaluation period and characters scored (100, 65536; 0 = all)\n"
          "  --log FILE             CSV: step, train_loss (nats), val_bpc, seconds (training only), val_chars\n"
          "ablation (docs/design.md §9.8):\n"
-         "  --rope                 rotary position embedding on q and k (before the q/k LayerNorm)\n"
+         "  --rope, --no-rope      rotary position embedding on q and k, before the q/k LayerNorm (on)\n"
          "  --head-gain            a learned per-head gain exp(tau) on q (softmax: a temperature)\n"
          "  --normalizer-bias B|learned   beta of the polynomial kinds (1; learned: exp(theta) per layer from 1)\n"
          "  --beta2 B              AdamW beta2 (0.95)\n"
@@ -1251,6 +1251,7 @@ inline config parse_args(int argc, char** argv) {
     else if (a == "--data") c.data = value();
     else if (a == "--log") c.log = value();
     else if (a == "--rope") c.rope = true;
+    else if (a == "--no-rope") c.rope = false;
     else if (a == "--head-gain") c.head_gain = true;
     else if (a == "--normalizer-bias") {
       if (i + 1 < argc && std::string(argv[i + 1]) == "learned") c.learn_bias = true, ++i;
