@@ -14,9 +14,9 @@ import re
 import statistics
 import sys
 
-ROWS = [  # label, what changes against the default model (docs/design.md §9.1, §9.4)
-    ("soft", "softmax, defaults"),
-    ("poly", "polynomial p = 4, defaults"),
+ROWS = [  # label, what changes against the model of docs/design.md §9.1 (no RoPE)
+    ("soft", "softmax"),
+    ("poly", "polynomial p = 4"),
     ("soft_rope", "softmax + RoPE"),
     ("poly_rope", "polynomial + RoPE"),
     ("ps_rope", "polysketch r = 32 local_exact + RoPE"),
