@@ -134,7 +134,11 @@ struct parallel_job {
 };
 
 /// The helper threads. Offered jobs stay listed until their caller has claimed the last task;
-/// an idle helper takes a free slot of the first open one.
+/// an idle helper takes a free slot of the first open one, but only while fewer calls are in
+/// progress than the machine has processors: when every core already has a caller, a helper
+/// would only take time from them, and in the linear scan its range would repeat state work the
+/// caller's own ranges do (docs/design.md §5, "Concurrent callers"). A call that ends lets the
+/// helpers look again.
 class thread_pool {
  public:
   /// The process's pool, never destroyed: helpers may be asleep in it when the program exits.
@@ -154,6 +158,7 @@ class thread_pool {
   void offer(const std::shared_ptr<parallel_job>& job, int helpers) {
     {
       const std::lock_guard<std::mutex> lock(m_);
+      ++callers_;
       jobs_.push_back(job);
       offers_.fetch_add(1, std::memory_order_relaxed);
       for (; threads_ < helpers; ++threads_)
@@ -162,10 +167,16 @@ class thread_pool {
     for (int i = 0; i < helpers; ++i) wake_.notify_one();
   }
 
-  /// Unlists `job` (its tasks are all claimed).
+  /// Unlists `job` (its tasks are all claimed); a helper held back by the callers' count may
+  /// now join another open job.
   void withdraw(const parallel_job* job) {
-    const std::lock_guard<std::mutex> lock(m_);
-    jobs_.erase(std::find_if(jobs_.begin(), jobs_.end(), [&](const auto& j) { return j.get() == job; }));
+    {
+      const std::lock_guard<std::mutex> lock(m_);
+      jobs_.erase(std::find_if(jobs_.begin(), jobs_.end(), [&](const auto& j) { return j.get() == job; }));
+      --callers_;
+      if (jobs_.empty()) return;
+    }
+    wake_.notify_one();
   }
 
  private:
@@ -190,6 +201,7 @@ class thread_pool {
   }
 
   std::shared_ptr<parallel_job> first_open() const {
+    if (callers_ >= processors_) return nullptr;
     for (const auto& j : jobs_)
       if (j->open()) return j;
     return nullptr;
@@ -222,6 +234,8 @@ class thread_pool {
   std::condition_variable wake_;
   std::vector<std::shared_ptr<parallel_job>> jobs_;
   int threads_ = 0;
+  int callers_ = 0;  // calls between offer and withdraw (guarded by m_)
+  const int processors_ = std::max(1, omp_get_num_procs());
   std::atomic<unsigned> offers_{0};  // jobs offered so far (what a spinning helper watches)
 };
 
