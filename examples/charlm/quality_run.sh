@@ -1,17 +1,26 @@
 #!/bin/sh
-# The quality run of train_charlm: the same model, data and number of steps for softmax,
-# polynomial (p = 4), polysketch (r = 32, local_exact) and learned (r = 32, local_exact), first at
-# the default context (256) and then at context 2048 (the defaults include RoPE since the ablation
-# of docs/design.md §9.8; the committed table predates it), then the plot and table
-# (docs/charlm_quality.png, docs/charlm_quality.md) from the CSV logs.
+# The quality run of train_charlm (docs/design.md §9.7, §9.8): the same model, data and steps for
+# softmax, polynomial (p = 4), polysketch (r = 32, local_exact) and learned (r = 32,
+# local_exact), at context 256 (batch 16, 2000 steps) and context 1024 (batch 4, 1000 steps), two
+# seeds each; then the plot and table (docs/charlm_quality.png, docs/charlm_quality.md).
 #
 #   sh examples/charlm/quality_run.sh [BUILD_DIR [OUT_DIR]]
 #
+# Two passes:
+# 1. The curves. Every run trains on one thread (the same bits for a given seed on any thread
+#    count), JOBS runs side by side, longest first. Bits/char do not depend on the machine's
+#    load, so this pass may share the machine. A run whose log reaches its last step is skipped,
+#    so an interrupted pass continues.
+# 2. The clock. One short run per kind and context with THREADS threads (2), one at a time:
+#    ms/step is the training time from step TIMING_FROM to TIMING_STEPS over the steps between.
+#    The wall-clock axis and the time-to-quality table are steps x this ms/step, so this pass
+#    needs a quiet machine (the load average before each timing run is recorded).
+#
 # BUILD_DIR (default build/test) must hold examples/charlm/train_charlm and kjv.txt
-# (cmake --preset test && cmake --build build/test -j2 --target charlm_data). It takes about an
-# hour of both cores: run it on a quiet machine, every run is timed. STEPS, LONG_STEPS,
-# THREADS, DATA (another text) and DOCS (where the plot and table go) override the defaults
-# from the environment.
+# (cmake --preset test && cmake --build build/test -j2 --target train_charlm charlm_data). About
+# 90 minutes of both cores for pass 1, 5 minutes for pass 2. STEPS, LONG_STEPS, SEEDS ("1 2"),
+# JOBS (2), THREADS, DATA (another text) and DOCS (where the plot and table go) override the
+# defaults from the environment.
 set -eu
 cd "$(dirname "$0")/../.."
 build=${1:-build/test}
@@ -20,28 +29,54 @@ bin=$build/examples/charlm/train_charlm
 data=${DATA:-$build/examples/charlm/kjv.txt}
 docs=${DOCS:-docs}
 steps=${STEPS:-2000}            # context 256, batch 16: 4096 tokens a step
-long_steps=${LONG_STEPS:-600}   # context 2048, batch 2: 4096 tokens a step
-threads=${THREADS:-2}
+long_steps=${LONG_STEPS:-1000}  # context 1024, batch 4: 4096 tokens a step
+seeds=${SEEDS:-1 2} jobs=${JOBS:-2} threads=${THREADS:-2}
+timing_from=20 timing_steps=60
 [ -x "$bin" ] && [ -f "$data" ] || { echo "quality_run: build $bin and $data first" >&2; exit 1; }
 mkdir -p "$out"
-manifest=$out/runs.tsv
-printf 'label\tkind\tcontext\tbatch\tsteps\tcsv\tload_before\n' > "$manifest"
 
-run() {  # label context batch steps block -- attention flags
-  label=$1 context=$2 batch=$3 n=$4 block=$5
-  shift 6
-  load=$(cut -d' ' -f1 /proc/loadavg)
-  echo "== $label: context $context, batch $batch, $n steps (load average $load)" >&2
-  "$bin" --data "$data" "$@" --context "$context" --batch "$batch" --steps "$n" --block "$block" \
-    --degree 4 --sketch-size 32 --threads "$threads" --seed 1 --log "$out/$label.csv"
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$2" "$context" "$batch" "$n" "$label.csv" "$load" >> "$manifest"
+# kind: flags, longest run first
+kinds() {
+  cat <<'KINDS'
+learned: --attention learned --local-exact
+polysketch: --attention polysketch --local-exact
+polynomial: --attention polynomial
+softmax: --attention softmax
+KINDS
 }
+# context batch steps block
+contexts() { printf '256 16 %s 64\n1024 4 %s 256\n' "$steps" "$long_steps"; }
 
-for ctx in 256 2048; do
-  if [ $ctx = 256 ]; then batch=16 n=$steps block=64; else batch=2 n=$long_steps block=256; fi
-  run "ctx${ctx}_softmax" $ctx $batch $n $block -- --attention softmax
-  run "ctx${ctx}_polynomial" $ctx $batch $n $block -- --attention polynomial
-  run "ctx${ctx}_polysketch" $ctx $batch $n $block -- --attention polysketch --local-exact
-  run "ctx${ctx}_learned" $ctx $batch $n $block -- --attention learned --local-exact
+manifest=$out/runs.tsv
+printf 'label\tkind\tcontext\tbatch\tsteps\tseed\tcsv\n' > "$manifest"
+timing=$out/timing.tsv
+[ -f "$timing" ] || printf 'kind\tcontext\tbatch\tthreads\tms_per_step\tload_before\n' > "$timing"
+
+# Pass 1: the curves.
+kinds | while IFS=: read -r kind flags; do
+  contexts | while read -r ctx batch n block; do
+    for seed in $seeds; do
+      label=ctx${ctx}_${kind}_s$seed
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$kind" "$ctx" "$batch" "$n" "$seed" "$label.csv" >> "$manifest"
+      if [ -f "$out/$label.csv" ] && grep -q "^$n," "$out/$label.csv"; then continue; fi
+      echo "$bin --data $data --context $ctx --batch $batch --steps $n --block $block --degree 4 --sketch-size 32 --threads 1 --seed $seed --log $out/$label.csv $flags"
+    done
+  done
+done | xargs -P "$jobs" -I{} sh -c 'echo "== {}" >&2; {} > /dev/null 2>&1 || echo "quality_run: failed: {}" >&2'
+
+# Pass 2: the clock.
+kinds | while IFS=: read -r kind flags; do
+  contexts | while read -r ctx batch n block; do
+    if grep -q "^$kind	$ctx	" "$timing"; then continue; fi
+    load=$(cut -d' ' -f1 /proc/loadavg)
+    echo "== timing $kind at context $ctx, $threads threads (load average $load)" >&2
+    log=$out/timing_ctx${ctx}_$kind.csv
+    "$bin" --data "$data" --context "$ctx" --batch "$batch" --steps "$timing_steps" --block "$block" \
+      --degree 4 --sketch-size 32 --threads "$threads" --seed 1 --eval-every "$timing_from" --val-chars 4096 \
+      --log "$log" $flags > /dev/null
+    ms=$(awk -F, -v a="$timing_from" -v b="$timing_steps" \
+      '$1 == a { t0 = $4 } $1 == b { t1 = $4 } END { printf "%.1f", 1000 * (t1 - t0) / (b - a) }' "$log")
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$ctx" "$batch" "$threads" "$ms" "$load" >> "$timing"
+  done
 done
 /usr/bin/python3 examples/charlm/plot_quality.py "$out" "$docs/charlm_quality.png" "$docs/charlm_quality.md"
