@@ -362,6 +362,59 @@ TEST_CASE("modifiers: the same bits for 1 and 2 threads", "[modifiers][threads]"
   }
 }
 
+TEMPLATE_TEST_CASE("modifiers: the softcap's tanh against std::tanh", "[modifiers]", float, double) {
+  // detail::vtanh: float is a degree-4/4 rational on x clamped to ±9 (tools/fit_tanh.py), double
+  // xsimd's tanh. Every x of [−12, 12] in steps of 2^-14, and the special values.
+  using B = detail::batch<TestType, detail::default_arch>;
+  constexpr std::size_t W = B::size;
+  const double bound = std::is_same_v<TestType, float> ? 5e-7 : 1e-15;  // relative
+  alignas(64) TestType in[W], out[W];
+  double worst = 0, worst_x = 0;
+  for (double x0 = -12; x0 < 12; x0 += double(W) / 16384) {
+    for (std::size_t i = 0; i < W; ++i) in[i] = static_cast<TestType>(x0 + double(i) / 16384);
+    detail::vtanh(B::load_aligned(in)).store_aligned(out);
+    for (std::size_t i = 0; i < W; ++i) {
+      const double ref = std::tanh(static_cast<double>(in[i]));
+      const double err = ref == 0 ? std::abs(double(out[i])) : std::abs(double(out[i]) - ref) / std::abs(ref);
+      if (err > worst) worst = err, worst_x = double(in[i]);
+    }
+  }
+  INFO("worst relative error " << worst << " at x = " << worst_x);
+  CHECK(worst <= bound);
+  constexpr TestType inf = std::numeric_limits<TestType>::infinity();
+  const TestType special[] = {inf, -inf, std::numeric_limits<TestType>::quiet_NaN(), TestType(0), -TestType(0),
+                              TestType(1e30), TestType(-1e30), std::numeric_limits<TestType>::denorm_min()};
+  for (std::size_t i = 0; i < W; ++i) in[i] = special[i % 8];
+  detail::vtanh(B::load_aligned(in)).store_aligned(out);
+  for (std::size_t i = 0; i < W; ++i) {
+    INFO("x = " << in[i] << ", tanh = " << out[i]);
+    if (std::isnan(in[i]))
+      CHECK(std::isnan(out[i]));
+    else if (in[i] == 0 || std::abs(in[i]) < 1e-30)
+      CHECK((out[i] == in[i] && std::signbit(out[i]) == std::signbit(in[i])));
+    else
+      CHECK(out[i] == (in[i] > 0 ? TestType(1) : TestType(-1)));
+  }
+}
+
+TEST_CASE("modifiers: the softcap as a product's epilogue gives the bits of the pass over a tile", "[modifiers]") {
+  // The forward caps scores as the product stores them (softcap_scores), the backward in a pass
+  // over the recomputed tile (softcap_span): the backward's P = exp(s − lse) needs the same s.
+  using A = float;
+  using Arch = detail::default_arch;
+  constexpr std::size_t W = detail::batch<A, Arch>::size;
+  std::mt19937 gen(5);
+  std::normal_distribution<A> nd(0, 40);
+  std::vector<A> x(64 * W);
+  for (A& e : x) e = nd(gen);
+  std::vector<A> span = x, epi(x.size());
+  detail::softcap_span<A, Arch>(span.data(), index_t(x.size()), A(30), nullptr);
+  const detail::softcap_scores<A, Arch> cap{A(30)};
+  for (std::size_t k = 0; k < x.size(); k += W)
+    cap(detail::batch<A, Arch>::load_unaligned(x.data() + k)).store_unaligned(epi.data() + k);
+  CHECK(std::memcmp(span.data(), epi.data(), x.size() * sizeof(A)) == 0);
+}
+
 TEST_CASE("modifiers: validation", "[modifiers][validation]") {
   const shape s{1, 4, 2, 5, 6, 4, 4};
   problem<float> p(s, 1);

@@ -22,11 +22,20 @@ struct gemm_tile {
   static constexpr int kNr = wide_register_file ? 4 : 2;
 };
 
-/// C[MR x NR·W] (+)= A[MR x kc] · B[kc x NR·W] with A(i, p) = a[i·a_rs + p·a_cs] broadcast
-/// and B row p = b + p·ldb loaded as NR vectors.
-template <int MR, int NR, class T, class Arch>
+/// The epilogue of a plain product: C's vectors are stored as they are.
+struct store_as_is {
+  template <class B>
+  B operator()(const B& x) const {
+    return x;
+  }
+};
+
+/// C[MR x NR·W] = ep((accumulate ? C : 0) + A[MR x kc] · B[kc x NR·W]) with A(i, p) =
+/// a[i·a_rs + p·a_cs] broadcast and B row p = b + p·ldb loaded as NR vectors; ep maps a vector
+/// of C to the vector stored (the softcap of the exact forward's scores, modifiers.hpp).
+template <int MR, int NR, class T, class Arch, class Epilogue>
 inline void gemm_micro(index_t kc, const T* a, index_t a_rs, index_t a_cs, const T* b, index_t ldb, T* c,
-                       index_t ldc, bool accumulate) {
+                       index_t ldc, bool accumulate, const Epilogue& ep) {
   using B = batch<T, Arch>;
   constexpr index_t W = B::size;
   B acc[to_size(MR)][to_size(NR)];
@@ -53,52 +62,53 @@ inline void gemm_micro(index_t kc, const T* a, index_t a_rs, index_t a_cs, const
     for (int n = 0; n < NR; ++n) {
       T* cp = c + m * ldc + n * W;
       if (accumulate)
-        (B::load_unaligned(cp) + acc[m][n]).store_unaligned(cp);
+        ep(B::load_unaligned(cp) + acc[m][n]).store_unaligned(cp);
       else
-        acc[m][n].store_unaligned(cp);
+        ep(acc[m][n]).store_unaligned(cp);
     }
 }
 
-template <int MR, int NR, class T, class Arch>
+template <int MR, int NR, class T, class Arch, class Epilogue>
 inline void gemm_row_panel(index_t nv, index_t kc, const T* a, index_t a_rs, index_t a_cs, const T* b, index_t ldb,
-                           T* c, index_t ldc, bool accumulate) {
+                           T* c, index_t ldc, bool accumulate, const Epilogue& ep) {
   constexpr index_t W = simd_width<T, Arch>;
   index_t j = 0;
-  for (; j + NR <= nv; j += NR) gemm_micro<MR, NR, T, Arch>(kc, a, a_rs, a_cs, b + j * W, ldb, c + j * W, ldc, accumulate);
+  for (; j + NR <= nv; j += NR)
+    gemm_micro<MR, NR, T, Arch>(kc, a, a_rs, a_cs, b + j * W, ldb, c + j * W, ldc, accumulate, ep);
   if constexpr (NR > 1) {
     if (j < nv) {
       // remainder of fewer than NR vectors: peel one vector at a time through the NR-1 variant
-      gemm_row_panel<MR, NR - 1, T, Arch>(nv - j, kc, a, a_rs, a_cs, b + j * W, ldb, c + j * W, ldc, accumulate);
+      gemm_row_panel<MR, NR - 1, T, Arch>(nv - j, kc, a, a_rs, a_cs, b + j * W, ldb, c + j * W, ldc, accumulate, ep);
     }
   }
 }
 
-template <int MR, class T, class Arch>
+template <int MR, class T, class Arch, class Epilogue>
 inline void gemm_rows_tail(index_t rows, index_t nv, index_t kc, const T* a, index_t a_rs, index_t a_cs, const T* b,
-                           index_t ldb, T* c, index_t ldc, bool accumulate) {
+                           index_t ldb, T* c, index_t ldc, bool accumulate, const Epilogue& ep) {
   if constexpr (MR > 0) {
     if (rows == MR)
-      gemm_row_panel<MR, gemm_tile<T, Arch>::kNr, T, Arch>(nv, kc, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
+      gemm_row_panel<MR, gemm_tile<T, Arch>::kNr, T, Arch>(nv, kc, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, ep);
     else
-      gemm_rows_tail<MR - 1, T, Arch>(rows, nv, kc, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
+      gemm_rows_tail<MR - 1, T, Arch>(rows, nv, kc, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, ep);
   }
 }
 
-/// C[m x n] = (accumulate ? C : 0) + A[m x k] · B[k x n].
-/// A is addressed through two strides (so A or Aᵀ of a row-major buffer both work) and read
+/// C[m x n] = ep((accumulate ? C : 0) + A[m x k] · B[k x n]), ep applied to each vector of C
+/// (by default none). A is addressed through two strides (so A or Aᵀ of a row-major buffer both work) and read
 /// one scalar at a time; B and C are row-major and read/written in whole vectors, so their
 /// rows must be readable/writable up to n rounded up to the vector width.
-template <class T, class Arch = default_arch>
+template <class T, class Arch = default_arch, class Epilogue = store_as_is>
 void gemm(index_t m, index_t n, index_t k, const T* a, index_t a_rs, index_t a_cs, const T* b, index_t ldb, T* c,
-          index_t ldc, bool accumulate) {
+          index_t ldc, bool accumulate, const Epilogue& ep = Epilogue{}) {
   constexpr int MR = gemm_tile<T, Arch>::kMr;
   constexpr int NR = gemm_tile<T, Arch>::kNr;
   const index_t nv = ceil_div(n, simd_width<T, Arch>);
   index_t i = 0;
   for (; i + MR <= m; i += MR)
-    gemm_row_panel<MR, NR, T, Arch>(nv, k, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc, accumulate);
+    gemm_row_panel<MR, NR, T, Arch>(nv, k, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc, accumulate, ep);
   if (i < m)
-    gemm_rows_tail<MR - 1, T, Arch>(m - i, nv, k, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc, accumulate);
+    gemm_rows_tail<MR - 1, T, Arch>(m - i, nv, k, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc, accumulate, ep);
 }
 
 /// Packs a B operand from rows: dst[c·ld_dst + i] = factor · src[i·ld_src + c] for i < n,

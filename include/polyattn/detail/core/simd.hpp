@@ -92,6 +92,32 @@ inline xsimd::batch<T, Arch> vexp(const xsimd::batch<T, Arch>& x) {
   }
 }
 
+/// 1/x lane by lane for float: the ISA's reciprocal estimate (AVX-512 rcp14, relative error
+/// below 2^-14; SSE/AVX rcp, 1.5·2^-12) refined by one Newton step, r·(2 − x·r): relative error
+/// about 2^-23 after rcp14 and 2^-22 after rcp, in four instructions where a division occupies
+/// its unit for 5–10 cycles a vector. For x whose reciprocal is normal and finite.
+template <class Arch>
+inline xsimd::batch<float, Arch> vrecip(const xsimd::batch<float, Arch>& x) {
+  using B = xsimd::batch<float, Arch>;
+  B r(1.0f);
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+#if XSIMD_WITH_AVX512F
+    r = B(_mm512_rcp14_ps(x));
+#endif
+  } else if constexpr (std::is_base_of<xsimd::avx, Arch>::value) {
+#if XSIMD_WITH_AVX
+    r = B(_mm256_rcp_ps(x));
+#endif
+  } else if constexpr (std::is_base_of<xsimd::sse2, Arch>::value) {
+#if XSIMD_WITH_SSE2
+    r = B(_mm_rcp_ps(x));
+#endif
+  } else {
+    return B(1.0f) / x;
+  }
+  return r * xsimd::fnma(x, r, B(2.0f));
+}
+
 /// xsimd::hadd(x): the sum of the lanes.
 template <class T, class Arch>
 inline T vsum(const xsimd::batch<T, Arch>& x) {

@@ -42,18 +42,47 @@ score_modifiers<A> modifiers_of(const softmax_options& opts) {
                             static_cast<A>(opts.softcap)};
 }
 
-/// tanh(x) lane by lane: xsimd::tanh on x clamped to [−20, 20] (tanh is ±1 there in float and
-/// double), a NaN lane going in as 0 and coming out as the NaN it was: xsimd's tanh reaches exp,
-/// whose integer conversion is undefined for non-finite or huge arguments (as vexp, simd.hpp).
-/// (Eigen's rational float approximation, 10 FMAs and a reciprocal, measured no faster in the
-/// softcap and 5x less accurate: docs/design_exact.md, "Score modifiers".)
+/// tanh(x) lane by lane. Float: the rational x·P(x²)/Q(x²), P and Q of degree 4 in x², fitted
+/// for the least maximum relative error on [0, 9] (tools/fit_tanh.py; 2.5e-8 in exact arithmetic,
+/// below 4e-7 = 6 ulp with float rounding and vrecip's reciprocal), on x clamped to [−9, 9]:
+/// tanh(9) = 1 − 3e-8 rounds to 1. 12 FMAs or multiplies, the clamp and vrecip, about half of
+/// xsimd::tanh's instructions (docs/design_exact.md, "Score modifiers"). A NaN lane stays NaN: the
+/// clamp's min and max return their second operand, x, when a lane is NaN (x86 minps/maxps).
+/// Double: xsimd::tanh on x clamped to [−20, 20], a NaN lane going in as 0 and coming out as the
+/// NaN it was (xsimd's tanh reaches exp, whose integer conversion is undefined for non-finite
+/// or huge arguments, as vexp in simd.hpp).
 template <class T, class Arch>
 batch<T, Arch> vtanh(const batch<T, Arch>& x) {
   using B = batch<T, Arch>;
-  const auto nan = xsimd::isnan(x);
-  const B safe = xsimd::min(xsimd::max(xsimd::select(nan, B(T(0)), x), B(T(-20))), B(T(20)));
-  return xsimd::select(nan, x, xsimd::tanh(safe));
+  if constexpr (std::is_same_v<T, float>) {
+    const B c = vmax(B(-9.0f), vmin(B(9.0f), x));
+    const B u = c * c;
+    B p = xsimd::fma(u, B(1.319272468e-08f), B(2.048557255e-05f));
+    p = xsimd::fma(u, p, B(3.487831004e-03f));
+    p = xsimd::fma(u, p, B(1.337442213e-01f));
+    p = xsimd::fma(u, p, B(9.999999763e-01f));
+    B q = xsimd::fma(u, B(7.708257377e-07f), B(3.273118378e-04f));
+    q = xsimd::fma(u, q, B(2.584724104e-02f));
+    q = xsimd::fma(u, q, B(4.670773498e-01f));
+    q = xsimd::fma(u, q, B(1.0f));
+    return (c * p) * vrecip(q);
+  } else {
+    const auto nan = xsimd::isnan(x);
+    const B safe = vmin(vmax(xsimd::select(nan, B(T(0)), x), B(T(-20))), B(T(20)));
+    return xsimd::select(nan, x, xsimd::tanh(safe));
+  }
 }
+
+/// The softcap of one vector of scores, cap·tanh(s / cap): a gemm epilogue (gemm.hpp), so the
+/// exact forward caps its scores as the product stores them instead of in a second pass over the
+/// tile (which cost 5 % of flash's time at N = 4096: docs/design_exact.md, "Score modifiers").
+template <class A, class Arch>
+struct softcap_scores {
+  A cap;
+  batch<A, Arch> operator()(const batch<A, Arch>& s) const {
+    return batch<A, Arch>(cap) * vtanh(s * batch<A, Arch>(A(1) / cap));
+  }
+};
 
 /// x[k] = cap·tanh(x[k] / cap) for k in [0, n) (n a whole number of vectors); with g, also
 /// g[k] = 1 − tanh², the derivative the backward multiplies dS by.
@@ -63,7 +92,7 @@ void softcap_span(A* x, index_t n, A cap, A* g) {
   const B c(cap), inv(A(1) / cap), one(A(1));
   for (index_t k = 0; k < n; k += simd_width<A, Arch>) {
     const B t = vtanh(B::load_unaligned(x + k) * inv);
-    (c * t).store_unaligned(x + k);
+    (c * t).store_unaligned(x + k);  // the bits of softcap_scores
     if (g) xsimd::fnma(t, t, one).store_unaligned(g + k);
   }
 }
@@ -91,13 +120,14 @@ void multiply_into(A* x, const A* y, index_t n) {
     (B::load_unaligned(x + k) * B::load_unaligned(y + k)).store_unaligned(x + k);
 }
 
-/// Softcap and ALiBi on a transposed score tile of head h: row r = key j0 + r, lane i = the
-/// query at position p0 + i, `lanes` lanes (whole vectors) per row of stride ld. With g (the
-/// backward, softcap on) the derivative of the cap is written to g in the same layout.
+/// Softcap (unless `capped`: the product applied it, softcap_scores) and ALiBi on a transposed
+/// score tile of head h: row r = key j0 + r, lane i = the query at position p0 + i, `lanes`
+/// lanes (whole vectors) per row of stride ld. With g (the backward, softcap on) the derivative
+/// of the cap is written to g in the same layout.
 template <class A, class Arch>
 void modify_score_tile(const score_modifiers<A>& mods, index_t h, A* st, index_t rows, index_t ld, index_t lanes,
-                       index_t j0, index_t p0, A* g) {
-  if (mods.softcap != A(0))
+                       index_t j0, index_t p0, A* g, bool capped = false) {
+  if (mods.softcap != A(0) && !capped)
     for (index_t r = 0; r < rows; ++r) softcap_span<A, Arch>(st + r * ld, lanes, mods.softcap, g ? g + r * ld : nullptr);
   if (mods.alibi)
     for (index_t r = 0; r < rows; ++r) add_position_bias<A, Arch>(st + r * ld, lanes, mods.slope(h), j0 + r - p0, -1);

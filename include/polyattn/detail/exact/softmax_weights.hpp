@@ -23,13 +23,15 @@ namespace polyattn::detail {
 /// gives p = 0 and alpha = 0 rather than NaN, so fully masked rows end with l = 0 and output 0.
 template <class T, class Arch = default_arch>
 struct softmax_weights {
-  /// Set for calls with score modifiers (softmax_weights_for): weights below eps² (1.4e-14 in
-  /// float, 1.2e-32 in double) of the row's running maximum are flushed to 0. ALiBi spreads a
-  /// row's scores over hundreds, so many exp(s − m) and the dS = p·(dp − D) made from them land
-  /// in the subnormal range, where each multiply that reads them runs about 50x slower on x86
-  /// (ALiBi's backward took 1.9x plain flash's time). Flushed weights change an output by less
-  /// than Nk·eps²·max|v|, below one rounding for any Nk < 1/eps. Off for calls without
-  /// modifiers, which keep their bits.
+  /// Set for calls with ALiBi (softmax_weights_for): weights below eps² (1.4e-14 in float,
+  /// 1.2e-32 in double) of the row's running maximum are flushed to 0. ALiBi spreads a row's
+  /// scores over hundreds, so many exp(s − m) and the dS = p·(dp − D) made from them land in the
+  /// subnormal range, where each multiply that reads them runs about 50x slower on x86 (ALiBi's
+  /// backward took 1.9x plain flash's time). Flushed weights change an output by less than
+  /// Nk·eps²·max|v|, below one rounding for any Nk < 1/eps. Off otherwise: sinks leave the
+  /// scores alone and a softcap narrows their spread, so those calls, like calls without
+  /// modifiers, keep their subnormal weights (and the flush's compare and blend, 1.5 % of a
+  /// softcapped forward).
   bool flush_subnormal = false;
 
   static constexpr T masked_score() { return -std::numeric_limits<T>::infinity(); }
@@ -183,11 +185,11 @@ T softmax_scale(const softmax_options& opts, index_t head_dim) {
   return head_dim > 0 ? static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim))) : T(1);
 }
 
-/// The weights of a softmax call with these modifiers: subnormal weights flushed when any is set.
+/// The weights of a softmax call with these modifiers: subnormal weights flushed with ALiBi.
 template <class A>
 softmax_weights<A> softmax_weights_for(const score_modifiers<A>& mods) {
   softmax_weights<A> w;
-  w.flush_subnormal = mods.any();
+  w.flush_subnormal = mods.alibi != nullptr;
   return w;
 }
 

@@ -92,31 +92,43 @@ void prepare_forward_scratch(const forward_pass<T, Weights>& f, attention_scratc
   }
 }
 
-/// Sᵀ[nk x lanes] = K_blk · Qᵀ (scaled) into s.st, for keys [j0, j0 + nk) of one part.
+/// Sᵀ[nk x lanes] = K_blk · Qᵀ (scaled) into s.st, for keys [j0, j0 + nk) of one part; with
+/// `capped`, the softcap applied as the fp32 product is stored (softcap_scores). Returns whether
+/// it was (the bf16 pair product scales its scores after storing them, so it leaves the cap to
+/// modify_score_tile).
 template <class T, class Weights, class Arch>
-void key_block_scores(const forward_pass<T, Weights>& f, attention_scratch<accum_t<T>>& s, const query_block& qb,
-                      index_t j0, index_t nk, const kv_part<T>& part) {
+bool key_block_scores(const forward_pass<T, Weights>& f, attention_scratch<accum_t<T>>& s, const query_block& qb,
+                      index_t j0, index_t nk, const kv_part<T>& part, bool capped = false) {
   using A = accum_t<T>;
   const index_t lanes = qb.lanes, d = f.d;
   A* st = s.st.data();
-  if (d == 0) {  // no product: every score is 0 (do not form pointers into a possibly null view)
+  if (d == 0) {  // no product: every score is 0, capped or not (do not form pointers into a possibly null view)
     std::fill(st, st + nk * lanes, A(0));
-    return;
+    return capped;
   }
   const T* kblk = part.k_row(qb.b, qb.hk, j0);
   const index_t ks = part.k.stride(2);
+  auto product = [&](const A* k, index_t k_rs) {
+    if (capped)
+      gemm<A, Arch>(nk, lanes, d, k, k_rs, 1, s.qt.data(), lanes, st, lanes, false,
+                    softcap_scores<A, Arch>{f.pb.mods.softcap});
+    else
+      gemm<A, Arch>(nk, lanes, d, k, k_rs, 1, s.qt.data(), lanes, st, lanes, false);
+  };
   if constexpr (bf16_pairs<T, Arch>) {
     gemm_pairs<Arch>(nk, lanes, ceil_div(d, 2), d % 2 != 0, reinterpret_cast<const std::uint16_t*>(kblk), ks, 2,
                      s.qw.data(), lanes, st, lanes, false);
     // Qᵀ is packed unscaled (exact): the scale multiplies the fp32 scores
     if (f.pb.scale != A(1))
       for (index_t r = 0; r < nk; ++r) scale_padded<A, Arch>(st + r * lanes, lanes, f.pb.scale);
+    return false;
   } else if constexpr (is_half_v<T>) {
     for (index_t r = 0; r < nk; ++r) widen(kblk + r * ks, d, s.kpack.data() + r * d);
-    gemm<A, Arch>(nk, lanes, d, s.kpack.data(), d, 1, s.qt.data(), lanes, st, lanes, false);
+    product(s.kpack.data(), d);
   } else {
-    gemm<A, Arch>(nk, lanes, d, kblk, ks, 1, s.qt.data(), lanes, st, lanes, false);
+    product(kblk, ks);
   }
+  return capped;
 }
 
 /// O[nq x dv] += P · V_blk for keys [j0, j0 + nk) of one part, with P(i, j) = Pᵀ(j, i) =
@@ -180,9 +192,9 @@ void forward_key_block(const forward_pass<T, Weights>& f, attention_scratch<accu
   using A = accum_t<T>;
   const index_t lanes = qb.lanes;
   A* st = s.st.data();
-  key_block_scores<T, Weights, Arch>(f, s, qb, j0, nk, part);
-  if (f.pb.mods.transforms())  // softcap, ALiBi (modifiers.hpp), before the mask
-    modify_score_tile<A, Arch>(f.pb.mods, qb.h, st, nk, lanes, lanes, j0, qb.i0 + f.mask.offset(), nullptr);
+  const bool capped = key_block_scores<T, Weights, Arch>(f, s, qb, j0, nk, part, f.pb.mods.softcap != A(0));
+  if (f.pb.mods.transforms())  // softcap (unless the product applied it), ALiBi (modifiers.hpp), before the mask
+    modify_score_tile<A, Arch>(f.pb.mods, qb.h, st, nk, lanes, lanes, j0, qb.i0 + f.mask.offset(), nullptr, capped);
   const bool partial = f.mask.partial(qb.i0, qb.nq, j0, nk);
   if (partial) f.mask.hide(st, lanes, lanes, qb.i0, j0, nk, Weights::masked_score());
   if (f.weights.apply(st, nk, lanes, lanes, s.m.data(), s.l.data(), s.alpha.data()))
