@@ -12,6 +12,9 @@
 
 using polyattn::index_t;
 using polyattn::detail::parallel_for;
+#if POLYATTN_HAS_OPENMP
+using polyattn::detail::thread_pool;
+#endif
 
 TEST_CASE("parallel_for runs every task once, on workers below the thread count", "[threads]") {
   for (int threads : {1, 2, 3, 8})
@@ -82,10 +85,7 @@ TEST_CASE("parallel_for inside a task runs on that task's thread; concurrent cal
   CHECK(total.load() == 4L * 200 * (15 * 16 / 2));
 }
 
-#if POLYATTN_HAS_OPENMP && defined(POLYATTN_HAS_PTHREAD_ATFORK)
-#include <sys/wait.h>
-#include <unistd.h>
-
+#if POLYATTN_HAS_OPENMP
 #include <chrono>
 
 namespace {
@@ -107,6 +107,28 @@ bool two_tasks_overlap(std::chrono::milliseconds patience) {
 }
 
 }  // namespace
+
+TEST_CASE("parallel_for: no helper joins while every processor has a caller", "[threads]") {
+  // The concurrent-callers rule (thread_pool::first_open): with as many calls in progress as
+  // processors, a helper would only take a core from a caller. Pretending the machine has one
+  // processor makes a single caller enough to hold the helpers back.
+  thread_pool& pool = thread_pool::instance();
+  pool.assume_processors(2);
+  const bool joined = two_tasks_overlap(std::chrono::seconds(5));  // a helper joins a lone caller
+  pool.assume_processors(1);
+  const bool held_back = !two_tasks_overlap(std::chrono::milliseconds(300));
+  pool.assume_processors(2);
+  const bool joined_again = two_tasks_overlap(std::chrono::seconds(5));
+  pool.assume_processors(0);
+  CHECK(joined);
+  CHECK(held_back);
+  CHECK(joined_again);
+}
+#endif
+
+#if POLYATTN_HAS_OPENMP && defined(POLYATTN_HAS_PTHREAD_ATFORK)
+#include <sys/wait.h>
+#include <unistd.h>
 
 TEST_CASE("parallel_for in a child process after fork() has helper threads again", "[threads]") {
   // fork copies only the calling thread: a child that kept the parent's pool would believe it

@@ -167,6 +167,16 @@ class thread_pool {
     for (int i = 0; i < helpers; ++i) wake_.notify_one();
   }
 
+  /// Makes the pool count `n` processors instead of omp_get_num_procs() (n <= 0: that count
+  /// again), so a test can pin the concurrent-callers rule on any machine (test_threading).
+  void assume_processors(int n) {
+    {
+      const std::lock_guard<std::mutex> lock(m_);
+      processors_ = n > 0 ? n : std::max(1, omp_get_num_procs());
+    }
+    wake_.notify_all();
+  }
+
   /// Unlists `job` (its tasks are all claimed); a helper held back by the callers' count may
   /// now join another open job.
   void withdraw(const parallel_job* job) {
@@ -235,7 +245,7 @@ class thread_pool {
   std::vector<std::shared_ptr<parallel_job>> jobs_;
   int threads_ = 0;
   int callers_ = 0;  // calls between offer and withdraw (guarded by m_)
-  const int processors_ = std::max(1, omp_get_num_procs());
+  int processors_ = std::max(1, omp_get_num_procs());  // (guarded by m_)
   std::atomic<unsigned> offers_{0};  // jobs offered so far (what a spinning helper watches)
 };
 
