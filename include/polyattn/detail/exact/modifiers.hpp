@@ -44,10 +44,12 @@ score_modifiers<A> modifiers_of(const softmax_options& opts) {
 
 /// tanh(x) lane by lane. Float: the rational x·P(x²)/Q(x²), P and Q of degree 4 in x², fitted
 /// for the least maximum relative error on [0, 9] (tools/fit_tanh.py; 2.5e-8 in exact arithmetic,
-/// below 4e-7 = 6 ulp with float rounding and vrecip's reciprocal), on x clamped to [−9, 9]:
-/// tanh(9) = 1 − 3e-8 rounds to 1. 12 FMAs or multiplies, the clamp and vrecip, about half of
-/// xsimd::tanh's instructions (docs/design_exact.md, "Score modifiers"). A NaN lane stays NaN: the
-/// clamp's min and max return their second operand, x, when a lane is NaN (x86 minps/maxps).
+/// 3–5e-7 = 5–8 ulp with float rounding and vrecip's reciprocal), on x clamped to [−9, 9]
+/// (tanh(9) = 1 − 3e-8 rounds to 1). Near ±9 the result may pass ±1 by an ulp or two, within
+/// that error; clamping it too cost the softcapped forward 2–4 % (docs/design_exact.md, "Score
+/// modifiers"). 12 FMAs or multiplies, the clamp and vrecip, about half of xsimd::tanh's
+/// instructions. A NaN lane stays NaN: the clamp's min and max return their second operand
+/// when a lane is NaN (x86 minps/maxps).
 /// Double: xsimd::tanh on x clamped to [−20, 20], a NaN lane going in as 0 and coming out as the
 /// NaN it was (xsimd's tanh reaches exp, whose integer conversion is undefined for non-finite
 /// or huge arguments, as vexp in simd.hpp).
