@@ -200,6 +200,42 @@ TEMPLATE_TEST_CASE("causal scan: one thread running every range computes no tota
   }
 }
 
+// A range that finds the totals before it still being written does its first block's state
+// pass before it computes its own copies of them (scan_range's `meanwhile`: the pass reads no
+// prefix, and meanwhile the writer may publish); its output rows are still the 1-thread bits.
+TEMPLATE_TEST_CASE("causal scan: a range facing stuck totals does its first state pass first", "[linear][threads][scan]",
+                   float, double) {
+  using T = TestType;
+  using source = detail::view_feature_source<T>;
+  const linear_shape s{1, 1, 1, 900, 900, 12, 8, false};
+  linear_inputs<T> in(s, 35);
+  const tensor4<T> one = causal_scan(in, s, 1);
+  tensor4<T> out(s.batch, s.heads, s.nq, s.dv, s.bnhd);
+  const detail::block_problem pb{1, 1, 1, s.nq, s.nk, s.dv, 25, true, 2};
+  const detail::linear_problem<T> p = plain_problem<T>(pb, in.pq.view, in.pk.view, in.v.view, out.view, T(0.5));
+  const source src{s.m};
+  const detail::scan_dims d = detail::scan_dims_of<T, source, detail::default_arch>(p, src);
+  const detail::block_scan<T, source, detail::default_arch> sc{p, src, d, detail::scan_plan_of(p, 2), {}};
+  const index_t n_pre = detail::pre_pass_chunks(sc.plan, true);
+  REQUIRE(n_pre == 7);
+  detail::aligned_vector<T> slots(static_cast<std::size_t>(n_pre * d.S));
+  std::vector<std::atomic<unsigned char>> flags(static_cast<std::size_t>(n_pre));
+  for (auto& f : flags) f.store(detail::shared_totals<T>::kWriting);  // a writer that never runs
+  const detail::shared_totals<T> tot{slots.data(), flags.data(), n_pre, d.S};
+  detail::scan_workspace<T> ws;
+  const std::uint64_t before = detail::chunk_totals_computed().load();
+  detail::scan_range(sc, tot, 0, 1, ws);
+  CHECK(detail::chunk_totals_computed().load() - before == 7);  // its own copies
+  const index_t first_row = n_pre * sc.plan.per_chunk * pb.block;  // 525: range 1's rows
+  bool same = true;
+  for (index_t i = first_row; i < s.nq; ++i)
+    for (index_t c = 0; c < s.dv; ++c) {
+      const T a = out(0, 0, i, c), b = one(0, 0, i, c);
+      same = same && std::memcmp(&a, &b, sizeof(T)) == 0;
+    }
+  CHECK(same);
+}
+
 // A range's prefix from the shared totals, whatever state their slots are in: all empty (it
 // computes and publishes each), all being written by a thread that never runs (it computes
 // its own copies, publishes nothing), all published (it computes none). The same bits, and the
@@ -227,8 +263,16 @@ TEMPLATE_TEST_CASE("causal scan: a range's prefix from empty, stuck and publishe
     for (auto& f : flags) f.store(flag);
     std::vector<T> prefix(static_cast<std::size_t>(d.S));
     const std::uint64_t before = detail::chunk_totals_computed().load();
-    detail::shared_prefix(sc, tot, 0, n_pre, prefix.data(), ws);
+    // `meanwhile` runs once if a total is still being written after the claims, before the copies
+    int meanwhile_calls = 0;
+    std::uint64_t computed_by_then = 0;
+    detail::shared_prefix(sc, tot, 0, n_pre, prefix.data(), ws, [&] {
+      ++meanwhile_calls;
+      computed_by_then = detail::chunk_totals_computed().load() - before;
+    });
     CHECK(detail::chunk_totals_computed().load() - before == computed);
+    CHECK(meanwhile_calls == (flag == detail::shared_totals<T>::kWriting ? 1 : 0));
+    CHECK(computed_by_then == 0);
     for (auto& f : flags) CHECK(f.load() == after);
     return prefix;
   };

@@ -459,16 +459,24 @@ struct shared_totals {
 /// super-chunk totals in order. First, latest first, every total nobody has claimed is
 /// computed into its slot and published: the range before this one publishes its totals from
 /// its first super-chunk on as it scans, so going backwards meets it (and a range that runs
-/// after the one before it finished computes none). Then the totals are added in order: the
-/// published ones, and for a slot still being written by another thread, a copy computed here.
-template <class T, class Source, class Arch, class A = accum_t<T>>
+/// after the one before it finished computes none). If a total is still being written by
+/// another thread then, `meanwhile()` runs first (scan_range: the range's own first state pass,
+/// which needs no prefix), giving that thread time to publish. Then the totals are added in
+/// order: the published ones, and for a slot still being written, a copy computed here (in
+/// ws.zx, never ws.run: `meanwhile` may have summed into that).
+template <class T, class Source, class Arch, class A = accum_t<T>, class Meanwhile = void (*)()>
 void shared_prefix(const block_scan<T, Source, Arch>& sc, const shared_totals<A>& tot, index_t s, index_t g0,
-                   A* prefix, scan_workspace<A>& ws) {
+                   A* prefix, scan_workspace<A>& ws, const Meanwhile& meanwhile = [] {}) {
   const index_t S = sc.d.S;
   for (index_t g = g0; g-- > 0;)
     if (tot.claim(s, g)) {
       chunk_total(sc, s, g, ws, tot.slot(s, g));
       tot.publish(s, g);
+    }
+  for (index_t g = 0; g < g0; ++g)
+    if (!tot.published(s, g)) {
+      meanwhile();
+      break;
     }
   if (sc.p.states)
     std::copy(sc.carried.start + s * S, sc.carried.start + (s + 1) * S, prefix);
@@ -477,7 +485,7 @@ void shared_prefix(const block_scan<T, Source, Arch>& sc, const shared_totals<A>
   for (index_t g = 0; g < g0; ++g) {
     const A* total = tot.slot(s, g);
     if (!tot.published(s, g)) {
-      A* own = ensure(ws.run, S);
+      A* own = ensure(ws.zx, S);
       chunk_total(sc, s, g, ws, own);
       total = own;
     }
@@ -587,29 +595,61 @@ std::pair<block_rows<A>, index_t> prepared_keys(const block_scan<T, Source, Arch
 /// shared total this range writes has its state pass first, then the total is published, then
 /// its output pass (which reads the state before the block, as always). Leaves the state after the range in the
 /// prefix (ws.prefix, or the sequence's state itself when the scan works in place) and returns
-/// the range's last block. A block followed by no state pass (the unfinished last one) needs
-/// only its local rows, and a super-chunk without a state pass adds nothing to the prefix.
+/// the range's last block. A block followed by no state pass (the unfinished last one, or the
+/// last block of a range before the last whose state nobody reads) needs only its local rows,
+/// and a super-chunk without a state pass adds nothing to the prefix. When a total this range
+/// starts after is still being written by another thread, the range's first state pass is done
+/// before the prefix is built (shared_prefix's `meanwhile`): it reads no prefix, and by its end
+/// the writer has usually published (docs/design.md §5: one sequence of 4 blocks on 2 threads
+/// otherwise summed the first total twice in 2 calls of 3).
 template <class T, class Source, class Arch, class A = accum_t<T>>
 key_block<A> scan_range(const block_scan<T, Source, Arch>& sc, const shared_totals<A>& tot, index_t s, index_t r,
                         scan_workspace<A>& ws) {
   const scan_plan& plan = sc.plan;
   const index_t S = sc.d.S, bi = s / sc.p.sizes.kv_heads, hk = s % sc.p.sizes.kv_heads;
   const index_t g_begin = plan.range_chunk(r), g_end = plan.range_chunk(r + 1);
+  const index_t last_block = plan.chunk_last(g_end - 1);
+  const bool keep_state = r == plan.ranges - 1;  // the state after the range is saved
+  // whether block c has a state pass: its sum is read by a later block or range, or saved
+  auto has_pass = [&](index_t c, index_t n, bool publish) {
+    return (c < plan.c_end || (sc.p.states && n == plan.b)) && (keep_state || publish || c < last_block);
+  };
   A* prefix = sc.carried.in_place ? sc.carried.in_place[s].S.data() : ensure(ws.prefix, S);
-  if (!sc.carried.in_place) shared_prefix(sc, tot, s, g_begin, prefix, ws);
   A* const own_run = ensure(ws.run, S);
+  // the first block's state pass when done before the prefix (in the claimed slot or ws.run)
+  bool first_summed = false, first_publish = false;
+  auto first_state_pass = [&] {
+    const index_t c = plan.chunk_first(g_begin);
+    const key_block<A> fb = fetch_block(sc, bi, hk, c, ws);
+    if (!has_pass(c, fb.n, true)) return;  // no state pass, whoever writes the slot
+    first_publish = tot.claim(s, g_begin);
+    if (!has_pass(c, fb.n, first_publish)) return;  // (another range writes the slot)
+    A* run = first_publish ? tot.slot(s, g_begin) : own_run;
+    std::fill(run, run + S, A(0));
+    const block_rows<A> kr = sc.src.prepare(fb.raw, fb.n, false, ws.krows);
+    state_pass<A, Source, Arch>(sc.src, kr, fb.vals, fb.ld_vals, fb.n, sc.d.dv, ws, run, sc.d.ldz);
+    if (first_publish && c == plan.chunk_last(g_begin)) tot.publish(s, g_begin);
+    first_summed = true;
+  };
+  if (!sc.carried.in_place) shared_prefix(sc, tot, s, g_begin, prefix, ws, first_state_pass);
   key_block<A> kb;
   for (index_t g = g_begin; g < g_end; ++g) {
     // a super-chunk a later range starts after: its running sum is summed in its shared slot
-    const bool publish = tot.claim(s, g);
+    const bool early_first = g == g_begin && first_summed;
+    const bool publish = early_first ? first_publish : tot.claim(s, g);
     A* run = publish ? tot.slot(s, g) : own_run;
-    bool summed = false;  // run holds the state passes of this super-chunk's blocks so far
+    bool summed = early_first;  // run holds the state passes of this super-chunk's blocks so far
     for (index_t c = plan.chunk_first(g); c <= plan.chunk_last(g); ++c) {
       kb = fetch_block(sc, bi, hk, c, ws);
-      const bool pass = c < plan.c_end || (sc.p.states && kb.n == plan.b);
+      const bool done = early_first && c == plan.chunk_first(g);  // its state pass came first
+      const bool pass = !done && has_pass(c, kb.n, publish);
       const auto [kr, ldkt] = prepared_keys(sc, kb, pass, ws);
       const bool has_prefix = sc.p.states || g > 0, has_run = c > plan.chunk_first(g);
       const A* state = state_before(S, has_prefix, has_run, prefix, run, ws);
+      if (done) {
+        causal_block_outputs(sc, bi, hk, c, kb, ldkt, state, ws);
+        continue;
+      }
       // a shared total is published before the output pass of its super-chunk's last block:
       // that block's state pass comes first (the output pass reads `state`, made not to be run)
       const bool early = publish && pass && c == plan.chunk_last(g);
