@@ -1,7 +1,7 @@
 #!/bin/sh
 # The quality run of train_charlm (docs/design.md §9.7, §9.8): the same model, data and steps for
 # softmax, polynomial (p = 4), polysketch (r = 32, local_exact) and learned (r = 32,
-# local_exact), at context 256 (batch 16, 2000 steps) and context 1024 (batch 4, 1000 steps), two
+# local_exact), at context 256 (batch 16, 2000 steps) and context 1024 (batch 4, 700 steps), two
 # seeds each; then the plot and table (docs/charlm_quality.png, docs/charlm_quality.md).
 #
 #   sh examples/charlm/quality_run.sh [BUILD_DIR [OUT_DIR]]
@@ -29,7 +29,7 @@ bin=$build/examples/charlm/train_charlm
 data=${DATA:-$build/examples/charlm/kjv.txt}
 docs=${DOCS:-docs}
 steps=${STEPS:-2000}            # context 256, batch 16: 4096 tokens a step
-long_steps=${LONG_STEPS:-1000}  # context 1024, batch 4: 4096 tokens a step
+long_steps=${LONG_STEPS:-700}   # context 1024, batch 4: 4096 tokens a step
 seeds=${SEEDS:-1 2} jobs=${JOBS:-2} threads=${THREADS:-2}
 timing_from=20 timing_steps=60
 [ -x "$bin" ] && [ -f "$data" ] || { echo "quality_run: build $bin and $data first" >&2; exit 1; }
