@@ -399,24 +399,6 @@ TEMPLATE_TEST_CASE("modifiers: the softcap's tanh against std::tanh", "[modifier
   }
 }
 
-TEST_CASE("modifiers: the softcap as a product's epilogue gives the bits of the pass over a tile", "[modifiers]") {
-  // The forward caps scores as the product stores them (softcap_scores), the backward in a pass
-  // over the recomputed tile (softcap_span): the backward's P = exp(s − lse) needs the same s.
-  using A = float;
-  using Arch = detail::default_arch;
-  constexpr std::size_t W = detail::batch<A, Arch>::size;
-  std::mt19937 gen(5);
-  std::normal_distribution<A> nd(0, 40);
-  std::vector<A> x(64 * W);
-  for (A& e : x) e = nd(gen);
-  std::vector<A> span = x, epi(x.size());
-  detail::softcap_span<A, Arch>(span.data(), index_t(x.size()), A(30), nullptr);
-  const detail::softcap_scores<A, Arch> cap{A(30)};
-  for (std::size_t k = 0; k < x.size(); k += W)
-    cap(detail::batch<A, Arch>::load_unaligned(x.data() + k)).store_unaligned(epi.data() + k);
-  CHECK(std::memcmp(span.data(), epi.data(), x.size() * sizeof(A)) == 0);
-}
-
 TEST_CASE("modifiers: validation", "[modifiers][validation]") {
   const shape s{1, 4, 2, 5, 6, 4, 4};
   problem<float> p(s, 1);

@@ -86,16 +86,23 @@ struct softcap_scores {
   }
 };
 
-/// x[k] = cap·tanh(x[k] / cap) for k in [0, n) (n a whole number of vectors); with g, also
-/// g[k] = 1 − tanh², the derivative the backward multiplies dS by.
+/// x[k] = cap·tanh(x[k] / cap) for k in [0, n) (n a whole number of vectors).
 template <class A, class Arch>
-void softcap_span(A* x, index_t n, A cap, A* g) {
+void softcap_span(A* x, index_t n, A cap) {
+  const softcap_scores<A, Arch> f{cap};
+  for (index_t k = 0; k < n; k += simd_width<A, Arch>)
+    f(batch<A, Arch>::load_unaligned(x + k)).store_unaligned(x + k);  // the bits of the epilogue
+}
+
+/// g[k] = 1 − (x[k] / cap)² for k in [0, n) (n a whole number of vectors), x the capped scores
+/// cap·tanh(s/cap): the cap's derivative 1 − tanh², which the backward multiplies dS by.
+template <class A, class Arch>
+void softcap_derivative(const A* x, index_t n, A cap, A* g) {
   using B = batch<A, Arch>;
-  const B c(cap), inv(A(1) / cap), one(A(1));
+  const B inv(A(1) / cap), one(A(1));
   for (index_t k = 0; k < n; k += simd_width<A, Arch>) {
-    const B t = vtanh(B::load_unaligned(x + k) * inv);
-    (c * t).store_unaligned(x + k);  // the bits of softcap_scores
-    if (g) xsimd::fnma(t, t, one).store_unaligned(g + k);
+    const B t = B::load_unaligned(x + k) * inv;
+    xsimd::fnma(t, t, one).store_unaligned(g + k);
   }
 }
 
@@ -125,12 +132,15 @@ void multiply_into(A* x, const A* y, index_t n) {
 /// Softcap (unless `capped`: the product applied it, softcap_scores) and ALiBi on a transposed
 /// score tile of head h: row r = key j0 + r, lane i = the query at position p0 + i, `lanes`
 /// lanes (whole vectors) per row of stride ld. With g (the backward, softcap on) the derivative
-/// of the cap is written to g in the same layout.
+/// of the cap is written to g in the same layout, from the capped scores before the bias.
 template <class A, class Arch>
 void modify_score_tile(const score_modifiers<A>& mods, index_t h, A* st, index_t rows, index_t ld, index_t lanes,
                        index_t j0, index_t p0, A* g, bool capped = false) {
-  if (mods.softcap != A(0) && !capped)
-    for (index_t r = 0; r < rows; ++r) softcap_span<A, Arch>(st + r * ld, lanes, mods.softcap, g ? g + r * ld : nullptr);
+  if (mods.softcap != A(0))
+    for (index_t r = 0; r < rows; ++r) {
+      if (!capped) softcap_span<A, Arch>(st + r * ld, lanes, mods.softcap);
+      if (g) softcap_derivative<A, Arch>(st + r * ld, lanes, mods.softcap, g + r * ld);
+    }
   if (mods.alibi)
     for (index_t r = 0; r < rows; ++r) add_position_bias<A, Arch>(st + r * ld, lanes, mods.slope(h), j0 + r - p0, -1);
 }
@@ -139,7 +149,7 @@ void modify_score_tile(const score_modifiers<A>& mods, index_t h, A* st, index_t
 /// the query at position p; n a whole number of vectors.
 template <class A, class Arch>
 void modify_score_row(const score_modifiers<A>& mods, index_t h, A* s, index_t n, index_t j0, index_t p) {
-  if (mods.softcap != A(0)) softcap_span<A, Arch>(s, n, mods.softcap, nullptr);
+  if (mods.softcap != A(0)) softcap_span<A, Arch>(s, n, mods.softcap);
   if (mods.alibi) add_position_bias<A, Arch>(s, n, mods.slope(h), j0 - p, 1);
 }
 

@@ -335,6 +335,8 @@ bool backward_tile(const backward_pass<T, Weights>& f, attention_backward_scratc
                    const query_block_pack<accum_t<T>>& qp, const query_block& qb, const key_rows<accum_t<T>>& kr) {
   using A = accum_t<T>;
   const index_t lanes = qb.lanes, nk = kr.nk;
+  const score_modifiers<A>& mods = f.pb.mods;
+  bool capped = false;  // the softcap applied as the product stores the scores (as the forward)
   if constexpr (bf16_pairs<T, Arch>) {  // exact products of bf16 pairs; Qᵀ unscaled: scale the scores
     A* st = s.st.data();
     if (f.d == 0) std::fill(st, st + nk * lanes, A(0));
@@ -344,13 +346,17 @@ bool backward_tile(const backward_pass<T, Weights>& f, attention_backward_scratc
     gemm_pairs<Arch>(nk, lanes, ceil_div(f.dval, 2), f.dval % 2 != 0, kr.v16, kr.vs16, 2, qp.dotw, lanes,
                      s.dpt.data(), lanes, false);
   } else {
-    gemm<A, Arch>(nk, lanes, f.d, kr.k, kr.ks, 1, qp.qt, lanes, s.st.data(), lanes, false);
+    capped = mods.softcap != A(0);
+    if (capped)
+      gemm<A, Arch>(nk, lanes, f.d, kr.k, kr.ks, 1, qp.qt, lanes, s.st.data(), lanes, false,
+                    softcap_scores<A, Arch>{mods.softcap});
+    else
+      gemm<A, Arch>(nk, lanes, f.d, kr.k, kr.ks, 1, qp.qt, lanes, s.st.data(), lanes, false);
     gemm<A, Arch>(nk, lanes, f.dval, kr.v, kr.vs, 1, qp.dot, lanes, s.dpt.data(), lanes, false);
   }
-  const score_modifiers<A>& mods = f.pb.mods;
-  if (mods.transforms())  // the forward's softcap and ALiBi, recomputed (modifiers.hpp)
+  if (mods.transforms())  // the forward's softcap (unless capped) and ALiBi, recomputed (modifiers.hpp)
     modify_score_tile<A, Arch>(mods, qb.h, s.st.data(), nk, lanes, lanes, kr.j0, qb.i0 + f.mask.offset(),
-                               mods.softcap != A(0) ? s.dcap.data() : nullptr);
+                               mods.softcap != A(0) ? s.dcap.data() : nullptr, capped);
   f.weights.backward_tile(s.st.data(), s.pt.data(), s.dpt.data(), nk, lanes, lanes, qp.c, qp.dd);
   if (mods.softcap != A(0))  // dS of the uncapped score: times 1 − tanh²
     multiply_into<A, Arch>(s.dpt.data(), s.dcap.data(), nk * lanes);
