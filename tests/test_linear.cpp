@@ -200,37 +200,48 @@ TEMPLATE_TEST_CASE("causal scan: one thread running every range computes no tota
   }
 }
 
+/// One sequence of 900 keys in blocks of 25 (12 super-chunks of 3 blocks) planned for 2
+/// threads: range 1 starts after 7 super-chunks (range 0 gets 0.6 of them). The shared totals
+/// of those 7, their slots and flags, and a workspace; out is the problem's output.
+template <class T>
+struct two_range_scan {
+  using source = detail::view_feature_source<T>;
+  using arch = detail::default_arch;
+  linear_shape s{1, 1, 1, 900, 900, 12, 8, false};
+  linear_inputs<T> in;
+  tensor4<T> out{s.batch, s.heads, s.nq, s.dv, s.bnhd};
+  detail::block_problem pb{1, 1, 1, s.nq, s.nk, s.dv, 25, true, 2};
+  detail::linear_problem<T> p;
+  source src{s.m};
+  detail::scan_dims d = detail::scan_dims_of<T, source, arch>(p, src);
+  detail::block_scan<T, source, arch> sc{p, src, d, detail::scan_plan_of(p, 2), {}};
+  index_t n_pre = detail::pre_pass_chunks(sc.plan, true);
+  detail::aligned_vector<T> slots = detail::aligned_vector<T>(static_cast<std::size_t>(n_pre * d.S));
+  std::vector<std::atomic<unsigned char>> flags = std::vector<std::atomic<unsigned char>>(static_cast<std::size_t>(n_pre));
+  detail::shared_totals<T> tot{slots.data(), flags.data(), n_pre, d.S};
+  detail::scan_workspace<T> ws;
+  two_range_scan(std::uint64_t seed, T bias)
+      : in(s, seed), p(plain_problem<T>(pb, in.pq.view, in.pk.view, in.v.view, out.view, bias)) {}
+  index_t keys_before() const { return n_pre * sc.plan.per_chunk * pb.block; }  // 525
+};
+
 // A range that finds the totals before it still being written does its first block's state
 // pass before it computes its own copies of them (scan_range's `meanwhile`: the pass reads no
 // prefix, and meanwhile the writer may publish); its output rows are still the 1-thread bits.
 TEMPLATE_TEST_CASE("causal scan: a range facing stuck totals does its first state pass first", "[linear][threads][scan]",
                    float, double) {
   using T = TestType;
-  using source = detail::view_feature_source<T>;
-  const linear_shape s{1, 1, 1, 900, 900, 12, 8, false};
-  linear_inputs<T> in(s, 35);
-  const tensor4<T> one = causal_scan(in, s, 1);
-  tensor4<T> out(s.batch, s.heads, s.nq, s.dv, s.bnhd);
-  const detail::block_problem pb{1, 1, 1, s.nq, s.nk, s.dv, 25, true, 2};
-  const detail::linear_problem<T> p = plain_problem<T>(pb, in.pq.view, in.pk.view, in.v.view, out.view, T(0.5));
-  const source src{s.m};
-  const detail::scan_dims d = detail::scan_dims_of<T, source, detail::default_arch>(p, src);
-  const detail::block_scan<T, source, detail::default_arch> sc{p, src, d, detail::scan_plan_of(p, 2), {}};
-  const index_t n_pre = detail::pre_pass_chunks(sc.plan, true);
-  REQUIRE(n_pre == 7);
-  detail::aligned_vector<T> slots(static_cast<std::size_t>(n_pre * d.S));
-  std::vector<std::atomic<unsigned char>> flags(static_cast<std::size_t>(n_pre));
-  for (auto& f : flags) f.store(detail::shared_totals<T>::kWriting);  // a writer that never runs
-  const detail::shared_totals<T> tot{slots.data(), flags.data(), n_pre, d.S};
-  detail::scan_workspace<T> ws;
+  two_range_scan<T> x(35, T(0.5));
+  REQUIRE(x.n_pre == 7);
+  const tensor4<T> one = causal_scan(x.in, x.s, 1);
+  for (auto& f : x.flags) f.store(detail::shared_totals<T>::kWriting);  // a writer that never runs
   const std::uint64_t before = detail::chunk_totals_computed().load();
-  detail::scan_range(sc, tot, 0, 1, ws);
+  detail::scan_range(x.sc, x.tot, 0, 1, x.ws);
   CHECK(detail::chunk_totals_computed().load() - before == 7);  // its own copies
-  const index_t first_row = n_pre * sc.plan.per_chunk * pb.block;  // 525: range 1's rows
   bool same = true;
-  for (index_t i = first_row; i < s.nq; ++i)
-    for (index_t c = 0; c < s.dv; ++c) {
-      const T a = out(0, 0, i, c), b = one(0, 0, i, c);
+  for (index_t i = x.keys_before(); i < x.s.nq; ++i)  // range 1's rows
+    for (index_t c = 0; c < x.s.dv; ++c) {
+      const T a = x.out(0, 0, i, c), b = one(0, 0, i, c);
       same = same && std::memcmp(&a, &b, sizeof(T)) == 0;
     }
   CHECK(same);
@@ -244,21 +255,13 @@ TEMPLATE_TEST_CASE("causal scan: a range facing stuck totals does its first stat
 TEMPLATE_TEST_CASE("causal scan: a range's prefix from empty, stuck and published totals", "[linear][threads][scan]",
                    float, double) {
   using T = TestType;
-  using source = detail::view_feature_source<T>;
-  const linear_shape s{1, 1, 1, 900, 900, 12, 8, false};
-  linear_inputs<T> in(s, 33);
-  const detail::block_problem pb{1, 1, 1, s.nq, s.nk, s.dv, 25, true, 2};
-  const detail::linear_problem<T> p = plain_problem<T>(pb, in.pq.view, in.pk.view, in.v.view, in.out.view, T(0));
-  const source src{s.m};
-  const detail::scan_dims d = detail::scan_dims_of<T, source, detail::default_arch>(p, src);
-  const detail::block_scan<T, source, detail::default_arch> sc{p, src, d, detail::scan_plan_of(p, 2), {}};
-  const index_t n_pre = detail::pre_pass_chunks(sc.plan, true);
-  REQUIRE(n_pre == 7);
-  const index_t keys_before = n_pre * sc.plan.per_chunk * pb.block;  // 525
-  detail::aligned_vector<T> slots(static_cast<std::size_t>(n_pre * d.S));
-  std::vector<std::atomic<unsigned char>> flags(static_cast<std::size_t>(n_pre));
-  const detail::shared_totals<T> tot{slots.data(), flags.data(), n_pre, d.S};
-  detail::scan_workspace<T> ws;
+  two_range_scan<T> x(33, T(0));
+  REQUIRE(x.n_pre == 7);
+  const linear_shape& s = x.s;
+  const linear_inputs<T>& in = x.in;
+  const detail::scan_dims& d = x.d;
+  const index_t n_pre = x.n_pre, keys_before = x.keys_before();
+  auto& flags = x.flags;
   const auto prefix_with = [&](unsigned char flag, std::uint64_t computed, unsigned char after) {
     for (auto& f : flags) f.store(flag);
     std::vector<T> prefix(static_cast<std::size_t>(d.S));
@@ -266,7 +269,7 @@ TEMPLATE_TEST_CASE("causal scan: a range's prefix from empty, stuck and publishe
     // `meanwhile` runs once if a total is still being written after the claims, before the copies
     int meanwhile_calls = 0;
     std::uint64_t computed_by_then = 0;
-    detail::shared_prefix(sc, tot, 0, n_pre, prefix.data(), ws, [&] {
+    detail::shared_prefix(x.sc, x.tot, 0, n_pre, prefix.data(), x.ws, [&] {
       ++meanwhile_calls;
       computed_by_then = detail::chunk_totals_computed().load() - before;
     });
