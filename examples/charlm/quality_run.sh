@@ -19,8 +19,8 @@
 # BUILD_DIR (default build/test) must hold examples/charlm/train_charlm and kjv.txt
 # (cmake --preset test && cmake --build build/test -j2 --target train_charlm charlm_data). About
 # 90 minutes of both cores for pass 1, 5 minutes for pass 2. STEPS, LONG_STEPS, SEEDS ("1 2"),
-# JOBS (2), THREADS, DATA (another text) and DOCS (where the plot and table go) override the
-# defaults from the environment.
+# JOBS (2), THREADS, CONTEXTS ("256 1024": the plot and table show the contexts listed), DATA
+# (another text) and DOCS (where the plot and table go) override the defaults from the environment.
 set -eu
 cd "$(dirname "$0")/../.."
 build=${1:-build/test}
@@ -46,8 +46,16 @@ softmax: --attention softmax
 KINDS
   if [ "$1" != 256 ]; then echo "learned: --attention learned --local-exact"; fi
 }
-# context batch steps block
-contexts() { printf '256 16 %s 64\n1024 4 %s 256\n' "$steps" "$long_steps"; }
+# context batch steps block, for the contexts in CONTEXTS
+contexts() {
+  for c in ${CONTEXTS:-256 1024}; do
+    case $c in
+      256) printf '256 16 %s 64\n' "$steps" ;;
+      1024) printf '1024 4 %s 256\n' "$long_steps" ;;
+      *) echo "quality_run: CONTEXTS holds 256 and/or 1024, not $c" >&2; exit 1 ;;
+    esac
+  done
+}
 
 manifest=$out/runs.tsv
 printf 'label\tkind\tcontext\tbatch\tsteps\tseed\tcsv\n' > "$manifest"
