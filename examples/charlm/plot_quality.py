@@ -48,6 +48,9 @@ def read_groups(out_dir):
     groups = defaultdict(lambda: {"seeds": [], "curves": []})
     for r in read_tsv(os.path.join(out_dir, "runs.tsv")):
         path = os.path.join(out_dir, r["csv"])
+        if not os.path.exists(path):
+            print(f"plot_quality: {r['csv']} not run yet; left out", file=sys.stderr)
+            continue
         curve = read_curve(path)
         if curve[-1][0] != int(r["steps"]):
             print(f"plot_quality: {r['csv']} stops at step {curve[-1][0]:.0f} of {r['steps']}; left out",
