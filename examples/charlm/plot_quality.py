@@ -174,6 +174,9 @@ def main():
         raise SystemExit(__doc__)
     out_dir, png, md = sys.argv[1:4]
     groups = read_groups(out_dir)
+    if not groups:
+        print("plot_quality: no finished run yet; no plot or table written", file=sys.stderr)
+        return
     plot(groups, png, sys.argv[4] if len(sys.argv) == 5 else None)
     text = table(groups)
     with open(md, "w") as f:

@@ -19,8 +19,9 @@
 # BUILD_DIR (default build/test) must hold examples/charlm/train_charlm and kjv.txt
 # (cmake --preset test && cmake --build build/test -j2 --target train_charlm charlm_data). About
 # 90 minutes of both cores for pass 1, 5 minutes for pass 2. STEPS, LONG_STEPS, SEEDS ("1 2"),
-# JOBS (2), THREADS, CONTEXTS ("256 1024": the plot and table show the contexts listed), DATA
-# (another text) and DOCS (where the plot and table go) override the defaults from the environment.
+# JOBS (2), THREADS, CONTEXTS ("256 1024": the plot and table show the contexts listed), PASSES
+# ("curves clock": either alone runs only that pass), DATA (another text) and DOCS (where the plot
+# and table go) override the defaults from the environment.
 set -eu
 cd "$(dirname "$0")/../.."
 build=${1:-build/test}
@@ -57,36 +58,49 @@ contexts() {
   done
 }
 
+passes=${PASSES:-curves clock}
+wants() { case " $passes " in *" $1 "*) return 0 ;; esac; return 1; }
+
+# label kind context batch steps block seed flags: every run of the contexts and seeds chosen
+runs() {
+  contexts | while read -r ctx batch n block; do
+    kinds "$ctx" | while IFS=: read -r kind flags; do
+      for seed in $seeds; do echo "ctx${ctx}_${kind}_s$seed $kind $ctx $batch $n $block $seed $flags"; done
+    done
+  done
+}
+
 manifest=$out/runs.tsv
 printf 'label\tkind\tcontext\tbatch\tsteps\tseed\tcsv\n' > "$manifest"
+runs | while read -r label kind ctx batch n block seed flags; do
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$kind" "$ctx" "$batch" "$n" "$seed" "$label.csv" >> "$manifest"
+done
 timing=$out/timing.tsv
 [ -f "$timing" ] || printf 'kind\tcontext\tbatch\tthreads\tms_per_step\tload_before\n' > "$timing"
 
-# Pass 1: the curves.
-contexts | while read -r ctx batch n block; do
-  kinds "$ctx" | while IFS=: read -r kind flags; do
-    for seed in $seeds; do
-      label=ctx${ctx}_${kind}_s$seed
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$kind" "$ctx" "$batch" "$n" "$seed" "$label.csv" >> "$manifest"
-      if [ -f "$out/$label.csv" ] && grep -q "^$n," "$out/$label.csv"; then continue; fi
-      echo "$bin --data $data --context $ctx --batch $batch --steps $n --block $block --degree 4 --sketch-size 32 --threads 1 --seed $seed --log $out/$label.csv $flags"
+# Pass 1 (PASSES has "curves"): the curves.
+if wants curves; then
+  runs | while read -r label kind ctx batch n block seed flags; do
+    if [ -f "$out/$label.csv" ] && grep -q "^$n," "$out/$label.csv"; then continue; fi
+    echo "$bin --data $data --context $ctx --batch $batch --steps $n --block $block --degree 4 --sketch-size 32 --threads 1 --seed $seed --log $out/$label.csv $flags"
+  done | xargs -P "$jobs" -I{} sh -c 'echo "== {}" >&2; {} > /dev/null 2>&1 || echo "quality_run: failed: {}" >&2'
+fi
+
+# Pass 2 (PASSES has "clock"): the clock, one timed run per kind and context.
+if wants clock; then
+  contexts | while read -r ctx batch n block; do
+    kinds "$ctx" | while IFS=: read -r kind flags; do
+      if grep -q "^$kind	$ctx	" "$timing"; then continue; fi
+      load=$(cut -d' ' -f1 /proc/loadavg)
+      echo "== timing $kind at context $ctx, $threads threads (load average $load)" >&2
+      log=$out/timing_ctx${ctx}_$kind.csv
+      "$bin" --data "$data" --context "$ctx" --batch "$batch" --steps "$timing_steps" --block "$block" \
+        --degree 4 --sketch-size 32 --threads "$threads" --seed 1 --eval-every "$timing_from" --val-chars 4096 \
+        --log "$log" $flags > /dev/null
+      ms=$(awk -F, -v a="$timing_from" -v b="$timing_steps" \
+        '$1 == a { t0 = $4 } $1 == b { t1 = $4 } END { printf "%.1f", 1000 * (t1 - t0) / (b - a) }' "$log")
+      printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$ctx" "$batch" "$threads" "$ms" "$load" >> "$timing"
     done
   done
-done | xargs -P "$jobs" -I{} sh -c 'echo "== {}" >&2; {} > /dev/null 2>&1 || echo "quality_run: failed: {}" >&2'
-
-# Pass 2: the clock.
-contexts | while read -r ctx batch n block; do
-  kinds "$ctx" | while IFS=: read -r kind flags; do
-    if grep -q "^$kind	$ctx	" "$timing"; then continue; fi
-    load=$(cut -d' ' -f1 /proc/loadavg)
-    echo "== timing $kind at context $ctx, $threads threads (load average $load)" >&2
-    log=$out/timing_ctx${ctx}_$kind.csv
-    "$bin" --data "$data" --context "$ctx" --batch "$batch" --steps "$timing_steps" --block "$block" \
-      --degree 4 --sketch-size 32 --threads "$threads" --seed 1 --eval-every "$timing_from" --val-chars 4096 \
-      --log "$log" $flags > /dev/null
-    ms=$(awk -F, -v a="$timing_from" -v b="$timing_steps" \
-      '$1 == a { t0 = $4 } $1 == b { t1 = $4 } END { printf "%.1f", 1000 * (t1 - t0) / (b - a) }' "$log")
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$ctx" "$batch" "$threads" "$ms" "$load" >> "$timing"
-  done
-done
+fi
 /usr/bin/python3 examples/charlm/plot_quality.py "$out" "$docs/charlm_quality.png" "$docs/charlm_quality.md"
