@@ -104,13 +104,13 @@ def plot(groups, png, title):
                 for curve in g["curves"]:
                     ax.plot([x(s) for s, _ in curve], [b for _, b in curve], color=c, lw=0.6, alpha=0.45)
                 ax.plot([x(s) for s, _ in g["mean"]], [b for _, b in g["mean"]], color=c, lw=1.6,
-                        label=f"{LABELS[kind]} ({len(g['seeds'])} seeds)")
+                        label=f"{LABELS[kind]} ({len(g['seeds'])} seed{'s' if len(g['seeds']) > 1 else ''})")
                 ax.plot([x(g["mean"][-1][0])], [g["final"]], "o", color=c)
         for col, xlabel in enumerate(("training step", "seconds: steps x quiet ms/step (evaluations excluded)")):
             ax = axes[row][col]
             ax.set_xlabel(xlabel)
             ax.set_ylabel("validation bits/char")
-            ax.set_ylim(top=min(4.0, ax.get_ylim()[1]))
+            ax.set_ylim(top=min(3.2, ax.get_ylim()[1]))
             ax.grid(alpha=0.3)
             ax.set_title(f"context {ctx}: " + ("against steps" if col == 0 else "against wall-clock"))
         axes[row][0].legend()
