@@ -37,7 +37,7 @@ def read_curve(path):
     with open(path) as f:
         rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
     if len(rows) < 2:
-        raise SystemExit(f"plot_quality: {path} has no evaluations")
+        return None  # (a run that has just started)
     subset = rows[0]["val_chars"]
     return [(r["step"], r["val_bpc"]) for r in rows[:-1] if r["val_chars"] == subset] + \
         [(rows[-1]["step"], rows[-1]["val_bpc"])]
@@ -52,9 +52,9 @@ def read_groups(out_dir):
             print(f"plot_quality: {r['csv']} not run yet; left out", file=sys.stderr)
             continue
         curve = read_curve(path)
-        if curve[-1][0] != int(r["steps"]):
-            print(f"plot_quality: {r['csv']} stops at step {curve[-1][0]:.0f} of {r['steps']}; left out",
-                  file=sys.stderr)
+        if curve is None or curve[-1][0] != int(r["steps"]):
+            at = 0 if curve is None else curve[-1][0]
+            print(f"plot_quality: {r['csv']} stops at step {at:.0f} of {r['steps']}; left out", file=sys.stderr)
             continue
         g = groups[(int(r["context"]), r["kind"])]
         g["batch"], g["steps"] = int(r["batch"]), int(r["steps"])

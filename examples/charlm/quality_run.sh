@@ -17,8 +17,8 @@
 #    needs a quiet machine (the load average before each timing run is recorded).
 #
 # BUILD_DIR (default build/test) must hold examples/charlm/train_charlm and kjv.txt
-# (cmake --preset test && cmake --build build/test -j2 --target train_charlm charlm_data). About
-# 90 minutes of both cores for pass 1, 5 minutes for pass 2. STEPS, LONG_STEPS, SEEDS ("1 2"),
+# (cmake --preset test && cmake --build build/test -j2 --target train_charlm charlm_data). About 3
+# hours of both cores for pass 1 on a 2-core Xeon VM, 5 minutes for pass 2. STEPS, LONG_STEPS, SEEDS ("1 2"),
 # JOBS (2), THREADS, CONTEXTS ("256 1024": the plot and table show the contexts listed), PASSES
 # ("curves clock": either alone runs only that pass), DATA (another text) and DOCS (where the plot
 # and table go) override the defaults from the environment.
