@@ -2,7 +2,9 @@
 // run with keys in lanes, the heads of a GQA group in one task and the keys split into fixed
 // chunks of 4096 merged in order. Oracle checks across chunk and block boundaries, GQA groups
 // larger than a task's rows, masks, stats; bitwise thread invariance; non-finite values; and
-// the lane-by-lane horizontal sum the scores rely on.
+// the lane-by-lane horizontal sum the scores rely on. Then the tiled path's split-KV prefill
+// (tiling.hpp): up to 4 query blocks a head (Nq <= 192) over more than 4096 keys, the keys cut
+// into 4096-key chunks whose partials merge in order.
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -143,4 +145,63 @@ TEST_CASE("decode path: a non-finite value reaches only the rows that see it", "
     CHECK(std::isnan(b.out(0, 0, 1, 1)));
     CHECK(a.out(0, 0, 1, 0) == b.out(0, 0, 1, 0));
   }
+}
+
+namespace {
+
+/// Split-KV prefill shapes: Nq from 5 to 192 (one to four query blocks of 48) over 4097 to 13000
+/// keys (two to four chunks of 4096, the last partial), GQA, strided views, odd head dims.
+std::vector<attention_shape> split_prefill_shapes() {
+  return {
+      {1, 1, 1, 5, 4097, 16, 16, false},  {1, 1, 1, 48, 9000, 32, 32, false}, {1, 2, 1, 37, 12289, 8, 24, true},
+      {2, 1, 1, 49, 8192, 17, 5, false},  {1, 4, 2, 192, 5000, 9, 9, false},
+  };
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("split-KV prefill: softmax, flash and polynomial match the oracle", "[decode][split]", float, double) {
+  for (const attention_shape& s : split_prefill_shapes())
+    for (bool causal : {false, true}) {
+      exact_case_options o;
+      o.causal = causal;
+      o.threads = 2;
+      check_against_oracle<flash_kernel, TestType>(s, o);
+      check_against_oracle<softmax_kernel, TestType>(s, o);
+      check_against_oracle<polynomial_kernel, TestType>(s, o);
+    }
+  exact_case_options w;  // a window (whole chunks hidden from every row) with global tokens
+  w.causal = true;
+  w.window_left = 300;
+  w.global = {0, 5000};
+  check_against_oracle<flash_kernel, TestType>({1, 2, 1, 40, 13000, 16, 16, false}, w);
+  check_against_oracle<polynomial_kernel, TestType>({1, 2, 1, 40, 13000, 16, 16, false}, w);
+}
+
+TEST_CASE("split-KV prefill: the same bits for any thread count", "[decode][split][threads]") {
+  exact_case_options o;
+  o.causal = true;
+  for (const attention_shape& s : {attention_shape{1, 1, 1, 40, 20000, 64, 64, false}, attention_shape{1, 2, 1, 100, 9000, 32, 48, true}}) {
+    check_thread_invariance<flash_kernel, float>(s, o);
+    check_thread_invariance<polynomial_kernel, float>(s, o);
+    check_thread_invariance<flash_kernel, bf16>(s, o);
+  }
+}
+
+TEST_CASE("split-KV prefill: a non-finite value reaches only the rows that see it", "[decode][split]") {
+  const index_t nk = 9000;
+  const attention_shape s{1, 1, 1, 6, nk, 16, 16, false};
+  attention_inputs<float> a(s, 3);
+  exact_case_options o;
+  o.causal = true;
+  o.window_left = 50;  // keys before nk − 56 are hidden from every row
+  flash_kernel::run<float>(a.q.cview(), a.k.cview(), a.v.cview(), a.out.view, o);
+  attention_inputs<float> b = a;
+  b.v(0, 0, 100, 0) = std::numeric_limits<float>::infinity();      // in the first chunk, seen by no row
+  b.v(0, 0, nk - 1, 1) = std::numeric_limits<float>::quiet_NaN();  // seen by the last row only
+  flash_kernel::run<float>(b.q.cview(), b.k.cview(), b.v.cview(), b.out.view, o);
+  for (index_t i = 0; i < 5; ++i)
+    for (index_t c = 0; c < 16; ++c) CHECK(a.out(0, 0, i, c) == b.out(0, 0, i, c));
+  CHECK(std::isnan(b.out(0, 0, 5, 1)));
+  CHECK(a.out(0, 0, 5, 0) == b.out(0, 0, 5, 0));
 }

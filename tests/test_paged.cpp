@@ -175,6 +175,11 @@ TEST_CASE("paged: consecutive pages join, int64 tables, long sequences across de
   const paged_shape prefill{8, 2, 5, 16, 16, 48, {700, 0, 260}};  // Nq = 5: the tiled path, blocks across pages
   check_paged<double, std::int64_t>(prefill, mask_cases()[1], false, false, true);
   check_paged<double, std::int64_t>(prefill, mask_cases()[3], false, true, true);
+  // split-KV prefill (Nq <= 192 over more than 4096 keys: 4096-key chunks, pages across their
+  // boundaries): the contiguous kernel's bits and the oracle
+  const paged_shape split{2, 1, 40, 16, 16, 64, {9000, 5000, 300}};
+  check_paged<float>(split, mask_cases()[1], false, true, true);
+  check_paged<float>(split, mask_cases()[2], true, true, false);
 }
 
 TEST_CASE("paged: the same bits for 1 and 2 threads, sequences in parallel or one after the other", "[paged][threads]") {

@@ -15,6 +15,7 @@
 #include "../../options.hpp"
 #include "../../tensor_view.hpp"
 #include "../core/convert.hpp"
+#include "../core/gemm.hpp"
 #include "../core/simd.hpp"
 #include "../core/threading.hpp"
 
@@ -85,6 +86,17 @@ struct softcap_scores {
     return batch<A, Arch>(cap) * vtanh(s * batch<A, Arch>(A(1) / cap));
   }
 };
+
+/// Sᵀ[nk x lanes] = K · Qᵀ into st (K rows k_rs apart, Qᵀ packed `lanes` wide), the softcap
+/// applied as the product stores the scores when cap ≠ 0: the score product of the forward and
+/// the backward tiles (tiling.hpp, tiling_backward.hpp), so both cap the same bits.
+template <class A, class Arch>
+void score_product(index_t nk, index_t lanes, index_t d, const A* k, index_t k_rs, const A* qt, A* st, A cap) {
+  if (cap != A(0))
+    gemm<A, Arch>(nk, lanes, d, k, k_rs, 1, qt, lanes, st, lanes, false, softcap_scores<A, Arch>{cap});
+  else
+    gemm<A, Arch>(nk, lanes, d, k, k_rs, 1, qt, lanes, st, lanes, false);
+}
 
 /// x[k] = cap·tanh(x[k] / cap) for k in [0, n) (n a whole number of vectors).
 template <class A, class Arch>

@@ -35,6 +35,13 @@ namespace polyattn::detail {
 
 inline constexpr index_t kBlockQ = 48;  // queries per task: 8 row tiles of 6, 6 AVX2 / 3 AVX-512 lane vectors
 inline constexpr index_t kBlockK = 128;  // keys per block (64, 192, 256 measured within noise on Zen 3)
+// Split-KV prefill: a call with at most kSplitQueryBlocks query blocks a head (Nq <= 192: a
+// chunk of prefill or a few speculative tokens over a long cache) cuts its keys into chunks of
+// kSplitKeys, one task per (batch, head, query block, chunk), and merges the chunks' partial
+// (O, m, l) in chunk order. Fixed sizes, never the thread count or the batch size: a result is
+// the same bits for any thread count, and a sequence's rows the same in any batch.
+inline constexpr index_t kSplitQueryBlocks = 4;
+inline constexpr index_t kSplitKeys = 4096;
 
 // (bf16_pairs<T, Arch>, which the forward and the backward share, is in gemm_bf16.hpp)
 
@@ -58,15 +65,24 @@ struct forward_pass {
   index_t group, n_qblocks, heads, block_k, dvp;
   bool pack_v;
   attention_mask mask;
+  index_t chunks = 1, chunk_keys = 0;  // split-KV: key chunks a query block's keys are cut into
 
   /// (W: the SIMD width, lanes per vector)
   static forward_pass make(const attention_problem<T>& pb, const Weights& weights, const kv_parts<T>& kv, index_t W) {
     const index_t B = pb.q.extent(0), H = pb.q.extent(1), Nq = pb.q.extent(2), d = pb.q.extent(3);
     const index_t Hk = pb.k.extent(1), Nk = pb.k.extent(2), dv = pb.v.extent(3);
-    return forward_pass{pb, weights, kv, B, H, Nq, d, Hk, Nk, dv, H / Hk, ceil_div(Nq, kBlockQ), B * H,
-                        std::max<index_t>(1, std::min(pb.block_k, std::max<index_t>(Nk, 1))), round_up(dv, W),
-                        dv % W != 0 || is_half_v<T>, attention_mask::of(pb.causal, Nq, Nk, pb.band)};
+    forward_pass f{pb, weights, kv, B, H, Nq, d, Hk, Nk, dv, H / Hk, ceil_div(Nq, kBlockQ), B * H,
+                   std::max<index_t>(1, std::min(pb.block_k, std::max<index_t>(Nk, 1))), round_up(dv, W),
+                   dv % W != 0 || is_half_v<T>, attention_mask::of(pb.causal, Nq, Nk, pb.band)};
+    f.chunk_keys = std::max<index_t>(Nk, 1);
+    if (f.n_qblocks <= kSplitQueryBlocks && Nk > kSplitKeys) {
+      f.chunk_keys = kSplitKeys;
+      f.chunks = ceil_div(Nk, kSplitKeys);
+    }
+    return f;
   }
+  /// Floats a task's partial result takes (split-KV): O [kBlockQ x dvp], then m and l [kBlockQ].
+  index_t partial_slot() const { return kBlockQ * (dvp + 2); }
 };
 
 /// Sizes the worker's scratch on its first task.
@@ -92,29 +108,23 @@ void prepare_forward_scratch(const forward_pass<T, Weights>& f, attention_scratc
   }
 }
 
-/// Sᵀ[nk x lanes] = K_blk · Qᵀ (scaled) into s.st, for keys [j0, j0 + nk) of one part; with
-/// `capped`, the softcap applied as the fp32 product is stored (softcap_scores). Returns whether
-/// it was (the bf16 pair product scales its scores after storing them, so it leaves the cap to
+/// Sᵀ[nk x lanes] = K_blk · Qᵀ (scaled) into s.st, for keys [j0, j0 + nk) of one part, a
+/// softcap applied as the fp32 product is stored (score_product). Returns whether it was (the
+/// bf16 pair product scales its scores after storing them, so it leaves the cap to
 /// modify_score_tile).
 template <class T, class Weights, class Arch>
 bool key_block_scores(const forward_pass<T, Weights>& f, attention_scratch<accum_t<T>>& s, const query_block& qb,
-                      index_t j0, index_t nk, const kv_part<T>& part, bool capped = false) {
+                      index_t j0, index_t nk, const kv_part<T>& part) {
   using A = accum_t<T>;
   const index_t lanes = qb.lanes, d = f.d;
   A* st = s.st.data();
+  const A cap = f.pb.mods.softcap;
   if (d == 0) {  // no product: every score is 0, capped or not (do not form pointers into a possibly null view)
     std::fill(st, st + nk * lanes, A(0));
-    return capped;
+    return cap != A(0);
   }
   const T* kblk = part.k_row(qb.b, qb.hk, j0);
   const index_t ks = part.k.stride(2);
-  auto product = [&](const A* k, index_t k_rs) {
-    if (capped)
-      gemm<A, Arch>(nk, lanes, d, k, k_rs, 1, s.qt.data(), lanes, st, lanes, false,
-                    softcap_scores<A, Arch>{f.pb.mods.softcap});
-    else
-      gemm<A, Arch>(nk, lanes, d, k, k_rs, 1, s.qt.data(), lanes, st, lanes, false);
-  };
   if constexpr (bf16_pairs<T, Arch>) {
     gemm_pairs<Arch>(nk, lanes, ceil_div(d, 2), d % 2 != 0, reinterpret_cast<const std::uint16_t*>(kblk), ks, 2,
                      s.qw.data(), lanes, st, lanes, false);
@@ -124,11 +134,11 @@ bool key_block_scores(const forward_pass<T, Weights>& f, attention_scratch<accum
     return false;
   } else if constexpr (is_half_v<T>) {
     for (index_t r = 0; r < nk; ++r) widen(kblk + r * ks, d, s.kpack.data() + r * d);
-    product(s.kpack.data(), d);
+    score_product<A, Arch>(nk, lanes, d, s.kpack.data(), d, s.qt.data(), st, cap);
   } else {
-    product(kblk, ks);
+    score_product<A, Arch>(nk, lanes, d, kblk, ks, s.qt.data(), st, cap);
   }
-  return capped;
+  return cap != A(0);
 }
 
 /// O[nq x dv] += P · V_blk for keys [j0, j0 + nk) of one part, with P(i, j) = Pᵀ(j, i) =
@@ -192,7 +202,7 @@ void forward_key_block(const forward_pass<T, Weights>& f, attention_scratch<accu
   using A = accum_t<T>;
   const index_t lanes = qb.lanes;
   A* st = s.st.data();
-  const bool capped = key_block_scores<T, Weights, Arch>(f, s, qb, j0, nk, part, f.pb.mods.softcap != A(0));
+  const bool capped = key_block_scores<T, Weights, Arch>(f, s, qb, j0, nk, part);
   if (f.pb.mods.transforms())  // softcap (unless the product applied it), ALiBi (modifiers.hpp), before the mask
     modify_score_tile<A, Arch>(f.pb.mods, qb.h, st, nk, lanes, lanes, j0, qb.i0 + f.mask.offset(), nullptr, capped);
   const bool partial = f.mask.partial(qb.i0, qb.nq, j0, nk);
@@ -235,11 +245,14 @@ query_block forward_task_block(const forward_pass<T, Weights>& f, index_t task) 
   return query_block{b, h, hk, i0, nq, round_up(nq, W)};
 }
 
-/// One task: pack Qᵀ, visit the key blocks the mask leaves, store the block's rows.
+/// One task: pack Qᵀ, visit the key blocks the mask leaves inside the task's key chunk, then
+/// store the block's rows, or (split-KV) the chunk's partial (O, m, l) into `partial`.
 template <class T, class Weights, class Arch>
-void forward_task(const forward_pass<T, Weights>& f, attention_scratch<accum_t<T>>& s, index_t task) {
+void forward_task(const forward_pass<T, Weights>& f, attention_scratch<accum_t<T>>& s, index_t task,
+                  accum_t<T>* partial) {
   using A = accum_t<T>;
-  const query_block qb = forward_task_block<T, Weights, Arch>(f, task);
+  const query_block qb = forward_task_block<T, Weights, Arch>(f, task / f.chunks);
+  const index_t c0 = task % f.chunks * f.chunk_keys, c1 = std::min(f.Nk, c0 + f.chunk_keys);
   prepare_forward_scratch<T, Weights, Arch>(f, s);
   // Qᵀ [d x lanes], scaled (pair-packed: unscaled); padding lanes are zero queries whose results
   // are never stored. (with d == 0 nothing is read: do not form pointers into a possibly null view)
@@ -256,8 +269,39 @@ void forward_task(const forward_pass<T, Weights>& f, attention_scratch<accum_t<T
   };
   std::vector<T> gathered;  // (a joined block over several pages, copied: kv_parts::block)
   f.mask.for_each_key_block(qb.i0, qb.nq, f.block_k, false, [&](index_t j0, index_t nk) {
-    f.kv.block(qb.b, qb.hk, j0, nk, gathered, key_block);
+    const index_t a = std::max(j0, c0), e = std::min(j0 + nk, c1);
+    if (a < e) f.kv.block(qb.b, qb.hk, a, e - a, gathered, key_block);
   });
+  if (f.chunks == 1) return store_forward_rows<T, Weights, Arch>(f, s, qb);
+  std::copy(s.o.data(), s.o.data() + qb.nq * f.dvp, partial);
+  std::copy(s.m.data(), s.m.data() + qb.nq, partial + kBlockQ * f.dvp);
+  std::copy(s.l.data(), s.l.data() + qb.nq, partial + kBlockQ * (f.dvp + 1));
+}
+
+/// Split-KV: query block `qtask`'s chunk partials (tasks qtask·chunks + c) merged in chunk
+/// order with Weights::merge into the scratch's (O, m, l), then its rows stored.
+template <class T, class Weights, class Arch>
+void merge_forward_chunks(const forward_pass<T, Weights>& f, attention_scratch<accum_t<T>>& s, index_t qtask,
+                          const accum_t<T>* partials) {
+  using A = accum_t<T>;
+  using Bt = batch<A, Arch>;
+  const query_block qb = forward_task_block<T, Weights, Arch>(f, qtask);
+  prepare_forward_scratch<T, Weights, Arch>(f, s);
+  const A* first = partials + qtask * f.chunks * f.partial_slot();
+  std::copy(first, first + qb.nq * f.dvp, s.o.data());
+  std::copy(first + kBlockQ * f.dvp, first + kBlockQ * f.dvp + qb.nq, s.m.data());
+  std::copy(first + kBlockQ * (f.dvp + 1), first + kBlockQ * (f.dvp + 1) + qb.nq, s.l.data());
+  for (index_t c = 1; c < f.chunks; ++c) {
+    const A* pc = first + c * f.partial_slot();
+    for (index_t i = 0; i < qb.nq; ++i) {
+      A sa, sb;
+      f.weights.merge(s.m[to_size(i)], s.l[to_size(i)], pc[kBlockQ * f.dvp + i], pc[kBlockQ * (f.dvp + 1) + i], sa, sb);
+      A* o = s.o.data() + i * f.dvp;
+      const A* oc = pc + i * f.dvp;
+      for (index_t x = 0; x < f.dvp; x += simd_width<A, Arch>)
+        (Bt::load_unaligned(o + x) * Bt(sa) + Bt::load_unaligned(oc + x) * Bt(sb)).store_unaligned(o + x);
+    }
+  }
   store_forward_rows<T, Weights, Arch>(f, s, qb);
 }
 
@@ -283,11 +327,20 @@ void run_tiled_attention(const attention_problem<T>& pb, const Weights& weights)
   // two products of (d + dv) FLOPs a visible pair
   const int threads = threads_for(pb.threads, 2.0 * double(f.d + f.dv) * double(f.heads * f.Nq) *
                                                   f.mask.keys_seen_estimate());
-  const int workers = static_cast<int>(std::min<index_t>(threads, f.heads * f.n_qblocks));
+  const index_t qtasks = f.heads * f.n_qblocks, tasks = qtasks * f.chunks;
+  const int workers = static_cast<int>(std::min<index_t>(threads, tasks));
   std::vector<attention_scratch<accum_t<T>>> scratch(to_size(std::max(workers, 1)));
-  parallel_for(threads, f.heads * f.n_qblocks, [&](index_t task, int worker) {
-    forward_task<T, Weights, Arch>(f, scratch[to_size(worker)], task);
+  aligned_vector<accum_t<T>> partials;  // split-KV: a partial (O, m, l) per task
+  if (f.chunks > 1)
+    partials.resize(checked_size<accum_t<T>>("attention", "split-KV partials", {tasks, f.partial_slot()}));
+  parallel_for(threads, tasks, [&](index_t task, int worker) {
+    forward_task<T, Weights, Arch>(f, scratch[to_size(worker)], task,
+                                   f.chunks > 1 ? partials.data() + task * f.partial_slot() : nullptr);
   });
+  if (f.chunks > 1)
+    parallel_for(threads, qtasks, [&](index_t qtask, int worker) {
+      merge_forward_chunks<T, Weights, Arch>(f, scratch[to_size(worker)], qtask, partials.data());
+    });
 }
 
 }  // namespace polyattn::detail

@@ -347,11 +347,7 @@ bool backward_tile(const backward_pass<T, Weights>& f, attention_backward_scratc
                      s.dpt.data(), lanes, false);
   } else {
     capped = mods.softcap != A(0);
-    if (capped)
-      gemm<A, Arch>(nk, lanes, f.d, kr.k, kr.ks, 1, qp.qt, lanes, s.st.data(), lanes, false,
-                    softcap_scores<A, Arch>{mods.softcap});
-    else
-      gemm<A, Arch>(nk, lanes, f.d, kr.k, kr.ks, 1, qp.qt, lanes, s.st.data(), lanes, false);
+    score_product<A, Arch>(nk, lanes, f.d, kr.k, kr.ks, qp.qt, s.st.data(), mods.softcap);
     gemm<A, Arch>(nk, lanes, f.dval, kr.v, kr.vs, 1, qp.dot, lanes, s.dpt.data(), lanes, false);
   }
   if (mods.transforms())  // the forward's softcap (unless capped) and ALiBi, recomputed (modifiers.hpp)
