@@ -149,12 +149,13 @@ TEST_CASE("decode path: a non-finite value reaches only the rows that see it", "
 
 namespace {
 
-/// Split-KV prefill shapes: Nq from 5 to 192 (one to four query blocks of 48) over 4097 to 13000
-/// keys (two to four chunks of 4096, the last partial), GQA, strided views, odd head dims.
+/// Split-KV prefill shapes: Nq from 5 to 192 (one to four query blocks of 48) over 4097 to 12289
+/// keys (two to four chunks of 4096, the last partial), GQA, strided views, odd head dims; small
+/// head dims, so that the oracles stay cheap under the sanitizers.
 std::vector<attention_shape> split_prefill_shapes() {
   return {
-      {1, 1, 1, 5, 4097, 16, 16, false},  {1, 1, 1, 48, 9000, 32, 32, false}, {1, 2, 1, 37, 12289, 8, 24, true},
-      {2, 1, 1, 49, 8192, 17, 5, false},  {1, 4, 2, 192, 5000, 9, 9, false},
+      {1, 1, 1, 5, 4097, 16, 16, false},  {1, 1, 1, 48, 9000, 16, 8, false}, {1, 2, 1, 37, 12289, 8, 4, true},
+      {2, 1, 1, 49, 8192, 5, 3, false},   {1, 2, 1, 192, 4500, 3, 5, false},
   };
 }
 
@@ -167,21 +168,22 @@ TEMPLATE_TEST_CASE("split-KV prefill: softmax, flash and polynomial match the or
       o.causal = causal;
       o.threads = 2;
       check_against_oracle<flash_kernel, TestType>(s, o);
-      check_against_oracle<softmax_kernel, TestType>(s, o);
       check_against_oracle<polynomial_kernel, TestType>(s, o);
+      // softmax_attention: flash's engine with one key block of all Nk keys, cut at the chunks
+      if (s.heads == 1) check_against_oracle<softmax_kernel, TestType>(s, o);
     }
   exact_case_options w;  // a window (whole chunks hidden from every row) with global tokens
   w.causal = true;
   w.window_left = 300;
   w.global = {0, 5000};
-  check_against_oracle<flash_kernel, TestType>({1, 2, 1, 40, 13000, 16, 16, false}, w);
-  check_against_oracle<polynomial_kernel, TestType>({1, 2, 1, 40, 13000, 16, 16, false}, w);
+  check_against_oracle<flash_kernel, TestType>({1, 2, 1, 40, 13000, 8, 8, false}, w);
+  check_against_oracle<polynomial_kernel, TestType>({1, 2, 1, 40, 13000, 8, 8, false}, w);
 }
 
 TEST_CASE("split-KV prefill: the same bits for any thread count", "[decode][split][threads]") {
   exact_case_options o;
   o.causal = true;
-  for (const attention_shape& s : {attention_shape{1, 1, 1, 40, 20000, 64, 64, false}, attention_shape{1, 2, 1, 100, 9000, 32, 48, true}}) {
+  for (const attention_shape& s : {attention_shape{1, 1, 1, 40, 20000, 16, 16, false}, attention_shape{1, 2, 1, 100, 9000, 8, 12, true}}) {
     check_thread_invariance<flash_kernel, float>(s, o);
     check_thread_invariance<polynomial_kernel, float>(s, o);
     check_thread_invariance<flash_kernel, bf16>(s, o);
