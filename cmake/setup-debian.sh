@@ -5,7 +5,7 @@
 # libopenblas0-openmp gives PyTorch's matmuls OpenBLAS instead of the reference BLAS that
 # python3-torch pulls in (bench/bench_torch.py compares against PyTorch's own attention).
 set -eu
-packages="cmake make g++ clang libclang-rt-14-dev libomp-dev libeigen3-dev libxsimd-dev catch2 libbenchmark-dev python3-matplotlib libopenmpi-dev openmpi-bin bible-kjv python3-torch libtorch-dev python3-pytest libopenblas0-openmp"
+packages="cmake make g++ clang libomp-dev libeigen3-dev libxsimd-dev catch2 libbenchmark-dev python3-matplotlib libopenmpi-dev openmpi-bin bible-kjv python3-torch libtorch-dev python3-pytest libopenblas0-openmp"
 missing=""
 for p in $packages; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
