@@ -58,26 +58,45 @@ dense_result dense_attention(tensor_view<const T, 4> q, tensor_view<const T, 4> 
   dense_result r{q.extent(0), q.extent(1), q.extent(2), v.extent(3), {}};
   r.data.assign(static_cast<std::size_t>(r.batch * r.heads * r.rows * r.cols), 0.0);
   const index_t nq = q.extent(2), nk = k.extent(2), d = q.extent(3), group = q.extent(1) / std::max<index_t>(k.extent(1), 1);
+  const index_t dv = r.cols;
+  // The head's q, k and vᵀ as Acc, copied once (plain arrays: the sums below read them in order
+  // without index arithmetic, which keeps the oracle cheap under the sanitizers)
+  std::vector<Acc> qh(static_cast<std::size_t>(nq * d)), kh(static_cast<std::size_t>(nk * d)),
+      vt(static_cast<std::size_t>(dv * nk));
   for (index_t b = 0; b < r.batch; ++b)
     for (index_t h = 0; h < r.heads; ++h) {
       const index_t hk = h / group;
+      for (index_t i = 0; i < nq; ++i)
+        for (index_t c = 0; c < d; ++c) qh[static_cast<std::size_t>(i * d + c)] = static_cast<Acc>(q(b, h, i, c));
+      if (h % group == 0)
+        for (index_t j = 0; j < nk; ++j) {
+          for (index_t c = 0; c < d; ++c) kh[static_cast<std::size_t>(j * d + c)] = static_cast<Acc>(k(b, hk, j, c));
+          for (index_t c = 0; c < dv; ++c) vt[static_cast<std::size_t>(c * nk + j)] = static_cast<Acc>(v(b, hk, j, c));
+        }
       // the full Nq x Nk score and weight matrices of this head
       std::vector<double> s(static_cast<std::size_t>(nq * nk), 0.0);  // scores rounded to Acc
       std::vector<bool> allowed(static_cast<std::size_t>(nq * nk), false);
       for (index_t i = 0; i < nq; ++i)
         for (index_t j = 0; j < nk; ++j) {
+          const Acc* qi = qh.data() + i * d;
+          const Acc* kj = kh.data() + j * d;
           Acc dot = 0;
-          for (index_t c = 0; c < d; ++c) dot += static_cast<Acc>(q(b, h, i, c)) * static_cast<Acc>(k(b, hk, j, c));
-          s[i * nk + j] = static_cast<double>(static_cast<Acc>(scale) * dot);
-          allowed[i * nk + j] = mask(i, j, nq, nk);
+          for (index_t c = 0; c < d; ++c) dot += qi[c] * kj[c];
+          s[static_cast<std::size_t>(i * nk + j)] = static_cast<double>(static_cast<Acc>(scale) * dot);
+          allowed[static_cast<std::size_t>(i * nk + j)] = mask(i, j, nq, nk);
         }
       for (index_t i = 0; i < nq; ++i) {
         std::vector<double> w = weight_row(i, s.data() + i * nk, allowed, i * nk, nk);
+        std::vector<Acc> wa(w.size());
         Acc denom = static_cast<Acc>(bias);
-        for (index_t j = 0; j < nk; ++j) denom += static_cast<Acc>(w[j]);
-        for (index_t c = 0; c < r.cols; ++c) {
+        for (index_t j = 0; j < nk; ++j) {
+          wa[static_cast<std::size_t>(j)] = static_cast<Acc>(w[static_cast<std::size_t>(j)]);
+          denom += wa[static_cast<std::size_t>(j)];
+        }
+        for (index_t c = 0; c < dv; ++c) {
+          const Acc* vc = vt.data() + c * nk;
           Acc acc = 0;
-          for (index_t j = 0; j < nk; ++j) acc += static_cast<Acc>(w[j]) * static_cast<Acc>(v(b, hk, j, c));
+          for (index_t j = 0; j < nk; ++j) acc += wa[static_cast<std::size_t>(j)] * vc[j];
           r.at(b, h, i, c) = denom != Acc(0) ? static_cast<double>(acc / denom) : 0.0;
         }
       }
