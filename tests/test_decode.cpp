@@ -8,7 +8,9 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <initializer_list>
 #include <limits>
+#include <utility>
 
 #include "support/exact_battery.hpp"
 #include "support/half_reference.hpp"
@@ -43,28 +45,40 @@ std::vector<attention_shape> decode_shapes() {
   };
 }
 
-}  // namespace
+/// Flash, polynomial and (when asked) softmax_attention against the oracle, causal and not, on
+/// 2 threads.
+template <class T>
+void check_exact_kernels(const attention_shape& s, bool with_softmax) {
+  for (bool causal : {false, true}) {
+    exact_case_options o;
+    o.causal = causal;
+    o.threads = 2;
+    check_against_oracle<flash_kernel, T>(s, o);
+    if (with_softmax) check_against_oracle<softmax_kernel, T>(s, o);
+    check_against_oracle<polynomial_kernel, T>(s, o);
+  }
+}
 
-TEMPLATE_TEST_CASE("decode path: softmax, flash and polynomial match the oracle", "[decode]", float, double) {
-  for (const attention_shape& s : decode_shapes())
-    for (bool causal : {false, true}) {
-      exact_case_options o;
-      o.causal = causal;
-      o.threads = 2;
-      check_against_oracle<flash_kernel, TestType>(s, o);
-      check_against_oracle<softmax_kernel, TestType>(s, o);
-      check_against_oracle<polynomial_kernel, TestType>(s, o);
-    }
-  exact_case_options w;  // a window with global tokens, and a window to the right
+/// Flash and polynomial against the oracle under a causal window of 300 keys with global
+/// positions 0 and 5000 (keys of whole blocks and chunks hidden from every row).
+template <class T>
+void check_window_with_globals(const attention_shape& s) {
+  exact_case_options w;
   w.causal = true;
   w.window_left = 300;
   w.global = {0, 5000};
-  check_against_oracle<flash_kernel, TestType>({1, 4, 2, 3, 9000, 32, 32, false}, w);
-  check_against_oracle<polynomial_kernel, TestType>({1, 4, 2, 3, 9000, 32, 32, false}, w);
-  w.causal = false;
+  check_against_oracle<flash_kernel, T>(s, w);
+  check_against_oracle<polynomial_kernel, T>(s, w);
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("decode path: softmax, flash and polynomial match the oracle", "[decode]", float, double) {
+  for (const attention_shape& s : decode_shapes()) check_exact_kernels<TestType>(s, true);
+  check_window_with_globals<TestType>({1, 4, 2, 3, 9000, 32, 32, false});
+  exact_case_options w;  // a window to the right
   w.window_left = 100;
   w.window_right = 2;
-  w.global = {};
   check_against_oracle<flash_kernel, TestType>({1, 2, 1, 4, 600, 16, 16, true}, w);
 }
 
@@ -87,14 +101,23 @@ TEMPLATE_TEST_CASE("decode path: half storage meets the accuracy contract", "[de
     }
 }
 
-TEST_CASE("decode path: the same bits for any thread count, across chunks", "[decode][threads]") {
+namespace {
+
+/// Causal flash and polynomial in float and flash in bf16: the same bits for any thread count.
+void check_causal_thread_invariance(std::initializer_list<attention_shape> shapes) {
   exact_case_options o;
   o.causal = true;
-  for (const attention_shape& s : {attention_shape{1, 1, 1, 1, 20000, 64, 64, false}, attention_shape{2, 8, 2, 2, 9000, 32, 48, true}}) {
+  for (const attention_shape& s : shapes) {
     check_thread_invariance<flash_kernel, float>(s, o);
     check_thread_invariance<polynomial_kernel, float>(s, o);
     check_thread_invariance<flash_kernel, bf16>(s, o);
   }
+}
+
+}  // namespace
+
+TEST_CASE("decode path: the same bits for any thread count, across chunks", "[decode][threads]") {
+  check_causal_thread_invariance({{1, 1, 1, 1, 20000, 64, 64, false}, {2, 8, 2, 2, 9000, 32, 48, true}});
 }
 
 TEST_CASE("decode path: rows with no key give 0; stats are the oracle's log-sum-exp", "[decode]") {
@@ -128,22 +151,24 @@ TEST_CASE("decode path: rows with no key give 0; stats are the oracle's log-sum-
     }
 }
 
-TEST_CASE("decode path: a non-finite value reaches only the rows that see it", "[decode]") {
-  for (index_t nk : {300, 5000}) {
-    const attention_shape s{1, 1, 1, 2, nk, 16, 16, false};
+TEST_CASE("decode path and split-KV prefill: a non-finite value reaches only the rows that see it", "[decode][split]") {
+  // (Nq, Nk): the decode path in one chunk and across two; the tiled path's split over three
+  for (const auto& [nq, nk] : {std::pair<index_t, index_t>{2, 300}, {2, 5000}, {6, 9000}}) {
+    const attention_shape s{1, 1, 1, nq, nk, 16, 16, false};
     attention_inputs<float> a(s, 3);
     exact_case_options o;
     o.causal = true;
-    o.window_left = 50;  // keys before nk − 52 are hidden from both rows
+    o.window_left = 50;  // keys before nk − nq − 50 are hidden from every row
     flash_kernel::run<float>(a.q.cview(), a.k.cview(), a.v.cview(), a.out.view, o);
     attention_inputs<float> b = a;
-    b.v(0, 0, nk - 60, 0) = std::numeric_limits<float>::infinity();  // outside both windows
-    b.v(0, 0, nk - 1, 1) = std::numeric_limits<float>::quiet_NaN();   // seen by row 1 only
+    b.v(0, 0, nk - 60, 0) = std::numeric_limits<float>::infinity();  // outside every window
+    b.v(0, 0, nk - 1, 1) = std::numeric_limits<float>::quiet_NaN();   // seen by the last row only
     flash_kernel::run<float>(b.q.cview(), b.k.cview(), b.v.cview(), b.out.view, o);
-    INFO("nk " << nk);
-    for (index_t c = 0; c < 16; ++c) CHECK(a.out(0, 0, 0, c) == b.out(0, 0, 0, c));
-    CHECK(std::isnan(b.out(0, 0, 1, 1)));
-    CHECK(a.out(0, 0, 1, 0) == b.out(0, 0, 1, 0));
+    INFO("nq " << nq << " nk " << nk);
+    for (index_t i = 0; i + 1 < nq; ++i)
+      for (index_t c = 0; c < 16; ++c) CHECK(a.out(0, 0, i, c) == b.out(0, 0, i, c));
+    CHECK(std::isnan(b.out(0, 0, nq - 1, 1)));
+    CHECK(a.out(0, 0, nq - 1, 0) == b.out(0, 0, nq - 1, 0));
   }
 }
 
@@ -162,48 +187,12 @@ std::vector<attention_shape> split_prefill_shapes() {
 }  // namespace
 
 TEMPLATE_TEST_CASE("split-KV prefill: softmax, flash and polynomial match the oracle", "[decode][split]", float, double) {
-  for (const attention_shape& s : split_prefill_shapes())
-    for (bool causal : {false, true}) {
-      exact_case_options o;
-      o.causal = causal;
-      o.threads = 2;
-      check_against_oracle<flash_kernel, TestType>(s, o);
-      check_against_oracle<polynomial_kernel, TestType>(s, o);
-      // softmax_attention: flash's engine with one key block of all Nk keys, cut at the chunks
-      if (s.heads == 1) check_against_oracle<softmax_kernel, TestType>(s, o);
-    }
-  exact_case_options w;  // a window (whole chunks hidden from every row) with global tokens
-  w.causal = true;
-  w.window_left = 300;
-  w.global = {0, 5000};
-  check_against_oracle<flash_kernel, TestType>({1, 2, 1, 40, 13000, 8, 8, false}, w);
-  check_against_oracle<polynomial_kernel, TestType>({1, 2, 1, 40, 13000, 8, 8, false}, w);
+  // (softmax_attention: flash's engine with one key block of all Nk keys, cut at the chunks;
+  // on the one-head shapes, which keeps its oracles cheap)
+  for (const attention_shape& s : split_prefill_shapes()) check_exact_kernels<TestType>(s, s.heads == 1);
+  check_window_with_globals<TestType>({1, 2, 1, 40, 13000, 8, 8, false});
 }
 
 TEST_CASE("split-KV prefill: the same bits for any thread count", "[decode][split][threads]") {
-  exact_case_options o;
-  o.causal = true;
-  for (const attention_shape& s : {attention_shape{1, 1, 1, 40, 20000, 16, 16, false}, attention_shape{1, 2, 1, 100, 9000, 8, 12, true}}) {
-    check_thread_invariance<flash_kernel, float>(s, o);
-    check_thread_invariance<polynomial_kernel, float>(s, o);
-    check_thread_invariance<flash_kernel, bf16>(s, o);
-  }
-}
-
-TEST_CASE("split-KV prefill: a non-finite value reaches only the rows that see it", "[decode][split]") {
-  const index_t nk = 9000;
-  const attention_shape s{1, 1, 1, 6, nk, 16, 16, false};
-  attention_inputs<float> a(s, 3);
-  exact_case_options o;
-  o.causal = true;
-  o.window_left = 50;  // keys before nk − 56 are hidden from every row
-  flash_kernel::run<float>(a.q.cview(), a.k.cview(), a.v.cview(), a.out.view, o);
-  attention_inputs<float> b = a;
-  b.v(0, 0, 100, 0) = std::numeric_limits<float>::infinity();      // in the first chunk, seen by no row
-  b.v(0, 0, nk - 1, 1) = std::numeric_limits<float>::quiet_NaN();  // seen by the last row only
-  flash_kernel::run<float>(b.q.cview(), b.k.cview(), b.v.cview(), b.out.view, o);
-  for (index_t i = 0; i < 5; ++i)
-    for (index_t c = 0; c < 16; ++c) CHECK(a.out(0, 0, i, c) == b.out(0, 0, i, c));
-  CHECK(std::isnan(b.out(0, 0, 5, 1)));
-  CHECK(a.out(0, 0, 5, 0) == b.out(0, 0, 5, 0));
+  check_causal_thread_invariance({{1, 1, 1, 40, 20000, 16, 16, false}, {1, 2, 1, 100, 9000, 8, 12, true}});
 }
