@@ -390,11 +390,19 @@ void decode_task(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s
   });
 }
 
+/// o[0, n) = o·sa + ob·sb (n a whole number of vectors): the O rows of two key ranges merged
+/// with the factors Weights::merge gives (split-KV decode and prefill).
+template <class A, class Arch>
+void merge_partial_row(A* o, const A* ob, index_t n, A sa, A sb) {
+  using Bt = batch<A, Arch>;
+  for (index_t x = 0; x < n; x += simd_width<A, Arch>)
+    (Bt::load_unaligned(o + x) * Bt(sa) + Bt::load_unaligned(ob + x) * Bt(sb)).store_unaligned(o + x);
+}
+
 /// Row group g: merges its chunks' partials in chunk order, writes out and stats.
 template <class T, class Weights, class Arch>
 void decode_merge(const decode_pass<T, Weights>& f, index_t g, accum_t<T>* partials) {
   using A = accum_t<T>;
-  using Bt = batch<A, Arch>;
   index_t b, h0, nh;
   f.rows_of(g, b, h0, nh);
   A* first = partials + g * f.chunks * kDecodeRows * f.slot;
@@ -405,8 +413,7 @@ void decode_merge(const decode_pass<T, Weights>& f, index_t g, accum_t<T>* parti
       const A* oc = o + c * kDecodeRows * f.slot;
       A sa, sb;
       f.weights.merge(m, l, oc[f.dvp], oc[f.dvp + 1], sa, sb);
-      for (index_t x = 0; x < f.dvp; x += simd_width<A, Arch>)
-        (Bt::load_unaligned(o + x) * Bt(sa) + Bt::load_unaligned(oc + x) * Bt(sb)).store_unaligned(o + x);
+      merge_partial_row<A, Arch>(o, oc, f.dvp, sa, sb);
     }
     const index_t h = h0 + r / f.Nq, i = r % f.Nq;
     if (f.pb.mods.sinks) {  // the head's sink joins the row's denominator (modifiers.hpp)

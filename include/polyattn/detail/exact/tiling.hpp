@@ -284,7 +284,6 @@ template <class T, class Weights, class Arch>
 void merge_forward_chunks(const forward_pass<T, Weights>& f, attention_scratch<accum_t<T>>& s, index_t qtask,
                           const accum_t<T>* partials) {
   using A = accum_t<T>;
-  using Bt = batch<A, Arch>;
   const query_block qb = forward_task_block<T, Weights, Arch>(f, qtask);
   prepare_forward_scratch<T, Weights, Arch>(f, s);
   const A* first = partials + qtask * f.chunks * f.partial_slot();
@@ -296,10 +295,7 @@ void merge_forward_chunks(const forward_pass<T, Weights>& f, attention_scratch<a
     for (index_t i = 0; i < qb.nq; ++i) {
       A sa, sb;
       f.weights.merge(s.m[to_size(i)], s.l[to_size(i)], pc[kBlockQ * f.dvp + i], pc[kBlockQ * (f.dvp + 1) + i], sa, sb);
-      A* o = s.o.data() + i * f.dvp;
-      const A* oc = pc + i * f.dvp;
-      for (index_t x = 0; x < f.dvp; x += simd_width<A, Arch>)
-        (Bt::load_unaligned(o + x) * Bt(sa) + Bt::load_unaligned(oc + x) * Bt(sb)).store_unaligned(o + x);
+      merge_partial_row<A, Arch>(s.o.data() + i * f.dvp, pc + i * f.dvp, f.dvp, sa, sb);
     }
   }
   store_forward_rows<T, Weights, Arch>(f, s, qb);
