@@ -85,6 +85,20 @@ struct pair_dot {
     const B alo(float_of_bf16_bits(static_cast<std::uint16_t>(a))), ahi(float_of_bf16_bits(static_cast<std::uint16_t>(a >> 16)));
     return xsimd::fma(ahi, hi, xsimd::fma(alo, lo, acc));
   }
+  /// acc += the pair products of two vectors of words (lane l: a's pair l times b's pair l).
+  static B dot(const B& a, const B& b, const B& acc) {
+#if defined(__AVX512BF16__) && XSIMD_WITH_AVX512F
+    if constexpr (has_bf16_dot<Arch>) {
+      return B(_mm512_dpbf16_ps(__m512(acc), (__m512bh)_mm512_castps_si512(__m512(a)),
+                                (__m512bh)_mm512_castps_si512(__m512(b))));
+    }
+#endif
+    using U = batch<std::uint32_t, Arch>;
+    const U au = xsimd::bitwise_cast<U>(a), bu = xsimd::bitwise_cast<U>(b);
+    const U hi_mask(0xffff0000u);
+    return xsimd::fma(xsimd::bitwise_cast<B>(au & hi_mask), xsimd::bitwise_cast<B>(bu & hi_mask),
+                      xsimd::fma(xsimd::bitwise_cast<B>(au << 16), xsimd::bitwise_cast<B>(bu << 16), acc));
+  }
 };
 
 /// C[MR x NR·W] (+)= A[MR x 2·kp] · B[2·kp x NR·W]: pair p of row m at a + m·a_rs + p·a_cs

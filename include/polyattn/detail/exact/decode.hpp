@@ -9,6 +9,10 @@
 //     dot product summed in a vector and the W vectors reduced together (haddp); half K and V
 //     are widened in registers, never copied;
 //   - Weights::apply_row on each row's scores (keys in lanes), then O_row += Σ_j p_j v_j;
+//   - bf16 with POLYATTN_BF16_PAIRS (bf16_pairs): the scores' dot products run on bf16 pairs
+//     (vdpbf16ps), the queries unscaled and the fp32 scores scaled after, as the tiled path;
+//     P·V stays in fp32 with V widened (P is not rounded: packing V as pairs of keys measured
+//     slower for one row and no faster for 8, docs/design_exact.md "Decode");
 //   - split-KV: the keys are cut into chunks of kDecodeChunk, one task per (batch, kv head,
 //     row group, chunk), each leaving a partial (m, l, O); a second pass merges the chunks in
 //     order with Weights::merge (log-sum-exp rescaling for softmax, plain sums for polynomial).
@@ -21,6 +25,7 @@
 
 #include "../../tensor_view.hpp"
 #include "../core/convert.hpp"
+#include "../core/gemm_bf16.hpp"
 #include "../core/sizes.hpp"
 #include "../core/threading.hpp"
 #include "kv_parts.hpp"
@@ -102,6 +107,7 @@ struct decode_pass {
 template <class A>
 struct decode_scratch {
   aligned_vector<A> q, s;  // rows' scaled queries [rows × dq], scores [rows × kDecodeScoreRow]
+  aligned_vector<std::uint16_t> qh;  // bf16 pairs: rows' unscaled queries (bf16 bits, [rows × 2·dq])
 };
 
 /// Rows a decode kernel handles at once: the rows of a GQA group share each K and V vector
@@ -143,24 +149,78 @@ void decode_dots(const T* k, index_t ks, index_t d, const accum_t<T>* q, index_t
     for (int x = 0; x < KN; ++x) dot[r * dot_stride + x] = acc[r][x];
 }
 
+/// The 2W bf16 at p (W pair words) as one vector; `n` < 2W reads only n and zero-fills the rest.
+template <class Arch>
+batch<float, Arch> load_pair_words(const std::uint16_t* p, index_t n) {
+  using Bt = batch<float, Arch>;
+  constexpr index_t W = simd_width<float, Arch>;
+  if (n >= 2 * W) return Bt::load_unaligned(reinterpret_cast<const float*>(p));
+  alignas(64) std::uint16_t tmp[to_size(2 * W)] = {};
+  std::copy(p, p + n, tmp);
+  return Bt::load_aligned(reinterpret_cast<const float*>(tmp));
+}
+
+/// decode_dots on bf16 pairs: dot[r][x] = q_r · k_x with q rows as bf16 bits (q + r·dq, padded
+/// with zeros to whole vectors of pairs) and K rows read in place as pairs (pair_dot::dot).
+template <int RN, int KN, class Arch>
+void decode_pair_dots(const std::uint16_t* k, index_t ks, index_t d, const std::uint16_t* q, index_t dq,
+                      batch<float, Arch>* dot, index_t dot_stride) {
+  using P = pair_dot<Arch>;
+  using Bt = batch<float, Arch>;
+  constexpr index_t W = simd_width<float, Arch>;
+  Bt acc[std::size_t(RN)][std::size_t(KN)];
+#pragma GCC unroll 4
+  for (int r = 0; r < RN; ++r)
+#pragma GCC unroll 4
+    for (int x = 0; x < KN; ++x) acc[r][x] = Bt(0.0f);
+  for (index_t c = 0; c < d; c += 2 * W) {
+    const index_t n = std::min(2 * W, d - c);
+    Bt kv[std::size_t(KN)];
+#pragma GCC unroll 4
+    for (int x = 0; x < KN; ++x) kv[x] = load_pair_words<Arch>(k + x * ks + c, n);
+#pragma GCC unroll 4
+    for (int r = 0; r < RN; ++r) {
+      const Bt qv = Bt::load_unaligned(reinterpret_cast<const float*>(q + r * dq + c));
+#pragma GCC unroll 4
+      for (int x = 0; x < KN; ++x) acc[r][x] = P::dot(kv[x], qv, acc[r][x]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < RN; ++r)
+#pragma GCC unroll 4
+    for (int x = 0; x < KN; ++x) dot[r * dot_stride + x] = acc[r][x];
+}
+
 /// s_r[0, nk) = q_r · k_j for RN rows (q_r = q + r·dq, s_r = s + r·kDecodeScoreRow) and the keys
 /// of one block (rows of k, stride ks); each s_r padded to whole vectors with `pad`.
+/// With bf16 pairs (bf16_pairs<T, Arch>) the rows are qh's unscaled bf16 (stride 2·dq) and
+/// each score is multiplied by `scale` after the sum; otherwise q's scaled rows.
 template <int RN, class T, class Arch>
-void decode_scores(const T* k, index_t ks, index_t nk, index_t d, const accum_t<T>* q, index_t dq, accum_t<T>* s,
-                   accum_t<T> pad) {
+void decode_scores(const T* k, index_t ks, index_t nk, index_t d, const accum_t<T>* q, const std::uint16_t* qh,
+                   index_t dq, accum_t<T>* s, accum_t<T> pad, accum_t<T> scale) {
   using A = accum_t<T>;
   using Bt = batch<A, Arch>;
   constexpr index_t W = simd_width<A, Arch>;
   Bt acc[to_size(RN * W)];
+  auto dots = [&](auto kn, index_t j) {
+    constexpr int KN = decltype(kn)::value;
+    if constexpr (bf16_pairs<T, Arch>)
+      decode_pair_dots<RN, KN, Arch>(reinterpret_cast<const std::uint16_t*>(k + j * ks), ks, d, qh, 2 * dq, acc + j % W, W);
+    else
+      decode_dots<RN, KN, T, Arch>(k + j * ks, ks, d, q, dq, acc + j % W, W);
+  };
   for (index_t j0 = 0; j0 < nk; j0 += W) {
     const index_t n = std::min(W, nk - j0);
     index_t j = 0;
-    for (; j + 4 <= n; j += 4) decode_dots<RN, 4, T, Arch>(k + (j0 + j) * ks, ks, d, q, dq, acc + j, W);
-    for (; j < n; ++j) decode_dots<RN, 1, T, Arch>(k + (j0 + j) * ks, ks, d, q, dq, acc + j, W);
+    for (; j + 4 <= n; j += 4) dots(std::integral_constant<int, 4>{}, j0 + j);
+    for (; j < n; ++j) dots(std::integral_constant<int, 1>{}, j0 + j);
     for (int r = 0; r < RN; ++r) {
       for (index_t x = n; x < W; ++x) acc[to_size(r * W + x)] = Bt(A(0));
       A* sr = s + r * kDecodeScoreRow;
-      vhaddp(acc + r * W).store_unaligned(sr + j0);
+      if constexpr (bf16_pairs<T, Arch>)
+        (vhaddp(acc + r * W) * Bt(scale)).store_unaligned(sr + j0);
+      else
+        vhaddp(acc + r * W).store_unaligned(sr + j0);
       for (index_t x = n; x < W; ++x) sr[j0 + x] = pad;
     }
   }
@@ -261,9 +321,11 @@ void decode_block_scores(const decode_pass<T, Weights>& f, decode_scratch<accum_
     for (index_t x = 0; x < np; ++x) {
       const decode_piece<T>& p = pc[x];
       for (r = 0; r + RB <= rows; r += RB)
-        decode_scores<RB, T, Arch>(p.k, p.ks, p.n, f.d, s.q.data() + r * dq, dq, s.s.data() + r * kDecodeScoreRow + p.a, pad);
+        decode_scores<RB, T, Arch>(p.k, p.ks, p.n, f.d, s.q.data() + r * dq, s.qh.data() + 2 * r * dq, dq,
+                                   s.s.data() + r * kDecodeScoreRow + p.a, pad, f.pb.scale);
       for (; r < rows; ++r)
-        decode_scores<1, T, Arch>(p.k, p.ks, p.n, f.d, s.q.data() + r * dq, dq, s.s.data() + r * kDecodeScoreRow + p.a, pad);
+        decode_scores<1, T, Arch>(p.k, p.ks, p.n, f.d, s.q.data() + r * dq, s.qh.data() + 2 * r * dq, dq,
+                                  s.s.data() + r * kDecodeScoreRow + p.a, pad, f.pb.scale);
     }
     for (r = 0; r < rows && np > 1; ++r) {  // (the last piece padded past its own vectors only)
       A* sr = s.s.data() + r * kDecodeScoreRow;
@@ -362,16 +424,29 @@ void decode_task(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s
   index_t b, h0, nh;
   f.rows_of(t / f.chunks, b, h0, nh);
   const index_t rows = nh * f.Nq;
-  if (s.q.empty()) {
-    s.q.assign(to_size(kDecodeRows * dq), A(0));
+  constexpr bool pairs = bf16_pairs<T, Arch>;
+  if (s.s.empty()) {
     s.s.assign(to_size(kDecodeRows * kDecodeScoreRow), A(0));
+    if (pairs)
+      s.qh.assign(to_size(kDecodeRows * 2 * dq), 0);
+    else
+      s.q.assign(to_size(kDecodeRows * dq), A(0));
   }
   A* partial = partials + t * kDecodeRows * f.slot;
   for (index_t r = 0; r < rows; ++r) {
-    A* qr = s.q.data() + r * dq;
-    std::fill(qr, qr + dq, A(0));
-    if (f.d > 0) widen(&f.pb.q(b, h0 + r / f.Nq, r % f.Nq, 0), f.d, qr);
-    for (index_t c = 0; c < f.d; ++c) qr[c] *= f.pb.scale;
+    if constexpr (pairs) {  // unscaled bf16 bits, padded with zeros (decode_pair_dots)
+      std::uint16_t* qr = s.qh.data() + 2 * r * dq;
+      std::fill(qr, qr + 2 * dq, std::uint16_t(0));
+      if (f.d > 0) {
+        const auto* src = reinterpret_cast<const std::uint16_t*>(&f.pb.q(b, h0 + r / f.Nq, r % f.Nq, 0));
+        std::copy(src, src + f.d, qr);
+      }
+    } else {
+      A* qr = s.q.data() + r * dq;
+      std::fill(qr, qr + dq, A(0));
+      if (f.d > 0) widen(&f.pb.q(b, h0 + r / f.Nq, r % f.Nq, 0), f.d, qr);
+      for (index_t c = 0; c < f.d; ++c) qr[c] *= f.pb.scale;
+    }
     A* row = partial + r * f.slot;
     std::fill(row, row + f.dvp, A(0));
     f.weights.init(row + f.dvp, row + f.dvp + 1, 1);
