@@ -196,3 +196,23 @@ TEMPLATE_TEST_CASE("split-KV prefill: softmax, flash and polynomial match the or
 TEST_CASE("split-KV prefill: the same bits for any thread count", "[decode][split][threads]") {
   check_causal_thread_invariance({{1, 1, 1, 40, 20000, 16, 16, false}, {1, 2, 1, 100, 9000, 8, 12, true}});
 }
+
+TEST_CASE("split-KV prefill: calls of at most 4 query blocks over more than 4096 keys are split", "[decode][split]") {
+  // White box: the split is a speed property that the results above cannot show (the unsplit
+  // path gives the same values within rounding), so the engine's decision is checked directly.
+  const auto chunks = [](index_t nq, index_t nk, index_t heads) {
+    const std::vector<float> q(std::size_t(heads * nq)), kv(static_cast<std::size_t>(nk));
+    detail::attention_problem<float> pb;
+    pb.q = tensor_view<const float, 4>(q.data(), {1, heads, nq, 1});
+    pb.k = pb.v = tensor_view<const float, 4>(kv.data(), {1, 1, nk, 1});
+    const detail::kv_parts<float> parts(pb.k, pb.v);
+    const int weights = 0;  // (make only keeps a reference to the weights)
+    return detail::forward_pass<float, int>::make(pb, weights, parts, 16).chunks;
+  };
+  CHECK(chunks(5, 4097, 1) == 2);
+  CHECK(chunks(32, 32768, 1) == 8);
+  CHECK(chunks(192, 12289, 1) == 4);     // four query blocks of 48
+  CHECK(chunks(192, 12289, 8) == 4);     // per head: the batch and head count do not decide
+  CHECK(chunks(193, 32768, 1) == 1);     // five query blocks: enough tasks without a split
+  CHECK(chunks(100, 4096, 1) == 1);      // one chunk's keys
+}
