@@ -116,73 +116,61 @@ struct decode_scratch {
 template <class Arch>
 inline constexpr int kDecodeRowBlock = simd_width<float, Arch> >= 16 ? 4 : 2;
 
-/// dot[r][x] = q_r · k_x for RN query rows (q + r·dq, padded with zeros to whole vectors) and KN
-/// key rows (k + x·ks, d values), each a vector of partial sums: accumulators in registers, each
-/// K and q vector loaded once for all RN × KN products, and every product's FMAs in column order
-/// (the same sums whatever RN and KN).
-template <int RN, int KN, class T, class Arch>
-void decode_dots(const T* k, index_t ks, index_t d, const accum_t<T>* q, index_t dq, batch<accum_t<T>, Arch>* dot,
-                 index_t dot_stride) {
+/// How decode_dots reads and multiplies K and q of storage T: `step` values of a row per vector,
+/// K loaded from the row as it lies (n < step: only n values, zero-filled), q from the task's
+/// padded copy, and one multiply-add per vector pair.
+///   widened: q scaled in accum_t<T>, K widened in registers (load_widened), an FMA;
+///   bf16 pairs (bf16_pairs<T, Arch>): q unscaled bf16 bits, K read as pair words, pair_dot::dot.
+template <class T, class Arch, bool Pairs = bf16_pairs<T, Arch>>
+struct decode_dot_op {
   using A = accum_t<T>;
   using Bt = batch<A, Arch>;
-  constexpr index_t W = simd_width<A, Arch>;
-  Bt acc[std::size_t(RN)][std::size_t(KN)];
-#pragma GCC unroll 4
-  for (int r = 0; r < RN; ++r)
-#pragma GCC unroll 4
-    for (int x = 0; x < KN; ++x) acc[r][x] = Bt(A(0));
-  for (index_t c = 0; c < d; c += W) {
-    const index_t n = std::min(W, d - c);
-    Bt kv[std::size_t(KN)];
-#pragma GCC unroll 4
-    for (int x = 0; x < KN; ++x) kv[x] = n == W ? load_widened<Arch>(k + x * ks + c) : load_widened<Arch>(k + x * ks + c, n);
-#pragma GCC unroll 4
-    for (int r = 0; r < RN; ++r) {
-      const Bt qv = Bt::load_unaligned(q + r * dq + c);
-#pragma GCC unroll 4
-      for (int x = 0; x < KN; ++x) acc[r][x] = xsimd::fma(kv[x], qv, acc[r][x]);
-    }
+  using Q = A;
+  static constexpr index_t step = simd_width<A, Arch>;
+  static Bt load_k(const T* k, index_t n) { return n == step ? load_widened<Arch>(k) : load_widened<Arch>(k, n); }
+  static Bt load_q(const Q* q) { return Bt::load_unaligned(q); }
+  static Bt madd(const Bt& k, const Bt& q, const Bt& acc) { return xsimd::fma(k, q, acc); }
+};
+template <class T, class Arch>
+struct decode_dot_op<T, Arch, true> {
+  using Bt = batch<float, Arch>;
+  using Q = std::uint16_t;
+  static constexpr index_t step = 2 * simd_width<float, Arch>;
+  static Bt load_k(const T* k, index_t n) {
+    const auto* p = reinterpret_cast<const std::uint16_t*>(k);
+    if (n == step) return Bt::load_unaligned(reinterpret_cast<const float*>(p));
+    alignas(64) std::uint16_t tmp[to_size(step)] = {};
+    std::copy(p, p + n, tmp);
+    return Bt::load_aligned(reinterpret_cast<const float*>(tmp));
   }
-#pragma GCC unroll 4
-  for (int r = 0; r < RN; ++r)
-#pragma GCC unroll 4
-    for (int x = 0; x < KN; ++x) dot[r * dot_stride + x] = acc[r][x];
-}
+  static Bt load_q(const Q* q) { return Bt::load_unaligned(reinterpret_cast<const float*>(q)); }
+  static Bt madd(const Bt& k, const Bt& q, const Bt& acc) { return pair_dot<Arch>::dot(k, q, acc); }
+};
 
-/// The 2W bf16 at p (W pair words) as one vector; `n` < 2W reads only n and zero-fills the rest.
-template <class Arch>
-batch<float, Arch> load_pair_words(const std::uint16_t* p, index_t n) {
-  using Bt = batch<float, Arch>;
-  constexpr index_t W = simd_width<float, Arch>;
-  if (n >= 2 * W) return Bt::load_unaligned(reinterpret_cast<const float*>(p));
-  alignas(64) std::uint16_t tmp[to_size(2 * W)] = {};
-  std::copy(p, p + n, tmp);
-  return Bt::load_aligned(reinterpret_cast<const float*>(tmp));
-}
-
-/// decode_dots on bf16 pairs: dot[r][x] = q_r · k_x with q rows as bf16 bits (q + r·dq, padded
-/// with zeros to whole vectors of pairs) and K rows read in place as pairs (pair_dot::dot).
-template <int RN, int KN, class Arch>
-void decode_pair_dots(const std::uint16_t* k, index_t ks, index_t d, const std::uint16_t* q, index_t dq,
-                      batch<float, Arch>* dot, index_t dot_stride) {
-  using P = pair_dot<Arch>;
-  using Bt = batch<float, Arch>;
-  constexpr index_t W = simd_width<float, Arch>;
+/// dot[r][x] = q_r · k_x for RN query rows (q + r·dq, padded with zeros to whole vectors) and KN
+/// key rows (k + x·ks, d values), each a vector of partial sums: accumulators in registers, each
+/// K and q vector loaded once for all RN × KN products, and every product's multiply-adds in
+/// column order (the same sums whatever RN and KN).
+template <int RN, int KN, class T, class Arch>
+void decode_dots(const T* k, index_t ks, index_t d, const typename decode_dot_op<T, Arch>::Q* q, index_t dq,
+                 batch<accum_t<T>, Arch>* dot, index_t dot_stride) {
+  using Op = decode_dot_op<T, Arch>;
+  using Bt = batch<accum_t<T>, Arch>;
   Bt acc[std::size_t(RN)][std::size_t(KN)];
 #pragma GCC unroll 4
   for (int r = 0; r < RN; ++r)
 #pragma GCC unroll 4
-    for (int x = 0; x < KN; ++x) acc[r][x] = Bt(0.0f);
-  for (index_t c = 0; c < d; c += 2 * W) {
-    const index_t n = std::min(2 * W, d - c);
+    for (int x = 0; x < KN; ++x) acc[r][x] = Bt(accum_t<T>(0));
+  for (index_t c = 0; c < d; c += Op::step) {
+    const index_t n = std::min(Op::step, d - c);
     Bt kv[std::size_t(KN)];
 #pragma GCC unroll 4
-    for (int x = 0; x < KN; ++x) kv[x] = load_pair_words<Arch>(k + x * ks + c, n);
+    for (int x = 0; x < KN; ++x) kv[x] = Op::load_k(k + x * ks + c, n);
 #pragma GCC unroll 4
     for (int r = 0; r < RN; ++r) {
-      const Bt qv = Bt::load_unaligned(reinterpret_cast<const float*>(q + r * dq + c));
+      const Bt qv = Op::load_q(q + r * dq + c);
 #pragma GCC unroll 4
-      for (int x = 0; x < KN; ++x) acc[r][x] = P::dot(kv[x], qv, acc[r][x]);
+      for (int x = 0; x < KN; ++x) acc[r][x] = Op::madd(kv[x], qv, acc[r][x]);
     }
   }
 #pragma GCC unroll 4
@@ -205,7 +193,7 @@ void decode_scores(const T* k, index_t ks, index_t nk, index_t d, const accum_t<
   auto dots = [&](auto kn, index_t j) {
     constexpr int KN = decltype(kn)::value;
     if constexpr (bf16_pairs<T, Arch>)
-      decode_pair_dots<RN, KN, Arch>(reinterpret_cast<const std::uint16_t*>(k + j * ks), ks, d, qh, 2 * dq, acc + j % W, W);
+      decode_dots<RN, KN, T, Arch>(k + j * ks, ks, d, qh, 2 * dq, acc + j % W, W);
     else
       decode_dots<RN, KN, T, Arch>(k + j * ks, ks, d, q, dq, acc + j % W, W);
   };
@@ -434,7 +422,7 @@ void decode_task(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s
   }
   A* partial = partials + t * kDecodeRows * f.slot;
   for (index_t r = 0; r < rows; ++r) {
-    if constexpr (pairs) {  // unscaled bf16 bits, padded with zeros (decode_pair_dots)
+    if constexpr (pairs) {  // unscaled bf16 bits, padded with zeros (decode_dot_op)
       std::uint16_t* qr = s.qh.data() + 2 * r * dq;
       std::fill(qr, qr + 2 * dq, std::uint16_t(0));
       if (f.d > 0) {
