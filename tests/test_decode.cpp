@@ -84,7 +84,8 @@ TEMPLATE_TEST_CASE("decode path: softmax, flash and polynomial match the oracle"
 
 TEMPLATE_TEST_CASE("decode path: half storage meets the accuracy contract", "[decode][half]", bf16, f16) {
   using T = TestType;
-  for (const attention_shape& s : {attention_shape{1, 4, 1, 1, 5000, 64, 64, false}, attention_shape{1, 8, 2, 3, 700, 37, 9, true}})
+  for (const attention_shape& s : {attention_shape{1, 4, 1, 1, 5000, 64, 64, false}, attention_shape{1, 8, 2, 3, 700, 37, 9, true},
+                                   attention_shape{1, 8, 1, 1, 4500, 64, 64, false}, attention_shape{1, 4, 1, 2, 700, 37, 9, true}})
     for (bool causal : {false, true}) {
       exact_case_options o;
       o.causal = causal;

@@ -61,6 +61,15 @@ void run_half_battery() {
       o.threads = 2;
       check_half_contract<Kernel, T>(s, o);
     }
+  // decode steps of 8 rows a task (a GQA group of 8 heads; 4 heads × 2 queries with an odd d),
+  // the decode path's rows-in-lanes scores
+  for (const attention_shape& s : {attention_shape{1, 8, 1, 1, 300, 64, 64, false}, attention_shape{1, 4, 1, 2, 290, 37, 9, false}})
+    for (bool causal : {false, true}) {
+      exact_case_options o;
+      o.causal = causal;
+      o.threads = 2;
+      check_half_contract<Kernel, T>(s, o);
+    }
   exact_case_options w;  // a sliding window with a global token, and one not causal
   w.causal = true;
   w.window_left = 40;

@@ -20,6 +20,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -108,6 +109,7 @@ template <class A>
 struct decode_scratch {
   aligned_vector<A> q, s;  // rows' scaled queries [rows × dq], scores [rows × kDecodeScoreRow]
   aligned_vector<std::uint16_t> qh;  // bf16 pairs: rows' unscaled queries (bf16 bits, [rows × 2·dq])
+  aligned_vector<std::uint32_t> ql;  // 8 rows in lanes (decode_scores_rows8): float or pair-word bits
 };
 
 /// Rows a decode kernel handles at once: the rows of a GQA group share each K and V vector
@@ -294,6 +296,123 @@ void prefetch_pieces(const decode_piece<T>* pc, index_t np, index_t d, index_t d
   }
 }
 
+/// Whether 8 rows of a task take decode_scores_rows8: AVX-512, float or bf16 pairs.
+template <class T, class Arch>
+inline constexpr bool kDecodeRowsInLanes =
+#if XSIMD_WITH_AVX512F
+    std::is_base_of<xsimd::avx512f, Arch>::value && (std::is_same_v<T, float> || bf16_pairs<T, Arch>);
+#else
+    false;
+#endif
+
+#if XSIMD_WITH_AVX512F
+// (the AVX-512 intrinsics below: see simd.hpp on GCC 12's -Wmaybe-uninitialized)
+POLYATTN_BEGIN_INTRINSICS
+/// The 8 rows' queries in lanes for decode_scores_rows8: vector g, lane 2r + e, holds row r's
+/// values [per·g + e·per/2, per·g + (e + 1)·per/2) (per = 2 floats, scaled; or 4 bf16 as two
+/// unscaled pair words); zero past d. q(r) points at row r's d values.
+template <class T, class Arch, class Q>
+void decode_rows8_queries(const Q& q, index_t d, accum_t<T> scale, std::uint32_t* out) {
+  constexpr bool pairs = bf16_pairs<T, Arch>;
+  const index_t per = pairs ? 4 : 2, G = ceil_div(d, per);
+  for (index_t g = 0; g < G; ++g)
+    for (index_t r = 0; r < 8; ++r)
+      for (index_t e = 0; e < 2; ++e) {
+        std::uint32_t& w = out[g * 16 + 2 * r + e];
+        const index_t c = per * g + e * per / 2;
+        if constexpr (pairs) {
+          const auto* row = reinterpret_cast<const std::uint16_t*>(q(r));
+          w = (c < d ? std::uint32_t(row[c]) : 0u) | (c + 1 < d ? std::uint32_t(row[c + 1]) << 16 : 0u);
+        } else {
+          const float x = c < d ? float(q(r)[c]) * scale : 0.0f;
+          std::memcpy(&w, &x, sizeof w);
+        }
+      }
+}
+
+/// The KN (≤ 4) keys at k (stride ks) against the 8 rows in lanes: acc[x] lane 2r + e = row r's
+/// partial dot product with key x over its lane's share of each broadcast group.
+template <int KN, class T, class Arch>
+void decode_rows8_keys(const T* k, index_t ks, index_t d, const float* ql, __m512* acc) {
+  constexpr bool pairs = bf16_pairs<T, Arch>;
+  constexpr index_t per = pairs ? 4 : 2;  // values of a key one 64-bit broadcast holds
+  using Bt = batch<float, Arch>;
+  const index_t full = d / per;
+  auto madd = [](__m512 q, __m512 kb, __m512 a) -> __m512 {
+    if constexpr (pairs) return __m512(pair_dot<Arch>::dot(Bt(kb), Bt(q), Bt(a)));
+    else return _mm512_fmadd_ps(q, kb, a);
+  };
+  __m512 a[to_size(KN)];  // (in registers: writing through acc in the loop kept them in memory)
+#pragma GCC unroll 4
+  for (int x = 0; x < KN; ++x) a[x] = _mm512_setzero_ps();
+  for (index_t g = 0; g < full; ++g) {
+    const __m512 qv = _mm512_load_ps(ql + g * 16);
+#pragma GCC unroll 4
+    for (int x = 0; x < KN; ++x)
+      a[x] = madd(qv, _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_load_sd(reinterpret_cast<const double*>(k + x * ks + g * per)))),
+                  a[x]);
+  }
+  if (full * per < d) {  // the last group, zero-filled past d (never reads past a row)
+    const __m512 qv = _mm512_load_ps(ql + full * 16);
+    for (int x = 0; x < KN; ++x) {
+      alignas(8) T tail[per] = {};
+      std::copy(k + x * ks + full * per, k + x * ks + d, tail);
+      a[x] = madd(qv, _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_load_sd(reinterpret_cast<const double*>(tail)))), a[x]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int x = 0; x < KN; ++x) acc[x] = a[x];
+}
+
+/// decode_scores for 8 rows with the rows in lanes (GQA groups, a few queries of several heads):
+/// each key's 8 dot products in one vector (d/2 FMAs, or d/4 pair dots, for all 8 rows, the key
+/// broadcast 64 bits at a time from the row as it lies), no per-key reduction across 16 lanes:
+/// adjacent lanes summed for two keys at once (a shuffle pair and an add), then the 8 vectors of
+/// 16 keys transposed into the rows (24 shuffles). Rows of s padded to whole vectors with `pad`.
+template <class T, class Arch>
+void decode_scores_rows8(const T* k, index_t ks, index_t nk, index_t d, const std::uint32_t* ql, float* s, float pad,
+                         float scale) {
+  const float* qf = reinterpret_cast<const float*>(ql);
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  for (index_t j0 = 0; j0 < nk; j0 += 16) {
+    const index_t n = std::min<index_t>(16, nk - j0);
+    __m512 v[8];  // v[t], 128-bit lane q: rows 2q, 2q + 1 for key 2t, then for key 2t + 1
+    for (index_t t = 0; t < 8; t += 2) {
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      const T* kq = k + (j0 + 2 * t) * ks;
+      switch (std::max<index_t>(0, std::min<index_t>(4, n - 2 * t))) {
+        case 4: decode_rows8_keys<4, T, Arch>(kq, ks, d, qf, acc); break;
+        case 3: decode_rows8_keys<3, T, Arch>(kq, ks, d, qf, acc); break;
+        case 2: decode_rows8_keys<2, T, Arch>(kq, ks, d, qf, acc); break;
+        case 1: decode_rows8_keys<1, T, Arch>(kq, ks, d, qf, acc); break;
+        default: break;
+      }
+      for (int u = 0; u < 2; ++u)
+        v[t + u] = _mm512_add_ps(_mm512_shuffle_ps(acc[2 * u], acc[2 * u + 1], 0x88),
+                                 _mm512_shuffle_ps(acc[2 * u], acc[2 * u + 1], 0xDD));
+    }
+    const __mmask16 valid = __mmask16((1u << n) - 1u);
+    for (int h = 0; h < 2; ++h) {  // keys 8h .. 8h + 7: a 4 × 4 transpose of 128-bit lanes
+      const __m512* w = v + 4 * h;
+      const __m512 a0 = _mm512_shuffle_f32x4(w[0], w[1], 0x44), a1 = _mm512_shuffle_f32x4(w[0], w[1], 0xEE);
+      const __m512 a2 = _mm512_shuffle_f32x4(w[2], w[3], 0x44), a3 = _mm512_shuffle_f32x4(w[2], w[3], 0xEE);
+      v[4 * h + 0] = _mm512_shuffle_f32x4(a0, a2, 0x88);  // row pair 0: keys in order, rows interleaved
+      v[4 * h + 1] = _mm512_shuffle_f32x4(a0, a2, 0xDD);
+      v[4 * h + 2] = _mm512_shuffle_f32x4(a1, a3, 0x88);
+      v[4 * h + 3] = _mm512_shuffle_f32x4(a1, a3, 0xDD);
+    }
+    for (int q = 0; q < 4; ++q)
+      for (int e = 0; e < 2; ++e) {
+        __m512 row = _mm512_permutex2var_ps(v[q], e == 0 ? even : odd, v[4 + q]);
+        if constexpr (bf16_pairs<T, Arch>) row = _mm512_mul_ps(row, _mm512_set1_ps(scale));
+        _mm512_storeu_ps(s + (2 * q + e) * kDecodeScoreRow + j0, _mm512_mask_blend_ps(valid, _mm512_set1_ps(pad), row));
+      }
+  }
+}
+POLYATTN_END_INTRINSICS
+#endif
+
 /// Scores of rows [0, rows) of a task for one key block, piece by piece (pc[0, np), each inside
 /// one part; a key's score does not depend on where its piece starts): kDecodeRowBlock rows at a
 /// time, then one at a time; each row's scores padded to whole vectors with masked scores.
@@ -308,6 +427,14 @@ void decode_block_scores(const decode_pass<T, Weights>& f, decode_scratch<accum_
   if (f.d > 0) {
     for (index_t x = 0; x < np; ++x) {
       const decode_piece<T>& p = pc[x];
+#if XSIMD_WITH_AVX512F
+      if constexpr (kDecodeRowsInLanes<T, Arch>) {
+        if (rows == 8) {
+          decode_scores_rows8<T, Arch>(p.k, p.ks, p.n, f.d, s.ql.data(), s.s.data() + p.a, pad, f.pb.scale);
+          continue;
+        }
+      }
+#endif
       for (r = 0; r + RB <= rows; r += RB)
         decode_scores<RB, T, Arch>(p.k, p.ks, p.n, f.d, s.q.data() + r * dq, s.qh.data() + 2 * r * dq, dq,
                                    s.s.data() + r * kDecodeScoreRow + p.a, pad, f.pb.scale);
@@ -439,6 +566,15 @@ void decode_task(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s
     std::fill(row, row + f.dvp, A(0));
     f.weights.init(row + f.dvp, row + f.dvp + 1, 1);
   }
+#if XSIMD_WITH_AVX512F
+  if constexpr (kDecodeRowsInLanes<T, Arch>) {
+    if (rows == 8 && f.d > 0) {
+      s.ql.resize(to_size(ceil_div(f.d, 2) * 16));
+      decode_rows8_queries<T, Arch>([&](index_t r) { return &f.pb.q(b, h0 + r / f.Nq, r % f.Nq, 0); }, f.d, f.pb.scale,
+                                    s.ql.data());
+    }
+  }
+#endif
   const index_t c0 = chunk * kDecodeChunk, c1 = std::min(f.Nk, c0 + kDecodeChunk);
   f.mask.for_each_key_block(0, f.Nq, kDecodeBlock, true, [&](index_t j0, index_t n) {
     const index_t a = std::max(j0, c0), e = std::min(j0 + n, c1);
