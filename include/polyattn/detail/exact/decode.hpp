@@ -355,7 +355,7 @@ void decode_rows8_keys(const T* k, index_t ks, index_t d, const float* ql, __m51
   if (full * per < d) {  // the last group, zero-filled past d (never reads past a row)
     const __m512 qv = _mm512_load_ps(ql + full * 16);
     for (int x = 0; x < KN; ++x) {
-      alignas(8) T tail[per] = {};
+      alignas(8) T tail[to_size(per)] = {};
       std::copy(k + x * ks + full * per, k + x * ks + d, tail);
       a[x] = madd(qv, _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_load_sd(reinterpret_cast<const double*>(tail)))), a[x]);
     }
