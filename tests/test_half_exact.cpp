@@ -61,9 +61,10 @@ void run_half_battery() {
       o.threads = 2;
       check_half_contract<Kernel, T>(s, o);
     }
-  // decode steps of 8 rows a task (a GQA group of 8 heads; 4 heads × 2 queries with an odd d),
-  // the decode path's rows-in-lanes scores
-  for (const attention_shape& s : {attention_shape{1, 8, 1, 1, 300, 64, 64, false}, attention_shape{1, 4, 1, 2, 290, 37, 9, false}})
+  // decode steps of 8 rows a task (GQA 8:1; 4 heads × 2 queries with an odd d: the decode path's
+  // rows-in-lanes scores) and of 4 (its general kernel on bf16 pairs)
+  for (const attention_shape& s : {attention_shape{1, 8, 1, 1, 300, 64, 64, false}, attention_shape{1, 4, 1, 2, 290, 37, 9, false},
+                                   attention_shape{2, 4, 1, 1, 300, 64, 64, false}, attention_shape{1, 2, 1, 2, 290, 37, 9, false}})
     for (bool causal : {false, true}) {
       exact_case_options o;
       o.causal = causal;
