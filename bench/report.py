@@ -337,7 +337,8 @@ def main():
     outdir = sys.argv[2]
     os.makedirs(outdir, exist_ok=True)
     threads = max(r["args"].get("threads", 1) for r in rows if "threads" in r["args"])
-    peak = {r["args"]["threads"]: r["bench"].get("GFLOP/s") for r in rows if r["kernel"] == "peak"}
+    peak = {r["args"]["threads"]: r["bench"].get("GFLOP/s") for r in rows
+            if r["kernel"] == "peak" and "fp32_GFLOP/s" not in r["bench"]}  # (not the bf16-dot row)
 
     lines = ["# polyattn benchmark report", ""]
     lines.append(
