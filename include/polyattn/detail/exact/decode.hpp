@@ -342,6 +342,11 @@ void decode_rows8_keys(const T* k, index_t ks, index_t d, const float* ql, __m51
     if constexpr (pairs) return __m512(pair_dot<Arch>::dot(Bt(kb), Bt(q), Bt(a)));
     else return _mm512_fmadd_ps(q, kb, a);
   };
+  auto broadcast64 = [](const T* p) {  // 64 bits at p, any alignment (a row of odd length)
+    double x;
+    std::memcpy(&x, p, sizeof x);
+    return _mm512_castpd_ps(_mm512_set1_pd(x));
+  };
   __m512 a[to_size(KN)];  // (in registers: writing through acc in the loop kept them in memory)
 #pragma GCC unroll 4
   for (int x = 0; x < KN; ++x) a[x] = _mm512_setzero_ps();
@@ -349,15 +354,14 @@ void decode_rows8_keys(const T* k, index_t ks, index_t d, const float* ql, __m51
     const __m512 qv = _mm512_load_ps(ql + g * 16);
 #pragma GCC unroll 4
     for (int x = 0; x < KN; ++x)
-      a[x] = madd(qv, _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_load_sd(reinterpret_cast<const double*>(k + x * ks + g * per)))),
-                  a[x]);
+      a[x] = madd(qv, broadcast64(k + x * ks + g * per), a[x]);
   }
   if (full * per < d) {  // the last group, zero-filled past d (never reads past a row)
     const __m512 qv = _mm512_load_ps(ql + full * 16);
     for (int x = 0; x < KN; ++x) {
       alignas(8) T tail[to_size(per)] = {};
       std::copy(k + x * ks + full * per, k + x * ks + d, tail);
-      a[x] = madd(qv, _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_load_sd(reinterpret_cast<const double*>(tail)))), a[x]);
+      a[x] = madd(qv, broadcast64(tail), a[x]);
     }
   }
 #pragma GCC unroll 4
