@@ -3,6 +3,9 @@
 # softmax, polynomial (p = 4), polysketch (r = 32, local_exact) and learned (r = 32,
 # local_exact), at context 256 (batch 16, 2000 steps) and context 1024 (batch 4, 700 steps), two
 # seeds each; then the plot and table (docs/charlm_quality.png, docs/charlm_quality.md).
+# CONTEXTS=4096 (or 2048) is the long-context run (docs/design.md §9.10): batch 1 (2), 1000 steps,
+# no learned kind (its step is 2.7x softmax's), and PolySketch trains 1.6x the steps (STRETCH,
+# in tenths: 16), about softmax's wall-clock, since the question there is the time to quality.
 #
 #   sh examples/charlm/quality_run.sh [BUILD_DIR [OUT_DIR]]
 #
@@ -19,9 +22,10 @@
 # BUILD_DIR (default build/test) must hold examples/charlm/train_charlm and kjv.txt
 # (cmake --preset test && cmake --build build/test -j2 --target train_charlm charlm_data). About 3
 # hours of both cores for pass 1 on a 2-core Xeon VM, 5 minutes for pass 2. STEPS, LONG_STEPS, SEEDS ("1 2"),
-# JOBS (2), THREADS, CONTEXTS ("256 1024": the plot and table show the contexts listed), PASSES
-# ("curves clock": either alone runs only that pass), DATA (another text) and DOCS (where the plot
-# and table go) override the defaults from the environment.
+# JOBS (2), THREADS, CONTEXTS ("256 1024": the plot and table show the contexts listed), XL_STEPS
+# (1000, contexts 2048 and 4096), STRETCH, PASSES ("curves clock": either alone runs only that
+# pass), DATA (another text), DOCS (where the plot and table go) and NAME (their file name,
+# charlm_quality) override the defaults from the environment.
 set -eu
 cd "$(dirname "$0")/../.."
 build=${1:-build/test}
@@ -31,13 +35,16 @@ data=${DATA:-$build/examples/charlm/kjv.txt}
 docs=${DOCS:-docs}
 steps=${STEPS:-2000}            # context 256, batch 16: 4096 tokens a step
 long_steps=${LONG_STEPS:-700}   # context 1024, batch 4: 4096 tokens a step
+xl_steps=${XL_STEPS:-1000}      # contexts 2048 and 4096, batch 2 and 1
+stretch=${STRETCH:-16}          # PolySketch's steps at 2048 and 4096, in tenths of xl_steps
+name=${NAME:-charlm_quality}
 seeds=${SEEDS:-1 2} jobs=${JOBS:-2} threads=${THREADS:-2}
 timing_from=20 timing_steps=60
 [ -x "$bin" ] && [ -f "$data" ] || { echo "quality_run: build $bin and $data first" >&2; exit 1; }
 mkdir -p "$out"
 
 # kind: flags (context 256 longest run first; at context 1024 learned, the slowest and the one
-# no long-context target is about, comes last)
+# no long-context target is about, comes last; at 2048 and 4096 it is left out)
 kinds() {
   if [ "$1" = 256 ]; then echo "learned: --attention learned --local-exact"; fi
   cat <<'KINDS'
@@ -45,7 +52,7 @@ polysketch: --attention polysketch --local-exact
 polynomial: --attention polynomial
 softmax: --attention softmax
 KINDS
-  if [ "$1" != 256 ]; then echo "learned: --attention learned --local-exact"; fi
+  if [ "$1" = 1024 ]; then echo "learned: --attention learned --local-exact"; fi
 }
 # context batch steps block, for the contexts in CONTEXTS
 contexts() {
@@ -53,7 +60,9 @@ contexts() {
     case $c in
       256) printf '256 16 %s 64\n' "$steps" ;;
       1024) printf '1024 4 %s 256\n' "$long_steps" ;;
-      *) echo "quality_run: CONTEXTS holds 256 and/or 1024, not $c" >&2; exit 1 ;;
+      2048) printf '2048 2 %s 256\n' "$xl_steps" ;;
+      4096) printf '4096 1 %s 256\n' "$xl_steps" ;;
+      *) echo "quality_run: CONTEXTS holds 256, 1024, 2048 and/or 4096, not $c" >&2; exit 1 ;;
     esac
   done
 }
@@ -65,7 +74,9 @@ wants() { case " $passes " in *" $1 "*) return 0 ;; esac; return 1; }
 runs() {
   contexts | while read -r ctx batch n block; do
     kinds "$ctx" | while IFS=: read -r kind flags; do
-      for seed in $seeds; do echo "ctx${ctx}_${kind}_s$seed $kind $ctx $batch $n $block $seed $flags"; done
+      k=$n
+      if [ "$kind" = polysketch ] && [ "$ctx" -ge 2048 ]; then k=$((n * stretch / 10)); fi
+      for seed in $seeds; do echo "ctx${ctx}_${kind}_s$seed $kind $ctx $batch $k $block $seed $flags"; done
     done
   done
 }
@@ -103,4 +114,4 @@ if wants clock; then
     done
   done
 fi
-/usr/bin/python3 examples/charlm/plot_quality.py "$out" "$docs/charlm_quality.png" "$docs/charlm_quality.md"
+/usr/bin/python3 examples/charlm/plot_quality.py "$out" "$docs/$name.png" "$docs/$name.md"
