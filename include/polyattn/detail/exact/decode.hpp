@@ -534,6 +534,40 @@ void decode_key_block(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T
   if (f.dv > 0) decode_block_values<T, Weights, Arch>(f, s, pc, np, rows, j0, nk, hidden, partial);
 }
 
+/// A task's queries as its score kernel reads them: the 8 rows in lanes (decode_scores_rows8),
+/// or each row padded with zeros to whole vectors, as unscaled bf16 bits on pairs
+/// (decode_dot_op) and scaled accum_t<T> otherwise.
+template <class T, class Weights, class Arch>
+void decode_queries(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s, index_t b, index_t h0,
+                    index_t rows) {
+  using A = accum_t<T>;
+  const index_t dq = round_up(std::max<index_t>(f.d, 1), simd_width<A, Arch>);
+  const auto q = [&](index_t r) { return &f.pb.q(b, h0 + r / f.Nq, r % f.Nq, 0); };
+  if (f.d == 0) return;  // no scores to compute (decode_block_scores)
+#if XSIMD_WITH_AVX512F
+  if constexpr (kDecodeRowsInLanes<T, Arch>) {
+    if (rows == 8) {
+      s.ql.resize(to_size(ceil_div(f.d, 2) * 16));
+      decode_rows8_queries<T, Arch>(q, f.d, f.pb.scale, s.ql.data());
+      return;
+    }
+  }
+#endif
+  for (index_t r = 0; r < rows; ++r) {
+    if constexpr (bf16_pairs<T, Arch>) {
+      std::uint16_t* qr = s.qh.data() + 2 * r * dq;
+      std::fill(qr, qr + 2 * dq, std::uint16_t(0));
+      const auto* src = reinterpret_cast<const std::uint16_t*>(q(r));
+      std::copy(src, src + f.d, qr);
+    } else {
+      A* qr = s.q.data() + r * dq;
+      std::fill(qr, qr + dq, A(0));
+      widen(q(r), f.d, qr);
+      for (index_t c = 0; c < f.d; ++c) qr[c] *= f.pb.scale;
+    }
+  }
+}
+
 /// Task t: chunk t % chunks of row group t / chunks; its partial (O, m, l) per row.
 template <class T, class Weights, class Arch>
 void decode_task(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s, index_t t, accum_t<T>* partials) {
@@ -551,34 +585,13 @@ void decode_task(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s
     else
       s.q.assign(to_size(kDecodeRows * dq), A(0));
   }
+  decode_queries<T, Weights, Arch>(f, s, b, h0, rows);
   A* partial = partials + t * kDecodeRows * f.slot;
   for (index_t r = 0; r < rows; ++r) {
-    if constexpr (pairs) {  // unscaled bf16 bits, padded with zeros (decode_dot_op)
-      std::uint16_t* qr = s.qh.data() + 2 * r * dq;
-      std::fill(qr, qr + 2 * dq, std::uint16_t(0));
-      if (f.d > 0) {
-        const auto* src = reinterpret_cast<const std::uint16_t*>(&f.pb.q(b, h0 + r / f.Nq, r % f.Nq, 0));
-        std::copy(src, src + f.d, qr);
-      }
-    } else {
-      A* qr = s.q.data() + r * dq;
-      std::fill(qr, qr + dq, A(0));
-      if (f.d > 0) widen(&f.pb.q(b, h0 + r / f.Nq, r % f.Nq, 0), f.d, qr);
-      for (index_t c = 0; c < f.d; ++c) qr[c] *= f.pb.scale;
-    }
     A* row = partial + r * f.slot;
     std::fill(row, row + f.dvp, A(0));
     f.weights.init(row + f.dvp, row + f.dvp + 1, 1);
   }
-#if XSIMD_WITH_AVX512F
-  if constexpr (kDecodeRowsInLanes<T, Arch>) {
-    if (rows == 8 && f.d > 0) {
-      s.ql.resize(to_size(ceil_div(f.d, 2) * 16));
-      decode_rows8_queries<T, Arch>([&](index_t r) { return &f.pb.q(b, h0 + r / f.Nq, r % f.Nq, 0); }, f.d, f.pb.scale,
-                                    s.ql.data());
-    }
-  }
-#endif
   const index_t c0 = chunk * kDecodeChunk, c1 = std::min(f.Nk, c0 + kDecodeChunk);
   f.mask.for_each_key_block(0, f.Nq, kDecodeBlock, true, [&](index_t j0, index_t n) {
     const index_t a = std::max(j0, c0), e = std::min(j0 + n, c1);
