@@ -553,6 +553,11 @@ void decode_queries(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>
     }
   }
 #endif
+  if constexpr (bf16_pairs<T, Arch>) {  // sized once a call, as the scores' scratch
+    if (s.qh.empty()) s.qh.assign(to_size(kDecodeRows * 2 * dq), 0);
+  } else if (s.q.empty()) {
+    s.q.assign(to_size(kDecodeRows * dq), A(0));
+  }
   for (index_t r = 0; r < rows; ++r) {
     if constexpr (bf16_pairs<T, Arch>) {
       std::uint16_t* qr = s.qh.data() + 2 * r * dq;
@@ -572,19 +577,11 @@ void decode_queries(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>
 template <class T, class Weights, class Arch>
 void decode_task(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s, index_t t, accum_t<T>* partials) {
   using A = accum_t<T>;
-  constexpr index_t W = simd_width<A, Arch>;
-  const index_t chunk = t % f.chunks, dq = round_up(std::max<index_t>(f.d, 1), W);
+  const index_t chunk = t % f.chunks;
   index_t b, h0, nh;
   f.rows_of(t / f.chunks, b, h0, nh);
   const index_t rows = nh * f.Nq;
-  constexpr bool pairs = bf16_pairs<T, Arch>;
-  if (s.s.empty()) {
-    s.s.assign(to_size(kDecodeRows * kDecodeScoreRow), A(0));
-    if (pairs)
-      s.qh.assign(to_size(kDecodeRows * 2 * dq), 0);
-    else
-      s.q.assign(to_size(kDecodeRows * dq), A(0));
-  }
+  if (s.s.empty()) s.s.assign(to_size(kDecodeRows * kDecodeScoreRow), A(0));
   decode_queries<T, Weights, Arch>(f, s, b, h0, rows);
   A* partial = partials + t * kDecodeRows * f.slot;
   for (index_t r = 0; r < rows; ++r) {
