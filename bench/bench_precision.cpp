@@ -2,6 +2,9 @@
 // the machine's bf16 dot-product peak beside its fp32 FMA peak (docs/design.md §10).
 #include <cmath>
 
+#include <polyattn/favor.hpp>
+#include <polyattn/linformer.hpp>
+
 #include "bench_common.hpp"
 
 #if defined(__AVX512BF16__)
@@ -150,6 +153,46 @@ void BM_precision_polysketch(benchmark::State& state) {
   });
 }
 
+/// Args: N, part (0: the key map alone, 1: the whole Performer call, favor_features' queries and
+/// keys then causal linear_attention), dtype, threads: FAVOR+ with m = 256 features, one head,
+/// d = 64. Parameters fp32 whatever T (docs/design.md §10).
+template <class T>
+void BM_precision_favor(benchmark::State& state) {
+  const std::int64_t n = state.range(0), d = 64, m = 256;
+  favor_options fo;
+  fo.features = m;
+  fo.threads = int(state.range(3));
+  const favor_features<T> f(d, fo);
+  typed_inputs<T> in(1, n, n, d);
+  std::vector<T> pq(std::size_t(n * m)), pk(pq.size());
+  const tensor_view<T, 4> pqv(pq.data(), {1, 1, n, m}), pkv(pk.data(), {1, 1, n, m});
+  linear_options o;
+  o.causal = true;
+  o.threads = fo.threads;
+  const bool whole = state.range(1) != 0;
+  run_attention_benchmark(state, n, [&] {
+    f.keys(in.kv(), pkv);
+    if (!whole) return;
+    f.queries(in.qv(), pqv);
+    linear_attention<T>(pqv, pkv, in.vv(), in.ov(), o);
+  });
+}
+
+/// Args: N, kp, dtype, threads: linformer_attention, one head, d = 64, E and F [kp, N] fp32.
+template <class T>
+void BM_precision_linformer(benchmark::State& state) {
+  const std::int64_t n = state.range(0), d = 64, kp = state.range(1);
+  std::vector<float> e = random_vector(std::size_t(kp * n), 11), fm = random_vector(std::size_t(kp * n), 12);
+  const float sc = 1.0f / std::sqrt(float(n));
+  for (float& x : e) x *= sc;
+  for (float& x : fm) x *= sc;
+  const tensor_view<const float, 2> ev(e.data(), {kp, n}), fv(fm.data(), {kp, n});
+  typed_inputs<T> in(1, n, n, d);
+  linformer_options o;
+  o.threads = int(state.range(3));
+  run_attention_benchmark(state, n, [&] { linformer_attention<T>(in.qv(), in.kv(), in.vv(), ev, fv, in.ov(), o); });
+}
+
 using bench_fn = void (*)(benchmark::State&);
 
 /// Registers `name` three times, with fp32, bf16 and f16 (args[dtype_at] = 0, 1, 2).
@@ -189,6 +232,15 @@ void register_precision_benchmarks(const sweep& s) {
         register_dtypes("precision_polysketch", {"N", "backward", "dtype", "threads"}, {n, backward, 0, threads}, 2,
                         benchmark::kMillisecond, 3,
                         {BM_precision_polysketch<float>, BM_precision_polysketch<bf16>, BM_precision_polysketch<f16>});
+  for (int part : {0, 1})
+    for (int threads : s.threads())
+      register_dtypes("precision_favor", {"N", "whole", "dtype", "threads"}, {16384, part, 0, threads}, 2,
+                      benchmark::kMillisecond, 3,
+                      {BM_precision_favor<float>, BM_precision_favor<bf16>, BM_precision_favor<f16>});
+  for (int threads : s.threads())
+    register_dtypes("precision_linformer", {"N", "kp", "dtype", "threads"}, {16384, 256, 0, threads}, 2,
+                    benchmark::kMillisecond, 3,
+                    {BM_precision_linformer<float>, BM_precision_linformer<bf16>, BM_precision_linformer<f16>});
   for (int threads : {1, 2})
     register_dtypes("precision_decode", {"context", "dtype", "threads"}, {32768, 0, threads}, 1, benchmark::kMicrosecond, 3,
                     {BM_precision_decode<float>, BM_precision_decode<bf16>, BM_precision_decode<f16>});

@@ -595,6 +595,27 @@ TEMPLATE_TEST_CASE("half favor_features: feeds linear_attention<T>; threads; Eig
   require_invalid_argument([&] { favor_features<T>().queries(x.h.view, p1.view); }, {"favor_features::queries", "empty"});
 }
 
+TEMPLATE_TEST_CASE("half favor_features: keys in waves of slices give the same bits", "[half][favor]", bf16, f16) {
+  // the key map keeps the logits of a wave of slices in fp32 between its passes; a budget of one
+  // byte makes every (batch, head) slice its own wave
+  using T = TestType;
+  const index_t n = 150, d = 9, m = 20;
+  favor_options fo;
+  fo.features = m;
+  fo.threads = 2;
+  const favor_features<T> f(d, fo);
+  const matrix<float> w = f.projection();
+  std::vector<double> wd(static_cast<std::size_t>(m * d));
+  for (index_t i = 0; i < m; ++i)
+    for (index_t c = 0; c < d; ++c) wd[std::size_t(i * d + c)] = w(i, c);
+  const detail::favor_projection<float> P = detail::make_favor_projection<float>("test", d, m, wd.data());
+  const half_tensor<T> x = rounded_tensor<T>(2, 3, n, d, 77, true);
+  tensor4<T> whole(2, 3, n, m, true), waves(2, 3, n, m, true);
+  f.keys(x.h.view, whole.view);
+  detail::favor_map<T>("test", P, 2, x.h.view, waves.view, true, 1);
+  CHECK(same_bits(whole, waves));
+}
+
 // ---- linformer_attention -------------------------------------------------------------------------
 
 struct linformer_shape {
@@ -658,6 +679,45 @@ TEMPLATE_TEST_CASE("half linformer_attention and its backward meet the accuracy 
                                    linformer_shape{2, 4, 2, 20, 70, 9, 6, 16, true},
                                    linformer_shape{1, 2, 1, 65, 257, 16, 8, 65, false}})
     check_linformer<TestType>(s);
+}
+
+TEMPLATE_TEST_CASE("half linformer_attention: query chunks give the forward's bits and the contract", "[half][linformer]",
+                   bf16, f16) {
+  // half storage widens q (out, dout) into fp32 a chunk of query rows at a time; a budget of one
+  // float gives chunks of at most 64 rows (4 chunks of 51 or 48 rows here), the default one chunk.
+  // The forward's rows do not depend on the chunks; the backward's dK', dV' are the chunks' sums
+  // (other bits), so it is held to the contract of the whole call
+  using T = TestType;
+  const index_t nq = 201, nk = 90, d = 7, dv = 5, kp = 12;
+  const half_tensor<T> q = rounded_tensor<T>(2, 2, nq, d, 5, true), k = rounded_tensor<T>(2, 1, nk, d, 6, false);
+  const half_tensor<T> v = rounded_tensor<T>(2, 1, nk, dv, 7, false);
+  const std::vector<float> E = projection_weights(kp, nk, 8), F = projection_weights(kp, nk, 9);
+  const tensor_view<const float, 2> Ev(E.data(), {kp, nk}), Fv(F.data(), {kp, nk});
+  linformer_options o;
+  o.threads = 2;
+  tensor4<T> o1(2, 2, nq, dv), o2(2, 2, nq, dv);
+  tensor3<float> s1(2, 2, nq), s2(2, 2, nq);
+  linformer_attention<T>(q.h.view, k.h.view, v.h.view, Ev, Fv, o1.view, o, s1.view);
+  detail::linformer_impl<T>(q.h.view, k.h.view, v.h.view, Ev, Fv, o2.view, o, s2.view, 1);
+  CHECK(same_bits(o1, o2));
+  CHECK(same_bits(s1.storage, s2.storage));
+  const half_tensor<T> dout = rounded_tensor<T>(2, 2, nq, dv, 10, true);
+  tensor4<T> dq(2, 2, nq, d), dk(2, 1, nk, d), dvg(2, 1, nk, dv);
+  std::vector<float> dE(E.size()), dF(F.size());
+  detail::linformer_backward_impl<T>(q.h.view, k.h.view, v.h.view, Ev, Fv, o1.view, dout.h.view, s1.cview(), dq.view,
+                                     dk.view, dvg.view, tensor_view<float, 2>(dE.data(), {kp, nk}),
+                                     tensor_view<float, 2>(dF.data(), {kp, nk}), o, 1);
+  const tensor4<float> outf = converted<float>(o1);
+  const double scale = 1.0 / std::sqrt(double(d));
+  const linformer_result oracle = linformer_reference<double>(q.f, k.f, v.f, E, F, kp, scale, &dout.f, &outf);
+  const linformer_result naive = linformer_reference<float>(q.f, k.f, v.f, E, F, kp, scale, &dout.f, &outf);
+  require_half_contract("dq", dq, oracle.dq, naive.dq);
+  require_half_contract("dk", dk, oracle.dk, naive.dk);
+  require_half_contract("dv", dvg, oracle.dv, naive.dv);
+  for (auto [name, got, want, nv] : {std::tuple{"dE", &dE, &oracle.dE, &naive.dE}, std::tuple{"dF", &dF, &oracle.dF, &naive.dF}})
+    require_half_contract(
+        name, [&, got = got](index_t, index_t, index_t i, index_t c) { return double((*got)[std::size_t(i * nk + c)]); },
+        as_dense(*want, kp, nk), as_dense(*nv, kp, nk), &as_float);
 }
 
 TEMPLATE_TEST_CASE("half linformer_attention: threads, validation", "[half][linformer]", bf16, f16) {

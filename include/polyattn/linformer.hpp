@@ -106,38 +106,60 @@ inline softmax_options linformer_softmax(const linformer_options& opts) {
   return so;
 }
 
-/// The rows of x [B, H, N, dim] (storage T) widened into dst, in parallel over (batch, head).
-template <class T, class A = accum_t<T>>
-void widen_rows(const tensor_view<const T, 4>& x, const projected<A>& dst, int threads) {
-  const index_t H = x.extent(1), n = x.extent(2), dim = x.extent(3);
-  parallel_for(threads, x.extent(0) * H, [&](index_t bh, int) {
-    for (index_t i = 0; i < n; ++i) widen(&x(bh / H, bh % H, i, 0), dim, &dst.view(bh / H, bh % H, i, 0));
+/// Floats the half-storage fp32 copies of a chunk of query rows hold (forward: q and out;
+/// backward: q, out, dout and dq): 1 MiB, reused chunk after chunk (whole copies were faulted in
+/// at every call: the forward took 1.2x the fp32 forward's time at N = 16384, docs/design.md §10).
+inline constexpr index_t kLinformerCopyFloats = index_t(1) << 18;
+
+/// Query rows a half-storage call widens at once: as many as fit copy_floats at per_row floats a
+/// row (64 at least), in chunks of equal length (a last chunk of a few rows would take the
+/// decode path, whose sums run in another order).
+inline index_t linformer_chunk_rows(index_t nq, index_t per_row, index_t copy_floats) {
+  const index_t most = std::max(copy_floats / std::max<index_t>(per_row, 1), index_t(64));
+  return std::max<index_t>(ceil_div(nq, ceil_div(nq, most)), 1);
+}
+
+/// Rows [i0, i0 + n) of a [B, H, N, ...] view along its sequence dimension; an empty view (stats
+/// not wanted) stays empty.
+template <class T, std::size_t R>
+tensor_view<T, R> seq_rows(const tensor_view<T, R>& x, index_t i0, index_t n) {
+  if (x.size() == 0) return x;
+  auto e = x.extents();
+  e[2] = n;
+  return tensor_view<T, R>(x.data() + i0 * x.stride(2), e, x.strides());
+}
+
+/// f(src row, dst row, dim) for every row of src and dst [B, H, N, dim] (one shape), in parallel
+/// over (batch, head, chunk of kLinformerKeys rows).
+template <class S, class D, class F>
+void convert_rows(const tensor_view<S, 4>& src, const tensor_view<D, 4>& dst, int threads, const F& f) {
+  const index_t H = src.extent(1), n = src.extent(2), dim = src.extent(3), chunks = ceil_div(n, kLinformerKeys);
+  parallel_for(threads, src.extent(0) * H * chunks, [&](index_t task, int) {
+    const index_t bh = task / chunks, b = bh / H, h = bh % H, i0 = task % chunks * kLinformerKeys;
+    for (index_t i = i0; i < std::min(n, i0 + kLinformerKeys); ++i) f(&src(b, h, i, 0), &dst(b, h, i, 0), dim);
   });
 }
 
-/// The rows of src rounded into x [B, H, N, dim] (storage T), in parallel over (batch, head).
+/// The rows of x [B, H, N, dim] (storage T) widened into dst (of its shape).
 template <class T, class A = accum_t<T>>
-void narrow_rows(const projected<A>& src, const tensor_view<T, 4>& x, int threads) {
-  const index_t H = x.extent(1), n = x.extent(2), dim = x.extent(3);
-  parallel_for(threads, x.extent(0) * H, [&](index_t bh, int) {
-    for (index_t i = 0; i < n; ++i) narrow(&src.view(bh / H, bh % H, i, 0), dim, &x(bh / H, bh % H, i, 0));
-  });
+void widen_rows(const tensor_view<const T, 4>& x, const tensor_view<A, 4>& dst, int threads) {
+  convert_rows(x, dst, threads, [](const T* s, A* d, index_t dim) { widen(s, dim, d); });
 }
 
-/// A fp32 copy [B, H, N, dim] of the rows of a half view (what: its name in a size error).
+/// The rows of src [B, H, N, dim] rounded into x (of its shape, storage T).
 template <class T, class A = accum_t<T>>
-projected<A> widened_copy(const char* fn, const char* what, const tensor_view<const T, 4>& x, int threads) {
-  projected<A> w(fn, x.extent(0), x.extent(1), x.extent(2), x.extent(3), what);
-  widen_rows(x, w, threads);
-  return w;
+void narrow_rows(const tensor_view<const A, 4>& src, const tensor_view<T, 4>& x, int threads) {
+  convert_rows(src, x, threads, [](const A* s, T* d, index_t dim) { narrow(s, dim, d); });
 }
 
 /// Stats written when non-empty. T is the storage type of q, k, v, out; E, F and stats are
-/// accum_t<T> (half storage: see the header comment).
+/// accum_t<T> (half storage: see the header comment; copy_floats bounds its fp32 copies, tests
+/// make it small to run several chunks).
 template <class T, class A = accum_t<T>>
 void linformer_impl(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
                     tensor_view<const A, 2> E, tensor_view<const A, 2> F, tensor_view<T, 4> out,
-                    const linformer_options& opts, tensor_view<A, 3> stats) {
+                    const linformer_options& opts, tensor_view<A, 3> stats,
+                    index_t copy_floats = kLinformerCopyFloats) {
   constexpr const char* fn = "linformer_attention";
   check_attention(fn, q, k, v, out);
   check_options<T>(fn, opts);
@@ -154,14 +176,21 @@ void linformer_impl(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor
   projected<A> kproj(fn, B, Hk, kp, k.extent(3)), vproj(fn, B, Hk, kp, v.extent(3));
   project_sequence<T>(fn, E, k, kproj, threads);
   project_sequence<T>(fn, F, v, vproj, threads);
-  // flash_attention over the projected keys and values (half storage: on fp32 copies of q, out)
+  // flash_attention over the projected keys and values (half storage: on fp32 copies of q and
+  // out, a chunk of query rows at a time, so that the copies stay small and are reused)
   if constexpr (is_half_v<T>) {
-    const projected<A> qw = widened_copy(fn, "the fp32 copy of q [B x H x Nq x padded d]", q, threads);
-    projected<A> ow(fn, out.extent(0), out.extent(1), out.extent(2), out.extent(3),
-                    "the fp32 out [B x H x Nq x padded dv]");
-    softmax_family<A>("flash_attention", qw.view, kproj.view, vproj.view, ow.view, linformer_softmax(opts), kBlockK,
-                      stats);
-    narrow_rows(ow, out, threads);
+    const index_t H = q.extent(1), nq = q.extent(2);
+    const index_t rows = linformer_chunk_rows(nq, B * H * (q.extent(3) + out.extent(3)), copy_floats);
+    projected<A> qw(fn, B, H, rows, q.extent(3), "the fp32 copy of q [B x H x rows x padded d]");
+    projected<A> ow(fn, B, H, rows, out.extent(3), "the fp32 out [B x H x rows x padded dv]");
+    for (index_t i0 = 0; i0 < nq; i0 += rows) {
+      const index_t n = std::min(rows, nq - i0);
+      const tensor_view<A, 4> qn = seq_rows(qw.view, 0, n), on = seq_rows(ow.view, 0, n);
+      widen_rows(seq_rows(q, i0, n), qn, threads);
+      softmax_family<A>("flash_attention", qn, kproj.view, vproj.view, on, linformer_softmax(opts), kBlockK,
+                        seq_rows(stats, i0, n));
+      narrow_rows(tensor_view<const A, 4>(on), seq_rows(out, i0, n), threads);
+    }
   } else {
     softmax_family<T>("flash_attention", q, kproj.view, vproj.view, out, linformer_softmax(opts), kBlockK, stats);
   }
@@ -271,26 +300,72 @@ void linformer_attention(detail::input_view<T> q, detail::input_view<T> k, detai
 namespace detail {
 
 /// flash_attention_backward over the projected keys and values; half storage: on fp32 copies
-/// of q, out and dout, dq rounded to T once (dK', dV' stay fp32).
+/// of q, out and dout a chunk of query rows at a time, dq rounded to T once, dK' and dV' (fp32)
+/// the chunks' sums in order.
 template <class T, class A = accum_t<T>>
 void linformer_flash_backward(const char* fn, const tensor_view<const T, 4>& q, const projected<A>& kproj,
                               const projected<A>& vproj, const tensor_view<const T, 4>& out,
                               const tensor_view<const T, 4>& dout, const tensor_view<const A, 3>& stats,
                               const tensor_view<T, 4>& dq, projected<A>& dkproj, projected<A>& dvproj,
-                              const softmax_options& so, int threads) {
+                              const softmax_options& so, int threads, index_t copy_floats) {
   if constexpr (is_half_v<T>) {
-    const projected<A> qw = widened_copy(fn, "the fp32 copy of q [B x H x Nq x padded d]", q, threads);
-    const projected<A> ow = widened_copy(fn, "the fp32 copy of out [B x H x Nq x padded dv]", out, threads);
-    const projected<A> dow = widened_copy(fn, "the fp32 copy of dout [B x H x Nq x padded dv]", dout, threads);
-    projected<A> dqw(fn, dq.extent(0), dq.extent(1), dq.extent(2), dq.extent(3), "the fp32 dq [B x H x Nq x padded d]");
-    flash_attention_backward<A>(qw.view, kproj.view, vproj.view, ow.view, dow.view, stats, dqw.view, dkproj.view,
-                                dvproj.view, so);
-    narrow_rows(dqw, dq, threads);
+    const index_t B = q.extent(0), H = q.extent(1), nq = q.extent(2), d = q.extent(3), dv = out.extent(3);
+    const index_t rows = linformer_chunk_rows(nq, B * H * 2 * (d + dv), copy_floats);
+    projected<A> qw(fn, B, H, rows, d, "the fp32 copy of q [B x H x rows x padded d]");
+    projected<A> ow(fn, B, H, rows, dv, "the fp32 copy of out [B x H x rows x padded dv]");
+    projected<A> dow(fn, B, H, rows, dv, "the fp32 copy of dout [B x H x rows x padded dv]");
+    projected<A> dqw(fn, B, H, rows, d, "the fp32 dq [B x H x rows x padded d]");
+    const bool chunked = rows < nq;
+    const index_t Hk = kproj.view.extent(1), kp = kproj.view.extent(2);
+    projected<A> dkc(fn, chunked ? B : 0, Hk, kp, d), dvc(fn, chunked ? B : 0, Hk, kp, dv);
+    for (index_t i0 = 0; i0 < nq; i0 += rows) {
+      const index_t n = std::min(rows, nq - i0);
+      const tensor_view<A, 4> qn = seq_rows(qw.view, 0, n), on = seq_rows(ow.view, 0, n), don = seq_rows(dow.view, 0, n);
+      const tensor_view<A, 4> dqn = seq_rows(dqw.view, 0, n);
+      widen_rows(seq_rows(q, i0, n), qn, threads);
+      widen_rows(seq_rows(out, i0, n), on, threads);
+      widen_rows(seq_rows(dout, i0, n), don, threads);
+      const bool first = i0 == 0;
+      flash_attention_backward<A>(qn, kproj.view, vproj.view, on, don, seq_rows(stats, i0, n), dqn,
+                                  first ? dkproj.view : dkc.view, first ? dvproj.view : dvc.view, so);
+      if (!first) {  // (the padding columns are 0 in both)
+        for (std::size_t e = 0; e < dkc.data.size(); ++e) dkproj.data[e] += dkc.data[e];
+        for (std::size_t e = 0; e < dvc.data.size(); ++e) dvproj.data[e] += dvc.data[e];
+      }
+      narrow_rows(tensor_view<const A, 4>(dqn), seq_rows(dq, i0, n), threads);
+    }
   } else {
     (void)fn;
     (void)threads;
+    (void)copy_floats;
     flash_attention_backward<T>(q, kproj.view, vproj.view, out, dout, stats, dq, dkproj.view, dvproj.view, so);
   }
+}
+
+/// The backward of linformer_attention (below); copy_floats as in linformer_impl.
+template <class T, class A = accum_t<T>>
+void linformer_backward_impl(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+                             tensor_view<const A, 2> E, tensor_view<const A, 2> F, tensor_view<const T, 4> out,
+                             tensor_view<const T, 4> dout, tensor_view<const A, 3> stats, tensor_view<T, 4> dq,
+                             tensor_view<T, 4> dk, tensor_view<T, 4> dv, tensor_view<A, 2> dE, tensor_view<A, 2> dF,
+                             const linformer_options& opts, index_t copy_floats = kLinformerCopyFloats) {
+  constexpr const char* fn = "linformer_attention_backward";
+  check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
+  check_options<T>(fn, opts);
+  check_projections(fn, E, F, k);
+  check_linformer_gradients<T>(fn, q, k, v, E, F, out, dout, stats, dq, dk, dv, dE, dF);
+  const softmax_options so = linformer_softmax(opts);
+  const int threads = resolve_threads(opts.threads);
+  const index_t B = k.extent(0), Hk = k.extent(1), kp = E.extent(0);
+  projected<A> kproj(fn, B, Hk, kp, k.extent(3)), vproj(fn, B, Hk, kp, v.extent(3));
+  project_sequence<T>(fn, E, k, kproj, threads);
+  project_sequence<T>(fn, F, v, vproj, threads);
+  projected<A> dkproj(fn, B, Hk, kp, k.extent(3)), dvproj(fn, B, Hk, kp, v.extent(3));
+  linformer_flash_backward<T>(fn, q, kproj, vproj, out, dout, stats, dq, dkproj, dvproj, so, threads, copy_floats);
+  back_project<T>(fn, E, dkproj, dk, threads);
+  back_project<T>(fn, F, dvproj, dv, threads);
+  project_grad<T>(fn, dkproj, k, dE, threads);
+  project_grad<T>(fn, dvproj, v, dF, threads);
 }
 
 }  // namespace detail
@@ -310,25 +385,7 @@ void linformer_attention_backward(detail::input_view<T> q, detail::input_view<T>
                                   tensor_view<T, 4> dq, tensor_view<T, 4> dk, tensor_view<T, 4> dv,
                                   tensor_view<accum_t<T>, 2> dE, tensor_view<accum_t<T>, 2> dF,
                                   const linformer_options& opts = {}) {
-  using namespace detail;
-  using A = accum_t<T>;
-  constexpr const char* fn = "linformer_attention_backward";
-  check_backward<T>(fn, q, k, v, out, dout, stats, dq, dk, dv);
-  check_options<T>(fn, opts);
-  check_projections(fn, E, F, k);
-  check_linformer_gradients<T>(fn, q, k, v, E, F, out, dout, stats, dq, dk, dv, dE, dF);
-  const softmax_options so = linformer_softmax(opts);
-  const int threads = resolve_threads(opts.threads);
-  const index_t B = k.extent(0), Hk = k.extent(1), kp = E.extent(0);
-  projected<A> kproj(fn, B, Hk, kp, k.extent(3)), vproj(fn, B, Hk, kp, v.extent(3));
-  project_sequence<T>(fn, E, k, kproj, threads);
-  project_sequence<T>(fn, F, v, vproj, threads);
-  projected<A> dkproj(fn, B, Hk, kp, k.extent(3)), dvproj(fn, B, Hk, kp, v.extent(3));
-  linformer_flash_backward<T>(fn, q, kproj, vproj, out, dout, stats, dq, dkproj, dvproj, so, threads);
-  back_project<T>(fn, E, dkproj, dk, threads);
-  back_project<T>(fn, F, dvproj, dv, threads);
-  project_grad<T>(fn, dkproj, k, dE, threads);
-  project_grad<T>(fn, dvproj, v, dF, threads);
+  detail::linformer_backward_impl<T>(q, k, v, E, F, out, dout, stats, dq, dk, dv, dE, dF, opts);
 }
 
 /// Single head: q [Nq, d], k [Nk, d], v [Nk, dv], E, F [kp, Nk] -> out [Nq, dv].

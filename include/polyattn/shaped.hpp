@@ -136,24 +136,6 @@ void for_each_row_with_mean(tensor_view<const T, 4> v, index_t batch, index_t he
   });
 }
 
-/// An aligned array of n elements of an arithmetic type, left uninitialised (aligned_vector
-/// zero-fills, which for a buffer the size of out costs as much as the pass that fills it).
-template <class T>
-class uninitialized_buffer {
- public:
-  explicit uninitialized_buffer(std::size_t n) : data_(n > 0 ? aligned_allocator<T>().allocate(n) : nullptr), n_(n) {}
-  ~uninitialized_buffer() {
-    if (data_) aligned_allocator<T>().deallocate(data_, n_);
-  }
-  uninitialized_buffer(const uninitialized_buffer&) = delete;
-  uninitialized_buffer& operator=(const uninitialized_buffer&) = delete;
-  T* data() const { return data_; }
-
- private:
-  T* data_;
-  std::size_t n_;
-};
-
 /// x *= factor over every element, in parallel over (batch, head, chunk of rows).
 template <class T>
 void scale_in_place(const tensor_view<T, 4>& x, double factor, int threads) {

@@ -178,6 +178,24 @@ struct aligned_allocator {
 template <class T>
 using aligned_vector = std::vector<T, aligned_allocator<T>>;
 
+/// An aligned array of n elements of an arithmetic type, left uninitialised (aligned_vector
+/// zero-fills, which for a buffer the size of out costs as much as the pass that fills it).
+template <class T>
+class uninitialized_buffer {
+ public:
+  explicit uninitialized_buffer(std::size_t n) : data_(n > 0 ? aligned_allocator<T>().allocate(n) : nullptr), n_(n) {}
+  ~uninitialized_buffer() {
+    if (data_) aligned_allocator<T>().deallocate(data_, n_);
+  }
+  uninitialized_buffer(const uninitialized_buffer&) = delete;
+  uninitialized_buffer& operator=(const uninitialized_buffer&) = delete;
+  T* data() const { return data_; }
+
+ private:
+  T* data_;
+  std::size_t n_;
+};
+
 constexpr index_t round_up(index_t n, index_t m) { return (n + m - 1) / m * m; }
 constexpr index_t ceil_div(index_t n, index_t m) { return (n + m - 1) / m; }
 

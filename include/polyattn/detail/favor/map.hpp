@@ -10,8 +10,10 @@
 // Half storage (x and phi of bf16 or f16; W, the logits and the maxima in accum_t = float):
 // a chunk's rows are widened into the scratch before the product, every feature is computed in
 // fp32 and rounded to T once. Keys' logits are not parked in phi (that would round them to
-// half before the exponential): pass 1 keeps only the chunk maxima and pass 2 computes the
-// logits again (the same bits) and stores the rounded exponentials.
+// half before the exponential): pass 1 writes them to an fp32 buffer, a wave of (batch, head)
+// slices at a time (at most kFavorKeyLogitBytes unless one slice needs more), and pass 2
+// exponentiates them there and stores the rounded exponentials. (Computing the logits again in
+// pass 2 instead, the first version, made the half key map 1.6-1.9x the fp32 one's time.)
 #pragma once
 
 #include <algorithm>
@@ -113,14 +115,12 @@ void favor_key_exp(const favor_projection<T>& P, const favor_map_constants<T>& k
   });
 }
 
-/// Half storage, rows r0 .. r0 + rows of slice (b, h): the rows widened into xw [rows, dp], the
-/// logits computed into hb [rows, mp] (fp32). Queries are exponentiated with their row's max and
-/// rounded into phi. Keys: pass 1 (key_max null) writes nothing and returns the chunk's max;
-/// pass 2 (key_max: the slice's max) exponentiates with it and rounds into phi.
+/// Half storage: the logits of rows r0 .. r0 + rows of slice (b, h) into hb [rows, mp] (fp32),
+/// the rows widened into xw [rows, dp] for the product; returns the chunk's max and leaves each
+/// row's own max in row_max (queries' stabilisers).
 template <class T, class Arch = default_arch, class A = accum_t<T>>
-A favor_half_chunk(const favor_projection<A>& P, const favor_map_constants<A>& k, const tensor_view<const T, 4>& x,
-                   const tensor_view<T, 4>& phi, index_t b, index_t h, index_t r0, index_t rows, A* hb, A* xw,
-                   const A* key_max) {
+A favor_half_logits(const favor_projection<A>& P, const favor_map_constants<A>& k, const tensor_view<const T, 4>& x,
+                    index_t b, index_t h, index_t r0, index_t rows, A* hb, A* xw, A* row_max) {
   for (index_t i = 0; i < rows; ++i) {
     A* xr = xw + i * P.dp;
     widen(&x(b, h, r0 + i, 0), P.d, xr);
@@ -133,57 +133,85 @@ A favor_half_chunk(const favor_projection<A>& P, const favor_map_constants<A>& k
     A n2 = 0;
     for (index_t c = 0; c < P.d; ++c) n2 += xr[c] * xr[c];
     A* hr = hb + i * P.mp;
-    const A rmax = favor_logits_row<A, Arch>(hr, hr, P.m, k.s, k.half_s2 * n2);
-    if (k.keys && !key_max) {
-      cmax = std::max(cmax, rmax);
-      continue;
-    }
-    favor_exp_row<A, Arch>(hr, P.m, k.keys ? *key_max : rmax, k.inv_sqrt_m);
-    narrow(hr, P.m, &phi(b, h, r0 + i, 0));
+    row_max[i] = favor_logits_row<A, Arch>(hr, hr, P.m, k.s, k.half_s2 * n2);
+    cmax = std::max(cmax, row_max[i]);
   }
   return cmax;
 }
 
-/// phi = φ(x) for half storage (see the header comment): pass 1 (queries: the whole map; keys:
-/// the chunk maxima), then for keys pass 2 with each slice's max.
+/// Logits of key slices kept in fp32 between the two passes of the half-storage key map, at
+/// most this many bytes at once unless one slice needs more (docs/design.md §10).
+inline constexpr std::size_t kFavorKeyLogitBytes = std::size_t(64) << 20;
+
+/// phi = φ(x) for half storage (see the header comment). Queries: one pass, each row
+/// exponentiated with its own max and rounded. Keys: slices in waves whose logits fit
+/// kFavorKeyLogitBytes (at least one slice a wave); pass 1 computes every logit of the wave into
+/// an fp32 buffer and the chunk maxima, pass 2 exponentiates each with its slice's max and
+/// rounds it into phi. Logits are never rounded to half, and no product is computed twice.
 template <class T, class Arch = default_arch, class A = accum_t<T>>
 void favor_map_half(const char* fn, const favor_projection<A>& P, int threads, const tensor_view<const T, 4>& x,
-                    const tensor_view<T, 4>& phi, const favor_map_constants<A>& k) {
-  const index_t slices = x.extent(0) * k.heads, hsz = kFavorRowChunk * P.mp, per = hsz + kFavorRowChunk * P.dp;
+                    const tensor_view<T, 4>& phi, const favor_map_constants<A>& k, std::size_t logit_bytes) {
+  const index_t slices = x.extent(0) * k.heads, chunk_rows = std::min(kFavorRowChunk, k.n);
+  const index_t per = chunk_rows * (P.dp + 1) + (k.keys ? 0 : chunk_rows * P.mp);  // rows, row maxima, logits
   aligned_vector<A> scratch(
-      checked_size<A>(fn, "the logits and rows [threads x chunk x padded (features + head_dim)]", {threads, per}));
-  std::vector<A> chunk_max(checked_size<A>(fn, "the chunk maxima [batch x heads x chunks]", {slices, k.chunks}),
-                           -std::numeric_limits<A>::infinity());
-  auto pass = [&](bool second) {
+      checked_size<A>(fn, "the widened rows and logits [threads x chunk x padded (head_dim + features)]", {threads, per}));
+  if (!k.keys) {
     parallel_for(threads, slices * k.chunks, [&](index_t task, int worker) {
-      const index_t slice = task / k.chunks, r0 = task % k.chunks * kFavorRowChunk;
+      const index_t slice = task / k.chunks, b = slice / k.heads, h = slice % k.heads, r0 = task % k.chunks * kFavorRowChunk;
       const index_t rows = std::min(kFavorRowChunk, k.n - r0);
-      A c = -std::numeric_limits<A>::infinity();
-      if (second)
-        for (index_t j = 0; j < k.chunks; ++j) c = std::max(c, chunk_max[static_cast<std::size_t>(slice * k.chunks + j)]);
-      A* hb = scratch.data() + worker * per;
-      const A cmax = favor_half_chunk<T, Arch>(P, k, x, phi, slice / k.heads, slice % k.heads, r0, rows, hb, hb + hsz,
-                                               second ? &c : nullptr);
-      if (k.keys && !second) chunk_max[static_cast<std::size_t>(task)] = cmax;
+      A* xw = scratch.data() + worker * per;
+      A* row_max = xw + chunk_rows * P.dp;
+      A* hb = row_max + chunk_rows;
+      favor_half_logits<T, Arch>(P, k, x, b, h, r0, rows, hb, xw, row_max);
+      for (index_t i = 0; i < rows; ++i) {
+        favor_exp_row<A, Arch>(hb + i * P.mp, P.m, row_max[i], k.inv_sqrt_m);
+        narrow(hb + i * P.mp, P.m, &phi(b, h, r0 + i, 0));
+      }
     });
-  };
-  pass(false);
-  if (k.keys) pass(true);
+    return;
+  }
+  const std::size_t slice_bytes = checked_size<A>(fn, "the key logits of one slice [N x padded features]", {k.n, P.mp}) * sizeof(A);
+  const index_t wave = std::clamp<index_t>(static_cast<index_t>(logit_bytes / std::max<std::size_t>(slice_bytes, 1)), 1, slices);
+  const uninitialized_buffer<A> logits(checked_size<A>(fn, "the key logits of a wave of slices", {wave, k.n, P.mp}));
+  std::vector<A> chunk_max(static_cast<std::size_t>(wave * k.chunks));
+  for (index_t s0 = 0; s0 < slices; s0 += wave) {
+    const index_t ws = std::min(wave, slices - s0);
+    auto hrow = [&](index_t s, index_t r) { return logits.data() + (s * k.n + r) * P.mp; };  // s within the wave
+    parallel_for(threads, ws * k.chunks, [&](index_t task, int worker) {
+      const index_t s = task / k.chunks, slice = s0 + s, r0 = task % k.chunks * kFavorRowChunk;
+      A* xw = scratch.data() + worker * per;
+      chunk_max[static_cast<std::size_t>(task)] =
+          favor_half_logits<T, Arch>(P, k, x, slice / k.heads, slice % k.heads, r0, std::min(kFavorRowChunk, k.n - r0),
+                                     hrow(s, r0), xw, xw + chunk_rows * P.dp);
+    });
+    parallel_for(threads, ws * k.chunks, [&](index_t task, int) {
+      const index_t s = task / k.chunks, slice = s0 + s, r0 = task % k.chunks * kFavorRowChunk;
+      A c = -std::numeric_limits<A>::infinity();
+      for (index_t j = 0; j < k.chunks; ++j) c = std::max(c, chunk_max[static_cast<std::size_t>(s * k.chunks + j)]);
+      for (index_t i = r0; i < std::min(r0 + kFavorRowChunk, k.n); ++i) {
+        A* hr = hrow(s, i);
+        favor_exp_row<A, Arch>(hr, P.m, c, k.inv_sqrt_m);
+        narrow(hr, P.m, &phi(slice / k.heads, slice % k.heads, i, 0));
+      }
+    });
+  }
 }
 
 /// phi = φ(x) of every row (checked, non-empty views): per-row stabilisers (queries) or one per
 /// (batch, head) slice (keys), on `threads` threads; fn names the caller in a size error. T is
-/// the storage type of x and phi; P, the logits and the maxima are accum_t<T>.
+/// the storage type of x and phi; P, the logits and the maxima are accum_t<T>. logit_bytes bounds
+/// the half-storage key map's fp32 logits (tests make it small to run several waves).
 template <class T, class Arch = default_arch, class A = accum_t<T>>
 void favor_map(const char* fn, const favor_projection<A>& P, int threads, const tensor_view<const T, 4>& x,
-               const tensor_view<T, 4>& phi, bool keys) {
+               const tensor_view<T, 4>& phi, bool keys, std::size_t logit_bytes = kFavorKeyLogitBytes) {
   const index_t n = x.extent(2), heads = x.extent(1), slices = x.extent(0) * heads;
   const A s = favor_input_scale<A>(P.d);
   const favor_map_constants<A> k{n, ceil_div(n, kFavorRowChunk), heads, s, s * s / A(2),
                                  static_cast<A>(1.0 / std::sqrt(static_cast<double>(P.m))), keys};
   if constexpr (is_half_v<T>) {
-    favor_map_half<T, Arch>(fn, P, threads, x, phi, k);
+    favor_map_half<T, Arch>(fn, P, threads, x, phi, k, logit_bytes);
   } else {
+    (void)logit_bytes;
     const index_t hsz = kFavorRowChunk * P.mp;
     aligned_vector<T> scratch(checked_size<T>(fn, "the logits [threads x chunk x padded features]", {threads, hsz}));
     std::vector<T> chunk_max(checked_size<T>(fn, "the chunk maxima [batch x heads x chunks]", {slices, k.chunks}),
