@@ -128,6 +128,7 @@ void check_linear(const half_shape& s, bool causal, double bias) {
   o.threads = 2;
   in.run(o);
   family_spec spec;
+  spec.pairs = linear_pairs<T>;
   spec.causal = causal;
   spec.bias = bias;
   const tensor4<float> out_f = converted<float>(in.out);
@@ -201,6 +202,7 @@ void check_polysketch(const half_shape& s, index_t r, bool causal, bool local_ex
   polysketch_attention_backward<T>(in.q.h.view, in.k.h.view, in.v.h.view, in.out.view, in.dout.h.view,
                                    in.stats.cview(), in.dq.view, in.dk.view, in.dv.view, sketch, o);
   family_spec spec;
+  spec.pairs = linear_pairs<T>;
   spec.causal = causal;
   spec.local_exact = local_exact;
   spec.block = o.block_size;
@@ -249,6 +251,7 @@ void check_sketched(const half_shape& s, index_t r, bool causal, bool local_exac
                                  in.dout.h.view, in.stats.cview(), in.dq.view, in.dk.view, dsq.view, dsk.view,
                                  in.dv.view, o);
   family_spec spec;
+  spec.pairs = linear_pairs<T>;
   spec.causal = causal;
   spec.power = 2;
   spec.local_exact = local_exact;
@@ -304,6 +307,30 @@ TEMPLATE_TEST_CASE("half linear family: rows before the first key give 0, never 
     for (const T& x : g->storage) REQUIRE(std::isfinite(static_cast<float>(x)));
   for (index_t i = 0; i < 20; ++i)
     for (index_t c = 0; c < s.d; ++c) REQUIRE(static_cast<float>(in.dq(0, 0, i, c)) == 0.0f);
+}
+
+TEMPLATE_TEST_CASE("half linear family: a NaN value no row sees stays out of its rows", "[half]", bf16, f16) {
+  // Causal, block 256, queries from position 1 (Nq = Nk − 1): the first chunk of 64 query rows
+  // (positions 1 .. 64) sees keys 0 .. 64 of the block, an odd count, so a pair product over the
+  // chunk would also read key 65 (weighed 0) — a NaN there must not reach rows that cannot see it
+  // (0 · NaN is NaN). Rows before position 65 stay finite and close to a run with key 65 finite.
+  using T = TestType;
+  const half_shape s{1, 1, 1, 299, 300, 8, 5, false};
+  qkv_run<T> in(s, 91), finite(s, 91);
+  const polysketch<float> sketch = test_sketch(s.d, 8);
+  polysketch_options o = polysketch_opts(true, true, s.d);
+  o.block_size = 256;
+  for (index_t c = 0; c < s.dv; ++c) in.v.h(0, 0, 65, c) = T(std::numeric_limits<float>::quiet_NaN());
+  polysketch_attention<T>(in.q.h.view, in.k.h.view, in.v.h.view, in.out.view, sketch, o);
+  polysketch_attention<T>(finite.q.h.view, finite.k.h.view, finite.v.h.view, finite.out.view, sketch, o);
+  for (index_t i = 0; i < 64; ++i)  // query i sits at position i + 1
+    for (index_t c = 0; c < s.dv; ++c) {
+      const float x = static_cast<float>(in.out(0, 0, i, c)), y = static_cast<float>(finite.out(0, 0, i, c));
+      INFO("row " << i << " column " << c);
+      REQUIRE(std::isfinite(x));
+      REQUIRE(std::abs(x - y) <= 0.02f * std::max(1.0f, std::abs(y)));
+    }
+  REQUIRE(std::isnan(static_cast<float>(in.out(0, 0, 64, 0))));  // position 65 sees it
 }
 
 template <class T>

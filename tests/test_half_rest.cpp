@@ -139,6 +139,7 @@ cache_case<T> polysketch_case(const cache_inputs<T>& in, const polysketch<float>
                               bool local_exact) {
   const polysketch_options o = cache_polysketch_opts(local_exact, s.d);
   family_spec spec;
+  spec.pairs = linear_pairs<T>;
   spec.causal = true;
   spec.local_exact = local_exact;
   spec.block = o.block_size;
@@ -161,6 +162,7 @@ template <class T>
 cache_case<T> sketched_case(const cache_inputs<T>& in, const cache_shape& s, index_t r, bool local_exact) {
   const sketched_options o = cache_sketched_opts(local_exact);
   family_spec spec;
+  spec.pairs = linear_pairs<T>;
   spec.causal = true;
   spec.power = 2;
   spec.local_exact = local_exact;
@@ -198,6 +200,7 @@ cache_case<T> linear_case(const cache_inputs<T>& in, const cache_shape& s) {
   o.normalizer_bias = 0.25;
   o.threads = 2;
   family_spec spec;
+  spec.pairs = linear_pairs<T>;
   spec.causal = true;
   spec.bias = o.normalizer_bias;
   cache_case<T> c;

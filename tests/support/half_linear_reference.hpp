@@ -11,9 +11,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
+#include <polyattn/linear.hpp>
 #include <polyattn/options.hpp>
+#include <polyattn/precision.hpp>
 #include <polyattn/sketch.hpp>
 
 #include "backward_oracles.hpp"
@@ -34,7 +37,34 @@ struct family_spec {
   int degree = 4;
   double scale = 1.0;
   double bias = 0.0;
+  /// The naive fp32 reference (Acc = float only; the oracle never rounds) does the bf16 pair
+  /// path's roundings (block_passes.hpp): see pair_numerator.
+  bool pairs = false;
 };
+
+/// True when the linear family's forward multiplies storage T on bf16 pairs (block_passes.hpp).
+template <class T>
+inline constexpr bool linear_pairs = std::is_same_v<T, bf16> && POLYATTN_BF16_PAIRS;
+
+/// bf16 rounding of an fp32 value (round to nearest even), as the pair path rounds its operands.
+inline float bf16_round(float x) { return static_cast<float>(bf16(x)); }
+
+/// Features of a main row x (r values): x itself for power 1; for power 2 the packed expansion of
+/// docs/design.md §1, s_i² and √2·s_i·s_j for i < j (then (φ(x)·φ(y)) = (x·y)²).
+template <class Acc, class Row>
+std::vector<Acc> features_of(const Row& x, index_t r, int power) {
+  std::vector<Acc> phi;
+  if (power == 1) {
+    for (index_t c = 0; c < r; ++c) phi.push_back(x(c));
+    return phi;
+  }
+  const Acc sqrt2 = static_cast<Acc>(1.41421356237309504880);
+  for (index_t i = 0; i < r; ++i) {
+    phi.push_back(x(i) * x(i));
+    for (index_t j = i + 1; j < r; ++j) phi.push_back(sqrt2 * x(i) * x(j));
+  }
+  return phi;
+}
 
 /// Forward results and gradients in double, contiguous: dq, dk are the exact weights' share,
 /// dxq, dxk the gradients of the main rows.
@@ -67,6 +97,42 @@ family_result family_reference(const family_inputs<Acc>& in, const family_spec& 
   std::vector<Acc> a(n(Nk)), w(n(Nk)), out(n(dv)), dnum(n(dv)), dq(n(d)), dxq(n(r));
   std::vector<Acc> dk(n(Nk * d)), dxk(n(Nk * r)), dvv(n(Nk * dv));
   std::vector<int> kind(n(Nk));  // 0 masked, 1 exact, 2 main
+  // The bf16 pair path's numerator (the fp32 naive reference only): keys of the query's own block
+  // are weighed locally when the kernel does (causal, or local_exact) and their weights rounded
+  // to bf16 before multiplying v; every other allowed key is in the state the query's block
+  // reads, Z = Σ_j bf16(φ(xk_j)) v_jᵀ (fp32 sums), rounded to bf16 once, and num = bf16(φ(xq))·Z.
+  // (Uses w and kind as the loop below leaves them for row i.)
+  const bool pairs = s.pairs && std::is_same_v<Acc, float>;
+  const bool local = s.causal || s.local_exact;
+  // Z depends on the sequence and the query's block only: kept for the last (b, hk, block)
+  std::vector<Acc> Z;
+  index_t z_seq = -1, z_block = -1;
+  auto pair_numerator = [&](index_t b, index_t h, index_t hk, index_t i, index_t pos) {
+    std::vector<Acc> num(n(dv), Acc(0));
+    const std::vector<Acc> fq = features_of<Acc>([&](index_t c) { return xq(b, h, i, c); }, r, s.power);
+    const index_t seq = b * Hk + hk, blk = local ? block_of(pos, s.block) : 0;
+    const bool fresh = seq != z_seq || blk != z_block;
+    if (fresh) {
+      Z.assign(fq.size() * n(dv), Acc(0));
+      z_seq = seq;
+      z_block = blk;
+    }
+    for (index_t j = 0; j < Nk; ++j) {
+      if (kind[j] == 0) continue;
+      if (local && block_of(pos, s.block) == block_of(j, s.block)) {
+        for (index_t c = 0; c < dv; ++c) num[std::size_t(c)] += bf16_round(static_cast<float>(w[j])) * v(b, hk, j, c);
+        continue;
+      }
+      if (!fresh) continue;
+      const std::vector<Acc> fk = features_of<Acc>([&](index_t c) { return xk(b, hk, j, c); }, r, s.power);
+      for (std::size_t f = 0; f < fk.size(); ++f)
+        for (index_t c = 0; c < dv; ++c) Z[f * n(dv) + std::size_t(c)] += bf16_round(static_cast<float>(fk[f])) * v(b, hk, j, c);
+    }
+    for (std::size_t f = 0; f < fq.size(); ++f)
+      for (index_t c = 0; c < dv; ++c)
+        num[std::size_t(c)] += bf16_round(static_cast<float>(fq[f])) * bf16_round(static_cast<float>(Z[f * n(dv) + std::size_t(c)]));
+    return num;
+  };
   for (index_t b = 0; b < B; ++b)
     for (index_t hk = 0; hk < Hk; ++hk) {
       std::fill(dk.begin(), dk.end(), Acc(0));
@@ -95,9 +161,12 @@ family_result family_reference(const family_inputs<Acc>& in, const family_spec& 
             den += w[j];  // den_i = β + Σ_j w_ij
           }
           g.stats[static_cast<std::size_t>((b * H + h) * Nq + i)] = static_cast<double>(den);
+          const std::vector<Acc> pair_num = pairs ? pair_numerator(b, h, hk, i, pos) : std::vector<Acc>();
           for (index_t c = 0; c < dv; ++c) {
             Acc num = 0;
-            for (index_t j = 0; j < Nk; ++j) num += w[j] * v(b, hk, j, c);
+            if (pairs) num = pair_num[static_cast<std::size_t>(c)];
+            else
+              for (index_t j = 0; j < Nk; ++j) num += w[j] * v(b, hk, j, c);
             out[c] = den != Acc(0) ? num / den : Acc(0);  // out_i = num_i / den_i, 0 when den_i = 0
             g.out.at(b, h, i, c) = static_cast<double>(out[c]);
           }

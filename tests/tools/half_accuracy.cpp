@@ -6,7 +6,10 @@
 //   build/test/tests/polyattn_half_accuracy && build/test/tests/polyattn_half_accuracy_pairs
 #include <cstdio>
 
+#include <polyattn/polysketch.hpp>
+
 #include "support/exact_kernels.hpp"
+#include "support/half_linear_reference.hpp"
 #include "support/half_reference.hpp"
 #include "support/compare.hpp"
 #include "support/tensors.hpp"
@@ -32,10 +35,40 @@ void row(const char* name, const char* tname, index_t n, index_t d, bool causal)
   std::printf("| %s | %s | %ld | %d | %.2e | %.2e | %.2f | %.1f %% | %.1f %% | %.2e |\n", name, tname, (long)n, causal, e.max_abs, max_abs_difference(naive, exact),
               e.max_abs / max_abs_difference(naive, exact), 100.0 * same_k / total, 100.0 * same_n / total, ef.max_abs);
 }
+/// polysketch_attention (p = 4, r = 32, local_exact, block 128, causal), one head, d = 64, bf16:
+/// the kernel against the float64 oracle, the naive fp32 reference with the kernel's roundings
+/// (the pair path's when POLYATTN_BF16_PAIRS) and without them, and the fp32 kernel.
+void polysketch_row(index_t n) {
+  const index_t d = 64;
+  sketch_options so; so.sketch_size = 32; so.seed = 5;
+  const polysketch<float> sk(d, so);
+  polysketch_options o; o.causal = true; o.local_exact = true; o.block_size = 128; o.scale = 0.125; o.threads = 2;
+  const half_tensor<bf16> q = rounded_tensor<bf16>(1, 1, n, d, 1, false), k = rounded_tensor<bf16>(1, 1, n, d, 2, false),
+                          v = rounded_tensor<bf16>(1, 1, n, d, 3, false);
+  tensor4<bf16> out(1, 1, n, d); tensor4<float> of(1, 1, n, d);
+  polysketch_attention<bf16>(q.h.view, k.h.view, v.h.view, out.view, sk, o);
+  polysketch_attention<float>(q.f.view, k.f.view, v.f.view, of.view, sk, o);
+  family_spec spec; spec.causal = true; spec.local_exact = true; spec.block = o.block_size; spec.scale = o.scale; spec.bias = o.normalizer_bias;
+  const dense_result exact = polysketch_reference<double>(sk, q.f, k.f, v.f, nullptr, nullptr, spec).out;
+  const dense_result plain = polysketch_reference<float>(sk, q.f, k.f, v.f, nullptr, nullptr, spec).out;
+  spec.pairs = linear_pairs<bf16>;
+  const dense_result naive = polysketch_reference<float>(sk, q.f, k.f, v.f, nullptr, nullptr, spec).out;
+  double ek = 0, en = 0, ep = 0, ef = 0; long same = 0;
+  for (index_t i = 0; i < n; ++i) for (index_t c = 0; c < d; ++c) {
+    const double x = exact(0, 0, i, c), r = double(float(bf16(float(x))));
+    ek = std::max(ek, std::abs(double(float(out(0, 0, i, c))) - x));
+    en = std::max(en, std::abs(double(float(bf16(float(naive(0, 0, i, c))))) - x));
+    ep = std::max(ep, std::abs(double(float(bf16(float(plain(0, 0, i, c))))) - x));
+    ef = std::max(ef, std::abs(double(of(0, 0, i, c)) - x));
+    same += double(float(out(0, 0, i, c))) == r; }
+  std::printf("| polysketch r=32 local_exact | bf16 | %ld | 1 | %.2e | %.2e (without the pair roundings %.2e) | %.2f | %.1f %% | | %.2e |\n", (long)n, ek, en, ep,
+              ek / en, 100.0 * same / double(n * d), ef);
+}
 int main() {
   std::printf("POLYATTN_BF16_PAIRS = %d\n| kernel | storage | N | causal | kernel error | naive error | ratio | kernel correctly rounded | naive correctly rounded | fp32 kernel error |\n|---|---|---|---|---|---|---|---|---|---|\n", POLYATTN_BF16_PAIRS);
   for (bool c : {false, true}) {
     row<flash_kernel, bf16>("flash", "bf16", 1024, 64, c); row<flash_kernel, f16>("flash", "f16", 1024, 64, c);
     row<polynomial_kernel, bf16>("polynomial p=4", "bf16", 1024, 64, c); row<polynomial_kernel, f16>("polynomial p=4", "f16", 1024, 64, c);
   }
+  polysketch_row(512);
 }

@@ -410,7 +410,7 @@ void chunk_total(const block_scan<T, Source, Arch>& sc, index_t s, index_t g, sc
   for (index_t c = sc.plan.chunk_first(g); c <= sc.plan.chunk_last(g); ++c) {
     const key_block<A> kb = fetch_block(sc, s / kv_heads, s % kv_heads, c, ws);
     const block_rows<A> kr = sc.src.prepare(kb.raw, kb.n, false, ws.krows);
-    state_pass<A, Source, Arch>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, total, sc.d.ldz);
+    state_pass<A, Source, Arch, T>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, total, sc.d.ldz);
   }
 }
 
@@ -627,7 +627,7 @@ key_block<A> scan_range(const block_scan<T, Source, Arch>& sc, const shared_tota
     A* run = first_publish ? tot.slot(s, g_begin) : own_run;
     std::fill(run, run + S, A(0));
     const block_rows<A> kr = sc.src.prepare(fb.raw, fb.n, false, ws.krows);
-    state_pass<A, Source, Arch>(sc.src, kr, fb.vals, fb.ld_vals, fb.n, sc.d.dv, ws, run, sc.d.ldz);
+    state_pass<A, Source, Arch, T>(sc.src, kr, fb.vals, fb.ld_vals, fb.n, sc.d.dv, ws, run, sc.d.ldz);
     if (first_publish && c == plan.chunk_last(g_begin)) tot.publish(s, g_begin);
     first_summed = true;
   };
@@ -661,7 +661,7 @@ key_block<A> scan_range(const block_scan<T, Source, Arch>& sc, const shared_tota
       if (!early) causal_block_outputs(sc, bi, hk, c, kb, ldkt, state, ws);
       if (!pass) continue;
       if (!summed) std::fill(run, run + S, A(0));
-      state_pass<A, Source, Arch>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, run, sc.d.ldz);
+      state_pass<A, Source, Arch, T>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, run, sc.d.ldz);
       summed = true;
       if (!early) continue;
       tot.publish(s, g);  // (a slot never published stays kWriting: the others compute their own)
@@ -761,7 +761,7 @@ void noncausal_query_block(const block_scan<T, Source, Arch>& sc, const A* grand
     ldkt = prepare_local_keys<A, Source, Arch>(sc.src, kr, kb.n, ws);
     A* own_state = ensure(ws.run, S);
     std::fill(own_state, own_state + S, A(0));
-    state_pass<A, Source, Arch>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, own_state, sc.d.ldz);
+    state_pass<A, Source, Arch, T>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, own_state, sc.d.ldz);
     A* zx = ensure(ws.zx, S);
     for (index_t e = 0; e < S; ++e) zx[e] = total[e] - own_state[e];
     state = zx;

@@ -36,6 +36,19 @@
 // at the drivers' edges (block_linear.hpp, block_linear_backward.hpp): raw rows widened into
 // a workspace before a source sees them, values widened while packed, and output rows
 // divided in fp32 and rounded once when stored (output_pass's O) (docs/design.md §10).
+//
+// bf16 pairs (bf16_pairs<S, Arch> for the storage type S: POLYATTN_BF16_PAIRS, vdpbf16ps on
+// AVX512-BF16): the forward's three products run on pairs of bf16, their sums in fp32, as the
+// exact engine's do:
+//   state pass   Z += φ(K)ᵀ V     φ(K) rounded to bf16, two keys a pair; V as pairs of keys
+//                                (packed from the fp32 block rows: exact, they are bf16 values)
+//   output pass  num = φ(Q)·Z    φ(Q) rounded, pairs of features; Z rounded to bf16 once per
+//                                call (the state a query block reads), pairs of features
+//                local  num += W·V  the local weights W rounded, pairs of keys
+// z, the denominators (φ(q)·z and Σ w) and the local scores stay fp32 from unrounded values.
+// Every output pass rounds the same way whatever its number of rows (a decode step too, which
+// then packs Z for one row: the rounding does not depend on how a sequence is fed). The
+// backward passes widen (fp32 products).
 #pragma once
 
 #include <algorithm>
@@ -44,6 +57,7 @@
 
 #include "../core/convert.hpp"
 #include "../core/gemm.hpp"
+#include "../core/gemm_bf16.hpp"
 #include "../core/simd.hpp"
 
 namespace polyattn::detail {
@@ -112,7 +126,22 @@ struct scan_workspace {
   aligned_vector<T> w, num, den;     // local weights, numerators, denominators of kChunkRows rows
   aligned_vector<T> zx;              // the state a query block reads
   aligned_vector<T> run, prefix;     // a scan's running state within a super-chunk, and before it
+  // bf16 pairs: values as pairs of keys, φ(K) as pairs of keys, Z as pairs of features, and
+  // φ(Q) or the local weights rounded to bf16 (rows of bf16 bits)
+  aligned_vector<std::uint32_t> vpairs, phipairs, zpairs;
+  aligned_vector<std::uint16_t> rows16;
 };
+
+/// Rounds the n rows of x [rows x ldx] to bf16 bits into dst [rows x ld16], ld16 >= round_up(n, 2),
+/// the padding to ld16 zero (a pair operand read in place, gemm_pairs).
+template <class T>
+inline void round_rows_bf16(const T* x, index_t ldx, index_t rows, index_t n, index_t ld16, std::uint16_t* dst) {
+  for (index_t r = 0; r < rows; ++r) {
+    std::uint16_t* d = dst + r * ld16;
+    narrow(x + r * ldx, n, reinterpret_cast<bf16*>(d));
+    std::fill(d + n, d + ld16, std::uint16_t(0));
+  }
+}
 
 /// acc[f] += Σ_rows x[r·ld + f] for f < m.
 template <class T, class Arch>
@@ -175,19 +204,38 @@ struct key_block {
 
 /// State pass: state += (φ(K)ᵀ V, Σ φ(K)) over the n prepared key rows. The state is
 /// Z [m x ldz] then z [m], ldz at least dv rounded up to the vector width (< 0: exactly that);
-/// the sum runs in chunks of kChunkRows rows, always in the same order.
-template <class T, class Source, class Arch>
+/// the sum runs in chunks of kChunkRows rows, always in the same order. S is the storage type
+/// of the values: with bf16 pairs (bf16_pairs<S, Arch>) Z's product multiplies φ rounded to bf16
+/// by the values as pairs of keys (packed here, exactly: they are bf16 values).
+template <class T, class Source, class Arch, class S = T>
 void state_pass(const Source& src, const block_rows<T>& keys, const T* vals, index_t ldv, index_t n, index_t dv,
                 scan_workspace<T>& ws, T* state, index_t ldz = -1) {
   const index_t m = src.feature_dim(), dvp = ldz < 0 ? round_up(dv, simd_width<T, Arch>) : ldz;
   T* Z = state;
   T* z = state + m * dvp;
-  for (index_t a = 0; a < n; a += kChunkRows) {
+  const std::uint32_t* vpairs = nullptr;
+  const index_t ldvp = round_up(std::max<index_t>(dv, 1), simd_width<T, Arch>);
+  if constexpr (bf16_pairs<S, Arch>) {
+    std::uint32_t* d = ensure(ws.vpairs, std::max<index_t>(ceil_div(n, 2), 1) * ldvp);
+    pack_pairs_rounded<Arch>(vals, ldv, n, dv, d, ldvp);
+    vpairs = d;
+  }
+  for (index_t a = 0; a < n; a += kChunkRows) {  // (kChunkRows is even: a chunk starts a pair)
     const index_t rows = std::min(kChunkRows, n - a);
     index_t ld = 0;
     const T* phi = src.features(keys, a, rows, ws.phi, ld);
-    // Z[f][:] += Σ_r φ_r[f] · v_r   (A(f, r) = φ[r·ld + f])
-    gemm<T, Arch>(m, dv, rows, phi, 1, ld, vals + a * ldv, ldv, Z, dvp, true);
+    if constexpr (bf16_pairs<S, Arch>) {
+      // word (p, f) = φ_{2p}[f], φ_{2p+1}[f]: A(f, key) read as pairs of keys
+      const index_t ldp = round_up(std::max<index_t>(m, 1), simd_width<T, Arch>);
+      std::uint32_t* pp = ensure(ws.phipairs, ceil_div(kChunkRows, 2) * ldp);
+      pack_pairs_rounded<Arch>(phi, ld, rows, m, pp, ldp);
+      gemm_pairs<Arch>(m, dv, ceil_div(rows, 2), false, reinterpret_cast<const std::uint16_t*>(pp), 2, 2 * ldp,
+                       vpairs + a / 2 * ldvp, ldvp, Z, dvp, true);
+    } else {
+      (void)vpairs;
+      // Z[f][:] += Σ_r φ_r[f] · v_r   (A(f, r) = φ[r·ld + f])
+      gemm<T, Arch>(m, dv, rows, phi, 1, ld, vals + a * ldv, ldv, Z, dvp, true);
+    }
     add_rows<T, Arch>(phi, ld, rows, m, z);
   }
 }
@@ -224,27 +272,71 @@ inline void store_output_row(T* row, index_t dv, T denom, O* o) {
   }
 }
 
+/// num[rows x dvp] = φ(Q)·Z on bf16 pairs (output_pass): φ rows rounded into ws.rows16, Z's pairs of
+/// features in zp (ld dvp).
+template <class T, class Arch>
+void state_product_pairs(const T* phi, index_t ld, index_t rows, index_t m, const std::uint32_t* zp, index_t dv,
+                         index_t dvp, scan_workspace<T>& ws, T* num) {
+  const index_t ld16 = round_up(std::max<index_t>(m, 1), 2);
+  std::uint16_t* q16 = ensure(ws.rows16, kChunkRows * ld16);
+  round_rows_bf16(phi, ld, rows, m, ld16, q16);
+  gemm_pairs<Arch>(rows, dv, ld16 / 2, false, q16, ld16, 2, zp, dvp, num, dvp, false);
+}
+
+/// num[rows x dvp] += W·V for the local weights w [rows x ldw] over `keys` keys on bf16 pairs:
+/// the weights rounded into ws.rows16, the values as pairs of keys in vp (ld dvp).
+template <class T, class Arch>
+void local_product_pairs(const T* w, index_t ldw, index_t rows, index_t keys, const std::uint32_t* vp, index_t dv,
+                         index_t dvp, scan_workspace<T>& ws, T* num) {
+  const index_t ld16 = round_up(std::max<index_t>(keys, 1), 2);
+  std::uint16_t* w16 = ensure(ws.rows16, kChunkRows * ld16);
+  round_rows_bf16(w, ldw, rows, keys, ld16, w16);
+  gemm_pairs<Arch>(rows, dv, ld16 / 2, false, w16, ld16, 2, vp, dvp, num, dvp, true);
+}
+
 /// Output pass for n query rows whose absolute positions are first_pos .. first_pos+n−1, all in
 /// the block of `kb`: reads `state` (Z [m x ldz], then z; nullptr: nothing before the block) and, when kt is given,
 /// weighs the block's keys locally (kb->kt, or ws.kt from prepare_local_keys; leading dimension ldkt),
 /// causally masked when `causal`. Writes out rows (stride ldo; of T, or of a half type O that
-/// accumulates in T) and, when `stats` is given, each row's β + Σ w (stride lds).
+/// accumulates in T) and, when `stats` is given, each row's β + Σ w (stride lds). With bf16
+/// pairs (bf16_pairs<O, Arch>; the header comment) Z and the block's values are packed as pairs
+/// once for the call.
 template <class T, class Source, class Arch, class O>
 void output_pass(const Source& src, const block_rows<T>& q, index_t n, index_t first_pos, const T* state, index_t ldz,
                  const key_block<T>* kb, index_t ldkt, bool causal, index_t dv, T bias, scan_workspace<T>& ws, O* out,
                  index_t ldo, T* stats = nullptr, index_t lds = 0) {
   using B = batch<T, Arch>;
   constexpr index_t W = simd_width<T, Arch>;
+  constexpr bool pairs = bf16_pairs<O, Arch>;
   const index_t m = src.feature_dim(), dvp = round_up(dv, W);
   const local_form<T> lf = src.local();
   T* num = ensure(ws.num, kChunkRows * dvp);
   T* den = ensure(ws.den, kChunkRows);
+  const std::uint32_t* zp = nullptr;  // bf16 pairs: Z rounded, as pairs of features
+  const std::uint32_t* vp = nullptr;  // and the block's values as pairs of keys
+  if constexpr (pairs) {
+    if (state && n > 0) {
+      std::uint32_t* d = ensure(ws.zpairs, std::max<index_t>(ceil_div(m, 2), 1) * dvp);
+      pack_pairs_rounded<Arch>(state, ldz, m, dv, d, dvp);
+      zp = d;
+    }
+    if (kb && kb->n > 0 && n > 0) {
+      std::uint32_t* d = ensure(ws.vpairs, ceil_div(kb->n, 2) * dvp);
+      pack_pairs_rounded<Arch>(kb->vals, kb->ld_vals, kb->n, dv, d, dvp);
+      vp = d;
+    }
+  }
   for (index_t a = 0; a < n; a += kChunkRows) {
     const index_t rows = std::min(kChunkRows, n - a);
     if (state) {
       index_t ld = 0;
       const T* phi = src.features(q, a, rows, ws.phi, ld);
-      gemm<T, Arch>(rows, dv, m, phi, ld, 1, state, ldz, num, dvp, false);
+      bool done = false;
+      if constexpr (pairs) {
+        if (zp) state_product_pairs<T, Arch>(phi, ld, rows, m, zp, dv, dvp, ws, num);
+        done = zp != nullptr;
+      }
+      if (!done) gemm<T, Arch>(rows, dv, m, phi, ld, 1, state, ldz, num, dvp, false);
       const T* z = state + m * ldz;
       for (index_t i = 0; i < rows; ++i) den[i] = dot<T, Arch>(phi + i * ld, z, m);
     } else {
@@ -272,13 +364,24 @@ void output_pass(const Source& src, const block_rows<T>& q, index_t n, index_t f
         }
         // A hidden weight is 0 and 0 · NaN (or ±inf) is NaN: when a value some row of the chunk
         // may not see is not finite, each row sums only its visible keys (the same terms, so
-        // the same bits; docs/design.md §6).
+        // the same bits; docs/design.md §6), in fp32 with the weights rounded as pairs round them.
+        // (pairs also read an odd `keys`'s partner, weighed 0 by every row)
         const index_t common = visible(0);  // keys every row of the chunk sees
-        if (common < keys && !rows_finite<T, Arch>(kb->vals + common * kb->ld_vals, kb->ld_vals, keys - common, dv))
+        const index_t read = vp ? std::min(kb->n, round_up(keys, 2)) : keys;
+        if (common < read && !rows_finite<T, Arch>(kb->vals + common * kb->ld_vals, kb->ld_vals, read - common, dv)) {
+          if (vp)
+            for (index_t i = 0; i < rows; ++i)
+              for (index_t j = 0; j < keys; ++j) w[i * ldw + j] = float_of_bf16_bits(bf16_bits_of(w[i * ldw + j]));
           for (index_t i = 0; i < rows; ++i)
             gemm<T, Arch>(1, dv, visible(i), w + i * ldw, ldw, 1, kb->vals, kb->ld_vals, num + i * dvp, dvp, true);
-        else
-          gemm<T, Arch>(rows, dv, keys, w, ldw, 1, kb->vals, kb->ld_vals, num, dvp, true);
+        } else {
+          bool done = false;
+          if constexpr (pairs) {
+            if (vp) local_product_pairs<T, Arch>(w, ldw, rows, keys, vp, dv, dvp, ws, num);
+            done = vp != nullptr;
+          }
+          if (!done) gemm<T, Arch>(rows, dv, keys, w, ldw, 1, kb->vals, kb->ld_vals, num, dvp, true);
+        }
       }
     }
     for (index_t i = 0; i < rows; ++i) {
