@@ -272,26 +272,15 @@ inline void store_output_row(T* row, index_t dv, T denom, O* o) {
   }
 }
 
-/// num[rows x dvp] = φ(Q)·Z on bf16 pairs (output_pass): φ rows rounded into ws.rows16, Z's pairs of
-/// features in zp (ld dvp).
+/// num[rows x dvp] (+)= X·B on bf16 pairs (output_pass: φ(Q)·Z, and the local W·V): the rows of
+/// X [rows x k] (ld ldx, fp32) rounded into ws.rows16, B [k x dv] as pairs of its rows in bp (ld dvp).
 template <class T, class Arch>
-void state_product_pairs(const T* phi, index_t ld, index_t rows, index_t m, const std::uint32_t* zp, index_t dv,
-                         index_t dvp, scan_workspace<T>& ws, T* num) {
-  const index_t ld16 = round_up(std::max<index_t>(m, 1), 2);
-  std::uint16_t* q16 = ensure(ws.rows16, kChunkRows * ld16);
-  round_rows_bf16(phi, ld, rows, m, ld16, q16);
-  gemm_pairs<Arch>(rows, dv, ld16 / 2, false, q16, ld16, 2, zp, dvp, num, dvp, false);
-}
-
-/// num[rows x dvp] += W·V for the local weights w [rows x ldw] over `keys` keys on bf16 pairs:
-/// the weights rounded into ws.rows16, the values as pairs of keys in vp (ld dvp).
-template <class T, class Arch>
-void local_product_pairs(const T* w, index_t ldw, index_t rows, index_t keys, const std::uint32_t* vp, index_t dv,
-                         index_t dvp, scan_workspace<T>& ws, T* num) {
-  const index_t ld16 = round_up(std::max<index_t>(keys, 1), 2);
-  std::uint16_t* w16 = ensure(ws.rows16, kChunkRows * ld16);
-  round_rows_bf16(w, ldw, rows, keys, ld16, w16);
-  gemm_pairs<Arch>(rows, dv, ld16 / 2, false, w16, ld16, 2, vp, dvp, num, dvp, true);
+void product_on_pairs(const T* x, index_t ldx, index_t rows, index_t k, const std::uint32_t* bp, index_t dv,
+                      index_t dvp, scan_workspace<T>& ws, T* num, bool accumulate) {
+  const index_t ld16 = round_up(std::max<index_t>(k, 1), 2);
+  std::uint16_t* x16 = ensure(ws.rows16, kChunkRows * ld16);
+  round_rows_bf16(x, ldx, rows, k, ld16, x16);
+  gemm_pairs<Arch>(rows, dv, ld16 / 2, false, x16, ld16, 2, bp, dvp, num, dvp, accumulate);
 }
 
 /// Output pass for n query rows whose absolute positions are first_pos .. first_pos+n−1, all in
@@ -333,7 +322,7 @@ void output_pass(const Source& src, const block_rows<T>& q, index_t n, index_t f
       const T* phi = src.features(q, a, rows, ws.phi, ld);
       bool done = false;
       if constexpr (pairs) {
-        if (zp) state_product_pairs<T, Arch>(phi, ld, rows, m, zp, dv, dvp, ws, num);
+        if (zp) product_on_pairs<T, Arch>(phi, ld, rows, m, zp, dv, dvp, ws, num, false);
         done = zp != nullptr;
       }
       if (!done) gemm<T, Arch>(rows, dv, m, phi, ld, 1, state, ldz, num, dvp, false);
@@ -377,7 +366,7 @@ void output_pass(const Source& src, const block_rows<T>& q, index_t n, index_t f
         } else {
           bool done = false;
           if constexpr (pairs) {
-            if (vp) local_product_pairs<T, Arch>(w, ldw, rows, keys, vp, dv, dvp, ws, num);
+            if (vp) product_on_pairs<T, Arch>(w, ldw, rows, keys, vp, dv, dvp, ws, num, true);
             done = vp != nullptr;
           }
           if (!done) gemm<T, Arch>(rows, dv, keys, w, ldw, 1, kb->vals, kb->ld_vals, num, dvp, true);
