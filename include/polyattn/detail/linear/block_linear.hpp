@@ -789,6 +789,26 @@ void run_noncausal(const block_scan<T, Source, Arch>& sc, const chunk_totals<A>&
   });
 }
 
+/// The calling thread's scratch of the forward when the problem brings none, kept from one call
+/// to the next: freed after each call, the per-worker buffers (O(threads · (m·dv + b·m))) were
+/// mapped and faulted in again by the next call — polysketch N = 256 spent about a quarter of its
+/// time on it (docs/design.md §5). One per thread: a call uses it only on the thread that made
+/// it, and the scan calls nothing that runs another scan on that thread.
+template <class A>
+linear_workspace<A>& calling_thread_workspace() {
+  thread_local linear_workspace<A> ws;
+  return ws;
+}
+
+/// Drops the buffers of a kept workspace that grow with the batch (the states' inputs, the
+/// totals) when they exceed kKeptBatchBytes, so a large call does not pin its memory.
+inline constexpr std::size_t kKeptBatchBytes = std::size_t(8) << 20;
+template <class A>
+void release_batch_buffers(linear_workspace<A>& ws) {
+  for (aligned_vector<A>* v : {&ws.start, &ws.start_keys, &ws.start_vals, &ws.totals, &ws.grand})
+    if (v->capacity() * sizeof(A) > kKeptBatchBytes) aligned_vector<A>().swap(*v);
+}
+
 /// Runs linear attention with the block algorithm on problem p (linear_problem.hpp) with
 /// feature source src (block_passes.hpp).
 template <class T, class Source, class Arch = default_arch>
@@ -805,8 +825,7 @@ void run_block_linear(const linear_problem<T>& p, const Source& src) {
                                                   double(pb.batch) * double(pb.kv_heads * pb.nk + pb.heads * pb.nq));
   const scan_plan plan = scan_plan_of(p, threads);
   const int workers = scan_workers(pb, plan, threads);
-  linear_workspace<A> own;
-  linear_workspace<A>& wsp = p.workspace ? *p.workspace : own;
+  linear_workspace<A>& wsp = p.workspace ? *p.workspace : calling_thread_workspace<A>();
   if (static_cast<int>(wsp.workers.size()) < workers) wsp.workers.resize(static_cast<std::size_t>(workers));
   const block_scan<T, Source, Arch> sc{p, src, d, plan, load_states(p, d, plan, wsp)};
   if (pb.causal) {
@@ -815,6 +834,7 @@ void run_block_linear(const linear_problem<T>& p, const Source& src) {
     const chunk_totals<A> totals = range_pre_pass(sc, pre_pass_chunks(plan, false), wsp.workers, workers, wsp.totals);
     run_noncausal(sc, totals, wsp.workers, workers, wsp.grand);
   }
+  if (!p.workspace) release_batch_buffers(wsp);
 }
 
 }  // namespace polyattn::detail

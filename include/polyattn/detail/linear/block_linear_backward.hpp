@@ -91,6 +91,13 @@ struct backward_workspace {
   aligned_vector<T> qraw, kraw, drow, qgrad;
 };
 
+/// The backward's per-worker scratch of the calling thread, kept from one call to the next.
+template <class A>
+std::vector<backward_workspace<A>>& calling_thread_scratch() {
+  thread_local std::vector<backward_workspace<A>> scratch;
+  return scratch;
+}
+
 /// Widths and counts of one call of run_block_backward (a problem with rows, keys, features
 /// and values).
 template <class T>
@@ -768,7 +775,12 @@ void run_block_backward(const linear_backward_problem<T>& p, const Source& src) 
   const double flops = 5.0 * double(src.feature_dim()) * double(pb.dv) * double(pb.batch) *
                        double(pb.kv_heads * pb.nk + pb.heads * pb.nq);
   const int workers = static_cast<int>(std::clamp<index_t>(threads_for(pb.threads, flops), 1, 2 * n_seq));
-  std::vector<backward_workspace<A>> scratch(static_cast<std::size_t>(workers));
+  // the calling thread's workers' scratch, kept from one call to the next (as the forward's,
+  // calling_thread_workspace: the per-worker buffers are O(m·dv + b·m), none grows with N). A
+  // reference: the tasks below run on other threads too, where the name of a thread_local
+  // variable would mean their own.
+  std::vector<backward_workspace<A>>& scratch = calling_thread_scratch<A>();
+  if (scratch.size() < static_cast<std::size_t>(workers)) scratch.resize(static_cast<std::size_t>(workers));
   aligned_vector<A> leaf_tasks(checked_size<A>("run_block_backward", "leaf gradients", {LV, 2, n_seq}), A(0));
   std::unique_ptr<std::atomic<int>[]> delivered(
       new std::atomic<int>[checked_size<std::atomic<int>>("run_block_backward", "the block flags", {n_seq, nblk})]);

@@ -283,6 +283,65 @@ void product_on_pairs(const T* x, index_t ldx, index_t rows, index_t k, const st
   gemm_pairs<Arch>(rows, dv, ld16 / 2, false, x16, ld16, 2, bp, dvp, num, dvp, accumulate);
 }
 
+/// num[rows x dvp] (+)= X·B for X [rows x k] (ld ldx) and B [k x dv] (rows of b, ld ldb): on bf16
+/// pairs when bp holds B as pairs of its rows (product_on_pairs), else the fp32 product.
+template <class T, class Arch>
+void output_product(const T* x, index_t ldx, index_t rows, index_t k, const T* b, index_t ldb,
+                    const std::uint32_t* bp, index_t dv, index_t dvp, scan_workspace<T>& ws, T* num, bool accumulate) {
+  if constexpr (std::is_same_v<T, float>) {  // (pairs sum in fp32)
+    if (bp) {
+      product_on_pairs<T, Arch>(x, ldx, rows, k, bp, dv, dvp, ws, num, accumulate);
+      return;
+    }
+  }
+  gemm<T, Arch>(rows, dv, k, x, ldx, 1, b, ldb, num, dvp, accumulate);
+}
+
+/// The local part of an output pass for `rows` query rows at positions pos0, pos0 + 1, ... in the
+/// block of kb: den += Σ w and num += W·V over the block's keys each row sees, the local rows of
+/// the queries at ql (ld ldl), the block's local keys transposed at kt (ld ldkt). vp: the values
+/// as pairs of keys (bf16 pairs; null: fp32).
+template <class T, class Arch>
+void local_rows(const local_form<T>& lf, const T* ql, index_t ldl, index_t rows, index_t pos0, const key_block<T>& kb,
+                const T* kt, index_t ldkt, bool causal, index_t dv, const std::uint32_t* vp, scan_workspace<T>& ws,
+                T* num, T* den) {
+  using B = batch<T, Arch>;
+  constexpr index_t W = simd_width<T, Arch>;
+  const index_t dvp = round_up(dv, W);
+  // causal: keys up to the last row's position; otherwise the whole block
+  const index_t keys = causal ? std::min(kb.n, pos0 + rows - kb.first) : kb.n;
+  if (keys <= 0) return;
+  const index_t ldw = round_up(keys, W);
+  T* w = ensure(ws.w, kChunkRows * round_up(std::max<index_t>(kb.n, 1), W));
+  gemm<T, Arch>(rows, keys, lf.dim, ql, ldl, 1, kt, ldkt, w, ldw, false);
+  const B sc(lf.scale);
+  // keys of the block row i sees (first .. pos_i)
+  auto visible = [&](index_t i) { return causal ? std::clamp<index_t>(pos0 + i - kb.first + 1, 0, keys) : keys; };
+  for (index_t i = 0; i < rows; ++i) {
+    T* wr = w + i * ldw;
+    if (lf.power != 1 || lf.scale != T(1))
+      for (index_t j = 0; j < ldw; j += W) ipow<T, Arch>(B::load_unaligned(wr + j) * sc, lf.power).store_unaligned(wr + j);
+    std::fill(wr + visible(i), wr + keys, T(0));
+    den[i] += sum<T, Arch>(wr, keys);
+  }
+  // A hidden weight is 0 and 0 · NaN (or ±inf) is NaN: when a value some row of the chunk may not
+  // see is not finite, each row sums only its visible keys (the same terms, so the same bits;
+  // docs/design.md §6), in fp32 with the weights rounded as pairs round them. (Pairs also read
+  // an odd `keys`'s partner, weighed 0 by every row.)
+  const index_t common = visible(0);  // keys every row of the chunk sees
+  const index_t read = vp ? std::min(kb.n, round_up(keys, 2)) : keys;
+  if (common < read && !rows_finite<T, Arch>(kb.vals + common * kb.ld_vals, kb.ld_vals, read - common, dv)) {
+    if constexpr (std::is_same_v<T, float>)
+      if (vp)
+        for (index_t i = 0; i < rows; ++i)
+          for (index_t j = 0; j < keys; ++j) w[i * ldw + j] = float_of_bf16_bits(bf16_bits_of(w[i * ldw + j]));
+    for (index_t i = 0; i < rows; ++i)
+      gemm<T, Arch>(1, dv, visible(i), w + i * ldw, ldw, 1, kb.vals, kb.ld_vals, num + i * dvp, dvp, true);
+    return;
+  }
+  output_product<T, Arch>(w, ldw, rows, keys, kb.vals, kb.ld_vals, vp, dv, dvp, ws, num, true);
+}
+
 /// Output pass for n query rows whose absolute positions are first_pos .. first_pos+n−1, all in
 /// the block of `kb`: reads `state` (Z [m x ldz], then z; nullptr: nothing before the block) and, when kt is given,
 /// weighs the block's keys locally (kb->kt, or ws.kt from prepare_local_keys; leading dimension ldkt),
@@ -294,16 +353,12 @@ template <class T, class Source, class Arch, class O>
 void output_pass(const Source& src, const block_rows<T>& q, index_t n, index_t first_pos, const T* state, index_t ldz,
                  const key_block<T>* kb, index_t ldkt, bool causal, index_t dv, T bias, scan_workspace<T>& ws, O* out,
                  index_t ldo, T* stats = nullptr, index_t lds = 0) {
-  using B = batch<T, Arch>;
-  constexpr index_t W = simd_width<T, Arch>;
-  constexpr bool pairs = bf16_pairs<O, Arch>;
-  const index_t m = src.feature_dim(), dvp = round_up(dv, W);
-  const local_form<T> lf = src.local();
+  const index_t m = src.feature_dim(), dvp = round_up(dv, simd_width<T, Arch>);
   T* num = ensure(ws.num, kChunkRows * dvp);
   T* den = ensure(ws.den, kChunkRows);
   const std::uint32_t* zp = nullptr;  // bf16 pairs: Z rounded, as pairs of features
   const std::uint32_t* vp = nullptr;  // and the block's values as pairs of keys
-  if constexpr (pairs) {
+  if constexpr (bf16_pairs<O, Arch>) {
     if (state && n > 0) {
       std::uint32_t* d = ensure(ws.zpairs, std::max<index_t>(ceil_div(m, 2), 1) * dvp);
       pack_pairs_rounded<Arch>(state, ldz, m, dv, d, dvp);
@@ -320,59 +375,16 @@ void output_pass(const Source& src, const block_rows<T>& q, index_t n, index_t f
     if (state) {
       index_t ld = 0;
       const T* phi = src.features(q, a, rows, ws.phi, ld);
-      bool done = false;
-      if constexpr (pairs) {
-        if (zp) product_on_pairs<T, Arch>(phi, ld, rows, m, zp, dv, dvp, ws, num, false);
-        done = zp != nullptr;
-      }
-      if (!done) gemm<T, Arch>(rows, dv, m, phi, ld, 1, state, ldz, num, dvp, false);
+      output_product<T, Arch>(phi, ld, rows, m, state, ldz, zp, dv, dvp, ws, num, false);
       const T* z = state + m * ldz;
       for (index_t i = 0; i < rows; ++i) den[i] = dot<T, Arch>(phi + i * ld, z, m);
     } else {
       std::fill(num, num + rows * dvp, T(0));
       std::fill(den, den + rows, T(0));
     }
-    if (kb && kb->n > 0) {
-      // causal: keys up to the last row's position; otherwise the whole block
-      const index_t last = first_pos + a + rows - 1;
-      const index_t keys = causal ? std::min(kb->n, last - kb->first + 1) : kb->n;
-      if (keys > 0) {
-        const index_t ldw = round_up(keys, W);
-        T* w = ensure(ws.w, kChunkRows * round_up(std::max<index_t>(kb->n, 1), W));
-        const T* kt = kb->kt ? kb->kt : ws.kt.data();
-        gemm<T, Arch>(rows, keys, lf.dim, q.local + a * q.ld_local, q.ld_local, 1, kt, ldkt, w, ldw, false);
-        const B sc(lf.scale);
-        // keys of the block row i sees (first .. pos_i)
-        auto visible = [&](index_t i) { return causal ? std::clamp<index_t>(first_pos + a + i - kb->first + 1, 0, keys) : keys; };
-        for (index_t i = 0; i < rows; ++i) {
-          T* wr = w + i * ldw;
-          if (lf.power != 1 || lf.scale != T(1))
-            for (index_t j = 0; j < ldw; j += W) ipow<T, Arch>(B::load_unaligned(wr + j) * sc, lf.power).store_unaligned(wr + j);
-          std::fill(wr + visible(i), wr + keys, T(0));
-          den[i] += sum<T, Arch>(wr, keys);
-        }
-        // A hidden weight is 0 and 0 · NaN (or ±inf) is NaN: when a value some row of the chunk
-        // may not see is not finite, each row sums only its visible keys (the same terms, so
-        // the same bits; docs/design.md §6), in fp32 with the weights rounded as pairs round them.
-        // (pairs also read an odd `keys`'s partner, weighed 0 by every row)
-        const index_t common = visible(0);  // keys every row of the chunk sees
-        const index_t read = vp ? std::min(kb->n, round_up(keys, 2)) : keys;
-        if (common < read && !rows_finite<T, Arch>(kb->vals + common * kb->ld_vals, kb->ld_vals, read - common, dv)) {
-          if (vp)
-            for (index_t i = 0; i < rows; ++i)
-              for (index_t j = 0; j < keys; ++j) w[i * ldw + j] = float_of_bf16_bits(bf16_bits_of(w[i * ldw + j]));
-          for (index_t i = 0; i < rows; ++i)
-            gemm<T, Arch>(1, dv, visible(i), w + i * ldw, ldw, 1, kb->vals, kb->ld_vals, num + i * dvp, dvp, true);
-        } else {
-          bool done = false;
-          if constexpr (pairs) {
-            if (vp) product_on_pairs<T, Arch>(w, ldw, rows, keys, vp, dv, dvp, ws, num, true);
-            done = vp != nullptr;
-          }
-          if (!done) gemm<T, Arch>(rows, dv, keys, w, ldw, 1, kb->vals, kb->ld_vals, num, dvp, true);
-        }
-      }
-    }
+    if (kb && kb->n > 0)
+      local_rows<T, Arch>(src.local(), q.local + a * q.ld_local, q.ld_local, rows, first_pos + a, *kb,
+                          kb->kt ? kb->kt : ws.kt.data(), ldkt, causal, dv, vp, ws, num, den);
     for (index_t i = 0; i < rows; ++i) {
       const T denom = bias + den[i];
       if (stats) stats[(a + i) * lds] = denom;  // the backward pass's row statistic
