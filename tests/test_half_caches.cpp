@@ -27,11 +27,6 @@ using namespace polyattn::test;
 
 namespace {
 
-template <class T>
-const char* type_name() {
-  return std::is_same_v<T, bf16> ? "bf16" : "f16";
-}
-
 // ---- the caches --------------------------------------------------------------------------------
 
 /// How a sequence of n tokens is fed to a cache: runs of (count, with queries). Rows of a run

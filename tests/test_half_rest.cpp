@@ -23,11 +23,6 @@ using namespace polyattn::test;
 
 namespace {
 
-template <class T>
-const char* type_name() {
-  return std::is_same_v<T, bf16> ? "bf16" : "f16";
-}
-
 // ---- compress_memory -----------------------------------------------------------------------------
 
 /// Mean pooling in Acc over groups of `rate` rows (the partial last group over what it has).

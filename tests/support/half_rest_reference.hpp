@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include <catch2/catch.hpp>
@@ -21,6 +22,12 @@
 #include "tensors.hpp"
 
 namespace polyattn::test {
+
+/// The half types the tests run on, by name (messages).
+template <class T>
+const char* type_name() {
+  return std::is_same_v<T, bf16> ? "bf16" : "f16";
+}
 
 /// The accuracy contract on rows [r0, rows) of every (batch, head):
 ///   max|kernel − oracle| <= 2 · max|naive − oracle| + 1e-6 · max|oracle|,
