@@ -130,13 +130,7 @@ template <class T>
 cache_case<T> polysketch_case(const cache_inputs<T>& in, const polysketch<float>& sk, const cache_shape& s,
                               bool local_exact) {
   const polysketch_options o = cache_polysketch_opts(local_exact, s.d);
-  family_spec spec;
-  spec.pairs = linear_pairs<T>;
-  spec.causal = true;
-  spec.local_exact = local_exact;
-  spec.block = o.block_size;
-  spec.scale = o.scale;
-  spec.bias = o.normalizer_bias;
+  const family_spec spec = polysketch_spec<T>(o);
   cache_case<T> c;
   c.fresh = [&in, &sk, s, o]() -> cache_step<T> {
     auto cache = std::make_shared<polysketch_cache<T>>(sk, s.batch, s.kv_heads, s.dv, o);
@@ -153,15 +147,7 @@ cache_case<T> polysketch_case(const cache_inputs<T>& in, const polysketch<float>
 template <class T>
 cache_case<T> sketched_case(const cache_inputs<T>& in, const cache_shape& s, index_t r, bool local_exact) {
   const sketched_options o = cache_sketched_opts(local_exact);
-  family_spec spec;
-  spec.pairs = linear_pairs<T>;
-  spec.causal = true;
-  spec.power = 2;
-  spec.local_exact = local_exact;
-  spec.block = o.block_size;
-  spec.degree = o.degree;
-  spec.scale = o.scale;
-  spec.bias = o.normalizer_bias;
+  const family_spec spec = sketched_spec<T>(o);
   cache_case<T> c;
   c.fresh = [&in, s, r, o]() -> cache_step<T> {
     auto cache = std::make_shared<sketched_cache<T>>(r, s.d, s.batch, s.kv_heads, s.dv, o);
@@ -191,10 +177,7 @@ cache_case<T> linear_case(const cache_inputs<T>& in, const cache_shape& s) {
   o.causal = true;
   o.normalizer_bias = 0.25;
   o.threads = 2;
-  family_spec spec;
-  spec.pairs = linear_pairs<T>;
-  spec.causal = true;
-  spec.bias = o.normalizer_bias;
+  const family_spec spec = linear_spec<T>(o);
   cache_case<T> c;
   c.fresh = [&in, s, o]() -> cache_step<T> {
     auto cache = std::make_shared<linear_cache<T>>(s.d, s.batch, s.kv_heads, s.dv, o);

@@ -127,10 +127,7 @@ void check_linear(const half_shape& s, bool causal, double bias) {
   o.normalizer_bias = bias;
   o.threads = 2;
   in.run(o);
-  family_spec spec;
-  spec.pairs = linear_pairs<T>;
-  spec.causal = causal;
-  spec.bias = bias;
+  const family_spec spec = linear_spec<T>(o);
   const tensor4<float> out_f = converted<float>(in.out);
   auto reference = [&](auto acc) {
     using Acc = decltype(acc);
@@ -201,13 +198,7 @@ void check_polysketch(const half_shape& s, index_t r, bool causal, bool local_ex
   polysketch_attention<T>(in.q.h.view, in.k.h.view, in.v.h.view, in.out.view, sketch, o, in.stats.view);
   polysketch_attention_backward<T>(in.q.h.view, in.k.h.view, in.v.h.view, in.out.view, in.dout.h.view,
                                    in.stats.cview(), in.dq.view, in.dk.view, in.dv.view, sketch, o);
-  family_spec spec;
-  spec.pairs = linear_pairs<T>;
-  spec.causal = causal;
-  spec.local_exact = local_exact;
-  spec.block = o.block_size;
-  spec.scale = o.scale;
-  spec.bias = o.normalizer_bias;
+  const family_spec spec = polysketch_spec<T>(o);
   const tensor4<float> out_f = converted<float>(in.out);
   const family_result oracle =
       polysketch_reference<double>(sketch, in.q.f, in.k.f, in.v.f, &in.dout.f, &out_f, spec);
@@ -250,15 +241,7 @@ void check_sketched(const half_shape& s, index_t r, bool causal, bool local_exac
   sketched_attention_backward<T>(in.q.h.view, in.k.h.view, sq.h.view, sk.h.view, in.v.h.view, in.out.view,
                                  in.dout.h.view, in.stats.cview(), in.dq.view, in.dk.view, dsq.view, dsk.view,
                                  in.dv.view, o);
-  family_spec spec;
-  spec.pairs = linear_pairs<T>;
-  spec.causal = causal;
-  spec.power = 2;
-  spec.local_exact = local_exact;
-  spec.block = o.block_size;
-  spec.degree = o.degree;
-  spec.scale = o.scale;
-  spec.bias = o.normalizer_bias;
+  const family_spec spec = sketched_spec<T>(o);
   const tensor4<float> out_f = converted<float>(in.out);
   auto reference = [&](auto acc) {
     using Acc = decltype(acc);

@@ -4,10 +4,12 @@
 // attention, rows without mass, empty inputs and argument validation.
 #include <polyattn/polynomial.hpp>
 #include <polyattn/polysketch.hpp>
+#include <polyattn/detail/linear/block_linear.hpp>
 
 #include <cstring>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <tuple>
 
 #include "support/backward_battery.hpp"
@@ -215,6 +217,48 @@ TEST_CASE("polysketch_attention_backward is bitwise identical for any thread cou
                 0);
       }
     }
+}
+
+TEST_CASE("polysketch_attention and its backward: scratch a thread kept from a larger call leaves the bits alone",
+          "[sketched_backward][polysketch][backward][threads]") {
+  // The linear family keeps its scratch on the calling thread between calls (docs/design.md §5).
+  // After a larger call (more features, wider values, larger blocks, more sequences) the buffers
+  // hold its values; a smaller call must give the bits of the same call on a thread that never
+  // made one.
+  const attention_shape small{1, 2, 1, 200, 200, 8, 4, false}, large{3, 4, 2, 700, 700, 16, 12, true};
+  const polysketch<float> sk_small(small.d, {4, 8, 2}), sk_large(large.d, {4, 16, 3});
+  for (bool causal : {false, true})
+    for (bool le : {false, true}) {
+      const polysketch_options o = polysketch_opts(causal, le, 32, 0.5), big = polysketch_opts(causal, le, 128, 0.5);
+      polysketch_grad_case<float> fresh(small, 5), kept(small, 5), other(large, 6);
+      std::thread([&] { fresh.run(sk_small, o); }).join();
+      other.run(sk_large, big);
+      kept.run(sk_small, o);
+      INFO("causal=" << causal << " local_exact=" << le);
+      CHECK(bitwise_equal<float>(fresh.out.cview(), kept.out.cview()));
+      CHECK(fresh.stats.storage == kept.stats.storage);
+      CHECK(bitwise_equal<float>(fresh.dq.cview(), kept.dq.cview()));
+      CHECK(bitwise_equal<float>(fresh.dk.cview(), kept.dk.cview()));
+      CHECK(bitwise_equal<float>(fresh.dv.cview(), kept.dv.cview()));
+      REQUIRE(fresh.leaf_grads.size() == kept.leaf_grads.size());
+      for (std::size_t l = 0; l < fresh.leaf_grads.size(); ++l)
+        CHECK(std::memcmp(fresh.leaf_grads[l].data(), kept.leaf_grads[l].data(),
+                          sizeof(float) * fresh.leaf_grads[l].size()) == 0);
+    }
+}
+
+TEST_CASE("a kept linear workspace drops the batch buffers above 8 MiB and keeps the rest", "[polysketch][threads]") {
+  detail::linear_workspace<float> ws;
+  const std::size_t limit = detail::kKeptBatchBytes / sizeof(float);
+  ws.workers.resize(2);
+  ws.start.resize(limit);      // at the limit: kept
+  ws.totals.resize(limit + 1);  // above: dropped
+  ws.grand.resize(16);
+  detail::release_batch_buffers(ws);
+  CHECK(ws.workers.size() == 2);
+  CHECK(ws.start.capacity() >= limit);
+  CHECK(ws.totals.capacity() == 0);
+  CHECK(ws.grand.capacity() >= 16);
 }
 
 TEMPLATE_TEST_CASE("polysketch_attention_backward: packed and unpacked features give the same gradients",

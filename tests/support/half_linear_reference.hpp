@@ -46,6 +46,42 @@ struct family_spec {
 template <class T>
 inline constexpr bool linear_pairs = std::is_same_v<T, bf16> && POLYATTN_BF16_PAIRS;
 
+/// The family member each entry point computes with options o (its kernel's roundings included).
+template <class T>
+family_spec linear_spec(const linear_options& o) {
+  family_spec s;
+  s.pairs = linear_pairs<T>;
+  s.causal = o.causal;
+  s.bias = o.normalizer_bias;
+  return s;
+}
+
+template <class T>
+family_spec polysketch_spec(const polysketch_options& o) {
+  family_spec s;
+  s.pairs = linear_pairs<T>;
+  s.causal = o.causal;
+  s.local_exact = o.local_exact;
+  s.block = o.block_size;
+  s.scale = o.scale;
+  s.bias = o.normalizer_bias;
+  return s;
+}
+
+template <class T>
+family_spec sketched_spec(const sketched_options& o) {
+  family_spec s;
+  s.pairs = linear_pairs<T>;
+  s.causal = o.causal;
+  s.power = 2;
+  s.local_exact = o.local_exact;
+  s.block = o.block_size;
+  s.degree = o.degree;
+  s.scale = o.scale;
+  s.bias = o.normalizer_bias;
+  return s;
+}
+
 /// bf16 rounding of an fp32 value (round to nearest even), as the pair path rounds its operands.
 inline float bf16_round(float x) { return static_cast<float>(bf16(x)); }
 

@@ -48,7 +48,7 @@ void polysketch_row(index_t n) {
   tensor4<bf16> out(1, 1, n, d); tensor4<float> of(1, 1, n, d);
   polysketch_attention<bf16>(q.h.view, k.h.view, v.h.view, out.view, sk, o);
   polysketch_attention<float>(q.f.view, k.f.view, v.f.view, of.view, sk, o);
-  family_spec spec; spec.causal = true; spec.local_exact = true; spec.block = o.block_size; spec.scale = o.scale; spec.bias = o.normalizer_bias;
+  family_spec spec = polysketch_spec<float>(o);
   const dense_result exact = polysketch_reference<double>(sk, q.f, k.f, v.f, nullptr, nullptr, spec).out;
   const dense_result plain = polysketch_reference<float>(sk, q.f, k.f, v.f, nullptr, nullptr, spec).out;
   spec.pairs = linear_pairs<bf16>;

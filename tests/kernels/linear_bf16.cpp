@@ -1,0 +1,7 @@
+// The linear entry points for bf16, instantiated once for the test executable (kernel_instances.hpp).
+#define POLYATTN_TEST_DEFINE_KERNELS
+#include "support/kernel_instances.hpp"
+
+namespace polyattn {
+POLYATTN_TEST_LINEAR(template, bf16)
+}  // namespace polyattn
