@@ -56,8 +56,9 @@ family_spec linear_spec(const linear_options& o) {
   return s;
 }
 
-template <class T>
-family_spec polysketch_spec(const polysketch_options& o) {
+/// The members with blocks: PolySketch's options and sketched attention's share these fields.
+template <class T, class Options>
+family_spec block_spec(const Options& o) {
   family_spec s;
   s.pairs = linear_pairs<T>;
   s.causal = o.causal;
@@ -69,16 +70,15 @@ family_spec polysketch_spec(const polysketch_options& o) {
 }
 
 template <class T>
+family_spec polysketch_spec(const polysketch_options& o) {
+  return block_spec<T>(o);
+}
+
+template <class T>
 family_spec sketched_spec(const sketched_options& o) {
-  family_spec s;
-  s.pairs = linear_pairs<T>;
-  s.causal = o.causal;
+  family_spec s = block_spec<T>(o);
   s.power = 2;
-  s.local_exact = o.local_exact;
-  s.block = o.block_size;
   s.degree = o.degree;
-  s.scale = o.scale;
-  s.bias = o.normalizer_bias;
   return s;
 }
 

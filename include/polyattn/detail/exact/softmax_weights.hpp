@@ -178,12 +178,21 @@ struct softmax_weights {
   }
 };
 
-/// The default scale of the softmax kernels: 1/√d unless the options give one.
+/// The default scale of the softmax kernels: 1/√d unless the options give one. (The pragma: GCC
+/// 12's false "may be used uninitialized" on an unset optional, as check_optional_scale in
+/// check_options.hpp; seen at -O3 on AVX2 with a caller's softmax_options inlined around it.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 template <class T>
 T softmax_scale(const softmax_options& opts, index_t head_dim) {
   if (opts.scale) return static_cast<T>(*opts.scale);
   return head_dim > 0 ? static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim))) : T(1);
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 /// The weights of a softmax call with these modifiers: subnormal weights flushed with ALiBi.
 template <class A>
