@@ -195,6 +195,16 @@ TEST_CASE("polysketch_attention_backward against finite differences, for q, k, v
       }
 }
 
+/// dq, dk, dv and the leaf gradients of two runs, bit for bit.
+static void check_same_gradients(const polysketch_grad_case<float>& a, const polysketch_grad_case<float>& b) {
+  CHECK(bitwise_equal<float>(a.dq.cview(), b.dq.cview()));
+  CHECK(bitwise_equal<float>(a.dk.cview(), b.dk.cview()));
+  CHECK(bitwise_equal<float>(a.dv.cview(), b.dv.cview()));
+  REQUIRE(a.leaf_grads.size() == b.leaf_grads.size());
+  for (std::size_t l = 0; l < a.leaf_grads.size(); ++l)
+    CHECK(std::memcmp(a.leaf_grads[l].data(), b.leaf_grads[l].data(), sizeof(float) * a.leaf_grads[l].size()) == 0);
+}
+
 TEST_CASE("polysketch_attention_backward is bitwise identical for any thread count",
           "[sketched_backward][polysketch][backward][threads]") {
   const attention_shape s{1, 4, 2, 300, 300, 16, 8, true};
@@ -208,13 +218,7 @@ TEST_CASE("polysketch_attention_backward is bitwise identical for any thread cou
         o.threads = t;
         b.run(sk, o);
         INFO("causal=" << causal << " local_exact=" << le << " threads=" << t);
-        CHECK(bitwise_equal<float>(a.dq.cview(), b.dq.cview()));
-        CHECK(bitwise_equal<float>(a.dk.cview(), b.dk.cview()));
-        CHECK(bitwise_equal<float>(a.dv.cview(), b.dv.cview()));
-        REQUIRE(a.leaf_grads.size() == b.leaf_grads.size());
-        for (std::size_t l = 0; l < a.leaf_grads.size(); ++l)
-          CHECK(std::memcmp(a.leaf_grads[l].data(), b.leaf_grads[l].data(), sizeof(float) * a.leaf_grads[l].size()) ==
-                0);
+        check_same_gradients(a, b);
       }
     }
 }
@@ -237,13 +241,7 @@ TEST_CASE("polysketch_attention and its backward: scratch a thread kept from a l
       INFO("causal=" << causal << " local_exact=" << le);
       CHECK(bitwise_equal<float>(fresh.out.cview(), kept.out.cview()));
       CHECK(fresh.stats.storage == kept.stats.storage);
-      CHECK(bitwise_equal<float>(fresh.dq.cview(), kept.dq.cview()));
-      CHECK(bitwise_equal<float>(fresh.dk.cview(), kept.dk.cview()));
-      CHECK(bitwise_equal<float>(fresh.dv.cview(), kept.dv.cview()));
-      REQUIRE(fresh.leaf_grads.size() == kept.leaf_grads.size());
-      for (std::size_t l = 0; l < fresh.leaf_grads.size(); ++l)
-        CHECK(std::memcmp(fresh.leaf_grads[l].data(), kept.leaf_grads[l].data(),
-                          sizeof(float) * fresh.leaf_grads[l].size()) == 0);
+      check_same_gradients(fresh, kept);
     }
 }
 
