@@ -35,13 +35,17 @@ TEMPLATE_TEST_CASE("vhaddp: lane i is the sum of row i", "[decode]", float, doub
 namespace {
 
 /// Decode shapes: Nq <= 4, keys across the 256-key blocks and 4096-key chunks, GQA groups of 1
-/// to 8 heads (a task holds 8 / Nq heads), strided views, odd head dims.
+/// to 8 heads (a task holds 8 / Nq heads), strided views, odd head dims; tasks of 3 to 8 rows
+/// (the rows in lanes of decode_scores_lanes where they fill more than half a vector) with head
+/// dims below a vector and fewer keys than a vector.
 std::vector<attention_shape> decode_shapes() {
   return {
       {1, 1, 1, 1, 1, 16, 16, false},     {1, 1, 1, 1, 255, 64, 64, false},   {1, 1, 1, 1, 256, 64, 64, false},
       {1, 1, 1, 1, 257, 64, 64, false},   {1, 1, 1, 2, 4095, 33, 17, false},  {1, 1, 1, 1, 4096, 64, 64, false},
       {1, 1, 1, 3, 4097, 64, 128, true},  {2, 8, 1, 1, 9000, 64, 64, false},  {1, 8, 2, 4, 700, 111, 7, true},
       {2, 6, 3, 2, 1300, 5, 65, false},   {1, 12, 1, 3, 520, 64, 64, false},  {1, 3, 3, 4, 4, 1, 1, false},
+      {1, 8, 1, 1, 300, 3, 5, true},      {1, 6, 1, 1, 7, 1, 2, false},       {2, 5, 1, 1, 40, 17, 3, false},
+      {1, 3, 1, 1, 600, 9, 9, false},
   };
 }
 

@@ -118,6 +118,20 @@ inline xsimd::batch<float, Arch> vrecip(const xsimd::batch<float, Arch>& x) {
   return r * xsimd::fnma(x, r, B(2.0f));
 }
 
+/// x, held in a vector register from here on: a load whose value feeds several multiply-adds
+/// (a kernel's shared K, V or q vector) stays one load, where GCC 12 folds it into each FMA as a
+/// memory operand (four loads for four FMAs: a load-bound inner loop on a machine that issues
+/// two vector loads a cycle). An empty asm statement; no instruction is emitted.
+template <class T, class Arch>
+inline xsimd::batch<T, Arch> in_register(xsimd::batch<T, Arch> x) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  if constexpr (std::is_base_of<xsimd::sse2, Arch>::value || std::is_base_of<xsimd::avx, Arch>::value ||
+                std::is_base_of<xsimd::avx512f, Arch>::value)
+    __asm__("" : "+v"(x.data));
+#endif
+  return x;
+}
+
 /// xsimd::hadd(x): the sum of the lanes.
 template <class T, class Arch>
 inline T vsum(const xsimd::batch<T, Arch>& x) {

@@ -159,25 +159,25 @@ void decode_dots(const T* k, index_t ks, index_t d, const typename decode_dot_op
   using Op = decode_dot_op<T, Arch>;
   using Bt = batch<accum_t<T>, Arch>;
   Bt acc[std::size_t(RN)][std::size_t(KN)];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < RN; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int x = 0; x < KN; ++x) acc[r][x] = Bt(accum_t<T>(0));
   for (index_t c = 0; c < d; c += Op::step) {
     const index_t n = std::min(Op::step, d - c);
     Bt kv[std::size_t(KN)];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int x = 0; x < KN; ++x) kv[x] = Op::load_k(k + x * ks + c, n);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < RN; ++r) {
-      const Bt qv = Op::load_q(q + r * dq + c);
-#pragma GCC unroll 4
+      const Bt qv = KN > 1 ? in_register(Op::load_q(q + r * dq + c)) : Op::load_q(q + r * dq + c);
+#pragma GCC unroll 8
       for (int x = 0; x < KN; ++x) acc[r][x] = Op::madd(kv[x], qv, acc[r][x]);
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < RN; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int x = 0; x < KN; ++x) dot[r * dot_stride + x] = acc[r][x];
 }
 
@@ -202,6 +202,8 @@ void decode_scores(const T* k, index_t ks, index_t nk, index_t d, const accum_t<
   for (index_t j0 = 0; j0 < nk; j0 += W) {
     const index_t n = std::min(W, nk - j0);
     index_t j = 0;
+    if constexpr (RN == 1 && W >= 8)  // one row: 8 accumulators (4 would wait on the FMA latency)
+      for (; j + 8 <= n; j += 8) dots(std::integral_constant<int, 8>{}, j0 + j);
     for (; j + 4 <= n; j += 4) dots(std::integral_constant<int, 4>{}, j0 + j);
     for (; j < n; ++j) dots(std::integral_constant<int, 1>{}, j0 + j);
     for (int r = 0; r < RN; ++r) {
@@ -218,33 +220,38 @@ void decode_scores(const T* k, index_t ks, index_t nk, index_t d, const accum_t<
 
 /// O_r[c0, c0 + NV·W) += Σ_{j in [ja, jb)} p_r[j] v_j for RN rows (O_r = o + r·os, p_r = p +
 /// r·kDecodeScoreRow), v rows of stride vs: each V vector loaded once for the RN rows, each row's
-/// sums in key order.
-template <int RN, int NV, class T, class Arch>
+/// sums in key order. Partial: the last of the NV vectors ends at dv (a whole-vector load
+/// otherwise: a length tested in the key loop made GCC keep the accumulators on the stack).
+template <int RN, int NV, bool Partial, class T, class Arch>
 void decode_values_columns(accum_t<T>* o, index_t os, const accum_t<T>* p, const T* v, index_t vs, index_t ja,
                            index_t jb, index_t c0, index_t dv) {
   using A = accum_t<T>;
   using Bt = batch<A, Arch>;
   constexpr index_t W = simd_width<A, Arch>;
   Bt acc[std::size_t(RN)][std::size_t(NV)];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < RN; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int x = 0; x < NV; ++x) acc[r][x] = Bt::load_unaligned(o + r * os + c0 + x * W);
   for (index_t j = ja; j < jb; ++j) {
     const T* row = v + j * vs + c0;
     Bt vx[std::size_t(NV)];
-#pragma GCC unroll 4
-    for (int x = 0; x < NV; ++x) vx[x] = load_widened<Arch>(row + x * W, dv - c0 - x * W);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
+    for (int x = 0; x < NV; ++x)
+      vx[x] = Partial && x == NV - 1 ? load_widened<Arch>(row + x * W, dv - c0 - x * W) : load_widened<Arch>(row + x * W);
+    if constexpr (RN > 1)
+#pragma GCC unroll 8
+      for (int x = 0; x < NV; ++x) vx[x] = in_register(vx[x]);
+#pragma GCC unroll 8
     for (int r = 0; r < RN; ++r) {
       const Bt pj(p[r * kDecodeScoreRow + j]);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int x = 0; x < NV; ++x) acc[r][x] = xsimd::fma(pj, vx[x], acc[r][x]);
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < RN; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int x = 0; x < NV; ++x) acc[r][x].store_unaligned(o + r * os + c0 + x * W);
 }
 
@@ -252,13 +259,22 @@ template <int RN, class T, class Arch>
 void decode_values(accum_t<T>* o, index_t os, const accum_t<T>* p, const T* v, index_t vs, index_t ja, index_t jb,
                    index_t dv) {
   constexpr index_t W = simd_width<accum_t<T>, Arch>;
-  for (index_t c0 = 0; c0 < dv; c0 += 4 * W) {
-    switch (std::min<index_t>(4, ceil_div(dv - c0, W))) {
-      case 1: decode_values_columns<RN, 1, T, Arch>(o, os, p, v, vs, ja, jb, c0, dv); break;
-      case 2: decode_values_columns<RN, 2, T, Arch>(o, os, p, v, vs, ja, jb, c0, dv); break;
-      case 3: decode_values_columns<RN, 3, T, Arch>(o, os, p, v, vs, ja, jb, c0, dv); break;
-      default: decode_values_columns<RN, 4, T, Arch>(o, os, p, v, vs, ja, jb, c0, dv); break;
-    }
+  const auto columns = [&](auto nv, auto partial, index_t c0) {
+    decode_values_columns<RN, decltype(nv)::value, decltype(partial)::value, T, Arch>(o, os, p, v, vs, ja, jb, c0, dv);
+  };
+  using full = std::false_type;
+  using part = std::true_type;
+  index_t c0 = 0;
+  if constexpr (RN == 1)  // one row: 8 accumulators (4 would wait on the FMA latency)
+    for (; c0 + 8 * W <= dv; c0 += 8 * W) columns(std::integral_constant<int, 8>{}, full{}, c0);
+  for (; c0 + 4 * W <= dv; c0 += 4 * W) columns(std::integral_constant<int, 4>{}, full{}, c0);
+  if (c0 == dv) return;
+  const bool whole = (dv - c0) % W == 0;
+  switch (ceil_div(dv - c0, W)) {
+    case 1: whole ? columns(std::integral_constant<int, 1>{}, full{}, c0) : columns(std::integral_constant<int, 1>{}, part{}, c0); break;
+    case 2: whole ? columns(std::integral_constant<int, 2>{}, full{}, c0) : columns(std::integral_constant<int, 2>{}, part{}, c0); break;
+    case 3: whole ? columns(std::integral_constant<int, 3>{}, full{}, c0) : columns(std::integral_constant<int, 3>{}, part{}, c0); break;
+    default: whole ? columns(std::integral_constant<int, 4>{}, full{}, c0) : columns(std::integral_constant<int, 4>{}, part{}, c0); break;
   }
 }
 
@@ -280,6 +296,22 @@ inline void prefetch_line(const void* p) {
 #else
   (void)p;
 #endif
+}
+
+/// Asks for every line of n rows of `width` values (stride `stride`) at p.
+template <class T>
+void prefetch_rows(const T* p, index_t stride, index_t n, index_t width) {
+  constexpr index_t line = 64 / index_t(sizeof(T));
+  if (n <= 0 || width <= 0) return;
+  if (stride == width) {
+    for (index_t x = 0; x < n * width; x += line) prefetch_line(p + x);
+    prefetch_line(p + n * width - 1);
+    return;
+  }
+  for (index_t j = 0; j < n; ++j) {
+    for (index_t x = 0; x < width; x += line) prefetch_line(p + j * stride + x);
+    prefetch_line(p + j * stride + width - 1);
+  }
 }
 
 /// A joined (paged) block's pieces lie in pages in any order, where the hardware prefetchers
@@ -417,6 +449,61 @@ void decode_scores_rows8(const T* k, index_t ks, index_t nk, index_t d, const st
 POLYATTN_END_INTRINSICS
 #endif
 
+/// Whether a task's `rows` take decode_scores_lanes: the rows in the lanes of one vector, when
+/// they fill more than half of it (a GQA group of 8 heads on AVX2's 8 floats). A key's d
+/// products for all rows are then d multiply-adds where the rows' dot products take
+/// rows·d/W, plus a reduction across the lanes per row and key; at more than W/2 rows the lanes
+/// win. Full-precision storage only (a half key would be widened value by value). AVX-512's
+/// float and bf16 pair paths take 8 rows with two per lane pair (decode_scores_rows8).
+template <class T, class Arch>
+bool decode_rows_in_lanes(index_t rows) {
+  constexpr index_t W = simd_width<accum_t<T>, Arch>;
+  return !is_half_v<T> && 2 * rows > W && rows <= W;
+}
+
+/// decode_scores for the rows in lanes (decode_rows_in_lanes): ql holds column c of the rows'
+/// scaled queries at ql + c·W (lane r: row r; 0 past the rows); for each group of W keys, key x's
+/// scores for all rows accumulate in one vector, a broadcast of k_x[c] times column c, with the
+/// products summed in c order; the W vectors are then transposed into the rows of s (stride
+/// kDecodeScoreRow), each padded to whole vectors with `pad`.
+template <class T, class Arch>
+void decode_scores_lanes(const T* k, index_t ks, index_t nk, index_t d, const accum_t<T>* ql, index_t rows,
+                         accum_t<T>* s, accum_t<T> pad) {
+  using A = accum_t<T>;
+  using Bt = batch<A, Arch>;
+  constexpr index_t W = simd_width<A, Arch>;
+  alignas(64) A tr[to_size(W * W)];
+  for (index_t j0 = 0; j0 < nk; j0 += W) {
+    const index_t n = std::min(W, nk - j0);
+    const T* kx[to_size(W)];  // past the keys: the group's last key again (its scores are padded)
+    for (index_t x = 0; x < W; ++x) kx[x] = k + (j0 + std::min(x, n - 1)) * ks;
+    Bt acc[to_size(W)];
+#pragma GCC unroll 16
+    for (index_t x = 0; x < W; ++x) acc[x] = Bt(A(0));
+    for (index_t c = 0; c < d; ++c) {
+      const Bt qc = in_register(Bt::load_aligned(ql + c * W));
+#pragma GCC unroll 16
+      for (index_t x = 0; x < W; ++x) acc[x] = xsimd::fma(qc, Bt(kx[x][c]), acc[x]);
+    }
+    for (index_t x = 0; x < W; ++x) acc[x].store_aligned(tr + x * W);
+    for (index_t r = 0; r < rows; ++r) {
+      A* sr = s + r * kDecodeScoreRow + j0;
+      for (index_t x = 0; x < W; ++x) sr[x] = x < n ? tr[x * W + r] : pad;
+    }
+  }
+}
+
+/// Keys of a sub-block that the row blocks of a task go over in turn (scores, then values): about
+/// 8 KiB of K or V rows of `width` values, so that the block's later row blocks read them from L1
+/// (a whole block of 256 keys, 64 KiB at d = 64 in fp32, is read from L2 by each); a multiple of
+/// the vector width, so a key's score is computed as in a whole block.
+template <class T, class Arch>
+index_t decode_sub_block(index_t width) {
+  constexpr index_t W = simd_width<accum_t<T>, Arch>;
+  const index_t bytes = std::max<index_t>(1, width) * index_t(sizeof(T));
+  return std::max(W, (8192 / bytes) / W * W);
+}
+
 /// Scores of rows [0, rows) of a task for one key block, piece by piece (pc[0, np), each inside
 /// one part; a key's score does not depend on where its piece starts): kDecodeRowBlock rows at a
 /// time, then one at a time; each row's scores padded to whole vectors with masked scores.
@@ -429,22 +516,51 @@ void decode_block_scores(const decode_pass<T, Weights>& f, decode_scratch<accum_
   const A pad = Weights::masked_score();
   index_t r = 0;
   if (f.d > 0) {
+    // Rows in lanes (one pass over K): a vector's keys at a time. Row blocks: a sub-block of
+    // keys in L1 for all of them. Either way the next keys and this sub-block's values are asked
+    // for while the rows compute (the block's values are read after all its scores), spread
+    // over the row blocks: a burst of more lines than the core has miss buffers stalls its loads.
+    bool rows8 = false;
+#if XSIMD_WITH_AVX512F
+    if constexpr (kDecodeRowsInLanes<T, Arch>) rows8 = rows == 8;
+#endif
+    const bool lanes = rows8 || decode_rows_in_lanes<T, Arch>(rows);
     for (index_t x = 0; x < np; ++x) {
       const decode_piece<T>& p = pc[x];
+      const index_t sub = lanes ? simd_width<A, Arch> : rows > RB ? decode_sub_block<T, Arch>(f.d) : p.n;
+      for (index_t j = 0; j < p.n; j += sub) {
+        const T* k = p.k + j * p.ks;
+        const index_t n = std::min(sub, p.n - j), nn = std::min(sub, p.n - j - n);
+        A* sj = s.s.data() + p.a + j;
+        if (lanes) {
+          prefetch_rows(k + n * p.ks, p.ks, nn, f.d);
+          prefetch_rows(p.v + j * p.vs, p.vs, n, f.dv);
 #if XSIMD_WITH_AVX512F
-      if constexpr (kDecodeRowsInLanes<T, Arch>) {
-        if (rows == 8) {
-          decode_scores_rows8<T, Arch>(p.k, p.ks, p.n, f.d, s.ql.data(), s.s.data() + p.a, pad, f.pb.scale);
+          if constexpr (kDecodeRowsInLanes<T, Arch>) {
+            if (rows8) {
+              decode_scores_rows8<T, Arch>(k, p.ks, n, f.d, s.ql.data(), sj, pad, f.pb.scale);
+              continue;
+            }
+          }
+#endif
+          decode_scores_lanes<T, Arch>(k, p.ks, n, f.d, s.q.data(), rows, sj, pad);
           continue;
         }
+        const index_t slices = rows / RB;
+        for (r = 0; r + RB <= rows; r += RB) {
+          const index_t y = r / RB, ka = nn * y / slices, kb = nn * (y + 1) / slices, va = n * y / slices,
+                        vb = n * (y + 1) / slices;
+          if (sub < p.n) {
+            prefetch_rows(k + (n + ka) * p.ks, p.ks, kb - ka, f.d);
+            prefetch_rows(p.v + (j + va) * p.vs, p.vs, vb - va, f.dv);
+          }
+          decode_scores<RB, T, Arch>(k, p.ks, n, f.d, s.q.data() + r * dq, s.qh.data() + 2 * r * dq, dq,
+                                     sj + r * kDecodeScoreRow, pad, f.pb.scale);
+        }
+        for (; r < rows; ++r)
+          decode_scores<1, T, Arch>(k, p.ks, n, f.d, s.q.data() + r * dq, s.qh.data() + 2 * r * dq, dq,
+                                    sj + r * kDecodeScoreRow, pad, f.pb.scale);
       }
-#endif
-      for (r = 0; r + RB <= rows; r += RB)
-        decode_scores<RB, T, Arch>(p.k, p.ks, p.n, f.d, s.q.data() + r * dq, s.qh.data() + 2 * r * dq, dq,
-                                   s.s.data() + r * kDecodeScoreRow + p.a, pad, f.pb.scale);
-      for (; r < rows; ++r)
-        decode_scores<1, T, Arch>(p.k, p.ks, p.n, f.d, s.q.data() + r * dq, s.qh.data() + 2 * r * dq, dq,
-                                  s.s.data() + r * kDecodeScoreRow + p.a, pad, f.pb.scale);
     }
     for (r = 0; r < rows && np > 1; ++r) {  // (the last piece padded past its own vectors only)
       A* sr = s.s.data() + r * kDecodeScoreRow;
@@ -482,10 +598,14 @@ void decode_block_values(const decode_pass<T, Weights>& f, const decode_scratch<
     const auto* ps = sc + p.a;
     index_t r = 0;
     if (finite) {
-      for (; r + RB <= rows; r += RB)
-        decode_values<RB, T, Arch>(partial + r * f.slot, f.slot, ps + r * kDecodeScoreRow, p.v, p.vs, 0, p.n, f.dv);
-      for (; r < rows; ++r)
-        decode_values<1, T, Arch>(partial + r * f.slot, f.slot, ps + r * kDecodeScoreRow, p.v, p.vs, 0, p.n, f.dv);
+      const index_t sub = rows > RB ? decode_sub_block<T, Arch>(f.dv) : p.n;
+      for (index_t j = 0; j < p.n; j += sub) {  // the row blocks share a sub-block of V in L1
+        const index_t e = std::min(p.n, j + sub);
+        for (r = 0; r + RB <= rows; r += RB)
+          decode_values<RB, T, Arch>(partial + r * f.slot, f.slot, ps + r * kDecodeScoreRow, p.v, p.vs, j, e, f.dv);
+        for (; r < rows; ++r)
+          decode_values<1, T, Arch>(partial + r * f.slot, f.slot, ps + r * kDecodeScoreRow, p.v, p.vs, j, e, f.dv);
+      }
       continue;
     }
     for (; r < rows; ++r)
@@ -556,7 +676,16 @@ void decode_queries(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>
   if constexpr (bf16_pairs<T, Arch>) {  // sized once a call, as the scores' scratch
     if (s.qh.empty()) s.qh.assign(to_size(kDecodeRows * 2 * dq), 0);
   } else if (s.q.empty()) {
-    s.q.assign(to_size(kDecodeRows * dq), A(0));
+    s.q.assign(to_size(std::max(kDecodeRows * dq, f.d * simd_width<A, Arch>)), A(0));
+  }
+  if (decode_rows_in_lanes<T, Arch>(rows)) {  // column c of the rows at c·W, lane r: row r
+    constexpr index_t W = simd_width<A, Arch>;
+    std::fill(s.q.begin(), s.q.begin() + f.d * W, A(0));
+    for (index_t r = 0; r < rows; ++r) {
+      const T* qr = q(r);
+      for (index_t c = 0; c < f.d; ++c) s.q[to_size(c * W + r)] = widen1(qr[c]) * f.pb.scale;
+    }
+    return;
   }
   for (index_t r = 0; r < rows; ++r) {
     if constexpr (bf16_pairs<T, Arch>) {
