@@ -20,6 +20,9 @@ struct gemm_tile {
 #endif
   static constexpr int kMr = 6;
   static constexpr int kNr = wide_register_file ? 4 : 2;
+  // A single row of C (a decode step's φ(q)ᵀ·Z) takes 8 vectors at a time: with 2 (or 4)
+  // accumulators each p waits on the FMA latency (4 cycles for 2 FMAs on Zen 3).
+  static constexpr int kNrOneRow = 8;
 };
 
 /// The epilogue of a plain product: C's vectors are stored as they are.
@@ -41,24 +44,24 @@ inline void gemm_micro(index_t kc, const T* a, index_t a_rs, index_t a_cs, const
   B acc[to_size(MR)][to_size(NR)];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int n = 0; n < NR; ++n) acc[m][n] = B(T(0));
   for (index_t p = 0; p < kc; ++p) {
     const T* bp = b + p * ldb;
     const T* ap = a + p * a_cs;
     B bv[to_size(NR)];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int n = 0; n < NR; ++n) bv[n] = B::load_unaligned(bp + n * W);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
       const B av(ap[m * a_rs]);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int n = 0; n < NR; ++n) acc[m][n] = xsimd::fma(av, bv[n], acc[m][n]);
     }
   }
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int n = 0; n < NR; ++n) {
       T* cp = c + m * ldc + n * W;
       if (accumulate)
@@ -77,8 +80,10 @@ inline void gemm_row_panel(index_t nv, index_t kc, const T* a, index_t a_rs, ind
     gemm_micro<MR, NR, T, Arch>(kc, a, a_rs, a_cs, b + j * W, ldb, c + j * W, ldc, accumulate, ep);
   if constexpr (NR > 1) {
     if (j < nv) {
-      // remainder of fewer than NR vectors: peel one vector at a time through the NR-1 variant
-      gemm_row_panel<MR, NR - 1, T, Arch>(nv - j, kc, a, a_rs, a_cs, b + j * W, ldb, c + j * W, ldc, accumulate, ep);
+      // remainder of fewer than NR vectors: through the NR-1 variant, one vector at a time (from
+      // a one-row panel wider than the tile: through the tile's width)
+      constexpr int next = NR > gemm_tile<T, Arch>::kNr ? gemm_tile<T, Arch>::kNr : NR - 1;
+      gemm_row_panel<MR, next, T, Arch>(nv - j, kc, a, a_rs, a_cs, b + j * W, ldb, c + j * W, ldc, accumulate, ep);
     }
   }
 }
@@ -87,8 +92,9 @@ template <int MR, class T, class Arch, class Epilogue>
 inline void gemm_rows_tail(index_t rows, index_t nv, index_t kc, const T* a, index_t a_rs, index_t a_cs, const T* b,
                            index_t ldb, T* c, index_t ldc, bool accumulate, const Epilogue& ep) {
   if constexpr (MR > 0) {
+    constexpr int NR = MR == 1 ? gemm_tile<T, Arch>::kNrOneRow : gemm_tile<T, Arch>::kNr;
     if (rows == MR)
-      gemm_row_panel<MR, gemm_tile<T, Arch>::kNr, T, Arch>(nv, kc, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, ep);
+      gemm_row_panel<MR, NR, T, Arch>(nv, kc, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, ep);
     else
       gemm_rows_tail<MR - 1, T, Arch>(rows, nv, kc, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, ep);
   }
