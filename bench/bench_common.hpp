@@ -144,6 +144,24 @@ void run_attention_benchmark(benchmark::State& state, std::int64_t tokens, F&& r
   state.counters["tokens/s"] = benchmark::Counter(double(tokens), benchmark::Counter::kIsIterationInvariantRate);
 }
 
+/// Sum of x[0, n) with four independent vector accumulators: a streaming read that the FMA
+/// throughput never limits (the read-bandwidth roofs of bench_serving.cpp and bench_paged.cpp).
+inline float stream_sum(const float* x, std::size_t n) {
+  using B = xsimd::batch<float>;
+  constexpr std::size_t W = B::size;
+  B a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+  std::size_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    a0 += B::load_unaligned(x + i);
+    a1 += B::load_unaligned(x + i + W);
+    a2 += B::load_unaligned(x + i + 2 * W);
+    a3 += B::load_unaligned(x + i + 3 * W);
+  }
+  float s = xsimd::hadd((a0 + a1) + (a2 + a3));
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
 inline std::vector<float> random_vector(std::size_t n, std::uint64_t seed) {
   std::vector<float> x(n);
   std::mt19937_64 gen(seed);

@@ -23,24 +23,6 @@ std::size_t read_buffer_bytes() {
   return std::min<std::size_t>(std::size_t(4) << 30, std::max<std::size_t>(std::size_t(1) << 30, twice));
 }
 
-/// Sum of x[0, n) with four independent vector accumulators: a streaming read that the FMA
-/// throughput never limits.
-float stream_sum(const float* x, std::size_t n) {
-  using B = xsimd::batch<float>;
-  constexpr std::size_t W = B::size;
-  B a0(0.f), a1(0.f), a2(0.f), a3(0.f);
-  std::size_t i = 0;
-  for (; i + 4 * W <= n; i += 4 * W) {
-    a0 += B::load_unaligned(x + i);
-    a1 += B::load_unaligned(x + i + W);
-    a2 += B::load_unaligned(x + i + 2 * W);
-    a3 += B::load_unaligned(x + i + 3 * W);
-  }
-  float s = xsimd::hadd((a0 + a1) + (a2 + a3));
-  for (; i < n; ++i) s += x[i];
-  return s;
-}
-
 /// GB/s of `threads` threads each reading its share of a buffer of `bytes` (warm: the best of
 /// passes over at least 0.3 s after one that touches the pages), measured once per
 /// (threads, bytes). With read_buffer_bytes() it streams from memory; with the bytes of a

@@ -527,6 +527,9 @@ void decode_block_scores(const decode_pass<T, Weights>& f, decode_scratch<accum_
     const bool lanes = rows8 || decode_rows_in_lanes<T, Arch>(rows);
     for (index_t x = 0; x < np; ++x) {
       const decode_piece<T>& p = pc[x];
+      // pieces of a joined (paged) block: the next page's keys, all its lines (the hardware's
+      // stream prefetch stops at the page; its first line is already asked for, prefetch_pieces)
+      if (x + 1 < np) prefetch_rows(pc[x + 1].k, pc[x + 1].ks, pc[x + 1].n, f.d);
       const index_t sub = lanes ? simd_width<A, Arch> : rows > RB ? decode_sub_block<T, Arch>(f.d) : p.n;
       for (index_t j = 0; j < p.n; j += sub) {
         const T* k = p.k + j * p.ks;
