@@ -226,7 +226,7 @@ def serving_table(rows):
     same run (roof/read_bandwidth rows): GB/s of K and V, % of a warm read of as many bytes, % of
     a read from memory, the speed-up from 1 to 2 threads and the cost of a GQA step against 1:1."""
     dec = [r for r in rows if r["kernel"] == "serving_decode"]
-    roofs = [r for r in rows if r["kernel"] == "roof"]
+    roofs = [r for r in rows if r["bench"]["name"].startswith("roof/read_bandwidth")]
     if not dec and not roofs:
         return []
     out = ["## Serving: decode steps against the read bandwidth, same run", ""]
@@ -326,6 +326,14 @@ def serving_extras(rows):
                 r = find("paged_decode", context=ctx, batch=b, heads=h, threads=t, page_size=ps)
                 cells.append(f"{r['ms'] / base['ms']:.2f}×" if r and base else "–")
             out.append("| " + " | ".join(cells) + " |")
+        pages = {(r["args"].get("page_KiB"), r["args"].get("threads")): r["bench"] for r in rows
+                 if r["bench"]["name"].startswith("roof/read_pages")}
+        cells = [f"{t} thread(s): {kib} KiB pages {pages[(kib, t)]['GB/s'] / pages[(0, t)]['GB/s'] * 100:.0f} %"
+                 for (kib, t) in sorted(pages) if kib and (0, t) in pages]
+        if cells:
+            out.append("")
+            out.append("Read rate of shuffled pages (two 64 MiB pools, a K page then its V page) against the same bytes "
+                       "in order, same run: " + "; ".join(cells) + ". A paged step cannot beat its pages' read rate.")
         out.append("")
     return out
 
