@@ -165,6 +165,12 @@ void decode_dots(const T* k, index_t ks, index_t d, const typename decode_dot_op
     for (int x = 0; x < KN; ++x) acc[r][x] = Bt(accum_t<T>(0));
   for (index_t c = 0; c < d; c += Op::step) {
     const index_t n = std::min(Op::step, d - c);
+    if constexpr (RN == 1) {  // each K vector used once: loaded into its FMA (8 held would spill)
+      const Bt qv = Op::load_q(q + c);
+#pragma GCC unroll 8
+      for (int x = 0; x < KN; ++x) acc[0][x] = Op::madd(Op::load_k(k + x * ks + c, n), qv, acc[0][x]);
+      continue;
+    }
     Bt kv[std::size_t(KN)];
 #pragma GCC unroll 8
     for (int x = 0; x < KN; ++x) kv[x] = Op::load_k(k + x * ks + c, n);
