@@ -552,7 +552,8 @@ void decode_block_scores(const decode_pass<T, Weights>& f, decode_scratch<accum_
             }
           }
 #endif
-          decode_scores_lanes<T, Arch>(k, p.ks, n, f.d, s.q.data(), rows, sj, pad);
+          if constexpr (!is_half_v<T>)  // (never true for half storage: not compiled for it)
+            decode_scores_lanes<T, Arch>(k, p.ks, n, f.d, s.q.data(), rows, sj, pad);
           continue;
         }
         const index_t slices = rows / RB;
