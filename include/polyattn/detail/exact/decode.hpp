@@ -274,14 +274,14 @@ void decode_values(accum_t<T>* o, index_t os, const accum_t<T>* p, const T* v, i
   if constexpr (RN == 1)  // one row: 8 accumulators (4 would wait on the FMA latency)
     for (; c0 + 8 * W <= dv; c0 += 8 * W) columns(std::integral_constant<int, 8>{}, full{}, c0);
   for (; c0 + 4 * W <= dv; c0 += 4 * W) columns(std::integral_constant<int, 4>{}, full{}, c0);
-  if (c0 == dv) return;
-  const bool whole = (dv - c0) % W == 0;
-  switch (ceil_div(dv - c0, W)) {
-    case 1: whole ? columns(std::integral_constant<int, 1>{}, full{}, c0) : columns(std::integral_constant<int, 1>{}, part{}, c0); break;
-    case 2: whole ? columns(std::integral_constant<int, 2>{}, full{}, c0) : columns(std::integral_constant<int, 2>{}, part{}, c0); break;
-    case 3: whole ? columns(std::integral_constant<int, 3>{}, full{}, c0) : columns(std::integral_constant<int, 3>{}, part{}, c0); break;
-    default: whole ? columns(std::integral_constant<int, 4>{}, full{}, c0) : columns(std::integral_constant<int, 4>{}, part{}, c0); break;
+  switch ((dv - c0) / W) {  // the whole vectors left, then the partial one alone
+    case 3: columns(std::integral_constant<int, 3>{}, full{}, c0); break;
+    case 2: columns(std::integral_constant<int, 2>{}, full{}, c0); break;
+    case 1: columns(std::integral_constant<int, 1>{}, full{}, c0); break;
+    default: break;
   }
+  c0 += (dv - c0) / W * W;
+  if (c0 < dv) columns(std::integral_constant<int, 1>{}, part{}, c0);
 }
 
 /// A block's rows inside one part: keys [j0 + a, j0 + a + n), K and V rows from k, v (strides ks, vs).
