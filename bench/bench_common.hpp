@@ -129,19 +129,61 @@ void register_paged_benchmarks(const sweep& s);
 void register_modifiers_benchmarks(const sweep& s);
 void register_varlen_benchmarks(const sweep& s);
 
+/// True while a contended row runs (contention.cpp sets it with the busy process): the rows
+/// that take a `one_thread` switch then pair every timed call with the same call on 1 thread.
+inline bool& pair_with_one_thread() {
+  static bool on = false;
+  return on;
+}
+
 /// Runs the timed loop of `run` and sets the extra-memory and tokens/s counters. The
 /// extra memory is the peak of bytes allocated (through operator new) above the level
 /// before the loop: every call frees its scratch, so that is one call's scratch.
-template <class F>
-void run_attention_benchmark(benchmark::State& state, std::int64_t tokens, F&& run) {
+/// `one_thread(true)` sets the row's thread count to 1 and `one_thread(false)` back: in a
+/// contended row (pair_with_one_thread) each timed call is followed, outside the
+/// timing, by the same call on 1 thread: counters paired_1thread_ms (median) and
+/// busy_over_paired_1thread (median of the per-pair ratios), so that the row's ratio compares
+/// calls made a moment apart under the same neighbours. (A quiet 1-thread row run minutes
+/// earlier on a shared VM differed from run to run by more than the ratio measures.)
+template <class F, class OneThread>
+void run_attention_benchmark(benchmark::State& state, std::int64_t tokens, F&& run, OneThread&& one_thread) {
+  using clock = std::chrono::steady_clock;
   reset_allocation_peak();
   const std::int64_t base = allocated_bytes_now();
+  const bool pair = pair_with_one_thread();
+  std::vector<double> one, ratio;
   for (auto _ : state) {
+    const auto t0 = clock::now();
     run();
     benchmark::ClobberMemory();
+    if (!pair) continue;
+    const double many = std::chrono::duration<double, std::milli>(clock::now() - t0).count();
+    state.PauseTiming();
+    one_thread(true);
+    const auto t1 = clock::now();
+    run();
+    benchmark::ClobberMemory();
+    one.push_back(std::chrono::duration<double, std::milli>(clock::now() - t1).count());
+    one_thread(false);
+    ratio.push_back(many / one.back());
+    state.ResumeTiming();
   }
   state.counters["extra_MiB"] = double(allocated_bytes_peak() - base) / (1024.0 * 1024.0);
   state.counters["tokens/s"] = benchmark::Counter(double(tokens), benchmark::Counter::kIsIterationInvariantRate);
+  if (!one.empty()) {
+    const auto median = [](std::vector<double> x) {
+      std::nth_element(x.begin(), x.begin() + std::ptrdiff_t(x.size() / 2), x.end());
+      return x[x.size() / 2];
+    };
+    state.counters["paired_1thread_ms"] = median(one);
+    state.counters["busy_over_paired_1thread"] = median(ratio);
+  }
+}
+
+/// run_attention_benchmark for a row without the switch: never paired.
+template <class F>
+void run_attention_benchmark(benchmark::State& state, std::int64_t tokens, F&& run) {
+  run_attention_benchmark(state, tokens, run, [](bool) {});
 }
 
 /// Sum of x[0, n) with four independent vector accumulators: a streaming read that the FMA

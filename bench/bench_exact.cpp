@@ -20,8 +20,9 @@ template <exact_kernel K>
 void BM_exact(benchmark::State& state) {
   const std::int64_t n = state.range(0), d = state.range(1);
   const bool causal = state.range(2) != 0;
-  const int threads = int(state.range(3));
+  int threads = int(state.range(3));  // (1 for a contended row's paired calls)
   head_inputs in(n, d);
+  const auto one_thread = [&](bool one) { threads = one ? 1 : int(state.range(3)); };
   run_attention_benchmark(state, n, [&] {
     if constexpr (K == exact_kernel::polynomial) {
       polynomial_options o;  // degree 4, the PolySketchFormer kernel
@@ -38,7 +39,7 @@ void BM_exact(benchmark::State& state) {
       else
         softmax_attention<float>(in.qv(), in.kv(), in.vv(), in.ov(), o);
     }
-  });
+  }, one_thread);
   set_flop_counters(state, attention_flops(n, d, causal), threads);
 }
 
@@ -100,7 +101,7 @@ void BM_exact_backward(benchmark::State& state) {
   run_attention_benchmark(state, n, [&] {
     if constexpr (P == pass::forward_backward) forward();
     backward();
-  });
+  }, [&](bool one) { so.threads = po.threads = one ? 1 : threads; });
   const double f = 10.0 / 4.0 * attention_flops(n, d, causal);
   set_flop_counters(state, P == pass::forward_backward ? f + attention_flops(n, d, causal) : f, threads);
 }

@@ -27,8 +27,9 @@ void BM_polysketch(benchmark::State& state) {
   so.sketch_size = state.range(4);
   const polysketch<float> sketch(d, so);
   head_inputs in(n, d);
-  run_attention_benchmark(state, n,
-                          [&] { polysketch_attention<float>(in.qv(), in.kv(), in.vv(), in.ov(), sketch, o); });
+  run_attention_benchmark(
+      state, n, [&] { polysketch_attention<float>(in.qv(), in.kv(), in.vv(), in.ov(), sketch, o); },
+      [&](bool one) { o.threads = one ? 1 : int(state.range(3)); });
   state.counters["feature_dim"] = double(sketch.feature_dim());
   if (o.causal) {
     // degree 4: one leaf node per sketch, x·[G1 | G2] = 4·d·r, for q and for k
@@ -105,7 +106,7 @@ void BM_sketch_training(benchmark::State& state) {
   run_attention_benchmark(state, n, [&] {
     if constexpr (P == pass::forward_backward) forward();
     backward();
-  });
+  }, [&](bool one) { so.threads = po.threads = one ? 1 : threads; });
   if (causal) {
     const double m = double(sketch.feature_dim()), local_dim = local_exact ? double(d) : double(r);
     // degree-4 sketch of q and k (4·d·r each): twice in the forward; in the backward four

@@ -31,6 +31,7 @@ void start_busy_core(const benchmark::State&) {
     }
   }
   if (busy_pid < 0) std::perror("polyattn_bench: fork of the busy process");
+  pair_with_one_thread() = true;
 }
 
 void stop_busy_core(const benchmark::State&) {
@@ -39,6 +40,7 @@ void stop_busy_core(const benchmark::State&) {
     waitpid(busy_pid, nullptr, 0);
   }
   busy_pid = -1;
+  pair_with_one_thread() = false;
 }
 
 double load_average_1min() {

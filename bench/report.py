@@ -160,15 +160,21 @@ def contention_table(rows, threads):
                  if r2["kernel"] == kernel and all(r2["args"].get(k) == v for k, v in want.items())}
         one, many = quiet.get(1), quiet.get(r["args"]["threads"])
         ratio = f"{r['ms'] / one['ms']:.2f}" if one else "–"
+        paired, paired_ratio = r["bench"].get("paired_1thread_ms"), r["bench"].get("busy_over_paired_1thread")
         out.append(f"| {kernel} | {r['args']['N']} | {fmt_ms(many['ms']) if many else '–'} | "
-                   f"{fmt_ms(one['ms']) if one else '–'} | {fmt_ms(r['ms'])} | {ratio} |")
+                   f"{fmt_ms(one['ms']) if one else '–'} | {fmt_ms(r['ms'])} | {ratio} | "
+                   f"{fmt_ms(paired) if paired else '–'} | {f'{paired_ratio:.2f}' if paired_ratio else '–'} |")
     if not out:
         return []
     return [f"## Under contention: one core held by a busy process, {threads} threads, causal, d = 64 (ms)", "",
             "The benchmark starts the busy process before each contended row and stops it after; "
-            "target: contended ≤ 1.25 × the quiet 1-thread time.", "",
+            "target: contended ≤ 1.25 × the quiet 1-thread time. The quiet rows ran earlier in the sweep; "
+            "the paired columns come from the contended row itself, each timed call followed by the same "
+            "call on 1 thread (the busy process still running), so their ratio (the median of the "
+            "per-pair ratios) compares calls a moment apart, whatever the machine's neighbours did in between.", "",
             f"| kernel | N | quiet, {threads} threads | quiet, 1 thread | one core busy, {threads} threads | "
-            "busy / quiet 1 thread |", "|---|---|---|---|---|---|"] + out + [""]
+            "busy / quiet 1 thread | paired 1 thread, busy | busy / paired 1 thread |",
+            "|---|---|---|---|---|---|---|---|"] + out + [""]
 
 
 PRECISION_CALLS = [

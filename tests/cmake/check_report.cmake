@@ -1,6 +1,6 @@
 # bench/report.py on a recorded sample (a subset of a real polyattn_bench run; the shaped_attention
-# rows come from a later run on another machine, the machine and contention rows from a third, the
-# precision rows from a fourth):
+# rows come from a later run on another machine, the machine rows from a third, the
+# precision rows from a fourth, the contended rows from a fifth, with their paired 1-thread calls):
 # it must write a table that names the
 # crossover and a non-empty PNG; on a result file without benchmarks it must fail with an error
 # message instead of drawing an empty picture.
@@ -24,6 +24,13 @@ foreach(expected "| 4096 |" "faster than flash from N = " "flash_attention" "## 
     message(FATAL_ERROR "report.md lacks '${expected}':\n${md}")
   endif()
 endforeach()
+# the contended rows' paired 1-thread columns (the median 1-thread call and the median ratio)
+string(FIND "${md}" "## Under contention" at)
+string(SUBSTRING "${md}" ${at} -1 contention)
+if(NOT contention MATCHES "busy / paired 1 thread \\|" OR
+   NOT contention MATCHES "\\| flash_attention \\| 4096 \\|[^\n]*\\| [0-9][0-9.]* \\| [0-9][0-9.]* \\|\n")
+  message(FATAL_ERROR "report.md's contention table lacks the paired 1-thread columns:\n${contention}")
+endif()
 if(md MATCHES "not quiet")
   message(FATAL_ERROR "report.md warns of a busy machine on the quiet sample:\n${md}")
 endif()
