@@ -153,10 +153,14 @@ void run_attention_benchmark(benchmark::State& state, std::int64_t tokens, F&& r
   const bool pair = pair_with_one_thread();
   std::vector<double> one, ratio;
   for (auto _ : state) {
+    if (!pair) {
+      run();
+      benchmark::ClobberMemory();
+      continue;
+    }
     const auto t0 = clock::now();
     run();
     benchmark::ClobberMemory();
-    if (!pair) continue;
     const double many = std::chrono::duration<double, std::milli>(clock::now() - t0).count();
     state.PauseTiming();
     one_thread(true);
