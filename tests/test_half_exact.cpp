@@ -157,7 +157,8 @@ TEMPLATE_TEST_CASE("half storage: validation names the function and the stats sh
 }
 
 TEST_CASE("half storage: widen and narrow agree with Eigen's conversions on every half and on hard floats", "[half]") {
-  // every bf16 and f16 bit pattern widens to the float Eigen gives (NaN to a NaN)
+  // every bf16 and f16 bit pattern widens to the float Eigen gives (NaN to a NaN), in the vector
+  // loop of widen and in the scalar widen1 (F16C under g++, where Eigen's own is software)
   std::vector<bf16> b(65536);
   std::vector<f16> h(65536);
   for (std::size_t i = 0; i < 65536; ++i) {
@@ -173,6 +174,11 @@ TEST_CASE("half storage: widen and narrow agree with Eigen's conversions on ever
                                                        Eigen::numext::bit_cast<std::uint32_t>(wb[i])));
     REQUIRE((std::isnan(eh) ? std::isnan(wh[i]) : Eigen::numext::bit_cast<std::uint32_t>(eh) ==
                                                        Eigen::numext::bit_cast<std::uint32_t>(wh[i])));
+    const float sb = detail::widen1(b[i]), sh = detail::widen1(h[i]);
+    REQUIRE((std::isnan(eb) ? std::isnan(sb) : Eigen::numext::bit_cast<std::uint32_t>(eb) ==
+                                                   Eigen::numext::bit_cast<std::uint32_t>(sb)));
+    REQUIRE((std::isnan(eh) ? std::isnan(sh) : Eigen::numext::bit_cast<std::uint32_t>(eh) ==
+                                                   Eigen::numext::bit_cast<std::uint32_t>(sh)));
   }
   // floats of every exponent with random mantissas, ties, subnormals, infinities and NaNs round
   // to nearest even as Eigen rounds them (the vector loop and its scalar tail both)
@@ -194,12 +200,18 @@ TEST_CASE("half storage: widen and narrow agree with Eigen's conversions on ever
   detail::narrow(x.data(), index_t(x.size()), nh.data());
   for (std::size_t i = 0; i < x.size(); ++i) {
     INFO("x = " << x[i] << " bits " << std::hex << Eigen::numext::bit_cast<std::uint32_t>(x[i]));
+    const bf16 sb = detail::narrow1<bf16>(x[i]);
+    const f16 sh = detail::narrow1<f16>(x[i]);
     if (std::isnan(x[i])) {
       REQUIRE(std::isnan(float(nb[i])));
       REQUIRE(std::isnan(float(nh[i])));
+      REQUIRE(std::isnan(float(sb)));
+      REQUIRE(std::isnan(float(sh)));
     } else {
       REQUIRE(Eigen::numext::bit_cast<std::uint16_t>(nb[i]) == Eigen::numext::bit_cast<std::uint16_t>(bf16(x[i])));
       REQUIRE(Eigen::numext::bit_cast<std::uint16_t>(nh[i]) == Eigen::numext::bit_cast<std::uint16_t>(f16(x[i])));
+      REQUIRE(Eigen::numext::bit_cast<std::uint16_t>(sb) == Eigen::numext::bit_cast<std::uint16_t>(bf16(x[i])));
+      REQUIRE(Eigen::numext::bit_cast<std::uint16_t>(sh) == Eigen::numext::bit_cast<std::uint16_t>(f16(x[i])));
     }
   }
 }

@@ -150,16 +150,39 @@ inline batch<accum_t<T>, Arch> load_widened(const T* p, index_t n = simd_width<a
   return B::load_aligned(tmp);
 }
 
-/// One value: T → accum_t<T> and back (the scalar paths of widen and narrow).
+/// One value: T → accum_t<T> and back (the scalar paths of widen and narrow). An f16 converts
+/// with F16C (vcvtph2ps, vcvtps2ph) where the build has it, as the vector loops do. Eigen 3.4's
+/// own conversion is a software one under g++ (its F16C test, `!defined(EIGEN_COMP_CLANG) ||
+/// EIGEN_COMP_CLANG >= 380`, fails there: EIGEN_COMP_CLANG is defined as 0), and the exact
+/// backward, which widens every query block's rows for each key task, spent a quarter of an f16
+/// call in it (docs/design.md §10). The same values (nearest even); a signalling NaN comes out
+/// quiet.
 template <class T>
 inline accum_t<T> widen1(T x) {
-  if constexpr (std::is_same_v<T, bf16>) return float_of_bf16_bits(half_bits(x));
-  else return static_cast<accum_t<T>>(x);
+  if constexpr (std::is_same_v<T, bf16>) {
+    return float_of_bf16_bits(half_bits(x));
+  } else if constexpr (std::is_same_v<T, f16>) {
+#if defined(__F16C__)
+    return _cvtsh_ss(half_bits(x));
+#else
+    return static_cast<float>(x);
+#endif
+  } else {
+    return static_cast<accum_t<T>>(x);
+  }
 }
 template <class T>
 inline T narrow1(accum_t<T> x) {
   if constexpr (std::is_same_v<T, bf16>) {
     return Eigen::numext::bit_cast<T>(bf16_bits_of(x));
+  } else if constexpr (std::is_same_v<T, f16>) {
+#if defined(__F16C__)  // (as narrow's vector loop: nearest even, as Eigen rounds; a NaN stays a NaN)
+    // (_cvtss_sh is a macro with a compound literal in clang's header: -Wc99-extensions)
+    const __m128i h = _mm_cvtps_ph(_mm_set_ss(x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return Eigen::numext::bit_cast<T>(static_cast<std::uint16_t>(_mm_cvtsi128_si32(h)));
+#else
+    return static_cast<T>(x);
+#endif
   } else {
     return static_cast<T>(x);
   }
