@@ -23,8 +23,8 @@ set(flags ${strict_flags} -march=native)
 file(GLOB_RECURSE headers RELATIVE ${INCLUDE_DIR} ${INCLUDE_DIR}/polyattn/*.hpp)
 list(SORT headers)
 
-# reaches_<id>: the third-party headers a polyattn header includes, itself or through its
-# "..." includes: "E" for <Eigen/Core>, "X" for <xsimd/xsimd.hpp>.
+# The third-party headers a polyattn header includes, itself or through its "..." includes,
+# into `out`: "E" for <Eigen/Core>, "X" for <xsimd/xsimd.hpp>.
 function(third_party_reach header out)
   set(todo ${INCLUDE_DIR}/${header})
   set(seen)
