@@ -201,8 +201,9 @@ TEMPLATE_TEST_CASE("causal scan: one thread running every range computes no tota
 }
 
 /// One sequence of 900 keys in blocks of 25 (12 super-chunks of 3 blocks) planned for 2
-/// threads: range 1 starts after 7 super-chunks (range 0 gets 0.6 of them). The shared totals
-/// of those 7, their slots and flags, and a workspace; out is the problem's output.
+/// threads: range 1 starts after 7 super-chunks (range 0 gets 0.6 of them). The schedule of
+/// run_causal (the shared totals of the 12, their slots and flags; the two ranges as pieces),
+/// and a workspace; out is the problem's output.
 template <class T>
 struct two_range_scan {
   using source = detail::view_feature_source<T>;
@@ -215,14 +216,18 @@ struct two_range_scan {
   source src{s.m};
   detail::scan_dims d = detail::scan_dims_of<T, source, arch>(p, src);
   detail::block_scan<T, source, arch> sc{p, src, d, detail::scan_plan_of(p, 2), {}};
-  index_t n_pre = detail::pre_pass_chunks(sc.plan, true);
-  detail::aligned_vector<T> slots = detail::aligned_vector<T>(static_cast<std::size_t>(n_pre * d.S));
-  std::vector<std::atomic<unsigned char>> flags = std::vector<std::atomic<unsigned char>>(static_cast<std::size_t>(n_pre));
-  detail::shared_totals<T> tot{slots.data(), flags.data(), n_pre, d.S};
+  index_t n_pre = sc.plan.range_chunk(1);  // the super-chunks before range 1
+  detail::aligned_vector<T> slots;
+  detail::causal_schedule<T> sched{sc, slots};
+  const detail::shared_totals<T>& tot = sched.tot;
   detail::scan_workspace<T> ws;
   two_range_scan(std::uint64_t seed, T bias)
       : in(s, seed), p(plain_problem<T>(pb, in.pq.view, in.pk.view, in.v.view, out.view, bias)) {}
   index_t keys_before() const { return n_pre * sc.plan.per_chunk * pb.block; }  // 525
+  /// The flags of the totals before range 1.
+  void set_flags(unsigned char flag) {
+    for (index_t g = 0; g < n_pre; ++g) tot.flag(0, g).store(flag);
+  }
 };
 
 // A range that finds the totals before it still being written does its first block's state
@@ -234,9 +239,9 @@ TEMPLATE_TEST_CASE("causal scan: a range facing stuck totals does its first stat
   two_range_scan<T> x(35, T(0.5));
   REQUIRE(x.n_pre == 7);
   const tensor4<T> one = causal_scan(x.in, x.s, 1);
-  for (auto& f : x.flags) f.store(detail::shared_totals<T>::kWriting);  // a writer that never runs
+  x.set_flags(detail::shared_totals<T>::kWriting);  // a writer that never runs
   const std::uint64_t before = detail::chunk_totals_computed().load();
-  detail::scan_range(x.sc, x.tot, 0, 1, x.ws);
+  detail::scan_piece(x.sc, x.tot, x.sched.pieces, 1, x.sched.pieces.claim(1), x.ws);
   CHECK(detail::chunk_totals_computed().load() - before == 7);  // its own copies
   bool same = true;
   for (index_t i = x.keys_before(); i < x.s.nq; ++i)  // range 1's rows
@@ -261,9 +266,8 @@ TEMPLATE_TEST_CASE("causal scan: a range's prefix from empty, stuck and publishe
   const linear_inputs<T>& in = x.in;
   const detail::scan_dims& d = x.d;
   const index_t n_pre = x.n_pre, keys_before = x.keys_before();
-  auto& flags = x.flags;
   const auto prefix_with = [&](unsigned char flag, std::uint64_t computed, unsigned char after) {
-    for (auto& f : flags) f.store(flag);
+    x.set_flags(flag);
     std::vector<T> prefix(static_cast<std::size_t>(d.S));
     const std::uint64_t before = detail::chunk_totals_computed().load();
     // `meanwhile` runs once if a total is still being written after the claims, before the copies
@@ -276,7 +280,7 @@ TEMPLATE_TEST_CASE("causal scan: a range's prefix from empty, stuck and publishe
     CHECK(detail::chunk_totals_computed().load() - before == computed);
     CHECK(meanwhile_calls == (flag == detail::shared_totals<T>::kWriting ? 1 : 0));
     CHECK(computed_by_then == 0);
-    for (auto& f : flags) CHECK(f.load() == after);
+    for (index_t g = 0; g < n_pre; ++g) CHECK(x.tot.flag(0, g).load() == after);
     return prefix;
   };
   using st = detail::shared_totals<T>;
@@ -298,4 +302,80 @@ TEMPLATE_TEST_CASE("causal scan: a range's prefix from empty, stuck and publishe
     }
   INFO("error " << worst << " magnitude " << magnitude);
   CHECK(worst <= magnitude * 1e3 * double(std::numeric_limits<T>::epsilon()));
+}
+
+// A thread left with nothing to do steals unclaimed tails of the other pieces (scan_pieces):
+// about a third of a piece's unclaimed super-chunks at a time, at least one, until none is left.
+// Stealing begins once every task has begun (scan_task). Here range 0's thread has begun its
+// task and stops before it claims a super-chunk: the thread of range 1 scans its range, then
+// steals range 0's 7 super-chunks in 5 tails (2, 2, 1, 1, 1: 7 → 5 → 3 → 2 → 1 left), each from the totals
+// range 1 published: no total computed twice, the 1-thread bits, and the owner that starts at
+// last finds nothing left.
+TEMPLATE_TEST_CASE("causal scan: the range of a thread that stops is stolen", "[linear][threads][scan]", float,
+                   double) {
+  using T = TestType;
+  two_range_scan<T> x(37, T(0.5));
+  REQUIRE(x.n_pre == 7);
+  const tensor4<T> one = causal_scan(x.in, x.s, 1);
+  const std::uint64_t totals_before = detail::chunk_totals_computed().load();
+  const std::uint64_t stolen_before = detail::pieces_stolen().load();
+  x.sched.started.store(1);  // range 0's task
+  detail::scan_task(x.sc, x.sched, 1, x.ws);
+  CHECK(detail::chunk_totals_computed().load() - totals_before == 7);
+  CHECK(detail::pieces_stolen().load() - stolen_before == 5);
+  CHECK(bitwise_equal<T>(one.cview(), x.out.cview()));
+  CHECK(x.sched.pieces.claim(0) == -1);
+  CHECK(x.sched.pieces.steal().first == -1);
+}
+
+// The same with a state that continues (40 keys before the call, 15 of them in its unfinished
+// block) and is left with 15 pending rows (890 keys): whichever range's thread stops at the
+// start of its task, the other scans everything, and whoever scans the last super-chunk (range 1, or the tail
+// stolen from it) saves the final state. Rows and state are the 1-thread bits.
+TEMPLATE_TEST_CASE("causal scan: whoever scans the last super-chunk saves the state", "[linear][threads][scan]",
+                   float, double) {
+  using T = TestType;
+  using source = detail::view_feature_source<T>;
+  using arch = detail::default_arch;
+  const linear_shape head{1, 1, 1, 40, 40, 12, 8, false}, s{1, 1, 1, 850, 850, 12, 8, false};
+  const linear_inputs<T> before(head, 51), in(s, 53);
+  const auto problem = [&](const linear_inputs<T>& x, const linear_shape& sh, tensor4<T>& out, int threads,
+                           detail::linear_state<T>& st) {
+    const detail::block_problem pb{1, 1, 1, sh.nq, sh.nk, sh.dv, 25, true, threads};
+    return plain_problem<T>(pb, x.pq.view, x.pk.view, x.v.view, out.view, T(0.5), &st);
+  };
+  detail::linear_state<T> start(25, s.m, s.m, s.dv);
+  tensor4<T> head_out(1, 1, head.nq, head.dv, false);
+  detail::run_block_linear<T>(problem(before, head, head_out, 1, start), source{s.m});
+  REQUIRE(start.pending() == 15);
+  detail::linear_state<T> st1 = start;
+  tensor4<T> one(1, 1, s.nq, s.dv, false);
+  detail::run_block_linear<T>(problem(in, s, one, 1, st1), source{s.m});
+  REQUIRE(st1.pending() == 15);
+  const auto same = [](const detail::aligned_vector<T>& a, const detail::aligned_vector<T>& b, std::size_t n) {
+    return std::memcmp(a.data(), b.data(), n * sizeof(T)) == 0;
+  };
+  for (index_t runs : {0, 1}) {
+    INFO("the range whose thread runs: " << runs);
+    detail::linear_state<T> st = start;
+    tensor4<T> out(1, 1, s.nq, s.dv, false);
+    const detail::linear_problem<T> p = problem(in, s, out, 2, st);
+    const source src{s.m};
+    const detail::scan_dims d = detail::scan_dims_of<T, source, arch>(p, src);
+    const detail::scan_plan plan = detail::scan_plan_of(p, 2);
+    REQUIRE(plan.ranges == 2);
+    REQUIRE(plan.n_chunks == 12);
+    detail::linear_workspace<T> wsp;
+    const detail::block_scan<T, source, arch> sc{p, src, d, plan, detail::load_states(p, d, plan, wsp)};
+    detail::aligned_vector<T> slots;
+    const detail::causal_schedule<T> sched(sc, slots);
+    detail::scan_workspace<T> ws;
+    sched.started.store(1);  // the other range's task, begun and stopped
+    detail::scan_task(sc, sched, runs, ws);
+    CHECK(sched.pieces.claim(1 - runs) == -1);
+    CHECK(bitwise_equal<T>(one.cview(), out.cview()));
+    CHECK(same(st.S, st1.S, st1.S.size()));
+    CHECK(same(st.keys, st1.keys, static_cast<std::size_t>(15 * st1.key_dim)));
+    CHECK(same(st.values, st1.values, static_cast<std::size_t>(15 * st1.ld)));
+  }
 }

@@ -63,6 +63,7 @@
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -119,6 +120,7 @@ struct scan_plan {
   /// range first computes the totals before it that are not yet published, so at P = 2 with
   /// both threads running (a full block costing about twice its state pass) the two finish
   /// together at a split of 0.6 (docs/design.md §7). The bits do not depend on the split.
+  /// range_chunk(ranges) is n_chunks.
   index_t range_chunk(index_t r) const {
     return r == 0 ? 0 : (n_chunks * (2 * r + 1) + ranges) / (2 * ranges + 1);  // rounded
   }
@@ -421,11 +423,10 @@ struct chunk_totals {
   index_t per_seq;
 };
 
-/// The super-chunk totals per sequence the ranges share (causal: those a range other than the
-/// first starts after) or the pre-pass sums (non-causal: every one, when more than one range).
-inline index_t pre_pass_chunks(const scan_plan& plan, bool causal) {
-  return plan.ranges > 1 ? (causal ? plan.range_chunk(plan.ranges - 1) : plan.n_chunks) : 0;
-}
+/// The super-chunk totals per sequence the ranges share (causal: every one, since a piece may
+/// start at any super-chunk once a tail is stolen) or the pre-pass sums (non-causal), when a
+/// sequence has more than one range; none otherwise.
+inline index_t pre_pass_chunks(const scan_plan& plan) { return plan.ranges > 1 ? plan.n_chunks : 0; }
 
 /// The super-chunk totals the ranges of a causal scan share: per sequence the first `per_seq`
 /// ones [S] (those a range other than the first starts after), each with a flag. A slot is
@@ -453,6 +454,79 @@ struct shared_totals {
            flag(s, g).compare_exchange_strong(expected, kWriting, std::memory_order_relaxed);
   }
   void publish(index_t s, index_t g) const { flag(s, g).store(kPublished, std::memory_order_release); }
+};
+
+/// How many tails of a causal scan's pieces have been stolen in this process (tests check that
+/// the stealing they arrange happens). One relaxed increment per steal.
+inline std::atomic<std::uint64_t>& pieces_stolen() {
+  static std::atomic<std::uint64_t> count{0};
+  return count;
+}
+
+/// The pieces of a causal scan: super-chunks [next, end) of sequence s that a thread (the
+/// piece's owner) scans in order, claiming one super-chunk at a time from the front, while a
+/// thread with nothing left to do may take the unclaimed tail of the piece with the most
+/// unclaimed super-chunks (steal) and scan that as a piece of its own. The initial pieces are
+/// the (range, sequence) tasks. A piece is one atomic word (s, next, end), so a claim and a
+/// steal are one compare-exchange each and never meet on the same super-chunk. Every
+/// super-chunk is claimed once: by its piece's owner, or by the steal that makes it the first of
+/// a new piece. So a sequence makes at most n_chunks steals and there are at most
+/// n_seq · (ranges + n_chunks) pieces. A thread never waits for a piece's owner: its chunks in
+/// flight are the only work it holds.
+struct scan_pieces {
+  static_assert(kSuperChunks < 256, "scan_pieces: a super-chunk index is 8 bits of a piece's word");
+  std::atomic<std::uint64_t>* words = nullptr;
+  std::atomic<index_t>* count = nullptr;
+  index_t capacity = 0;
+
+  static std::uint64_t pack(index_t s, index_t next, index_t end) {
+    return (static_cast<std::uint64_t>(s) << 16) | (static_cast<std::uint64_t>(next) << 8) |
+           static_cast<std::uint64_t>(end);
+  }
+  static index_t seq_of(std::uint64_t w) { return static_cast<index_t>(w >> 16); }
+  static index_t next_of(std::uint64_t w) { return static_cast<index_t>((w >> 8) & 0xff); }
+  static index_t end_of(std::uint64_t w) { return static_cast<index_t>(w & 0xff); }
+
+  index_t sequence(index_t i) const { return seq_of(words[i].load(std::memory_order_relaxed)); }
+
+  /// For piece i's owner: its next super-chunk, now claimed, or −1 when none is left.
+  index_t claim(index_t i) const {
+    std::uint64_t w = words[i].load(std::memory_order_relaxed);
+    while (next_of(w) < end_of(w))
+      if (words[i].compare_exchange_weak(w, pack(seq_of(w), next_of(w) + 1, end_of(w)), std::memory_order_acq_rel))
+        return next_of(w);
+    return -1;
+  }
+
+  /// Takes the unclaimed tail of the piece with the most unclaimed super-chunks (about a third
+  /// of them: its owner goes on scanning the rest while the thief first computes the totals
+  /// between, about half a super-chunk's scan each, docs/design.md §5) as a new piece, its first
+  /// super-chunk claimed for the caller. Returns {the new piece, that super-chunk}, or {−1, −1}
+  /// when no piece has an unclaimed super-chunk.
+  std::pair<index_t, index_t> steal() const {
+    for (;;) {
+      const index_t n = std::min(count->load(std::memory_order_acquire), capacity);
+      index_t victim = -1, most = 0;
+      std::uint64_t seen = 0;
+      for (index_t j = 0; j < n; ++j) {
+        const std::uint64_t w = words[j].load(std::memory_order_acquire);
+        if (end_of(w) - next_of(w) > most) {
+          victim = j;
+          most = end_of(w) - next_of(w);
+          seen = w;
+        }
+      }
+      if (victim < 0) return {-1, -1};
+      const index_t g0 = end_of(seen) - std::max<index_t>(1, (most + 1) / 3);
+      if (!words[victim].compare_exchange_strong(seen, pack(seq_of(seen), next_of(seen), g0), std::memory_order_acq_rel))
+        continue;  // its owner claimed meanwhile, or another thief stole: look again
+      const index_t k = count->fetch_add(1, std::memory_order_acq_rel);
+      if (k >= capacity) raise(std::logic_error("polyattn: a causal scan made more pieces than it has super-chunks"));
+      words[k].store(pack(seq_of(seen), g0 + 1, end_of(seen)), std::memory_order_release);
+      pieces_stolen().fetch_add(1, std::memory_order_relaxed);
+      return {k, g0};
+    }
+  }
 };
 
 /// prefix = the state before super-chunk g0 of sequence s: the carried state, then the
@@ -590,59 +664,82 @@ std::pair<block_rows<A>, index_t> prepared_keys(const block_scan<T, Source, Arch
   return {kr, prepare_local_keys<A, Source, Arch>(sc.src, kr, kb.n, ws)};
 }
 
-/// The causal scan of range r of sequence s: from the prefix before its first super-chunk,
-/// each block's output pass, then its state pass; the last block of a super-chunk whose
-/// shared total this range writes has its state pass first, then the total is published, then
-/// its output pass (which reads the state before the block, as always). Leaves the state after the range in the
-/// prefix (ws.prefix, or the sequence's state itself when the scan works in place) and returns
-/// the range's last block. A block followed by no state pass (the unfinished last one, or the
-/// last block of a range before the last whose state nobody reads) needs only its local rows,
-/// and a super-chunk without a state pass adds nothing to the prefix. When a total this range
-/// starts after is still being written by another thread, the range's first state pass is done
-/// before the prefix is built (shared_prefix's `meanwhile`): it reads no prefix, and by its end
-/// the writer has usually published (docs/design.md §5: one sequence of 4 blocks on 2 threads
-/// otherwise summed the first total twice in 2 calls of 3).
+/// What the scan of a piece leaves: the last block it scanned, and that block's super-chunk
+/// (−1 when the piece had none left).
+template <class A>
+struct piece_end {
+  key_block<A> last;
+  index_t chunk = -1;
+};
+
+/// The causal scan of piece i (scan_pieces), whose first super-chunk g_first its caller has
+/// claimed: from the prefix before g_first, each block's output pass, then its state pass,
+/// super-chunk after super-chunk while the piece has one left (a thief may have taken the
+/// tail); the last block of a super-chunk whose shared total this scan writes has its state
+/// pass first, then the total is published, then its output pass (which reads the state before
+/// the block, as always). Leaves the state after its last super-chunk in the prefix (ws.prefix,
+/// or the sequence's state itself when the scan works in place). Only the sequence's unfinished
+/// last block has no state pass: where a piece ends is not known before it does. When a total
+/// the piece starts after is still being written by another thread, the first block's state
+/// pass is done before the prefix is built (shared_prefix's `meanwhile`): it reads no prefix,
+/// and by its end the writer has usually published (docs/design.md §5: one sequence of 4 blocks
+/// on 2 threads otherwise summed the first total twice in 2 calls of 3).
 template <class T, class Source, class Arch, class A = accum_t<T>>
-key_block<A> scan_range(const block_scan<T, Source, Arch>& sc, const shared_totals<A>& tot, index_t s, index_t r,
-                        scan_workspace<A>& ws) {
+piece_end<A> scan_piece(const block_scan<T, Source, Arch>& sc, const shared_totals<A>& tot, const scan_pieces& pieces,
+                        index_t i, index_t g_first, scan_workspace<A>& ws) {
   const scan_plan& plan = sc.plan;
+  const index_t s = pieces.sequence(i);
   const index_t S = sc.d.S, bi = s / sc.p.sizes.kv_heads, hk = s % sc.p.sizes.kv_heads;
-  const index_t g_begin = plan.range_chunk(r), g_end = plan.range_chunk(r + 1);
-  const index_t last_block = plan.chunk_last(g_end - 1);
-  const bool keep_state = r == plan.ranges - 1;  // the state after the range is saved
-  // whether block c has a state pass: its sum is read by a later block or range, or saved
-  auto has_pass = [&](index_t c, index_t n, bool publish) {
-    return (c < plan.c_end || (sc.p.states && n == plan.b)) && (keep_state || publish || c < last_block);
+  // The piece's next super-chunk, claimed early by has_pass (`next_claimed`).
+  index_t g_next = -1;
+  bool next_claimed = false;
+  // Whether block c of super-chunk g has a state pass: its sum is read by a later block, by
+  // whoever reads the total this scan publishes, by the next call, or, for the last block of a
+  // super-chunk whose total another thread writes, by this piece's next super-chunk, if it has
+  // one (claimed now to know: typically range 0's last block, whose total a later range
+  // computed first, needs none).
+  auto has_pass = [&](index_t g, index_t c, index_t n, bool publish) {
+    if (c == plan.c_end && !(sc.p.states && n == plan.b)) return false;
+    if (publish || c < plan.chunk_last(g) || c == plan.c_end) return true;
+    if (!next_claimed) g_next = pieces.claim(i);
+    next_claimed = true;
+    return g_next >= 0;
   };
   A* prefix = sc.carried.in_place ? sc.carried.in_place[s].S.data() : ensure(ws.prefix, S);
   A* const own_run = ensure(ws.run, S);
   // the first block's state pass when done before the prefix (in the claimed slot or ws.run)
   bool first_summed = false, first_publish = false;
   auto first_state_pass = [&] {
-    const index_t c = plan.chunk_first(g_begin);
+    const index_t c = plan.chunk_first(g_first);
     const key_block<A> fb = fetch_block(sc, bi, hk, c, ws);
-    if (!has_pass(c, fb.n, true)) return;  // no state pass, whoever writes the slot
-    first_publish = tot.claim(s, g_begin);
-    if (!has_pass(c, fb.n, first_publish)) return;  // (another range writes the slot)
-    A* run = first_publish ? tot.slot(s, g_begin) : own_run;
+    if (!has_pass(g_first, c, fb.n, true)) return;  // no state pass, whoever writes the slot
+    first_publish = tot.claim(s, g_first);
+    if (!has_pass(g_first, c, fb.n, first_publish)) return;  // (another thread writes the slot)
+    A* run = first_publish ? tot.slot(s, g_first) : own_run;
     std::fill(run, run + S, A(0));
     const block_rows<A> kr = sc.src.prepare(fb.raw, fb.n, false, ws.krows);
     state_pass<A, Source, Arch, T>(sc.src, kr, fb.vals, fb.ld_vals, fb.n, sc.d.dv, ws, run, sc.d.ldz);
-    if (first_publish && c == plan.chunk_last(g_begin)) tot.publish(s, g_begin);
+    if (first_publish && c == plan.chunk_last(g_first)) tot.publish(s, g_first);
     first_summed = true;
   };
-  if (!sc.carried.in_place) shared_prefix(sc, tot, s, g_begin, prefix, ws, first_state_pass);
-  key_block<A> kb;
-  for (index_t g = g_begin; g < g_end; ++g) {
-    // a super-chunk a later range starts after: its running sum is summed in its shared slot
-    const bool early_first = g == g_begin && first_summed;
+  if (!sc.carried.in_place) shared_prefix(sc, tot, s, g_first, prefix, ws, first_state_pass);
+  piece_end<A> end;
+  const auto advance = [&] {
+    const index_t g = next_claimed ? g_next : pieces.claim(i);
+    next_claimed = false;
+    return g;
+  };
+  for (index_t g = g_first; g >= 0; g = advance()) {
+    // a super-chunk whose total this scan writes: its running sum is summed in its shared slot
+    const bool early_first = g == g_first && first_summed;
     const bool publish = early_first ? first_publish : tot.claim(s, g);
     A* run = publish ? tot.slot(s, g) : own_run;
     bool summed = early_first;  // run holds the state passes of this super-chunk's blocks so far
     for (index_t c = plan.chunk_first(g); c <= plan.chunk_last(g); ++c) {
+      key_block<A>& kb = end.last;
       kb = fetch_block(sc, bi, hk, c, ws);
       const bool done = early_first && c == plan.chunk_first(g);  // its state pass came first
-      const bool pass = !done && has_pass(c, kb.n, publish);
+      const bool pass = !done && has_pass(g, c, kb.n, publish);
       const auto [kr, ldkt] = prepared_keys(sc, kb, pass, ws);
       const bool has_prefix = sc.p.states || g > 0, has_run = c > plan.chunk_first(g);
       const A* state = state_before(S, has_prefix, has_run, prefix, run, ws);
@@ -668,8 +765,9 @@ key_block<A> scan_range(const block_scan<T, Source, Arch>& sc, const shared_tota
       causal_block_outputs(sc, bi, hk, c, kb, ldkt, state, ws);
     }
     if (summed) add_states(prefix, run, S, prefix);
+    end.chunk = g;
   }
-  return kb;
+  return end;
 }
 
 /// The final state of a sequence, unless the scan worked in the state itself: `prefix`, the
@@ -689,35 +787,83 @@ void save_state(const block_scan<T, Source, Arch>& sc, const A* prefix, const ke
   if (left > 0 && dv > 0) pack_rows(last.vals, last.ld_vals, left, dv, st.values.data(), st.ld);
 }
 
-/// Causal: every range of every sequence one task of one parallel loop, range-major (task t is
-/// range t / n_seq of sequence t % n_seq), so that tasks are claimed in dependency order: a
-/// thread that runs the tasks alone finishes every range before it starts the next, and finds
-/// every total it starts after published. The last range of a sequence leaves its final state
-/// in the sequence's linear_state.
+/// The shared state of one causal scan's tasks: the super-chunk totals with their flags
+/// (shared_totals) and the pieces (scan_pieces): every range of every sequence a piece and a
+/// task, range-major (task t is range t / n_seq of sequence t % n_seq), then room for every
+/// steal when a sequence has several ranges.
+template <class A>
+struct causal_schedule {
+  std::unique_ptr<std::atomic<unsigned char>[]> flags;
+  std::unique_ptr<std::atomic<std::uint64_t>[]> words;
+  std::atomic<index_t> count{0};
+  mutable std::atomic<index_t> started{0};  // tasks begun
+  shared_totals<A> tot;
+  scan_pieces pieces;
+  index_t tasks = 0;
+
+  template <class T, class Source, class Arch>
+  causal_schedule(const block_scan<T, Source, Arch>& sc, aligned_vector<A>& totals_buf) {
+    const scan_plan& plan = sc.plan;
+    const index_t n_seq = sc.p.sizes.batch * sc.p.sizes.kv_heads, n_pre = pre_pass_chunks(plan), S = sc.d.S;
+    if (n_pre > 0) {
+      const auto size = static_cast<index_t>(checked_size<A>("run_block_linear", "the chunk totals", {n_seq, n_pre, S}));
+      flags.reset(new std::atomic<unsigned char>[static_cast<std::size_t>(n_seq * n_pre)]);
+      for (index_t i = 0; i < n_seq * n_pre; ++i)
+        flags[static_cast<std::size_t>(i)].store(shared_totals<A>::kEmpty, std::memory_order_relaxed);
+      tot = {ensure(totals_buf, size), flags.get(), n_pre, S};
+    }
+    tasks = n_seq * plan.ranges;
+    const index_t capacity = tasks + (plan.ranges > 1 ? n_seq * plan.n_chunks : 0);
+    words.reset(new std::atomic<std::uint64_t>[static_cast<std::size_t>(capacity)]);
+    for (index_t t = 0; t < capacity; ++t) {
+      const index_t r = t / n_seq, s = t % n_seq;
+      words[static_cast<std::size_t>(t)].store(
+          t < tasks ? scan_pieces::pack(s, plan.range_chunk(r), plan.range_chunk(r + 1)) : scan_pieces::pack(0, 0, 0),
+          std::memory_order_relaxed);
+    }
+    count.store(tasks, std::memory_order_relaxed);
+    pieces = {words.get(), &count, capacity};
+  }
+};
+
+/// Task t of a causal scan: its piece (range), then, when a sequence has several ranges and
+/// every task has begun, tails stolen from the others while any is left. Before that, the
+/// thread goes back for the next task: stealing the tail of a range nobody has begun would
+/// make the thief compute the totals before it, which the range's own thread, starting at its
+/// front after the range before, would not (a thread that runs every task alone computes no
+/// total twice). Whoever scans a sequence's last super-chunk leaves its final state in the
+/// sequence's linear_state.
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void scan_task(const block_scan<T, Source, Arch>& sc, const causal_schedule<A>& sched, index_t task,
+               scan_workspace<A>& ws) {
+  sched.started.fetch_add(1, std::memory_order_acq_rel);
+  const auto scan = [&](index_t i, index_t g_first) {
+    const piece_end<A> end = scan_piece(sc, sched.tot, sched.pieces, i, g_first, ws);
+    if (sc.p.states && end.chunk == sc.plan.n_chunks - 1)
+      save_state(sc, ws.prefix.data(), end.last, sc.p.states[sched.pieces.sequence(i)]);
+  };
+  if (const index_t g = sched.pieces.claim(task); g >= 0) scan(task, g);
+  if (sc.plan.ranges == 1 || sched.started.load(std::memory_order_acquire) < sched.tasks) return;
+  for (auto [i, g] = sched.pieces.steal(); i >= 0; std::tie(i, g) = sched.pieces.steal()) scan(i, g);
+}
+
+/// Causal: every task of causal_schedule a task of one parallel loop. Tasks are claimed in
+/// dependency order: a thread that runs them alone finishes every range before it starts the
+/// next, finds every total it starts after published, and finds nothing left to steal. A
+/// thread that has scanned its piece steals tails of the others while any is left, so the
+/// ranges end together however fast their threads run (a helper that starts late, a core
+/// shared with another process; docs/design.md §5).
 template <class T, class Source, class Arch, class A = accum_t<T>>
 void run_causal(const block_scan<T, Source, Arch>& sc, std::vector<scan_workspace<A>>& scratch, int workers,
                 aligned_vector<A>& totals_buf) {
   const linear_problem<T>& p = sc.p;
-  const index_t n_seq = p.sizes.batch * p.sizes.kv_heads, ranges = sc.plan.ranges, S = sc.d.S;
-  const index_t n_pre = pre_pass_chunks(sc.plan, true);
-  shared_totals<A> tot;
-  std::unique_ptr<std::atomic<unsigned char>[]> flags;
-  if (n_pre > 0) {
-    const auto size = static_cast<index_t>(checked_size<A>("run_block_linear", "the chunk totals", {n_seq, n_pre, S}));
-    flags.reset(new std::atomic<unsigned char>[static_cast<std::size_t>(n_seq * n_pre)]);
-    for (index_t i = 0; i < n_seq * n_pre; ++i)
-      flags.get()[i].store(shared_totals<A>::kEmpty, std::memory_order_relaxed);
-    tot = {ensure(totals_buf, size), flags.get(), n_pre, S};
-  }
+  const causal_schedule<A> sched(sc, totals_buf);
   blind_rows(p, sc.plan);
-  parallel_for(workers, n_seq * ranges, [&](index_t task, int worker) {
-    scan_workspace<A>& ws = scratch[static_cast<std::size_t>(worker)];
-    const index_t r = task / n_seq, s = task % n_seq;
-    const key_block<A> last = scan_range(sc, tot, s, r, ws);
-    if (p.states && r == ranges - 1) save_state(sc, ws.prefix.data(), last, p.states[s]);
+  parallel_for(workers, sched.tasks, [&](index_t task, int worker) {
+    scan_task(sc, sched, task, scratch[static_cast<std::size_t>(worker)]);
   });
   if (p.states)
-    for (index_t s = 0; s < n_seq; ++s) p.states[s].position = sc.plan.p0 + p.sizes.nk;
+    for (index_t s = 0; s < p.sizes.batch * p.sizes.kv_heads; ++s) p.states[s].position = sc.plan.p0 + p.sizes.nk;
 }
 
 /// Non-causal totals of every sequence into grand [n_seq x S]: the pre-pass's super-chunk
@@ -831,7 +977,7 @@ void run_block_linear(const linear_problem<T>& p, const Source& src) {
   if (pb.causal) {
     run_causal(sc, wsp.workers, workers, wsp.totals);
   } else {
-    const chunk_totals<A> totals = range_pre_pass(sc, pre_pass_chunks(plan, false), wsp.workers, workers, wsp.totals);
+    const chunk_totals<A> totals = range_pre_pass(sc, pre_pass_chunks(plan), wsp.workers, workers, wsp.totals);
     run_noncausal(sc, totals, wsp.workers, workers, wsp.grand);
   }
   if (!p.workspace) release_batch_buffers(wsp);
