@@ -231,7 +231,7 @@ struct two_range_scan {
 };
 
 // A range that finds the totals before it still being written does its first block's state
-// pass before it computes its own copies of them (scan_range's `meanwhile`: the pass reads no
+// pass before it computes its own copies of them (scan_piece's `meanwhile`: the pass reads no
 // prefix, and meanwhile the writer may publish); its output rows are still the 1-thread bits.
 TEMPLATE_TEST_CASE("causal scan: a range facing stuck totals does its first state pass first", "[linear][threads][scan]",
                    float, double) {

@@ -18,8 +18,7 @@
 // Causal schedule (docs/design.md §5, "Threads"): one parallel loop of (range, sequence)
 // tasks, and no pre-pass. A range's running sum at the end of a super-chunk IS that
 // super-chunk's total, so the range publishes it (shared_totals: a slot and an
-// empty / writing / published flag per super-chunk a later range starts after), as soon as it
-// is complete: before the output pass of the super-chunk's last block. A range's
+// empty / writing / published flag per super-chunk), as soon as it is complete: before the output pass of the super-chunk's last block. A range's
 // prefix (shared_prefix) adds the published totals and computes only the missing ones,
 // latest first, publishing them too; it never waits for a slot another thread is writing
 // (that thread may not be running) but computes its own copy, the same bits. Tasks are
@@ -31,7 +30,13 @@
 // has not published yet, while that range publishes them from the front. With P threads all
 // running, the later ranges compute the totals the earlier ones have not reached: less state
 // work in all than a pre-pass of every total before the last range, but on their threads
-// rather than shared evenly (measured in docs/design.md §5).
+// rather than shared evenly (measured in docs/design.md §5). The split is fixed, the threads'
+// speeds are not (a helper that starts late, a core shared with another process, two vCPUs
+// of different speed), so a range is a piece (scan_pieces) whose owner claims its super-chunks
+// one at a time from the front, and a thread that has finished its task, once every task has
+// begun, steals the unclaimed tail of the piece with the most left and scans it as a piece of
+// its own, from the published totals (scan_task). Whoever scans a sequence's last super-chunk
+// keeps the final state.
 // Non-causal calls keep the pre-pass: every query block needs every total, so there is no
 // order of tasks for the totals to be published in.
 //
@@ -44,8 +49,9 @@
 //   scan_dims_of, scan_plan_of, scan_workers  widths, block bookkeeping, worker count
 //   load_states                               the states' inputs, copied before any task
 //   fetch_block (fresh_rows, assemble_rows)   a block's keys and values
-//   run_causal (shared_prefix, scan_range,    the causal ranges in parallel, sharing the
-//               chunk_total, save_state)      super-chunk totals; final states
+//   run_causal (causal_schedule, scan_task,   the causal ranges in parallel, sharing the
+//               scan_piece, shared_prefix,    super-chunk totals, stealing tails; final
+//               chunk_total, save_state)      states
 //   range_pre_pass (chunk_total)              the non-causal super-chunk totals
 //   run_noncausal (noncausal_totals,          each sequence's total, then every query block
 //                  noncausal_query_block)     against it
@@ -534,7 +540,7 @@ struct scan_pieces {
 /// computed into its slot and published: the range before this one publishes its totals from
 /// its first super-chunk on as it scans, so going backwards meets it (and a range that runs
 /// after the one before it finished computes none). If a total is still being written by
-/// another thread then, `meanwhile()` runs first (scan_range: the range's own first state pass,
+/// another thread then, `meanwhile()` runs first (scan_piece: the piece's own first state pass,
 /// which needs no prefix), giving that thread time to publish. Then the totals are added in
 /// order: the published ones, and for a slot still being written, a copy computed here (in
 /// ws.zx, never ws.run: `meanwhile` may have summed into that).
@@ -683,21 +689,19 @@ struct piece_end {
 /// the piece starts after is still being written by another thread, the first block's state
 /// pass is done before the prefix is built (shared_prefix's `meanwhile`): it reads no prefix,
 /// and by its end the writer has usually published (docs/design.md §5: one sequence of 4 blocks
-/// on 2 threads otherwise summed the first total twice in 2 calls of 3).
+/// on 2 threads otherwise summed the first total twice in 2 calls of 3). A block has a state
+/// pass when its sum is read: by a later block, by whoever reads the total this scan publishes,
+/// by the next call, or, for the last block of a super-chunk whose total another thread writes,
+/// by this piece's next super-chunk if it has one (claimed then, to know: typically range 0's
+/// last block, whose total a later range computed first, needs none).
 template <class T, class Source, class Arch, class A = accum_t<T>>
 piece_end<A> scan_piece(const block_scan<T, Source, Arch>& sc, const shared_totals<A>& tot, const scan_pieces& pieces,
                         index_t i, index_t g_first, scan_workspace<A>& ws) {
   const scan_plan& plan = sc.plan;
   const index_t s = pieces.sequence(i);
   const index_t S = sc.d.S, bi = s / sc.p.sizes.kv_heads, hk = s % sc.p.sizes.kv_heads;
-  // The piece's next super-chunk, claimed early by has_pass (`next_claimed`).
-  index_t g_next = -1;
+  index_t g_next = -1;  // the piece's next super-chunk, when has_pass claimed it early
   bool next_claimed = false;
-  // Whether block c of super-chunk g has a state pass: its sum is read by a later block, by
-  // whoever reads the total this scan publishes, by the next call, or, for the last block of a
-  // super-chunk whose total another thread writes, by this piece's next super-chunk, if it has
-  // one (claimed now to know: typically range 0's last block, whose total a later range
-  // computed first, needs none).
   auto has_pass = [&](index_t g, index_t c, index_t n, bool publish) {
     if (c == plan.c_end && !(sc.p.states && n == plan.b)) return false;
     if (publish || c < plan.chunk_last(g) || c == plan.c_end) return true;
