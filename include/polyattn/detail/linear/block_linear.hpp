@@ -69,6 +69,7 @@
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
+#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -851,6 +852,144 @@ void scan_task(const block_scan<T, Source, Arch>& sc, const causal_schedule<A>& 
   for (auto [i, g] = sched.pieces.steal(); i >= 0; std::tie(i, g) = sched.pieces.steal()) scan(i, g);
 }
 
+/// One sequence's causal pipeline (run_pipeline): the chain of state passes in block order,
+/// which one thread at a time advances (chain_busy), and the blocks' output passes, which any
+/// thread claims in order once the chain has put the state before the block in the ring. The
+/// chain never overwrites a slot whose output pass has not finished (holds).
+template <class A>
+struct pipeline_seq {
+  A* prefix = nullptr;  // the chain's prefix over finished super-chunks [S]
+  A* run = nullptr;     // and its sum within the current one [S]
+  A* ring = nullptr;    // [slots x S]: the state before block x in slot x % slots
+  std::atomic<int> chain_busy{0};
+  std::atomic<index_t> chained{0};  // blocks whose state is in the ring: the chain's next block
+  std::atomic<index_t> claimed{0};  // output passes claimed
+  std::unique_ptr<std::atomic<index_t>[]> holds;  // per slot: the block whose output pass is pending, or −1
+  std::unique_ptr<unsigned char[]> has_state;     // per slot: whether the block has a state before it
+};
+
+/// Slots of a pipeline's ring: the chain runs ahead of the output passes by at most this many
+/// blocks. More than the workers, so that the output passes in flight never fill it.
+inline index_t pipeline_slots(int workers) { return 2 * index_t(workers) + 2; }
+
+/// The chain's step x (block c0 + x) of sequence s: the state before the block, as the 1-thread
+/// scan forms it (the prefix, the run within the super-chunk, or their sum), into ring slot
+/// x % slots; then the block's state pass into the run, and the run into the prefix at the
+/// super-chunk's end; the final state saved after the last block.
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void chain_step(const block_scan<T, Source, Arch>& sc, pipeline_seq<A>& q, index_t s, index_t x, index_t slots,
+                scan_workspace<A>& ws) {
+  const scan_plan& plan = sc.plan;
+  const index_t S = sc.d.S, c = plan.c0 + x, g = x / plan.per_chunk, slot = x % slots;
+  const key_block<A> kb = fetch_block(sc, s / sc.p.sizes.kv_heads, s % sc.p.sizes.kv_heads, c, ws);
+  const bool has_prefix = sc.p.states || g > 0, has_run = c > plan.chunk_first(g);
+  A* dst = q.ring + slot * S;
+  if (has_prefix && has_run) add_states(q.prefix, q.run, S, dst);
+  else if (has_prefix || has_run) std::copy(has_prefix ? q.prefix : q.run, (has_prefix ? q.prefix : q.run) + S, dst);
+  q.has_state[to_size(slot)] = has_prefix || has_run;
+  q.holds[to_size(slot)].store(x, std::memory_order_relaxed);
+  q.chained.store(x + 1, std::memory_order_release);
+  const bool pass = c < plan.c_end || (sc.p.states && kb.n == plan.b);
+  if (pass) {
+    if (!has_run) std::fill(q.run, q.run + S, A(0));
+    const block_rows<A> kr = sc.src.prepare(kb.raw, kb.n, false, ws.krows);
+    state_pass<A, Source, Arch, T>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, q.run, sc.d.ldz);
+  }
+  if (c == plan.chunk_last(g) && (pass || has_run)) add_states(q.prefix, q.run, S, q.prefix);
+  if (c == plan.c_end && sc.p.states) save_state(sc, q.prefix, kb, sc.p.states[s]);
+}
+
+/// The output pass of block c0 + x of sequence s from the state the chain left in its slot.
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void pipeline_output(const block_scan<T, Source, Arch>& sc, pipeline_seq<A>& q, index_t s, index_t x, index_t slots,
+                     scan_workspace<A>& ws) {
+  const index_t bi = s / sc.p.sizes.kv_heads, hk = s % sc.p.sizes.kv_heads, c = sc.plan.c0 + x, slot = x % slots;
+  key_block<A> kb = fetch_block(sc, bi, hk, c, ws);
+  const index_t ldkt = prepared_keys(sc, kb, false, ws).second;
+  const A* state = q.has_state[to_size(slot)] ? q.ring + slot * sc.d.S : nullptr;
+  causal_block_outputs(sc, bi, hk, c, kb, ldkt, state, ws);
+  q.holds[to_size(slot)].store(-1, std::memory_order_release);
+}
+
+/// Marks the pipeline failed unless dismissed: a step that throws leaves no one waiting for it.
+struct pipeline_guard {
+  std::atomic<bool>& failed;
+  std::atomic<int>* lock;
+  bool ok = false;
+  ~pipeline_guard() {
+    if (!ok) failed.store(true, std::memory_order_release);
+    if (lock) lock->store(0, std::memory_order_release);
+  }
+};
+
+/// Causal, fewer sequences than threads: each sequence a pipeline (pipeline_seq). Every worker
+/// runs one loop: advance a chain that is free and has a free slot (the chain of state passes
+/// is the critical path), else claim the next output pass whose state is ready, else yield.
+/// No state pass is done twice, so sharing a core with another process costs what the work
+/// costs; a thread that arrives late finds the chain where the others left it. The states in
+/// the ring are those the 1-thread scan reads: the same bits for any thread count.
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void run_pipeline(const block_scan<T, Source, Arch>& sc, std::vector<scan_workspace<A>>& scratch, int workers,
+                  aligned_vector<A>& buf) {
+  const scan_plan& plan = sc.plan;
+  const index_t n_seq = sc.p.sizes.batch * sc.p.sizes.kv_heads, S = sc.d.S, slots = pipeline_slots(workers);
+  const index_t n_blocks = std::max<index_t>(0, plan.c_end - plan.c0 + 1);
+  A* mem = ensure(buf, static_cast<index_t>(checked_size<A>("run_block_linear", "the pipeline's states",
+                                                             {n_seq, slots + 2, S})));
+  const std::unique_ptr<pipeline_seq<A>[]> seqs(new pipeline_seq<A>[to_size(n_seq)]);
+  for (index_t s = 0; s < n_seq; ++s) {
+    pipeline_seq<A>& q = seqs[to_size(s)];
+    q.prefix = mem + s * (slots + 2) * S;
+    q.run = q.prefix + S;
+    q.ring = q.run + S;
+    q.holds.reset(new std::atomic<index_t>[to_size(slots)]);
+    q.has_state.reset(new unsigned char[to_size(slots)]());
+    for (index_t k = 0; k < slots; ++k) q.holds[to_size(k)].store(-1, std::memory_order_relaxed);
+    if (sc.p.states)
+      std::copy(sc.carried.start + s * S, sc.carried.start + (s + 1) * S, q.prefix);
+    else
+      std::fill(q.prefix, q.prefix + S, A(0));
+  }
+  std::atomic<bool> failed{false};
+  // one step of sequence s for this worker: the chain if it can advance, else an output pass
+  const auto step = [&](pipeline_seq<A>& q, index_t s, scan_workspace<A>& ws) {
+    if (q.chained.load(std::memory_order_acquire) < n_blocks && q.chain_busy.exchange(1, std::memory_order_acquire) == 0) {
+      pipeline_guard guard{failed, &q.chain_busy};
+      const index_t x = q.chained.load(std::memory_order_relaxed);
+      const bool go = x < n_blocks && q.holds[to_size(x % slots)].load(std::memory_order_acquire) < 0;
+      if (go) chain_step(sc, q, s, x, slots, ws);
+      guard.ok = true;
+      if (go) return true;
+    }
+    index_t o = q.claimed.load(std::memory_order_relaxed);
+    if (o < q.chained.load(std::memory_order_acquire) &&
+        q.claimed.compare_exchange_strong(o, o + 1, std::memory_order_acq_rel)) {
+      pipeline_guard guard{failed, nullptr};
+      pipeline_output(sc, q, s, o, slots, ws);
+      guard.ok = true;
+      return true;
+    }
+    return false;
+  };
+  blind_rows(sc.p, plan);
+  parallel_for(workers, workers, [&](index_t, int worker) {
+    scan_workspace<A>& ws = scratch[to_size(worker)];
+    while (!failed.load(std::memory_order_acquire)) {
+      bool left = false, did = false;
+      for (index_t s = 0; s < n_seq && !did; ++s) {
+        pipeline_seq<A>& q = seqs[to_size(s)];
+        if (q.claimed.load(std::memory_order_relaxed) >= n_blocks) continue;
+        left = true;
+        did = step(q, s, ws);
+      }
+      if (!left) return;
+      if (!did) std::this_thread::yield();  // the chain is another thread's: let it run
+    }
+  });
+  if (sc.p.states)
+    for (index_t s = 0; s < n_seq; ++s) sc.p.states[s].position = plan.p0 + sc.p.sizes.nk;
+}
+
 /// Causal: every task of causal_schedule a task of one parallel loop. Tasks are claimed in
 /// dependency order: a thread that runs them alone finishes every range before it starts the
 /// next, finds every total it starts after published, and finds nothing left to steal. A
@@ -861,6 +1000,10 @@ template <class T, class Source, class Arch, class A = accum_t<T>>
 void run_causal(const block_scan<T, Source, Arch>& sc, std::vector<scan_workspace<A>>& scratch, int workers,
                 aligned_vector<A>& totals_buf) {
   const linear_problem<T>& p = sc.p;
+  if (sc.plan.ranges > 1) {
+    run_pipeline(sc, scratch, workers, totals_buf);
+    return;
+  }
   const causal_schedule<A> sched(sc, totals_buf);
   blind_rows(p, sc.plan);
   parallel_for(workers, sched.tasks, [&](index_t task, int worker) {
