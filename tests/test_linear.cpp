@@ -172,11 +172,14 @@ TEST_CASE("linear_attention single-head Eigen overload", "[linear][eigen]") {
     for (index_t c = 0; c < 4; ++c) CHECK(std::abs(out(i, c) - exact(0, 0, i, c)) < 1e-12);
 }
 
-// The causal scan's ranges share the super-chunk totals (block_linear.hpp, docs/design.md §5
-// "Threads"): a range publishes the totals it sums while scanning, and a later range computes
-// only those not published yet. 900 keys in blocks of 25: 12 super-chunks of 3 blocks.
-TEMPLATE_TEST_CASE("causal scan: one thread running every range computes no total twice", "[linear][threads][scan]",
-                   float, double) {
+// With fewer sequences than threads each sequence is a pipeline (block_linear.hpp,
+// docs/design.md §5 "Threads"): one chain of state passes that the threads advance in turn and
+// the output passes from the states it leaves in a small ring. No state pass is done twice (no
+// super-chunk total is computed at all), and the rows are the 1-thread bits, whether the
+// helpers run or the caller runs every step alone (its loop fills the ring, then drains it).
+// 900 keys in blocks of 25: 12 super-chunks of 3 blocks.
+TEMPLATE_TEST_CASE("causal scan: threads sharing a sequence repeat no state pass", "[linear][threads][scan]", float,
+                   double) {
   const linear_shape shapes[] = {{1, 2, 1, 900, 900, 12, 8, false}, {2, 2, 1, 900, 900, 12, 8, true}};
   for (const linear_shape& s : shapes) {
     linear_inputs<TestType> in(s, 21);
@@ -186,193 +189,60 @@ TEMPLATE_TEST_CASE("causal scan: one thread running every range computes no tota
       const detail::block_problem pb{s.batch, s.heads, s.kv_heads, s.nq, s.nk, s.dv, 25, true, t};
       const index_t ranges = detail::scan_plan_of(plain_problem<TestType>(pb, in.pq.view, in.pk.view, in.v.view,
                                                                           in.out.view, TestType(0)), t).ranges;
-      CHECK(ranges == (t + s.batch - 1) / s.batch);  // the split this test is about happens
+      CHECK(ranges == (t + s.batch - 1) / s.batch);  // threads a sequence: the pipeline when more than 1
       const std::uint64_t before = detail::chunk_totals_computed().load();
       tensor4<TestType> alone;
       {
         const helpers_held_back hold;
         alone = causal_scan(in, s, t);
       }
+      const tensor4<TestType> shared = causal_scan(in, s, t);
       CHECK(detail::chunk_totals_computed().load() == before);
       CHECK(bitwise_equal<TestType>(one.cview(), alone.cview()));
-      CHECK(bitwise_equal<TestType>(one.cview(), causal_scan(in, s, t).cview()));  // with the helpers
+      CHECK(bitwise_equal<TestType>(one.cview(), shared.cview()));
     }
   }
 }
 
-/// One sequence of 900 keys in blocks of 25 (12 super-chunks of 3 blocks) planned for 2
-/// threads: range 1 starts after 7 super-chunks (range 0 gets 0.6 of them). The schedule of
-/// run_causal (the shared totals of the 12, their slots and flags; the two ranges as pieces),
-/// and a workspace; out is the problem's output.
-template <class T>
-struct two_range_scan {
-  using source = detail::view_feature_source<T>;
-  using arch = detail::default_arch;
-  linear_shape s{1, 1, 1, 900, 900, 12, 8, false};
-  linear_inputs<T> in;
-  tensor4<T> out{s.batch, s.heads, s.nq, s.dv, s.bnhd};
-  detail::block_problem pb{1, 1, 1, s.nq, s.nk, s.dv, 25, true, 2};
-  detail::linear_problem<T> p;
-  source src{s.m};
-  detail::scan_dims d = detail::scan_dims_of<T, source, arch>(p, src);
-  detail::block_scan<T, source, arch> sc{p, src, d, detail::scan_plan_of(p, 2), {}};
-  index_t n_pre = sc.plan.range_chunk(1);  // the super-chunks before range 1
-  detail::aligned_vector<T> slots;
-  detail::causal_schedule<T> sched{sc, slots};
-  const detail::shared_totals<T>& tot = sched.tot;
-  detail::scan_workspace<T> ws;
-  two_range_scan(std::uint64_t seed, T bias)
-      : in(s, seed), p(plain_problem<T>(pb, in.pq.view, in.pk.view, in.v.view, out.view, bias)) {}
-  index_t keys_before() const { return n_pre * sc.plan.per_chunk * pb.block; }  // 525
-  /// The flags of the totals before range 1.
-  void set_flags(unsigned char flag) {
-    for (index_t g = 0; g < n_pre; ++g) tot.flag(0, g).store(flag);
-  }
-};
-
-// A range that finds the totals before it still being written does its first block's state
-// pass before it computes its own copies of them (scan_piece's `meanwhile`: the pass reads no
-// prefix, and meanwhile the writer may publish); its output rows are still the 1-thread bits.
-TEMPLATE_TEST_CASE("causal scan: a range facing stuck totals does its first state pass first", "[linear][threads][scan]",
-                   float, double) {
-  using T = TestType;
-  two_range_scan<T> x(35, T(0.5));
-  REQUIRE(x.n_pre == 7);
-  const tensor4<T> one = causal_scan(x.in, x.s, 1);
-  x.set_flags(detail::shared_totals<T>::kWriting);  // a writer that never runs
-  const std::uint64_t before = detail::chunk_totals_computed().load();
-  detail::scan_piece(x.sc, x.tot, x.sched.pieces, 1, x.sched.pieces.claim(1), x.ws);
-  CHECK(detail::chunk_totals_computed().load() - before == 7);  // its own copies
-  bool same = true;
-  for (index_t i = x.keys_before(); i < x.s.nq; ++i)  // range 1's rows
-    for (index_t c = 0; c < x.s.dv; ++c) {
-      const T a = x.out(0, 0, i, c), b = one(0, 0, i, c);
-      same = same && std::memcmp(&a, &b, sizeof(T)) == 0;
-    }
-  CHECK(same);
-}
-
-// A range's prefix from the shared totals, whatever state their slots are in: all empty (it
-// computes and publishes each), all being written by a thread that never runs (it computes
-// its own copies, publishes nothing), all published (it computes none). The same bits, and the
-// plain float64 sum of φ(k) vᵀ and φ(k) over the keys before range 1 (7 of the 12 super-chunks
-// of 3 blocks: range 0 gets 0.6 of them).
-TEMPLATE_TEST_CASE("causal scan: a range's prefix from empty, stuck and published totals", "[linear][threads][scan]",
-                   float, double) {
-  using T = TestType;
-  two_range_scan<T> x(33, T(0));
-  REQUIRE(x.n_pre == 7);
-  const linear_shape& s = x.s;
-  const linear_inputs<T>& in = x.in;
-  const detail::scan_dims& d = x.d;
-  const index_t n_pre = x.n_pre, keys_before = x.keys_before();
-  const auto prefix_with = [&](unsigned char flag, std::uint64_t computed, unsigned char after) {
-    x.set_flags(flag);
-    std::vector<T> prefix(static_cast<std::size_t>(d.S));
-    const std::uint64_t before = detail::chunk_totals_computed().load();
-    // `meanwhile` runs once if a total is still being written after the claims, before the copies
-    int meanwhile_calls = 0;
-    std::uint64_t computed_by_then = 0;
-    detail::shared_prefix(x.sc, x.tot, 0, n_pre, prefix.data(), x.ws, [&] {
-      ++meanwhile_calls;
-      computed_by_then = detail::chunk_totals_computed().load() - before;
-    });
-    CHECK(detail::chunk_totals_computed().load() - before == computed);
-    CHECK(meanwhile_calls == (flag == detail::shared_totals<T>::kWriting ? 1 : 0));
-    CHECK(computed_by_then == 0);
-    for (index_t g = 0; g < n_pre; ++g) CHECK(x.tot.flag(0, g).load() == after);
-    return prefix;
-  };
-  using st = detail::shared_totals<T>;
-  const std::vector<T> stuck = prefix_with(st::kWriting, 7, st::kWriting);
-  const std::vector<T> empty = prefix_with(st::kEmpty, 7, st::kPublished);
-  const std::vector<T> published = prefix_with(st::kPublished, 0, st::kPublished);
-  const std::size_t bytes = empty.size() * sizeof(T);
-  CHECK(std::memcmp(stuck.data(), empty.data(), bytes) == 0);
-  CHECK(std::memcmp(published.data(), empty.data(), bytes) == 0);
-  double worst = 0, magnitude = 0;  // the state before range 1: Z[f][c] = Σ φ(k)_f v_c, then z[f] = Σ φ(k)_f
-  for (index_t f = 0; f < s.m; ++f)
-    for (index_t c = 0; c <= s.dv; ++c) {
-      double x = 0;
-      for (index_t j = 0; j < keys_before; ++j) x += double(in.pk(0, 0, j, f)) * (c < s.dv ? double(in.v(0, 0, j, c)) : 1.0);
-      const T got = c < s.dv ? empty[static_cast<std::size_t>(f * d.ldz + c)]
-                             : empty[static_cast<std::size_t>(s.m * d.ldz + f)];
-      worst = std::max(worst, std::abs(double(got) - x));
-      magnitude = std::max(magnitude, std::abs(x));
-    }
-  INFO("error " << worst << " magnitude " << magnitude);
-  CHECK(worst <= magnitude * 1e3 * double(std::numeric_limits<T>::epsilon()));
-}
-
-// A thread left with nothing to do steals unclaimed tails of the other pieces (scan_pieces):
-// about a third of a piece's unclaimed super-chunks at a time, at least one, until none is left.
-// Stealing begins once every task has begun (scan_task). Here range 0's thread has begun its
-// task and stops before it claims a super-chunk: the thread of range 1 scans its range, then
-// steals range 0's 7 super-chunks in 5 tails (2, 2, 1, 1, 1: 7 → 5 → 3 → 2 → 1 left), each from the totals
-// range 1 published: no total computed twice, the 1-thread bits, and the owner that starts at
-// last finds nothing left.
-TEMPLATE_TEST_CASE("causal scan: the range of a thread that stops is stolen", "[linear][threads][scan]", float,
+// A pipeline that continues a state (40 keys before the call, 15 of them in its unfinished
+// block) and leaves one with 15 pending rows (890 keys): the chain saves the final state after
+// the last block while output passes may still read the carried rows (copied first). Rows and
+// state are the 1-thread bits, with the helpers and with the caller alone.
+TEMPLATE_TEST_CASE("causal scan: a pipeline continues a state and saves it", "[linear][threads][scan][state]", float,
                    double) {
   using T = TestType;
-  two_range_scan<T> x(37, T(0.5));
-  REQUIRE(x.n_pre == 7);
-  const tensor4<T> one = causal_scan(x.in, x.s, 1);
-  const std::uint64_t totals_before = detail::chunk_totals_computed().load();
-  const std::uint64_t stolen_before = detail::pieces_stolen().load();
-  x.sched.started.store(1);  // range 0's task
-  detail::scan_task(x.sc, x.sched, 1, x.ws);
-  CHECK(detail::chunk_totals_computed().load() - totals_before == 7);
-  CHECK(detail::pieces_stolen().load() - stolen_before == 5);
-  CHECK(bitwise_equal<T>(one.cview(), x.out.cview()));
-  CHECK(x.sched.pieces.claim(0) == -1);
-  CHECK(x.sched.pieces.steal().first == -1);
-}
-
-// The same with a state that continues (40 keys before the call, 15 of them in its unfinished
-// block) and is left with 15 pending rows (890 keys): whichever range's thread stops at the
-// start of its task, the other scans everything, and whoever scans the last super-chunk (range 1, or the tail
-// stolen from it) saves the final state. Rows and state are the 1-thread bits.
-TEMPLATE_TEST_CASE("causal scan: whoever scans the last super-chunk saves the state", "[linear][threads][scan]",
-                   float, double) {
-  using T = TestType;
   using source = detail::view_feature_source<T>;
-  using arch = detail::default_arch;
   const linear_shape head{1, 1, 1, 40, 40, 12, 8, false}, s{1, 1, 1, 850, 850, 12, 8, false};
   const linear_inputs<T> before(head, 51), in(s, 53);
-  const auto problem = [&](const linear_inputs<T>& x, const linear_shape& sh, tensor4<T>& out, int threads,
-                           detail::linear_state<T>& st) {
+  const auto run = [&](const linear_inputs<T>& x, const linear_shape& sh, tensor4<T>& out, int threads,
+                       detail::linear_state<T>& st) {
     const detail::block_problem pb{1, 1, 1, sh.nq, sh.nk, sh.dv, 25, true, threads};
-    return plain_problem<T>(pb, x.pq.view, x.pk.view, x.v.view, out.view, T(0.5), &st);
+    const detail::linear_problem<T> p = plain_problem<T>(pb, x.pq.view, x.pk.view, x.v.view, out.view, T(0.5), &st);
+    if (threads > 1) REQUIRE(detail::scan_plan_of(p, threads).ranges == threads);
+    detail::run_block_linear<T>(p, source{s.m});
   };
   detail::linear_state<T> start(25, s.m, s.m, s.dv);
   tensor4<T> head_out(1, 1, head.nq, head.dv, false);
-  detail::run_block_linear<T>(problem(before, head, head_out, 1, start), source{s.m});
+  run(before, head, head_out, 1, start);
   REQUIRE(start.pending() == 15);
   detail::linear_state<T> st1 = start;
   tensor4<T> one(1, 1, s.nq, s.dv, false);
-  detail::run_block_linear<T>(problem(in, s, one, 1, st1), source{s.m});
+  run(in, s, one, 1, st1);
   REQUIRE(st1.pending() == 15);
   const auto same = [](const detail::aligned_vector<T>& a, const detail::aligned_vector<T>& b, std::size_t n) {
     return std::memcmp(a.data(), b.data(), n * sizeof(T)) == 0;
   };
-  for (index_t runs : {0, 1}) {
-    INFO("the range whose thread runs: " << runs);
+  for (bool alone : {true, false}) {
+    INFO((alone ? "the caller alone" : "with the helpers"));
     detail::linear_state<T> st = start;
     tensor4<T> out(1, 1, s.nq, s.dv, false);
-    const detail::linear_problem<T> p = problem(in, s, out, 2, st);
-    const source src{s.m};
-    const detail::scan_dims d = detail::scan_dims_of<T, source, arch>(p, src);
-    const detail::scan_plan plan = detail::scan_plan_of(p, 2);
-    REQUIRE(plan.ranges == 2);
-    REQUIRE(plan.n_chunks == 12);
-    detail::linear_workspace<T> wsp;
-    const detail::block_scan<T, source, arch> sc{p, src, d, plan, detail::load_states(p, d, plan, wsp)};
-    detail::aligned_vector<T> slots;
-    const detail::causal_schedule<T> sched(sc, slots);
-    detail::scan_workspace<T> ws;
-    sched.started.store(1);  // the other range's task, begun and stopped
-    detail::scan_task(sc, sched, runs, ws);
-    CHECK(sched.pieces.claim(1 - runs) == -1);
+    if (alone) {
+      const helpers_held_back hold;
+      run(in, s, out, 2, st);
+    } else {
+      run(in, s, out, 2, st);
+    }
+    CHECK(st.position == st1.position);
     CHECK(bitwise_equal<T>(one.cview(), out.cview()));
     CHECK(same(st.S, st1.S, st1.S.size()));
     CHECK(same(st.keys, st1.keys, static_cast<std::size_t>(15 * st1.key_dim)));

@@ -10,35 +10,23 @@
 // Parallelism and determinism. Blocks are grouped into at most kSuperChunks contiguous
 // super-chunks (a count fixed independently of the thread count). S is kept in two levels:
 // a prefix over finished super-chunks and a running sum within the current one, each summed
-// in a fixed order. Every super-chunk's total is therefore the same bits whoever computes it,
-// so the sequence can be cut at super-chunk boundaries into P ranges scanned in parallel, each
-// starting from the prefix of the totals before it: the results are bitwise identical for any
-// P. P grows with the thread count only while there are fewer sequences than threads.
+// in a fixed order, and every block's output pass reads the state before it formed from them
+// the same way whatever the thread count: the results are bitwise identical for any.
 //
-// Causal schedule (docs/design.md §5, "Threads"): one parallel loop of (range, sequence)
-// tasks, and no pre-pass. A range's running sum at the end of a super-chunk IS that
-// super-chunk's total, so the range publishes it (shared_totals: a slot and an
-// empty / writing / published flag per super-chunk), as soon as it is complete: before the output pass of the super-chunk's last block. A range's
-// prefix (shared_prefix) adds the published totals and computes only the missing ones,
-// latest first, publishing them too; it never waits for a slot another thread is writing
-// (that thread may not be running) but computes its own copy, the same bits. Tasks are
-// numbered range-major: range 0 of every sequence, then range 1, ... A caller that ends up
-// running every task itself (its helpers not scheduled) thus scans each range after the one
-// before it and finds its whole prefix published: the 1-thread work, plus P − 1 sums of
-// prefixes. A helper that arrives takes the next task, a later range (or range 0 of another
-// sequence, which needs no prefix), and computes from the back the totals the range before
-// has not published yet, while that range publishes them from the front. With P threads all
-// running, the later ranges compute the totals the earlier ones have not reached: less state
-// work in all than a pre-pass of every total before the last range, but on their threads
-// rather than shared evenly (measured in docs/design.md §5). The split is fixed, the threads'
-// speeds are not (a helper that starts late, a core shared with another process, two vCPUs
-// of different speed), so a range is a piece (scan_pieces) whose owner claims its super-chunks
-// one at a time from the front, and a thread that has finished its task, once every task has
-// begun, steals the unclaimed tail of the piece with the most left and scans it as a piece of
-// its own, from the published totals (scan_task). Whoever scans a sequence's last super-chunk
-// keeps the final state.
-// Non-causal calls keep the pre-pass: every query block needs every total, so there is no
-// order of tasks for the totals to be published in.
+// Causal schedule (docs/design.md §5, "Threads"). With as many sequences as threads or more,
+// each sequence is one task (scan_sequence). With fewer, each sequence is a pipeline
+// (run_pipeline): the chain of its blocks' state passes, in order, advanced by one thread at a
+// time (whichever finds it free), which puts the state before each block in a small ring
+// (a few blocks ahead at most); and the blocks' output passes (about three fifths of the work
+// for polysketch with local_exact), which any thread claims in order once their state is in
+// the ring. Every worker runs one loop: advance the chain, else claim an output pass, else
+// yield. No state pass is done twice, so two threads sharing one core with another process
+// cost about what one thread costs; a thread that starts late finds the chain where the others
+// left it, and a caller left alone does the 1-thread work plus one copy of S a block. (Until
+// 2026-12-06 the sequence was cut into ranges that computed the prefix totals they needed,
+// about a fifth more state work; docs/design.md §5.)
+// Non-causal calls run a pre-pass: the super-chunk totals in parallel, then every query block
+// against the sum.
 //
 // Explicit state: a scan can start from a linear_state (Z, z, the position, the raw rows of the
 // unfinished block) and leave the final state in it, so a sequence cut anywhere continues
@@ -49,9 +37,9 @@
 //   scan_dims_of, scan_plan_of, scan_workers  widths, block bookkeeping, worker count
 //   load_states                               the states' inputs, copied before any task
 //   fetch_block (fresh_rows, assemble_rows)   a block's keys and values
-//   run_causal (causal_schedule, scan_task,   the causal ranges in parallel, sharing the
-//               scan_piece, shared_prefix,    super-chunk totals, stealing tails; final
-//               chunk_total, save_state)      states
+//   run_causal (scan_sequence;                one thread a sequence; or a pipeline per
+//               run_pipeline: chain_step,     sequence: the chain of state passes and the
+//               pipeline_output, save_state)  output passes; final states
 //   range_pre_pass (chunk_total)              the non-causal super-chunk totals
 //   run_noncausal (noncausal_totals,          each sequence's total, then every query block
 //                  noncausal_query_block)     against it
@@ -70,7 +58,6 @@
 #include <memory>
 #include <stdexcept>
 #include <thread>
-#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -84,8 +71,8 @@
 
 namespace polyattn::detail {
 
-/// Super-chunks per sequence: the unit of the ranges and of their shared totals. 12 splits
-/// evenly into 1, 2, 3, 4 or 6 ranges.
+/// Super-chunks per sequence: the unit of the two-level state (prefix and run) and of the
+/// non-causal pre-pass.
 inline constexpr index_t kSuperChunks = 12;
 
 /// floor(a / b) for b > 0.
@@ -111,7 +98,7 @@ inline void copy_rows(const S* src, index_t ld_src, index_t n, index_t cols, D* 
   for (index_t r = 0; r < n; ++r) widen(src + r * ld_src, cols, dst + r * ld_dst);
 }
 
-/// Block bookkeeping of one call: absolute positions, blocks, super-chunks, ranges.
+/// Block bookkeeping of one call: absolute positions, blocks, super-chunks, threads a sequence.
 struct scan_plan {
   index_t b = 1;        // block size
   index_t p0 = 0;       // absolute position of the first new key
@@ -119,18 +106,10 @@ struct scan_plan {
   index_t offset = 0;   // query i sits at absolute position p0 + offset + i
   index_t c0 = 0, c_end = -1;  // first and last key block (absolute); none when c_end < c0
   index_t per_chunk = 1, n_chunks = 0;
-  index_t ranges = 1;  // P
+  index_t ranges = 1;  // threads a sequence can use (P): more than 1, the causal pipeline / the pre-pass
 
   index_t chunk_first(index_t g) const { return c0 + g * per_chunk; }
   index_t chunk_last(index_t g) const { return std::min(c_end, c0 + (g + 1) * per_chunk - 1); }
-  /// First super-chunk of range r. Range 0 gets 1.5 shares and each later range 1: a later
-  /// range first computes the totals before it that are not yet published, so at P = 2 with
-  /// both threads running (a full block costing about twice its state pass) the two finish
-  /// together at a split of 0.6 (docs/design.md §7). The bits do not depend on the split.
-  /// range_chunk(ranges) is n_chunks.
-  index_t range_chunk(index_t r) const {
-    return r == 0 ? 0 : (n_chunks * (2 * r + 1) + ranges) / (2 * ranges + 1);  // rounded
-  }
   /// Query rows [i0, i1) whose positions fall in block c.
   std::pair<index_t, index_t> query_rows(index_t c, index_t nq) const {
     const index_t i0 = std::clamp<index_t>(c * b - p0 - offset, 0, nq);
@@ -156,8 +135,8 @@ scan_plan scan_plan_of(const linear_problem<T>& p, int threads) {
     const index_t n_blocks = plan.c_end - plan.c0 + 1;
     plan.per_chunk = ceil_div(n_blocks, kSuperChunks);
     plan.n_chunks = ceil_div(n_blocks, plan.per_chunk);
-    // at least two blocks a range: with fewer the prefix totals cost more than the split saves
-    // (measured: one sequence of 3 blocks of 256 took 1.2x as long on two threads as on one)
+    // at least two blocks a thread (measured with the range split the pipeline replaced: one
+    // sequence of 3 blocks of 256 took 1.2x as long on two threads as on one)
     plan.ranges = std::max<index_t>(
         1, std::min({ceil_div(threads, pb.batch * pb.kv_heads), plan.n_chunks, n_blocks / 2}));
   }
@@ -204,9 +183,9 @@ scan_dims scan_dims_of(const linear_problem<T>& p, const Source& src) {
   return d;
 }
 
-/// The states' inputs (all null without states). In place (one range per sequence): the states
+/// The states' inputs (all null without states). In place (one thread a sequence): the states
 /// themselves, which each sequence's task reads and updates where they live. Copied (several
-/// ranges per sequence): per sequence a state [S], then b carried key rows [kdim] and b carried
+/// threads a sequence): per sequence a state [S], then b carried key rows [kdim] and b carried
 /// value rows [ldz] each.
 template <class T>
 struct carried_states {
@@ -216,11 +195,11 @@ struct carried_states {
   linear_state<T>* in_place = nullptr;
 };
 
-/// Checks the states against the problem. With one range per sequence, every task reads and
-/// writes only its own sequence's state: the scan works in place. With several, a range may
-/// write its sequence's final state while another still starts from the initial one, so their
-/// inputs are copied into the workspace before any task runs (a long prefill: the copy is
-/// small beside it).
+/// Checks the states against the problem. With one thread a sequence, every task reads and
+/// writes only its own sequence's state: the scan works in place. With several (the pipeline),
+/// the chain saves the final state while output passes of the first block may still read the
+/// carried rows, so the inputs are copied into the workspace before any task runs (a long
+/// prefill: the copy is small beside it).
 template <class T, class A = accum_t<T>>
 carried_states<A> load_states(const linear_problem<T>& p, const scan_dims& d, const scan_plan& plan,
                               linear_workspace<A>& wsp) {
@@ -402,8 +381,8 @@ raw_rows<A> query_raw(const block_scan<T, Source, Arch>& sc, index_t bi, index_t
                      p.q2.stride(2), n, sc.d.kdim1, sc.d.kdim2, ws.qraw);
 }
 
-/// How many super-chunk totals chunk_total has computed in this process: the state passes a
-/// scan did on top of its ranges' own (tests check that a scan run by one thread does none).
+/// How many super-chunk totals chunk_total has computed in this process: the non-causal
+/// pre-pass's (a causal scan computes none: its state passes are the chain's; tests check).
 /// One relaxed increment per super-chunk total, at most kSuperChunks per sequence and call.
 inline std::atomic<std::uint64_t>& chunk_totals_computed() {
   static std::atomic<std::uint64_t> count{0};
@@ -430,149 +409,9 @@ struct chunk_totals {
   index_t per_seq;
 };
 
-/// The super-chunk totals per sequence the ranges share (causal: every one, since a piece may
-/// start at any super-chunk once a tail is stolen) or the pre-pass sums (non-causal), when a
-/// sequence has more than one range; none otherwise.
+/// The super-chunk totals per sequence the non-causal pre-pass computes in parallel: every one
+/// when a sequence has several threads; none otherwise (each sequence's task sums its own).
 inline index_t pre_pass_chunks(const scan_plan& plan) { return plan.ranges > 1 ? plan.n_chunks : 0; }
-
-/// The super-chunk totals the ranges of a causal scan share: per sequence the first `per_seq`
-/// ones [S] (those a range other than the first starts after), each with a flag. A slot is
-/// written only by the thread that moved its flag from kEmpty to kWriting (the range scanning
-/// that super-chunk, or a later range that needed it first) and read by the others once it is
-/// kPublished (release / acquire). Nobody waits for a slot being written: its writer may not be
-/// running. A range that finds one computes its own copy, the same bits (chunk_total).
-template <class A>
-struct shared_totals {
-  static constexpr unsigned char kEmpty = 0, kWriting = 1, kPublished = 2;
-  A* data = nullptr;
-  std::atomic<unsigned char>* flags = nullptr;
-  index_t per_seq = 0, S = 0;
-
-  A* slot(index_t s, index_t g) const { return data + (s * per_seq + g) * S; }
-  std::atomic<unsigned char>& flag(index_t s, index_t g) const { return flags[s * per_seq + g]; }
-  bool published(index_t s, index_t g) const {
-    return flag(s, g).load(std::memory_order_acquire) == kPublished;
-  }
-  /// True when this thread is to write slot (s, g): it was empty, and nobody else will write it.
-  bool claim(index_t s, index_t g) const {
-    if (g >= per_seq) return false;
-    unsigned char expected = kEmpty;
-    return flag(s, g).load(std::memory_order_relaxed) == kEmpty &&
-           flag(s, g).compare_exchange_strong(expected, kWriting, std::memory_order_relaxed);
-  }
-  void publish(index_t s, index_t g) const { flag(s, g).store(kPublished, std::memory_order_release); }
-};
-
-/// How many tails of a causal scan's pieces have been stolen in this process (tests check that
-/// the stealing they arrange happens). One relaxed increment per steal.
-inline std::atomic<std::uint64_t>& pieces_stolen() {
-  static std::atomic<std::uint64_t> count{0};
-  return count;
-}
-
-/// The pieces of a causal scan: super-chunks [next, end) of sequence s that a thread (the
-/// piece's owner) scans in order, claiming one super-chunk at a time from the front, while a
-/// thread with nothing left to do may take the unclaimed tail of the piece with the most
-/// unclaimed super-chunks (steal) and scan that as a piece of its own. The initial pieces are
-/// the (range, sequence) tasks. A piece is one atomic word (s, next, end), so a claim and a
-/// steal are one compare-exchange each and never meet on the same super-chunk. Every
-/// super-chunk is claimed once: by its piece's owner, or by the steal that makes it the first of
-/// a new piece. So a sequence makes at most n_chunks steals and there are at most
-/// n_seq · (ranges + n_chunks) pieces. A thread never waits for a piece's owner: its chunks in
-/// flight are the only work it holds.
-struct scan_pieces {
-  static_assert(kSuperChunks < 256, "scan_pieces: a super-chunk index is 8 bits of a piece's word");
-  std::atomic<std::uint64_t>* words = nullptr;
-  std::atomic<index_t>* count = nullptr;
-  index_t capacity = 0;
-
-  static std::uint64_t pack(index_t s, index_t next, index_t end) {
-    return (static_cast<std::uint64_t>(s) << 16) | (static_cast<std::uint64_t>(next) << 8) |
-           static_cast<std::uint64_t>(end);
-  }
-  static index_t seq_of(std::uint64_t w) { return static_cast<index_t>(w >> 16); }
-  static index_t next_of(std::uint64_t w) { return static_cast<index_t>((w >> 8) & 0xff); }
-  static index_t end_of(std::uint64_t w) { return static_cast<index_t>(w & 0xff); }
-
-  index_t sequence(index_t i) const { return seq_of(words[i].load(std::memory_order_relaxed)); }
-
-  /// For piece i's owner: its next super-chunk, now claimed, or −1 when none is left.
-  index_t claim(index_t i) const {
-    std::uint64_t w = words[i].load(std::memory_order_relaxed);
-    while (next_of(w) < end_of(w))
-      if (words[i].compare_exchange_weak(w, pack(seq_of(w), next_of(w) + 1, end_of(w)), std::memory_order_acq_rel))
-        return next_of(w);
-    return -1;
-  }
-
-  /// Takes the unclaimed tail of the piece with the most unclaimed super-chunks (about a third
-  /// of them: its owner goes on scanning the rest while the thief first computes the totals
-  /// between, about half a super-chunk's scan each, docs/design.md §5) as a new piece, its first
-  /// super-chunk claimed for the caller. Returns {the new piece, that super-chunk}, or {−1, −1}
-  /// when no piece has an unclaimed super-chunk.
-  std::pair<index_t, index_t> steal() const {
-    for (;;) {
-      const index_t n = std::min(count->load(std::memory_order_acquire), capacity);
-      index_t victim = -1, most = 0;
-      std::uint64_t seen = 0;
-      for (index_t j = 0; j < n; ++j) {
-        const std::uint64_t w = words[j].load(std::memory_order_acquire);
-        if (end_of(w) - next_of(w) > most) {
-          victim = j;
-          most = end_of(w) - next_of(w);
-          seen = w;
-        }
-      }
-      if (victim < 0) return {-1, -1};
-      const index_t g0 = end_of(seen) - std::max<index_t>(1, (most + 1) / 3);
-      if (!words[victim].compare_exchange_strong(seen, pack(seq_of(seen), next_of(seen), g0), std::memory_order_acq_rel))
-        continue;  // its owner claimed meanwhile, or another thief stole: look again
-      const index_t k = count->fetch_add(1, std::memory_order_acq_rel);
-      if (k >= capacity) raise(std::logic_error("polyattn: a causal scan made more pieces than it has super-chunks"));
-      words[k].store(pack(seq_of(seen), g0 + 1, end_of(seen)), std::memory_order_release);
-      pieces_stolen().fetch_add(1, std::memory_order_relaxed);
-      return {k, g0};
-    }
-  }
-};
-
-/// prefix = the state before super-chunk g0 of sequence s: the carried state, then the
-/// super-chunk totals in order. First, latest first, every total nobody has claimed is
-/// computed into its slot and published: the range before this one publishes its totals from
-/// its first super-chunk on as it scans, so going backwards meets it (and a range that runs
-/// after the one before it finished computes none). If a total is still being written by
-/// another thread then, `meanwhile()` runs first (scan_piece: the piece's own first state pass,
-/// which needs no prefix), giving that thread time to publish. Then the totals are added in
-/// order: the published ones, and for a slot still being written, a copy computed here (in
-/// ws.zx, never ws.run: `meanwhile` may have summed into that).
-template <class T, class Source, class Arch, class A = accum_t<T>, class Meanwhile = void (*)()>
-void shared_prefix(const block_scan<T, Source, Arch>& sc, const shared_totals<A>& tot, index_t s, index_t g0,
-                   A* prefix, scan_workspace<A>& ws, const Meanwhile& meanwhile = [] {}) {
-  const index_t S = sc.d.S;
-  for (index_t g = g0; g-- > 0;)
-    if (tot.claim(s, g)) {
-      chunk_total(sc, s, g, ws, tot.slot(s, g));
-      tot.publish(s, g);
-    }
-  for (index_t g = 0; g < g0; ++g)
-    if (!tot.published(s, g)) {
-      meanwhile();
-      break;
-    }
-  if (sc.p.states)
-    std::copy(sc.carried.start + s * S, sc.carried.start + (s + 1) * S, prefix);
-  else
-    std::fill(prefix, prefix + S, A(0));
-  for (index_t g = 0; g < g0; ++g) {
-    const A* total = tot.slot(s, g);
-    if (!tot.published(s, g)) {
-      A* own = ensure(ws.zx, S);
-      chunk_total(sc, s, g, ws, own);
-      total = own;
-    }
-    add_states(prefix, total, S, prefix);
-  }
-}
 
 /// Range pre-pass (non-causal): the first n_pre super-chunk totals of every sequence, in
 /// parallel, into `totals` [n_seq x n_pre x S].
@@ -671,108 +510,33 @@ std::pair<block_rows<A>, index_t> prepared_keys(const block_scan<T, Source, Arch
   return {kr, prepare_local_keys<A, Source, Arch>(sc.src, kr, kb.n, ws)};
 }
 
-/// What the scan of a piece leaves: the last block it scanned, and that block's super-chunk
-/// (−1 when the piece had none left).
-template <class A>
-struct piece_end {
-  key_block<A> last;
-  index_t chunk = -1;
-};
-
-/// The causal scan of piece i (scan_pieces), whose first super-chunk g_first its caller has
-/// claimed: from the prefix before g_first, each block's output pass, then its state pass,
-/// super-chunk after super-chunk while the piece has one left (a thief may have taken the
-/// tail); the last block of a super-chunk whose shared total this scan writes has its state
-/// pass first, then the total is published, then its output pass (which reads the state before
-/// the block, as always). Leaves the state after its last super-chunk in the prefix (ws.prefix,
-/// or the sequence's state itself when the scan works in place). Only the sequence's unfinished
-/// last block has no state pass: where a piece ends is not known before it does. When a total
-/// the piece starts after is still being written by another thread, the first block's state
-/// pass is done before the prefix is built (shared_prefix's `meanwhile`): it reads no prefix,
-/// and by its end the writer has usually published (docs/design.md §5: one sequence of 4 blocks
-/// on 2 threads otherwise summed the first total twice in 2 calls of 3). A block has a state
-/// pass when its sum is read: by a later block, by whoever reads the total this scan publishes,
-/// by the next call, or, for the last block of a super-chunk whose total another thread writes,
-/// by this piece's next super-chunk if it has one (claimed then, to know: typically range 0's
-/// last block, whose total a later range computed first, needs none).
+/// The causal scan of sequence s on one thread (as many sequences as threads, or more): each
+/// block's output pass from the state before it, then its state pass (none for the sequence's
+/// unfinished last block), and at a super-chunk's end its run added to the prefix. With states
+/// the scan works in the sequence's state itself (its prefix and carried rows); otherwise the
+/// prefix starts at zero in ws.prefix.
 template <class T, class Source, class Arch, class A = accum_t<T>>
-piece_end<A> scan_piece(const block_scan<T, Source, Arch>& sc, const shared_totals<A>& tot, const scan_pieces& pieces,
-                        index_t i, index_t g_first, scan_workspace<A>& ws) {
+void scan_sequence(const block_scan<T, Source, Arch>& sc, index_t s, scan_workspace<A>& ws) {
   const scan_plan& plan = sc.plan;
-  const index_t s = pieces.sequence(i);
   const index_t S = sc.d.S, bi = s / sc.p.sizes.kv_heads, hk = s % sc.p.sizes.kv_heads;
-  index_t g_next = -1;  // the piece's next super-chunk, when has_pass claimed it early
-  bool next_claimed = false;
-  auto has_pass = [&](index_t g, index_t c, index_t n, bool publish) {
-    if (c == plan.c_end && !(sc.p.states && n == plan.b)) return false;
-    if (publish || c < plan.chunk_last(g) || c == plan.c_end) return true;
-    if (!next_claimed) g_next = pieces.claim(i);
-    next_claimed = true;
-    return g_next >= 0;
-  };
   A* prefix = sc.carried.in_place ? sc.carried.in_place[s].S.data() : ensure(ws.prefix, S);
-  A* const own_run = ensure(ws.run, S);
-  // the first block's state pass when done before the prefix (in the claimed slot or ws.run)
-  bool first_summed = false, first_publish = false;
-  auto first_state_pass = [&] {
-    const index_t c = plan.chunk_first(g_first);
-    const key_block<A> fb = fetch_block(sc, bi, hk, c, ws);
-    if (!has_pass(g_first, c, fb.n, true)) return;  // no state pass, whoever writes the slot
-    first_publish = tot.claim(s, g_first);
-    if (!has_pass(g_first, c, fb.n, first_publish)) return;  // (another thread writes the slot)
-    A* run = first_publish ? tot.slot(s, g_first) : own_run;
-    std::fill(run, run + S, A(0));
-    const block_rows<A> kr = sc.src.prepare(fb.raw, fb.n, false, ws.krows);
-    state_pass<A, Source, Arch, T>(sc.src, kr, fb.vals, fb.ld_vals, fb.n, sc.d.dv, ws, run, sc.d.ldz);
-    if (first_publish && c == plan.chunk_last(g_first)) tot.publish(s, g_first);
-    first_summed = true;
-  };
-  if (!sc.carried.in_place) shared_prefix(sc, tot, s, g_first, prefix, ws, first_state_pass);
-  piece_end<A> end;
-  const auto advance = [&] {
-    const index_t g = next_claimed ? g_next : pieces.claim(i);
-    next_claimed = false;
-    return g;
-  };
-  for (index_t g = g_first; g >= 0; g = advance()) {
-    // a super-chunk whose total this scan writes: its running sum is summed in its shared slot
-    const bool early_first = g == g_first && first_summed;
-    const bool publish = early_first ? first_publish : tot.claim(s, g);
-    A* run = publish ? tot.slot(s, g) : own_run;
-    bool summed = early_first;  // run holds the state passes of this super-chunk's blocks so far
+  if (!sc.carried.in_place) std::fill(prefix, prefix + S, A(0));
+  A* const run = ensure(ws.run, S);
+  for (index_t g = 0; g < plan.n_chunks; ++g) {
+    bool summed = false;  // run holds the state passes of this super-chunk's blocks so far
     for (index_t c = plan.chunk_first(g); c <= plan.chunk_last(g); ++c) {
-      key_block<A>& kb = end.last;
-      kb = fetch_block(sc, bi, hk, c, ws);
-      const bool done = early_first && c == plan.chunk_first(g);  // its state pass came first
-      const bool pass = !done && has_pass(g, c, kb.n, publish);
+      key_block<A> kb = fetch_block(sc, bi, hk, c, ws);
+      const bool pass = c < plan.c_end || (sc.p.states && kb.n == plan.b);
       const auto [kr, ldkt] = prepared_keys(sc, kb, pass, ws);
-      const bool has_prefix = sc.p.states || g > 0, has_run = c > plan.chunk_first(g);
-      const A* state = state_before(S, has_prefix, has_run, prefix, run, ws);
-      if (done) {
-        causal_block_outputs(sc, bi, hk, c, kb, ldkt, state, ws);
-        continue;
-      }
-      // a shared total is published before the output pass of its super-chunk's last block:
-      // that block's state pass comes first (the output pass reads `state`, made not to be run)
-      const bool early = publish && pass && c == plan.chunk_last(g);
-      if (early && state == run) {
-        A* zx = ensure(ws.zx, S);
-        std::copy(run, run + S, zx);
-        state = zx;
-      }
-      if (!early) causal_block_outputs(sc, bi, hk, c, kb, ldkt, state, ws);
+      const A* state = state_before(S, sc.p.states || g > 0, c > plan.chunk_first(g), prefix, run, ws);
+      causal_block_outputs(sc, bi, hk, c, kb, ldkt, state, ws);
       if (!pass) continue;
       if (!summed) std::fill(run, run + S, A(0));
       state_pass<A, Source, Arch, T>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, run, sc.d.ldz);
       summed = true;
-      if (!early) continue;
-      tot.publish(s, g);  // (a slot never published stays kWriting: the others compute their own)
-      causal_block_outputs(sc, bi, hk, c, kb, ldkt, state, ws);
     }
     if (summed) add_states(prefix, run, S, prefix);
-    end.chunk = g;
   }
-  return end;
 }
 
 /// The final state of a sequence, unless the scan worked in the state itself: `prefix`, the
@@ -792,66 +556,6 @@ void save_state(const block_scan<T, Source, Arch>& sc, const A* prefix, const ke
   if (left > 0 && dv > 0) pack_rows(last.vals, last.ld_vals, left, dv, st.values.data(), st.ld);
 }
 
-/// The shared state of one causal scan's tasks: the super-chunk totals with their flags
-/// (shared_totals) and the pieces (scan_pieces): every range of every sequence a piece and a
-/// task, range-major (task t is range t / n_seq of sequence t % n_seq), then room for every
-/// steal when a sequence has several ranges.
-template <class A>
-struct causal_schedule {
-  std::unique_ptr<std::atomic<unsigned char>[]> flags;
-  std::unique_ptr<std::atomic<std::uint64_t>[]> words;
-  std::atomic<index_t> count{0};
-  mutable std::atomic<index_t> started{0};  // tasks begun
-  shared_totals<A> tot;
-  scan_pieces pieces;
-  index_t tasks = 0;
-
-  template <class T, class Source, class Arch>
-  causal_schedule(const block_scan<T, Source, Arch>& sc, aligned_vector<A>& totals_buf) {
-    const scan_plan& plan = sc.plan;
-    const index_t n_seq = sc.p.sizes.batch * sc.p.sizes.kv_heads, n_pre = pre_pass_chunks(plan), S = sc.d.S;
-    if (n_pre > 0) {
-      const auto size = static_cast<index_t>(checked_size<A>("run_block_linear", "the chunk totals", {n_seq, n_pre, S}));
-      flags.reset(new std::atomic<unsigned char>[static_cast<std::size_t>(n_seq * n_pre)]);
-      for (index_t i = 0; i < n_seq * n_pre; ++i)
-        flags[static_cast<std::size_t>(i)].store(shared_totals<A>::kEmpty, std::memory_order_relaxed);
-      tot = {ensure(totals_buf, size), flags.get(), n_pre, S};
-    }
-    tasks = n_seq * plan.ranges;
-    const index_t capacity = tasks + (plan.ranges > 1 ? n_seq * plan.n_chunks : 0);
-    words.reset(new std::atomic<std::uint64_t>[static_cast<std::size_t>(capacity)]);
-    for (index_t t = 0; t < capacity; ++t) {
-      const index_t r = t / n_seq, s = t % n_seq;
-      words[static_cast<std::size_t>(t)].store(
-          t < tasks ? scan_pieces::pack(s, plan.range_chunk(r), plan.range_chunk(r + 1)) : scan_pieces::pack(0, 0, 0),
-          std::memory_order_relaxed);
-    }
-    count.store(tasks, std::memory_order_relaxed);
-    pieces = {words.get(), &count, capacity};
-  }
-};
-
-/// Task t of a causal scan: its piece (range), then, when a sequence has several ranges and
-/// every task has begun, tails stolen from the others while any is left. Before that, the
-/// thread goes back for the next task: stealing the tail of a range nobody has begun would
-/// make the thief compute the totals before it, which the range's own thread, starting at its
-/// front after the range before, would not (a thread that runs every task alone computes no
-/// total twice). Whoever scans a sequence's last super-chunk leaves its final state in the
-/// sequence's linear_state.
-template <class T, class Source, class Arch, class A = accum_t<T>>
-void scan_task(const block_scan<T, Source, Arch>& sc, const causal_schedule<A>& sched, index_t task,
-               scan_workspace<A>& ws) {
-  sched.started.fetch_add(1, std::memory_order_acq_rel);
-  const auto scan = [&](index_t i, index_t g_first) {
-    const piece_end<A> end = scan_piece(sc, sched.tot, sched.pieces, i, g_first, ws);
-    if (sc.p.states && end.chunk == sc.plan.n_chunks - 1)
-      save_state(sc, ws.prefix.data(), end.last, sc.p.states[sched.pieces.sequence(i)]);
-  };
-  if (const index_t g = sched.pieces.claim(task); g >= 0) scan(task, g);
-  if (sc.plan.ranges == 1 || sched.started.load(std::memory_order_acquire) < sched.tasks) return;
-  for (auto [i, g] = sched.pieces.steal(); i >= 0; std::tie(i, g) = sched.pieces.steal()) scan(i, g);
-}
-
 /// One sequence's causal pipeline (run_pipeline): the chain of state passes in block order,
 /// which one thread at a time advances (chain_busy), and the blocks' output passes, which any
 /// thread claims in order once the chain has put the state before the block in the ring. The
@@ -867,6 +571,10 @@ struct pipeline_seq {
   std::unique_ptr<std::atomic<index_t>[]> holds;  // per slot: the block whose output pass is pending, or −1
   std::unique_ptr<unsigned char[]> has_state;     // per slot: whether the block has a state before it
 };
+
+/// Output passes waiting in a pipeline's ring before a thread takes one instead of advancing
+/// the chain.
+inline constexpr index_t kPipelineLead = 2;
 
 /// Slots of a pipeline's ring: the chain runs ahead of the output passes by at most this many
 /// blocks. More than the workers, so that the output passes in flight never fill it.
@@ -951,25 +659,32 @@ void run_pipeline(const block_scan<T, Source, Arch>& sc, std::vector<scan_worksp
       std::fill(q.prefix, q.prefix + S, A(0));
   }
   std::atomic<bool> failed{false};
-  // one step of sequence s for this worker: the chain if it can advance, else an output pass
+  // one step of sequence s for this worker: the chain, unless kPipelineLead output passes are
+  // already waiting (then the oldest of them: a thread alone thus keeps each block's state and
+  // rows in cache between its two passes), else whichever of the two can go
   const auto step = [&](pipeline_seq<A>& q, index_t s, scan_workspace<A>& ws) {
-    if (q.chained.load(std::memory_order_acquire) < n_blocks && q.chain_busy.exchange(1, std::memory_order_acquire) == 0) {
+    const auto chain = [&] {
+      if (q.chained.load(std::memory_order_acquire) >= n_blocks || q.chain_busy.exchange(1, std::memory_order_acquire) != 0)
+        return false;
       pipeline_guard guard{failed, &q.chain_busy};
       const index_t x = q.chained.load(std::memory_order_relaxed);
       const bool go = x < n_blocks && q.holds[to_size(x % slots)].load(std::memory_order_acquire) < 0;
       if (go) chain_step(sc, q, s, x, slots, ws);
       guard.ok = true;
-      if (go) return true;
-    }
-    index_t o = q.claimed.load(std::memory_order_relaxed);
-    if (o < q.chained.load(std::memory_order_acquire) &&
-        q.claimed.compare_exchange_strong(o, o + 1, std::memory_order_acq_rel)) {
+      return go;
+    };
+    const auto output = [&] {
+      index_t o = q.claimed.load(std::memory_order_relaxed);
+      if (o >= q.chained.load(std::memory_order_acquire) ||
+          !q.claimed.compare_exchange_strong(o, o + 1, std::memory_order_acq_rel))
+        return false;
       pipeline_guard guard{failed, nullptr};
       pipeline_output(sc, q, s, o, slots, ws);
       guard.ok = true;
       return true;
-    }
-    return false;
+    };
+    const index_t waiting = q.chained.load(std::memory_order_acquire) - q.claimed.load(std::memory_order_relaxed);
+    return waiting < kPipelineLead ? chain() || output() : output() || chain();
   };
   blind_rows(sc.p, plan);
   parallel_for(workers, workers, [&](index_t, int worker) {
@@ -990,31 +705,26 @@ void run_pipeline(const block_scan<T, Source, Arch>& sc, std::vector<scan_worksp
     for (index_t s = 0; s < n_seq; ++s) sc.p.states[s].position = plan.p0 + sc.p.sizes.nk;
 }
 
-/// Causal: every task of causal_schedule a task of one parallel loop. Tasks are claimed in
-/// dependency order: a thread that runs them alone finishes every range before it starts the
-/// next, finds every total it starts after published, and finds nothing left to steal. A
-/// thread that has scanned its piece steals tails of the others while any is left, so the
-/// ranges end together however fast their threads run (a helper that starts late, a core
-/// shared with another process; docs/design.md §5).
+/// Causal: with as many sequences as threads or more, each sequence a task scanned on one
+/// thread (scan_sequence, in its state when it has one); with fewer, each sequence a pipeline
+/// that every thread works on (run_pipeline).
 template <class T, class Source, class Arch, class A = accum_t<T>>
 void run_causal(const block_scan<T, Source, Arch>& sc, std::vector<scan_workspace<A>>& scratch, int workers,
-                aligned_vector<A>& totals_buf) {
+                aligned_vector<A>& buf) {
   const linear_problem<T>& p = sc.p;
   if (sc.plan.ranges > 1) {
-    run_pipeline(sc, scratch, workers, totals_buf);
+    run_pipeline(sc, scratch, workers, buf);
     return;
   }
-  const causal_schedule<A> sched(sc, totals_buf);
   blind_rows(p, sc.plan);
-  parallel_for(workers, sched.tasks, [&](index_t task, int worker) {
-    scan_task(sc, sched, task, scratch[static_cast<std::size_t>(worker)]);
-  });
+  parallel_for(workers, p.sizes.batch * p.sizes.kv_heads,
+               [&](index_t s, int worker) { scan_sequence(sc, s, scratch[to_size(worker)]); });
   if (p.states)
     for (index_t s = 0; s < p.sizes.batch * p.sizes.kv_heads; ++s) p.states[s].position = sc.plan.p0 + p.sizes.nk;
 }
 
 /// Non-causal totals of every sequence into grand [n_seq x S]: the pre-pass's super-chunk
-/// totals in order, or, with one range (none precomputed), the super-chunks summed here.
+/// totals in order, or, with one thread a sequence (none precomputed), the super-chunks summed here.
 template <class T, class Source, class Arch, class A = accum_t<T>>
 void noncausal_totals(const block_scan<T, Source, Arch>& sc, const chunk_totals<A>& totals,
                       std::vector<scan_workspace<A>>& scratch, int workers, A* grand) {
