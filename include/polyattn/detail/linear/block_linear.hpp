@@ -510,33 +510,37 @@ std::pair<block_rows<A>, index_t> prepared_keys(const block_scan<T, Source, Arch
   return {kr, prepare_local_keys<A, Source, Arch>(sc.src, kr, kb.n, ws)};
 }
 
-/// The causal scan of sequence s on one thread (as many sequences as threads, or more): each
-/// block's output pass from the state before it, then its state pass (none for the sequence's
-/// unfinished last block), and at a super-chunk's end its run added to the prefix. With states
-/// the scan works in the sequence's state itself (its prefix and carried rows); otherwise the
-/// prefix starts at zero in ws.prefix.
+/// Block c of sequence s on one thread: its output pass from the state before it (the prefix,
+/// the run within its super-chunk, or their sum), then its state pass into the run (none for the
+/// sequence's unfinished last block), and at its super-chunk's end the run added to the prefix.
 template <class T, class Source, class Arch, class A = accum_t<T>>
-void scan_sequence(const block_scan<T, Source, Arch>& sc, index_t s, scan_workspace<A>& ws) {
+void scan_block(const block_scan<T, Source, Arch>& sc, index_t s, index_t c, A* prefix, A* run,
+                scan_workspace<A>& ws) {
   const scan_plan& plan = sc.plan;
   const index_t S = sc.d.S, bi = s / sc.p.sizes.kv_heads, hk = s % sc.p.sizes.kv_heads;
+  const index_t g = (c - plan.c0) / plan.per_chunk;
+  const bool has_run = c > plan.chunk_first(g);  // (every block before the last has a state pass)
+  key_block<A> kb = fetch_block(sc, bi, hk, c, ws);
+  const bool pass = c < plan.c_end || (sc.p.states && kb.n == plan.b);
+  const auto [kr, ldkt] = prepared_keys(sc, kb, pass, ws);
+  causal_block_outputs(sc, bi, hk, c, kb, ldkt, state_before(S, sc.p.states || g > 0, has_run, prefix, run, ws), ws);
+  if (pass) {
+    if (!has_run) std::fill(run, run + S, A(0));
+    state_pass<A, Source, Arch, T>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, run, sc.d.ldz);
+  }
+  if (c == plan.chunk_last(g) && (pass || has_run)) add_states(prefix, run, S, prefix);
+}
+
+/// The causal scan of sequence s on one thread (as many sequences as threads, or more), block
+/// after block (scan_block). With states the scan works in the sequence's state itself (its
+/// prefix and carried rows); otherwise the prefix starts at zero in ws.prefix.
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void scan_sequence(const block_scan<T, Source, Arch>& sc, index_t s, scan_workspace<A>& ws) {
+  const index_t S = sc.d.S;
   A* prefix = sc.carried.in_place ? sc.carried.in_place[s].S.data() : ensure(ws.prefix, S);
   if (!sc.carried.in_place) std::fill(prefix, prefix + S, A(0));
   A* const run = ensure(ws.run, S);
-  for (index_t g = 0; g < plan.n_chunks; ++g) {
-    bool summed = false;  // run holds the state passes of this super-chunk's blocks so far
-    for (index_t c = plan.chunk_first(g); c <= plan.chunk_last(g); ++c) {
-      key_block<A> kb = fetch_block(sc, bi, hk, c, ws);
-      const bool pass = c < plan.c_end || (sc.p.states && kb.n == plan.b);
-      const auto [kr, ldkt] = prepared_keys(sc, kb, pass, ws);
-      const A* state = state_before(S, sc.p.states || g > 0, c > plan.chunk_first(g), prefix, run, ws);
-      causal_block_outputs(sc, bi, hk, c, kb, ldkt, state, ws);
-      if (!pass) continue;
-      if (!summed) std::fill(run, run + S, A(0));
-      state_pass<A, Source, Arch, T>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, run, sc.d.ldz);
-      summed = true;
-    }
-    if (summed) add_states(prefix, run, S, prefix);
-  }
+  for (index_t c = sc.plan.c0; c <= sc.plan.c_end; ++c) scan_block(sc, s, c, prefix, run, ws);
 }
 
 /// The final state of a sequence, unless the scan worked in the state itself: `prefix`, the
