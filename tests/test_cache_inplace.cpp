@@ -1,7 +1,7 @@
 // tests/test_cache_inplace.cpp — the caches update each sequence's state where it lives
 // (docs/design.md §7.7): decode steps and chunks through several blocks, with value rows that
 // need padding, give the float64 oracle's rows; the same bits for 1 and 2 threads, whether a
-// long prefill scanned in place (one range per sequence) or from copies (several ranges);
+// long prefill scanned in place (one thread a sequence) or from copies (a pipeline);
 // bad arguments leave every state bit as it was; half storage decodes like its widened input.
 #include <polyattn/cache.hpp>
 
@@ -41,7 +41,7 @@ void stream(polysketch_cache<T>& cache, const tensor4<T>& q, const tensor4<T>& k
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("in-place decode: the oracle's rows, the same bits for any thread count and range split",
+TEMPLATE_TEST_CASE("in-place decode: the oracle's rows, the same bits for any thread count, in place or pipelined",
                    "[cache][inplace]", float, double) {
   using T = TestType;
   const tensor4<T> q = random_tensor<T>(kB, kH, kN, kD, 31, false, 0.4), k = random_tensor<T>(kB, kHk, kN, kD, 32, false, 0.4);
@@ -52,7 +52,7 @@ TEMPLATE_TEST_CASE("in-place decode: the oracle's rows, the same bits for any th
   const dense_result ref =
       polysketch_oracle<T>(sketch, q.cview(), k.cview(), v.cview(), true, 0.8, 1.0, true, kBlock);
   // one thread: every call scans in place; two threads on one sequence: the prefill of 4
-  // blocks runs in ranges from copies of the state, the steps in place
+  // blocks runs as a pipeline from copies of the state, the steps in place
   tensor4<T> one(kB, kH, kN, kDv), two(kB, kH, kN, kDv);
   polysketch_cache<T> c1(sketch, kB, kHk, kDv, inplace_opts(1)), c2(sketch, kB, kHk, kDv, inplace_opts(2));
   stream(c1, q, k, v, one, 21);
