@@ -189,7 +189,8 @@ TEMPLATE_TEST_CASE("causal scan: threads sharing a sequence repeat no state pass
       const detail::block_problem pb{s.batch, s.heads, s.kv_heads, s.nq, s.nk, s.dv, 25, true, t};
       const index_t ranges = detail::scan_plan_of(plain_problem<TestType>(pb, in.pq.view, in.pk.view, in.v.view,
                                                                           in.out.view, TestType(0)), t).ranges;
-      CHECK(ranges == (t + s.batch - 1) / s.batch);  // threads a sequence: the pipeline when more than 1
+      // threads a sequence: the pipeline when more than 1, at most kPipelineThreads
+      CHECK(ranges == std::min<index_t>((t + s.batch - 1) / s.batch, detail::kPipelineThreads));
       const std::uint64_t before = detail::chunk_totals_computed().load();
       tensor4<TestType> alone;
       {

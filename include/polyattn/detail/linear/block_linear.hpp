@@ -98,6 +98,11 @@ inline void copy_rows(const S* src, index_t ld_src, index_t n, index_t cols, D* 
   for (index_t r = 0; r < n; ++r) widen(src + r * ld_src, cols, dst + r * ld_dst);
 }
 
+/// Threads a causal pipeline (run_pipeline) keeps busy at most: its chain of state passes, which
+/// one thread at a time advances, is about two fifths of the work (polysketch with
+/// local_exact; about half without), so a third thread adds a little and more add nothing.
+inline constexpr index_t kPipelineThreads = 3;
+
 /// Block bookkeeping of one call: absolute positions, blocks, super-chunks, threads a sequence.
 struct scan_plan {
   index_t b = 1;        // block size
@@ -136,9 +141,10 @@ scan_plan scan_plan_of(const linear_problem<T>& p, int threads) {
     plan.per_chunk = ceil_div(n_blocks, kSuperChunks);
     plan.n_chunks = ceil_div(n_blocks, plan.per_chunk);
     // at least two blocks a thread (measured with the range split the pipeline replaced: one
-    // sequence of 3 blocks of 256 took 1.2x as long on two threads as on one)
-    plan.ranges = std::max<index_t>(
-        1, std::min({ceil_div(threads, pb.batch * pb.kv_heads), plan.n_chunks, n_blocks / 2}));
+    // sequence of 3 blocks of 256 took 1.2x as long on two threads as on one); a causal
+    // pipeline no more threads than it can keep busy
+    plan.ranges = std::max<index_t>(1, std::min({ceil_div(threads, pb.batch * pb.kv_heads), plan.n_chunks,
+                                                 n_blocks / 2, pb.causal ? kPipelineThreads : plan.n_chunks}));
   }
   return plan;
 }
@@ -644,7 +650,9 @@ template <class T, class Source, class Arch, class A = accum_t<T>>
 void run_pipeline(const block_scan<T, Source, Arch>& sc, std::vector<scan_workspace<A>>& scratch, int workers,
                   aligned_vector<A>& buf) {
   const scan_plan& plan = sc.plan;
-  const index_t n_seq = sc.p.sizes.batch * sc.p.sizes.kv_heads, S = sc.d.S, slots = pipeline_slots(workers);
+  const index_t n_seq = sc.p.sizes.batch * sc.p.sizes.kv_heads, S = sc.d.S;
+  workers = static_cast<int>(std::min<index_t>(workers, n_seq * plan.ranges));  // (the others would only wait)
+  const index_t slots = pipeline_slots(workers);
   const index_t n_blocks = std::max<index_t>(0, plan.c_end - plan.c0 + 1);
   A* mem = ensure(buf, static_cast<index_t>(checked_size<A>("run_block_linear", "the pipeline's states",
                                                              {n_seq, slots + 2, S})));
