@@ -136,9 +136,8 @@ struct parallel_job {
 /// The helper threads. Offered jobs stay listed until their caller has claimed the last task;
 /// an idle helper takes a free slot of the first open one, but only while fewer calls are in
 /// progress than the machine has processors: when every core already has a caller, a helper
-/// would only take time from them, and in the linear scan its range would repeat state work the
-/// caller's own ranges do (docs/design.md §5, "Concurrent callers"). A call that ends lets the
-/// helpers look again.
+/// would only take time from them (docs/design.md §5, "Concurrent callers"). A call that ends
+/// lets the helpers look again.
 class thread_pool {
  public:
   /// The process's pool, never destroyed: helpers may be asleep in it when the program exits.
