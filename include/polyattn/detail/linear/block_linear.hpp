@@ -516,25 +516,46 @@ std::pair<block_rows<A>, index_t> prepared_keys(const block_scan<T, Source, Arch
   return {kr, prepare_local_keys<A, Source, Arch>(sc.src, kr, kb.n, ws)};
 }
 
+/// Where block c (of n keys) stands in the two-level state: its super-chunk g, whether a
+/// prefix and a run exist before it (every block before the last has a state pass), and
+/// whether it has a state pass itself (not the sequence's unfinished last block).
+struct block_place {
+  index_t g;
+  bool has_prefix, has_run, pass;
+};
+template <class T, class Source, class Arch>
+block_place place_of(const block_scan<T, Source, Arch>& sc, index_t c, index_t n) {
+  const scan_plan& plan = sc.plan;
+  const index_t g = (c - plan.c0) / plan.per_chunk;
+  return {g, sc.p.states != nullptr || g > 0, c > plan.chunk_first(g),
+          c < plan.c_end || (sc.p.states && n == plan.b)};
+}
+
+/// Block c's state pass into the run (zeroed first at its super-chunk's first block; none
+/// without a pass), then at its super-chunk's end the run added to the prefix: the one place
+/// both the 1-thread scan and the pipeline's chain sum the state, so their bits agree.
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void sum_block(const block_scan<T, Source, Arch>& sc, index_t c, const block_place& at, const block_rows<A>& kr,
+               const key_block<A>& kb, A* prefix, A* run, scan_workspace<A>& ws) {
+  const index_t S = sc.d.S;
+  if (at.pass) {
+    if (!at.has_run) std::fill(run, run + S, A(0));
+    state_pass<A, Source, Arch, T>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, run, sc.d.ldz);
+  }
+  if (c == sc.plan.chunk_last(at.g) && (at.pass || at.has_run)) add_states(prefix, run, S, prefix);
+}
+
 /// Block c of sequence s on one thread: its output pass from the state before it (the prefix,
-/// the run within its super-chunk, or their sum), then its state pass into the run (none for the
-/// sequence's unfinished last block), and at its super-chunk's end the run added to the prefix.
+/// the run within its super-chunk, or their sum), then sum_block.
 template <class T, class Source, class Arch, class A = accum_t<T>>
 void scan_block(const block_scan<T, Source, Arch>& sc, index_t s, index_t c, A* prefix, A* run,
                 scan_workspace<A>& ws) {
-  const scan_plan& plan = sc.plan;
-  const index_t S = sc.d.S, bi = s / sc.p.sizes.kv_heads, hk = s % sc.p.sizes.kv_heads;
-  const index_t g = (c - plan.c0) / plan.per_chunk;
-  const bool has_run = c > plan.chunk_first(g);  // (every block before the last has a state pass)
+  const index_t bi = s / sc.p.sizes.kv_heads, hk = s % sc.p.sizes.kv_heads;
   key_block<A> kb = fetch_block(sc, bi, hk, c, ws);
-  const bool pass = c < plan.c_end || (sc.p.states && kb.n == plan.b);
-  const auto [kr, ldkt] = prepared_keys(sc, kb, pass, ws);
-  causal_block_outputs(sc, bi, hk, c, kb, ldkt, state_before(S, sc.p.states || g > 0, has_run, prefix, run, ws), ws);
-  if (pass) {
-    if (!has_run) std::fill(run, run + S, A(0));
-    state_pass<A, Source, Arch, T>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, run, sc.d.ldz);
-  }
-  if (c == plan.chunk_last(g) && (pass || has_run)) add_states(prefix, run, S, prefix);
+  const block_place at = place_of(sc, c, kb.n);
+  const auto [kr, ldkt] = prepared_keys(sc, kb, at.pass, ws);
+  causal_block_outputs(sc, bi, hk, c, kb, ldkt, state_before(sc.d.S, at.has_prefix, at.has_run, prefix, run, ws), ws);
+  sum_block(sc, c, at, kr, kb, prefix, run, ws);
 }
 
 /// The causal scan of sequence s on one thread (as many sequences as threads, or more), block
@@ -549,12 +570,12 @@ void scan_sequence(const block_scan<T, Source, Arch>& sc, index_t s, scan_worksp
   for (index_t c = sc.plan.c0; c <= sc.plan.c_end; ++c) scan_block(sc, s, c, prefix, run, ws);
 }
 
-/// The final state of a sequence, unless the scan worked in the state itself: `prefix`, the
-/// state after its last block `last`, and the raw rows of that block when it is unfinished.
+/// The final state of a sequence scanned from copies of its state (the pipeline; a scan in the
+/// state itself leaves it there): `prefix`, the state after its last block `last`, and the raw
+/// rows of that block when it is unfinished.
 template <class T, class Source, class Arch, class A = accum_t<T>>
 void save_state(const block_scan<T, Source, Arch>& sc, const A* prefix, const key_block<A>& last,
                 linear_state<A>& st) {
-  if (sc.carried.in_place) return;
   const index_t dv = sc.d.dv, kdim1 = sc.d.kdim1, kdim = sc.d.kdim;
   std::copy(prefix, prefix + sc.d.S, st.S.data());
   const index_t left = last.n == sc.plan.b ? 0 : last.n;  // rows of the unfinished last block
@@ -597,24 +618,19 @@ inline index_t pipeline_slots(int workers) { return 2 * index_t(workers) + 2; }
 template <class T, class Source, class Arch, class A = accum_t<T>>
 void chain_step(const block_scan<T, Source, Arch>& sc, pipeline_seq<A>& q, index_t s, index_t x, index_t slots,
                 scan_workspace<A>& ws) {
-  const scan_plan& plan = sc.plan;
-  const index_t S = sc.d.S, c = plan.c0 + x, g = x / plan.per_chunk, slot = x % slots;
+  const index_t S = sc.d.S, c = sc.plan.c0 + x, slot = x % slots;
   const key_block<A> kb = fetch_block(sc, s / sc.p.sizes.kv_heads, s % sc.p.sizes.kv_heads, c, ws);
-  const bool has_prefix = sc.p.states || g > 0, has_run = c > plan.chunk_first(g);
-  A* dst = q.ring + slot * S;
-  if (has_prefix && has_run) add_states(q.prefix, q.run, S, dst);
-  else if (has_prefix || has_run) std::copy(has_prefix ? q.prefix : q.run, (has_prefix ? q.prefix : q.run) + S, dst);
-  q.has_state[to_size(slot)] = has_prefix || has_run;
+  const block_place at = place_of(sc, c, kb.n);
+  A* dst = q.ring + slot * S;  // (state_before's sum, into the slot instead of ws.zx)
+  const A* one = at.has_prefix ? q.prefix : q.run;  // the state when only one of them exists
+  if (at.has_prefix && at.has_run) add_states(q.prefix, q.run, S, dst);
+  else if (at.has_prefix || at.has_run) std::copy(one, one + S, dst);
+  q.has_state[to_size(slot)] = at.has_prefix || at.has_run;
   q.holds[to_size(slot)].store(x, std::memory_order_relaxed);
   q.chained.store(x + 1, std::memory_order_release);
-  const bool pass = c < plan.c_end || (sc.p.states && kb.n == plan.b);
-  if (pass) {
-    if (!has_run) std::fill(q.run, q.run + S, A(0));
-    const block_rows<A> kr = sc.src.prepare(kb.raw, kb.n, false, ws.krows);
-    state_pass<A, Source, Arch, T>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, q.run, sc.d.ldz);
-  }
-  if (c == plan.chunk_last(g) && (pass || has_run)) add_states(q.prefix, q.run, S, q.prefix);
-  if (c == plan.c_end && sc.p.states) save_state(sc, q.prefix, kb, sc.p.states[s]);
+  const block_rows<A> kr = at.pass ? sc.src.prepare(kb.raw, kb.n, false, ws.krows) : block_rows<A>{};
+  sum_block(sc, c, at, kr, kb, q.prefix, q.run, ws);
+  if (c == sc.plan.c_end && sc.p.states) save_state(sc, q.prefix, kb, sc.p.states[s]);
 }
 
 /// The output pass of block c0 + x of sequence s from the state the chain left in its slot.
@@ -676,7 +692,8 @@ void run_pipeline(const block_scan<T, Source, Arch>& sc, std::vector<scan_worksp
   // rows in cache between its two passes), else whichever of the two can go
   const auto step = [&](pipeline_seq<A>& q, index_t s, scan_workspace<A>& ws) {
     const auto chain = [&] {
-      if (q.chained.load(std::memory_order_acquire) >= n_blocks || q.chain_busy.exchange(1, std::memory_order_acquire) != 0)
+      if (q.chained.load(std::memory_order_acquire) >= n_blocks ||
+          q.chain_busy.exchange(1, std::memory_order_acquire) != 0)
         return false;
       pipeline_guard guard{failed, &q.chain_busy};
       const index_t x = q.chained.load(std::memory_order_relaxed);
@@ -698,7 +715,6 @@ void run_pipeline(const block_scan<T, Source, Arch>& sc, std::vector<scan_worksp
     const index_t waiting = q.chained.load(std::memory_order_acquire) - q.claimed.load(std::memory_order_relaxed);
     return waiting < kPipelineLead ? chain() || output() : output() || chain();
   };
-  blind_rows(sc.p, plan);
   parallel_for(workers, workers, [&](index_t, int worker) {
     scan_workspace<A>& ws = scratch[to_size(worker)];
     while (!failed.load(std::memory_order_acquire)) {
@@ -713,8 +729,6 @@ void run_pipeline(const block_scan<T, Source, Arch>& sc, std::vector<scan_worksp
       if (!did) std::this_thread::yield();  // the chain is another thread's: let it run
     }
   });
-  if (sc.p.states)
-    for (index_t s = 0; s < n_seq; ++s) sc.p.states[s].position = plan.p0 + sc.p.sizes.nk;
 }
 
 /// Causal: with as many sequences as threads or more, each sequence a task scanned on one
@@ -724,15 +738,14 @@ template <class T, class Source, class Arch, class A = accum_t<T>>
 void run_causal(const block_scan<T, Source, Arch>& sc, std::vector<scan_workspace<A>>& scratch, int workers,
                 aligned_vector<A>& buf) {
   const linear_problem<T>& p = sc.p;
-  if (sc.plan.ranges > 1) {
-    run_pipeline(sc, scratch, workers, buf);
-    return;
-  }
+  const index_t n_seq = p.sizes.batch * p.sizes.kv_heads;
   blind_rows(p, sc.plan);
-  parallel_for(workers, p.sizes.batch * p.sizes.kv_heads,
-               [&](index_t s, int worker) { scan_sequence(sc, s, scratch[to_size(worker)]); });
+  if (sc.plan.ranges > 1)
+    run_pipeline(sc, scratch, workers, buf);
+  else
+    parallel_for(workers, n_seq, [&](index_t s, int worker) { scan_sequence(sc, s, scratch[to_size(worker)]); });
   if (p.states)
-    for (index_t s = 0; s < p.sizes.batch * p.sizes.kv_heads; ++s) p.states[s].position = sc.plan.p0 + p.sizes.nk;
+    for (index_t s = 0; s < n_seq; ++s) p.states[s].position = sc.plan.p0 + p.sizes.nk;
 }
 
 /// Non-causal totals of every sequence into grand [n_seq x S]: the pre-pass's super-chunk
