@@ -455,8 +455,9 @@ void decode_scores_rows8(const T* k, index_t ks, index_t nk, index_t d, const st
 POLYATTN_END_INTRINSICS
 #endif
 
-/// Whether a task's `rows` take decode_scores_lanes: the rows in the lanes of one vector, when
-/// they fill more than half of it (a GQA group of 8 heads on AVX2's 8 floats). A key's d
+/// Whether a task's `rows` take decode_scores_lanes (float on AVX and AVX2: decode_scores_pairs):
+/// the rows in the lanes of one vector, when they fill more than half of it (a GQA group of 8
+/// heads on AVX2's 8 floats). A key's d
 /// products for all rows are then d multiply-adds where the rows' dot products take
 /// rows·d/W, plus a reduction across the lanes per row and key; at more than W/2 rows the lanes
 /// win. Full-precision storage only (a half key would be widened value by value). AVX-512's
@@ -498,6 +499,102 @@ void decode_scores_lanes(const T* k, index_t ks, index_t nk, index_t d, const ac
     }
   }
 }
+
+/// Whether the rows in lanes (decode_rows_in_lanes) take decode_scores_pairs instead of
+/// decode_scores_lanes: float rows on 256-bit vectors (AVX, AVX2).
+template <class T, class Arch>
+inline constexpr bool kDecodeRowPairs =
+#if XSIMD_WITH_AVX
+    std::is_base_of<xsimd::avx, Arch>::value && std::is_same_v<T, float>;
+#else
+    false;
+#endif
+
+#if XSIMD_WITH_AVX
+POLYATTN_BEGIN_INTRINSICS
+/// The rows' queries for decode_scores_pairs: vector 2g + h, lane 2r + e, holds row 4h + r's
+/// value 2g + e, scaled; zero past d and past the rows. q(r) points at row r's d values.
+template <class Q>
+void decode_pair_queries(const Q& q, index_t rows, index_t d, float scale, float* out) {
+  for (index_t g = 0; g < ceil_div(d, 2); ++g)
+    for (index_t x = 0; x < 16; ++x) {
+      const index_t r = 4 * (x / 8) + (x % 8) / 2, c = 2 * g + x % 2;
+      out[16 * g + x] = r < rows && c < d ? q(r)[c] * scale : 0.0f;
+    }
+}
+
+/// The KN (≤ 4) keys at k (stride ks) against the rows in lane pairs: acc[2x + h] lane 2r + e =
+/// row 4h + r's partial dot product with key x over the values 2g + e. Each key is broadcast 64
+/// bits at a time from the row as it lies; the odd d's last value alone, zero-filled.
+template <int KN, class Arch>
+void decode_pair_keys(const float* k, index_t ks, index_t d, const float* ql, __m256* acc) {
+  using Bt = batch<float, Arch>;
+  Bt a[to_size(2 * KN)];  // (in registers: written through acc in the loop they stayed in memory)
+#pragma GCC unroll 8
+  for (int x = 0; x < 2 * KN; ++x) a[x] = Bt(0.0f);
+  const auto step = [&](index_t g, const float* p, index_t stride) {  // values 2g, 2g + 1 of each key
+    const Bt qa = in_register(Bt::load_aligned(ql + 16 * g)), qb = in_register(Bt::load_aligned(ql + 16 * g + 8));
+#pragma GCC unroll 4
+    for (int x = 0; x < KN; ++x) {
+      double pair;  // (64 bits at any alignment: a row of odd length)
+      std::memcpy(&pair, p + x * stride, sizeof pair);
+      const Bt kb(_mm256_castpd_ps(_mm256_set1_pd(pair)));
+      a[2 * x] = xsimd::fma(qa, kb, a[2 * x]);
+      a[2 * x + 1] = xsimd::fma(qb, kb, a[2 * x + 1]);
+    }
+  };
+  const index_t full = d / 2;
+  for (index_t g = 0; g < full; ++g) step(g, k + 2 * g, ks);
+  if (full * 2 < d) {  // the last value, its pair's second half 0 (never reads past a row)
+    alignas(8) float tail[to_size(2 * KN)] = {};
+    for (int x = 0; x < KN; ++x) tail[2 * x] = k[x * ks + d - 1];
+    step(full, tail, 2);
+  }
+#pragma GCC unroll 8
+  for (int x = 0; x < 2 * KN; ++x) acc[x] = a[x];
+}
+
+/// decode_scores for the rows in lanes (decode_rows_in_lanes) on 256-bit float vectors: the rows
+/// in lane pairs (decode_pair_queries; two vectors hold 8 rows), each key broadcast 64 bits at a
+/// time, so a key's products for all rows are d multiply-adds from d/2 loads of the key
+/// (decode_scores_lanes loads a value a multiply-add, and its loads, not its multiply-adds, set
+/// its pace). For each 8 keys: adjacent lanes summed two keys at once (hadd), then rows formed
+/// by 8 shuffles and 4 lane swaps a half; rows [0, rows) of s stored, padded with `pad` past nk.
+template <class Arch>
+void decode_scores_pairs(const float* k, index_t ks, index_t nk, index_t d, const float* ql, index_t rows, float* s,
+                         float pad) {
+  alignas(32) static constexpr float lane[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+  const __m256 lanes = _mm256_load_ps(lane);
+  for (index_t j0 = 0; j0 < nk; j0 += 8) {
+    const index_t n = std::min<index_t>(8, nk - j0);
+    __m256 acc[16];  // key x: acc[2x] rows 0–3, acc[2x + 1] rows 4–7 (keys past n: 0)
+    for (index_t x0 = 0; x0 < 8; x0 += 4) {
+      const float* kq = k + (j0 + x0) * ks;
+      switch (std::max<index_t>(0, std::min<index_t>(4, n - x0))) {
+        case 4: decode_pair_keys<4, Arch>(kq, ks, d, ql, acc + 2 * x0); break;
+        case 3: decode_pair_keys<3, Arch>(kq, ks, d, ql, acc + 2 * x0); break;
+        case 2: decode_pair_keys<2, Arch>(kq, ks, d, ql, acc + 2 * x0); break;
+        case 1: decode_pair_keys<1, Arch>(kq, ks, d, ql, acc + 2 * x0); break;
+        default: break;
+      }
+      for (index_t x = std::max(x0, n); x < x0 + 4; ++x) acc[2 * x] = acc[2 * x + 1] = _mm256_setzero_ps();
+    }
+    // valid lanes: key < n; a NaN score of a real key stays NaN (blendv picks by the mask only)
+    const __m256 valid = _mm256_cmp_ps(lanes, _mm256_set1_ps(static_cast<float>(n)), _CMP_LT_OQ);
+    for (index_t h = 0; h < 2 && 4 * h < rows; ++h) {
+      __m256 p[4];  // keys 2u, 2u + 1: 128-bit half 0 rows 4h, 4h + 1; half 1 rows 4h + 2, 4h + 3
+      for (int u = 0; u < 4; ++u) p[u] = _mm256_hadd_ps(acc[4 * u + h], acc[4 * u + 2 + h]);
+      const __m256 e0 = _mm256_shuffle_ps(p[0], p[1], 0x88), o0 = _mm256_shuffle_ps(p[0], p[1], 0xDD);
+      const __m256 e1 = _mm256_shuffle_ps(p[2], p[3], 0x88), o1 = _mm256_shuffle_ps(p[2], p[3], 0xDD);
+      const __m256 row[4] = {_mm256_permute2f128_ps(e0, e1, 0x20), _mm256_permute2f128_ps(o0, o1, 0x20),
+                             _mm256_permute2f128_ps(e0, e1, 0x31), _mm256_permute2f128_ps(o0, o1, 0x31)};
+      for (index_t r = 0; r < 4 && 4 * h + r < rows; ++r)
+        _mm256_storeu_ps(s + (4 * h + r) * kDecodeScoreRow + j0, _mm256_blendv_ps(_mm256_set1_ps(pad), row[r], valid));
+    }
+  }
+}
+POLYATTN_END_INTRINSICS
+#endif
 
 /// Keys of a sub-block that the row blocks of a task go over in turn (scores, then values): about
 /// 8 KiB of K or V rows of `width` values, so that the block's later row blocks read them from L1
@@ -550,6 +647,12 @@ void decode_block_scores(const decode_pass<T, Weights>& f, decode_scratch<accum_
               decode_scores_rows8<T, Arch>(k, p.ks, n, f.d, s.ql.data(), sj, pad, f.pb.scale);
               continue;
             }
+          }
+#endif
+#if XSIMD_WITH_AVX
+          if constexpr (kDecodeRowPairs<T, Arch>) {
+            decode_scores_pairs<Arch>(k, p.ks, n, f.d, s.q.data(), rows, sj, pad);
+            continue;
           }
 #endif
           if constexpr (!is_half_v<T>)  // (never true for half storage: not compiled for it)
@@ -665,8 +768,9 @@ void decode_key_block(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T
 }
 
 /// A task's queries as its score kernel reads them: the 8 rows in lanes (decode_scores_rows8),
-/// or each row padded with zeros to whole vectors, as unscaled bf16 bits on pairs
-/// (decode_dot_op) and scaled accum_t<T> otherwise.
+/// the rows in lane pairs (decode_scores_pairs) or in lanes (decode_scores_lanes), or each row
+/// padded with zeros to whole vectors, as unscaled bf16 bits on pairs (decode_dot_op) and
+/// scaled accum_t<T> otherwise.
 template <class T, class Weights, class Arch>
 void decode_queries(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s, index_t b, index_t h0,
                     index_t rows) {
@@ -686,9 +790,15 @@ void decode_queries(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>
   if constexpr (bf16_pairs<T, Arch>) {  // sized once a call, as the scores' scratch
     if (s.qh.empty()) s.qh.assign(to_size(kDecodeRows * 2 * dq), 0);
   } else if (s.q.empty()) {
-    s.q.assign(to_size(std::max(kDecodeRows * dq, f.d * simd_width<A, Arch>)), A(0));
+    s.q.assign(to_size(std::max({kDecodeRows * dq, f.d * simd_width<A, Arch>, ceil_div(f.d, 2) * 16})), A(0));
   }
   if (decode_rows_in_lanes<T, Arch>(rows)) {  // column c of the rows at c·W, lane r: row r
+#if XSIMD_WITH_AVX
+    if constexpr (kDecodeRowPairs<T, Arch>) {  // or in lane pairs
+      decode_pair_queries(q, rows, f.d, f.pb.scale, s.q.data());
+      return;
+    }
+#endif
     constexpr index_t W = simd_width<A, Arch>;
     std::fill(s.q.begin(), s.q.begin() + f.d * W, A(0));
     for (index_t r = 0; r < rows; ++r) {
