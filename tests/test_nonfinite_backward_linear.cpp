@@ -448,3 +448,172 @@ TEMPLATE_TEST_CASE("sketched_attention_backward with subnormal denominators", "[
     check_gradient<T>("dv", dv, exact.dv, tolerance);
   }
 }
+
+namespace {
+
+// Non-causal sketched attention with exact local weights: query i (position i + Nk − Nq) weighs
+// the keys of its own block exactly and every other key by the sketches, so a poisoned sketch
+// row of key j enters the pairs (i, j) with i outside j's block, and one of query i the pairs
+// (i, l) with l outside i's block. The kernels read each block's queries against "every block
+// but the own": computed as total − own, a NaN or inf of the own block (which those queries do
+// not read) would come back as NaN (NaN − NaN, inf − inf).
+struct noncausal_case {
+  index_t batch, heads, kv_heads, nq, nk, d, dv;
+};
+
+// three 16-key blocks, the last partial; GQA with a batch; Nq < Nk (the first query inside a
+// block); Nq > Nk (queries before every key read the whole total); one block (the sketches enter
+// no pair at all)
+const noncausal_case kNoncausalShapes[] = {{1, 1, 1, 40, 40, 8, 8}, {2, 4, 2, 37, 37, 6, 9}, {1, 1, 1, 20, 50, 8, 5},
+                                           {1, 2, 1, 60, 40, 8, 8}, {1, 1, 1, 10, 10, 8, 8}};
+
+template <class T>
+struct noncausal_run {
+  tensor4<T> out, stats, dq, dk, dsq, dsk, dv;  // stats [B, H, Nq, 1]
+};
+
+template <class T>
+struct noncausal_inputs {
+  static constexpr index_t kBlock = 16, kRank = 5;
+  noncausal_case s;
+  tensor4<T> q, k, sq, sk, v, dout;
+
+  explicit noncausal_inputs(const noncausal_case& c)
+      : s(c),
+        q(random_tensor<T>(c.batch, c.heads, c.nq, c.d, 121, false, 1.0 / std::sqrt(double(c.d)))),
+        k(random_tensor<T>(c.batch, c.kv_heads, c.nk, c.d, 122, false, 1.0 / std::sqrt(double(c.d)))),
+        sq(random_tensor<T>(c.batch, c.heads, c.nq, kRank, 123, false, 0.5)),
+        sk(random_tensor<T>(c.batch, c.kv_heads, c.nk, kRank, 124, false, 0.5)),
+        v(random_tensor<T>(c.batch, c.kv_heads, c.nk, c.dv, 125)),
+        dout(random_tensor<T>(c.batch, c.heads, c.nq, c.dv, 126)) {}
+
+  sketched_options options(int threads) const {
+    sketched_options o;
+    o.causal = false;
+    o.local_exact = true;
+    o.block_size = kBlock;
+    o.threads = threads;
+    return o;
+  }
+  /// The forward on these inputs, then the backward with `fwd`'s out and stats (the finite run's,
+  /// so that each pass is checked for its own terms).
+  noncausal_run<T> run(int threads, const noncausal_run<T>* fwd) const {
+    const noncausal_case& c = s;
+    noncausal_run<T> r{tensor4<T>(c.batch, c.heads, c.nq, c.dv),      tensor4<T>(c.batch, c.heads, c.nq, 1),
+                       tensor4<T>(c.batch, c.heads, c.nq, c.d),       tensor4<T>(c.batch, c.kv_heads, c.nk, c.d),
+                       tensor4<T>(c.batch, c.heads, c.nq, kRank),     tensor4<T>(c.batch, c.kv_heads, c.nk, kRank),
+                       tensor4<T>(c.batch, c.kv_heads, c.nk, c.dv)};
+    const sketched_options o = options(threads);
+    sketched_attention<T>(q.cview(), k.cview(), sq.cview(), sk.cview(), v.cview(), r.out.view, o,
+                          tensor_view<T, 3>(r.stats.storage.data(), {c.batch, c.heads, c.nq}));
+    const noncausal_run<T>& f = fwd ? *fwd : r;
+    sketched_attention_backward<T>(q.cview(), k.cview(), sq.cview(), sk.cview(), v.cview(), f.out.cview(),
+                                   dout.cview(), tensor_view<const T, 3>(f.stats.storage.data(), {c.batch, c.heads, c.nq}),
+                                   r.dq.view, r.dk.view, r.dsq.view, r.dsk.view, r.dv.view, o);
+    return r;
+  }
+  /// Whether query i and key l are weighed by their sketches (different blocks).
+  bool sketched(index_t i, index_t l) const {
+    const index_t b = std::min(kBlock, s.nk);  // (a block longer than the keys is all the keys)
+    const auto block_of = [b](index_t pos) { return pos >= 0 ? pos / b : -1; };  // (every position < 0: no key)
+    return block_of(i + s.nk - s.nq) != block_of(l);
+  }
+};
+
+enum class expect { same_bits, close, not_finite };
+
+/// Every row (b, h, i) of got against ref as want(b, h, i) says: bitwise equal; finite and within
+/// tolerance × max(1, the largest |ref|); or holding a non-finite element.
+template <class T, class Want>
+void check_rows(const std::string& what, const tensor4<T>& ref, const tensor4<T>& got, const Want& want) {
+  const double tol = std::is_same_v<T, float> ? 2e-3 : 1e-9;
+  double scale = 1;
+  for (T x : ref.storage) scale = std::max(scale, std::abs(static_cast<double>(x)));
+  const auto& e = ref.view;
+  for (index_t b = 0; b < e.extent(0); ++b)
+    for (index_t h = 0; h < e.extent(1); ++h)
+      for (index_t i = 0; i < e.extent(2); ++i) {
+        bool same = true, finite = true;
+        double err = 0;
+        for (index_t c = 0; c < e.extent(3); ++c) {
+          const T x = ref(b, h, i, c), y = got(b, h, i, c);
+          same = same && std::memcmp(&x, &y, sizeof(T)) == 0;
+          finite = finite && std::isfinite(static_cast<double>(y));
+          err = std::max(err, std::abs(static_cast<double>(y) - static_cast<double>(x)));
+        }
+        const expect w = want(b, h, i);
+        INFO(what << " row " << i << " (batch " << b << ", head " << h << ")");
+        if (w == expect::same_bits)
+          CHECK(same);
+        else if (w == expect::close)
+          CHECK((finite && err <= tol * scale));
+        else
+          CHECK_FALSE(finite);
+      }
+}
+
+/// Poisons sketch entry (bp, last head, row, row % r) of sq (query) or sk (key) with NaN or +inf
+/// and checks every result of forward and backward against the finite run.
+template <class T>
+void check_noncausal_sketch(const noncausal_case& s, bool query, index_t row, T bad, int threads) {
+  const noncausal_inputs<T> in(s);
+  const noncausal_run<T> ref = in.run(threads, nullptr);
+  noncausal_inputs<T> pin = in;
+  tensor4<T>& x = query ? pin.sq : pin.sk;
+  const index_t bp = s.batch - 1, hp = x.view.extent(1) - 1, group = s.heads / s.kv_heads;
+  const index_t hkp = query ? hp / group : hp;
+  x(bp, hp, row, row % noncausal_inputs<T>::kRank) = bad;
+  const noncausal_run<T> got = pin.run(threads, &ref);
+  INFO("Nq=" << s.nq << " Nk=" << s.nk << " H=" << s.heads << " Hk=" << s.kv_heads << " threads=" << threads << ": "
+             << (query ? "sq" : "sk") << " row " << row << " = " << bad);
+  const auto pair_of = [&](index_t i, index_t l) {  // the poisoned sketch enters pair (query i, key l) of head h
+    return query ? i == row && in.sketched(i, l) : l == row && in.sketched(i, l);
+  };
+  // query-side rows: (b, h, i); poisoned when a pair of the row holds the sketch
+  const auto query_rows = [&](bool affected) {
+    return [&, affected](index_t b, index_t h, index_t i) {
+      if (b != bp || h / group != hkp) return expect::same_bits;
+      bool hit = false;
+      for (index_t l = 0; l < s.nk && (!query || h == hp); ++l) hit = hit || pair_of(i, l);
+      return affected && hit ? expect::not_finite : expect::close;
+    };
+  };
+  const auto key_rows = [&](bool affected) {
+    return [&, affected](index_t b, index_t hk, index_t l) {
+      if (b != bp || hk != hkp) return expect::same_bits;
+      bool hit = false;
+      for (index_t h = hk * group; h < (hk + 1) * group; ++h)
+        for (index_t i = 0; i < s.nq && (!query || h == hp); ++i) hit = hit || pair_of(i, l);
+      return affected && hit ? expect::not_finite : expect::close;
+    };
+  };
+  check_rows("out", ref.out, got.out, query_rows(true));
+  check_rows("stats", ref.stats, got.stats, query_rows(true));
+  // the backward with the finite out and stats: the sketch's pairs reach ds of the other side's
+  // sketch (dsq of their queries, dsk and dv of their keys) and, for the poisoned row itself,
+  // its own sketch's gradient; q and k enter only the exact pairs
+  check_rows("dq", ref.dq, got.dq, query_rows(false));
+  check_rows("dk", ref.dk, got.dk, key_rows(false));
+  check_rows("dsq", ref.dsq, got.dsq, query_rows(true));
+  check_rows("dsk", ref.dsk, got.dsk, key_rows(true));
+  check_rows("dv", ref.dv, got.dv, key_rows(true));
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("sketched_attention non-causal with local_exact: a non-finite sketch reaches only the pairs it enters",
+                   "[sketched][backward][nonfinite]", float, double) {
+  using T = TestType;
+  int count = 0;
+  for (const noncausal_case& s : kNoncausalShapes) {
+    for (bool query : {false, true}) {
+      const index_t n = query ? s.nq : s.nk;
+      for (index_t row : {index_t(0), index_t(15), index_t(16), n / 2, n - 1}) {
+        if (row >= n) continue;
+        const T bad = count % 2 ? std::numeric_limits<T>::infinity() : std::numeric_limits<T>::quiet_NaN();
+        check_noncausal_sketch<T>(s, query, row, bad, count % 3 == 2 ? 2 : 1);
+        ++count;
+      }
+    }
+  }
+}

@@ -26,7 +26,8 @@
 // 2026-12-06 the sequence was cut into ranges that computed the prefix totals they needed,
 // about a fifth more state work; docs/design.md §5.)
 // Non-causal calls run a pre-pass: the super-chunk totals in parallel, then every query block
-// against the sum.
+// against the sum (with local weights: the sum minus its own block; block_sum when a total is
+// not finite).
 //
 // Explicit state: a scan can start from a linear_state (Z, z, the position, the raw rows of the
 // unfinished block) and leave the final state in it, so a sequence cut anywhere continues
@@ -41,8 +42,9 @@
 //               run_pipeline: chain_step,     sequence: the chain of state passes and the
 //               pipeline_output, save_state)  output passes; final states
 //   range_pre_pass (chunk_total)              the non-causal super-chunk totals
-//   run_noncausal (noncausal_totals,          each sequence's total, then every query block
-//                  noncausal_query_block)     against it
+//   run_noncausal (noncausal_totals,          each sequence's total (block_sums when one is not
+//                  block_sums,                finite), then every query block against it
+//                  noncausal_query_block)
 //
 // Storage and accumulation. T is the storage type of the problem's views (q, k, v, out); the
 // scan runs in A = accum_t<T> (float for bf16 and f16): the source, the states, the stats, the
@@ -55,6 +57,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <stdexcept>
 #include <thread>
@@ -748,6 +751,45 @@ void run_causal(const block_scan<T, Source, Arch>& sc, std::vector<scan_workspac
     for (index_t s = 0; s < n_seq; ++s) p.states[s].position = sc.plan.p0 + p.sizes.nk;
 }
 
+/// A sum of states that can leave out any one of its terms. Non-causal attention with local
+/// weights reads, for each block, the sum over every other block (the forward: key blocks' states;
+/// the backward's key side: query blocks' U, u); total − own does it while every entry is finite,
+/// but would turn a NaN or inf of the own block, which those rows do not read, into NaN − NaN or
+/// inf − inf. So a total that is not finite is summed again term by term: the finite values, and
+/// per entry the counts of NaNs, +infs and −infs, from which others() leaves one term out.
+template <class A>
+struct block_sum {
+  aligned_vector<A> finite;
+  std::vector<index_t> nans, pinfs, ninfs;
+
+  bool empty() const { return finite.empty(); }
+  void reset(index_t size) {
+    finite.assign(to_size(size), A(0));
+    for (std::vector<index_t>* c : {&nans, &pinfs, &ninfs}) c->assign(to_size(size), 0);
+  }
+  void add(const A* x) {
+    for (std::size_t e = 0; e < finite.size(); ++e) {
+      if (x[e] - x[e] == A(0))
+        finite[e] += x[e];
+      else
+        ++(x[e] != x[e] ? nans : x[e] > A(0) ? pinfs : ninfs)[e];
+    }
+  }
+  /// out = the sum without the term `own` (one of those added; out may alias own).
+  void others(const A* own, A* out) const {
+    constexpr A inf = std::numeric_limits<A>::infinity();
+    for (std::size_t e = 0; e < finite.size(); ++e) {
+      const A o = own[e];
+      const bool finite_own = o - o == A(0);
+      const index_t n = nans[e] - index_t(o != o), p = pinfs[e] - index_t(o == inf), m = ninfs[e] - index_t(o == -inf);
+      out[e] = n > 0 || (p > 0 && m > 0) ? std::numeric_limits<A>::quiet_NaN()
+               : p > 0                   ? inf
+               : m > 0                   ? -inf
+                                         : finite[e] - (finite_own ? o : A(0));
+    }
+  }
+};
+
 /// Non-causal totals of every sequence into grand [n_seq x S]: the pre-pass's super-chunk
 /// totals in order, or, with one thread a sequence (none precomputed), the super-chunks summed here.
 template <class T, class Source, class Arch, class A = accum_t<T>>
@@ -768,12 +810,48 @@ void noncausal_totals(const block_scan<T, Source, Arch>& sc, const chunk_totals<
   });
 }
 
-/// Non-causal output pass of query block c of head (bi, hq) from its sequence's total: with
-/// local weights the block's keys are weighed locally and the queries read total − (their
-/// state). Queries at negative positions (Nq > Nk) belong to no key block (c < 0).
+/// The state of key block c of sequence (bi, hk) alone, into `state` [S] (zeroed first), from the
+/// block's prepared rows kr (noncausal_query_block, block_sums: the same bits for the same block).
 template <class T, class Source, class Arch, class A = accum_t<T>>
-void noncausal_query_block(const block_scan<T, Source, Arch>& sc, const A* grand, index_t bi, index_t hq, index_t c,
-                           scan_workspace<A>& ws) {
+void block_state(const block_scan<T, Source, Arch>& sc, const key_block<A>& kb, const block_rows<A>& kr,
+                 scan_workspace<A>& ws, A* state) {
+  std::fill(state, state + sc.d.S, A(0));
+  state_pass<A, Source, Arch, T>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, state, sc.d.ldz);
+}
+
+/// With local weights, the block_sum of every sequence whose total is not finite (null where
+/// it is): each key block's state added in order.
+template <class T, class Source, class Arch, class A = accum_t<T>>
+std::vector<block_sum<A>> block_sums(const block_scan<T, Source, Arch>& sc, const A* grand,
+                                     std::vector<scan_workspace<A>>& scratch, int workers) {
+  const index_t S = sc.d.S, n_seq = sc.p.sizes.batch * sc.p.sizes.kv_heads;
+  std::vector<block_sum<A>> sums;
+  for (index_t s = 0; s < n_seq && sc.d.local && sums.empty(); ++s)
+    if (!rows_finite<A, Arch>(grand + s * S, S, 1, S)) sums.resize(to_size(n_seq));
+  if (sums.empty()) return sums;
+  parallel_for(workers, n_seq, [&](index_t s, int worker) {
+    if (rows_finite<A, Arch>(grand + s * S, S, 1, S)) return;
+    scan_workspace<A>& ws = scratch[to_size(worker)];
+    block_sum<A>& sum = sums[to_size(s)];
+    sum.reset(S);
+    A* state = ensure(ws.run, S);
+    for (index_t c = sc.plan.c0; c <= sc.plan.c_end; ++c) {
+      const key_block<A> kb = fetch_block(sc, s / sc.p.sizes.kv_heads, s % sc.p.sizes.kv_heads, c, ws);
+      block_state(sc, kb, sc.src.prepare(kb.raw, kb.n, false, ws.krows), ws, state);
+      sum.add(state);
+    }
+  });
+  return sums;
+}
+
+/// Non-causal output pass of query block c of head (bi, hq) from its sequence's total: with
+/// local weights the block's keys are weighed locally and the queries read the other blocks'
+/// sum, total − (their state), or from the sequence's block_sum when the total is not finite,
+/// or nothing when the block holds every key. Queries at negative positions (Nq > Nk) belong to
+/// no key block (c < 0).
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void noncausal_query_block(const block_scan<T, Source, Arch>& sc, const A* grand, const block_sum<A>* sums, index_t bi,
+                           index_t hq, index_t c, scan_workspace<A>& ws) {
   const linear_problem<T>& p = sc.p;
   const index_t S = sc.d.S, hk = hq / sc.d.group, s = bi * p.sizes.kv_heads + hk;
   const auto [i0, i1] = sc.plan.query_rows(c, p.sizes.nq);
@@ -787,12 +865,17 @@ void noncausal_query_block(const block_scan<T, Source, Arch>& sc, const A* grand
     kb = fetch_block(sc, bi, hk, c, ws);
     const block_rows<A> kr = sc.src.prepare(kb.raw, kb.n, false, ws.krows);
     ldkt = prepare_local_keys<A, Source, Arch>(sc.src, kr, kb.n, ws);
-    A* own_state = ensure(ws.run, S);
-    std::fill(own_state, own_state + S, A(0));
-    state_pass<A, Source, Arch, T>(sc.src, kr, kb.vals, kb.ld_vals, kb.n, sc.d.dv, ws, own_state, sc.d.ldz);
-    A* zx = ensure(ws.zx, S);
-    for (index_t e = 0; e < S; ++e) zx[e] = total[e] - own_state[e];
-    state = zx;
+    state = nullptr;
+    if (sc.plan.c_end > sc.plan.c0) {
+      A* own_state = ensure(ws.run, S);
+      block_state(sc, kb, kr, ws, own_state);
+      A* zx = ensure(ws.zx, S);
+      if (sums && !sums[s].empty())
+        sums[s].others(own_state, zx);
+      else
+        for (index_t e = 0; e < S; ++e) zx[e] = total[e] - own_state[e];
+      state = zx;
+    }
   }
   const block_rows<A> qr = sc.src.prepare(query_raw(sc, bi, hq, i0, i1 - i0, ws), i1 - i0, true, ws.qrows);
   output_pass<A, Source, Arch>(sc.src, qr, i1 - i0, sc.plan.offset + i0, state, sc.d.ldz, own_block ? &kb : nullptr, ldkt,
@@ -809,11 +892,13 @@ void run_noncausal(const block_scan<T, Source, Arch>& sc, const chunk_totals<A>&
   A* grand = ensure(grand_buf, static_cast<index_t>(checked_size<A>("run_block_linear", "the totals",
                                                                      {pb.batch, pb.kv_heads, sc.d.S})));
   noncausal_totals(sc, totals, scratch, workers, grand);
+  const std::vector<block_sum<A>> sums = block_sums(sc, grand, scratch, workers);
   const index_t qc_first = floor_div(sc.plan.offset, sc.plan.b);
   const index_t n_qblocks = sc.plan.c_end - qc_first + 1;
   parallel_for(workers, pb.batch * pb.heads * n_qblocks, [&](index_t task, int worker) {
     const index_t bh = task / n_qblocks, c = qc_first + task % n_qblocks;
-    noncausal_query_block(sc, grand, bh / pb.heads, bh % pb.heads, c, scratch[static_cast<std::size_t>(worker)]);
+    noncausal_query_block(sc, grand, sums.empty() ? nullptr : sums.data(), bh / pb.heads, bh % pb.heads, c,
+                          scratch[static_cast<std::size_t>(worker)]);
   });
 }
 

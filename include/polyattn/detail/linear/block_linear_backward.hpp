@@ -29,7 +29,8 @@
 // the same bits for any thread count and either order. Every other sum runs in a fixed order.
 // With GQA the scans of a kv head take every query head of its group, in head order.
 // Non-causal: the totals, minus the own block's share when the own block is weighed locally
-// (local_exact), as in the forward.
+// (local_exact), as in the forward: by subtraction while the total is finite, else from its
+// block_sum (block_linear.hpp), and nothing when the own block is every block.
 //
 // Besides the forward's source interface (block_passes.hpp) a source gives:
 //   index_t base_dim() const;     width of the base rows features expand from (m, or r)
@@ -619,23 +620,46 @@ void total_state(const block_backward<T, Source, Arch>& sc, index_t bi, index_t 
   }
 }
 
+/// The state of key block kb alone into `state` [S] (prefix_block_pass, key_block_sum: the same
+/// bits for the same block).
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void key_block_state(const block_backward<T, Source, Arch>& sc, const block_keys<A>& kb, backward_workspace<A>& ws,
+                     A* state) {
+  std::fill(state, state + sc.d.S, A(0));
+  state_pass<A, Source, Arch>(sc.src, kb.rows, ws.vpad.data(), sc.d.dvp, kb.n, sc.d.dv, ws.scan, state);
+}
+
+/// The block_sum of the key blocks' states of (bi, hk), using scratch [S].
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void key_block_sum(const block_backward<T, Source, Arch>& sc, index_t bi, index_t hk, backward_workspace<A>& ws,
+                   A* scratch, block_sum<A>& sum) {
+  sum.reset(sc.d.S);
+  for (index_t c = 0; c < sc.d.nblk; ++c) {
+    key_block_state(sc, fetch_keys(sc, bi, hk, c, ws, false), ws, scratch);
+    sum.add(scratch);
+  }
+}
+
 /// Block c of the prefix scan of (bi, hk): its queries against `state` (the prefix, or the
 /// total), its own pairs, the delivery of its share of dk and dv (when it has local pairs),
-/// then (causal) the block joins the prefix. state[S .. 2S) is scratch.
+/// then (causal) the block joins the prefix. state[S .. 2S) is scratch. `sum`: the total's
+/// block_sum when it is not finite (non-causal with local weights), else null.
 template <class T, class Source, class Arch, class A = accum_t<T>>
 void prefix_block_pass(const block_backward<T, Source, Arch>& sc, std::atomic<int>* flags, index_t bi, index_t hk,
-                       index_t c, A* state, backward_workspace<A>& ws, A* leaf_acc) {
+                       index_t c, A* state, const block_sum<A>* sum, backward_workspace<A>& ws, A* leaf_acc) {
   const backward_dims<A>& d = sc.d;
   const bool causal = sc.p.sizes.causal, own = d.local && c >= 0;
   block_keys<A> kb{};
   const A* zx = state;  // the state the block's queries read
   if (own) kb = fetch_keys(sc, bi, hk, c, ws, true);
-  if (own && !causal) {  // read total − (the block's own state)
+  if (own && !causal) {  // read the other blocks' sum: total − (the block's own state)
     A* mine = state + d.S;
-    std::fill(mine, mine + d.S, A(0));
-    state_pass<A, Source, Arch>(sc.src, kb.rows, ws.vpad.data(), d.dvp, kb.n, d.dv, ws.scan, mine);
-    for (index_t e = 0; e < d.S; ++e) mine[e] = state[e] - mine[e];
-    zx = mine;
+    key_block_state(sc, kb, ws, mine);
+    if (sum)
+      sum->others(mine, mine);
+    else
+      for (index_t e = 0; e < d.S; ++e) mine[e] = state[e] - mine[e];
+    zx = d.nblk > 1 ? mine : nullptr;
   }
   // the block's share of the key-side gradients: local rows (or base rows) and values
   A* kacc = ensure(ws.kloc, d.b * d.ldl);
@@ -666,9 +690,15 @@ void prefix_scan(const block_backward<T, Source, Arch>& sc, std::atomic<int>* fl
   const backward_dims<A>& d = sc.d;
   A* state = ensure(ws.state, 2 * d.S);  // the prefix (causal) or the total (non-causal), then scratch
   std::fill(state, state + d.S, A(0));
-  if (!sc.p.sizes.causal) total_state(sc, bi, hk, ws, state);
+  block_sum<A> sum;  // non-causal with local weights, when the total is not finite
+  if (!sc.p.sizes.causal) {
+    total_state(sc, bi, hk, ws, state);
+    if (d.local && d.nblk > 1 && !rows_finite<A, Arch>(state, d.S, 1, d.S))
+      key_block_sum(sc, bi, hk, ws, state + d.S, sum);
+  }
   const index_t c_first = sc.p.sizes.causal ? 0 : floor_div(d.offset, d.b);
-  for (index_t c = c_first; c < d.nblk; ++c) prefix_block_pass(sc, flags, bi, hk, c, state, ws, leaf_acc);
+  for (index_t c = c_first; c < d.nblk; ++c)
+    prefix_block_pass(sc, flags, bi, hk, c, state, sum.empty() ? nullptr : &sum, ws, leaf_acc);
 }
 
 // ---- task 2s+1: the state's share of dk and dv of sequence s (suffix scan) ----
@@ -706,27 +736,57 @@ void add_queries(const block_backward<T, Source, Arch>& sc, index_t bi, index_t 
   }
 }
 
+/// The share of query rows [i0, i1) of every head of kv head hk into `acc` [S] (zeroed first):
+/// suffix_block_pass, query_block_sum (the same bits for the same block).
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void query_block_share(const block_backward<T, Source, Arch>& sc, index_t bi, index_t hk, index_t i0, index_t i1, A* acc,
+                       backward_workspace<A>& ws) {
+  std::fill(acc, acc + sc.d.S, A(0));
+  for (index_t h = hk * sc.d.group; h < (hk + 1) * sc.d.group && i1 > i0; ++h) add_queries(sc, bi, h, i0, i1, acc, ws);
+}
+
+/// The block_sum of the query blocks' shares of (bi, hk) (those before the first key too),
+/// using scratch [S].
+template <class T, class Source, class Arch, class A = accum_t<T>>
+void query_block_sum(const block_backward<T, Source, Arch>& sc, index_t bi, index_t hk, backward_workspace<A>& ws,
+                     A* scratch, block_sum<A>& sum) {
+  sum.reset(sc.d.S);
+  for (index_t c = floor_div(sc.d.offset, sc.d.b); c < sc.d.nblk; ++c) {
+    const std::pair<index_t, index_t> qrows = block_queries(sc.d, c);
+    query_block_share(sc, bi, hk, qrows.first, qrows.second, scratch, ws);
+    sum.add(scratch);
+  }
+}
+
 /// Block c of the suffix scan of (bi, hk): the state's share of the block's dk and dv from U
-/// (non-causal with local weights: U minus the share of the block's own queries, in
-/// U[S .. 2S)), delivered; then (causal) the block's queries join the suffix U.
+/// (non-causal with local weights: the other query blocks' sum, U minus the share of the
+/// block's own queries or from `sum`, U's block_sum when U is not finite; in U[S .. 2S)),
+/// delivered; then (causal) the block's queries join the suffix U.
 template <class T, class Source, class Arch, class A = accum_t<T>>
 void suffix_block_pass(const block_backward<T, Source, Arch>& sc, std::atomic<int>* flags, index_t bi, index_t hk,
-                       index_t c, A* U, backward_workspace<A>& ws, A* leaf_acc) {
+                       index_t c, A* U, const block_sum<A>* sum, backward_workspace<A>& ws, A* leaf_acc) {
   const backward_dims<A>& d = sc.d;
   const bool causal = sc.p.sizes.causal;
   const block_keys<A> kb = fetch_keys(sc, bi, hk, c, ws, false);
   const std::pair<index_t, index_t> qrows = block_queries(d, c);
   const index_t i0 = qrows.first, i1 = qrows.second;
   const A* Ux = U;
-  if (d.local && !causal) {  // total − the share of the block's own queries
+  if (d.local && !causal) {  // the other query blocks' sum
     A* mine = U + d.S;
-    std::fill(mine, mine + d.S, A(0));
-    for (index_t h = hk * d.group; h < (hk + 1) * d.group && i1 > i0; ++h) add_queries(sc, bi, h, i0, i1, mine, ws);
-    for (index_t e = 0; e < d.S; ++e) mine[e] = U[e] - mine[e];
-    Ux = mine;
+    query_block_share(sc, bi, hk, i0, i1, mine, ws);
+    if (sum)
+      sum->others(mine, mine);
+    else
+      for (index_t e = 0; e < d.S; ++e) mine[e] = U[e] - mine[e];
+    Ux = i1 - i0 < d.nq ? mine : nullptr;  // (null: the block's queries are every query)
   }
   A* kbase = ensure(ws.kbase, d.b * d.rbp);
   A* dvb = ensure(ws.dvb, d.b * d.dvp);
+  if (!Ux) {
+    std::fill(dvb, dvb + kb.n * d.dvp, A(0));
+    deliver_share(sc, flags[c], bi, hk, c, kb.n, key_share(sc, kb, static_cast<const A*>(nullptr), nullptr, ws, leaf_acc), dvb);
+    return;
+  }
   // dφk = V Uᵀ + u, dv = φK U
   for (index_t a = 0; a < kb.n; a += kChunkRows) {
     const index_t rows = std::min(kChunkRows, kb.n - a);
@@ -749,9 +809,13 @@ void suffix_scan(const block_backward<T, Source, Arch>& sc, std::atomic<int>* fl
   const backward_dims<A>& d = sc.d;
   A* U = ensure(ws.state, 2 * d.S);  // U [m x dvp], u [mp]; then a block's own share
   std::fill(U, U + d.S, A(0));
-  if (!sc.p.sizes.causal)  // every query sees every key: the total over all of them first
+  block_sum<A> sum;  // non-causal with local weights, when the total is not finite
+  if (!sc.p.sizes.causal) {  // every query sees every key: the total over all of them first
     for (index_t h = hk * d.group; h < (hk + 1) * d.group; ++h) add_queries(sc, bi, h, 0, d.nq, U, ws);
-  for (index_t c = d.nblk - 1; c >= 0; --c) suffix_block_pass(sc, flags, bi, hk, c, U, ws, leaf_acc);
+    if (d.local && !rows_finite<A, Arch>(U, d.S, 1, d.S)) query_block_sum(sc, bi, hk, ws, U + d.S, sum);
+  }
+  for (index_t c = d.nblk - 1; c >= 0; --c)
+    suffix_block_pass(sc, flags, bi, hk, c, U, sum.empty() ? nullptr : &sum, ws, leaf_acc);
 }
 
 /// The backward of the block algorithm on problem p (linear_problem.hpp) with feature source
