@@ -787,10 +787,12 @@ void decode_queries(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>
     }
   }
 #endif
-  if constexpr (bf16_pairs<T, Arch>) {  // sized once a call, as the scores' scratch
-    if (s.qh.empty()) s.qh.assign(to_size(kDecodeRows * 2 * dq), 0);
-  } else if (s.q.empty()) {
-    s.q.assign(to_size(std::max({kDecodeRows * dq, f.d * simd_width<A, Arch>, ceil_div(f.d, 2) * 16})), A(0));
+  if constexpr (bf16_pairs<T, Arch>) {  // grown as the call needs (the scratch outlives calls)
+    const std::size_t need = to_size(kDecodeRows * 2 * dq);
+    if (s.qh.size() < need) s.qh.assign(need, 0);
+  } else {
+    const std::size_t need = to_size(std::max({kDecodeRows * dq, f.d * simd_width<A, Arch>, ceil_div(f.d, 2) * 16}));
+    if (s.q.size() < need) s.q.assign(need, A(0));
   }
   if (decode_rows_in_lanes<T, Arch>(rows)) {  // column c of the rows at c·W, lane r: row r
 #if XSIMD_WITH_AVX
@@ -887,7 +889,27 @@ void decode_merge(const decode_pass<T, Weights>& f, index_t g, accum_t<T>* parti
   }
 }
 
+/// The decode path's buffers: the tasks' partials and each worker's scratch.
+template <class A>
+struct decode_workspace {
+  aligned_vector<A> partials;
+  std::vector<decode_scratch<A>> scratch;
+};
+
+/// The calling thread's decode_workspace, kept from one call to the next: allocated, zeroed and
+/// freed by every call, they took about a fifth of a one-head step over 128 keys (perf, Zen 3:
+/// memset, malloc and free). One per thread, as the linear scan's (calling_thread_workspace):
+/// a call uses it only on the thread that made it, and nothing a decode runs runs another.
+/// Partials above kKeptDecodeBytes are freed after the call, so a large batch does not pin them.
+template <class A>
+decode_workspace<A>& calling_thread_decode_workspace() {
+  thread_local decode_workspace<A> ws;
+  return ws;
+}
+inline constexpr std::size_t kKeptDecodeBytes = std::size_t(8) << 20;
+
 /// The decode path of run_tiled_attention (decode_applies): split-KV tasks, then the merge.
+/// The partials are not cleared: each task writes every row its group's merge reads.
 template <class T, class Weights, class Arch>
 void run_decode_attention(const attention_problem<T>& pb, const Weights& weights, const kv_parts<T>& kv) {
   using A = accum_t<T>;
@@ -895,12 +917,17 @@ void run_decode_attention(const attention_problem<T>& pb, const Weights& weights
   const index_t tasks = f.row_groups() * f.chunks;
   const int threads = threads_for(pb.threads, 2.0 * double(f.d + f.dv) * double(f.B * f.H * f.Nq) *
                                                   f.mask.keys_seen_estimate());
-  aligned_vector<A> partials(checked_size<A>("attention", "decode partials", {tasks, kDecodeRows, f.slot}));
-  std::vector<decode_scratch<A>> scratch(to_size(std::max<index_t>(1, std::min<index_t>(threads, tasks))));
+  decode_workspace<A>& ws = calling_thread_decode_workspace<A>();
+  const std::size_t n_partials = checked_size<A>("attention", "decode partials", {tasks, kDecodeRows, f.slot});
+  if (ws.partials.size() < n_partials) ws.partials.assign(n_partials, A(0));
+  const std::size_t workers = to_size(std::max<index_t>(1, std::min<index_t>(threads, tasks)));
+  if (ws.scratch.size() < workers) ws.scratch.resize(workers);
+  A* partials = ws.partials.data();
   parallel_for(threads, tasks, [&](index_t t, int worker) {
-    decode_task<T, Weights, Arch>(f, scratch[to_size(worker)], t, partials.data());
+    decode_task<T, Weights, Arch>(f, ws.scratch[to_size(worker)], t, partials);
   });
-  parallel_for(threads, f.row_groups(), [&](index_t g, int) { decode_merge<T, Weights, Arch>(f, g, partials.data()); });
+  parallel_for(threads, f.row_groups(), [&](index_t g, int) { decode_merge<T, Weights, Arch>(f, g, partials); });
+  if (ws.partials.capacity() * sizeof(A) > kKeptDecodeBytes) aligned_vector<A>().swap(ws.partials);
 }
 
 }  // namespace polyattn::detail
