@@ -101,7 +101,7 @@ TEMPLATE_TEST_CASE("segmented keys and values attend as their concatenation", "[
         segments<T> ks(in.k, sc.lengths), vs(in.v, sc.lengths);
         exact_case_options o{causal, 2};
         o.window_left = window;
-        if (window >= 0) o.global = {std::min<index_t>(3, s.nk - 1)};
+        if (window >= 0) o.global.assign(1, std::min<index_t>(3, s.nk - 1));
         const test_mask mask = o.mask();
 
         // forward: every kernel, with and without stats, against the oracle and the plain kernel
@@ -235,7 +235,7 @@ TEST_CASE("segmented arguments are validated", "[segments][validation]") {
   require_invalid_argument([&] { backward(segmented_view<float>{dks.parts[0].view}, dvs.view()); },
                            {"flash_attention_backward", "as many segments"});
   polynomial_options p;
-  p.global_positions = {10};  // positions run over the total length 10
+  p.global_positions.assign(1, 10);  // positions run over the total length 10
   require_invalid_argument(
       [&] { polynomial_attention<float>(in.q.view, ks.cview(), vs.cview(), in.out.view, p); },
       {"polynomial_attention", "global_positions", "[0, 10)"});
