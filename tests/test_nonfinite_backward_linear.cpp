@@ -463,9 +463,9 @@ struct noncausal_case {
 
 // three 16-key blocks, the last partial; GQA with a batch; Nq < Nk (the first query inside a
 // block); Nq > Nk (queries before every key read the whole total); one block (the sketches enter
-// no pair at all)
+// no pair at all); no keys (rows of β alone)
 const noncausal_case kNoncausalShapes[] = {{1, 1, 1, 40, 40, 8, 8}, {2, 4, 2, 37, 37, 6, 9}, {1, 1, 1, 20, 50, 8, 5},
-                                           {1, 2, 1, 60, 40, 8, 8}, {1, 1, 1, 10, 10, 8, 8}};
+                                           {1, 2, 1, 60, 40, 8, 8}, {1, 1, 1, 10, 10, 8, 8}, {1, 2, 1, 5, 0, 8, 8}};
 
 template <class T>
 struct noncausal_run {
@@ -609,7 +609,7 @@ TEMPLATE_TEST_CASE("sketched_attention non-causal with local_exact: a non-finite
     for (bool query : {false, true}) {
       const index_t n = query ? s.nq : s.nk;
       for (index_t row : {index_t(0), index_t(15), index_t(16), n / 2, n - 1}) {
-        if (row >= n) continue;
+        if (row < 0 || row >= n) continue;
         const T bad = count % 2 ? std::numeric_limits<T>::infinity() : std::numeric_limits<T>::quiet_NaN();
         check_noncausal_sketch<T>(s, query, row, bad, count % 3 == 2 ? 2 : 1);
         ++count;

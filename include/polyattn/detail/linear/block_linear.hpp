@@ -848,7 +848,7 @@ std::vector<block_sum<A>> block_sums(const block_scan<T, Source, Arch>& sc, cons
 /// local weights the block's keys are weighed locally and the queries read the other blocks'
 /// sum, total − (their state), or from the sequence's block_sum when the total is not finite,
 /// or nothing when the block holds every key. Queries at negative positions (Nq > Nk) belong to
-/// no key block (c < 0).
+/// no key block (c < 0); without keys (Nk = 0) no query reads a state.
 template <class T, class Source, class Arch, class A = accum_t<T>>
 void noncausal_query_block(const block_scan<T, Source, Arch>& sc, const A* grand, const block_sum<A>* sums, index_t bi,
                            index_t hq, index_t c, scan_workspace<A>& ws) {
@@ -857,7 +857,7 @@ void noncausal_query_block(const block_scan<T, Source, Arch>& sc, const A* grand
   const auto [i0, i1] = sc.plan.query_rows(c, p.sizes.nq);
   if (i1 <= i0) return;
   const A* total = grand + s * S;
-  const A* state = total;
+  const A* state = sc.plan.c_end >= sc.plan.c0 ? total : nullptr;  // (no keys: no state to read)
   key_block<A> kb;
   index_t ldkt = 0;
   const bool own_block = sc.d.local && c >= 0;
