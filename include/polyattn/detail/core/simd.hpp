@@ -192,6 +192,22 @@ struct aligned_allocator {
 template <class T>
 using aligned_vector = std::vector<T, aligned_allocator<T>>;
 
+/// At least n elements of scratch v: grown (zero-filled) when shorter, else as it is (the
+/// contents of a buffer kept from earlier use stay).
+template <class T>
+inline T* ensure(aligned_vector<T>& v, index_t n) {
+  if (static_cast<index_t>(v.size()) < n) v.assign(static_cast<std::size_t>(n), T(0));
+  return v.data();
+}
+
+/// Scratch kept from one call to the next (a thread's workspace) is freed after a call that
+/// grew it beyond kKeptBatchBytes, so a large call does not pin its memory.
+inline constexpr std::size_t kKeptBatchBytes = std::size_t(8) << 20;
+template <class T>
+inline void release_if_large(aligned_vector<T>& v) {
+  if (v.capacity() * sizeof(T) > kKeptBatchBytes) aligned_vector<T>().swap(v);
+}
+
 /// An aligned array of n elements of an arithmetic type, left uninitialised (aligned_vector
 /// zero-fills, which for a buffer the size of out costs as much as the pass that fills it).
 template <class T>

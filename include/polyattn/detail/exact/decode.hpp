@@ -787,13 +787,10 @@ void decode_queries(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>
     }
   }
 #endif
-  if constexpr (bf16_pairs<T, Arch>) {  // grown as the call needs (the scratch outlives calls)
-    const std::size_t need = to_size(kDecodeRows * 2 * dq);
-    if (s.qh.size() < need) s.qh.assign(need, 0);
-  } else {
-    const std::size_t need = to_size(std::max({kDecodeRows * dq, f.d * simd_width<A, Arch>, ceil_div(f.d, 2) * 16}));
-    if (s.q.size() < need) s.q.assign(need, A(0));
-  }
+  if constexpr (bf16_pairs<T, Arch>)  // grown as the call needs (the scratch outlives calls)
+    ensure(s.qh, kDecodeRows * 2 * dq);
+  else
+    ensure(s.q, std::max({kDecodeRows * dq, f.d * simd_width<A, Arch>, ceil_div(f.d, 2) * 16}));
   if (decode_rows_in_lanes<T, Arch>(rows)) {  // column c of the rows at c·W, lane r: row r
 #if XSIMD_WITH_AVX
     if constexpr (kDecodeRowPairs<T, Arch>) {  // or in lane pairs
@@ -900,13 +897,12 @@ struct decode_workspace {
 /// freed by every call, they took about a fifth of a one-head step over 128 keys (perf, Zen 3:
 /// memset, malloc and free). One per thread, as the linear scan's (calling_thread_workspace):
 /// a call uses it only on the thread that made it, and nothing a decode runs runs another.
-/// Partials above kKeptDecodeBytes are freed after the call, so a large batch does not pin them.
+/// Partials above kKeptBatchBytes are freed after the call (release_if_large).
 template <class A>
 decode_workspace<A>& calling_thread_decode_workspace() {
   thread_local decode_workspace<A> ws;
   return ws;
 }
-inline constexpr std::size_t kKeptDecodeBytes = std::size_t(8) << 20;
 
 /// The decode path of run_tiled_attention (decode_applies): split-KV tasks, then the merge.
 /// The partials are not cleared: each task writes every row its group's merge reads.
@@ -918,16 +914,15 @@ void run_decode_attention(const attention_problem<T>& pb, const Weights& weights
   const int threads = threads_for(pb.threads, 2.0 * double(f.d + f.dv) * double(f.B * f.H * f.Nq) *
                                                   f.mask.keys_seen_estimate());
   decode_workspace<A>& ws = calling_thread_decode_workspace<A>();
-  const std::size_t n_partials = checked_size<A>("attention", "decode partials", {tasks, kDecodeRows, f.slot});
-  if (ws.partials.size() < n_partials) ws.partials.assign(n_partials, A(0));
+  A* partials = ensure(ws.partials, static_cast<index_t>(checked_size<A>("attention", "decode partials",
+                                                                          {tasks, kDecodeRows, f.slot})));
   const std::size_t workers = to_size(std::max<index_t>(1, std::min<index_t>(threads, tasks)));
   if (ws.scratch.size() < workers) ws.scratch.resize(workers);
-  A* partials = ws.partials.data();
   parallel_for(threads, tasks, [&](index_t t, int worker) {
     decode_task<T, Weights, Arch>(f, ws.scratch[to_size(worker)], t, partials);
   });
   parallel_for(threads, f.row_groups(), [&](index_t g, int) { decode_merge<T, Weights, Arch>(f, g, partials); });
-  if (ws.partials.capacity() * sizeof(A) > kKeptDecodeBytes) aligned_vector<A>().swap(ws.partials);
+  release_if_large(ws.partials);
 }
 
 }  // namespace polyattn::detail

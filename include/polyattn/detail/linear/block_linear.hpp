@@ -790,6 +790,16 @@ struct block_sum {
   }
 };
 
+/// out = `total` without its term `own`: by subtraction, or from total's block_sum when the
+/// total is not finite (sum non-null). out may alias own.
+template <class A>
+void leave_out(const A* total, const block_sum<A>* sum, const A* own, A* out, index_t S) {
+  if (sum)
+    sum->others(own, out);
+  else
+    for (index_t e = 0; e < S; ++e) out[e] = total[e] - own[e];
+}
+
 /// Non-causal totals of every sequence into grand [n_seq x S]: the pre-pass's super-chunk
 /// totals in order, or, with one thread a sequence (none precomputed), the super-chunks summed here.
 template <class T, class Source, class Arch, class A = accum_t<T>>
@@ -870,10 +880,7 @@ void noncausal_query_block(const block_scan<T, Source, Arch>& sc, const A* grand
       A* own_state = ensure(ws.run, S);
       block_state(sc, kb, kr, ws, own_state);
       A* zx = ensure(ws.zx, S);
-      if (sums && !sums[s].empty())
-        sums[s].others(own_state, zx);
-      else
-        for (index_t e = 0; e < S; ++e) zx[e] = total[e] - own_state[e];
+      leave_out(total, sums && !sums[s].empty() ? &sums[s] : nullptr, own_state, zx, S);
       state = zx;
     }
   }
@@ -914,12 +921,10 @@ linear_workspace<A>& calling_thread_workspace() {
 }
 
 /// Drops the buffers of a kept workspace that grow with the batch (the states' inputs, the
-/// totals) when they exceed kKeptBatchBytes, so a large call does not pin its memory.
-inline constexpr std::size_t kKeptBatchBytes = std::size_t(8) << 20;
+/// totals) when they exceed kKeptBatchBytes (release_if_large).
 template <class A>
 void release_batch_buffers(linear_workspace<A>& ws) {
-  for (aligned_vector<A>* v : {&ws.start, &ws.start_keys, &ws.start_vals, &ws.totals, &ws.grand})
-    if (v->capacity() * sizeof(A) > kKeptBatchBytes) aligned_vector<A>().swap(*v);
+  for (aligned_vector<A>* v : {&ws.start, &ws.start_keys, &ws.start_vals, &ws.totals, &ws.grand}) release_if_large(*v);
 }
 
 /// Runs linear attention with the block algorithm on problem p (linear_problem.hpp) with

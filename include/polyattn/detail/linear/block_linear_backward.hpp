@@ -652,14 +652,14 @@ void prefix_block_pass(const block_backward<T, Source, Arch>& sc, std::atomic<in
   block_keys<A> kb{};
   const A* zx = state;  // the state the block's queries read
   if (own) kb = fetch_keys(sc, bi, hk, c, ws, true);
-  if (own && !causal) {  // read the other blocks' sum: total − (the block's own state)
+  if (own && !causal) {  // read the other blocks' sum (none when the block is every block)
     A* mine = state + d.S;
-    key_block_state(sc, kb, ws, mine);
-    if (sum)
-      sum->others(mine, mine);
-    else
-      for (index_t e = 0; e < d.S; ++e) mine[e] = state[e] - mine[e];
-    zx = d.nblk > 1 ? mine : nullptr;
+    zx = nullptr;
+    if (d.nblk > 1) {
+      key_block_state(sc, kb, ws, mine);
+      leave_out(state, sum, mine, mine, d.S);
+      zx = mine;
+    }
   }
   // the block's share of the key-side gradients: local rows (or base rows) and values
   A* kacc = ensure(ws.kloc, d.b * d.ldl);
@@ -771,14 +771,14 @@ void suffix_block_pass(const block_backward<T, Source, Arch>& sc, std::atomic<in
   const std::pair<index_t, index_t> qrows = block_queries(d, c);
   const index_t i0 = qrows.first, i1 = qrows.second;
   const A* Ux = U;
-  if (d.local && !causal) {  // the other query blocks' sum
+  if (d.local && !causal) {  // the other query blocks' sum (none when its queries are every query)
     A* mine = U + d.S;
-    query_block_share(sc, bi, hk, i0, i1, mine, ws);
-    if (sum)
-      sum->others(mine, mine);
-    else
-      for (index_t e = 0; e < d.S; ++e) mine[e] = U[e] - mine[e];
-    Ux = i1 - i0 < d.nq ? mine : nullptr;  // (null: the block's queries are every query)
+    Ux = nullptr;
+    if (i1 - i0 < d.nq) {
+      query_block_share(sc, bi, hk, i0, i1, mine, ws);
+      leave_out(U, sum, mine, mine, d.S);
+      Ux = mine;
+    }
   }
   A* kbase = ensure(ws.kbase, d.b * d.rbp);
   A* dvb = ensure(ws.dvb, d.b * d.dvp);

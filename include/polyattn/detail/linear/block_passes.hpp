@@ -108,12 +108,6 @@ struct grad_rows {
   index_t ld2 = 0;
 };
 
-template <class T>
-inline T* ensure(aligned_vector<T>& v, index_t n) {
-  if (static_cast<index_t>(v.size()) < n) v.assign(static_cast<std::size_t>(n), T(0));
-  return v.data();
-}
-
 /// Per-worker scratch of the passes and drivers: O(kChunkRows·m + b·(d + dv) + state).
 template <class T>
 struct scan_workspace {
