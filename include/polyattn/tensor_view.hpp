@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "config.hpp"
 #include "precision.hpp"
@@ -54,12 +55,13 @@ class tensor_view {
   }
   constexpr bool empty() const noexcept { return size() == 0; }
 
+  /// The element at (i0, i1, ...): data() + Σ i_r·stride(r). A fold over the strides, with no
+  /// index array: in an unoptimised or sanitized build an array is a stack object set up on
+  /// every call (under ASan, its red zones), which made this accessor most of the time of
+  /// loops that call it per element.
   template <class... I, class = std::enable_if_t<sizeof...(I) == Rank>>
   constexpr T& operator()(I... idx) const noexcept {
-    const index_t ix[Rank] = {static_cast<index_t>(idx)...};
-    index_t off = 0;
-    for (std::size_t r = 0; r < Rank; ++r) off += ix[r] * strides_[r];
-    return data_[off];
+    return data_[offset(std::index_sequence_for<I...>{}, idx...)];
   }
 
   /// Row-major strides of the extents (wrapping rather than overflowing for absurd extents,
@@ -75,6 +77,11 @@ class tensor_view {
   }
 
  private:
+  template <std::size_t... R, class... I>
+  constexpr index_t offset(std::index_sequence<R...>, I... idx) const noexcept {
+    return (index_t(0) + ... + (static_cast<index_t>(idx) * strides_[R]));
+  }
+
   T* data_ = nullptr;
   extents_type extents_{};
   extents_type strides_{};
