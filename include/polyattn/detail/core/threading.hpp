@@ -25,6 +25,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
+#include <new>
 #include <system_error>
 #include <thread>
 #include <vector>
@@ -89,6 +90,7 @@ struct parallel_job {
   std::mutex m;
   std::condition_variable finished;
   std::exception_ptr error;  // the first exception a task threw (guarded by m)
+  std::atomic<bool> failed{false};  // a task threw: the tasks not started yet are skipped
 
   bool open() const {
     return slots.load(std::memory_order_relaxed) < workers && next.load(std::memory_order_relaxed) < n_tasks;
@@ -100,7 +102,7 @@ struct parallel_job {
     const bool was_inside = inside;
     inside = true;
     for (index_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < n_tasks;) {
-      run(t, worker);
+      if (!failed.load(std::memory_order_relaxed)) run(t, worker);  // (skipped ones still count as done)
       if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == n_tasks) {
         const std::lock_guard<std::mutex> lock(m);
         finished.notify_all();
@@ -124,6 +126,7 @@ struct parallel_job {
     try {
       call(f, t, worker);
     } catch (...) {
+      failed.store(true, std::memory_order_relaxed);
       const std::lock_guard<std::mutex> lock(m);
       if (!error) error = std::current_exception();
     }
@@ -154,11 +157,13 @@ class thread_pool {
   }
 
   /// Lists `job` and wakes up to `helpers` threads for it, starting threads the pool lacks.
+  /// Throws only before anything changed (the list cannot grow): a job listed while its caller
+  /// unwinds would be run by a helper after the caller's function is gone.
   void offer(const std::shared_ptr<parallel_job>& job, int helpers) {
     {
       const std::lock_guard<std::mutex> lock(m_);
-      ++callers_;
       jobs_.push_back(job);
+      ++callers_;
       offers_.fetch_add(1, std::memory_order_relaxed);
       for (; threads_ < helpers; ++threads_)
         if (!start_thread()) break;  // no more threads: the caller and the existing helpers do the tasks
@@ -196,11 +201,15 @@ class thread_pool {
     return pool;
   }
 
+  /// Starts a helper; false when the system has no thread (std::system_error) or no memory for
+  /// one (std::bad_alloc): the call then runs on the threads there are, with the same results.
   bool start_thread() {
 #if POLYATTN_HAS_EXCEPTIONS
     try {
       std::thread([this] { serve(); }).detach();
     } catch (const std::system_error&) {
+      return false;
+    } catch (const std::bad_alloc&) {
       return false;
     }
 #else
@@ -266,7 +275,9 @@ inline int threads_for(int threads, double flops) { return flops < kMinParallelF
 /// index (never on the worker or the order), which is what makes results bitwise identical for
 /// any thread count. The calling thread is worker 0 and runs tasks too; the call returns when all
 /// tasks are done, without waiting for helpers that never got a task. Exceptions thrown by f are
-/// rethrown on the caller's thread (the first one; the other tasks still run).
+/// rethrown on the caller's thread (the first one). Once a task has thrown, the tasks not yet
+/// started are skipped: a worker's scratch may have been left half sized by the task that threw
+/// (out of memory), and no later task may find it so.
 template <class F>
 void parallel_for(int threads, index_t n_tasks, F&& f) {
   if (n_tasks <= 0) return;
