@@ -16,6 +16,8 @@
 #include <catch2/catch.hpp>
 
 #include <atomic>
+#include <cmath>
+#include <cstdint>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -290,36 +292,16 @@ TEST_CASE("a parallel loop that starts a helper thread runs out of memory", "[al
   detail::thread_pool::instance().assume_processors(0);
 }
 
-TEST_CASE("a polysketch_cache that runs out of memory is reset, and the same cache serves the sequence again",
-          "[alloc]") {
-  const index_t B = 2, H = 2, N = 300, d = 16, steps = 3;  // a prefill of N − steps tokens, then decode steps
-  const values q = random_values(B * H * N * d, 16), k = random_values(B * H * N * d, 17),
-               v = random_values(B * H * N * d, 18);
-  sketch_options so;
-  so.degree = 4;
-  so.sketch_size = 8;
-  so.seed = 5;
-  const polysketch<float> sketch(d, so);
-  polysketch_options o;
-  o.causal = true;
-  o.local_exact = true;
-  o.scale = 0.25;
-  o.threads = 2;
-  // tokens [t0, t0 + n) of x as a [B, H, n, d] view
-  const auto rows = [&](values& x, index_t t0, index_t n) {
-    return tensor_view<float, 4>(x.data() + t0 * d, {B, H, n, d}, {H * N * d, N * d, d, 1});
-  };
-  const auto feed = [&](polysketch_cache<float>& cache) {  // the whole sequence from a new or reset cache
-    values qc = q, kc = k, vc = v, out(q.size());
-    cache.forward(rows(qc, 0, N - steps), rows(kc, 0, N - steps), rows(vc, 0, N - steps), rows(out, 0, N - steps));
-    for (index_t t = N - steps; t < N; ++t) cache.forward(rows(qc, t, 1), rows(kc, t, 1), rows(vc, t, 1), rows(out, t, 1));
-    return out;
-  };
-  polysketch_cache<float> fresh(sketch, B, H, d, o);
+/// A cache fed a whole sequence (`feed`: a prefill, then decode steps) while allocations fail:
+/// a feed that throws must leave the cache reset (length 0), and the same object fed again
+/// must give the reference bitwise.
+template <class Cache, class Make, class Feed>
+void sweep_cache(const Make& make, const Feed& feed) {
+  Cache fresh = make();
   const values reference = feed(fresh);
   int not_reset = 0, not_reference = 0;  // (written by the sweep's threads one at a time)
   const auto run = [&] {
-    polysketch_cache<float> cache(sketch, B, H, d, o);
+    Cache cache = make();
     try {
       return feed(cache);
     } catch (const std::bad_alloc&) {
@@ -333,4 +315,135 @@ TEST_CASE("a polysketch_cache that runs out of memory is reset, and the same cac
   CHECK(sweep_failures(run) > 0);
   CHECK(not_reset == 0);
   CHECK(not_reference == 0);
+}
+
+TEST_CASE("a cache that runs out of memory is reset, and the same cache serves the sequence again", "[alloc]") {
+  const index_t B = 2, H = 2, N = 300, d = 16, steps = 3;  // a prefill of N − steps tokens, then decode steps
+  values q = random_values(B * H * N * d, 16), k = random_values(B * H * N * d, 17), v = random_values(B * H * N * d, 18);
+  // tokens [t0, t0 + n) of x as a [B, H, n, d] view
+  const auto rows = [&](values& x, index_t t0, index_t n) {
+    return tensor_view<float, 4>(x.data() + t0 * d, {B, H, n, d}, {H * N * d, N * d, d, 1});
+  };
+  const auto feed = [&](auto& cache) {  // the whole sequence from a new or reset cache
+    values out(q.size());
+    cache.forward(rows(q, 0, N - steps), rows(k, 0, N - steps), rows(v, 0, N - steps), rows(out, 0, N - steps));
+    for (index_t t = N - steps; t < N; ++t) cache.forward(rows(q, t, 1), rows(k, t, 1), rows(v, t, 1), rows(out, t, 1));
+    return out;
+  };
+  SECTION("polysketch_cache") {
+    sketch_options so;
+    so.degree = 4;
+    so.sketch_size = 8;
+    so.seed = 5;
+    const polysketch<float> sketch(d, so);
+    polysketch_options o;
+    o.causal = true;
+    o.local_exact = true;
+    o.scale = 0.25;
+    o.threads = 2;
+    sweep_cache<polysketch_cache<float>>([&] { return polysketch_cache<float>(sketch, B, H, d, o); }, feed);
+  }
+  SECTION("linear_cache") {
+    for (values* x : {&q, &k})
+      for (float& e : *x) e = std::abs(e);  // (non-negative features)
+    linear_options o;
+    o.causal = true;
+    o.normalizer_bias = 1;
+    o.threads = 2;
+    sweep_cache<linear_cache<float>>([&] { return linear_cache<float>(d, B, H, d, o); }, feed);
+  }
+}
+
+TEST_CASE("packed batches of sequences of different lengths run out of memory", "[alloc]") {
+  const index_t H = 2, d = 16;
+  const std::vector<std::int64_t> cu{0, 90, 97, 200};  // three sequences, one of them short
+  const index_t T = cu.back();
+  const values q = random_values(T * H * d, 22), k = random_values(T * H * d, 23), v = random_values(T * H * d, 24),
+               dout = random_values(T * H * d, 25);
+  const auto view3 = [&](values& x) { return tensor_view<float, 3>(x.data(), {T, H, d}); };
+  SECTION("flash_attention and its backward") {
+    const auto run = [&] {
+      values qc = q, kc = k, vc = v, dc = dout, out(q.size()), stats(H * T), dq(q.size()), dk(k.size()), dv(v.size());
+      softmax_options o;
+      o.causal = true;
+      o.threads = 2;
+      const packed_sequences seqs(cu, cu);
+      flash_attention<float>(view3(qc), view3(kc), view3(vc), view3(out), seqs, o,
+                             tensor_view<float, 2>(stats.data(), {H, T}));
+      flash_attention_backward<float>(view3(qc), view3(kc), view3(vc), view3(out), view3(dc),
+                                      tensor_view<const float, 2>(stats.data(), {H, T}), view3(dq), view3(dk),
+                                      view3(dv), seqs, o);
+      values all = out;
+      for (const values* x : {&stats, &dq, &dk, &dv}) all.insert(all.end(), x->begin(), x->end());
+      return all;
+    };
+    CHECK(sweep_failures(run) > 0);
+  }
+  SECTION("linear_attention and its backward") {
+    const auto run = [&] {
+      values qc = q, kc = k, vc = v, dc = dout, out(q.size()), stats(H * T), dq(q.size()), dk(k.size()), dv(v.size());
+      for (values* x : {&qc, &kc})
+        for (float& e : *x) e = std::abs(e);
+      linear_options o;
+      o.causal = true;
+      o.threads = 2;
+      const packed_sequences seqs(cu, cu);
+      linear_attention<float>(view3(qc), view3(kc), view3(vc), view3(out), seqs, o,
+                              tensor_view<float, 2>(stats.data(), {H, T}));
+      linear_attention_backward<float>(view3(qc), view3(kc), view3(vc), view3(out), view3(dc),
+                                       tensor_view<const float, 2>(stats.data(), {H, T}), view3(dq), view3(dk),
+                                       view3(dv), seqs, o);
+      values all = out;
+      for (const values* x : {&stats, &dq, &dk, &dv}) all.insert(all.end(), x->begin(), x->end());
+      return all;
+    };
+    CHECK(sweep_failures(run) > 0);
+  }
+}
+
+TEST_CASE("attention over a paged KV cache runs out of memory", "[alloc]") {
+  const index_t B = 2, H = 4, Hk = 2, d = 16, page = 16, pages = 48, max_pages = 20;
+  const values k_pool = random_values(pages * page * Hk * d, 26), v_pool = random_values(pages * page * Hk * d, 27);
+  std::vector<std::int32_t> table(B * max_pages), lengths{300, 41};
+  for (index_t s = 0; s < max_pages; ++s) {  // pages scattered over the pool
+    table[static_cast<std::size_t>(s)] = std::int32_t((5 + 7 * s) % 24);
+    table[static_cast<std::size_t>(max_pages + s)] = std::int32_t(24 + (8 + 5 * s) % 24);
+  }
+  for (const index_t nq : {index_t(1), index_t(40)}) {  // decode steps, then a chunk of prefill
+    INFO(nq << " queries");
+    const values q = random_values(B * H * nq * d, 28);
+    const auto run = [&] {
+      values qc = q, out(q.size());
+      using cview = tensor_view<const float, 4>;
+      const paged_kv<float> cache{cview(k_pool.data(), {pages, page, Hk, d}), cview(v_pool.data(), {pages, page, Hk, d}),
+                                  {table.data(), {B, max_pages}}, {lengths.data(), {B}}};
+      softmax_options o;
+      o.causal = true;
+      o.threads = 2;
+      flash_attention<float>(cview(qc.data(), {B, H, nq, d}), cache, {out.data(), {B, H, nq, d}}, o);
+      return out;
+    };
+    CHECK(sweep_failures(run) > 0);
+  }
+}
+
+TEST_CASE("shaped attention forward and backward runs out of memory", "[alloc]") {
+  const index_t H = 2, N = 200, d = 16;
+  const values q = random_values(H * N * d, 29), k = random_values(H * N * d, 30), v = random_values(H * N * d, 31),
+               dout = random_values(H * N * d, 32);
+  const auto run = [&] {
+    values qc = q, kc = k, vc = v, dc = dout, out(q.size()), stats(H * N), dq(q.size()), dk(k.size()), dv(v.size());
+    shaped_options o;
+    o.threads = 2;
+    shaped_attention<float>(view(qc, 1, H, N, d), view(kc, 1, H, N, d), view(vc, 1, H, N, d), view(out, 1, H, N, d), o,
+                            tensor_view<float, 3>(stats.data(), {1, H, N}));
+    shaped_attention_backward<float>(view(qc, 1, H, N, d), view(kc, 1, H, N, d), view(vc, 1, H, N, d),
+                                     view(out, 1, H, N, d), view(dc, 1, H, N, d),
+                                     tensor_view<const float, 3>(stats.data(), {1, H, N}), view(dq, 1, H, N, d),
+                                     view(dk, 1, H, N, d), view(dv, 1, H, N, d), o);
+    values all = out;
+    for (const values* x : {&stats, &dq, &dk, &dv}) all.insert(all.end(), x->begin(), x->end());
+    return all;
+  };
+  CHECK(sweep_failures(run) > 0);
 }
