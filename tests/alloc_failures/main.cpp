@@ -192,7 +192,8 @@ TEST_CASE("a decode step split over key chunks runs out of memory", "[alloc]") {
 }
 
 TEST_CASE("causal linear attention of one sequence on two threads (the pipeline) runs out of memory", "[alloc]") {
-  const index_t H = 2, Hk = 1, N = 1030, m = 8, dv = 8;  // one kv sequence of 5 blocks: the pipeline on 2 threads
+  // one kv sequence of 8 blocks: the pipeline on 2 threads, its ring of 6 slots reused
+  const index_t H = 2, Hk = 1, N = 1800, m = 4, dv = 4;
   const values fq = random_values(H * N * m, 8), fk = random_values(Hk * N * m, 9), v = random_values(Hk * N * dv, 10),
                dout = random_values(H * N * dv, 11);
   const auto run = [&] {
