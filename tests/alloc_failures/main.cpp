@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <new>
 #include <random>
 #include <thread>
@@ -82,6 +83,13 @@ values random_values(std::size_t n, unsigned seed) {
 
 tensor_view<float, 4> view(values& x, index_t b, index_t h, index_t n, index_t d) {
   return tensor_view<float, 4>(x.data(), {b, h, n, d});
+}
+
+/// The values of several results one after the other (what a run returns for the comparison).
+values joined(std::initializer_list<const values*> parts) {
+  values all;
+  for (const values* x : parts) all.insert(all.end(), x->begin(), x->end());
+  return all;
 }
 
 bool same_bits(const values& a, const values& b) {
@@ -170,9 +178,7 @@ TEST_CASE("flash attention forward and backward run out of memory", "[alloc]") {
                                     view(out, 1, H, N, d), view(dc, 1, H, N, d),
                                     tensor_view<const float, 3>(stats.data(), {1, H, N}), view(dq, 1, H, N, d),
                                     view(dk, 1, Hk, N, d), view(dv, 1, Hk, N, d), o);
-    values all = out;
-    for (const values* x : {&stats, &dq, &dk, &dv}) all.insert(all.end(), x->begin(), x->end());
-    return all;
+    return joined({&out, &stats, &dq, &dk, &dv});
   };
   CHECK(sweep_failures(run) > 0);
 }
@@ -210,9 +216,7 @@ TEST_CASE("causal linear attention of one sequence on two threads (the pipeline)
                                      view(out, 1, H, N, dv), view(dc, 1, H, N, dv),
                                      tensor_view<const float, 3>(stats.data(), {1, H, N}), view(dq, 1, H, N, m),
                                      view(dk, 1, Hk, N, m), view(dvv, 1, Hk, N, dv), o);
-    values all = out;
-    for (const values* x : {&stats, &dq, &dk, &dvv}) all.insert(all.end(), x->begin(), x->end());
-    return all;
+    return joined({&out, &stats, &dq, &dk, &dvv});
   };
   CHECK(sweep_failures(run) > 0);
 }
@@ -242,8 +246,7 @@ TEST_CASE("polysketch attention with local_exact, forward and backward with leaf
                                          view(out, 1, 1, N, d), view(dc, 1, 1, N, d),
                                          tensor_view<const float, 3>(stats.data(), {1, 1, N}), view(dq, 1, 1, N, d),
                                          view(dk, 1, 1, N, d), view(dv, 1, 1, N, d), sketch, o, &leaves);
-    values all = out;
-    for (const values* x : {&stats, &dq, &dk, &dv}) all.insert(all.end(), x->begin(), x->end());
+    values all = joined({&out, &stats, &dq, &dk, &dv});
     for (const matrix<float>& l : leaves) all.insert(all.end(), l.data(), l.data() + l.size());
     return all;
   };
@@ -374,9 +377,7 @@ TEST_CASE("packed batches of sequences of different lengths run out of memory", 
       flash_attention_backward<float>(view3(qc), view3(kc), view3(vc), view3(out), view3(dc),
                                       tensor_view<const float, 2>(stats.data(), {H, T}), view3(dq), view3(dk),
                                       view3(dv), seqs, o);
-      values all = out;
-      for (const values* x : {&stats, &dq, &dk, &dv}) all.insert(all.end(), x->begin(), x->end());
-      return all;
+      return joined({&out, &stats, &dq, &dk, &dv});
     };
     CHECK(sweep_failures(run) > 0);
   }
@@ -394,9 +395,7 @@ TEST_CASE("packed batches of sequences of different lengths run out of memory", 
       linear_attention_backward<float>(view3(qc), view3(kc), view3(vc), view3(out), view3(dc),
                                        tensor_view<const float, 2>(stats.data(), {H, T}), view3(dq), view3(dk),
                                        view3(dv), seqs, o);
-      values all = out;
-      for (const values* x : {&stats, &dq, &dk, &dv}) all.insert(all.end(), x->begin(), x->end());
-      return all;
+      return joined({&out, &stats, &dq, &dk, &dv});
     };
     CHECK(sweep_failures(run) > 0);
   }
@@ -442,9 +441,7 @@ TEST_CASE("shaped attention forward and backward runs out of memory", "[alloc]")
                                      view(out, 1, H, N, d), view(dc, 1, H, N, d),
                                      tensor_view<const float, 3>(stats.data(), {1, H, N}), view(dq, 1, H, N, d),
                                      view(dk, 1, H, N, d), view(dv, 1, H, N, d), o);
-    values all = out;
-    for (const values* x : {&stats, &dq, &dk, &dv}) all.insert(all.end(), x->begin(), x->end());
-    return all;
+    return joined({&out, &stats, &dq, &dk, &dv});
   };
   CHECK(sweep_failures(run) > 0);
 }
