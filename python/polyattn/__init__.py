@@ -16,7 +16,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 __all__ = [
-    "flash_attention", "polynomial_attention", "polysketch_attention", "sketched_attention",
+    "flash_attention", "flash_attention_varlen", "polynomial_attention", "polysketch_attention", "sketched_attention",
     "linear_attention", "Sketch", "PolySketchCache",
 ]
 
@@ -53,37 +53,98 @@ def _accum(dtype):
 
 def _exact_function(name):
     """The autograd Function of an exact kernel: forward saves q, k, v, out and the per-row stats;
-    backward calls the kernel's backward op (`<name>_forward`, `<name>_backward`)."""
+    backward calls the kernel's backward op (`<name>_forward`, `<name>_backward`). `sinks` is None
+    or flash's sinks tensor (its values are also in `args`), whose gradient is the op's fourth."""
     forward_op, backward_op = getattr(_ops, name + "_forward"), getattr(_ops, name + "_backward")
 
     class _Exact(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, q, k, v, args):
+        def forward(ctx, q, k, v, sinks, args):
             out, stats = forward_op(q, k, v, *args)
             ctx.save_for_backward(q, k, v, out, stats)
             ctx.args = args
+            ctx.sinks_dtype = None if sinks is None else sinks.dtype
             return out
 
         @staticmethod
         @once_differentiable
         def backward(ctx, dout):
             q, k, v, out, stats = ctx.saved_tensors
-            return (*backward_op(q, k, v, out, dout, stats, *ctx.args), None)
+            grads = backward_op(q, k, v, out, dout, stats, *ctx.args)
+            dsinks = grads[3].to(ctx.sinks_dtype) if ctx.needs_input_grad[3] else None
+            return (*grads[:3], dsinks, None)
 
     return _Exact
+
+
+def _per_head(name, values):
+    """A per-head option (a tensor or a sequence of numbers) as a list of floats; None: []."""
+    if values is None:
+        return []
+    if isinstance(values, torch.Tensor):
+        if values.dim() != 1:
+            raise ValueError(f"polyattn.flash_attention: argument '{name}' has shape {list(values.shape)}; "
+                             "expected one value per query head [H]")
+        return [float(x) for x in values.detach().double().tolist()]
+    return [float(x) for x in values]
 
 
 _Flash = _exact_function("flash")
 
 
-def flash_attention(q, k, v, causal=False, scale=None, window=(-1, -1), global_positions=None, layout="bnhd"):
+def flash_attention(q, k, v, causal=False, scale=None, window=(-1, -1), global_positions=None, layout="bnhd",
+                    sinks=None, softcap=0.0, alibi_slopes=None):
     """Exact softmax attention (FlashAttention-style tiles, O(N) memory): softmax(scale q kᵀ) v with
     scale = 1/sqrt(d) by default, a bottom-right aligned causal mask, a sliding window
-    (left, right) (-1 = unbounded) and global key positions. Fully masked rows give 0."""
-    args = (bool(causal), None if scale is None else float(scale), *_mask(window, global_positions), _bhnd(layout))
-    if _needs_grad(q, k, v):
-        return _Flash.apply(q, k, v, args)
+    (left, right) (-1 = unbounded) and global key positions. Fully masked rows give 0.
+    Score modifiers (off by default): `softcap` > 0 caps the scaled scores, s = softcap·tanh(s /
+    softcap); `alibi_slopes` (one per query head) adds slope_h·(j − pos_i); `sinks` (one logit per
+    query head, a tensor that may require grad) adds exp(sink_h) to each row's denominator only."""
+    args = (bool(causal), None if scale is None else float(scale), *_mask(window, global_positions),
+            _per_head("sinks", sinks), float(softcap), _per_head("alibi_slopes", alibi_slopes), _bhnd(layout))
+    sink_tensor = sinks if isinstance(sinks, torch.Tensor) else None
+    if _needs_grad(q, k, v, *([sink_tensor] if sink_tensor is not None else [])):
+        return _Flash.apply(q, k, v, sink_tensor, args)
     return _ops.flash_forward(q, k, v, *args)[0]
+
+
+class _FlashVarlen(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, sinks, args):
+        out, stats = _ops.flash_varlen_forward(q, k, v, cu_q, cu_k, *args)
+        ctx.save_for_backward(q, k, v, out, stats, cu_q, cu_k)
+        ctx.args = args
+        ctx.sinks_dtype = None if sinks is None else sinks.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, stats, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = _ops.flash_varlen_backward(q, k, v, out, dout, stats, cu_q, cu_k, *ctx.args)
+        dsinks = None
+        if ctx.needs_input_grad[5]:  # −Σ_i exp(sink_h − lse_hi)·(dO_i·O_i), as flash_attention_backward's dsinks
+            sinks = torch.tensor(ctx.args[5], dtype=torch.float64)
+            d = (dout.double() * out.double()).sum(-1)  # [Tq, H]
+            dsinks = -(torch.exp(sinks[:, None] - stats.double()) * d.T).sum(-1)
+            dsinks = dsinks.to(ctx.sinks_dtype)
+        return dq, dk, dv, None, None, dsinks, None
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, scale=None, window=(-1, -1),
+                           global_positions=None, sinks=None, softcap=0.0, alibi_slopes=None):
+    """flash_attention on a packed batch of sequences of different lengths (FlashAttention's varlen
+    convention): q [total_q, H, d], k [total_k, Hk, d], v [total_k, Hk, dv] -> out [total_q, H, dv];
+    cu_seqlens_q and cu_seqlens_k are int64 tensors of batch + 1 offsets from 0, sequence s being
+    rows cu_seqlens_q[s]:cu_seqlens_q[s+1] of q and cu_seqlens_k[s]:cu_seqlens_k[s+1] of k and v.
+    Each sequence is attended as flash_attention attends one (causal alignment bottom-right,
+    masks and positions per sequence); the other arguments are flash_attention's."""
+    args = (bool(causal), None if scale is None else float(scale), *_mask(window, global_positions),
+            _per_head("sinks", sinks), float(softcap), _per_head("alibi_slopes", alibi_slopes))
+    sink_tensor = sinks if isinstance(sinks, torch.Tensor) else None
+    if _needs_grad(q, k, v, *([sink_tensor] if sink_tensor is not None else [])):
+        return _FlashVarlen.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, sink_tensor, args)
+    return _ops.flash_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *args)[0]
 
 
 _Polynomial = _exact_function("polynomial")
@@ -96,7 +157,7 @@ def polynomial_attention(q, k, v, degree=4, scale=1.0, normalizer_bias=1.0, caus
     args = (int(degree), float(scale), float(normalizer_bias), bool(causal), *_mask(window, global_positions),
             _bhnd(layout))
     if _needs_grad(q, k, v):
-        return _Polynomial.apply(q, k, v, args)
+        return _Polynomial.apply(q, k, v, None, args)
     return _ops.polynomial_forward(q, k, v, *args)[0]
 
 

@@ -11,6 +11,7 @@
 #include <polyattn/polysketch.hpp>
 #include <polyattn/sketch.hpp>
 #include <polyattn/sketched.hpp>
+#include <polyattn/varlen.hpp>
 
 namespace polyattn_torch {
 namespace {
@@ -29,13 +30,15 @@ void dispatch(dtype t, F&& f) {
   }
 }
 
-template <class T>
-tensor_view<T, 4> tv(const view4& v) {
-  return tensor_view<T, 4>(static_cast<T*>(v.data), v.ext, v.str);
+/// A view of the storage type T (rank 4, or 3 for packed tensors).
+template <class T, int R = 4>
+tensor_view<T, R> tv(const view<R>& v) {
+  return tensor_view<T, R>(static_cast<T*>(v.data), v.ext, v.str);
 }
-template <class T>
-tensor_view<accum_t<T>, 3> sv(const view3& v) {
-  return tensor_view<accum_t<T>, 3>(static_cast<accum_t<T>*>(v.data), v.ext, v.str);
+/// A view of the accumulation type: the stats ([B, H, N], or [H, T] for packed calls).
+template <class T, int R = 3>
+tensor_view<accum_t<T>, R> sv(const view<R>& v) {
+  return tensor_view<accum_t<T>, R>(static_cast<accum_t<T>*>(v.data), v.ext, v.str);
 }
 
 template <class A>
@@ -75,11 +78,38 @@ void flash_forward(dtype t, view4 q, view4 k, view4 v, view4 out, view3 stats, c
 }
 
 void flash_backward(dtype t, view4 q, view4 k, view4 v, view4 out, view4 dout, view3 stats, view4 dq, view4 dk,
-                    view4 dv, const polyattn::softmax_options& o) {
+                    view4 dv, const polyattn::softmax_options& o, void* dsinks) {
   dispatch(t, [&](auto x) {
     using T = decltype(x);
-    polyattn::flash_attention_backward<T>(tv<T>(q), tv<T>(k), tv<T>(v), tv<T>(out), tv<T>(dout), sv<T>(stats),
-                                          tv<T>(dq), tv<T>(dk), tv<T>(dv), o);
+    using A = polyattn::accum_t<T>;
+    if (dsinks)
+      polyattn::flash_attention_backward<T>(tv<T>(q), tv<T>(k), tv<T>(v), tv<T>(out), tv<T>(dout), sv<T>(stats),
+                                            tv<T>(dq), tv<T>(dk), tv<T>(dv), o,
+                                            polyattn::tensor_view<A, 1>(static_cast<A*>(dsinks), {q.ext[1]}));
+    else
+      polyattn::flash_attention_backward<T>(tv<T>(q), tv<T>(k), tv<T>(v), tv<T>(out), tv<T>(dout), sv<T>(stats),
+                                            tv<T>(dq), tv<T>(dk), tv<T>(dv), o);
+  });
+}
+
+void flash_varlen_forward(dtype t, view3 q, view3 k, view3 v, view3 out, view2 stats,
+                          const std::vector<std::int64_t>& cu_q, const std::vector<std::int64_t>& cu_k,
+                          const polyattn::softmax_options& o) {
+  dispatch(t, [&](auto x) {
+    using T = decltype(x);
+    polyattn::flash_attention<T>(tv<T, 3>(q), tv<T, 3>(k), tv<T, 3>(v), tv<T, 3>(out),
+                                 polyattn::packed_sequences(cu_q, cu_k), o, sv<T, 2>(stats));
+  });
+}
+
+void flash_varlen_backward(dtype t, view3 q, view3 k, view3 v, view3 out, view3 dout, view2 stats, view3 dq,
+                           view3 dk, view3 dv, const std::vector<std::int64_t>& cu_q,
+                           const std::vector<std::int64_t>& cu_k, const polyattn::softmax_options& o) {
+  dispatch(t, [&](auto x) {
+    using T = decltype(x);
+    polyattn::flash_attention_backward<T>(tv<T, 3>(q), tv<T, 3>(k), tv<T, 3>(v), tv<T, 3>(out), tv<T, 3>(dout),
+                                          sv<T, 2>(stats), tv<T, 3>(dq), tv<T, 3>(dk), tv<T, 3>(dv),
+                                          polyattn::packed_sequences(cu_q, cu_k), o);
   });
 }
 

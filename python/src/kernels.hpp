@@ -18,18 +18,20 @@ namespace polyattn_torch {
 /// The storage type of a call: float32, float64, bfloat16 (polyattn::bf16) or float16 (polyattn::f16).
 enum class dtype { f32, f64, bf16, f16 };
 
-/// A [B, H, N, d] view in elements of the call's storage type (innermost stride 1).
-struct view4 {
+/// A strided view of rank R (innermost stride 1 for the tensors of the storage type).
+template <int R>
+struct view {
   void* data = nullptr;
-  std::array<std::int64_t, 4> ext{};
-  std::array<std::int64_t, 4> str{};
+  std::array<std::int64_t, R> ext{};
+  std::array<std::int64_t, R> str{};
 };
-/// A [B, H, N] view of the accumulation type (float, or double for float64): the stats.
-struct view3 {
-  void* data = nullptr;
-  std::array<std::int64_t, 3> ext{};
-  std::array<std::int64_t, 3> str{};
-};
+/// [B, H, N, d] in elements of the call's storage type.
+using view4 = view<4>;
+/// [B, H, N] of the accumulation type (float, or double for float64): the stats; or a packed
+/// tensor [T, H, d] of the storage type (the varlen calls).
+using view3 = view<3>;
+/// [H, T] of the accumulation type: a packed call's stats.
+using view2 = view<2>;
 
 /// A sketch's leaves as contiguous row-major matrices of the accumulation type, in polyattn's leaf
 /// order (polyattn/sketch.hpp); none for degree 2.
@@ -45,8 +47,17 @@ struct sketch_spec {
 };
 
 void flash_forward(dtype t, view4 q, view4 k, view4 v, view4 out, view3 stats, const polyattn::softmax_options& o);
+/// dsinks: null, or H contiguous values of the accumulation type (o.sinks set), overwritten.
 void flash_backward(dtype t, view4 q, view4 k, view4 v, view4 out, view4 dout, view3 stats, view4 dq, view4 dk,
-                    view4 dv, const polyattn::softmax_options& o);
+                    view4 dv, const polyattn::softmax_options& o, void* dsinks = nullptr);
+/// The varlen (packed) flash calls: q [Tq, H, d], k [Tk, Hk, d], v [Tk, Hk, dv], out [Tq, H, dv],
+/// stats [H, Tq], sequence s being rows [cu_q[s], cu_q[s + 1]) of q and [cu_k[s], cu_k[s + 1]) of k.
+void flash_varlen_forward(dtype t, view3 q, view3 k, view3 v, view3 out, view2 stats,
+                          const std::vector<std::int64_t>& cu_q, const std::vector<std::int64_t>& cu_k,
+                          const polyattn::softmax_options& o);
+void flash_varlen_backward(dtype t, view3 q, view3 k, view3 v, view3 out, view3 dout, view2 stats, view3 dq,
+                           view3 dk, view3 dv, const std::vector<std::int64_t>& cu_q,
+                           const std::vector<std::int64_t>& cu_k, const polyattn::softmax_options& o);
 void polynomial_forward(dtype t, view4 q, view4 k, view4 v, view4 out, view3 stats,
                         const polyattn::polynomial_options& o);
 void polynomial_backward(dtype t, view4 q, view4 k, view4 v, view4 out, view4 dout, view3 stats, view4 dq, view4 dk,

@@ -89,6 +89,31 @@ struct call {
     }
     return view(x);
   }
+  /// A packed [T, heads, dim] input of a varlen call (rank 3; the same checks as `in`).
+  view3 packed(const char* name, const Tensor& x) {
+    if (!x.defined() || x.device().type() != at::kCPU || x.dim() != 3 || x.scalar_type() != scalar)
+      value_error(std::string(fn) + ": argument '" + name + "' must be a CPU tensor [total, heads, dim] of q's dtype " +
+                  c10::toString(scalar) + "; got " + (x.defined() ? shape_of(x) + " " + c10::toString(x.scalar_type()) +
+                  " on " + x.device().str() : std::string("undefined")));
+    const Tensor& y = x.size(2) > 1 && x.stride(2) != 1 ? (keep.push_back(x.contiguous()), keep.back()) : x;
+    view3 v;
+    v.data = y.data_ptr();
+    v.ext = {y.size(0), y.size(1), y.size(2)};
+    v.str = {y.stride(0), y.stride(1), y.stride(2)};
+    return v;
+  }
+  /// A packed call's stats [H, T] (accumulation type).
+  view2 packed_stats(const Tensor& s) const {
+    if (s.dim() != 2 || s.scalar_type() != accum_of(type) || !s.is_contiguous())
+      value_error(std::string(fn) + ": argument 'stats' has shape " + shape_of(s) + " and dtype " +
+                  c10::toString(s.scalar_type()) + "; expected the forward's [H, total_q] " +
+                  c10::toString(accum_of(type)));
+    view2 v;
+    v.data = s.data_ptr();
+    v.ext = {s.size(0), s.size(1)};
+    v.str = {s.stride(0), s.stride(1)};
+    return v;
+  }
   view4 view(const Tensor& x) const {
     view4 v;
     v.data = x.data_ptr();
@@ -138,6 +163,15 @@ polyattn::softmax_options softmax_opts(bool causal, c10::optional<double> scale,
   return o;
 }
 
+/// The score modifiers of the softmax options (docs/design_exact.md, "Score modifiers"): sinks
+/// (one logit per query head, empty = off), softcap (0 = off), ALiBi slopes (one per query head).
+void set_modifiers(polyattn::softmax_options& o, const std::vector<double>& sinks, double softcap,
+                   const std::vector<double>& alibi_slopes) {
+  o.sinks = sinks;
+  o.softcap = softcap;
+  o.alibi_slopes = alibi_slopes;
+}
+
 polyattn::polynomial_options polynomial_opts(int64_t degree, double scale, double bias, bool causal, int64_t wl,
                                              int64_t wr, const std::vector<int64_t>& global) {
   polyattn::polynomial_options o;
@@ -156,25 +190,77 @@ using pair = std::tuple<Tensor, Tensor>;
 using triple = std::tuple<Tensor, Tensor, Tensor>;
 
 pair flash_fwd(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, c10::optional<double> scale, int64_t wl,
-               int64_t wr, std::vector<int64_t> global, bool bhnd) {
+               int64_t wr, std::vector<int64_t> global, std::vector<double> sinks, double softcap,
+               std::vector<double> alibi_slopes, bool bhnd) {
   return guarded([&] {
     call c("polyattn.flash_attention", q, bhnd);
     const view4 vq = c.in("q", q), vk = c.in("k", k), vv = c.in("v", v);
     Tensor out = c.out(vq, vv.ext[3]), stats = c.new_stats(vq);
-    flash_forward(c.type, vq, vk, vv, c.view(out), c.stats(stats), softmax_opts(causal, scale, wl, wr, global));
+    polyattn::softmax_options o = softmax_opts(causal, scale, wl, wr, global);
+    set_modifiers(o, sinks, softcap, alibi_slopes);
+    flash_forward(c.type, vq, vk, vv, c.view(out), c.stats(stats), o);
     return pair(out, stats);
   });
 }
 
-triple flash_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& dout,
-                 const Tensor& stats, bool causal, c10::optional<double> scale, int64_t wl, int64_t wr,
-                 std::vector<int64_t> global, bool bhnd) {
+/// dq, dk, dv and dsinks ([H] of the accumulation type with sinks, else an empty tensor).
+std::tuple<Tensor, Tensor, Tensor, Tensor> flash_bwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                     const Tensor& out, const Tensor& dout, const Tensor& stats,
+                                                     bool causal, c10::optional<double> scale, int64_t wl, int64_t wr,
+                                                     std::vector<int64_t> global, std::vector<double> sinks,
+                                                     double softcap, std::vector<double> alibi_slopes, bool bhnd) {
   return guarded([&] {
     call c("polyattn.flash_attention backward", q, bhnd);
     const view4 vq = c.in("q", q), vk = c.in("k", k), vv = c.in("v", v), vo = c.in("out", out), vd = c.in("dout", dout);
     Tensor dq = call::like(q), dk = call::like(k), dv = call::like(v);
-    flash_backward(c.type, vq, vk, vv, vo, vd, c.stats(stats), c.view(dq), c.view(dk), c.view(dv),
-                   softmax_opts(causal, scale, wl, wr, global));
+    Tensor dsinks = at::empty({sinks.empty() ? 0 : vq.ext[1]}, at::TensorOptions().dtype(accum_of(c.type)));
+    polyattn::softmax_options o = softmax_opts(causal, scale, wl, wr, global);
+    set_modifiers(o, sinks, softcap, alibi_slopes);
+    flash_backward(c.type, vq, vk, vv, vo, vd, c.stats(stats), c.view(dq), c.view(dk), c.view(dv), o,
+                   sinks.empty() ? nullptr : dsinks.data_ptr());
+    return std::make_tuple(dq, dk, dv, dsinks);
+  });
+}
+
+/// The int64 offsets of a varlen call (cu_seqlens_q or cu_seqlens_k): a 1-d CPU tensor.
+std::vector<int64_t> offsets(const char* fn, const char* name, const Tensor& t) {
+  if (!t.defined() || t.device().type() != at::kCPU || t.dim() != 1 || t.scalar_type() != at::kLong)
+    value_error(std::string(fn) + ": argument '" + name + "' must be a 1-d CPU int64 tensor of batch + 1 offsets; got " +
+                (t.defined() ? shape_of(t) + " " + c10::toString(t.scalar_type()) : std::string("undefined")));
+  const Tensor c = t.contiguous();
+  return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+}
+
+pair flash_varlen_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q, const Tensor& cu_k,
+                      bool causal, c10::optional<double> scale, int64_t wl, int64_t wr, std::vector<int64_t> global,
+                      std::vector<double> sinks, double softcap, std::vector<double> alibi_slopes) {
+  return guarded([&] {
+    call c("polyattn.flash_attention_varlen", q, false);
+    const view3 vq = c.packed("q", q), vk = c.packed("k", k), vv = c.packed("v", v);
+    const std::vector<int64_t> oq = offsets(c.fn, "cu_seqlens_q", cu_q), ok = offsets(c.fn, "cu_seqlens_k", cu_k);
+    Tensor out = at::empty({vq.ext[0], vq.ext[1], vv.ext[2]}, at::TensorOptions().dtype(c.scalar));
+    Tensor stats = at::empty({vq.ext[1], vq.ext[0]}, at::TensorOptions().dtype(accum_of(c.type)));
+    polyattn::softmax_options o = softmax_opts(causal, scale, wl, wr, global);
+    set_modifiers(o, sinks, softcap, alibi_slopes);
+    flash_varlen_forward(c.type, vq, vk, vv, c.packed("out", out), c.packed_stats(stats), oq, ok, o);
+    return pair(out, stats);
+  });
+}
+
+triple flash_varlen_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& dout,
+                        const Tensor& stats, const Tensor& cu_q, const Tensor& cu_k, bool causal,
+                        c10::optional<double> scale, int64_t wl, int64_t wr, std::vector<int64_t> global,
+                        std::vector<double> sinks, double softcap, std::vector<double> alibi_slopes) {
+  return guarded([&] {
+    call c("polyattn.flash_attention_varlen backward", q, false);
+    const view3 vq = c.packed("q", q), vk = c.packed("k", k), vv = c.packed("v", v), vo = c.packed("out", out),
+                vd = c.packed("dout", dout);
+    const std::vector<int64_t> oq = offsets(c.fn, "cu_seqlens_q", cu_q), ok = offsets(c.fn, "cu_seqlens_k", cu_k);
+    Tensor dq = call::like(q), dk = call::like(k), dv = call::like(v);
+    polyattn::softmax_options o = softmax_opts(causal, scale, wl, wr, global);
+    set_modifiers(o, sinks, softcap, alibi_slopes);
+    flash_varlen_backward(c.type, vq, vk, vv, vo, vd, c.packed_stats(stats), c.packed("dq", dq), c.packed("dk", dk),
+                          c.packed("dv", dv), oq, ok, o);
     return triple(dq, dk, dv);
   });
 }
@@ -445,12 +531,20 @@ struct PolySketchCache : torch::CustomClassHolder {
 TORCH_LIBRARY(polyattn, m) {
   using namespace polyattn_torch;
   m.def("flash_forward(Tensor q, Tensor k, Tensor v, bool causal, float? scale, int window_left, int window_right, "
-        "int[] global_positions, bool bhnd) -> (Tensor, Tensor)",
+        "int[] global_positions, float[] sinks, float softcap, float[] alibi_slopes, bool bhnd) -> (Tensor, Tensor)",
         &flash_fwd);
   m.def("flash_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor dout, Tensor stats, bool causal, "
-        "float? scale, int window_left, int window_right, int[] global_positions, bool bhnd) "
-        "-> (Tensor, Tensor, Tensor)",
+        "float? scale, int window_left, int window_right, int[] global_positions, float[] sinks, float softcap, "
+        "float[] alibi_slopes, bool bhnd) -> (Tensor, Tensor, Tensor, Tensor)",
         &flash_bwd);
+  m.def("flash_varlen_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, bool causal, "
+        "float? scale, int window_left, int window_right, int[] global_positions, float[] sinks, float softcap, "
+        "float[] alibi_slopes) -> (Tensor, Tensor)",
+        &flash_varlen_fwd);
+  m.def("flash_varlen_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor dout, Tensor stats, "
+        "Tensor cu_seqlens_q, Tensor cu_seqlens_k, bool causal, float? scale, int window_left, int window_right, "
+        "int[] global_positions, float[] sinks, float softcap, float[] alibi_slopes) -> (Tensor, Tensor, Tensor)",
+        &flash_varlen_bwd);
   m.def("polynomial_forward(Tensor q, Tensor k, Tensor v, int degree, float scale, float normalizer_bias, bool causal, "
         "int window_left, int window_right, int[] global_positions, bool bhnd) -> (Tensor, Tensor)",
         &polynomial_fwd);

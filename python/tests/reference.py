@@ -22,8 +22,8 @@ def allowed(nq, nk, causal, window=(-1, -1), global_positions=()):
     if window[1] >= 0:
         band &= j <= p + window[1]
     g = set(global_positions)
-    band |= torch.tensor([[int(pp) in g for pp in p[:, 0]]]).T
-    band |= torch.tensor([[jj in g for jj in range(nk)]])
+    band |= torch.tensor([[int(pp) in g for pp in p[:, 0]]], dtype=torch.bool).T
+    band |= torch.tensor([[jj in g for jj in range(nk)]], dtype=torch.bool)
     if causal:
         band &= j <= p
     return band
@@ -36,12 +36,24 @@ def weighted(w, v, bias):
     return torch.where(den == 0, torch.zeros_like(den), (w @ v) / safe)
 
 
-def softmax_attention(q, k, v, causal=False, scale=None, window=(-1, -1), global_positions=()):
-    h = q.shape[1]
+def softmax_attention(q, k, v, causal=False, scale=None, window=(-1, -1), global_positions=(), sinks=None,
+                      softcap=0.0, alibi_slopes=None):
+    """Score modifiers in ggml's order: s = scale q·k, s = softcap·tanh(s / softcap), s += slope_h·(j − pos_i),
+    the mask, then a softmax over the row's keys and one more logit sinks[h] whose value is 0."""
+    b, h, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     k, v = expand_kv(k, h), expand_kv(v, h)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    mask = allowed(q.shape[2], k.shape[2], causal, window, global_positions)
-    s = (scale * q @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
+    mask = allowed(nq, nk, causal, window, global_positions)
+    s = scale * q @ k.transpose(-1, -2)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        p, j = positions(nq, nk)
+        s = s + torch.as_tensor(alibi_slopes, dtype=s.dtype).view(1, h, 1, 1) * (j - p).to(s.dtype)
+    s = s.masked_fill(~mask, float("-inf"))
+    if sinks is not None:  # the sink as a last column of the scores, its value row 0
+        s = torch.cat([s, sinks.to(s.dtype).view(1, h, 1, 1).expand(b, h, nq, 1)], dim=-1)
+        v = torch.cat([v, torch.zeros_like(v[..., :1, :])], dim=-2)
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     w = torch.exp(s - m)

@@ -75,6 +75,101 @@ def test_flash_bnhd_layout_and_fully_masked_rows():
     assert torch.all(out[:, :2] == 0) and not torch.isnan(out).any()
 
 
+MODIFIER_CASES = [
+    dict(causal=False, sinks=True),
+    dict(causal=True, softcap=1.5),
+    dict(causal=False, alibi_slopes=[0.5, -0.25, 0.125, 1.0]),
+    dict(causal=True, sinks=True, softcap=2.0, alibi_slopes=[0.3, 0.2, 0.1, 0.05], window=(3, -1)),
+]
+
+
+@pytest.mark.parametrize("kw", MODIFIER_CASES)
+def test_flash_score_modifiers_match_reference_and_gradcheck(kw):
+    # GQA 4:2, Nq > Nk with causal (rows that see no key but the sink), gradients of the sinks too
+    q, k, v = problem(nq=9, nk=7, h=4, hk=2)
+    kw = dict(kw)
+    if kw.pop("sinks", False):
+        kw["sinks"] = rand(4, seed=5).requires_grad_()
+    inputs = [q, k, v] + ([kw["sinks"]] if "sinks" in kw else [])
+
+    def call(fn, *xs):
+        return fn(*xs[:3], **{**kw, **({"sinks": xs[3]} if len(xs) > 3 else {})})
+
+    op = lambda *xs: call(lambda *a, **o: polyattn.flash_attention(*a, layout="bhnd", **o), *xs)  # noqa: E731
+    check_against(op, lambda *xs: call(ref.softmax_attention, *xs), inputs)
+    assert torch.autograd.gradcheck(op, tuple(inputs))
+
+
+def test_flash_score_modifiers_float32_and_validation():
+    q, k, v = problem(nq=5, nk=6, h=2, hk=1)
+    sinks = torch.tensor([0.5, -1.0])
+    got = polyattn.flash_attention(*(t.detach().float() for t in (q, k, v)), layout="bhnd", sinks=sinks, softcap=3.0)
+    want = ref.softmax_attention(q.detach(), k.detach(), v.detach(), sinks=sinks, softcap=3.0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="sinks"):
+        polyattn.flash_attention(q, k, v, layout="bhnd", sinks=[0.0, 1.0, 2.0])
+    with pytest.raises(ValueError, match="softcap"):
+        polyattn.flash_attention(q, k, v, layout="bhnd", softcap=-1.0)
+
+
+# ---- flash_attention_varlen -------------------------------------------------------------------
+
+def packed_problem(lens_q, lens_k, h=4, hk=2, d=3, dv=2, seed=11):
+    """q [Tq, H, d], k [Tk, Hk, d], v [Tk, Hk, dv] (float64, requiring grad) and the int64 offsets."""
+    tq, tk = sum(lens_q), sum(lens_k)
+    q, k, v = rand(tq, h, d, seed=seed), rand(tk, hk, d, seed=seed + 1), rand(tk, hk, dv, seed=seed + 2)
+    cu = lambda lens: torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int64)  # noqa: E731
+    return [t.requires_grad_() for t in (q, k, v)], cu(lens_q), cu(lens_k)
+
+
+def per_sequence_reference(cu_q, cu_k, **kw):
+    """The reference of each sequence alone ([n, H, d] rows as a batch of one), concatenated."""
+    def run(q, k, v, *sinks):
+        outs = []
+        for s in range(len(cu_q) - 1):
+            a, b, c, e = int(cu_q[s]), int(cu_q[s + 1]), int(cu_k[s]), int(cu_k[s + 1])
+            seq = [x.transpose(0, 1)[None] for x in (q[a:b], k[c:e], v[c:e])]
+            extra = {"sinks": sinks[0]} if sinks else {}
+            outs.append(ref.softmax_attention(*seq, **kw, **extra)[0].transpose(0, 1))
+        return torch.cat(outs, dim=0)
+    return run
+
+
+@pytest.mark.parametrize("kw", [dict(causal=False), dict(causal=True), dict(causal=True, window=(1, -1), softcap=2.0),
+                                dict(causal=True, sinks=True, alibi_slopes=[0.5, 0.25, -0.5, 1.0])])
+def test_flash_varlen_matches_per_sequence_reference_and_gradcheck(kw):
+    # sequences of 3, 0, 5 and 1 queries over 4, 2, 5 and 6 keys (Nq > Nk, Nq < Nk, an empty one), GQA 4:2
+    (q, k, v), cu_q, cu_k = packed_problem([3, 0, 5, 1], [4, 2, 5, 6])
+    kw = dict(kw)
+    inputs = [q, k, v]
+    if kw.pop("sinks", False):
+        inputs.append(rand(4, seed=6).requires_grad_())
+
+    def op(q, k, v, *sinks):
+        return polyattn.flash_attention_varlen(q, k, v, cu_q, cu_k, **kw, **({"sinks": sinks[0]} if sinks else {}))
+
+    check_against(op, per_sequence_reference(cu_q, cu_k, **kw), inputs)
+    assert torch.autograd.gradcheck(op, tuple(inputs))
+
+
+def test_flash_varlen_float32_threads_and_validation():
+    (q, k, v), cu_q, cu_k = packed_problem([6, 2, 9], [6, 7, 9], h=2, hk=2, d=8, dv=8)
+    q, k, v = (t.detach().float() for t in (q, k, v))
+    dense = polyattn.flash_attention(q[None, :6], k[None, :6], v[None, :6], causal=True)[0]  # sequence 0 alone
+    threads = torch.get_num_threads()
+    outs = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        outs.append(polyattn.flash_attention_varlen(q, k, v, cu_q, cu_k, causal=True))
+    torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0][:6], dense, rtol=0, atol=0)  # the same bits as the dense call
+    with pytest.raises(ValueError, match="cu_seqlens_k"):
+        polyattn.flash_attention_varlen(q, k, v, cu_q, torch.tensor([0, 6, 13, 21]))  # ends short of total_k
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        polyattn.flash_attention_varlen(q, k, v, cu_q.int(), cu_k)
+
+
 # ---- polynomial_attention ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("kw", [dict(degree=4, causal=False), dict(degree=2, causal=True, scale=0.5, normalizer_bias=0.3),
