@@ -53,15 +53,17 @@ def _accum(dtype):
 
 def _exact_function(name):
     """The autograd Function of an exact kernel: forward saves q, k, v, out and the per-row stats;
-    backward calls the kernel's backward op (`<name>_forward`, `<name>_backward`). `sinks` is None
-    or flash's sinks tensor (its values are also in `args`), whose gradient is the op's fourth."""
+    backward calls the kernel's backward op (`<name>_forward`, `<name>_backward`). `extra` are
+    tensors both ops take after q, k, v and after the stats (a varlen call's offsets); `sinks` is
+    None or flash's sinks tensor, whose values are args[5] (flash's argument order) and whose
+    gradient is the backward op's fourth output, or (varlen ops: none) formed here."""
     forward_op, backward_op = getattr(_ops, name + "_forward"), getattr(_ops, name + "_backward")
 
     class _Exact(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, q, k, v, sinks, args):
-            out, stats = forward_op(q, k, v, *args)
-            ctx.save_for_backward(q, k, v, out, stats)
+        def forward(ctx, q, k, v, sinks, extra, args):
+            out, stats = forward_op(q, k, v, *extra, *args)
+            ctx.save_for_backward(q, k, v, out, stats, *extra)
             ctx.args = args
             ctx.sinks_dtype = None if sinks is None else sinks.dtype
             return out
@@ -69,12 +71,23 @@ def _exact_function(name):
         @staticmethod
         @once_differentiable
         def backward(ctx, dout):
-            q, k, v, out, stats = ctx.saved_tensors
-            grads = backward_op(q, k, v, out, dout, stats, *ctx.args)
-            dsinks = grads[3].to(ctx.sinks_dtype) if ctx.needs_input_grad[3] else None
-            return (*grads[:3], dsinks, None)
+            q, k, v, out, stats, *extra = ctx.saved_tensors
+            grads = backward_op(q, k, v, out, dout, stats, *extra, *ctx.args)
+            dsinks = None
+            if ctx.needs_input_grad[3]:
+                dsinks = grads[3] if len(grads) > 3 else _packed_sink_gradient(ctx.args[5], out, dout, stats)
+                dsinks = dsinks.to(ctx.sinks_dtype)
+            return (*grads[:3], dsinks, None, None)
 
     return _Exact
+
+
+def _packed_sink_gradient(sinks, out, dout, stats):
+    """dsinks_h = −Σ_i exp(sink_h − lse_hi)·(dO_i·O_i) of a packed call (out, dout [T, H, dv], stats
+    [H, T]), in float64: the formula of C++'s flash_attention_backward with dsinks, which has no
+    packed overload."""
+    d = (dout.double() * out.double()).sum(-1)  # [T, H]
+    return -(torch.exp(torch.tensor(sinks, dtype=torch.float64)[:, None] - stats.double()) * d.T).sum(-1)
 
 
 def _per_head(name, values):
@@ -104,31 +117,11 @@ def flash_attention(q, k, v, causal=False, scale=None, window=(-1, -1), global_p
             _per_head("sinks", sinks), float(softcap), _per_head("alibi_slopes", alibi_slopes), _bhnd(layout))
     sink_tensor = sinks if isinstance(sinks, torch.Tensor) else None
     if _needs_grad(q, k, v, *([sink_tensor] if sink_tensor is not None else [])):
-        return _Flash.apply(q, k, v, sink_tensor, args)
+        return _Flash.apply(q, k, v, sink_tensor, (), args)
     return _ops.flash_forward(q, k, v, *args)[0]
 
 
-class _FlashVarlen(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, sinks, args):
-        out, stats = _ops.flash_varlen_forward(q, k, v, cu_q, cu_k, *args)
-        ctx.save_for_backward(q, k, v, out, stats, cu_q, cu_k)
-        ctx.args = args
-        ctx.sinks_dtype = None if sinks is None else sinks.dtype
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        q, k, v, out, stats, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = _ops.flash_varlen_backward(q, k, v, out, dout, stats, cu_q, cu_k, *ctx.args)
-        dsinks = None
-        if ctx.needs_input_grad[5]:  # −Σ_i exp(sink_h − lse_hi)·(dO_i·O_i), as flash_attention_backward's dsinks
-            sinks = torch.tensor(ctx.args[5], dtype=torch.float64)
-            d = (dout.double() * out.double()).sum(-1)  # [Tq, H]
-            dsinks = -(torch.exp(sinks[:, None] - stats.double()) * d.T).sum(-1)
-            dsinks = dsinks.to(ctx.sinks_dtype)
-        return dq, dk, dv, None, None, dsinks, None
+_FlashVarlen = _exact_function("flash_varlen")
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, scale=None, window=(-1, -1),
@@ -143,7 +136,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, sc
             _per_head("sinks", sinks), float(softcap), _per_head("alibi_slopes", alibi_slopes))
     sink_tensor = sinks if isinstance(sinks, torch.Tensor) else None
     if _needs_grad(q, k, v, *([sink_tensor] if sink_tensor is not None else [])):
-        return _FlashVarlen.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, sink_tensor, args)
+        return _FlashVarlen.apply(q, k, v, sink_tensor, (cu_seqlens_q, cu_seqlens_k), args)
     return _ops.flash_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *args)[0]
 
 
@@ -157,7 +150,7 @@ def polynomial_attention(q, k, v, degree=4, scale=1.0, normalizer_bias=1.0, caus
     args = (int(degree), float(scale), float(normalizer_bias), bool(causal), *_mask(window, global_positions),
             _bhnd(layout))
     if _needs_grad(q, k, v):
-        return _Polynomial.apply(q, k, v, None, args)
+        return _Polynomial.apply(q, k, v, None, (), args)
     return _ops.polynomial_forward(q, k, v, *args)[0]
 
 
