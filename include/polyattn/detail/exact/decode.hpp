@@ -619,10 +619,13 @@ void decode_block_scores(const decode_pass<T, Weights>& f, decode_scratch<accum_
   const A pad = Weights::masked_score();
   index_t r = 0;
   if (f.d > 0) {
-    // Rows in lanes (one pass over K): a vector's keys at a time. Row blocks: a sub-block of
-    // keys in L1 for all of them. Either way the next keys and this sub-block's values are asked
-    // for while the rows compute (the block's values are read after all its scores), spread
-    // over the row blocks: a burst of more lines than the core has miss buffers stalls its loads.
+    // Rows in lanes (one pass over K): a vector's keys at a time, their values asked for while
+    // the rows compute (the block's values are read after all its scores); the next keys are
+    // left to the hardware's stream prefetcher, which follows the one pass over K (asking for
+    // them too measured 3-11 % slower on Zen 3: docs/design_exact.md, "Decode"). Row blocks: a
+    // sub-block of keys in L1 for all of them, the next sub-block's keys and this one's values
+    // asked for spread over the row blocks: a burst of more lines than the core has miss
+    // buffers stalls its loads.
     bool rows8 = false;
 #if XSIMD_WITH_AVX512F
     if constexpr (kDecodeRowsInLanes<T, Arch>) rows8 = rows == 8;
@@ -639,7 +642,6 @@ void decode_block_scores(const decode_pass<T, Weights>& f, decode_scratch<accum_
         const index_t n = std::min(sub, p.n - j), nn = std::min(sub, p.n - j - n);
         A* sj = s.s.data() + p.a + j;
         if (lanes) {
-          prefetch_rows(k + n * p.ks, p.ks, nn, f.d);
           prefetch_rows(p.v + j * p.vs, p.vs, n, f.dv);
 #if XSIMD_WITH_AVX512F
           if constexpr (kDecodeRowsInLanes<T, Arch>) {
