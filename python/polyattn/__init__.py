@@ -128,8 +128,9 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, sc
                            global_positions=None, sinks=None, softcap=0.0, alibi_slopes=None):
     """flash_attention on a packed batch of sequences of different lengths (FlashAttention's varlen
     convention): q [total_q, H, d], k [total_k, Hk, d], v [total_k, Hk, dv] -> out [total_q, H, dv];
-    cu_seqlens_q and cu_seqlens_k are int64 tensors of batch + 1 offsets from 0, sequence s being
-    rows cu_seqlens_q[s]:cu_seqlens_q[s+1] of q and cu_seqlens_k[s]:cu_seqlens_k[s+1] of k and v.
+    cu_seqlens_q and cu_seqlens_k are int64 (or int32) tensors of batch + 1 offsets from 0,
+    sequence s being rows cu_seqlens_q[s]:cu_seqlens_q[s+1] of q and cu_seqlens_k[s]:cu_seqlens_k[s+1]
+    of k and v.
     Each sequence is attended as flash_attention attends one (causal alignment bottom-right,
     masks and positions per sequence); the other arguments are flash_attention's."""
     args = (bool(causal), None if scale is None else float(scale), *_mask(window, global_positions),

@@ -222,12 +222,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> flash_bwd(const Tensor& q, const Tens
   });
 }
 
-/// The int64 offsets of a varlen call (cu_seqlens_q or cu_seqlens_k): a 1-d CPU tensor.
+/// The offsets of a varlen call (cu_seqlens_q or cu_seqlens_k): a 1-d CPU tensor of int64, or of
+/// int32 as FlashAttention's varlen functions take them (widened: polyattn's offsets are int64).
 std::vector<int64_t> offsets(const char* fn, const char* name, const Tensor& t) {
-  if (!t.defined() || t.device().type() != at::kCPU || t.dim() != 1 || t.scalar_type() != at::kLong)
-    value_error(std::string(fn) + ": argument '" + name + "' must be a 1-d CPU int64 tensor of batch + 1 offsets; got " +
-                (t.defined() ? shape_of(t) + " " + c10::toString(t.scalar_type()) : std::string("undefined")));
-  const Tensor c = t.contiguous();
+  if (!t.defined() || t.device().type() != at::kCPU || t.dim() != 1 ||
+      (t.scalar_type() != at::kLong && t.scalar_type() != at::kInt))
+    value_error(std::string(fn) + ": argument '" + name + "' must be a 1-d CPU int64 or int32 tensor of batch + 1 " +
+                "offsets; got " + (t.defined() ? shape_of(t) + " " + c10::toString(t.scalar_type()) : std::string("undefined")));
+  const Tensor c = t.to(at::kLong).contiguous();
   return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
 }
 

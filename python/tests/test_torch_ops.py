@@ -167,7 +167,9 @@ def test_flash_varlen_float32_threads_and_validation():
     with pytest.raises(ValueError, match="cu_seqlens_k"):
         polyattn.flash_attention_varlen(q, k, v, cu_q, torch.tensor([0, 6, 13, 21]))  # ends short of total_k
     with pytest.raises(ValueError, match="cu_seqlens_q"):
-        polyattn.flash_attention_varlen(q, k, v, cu_q.int(), cu_k)
+        polyattn.flash_attention_varlen(q, k, v, cu_q.float(), cu_k)
+    # int32 offsets, as FlashAttention's varlen functions take them: the same call
+    assert torch.equal(polyattn.flash_attention_varlen(q, k, v, cu_q.int(), cu_k.int(), causal=True), outs[0])
 
 
 # ---- polynomial_attention ---------------------------------------------------------------------
