@@ -1,4 +1,5 @@
-"""polyattn from PyTorch: exact flash attention and PolySketch attention as autograd-aware ops.
+"""polyattn from PyTorch: exact flash attention, PolySketch attention and a packed batch of two
+sequences with attention sinks, as autograd-aware ops.
 Build the extension (python/, see the README's PyTorch section), then
     PYTHONPATH=build/test/python python3 examples/pytorch_quickstart.py
 The README's PyTorch snippet is the block between the markers below; ctest runs this file."""
@@ -19,6 +20,11 @@ out.square().mean().backward()                        # polyattn's backward kern
 sketch = polyattn.Sketch(d, degree=4, sketch_size=32)  # its leaves are nn.Parameters
 fast = polyattn.polysketch_attention(q, k, v, sketch, causal=True, local_exact=True, scale=d**-0.5)
 fast.square().mean().backward()                        # grads of q, k, v and sketch.leaves
+
+cu = torch.tensor([0, 300, N])                         # two sequences of batch entry 0, packed
+sinks = torch.zeros(H, requires_grad=True)             # gpt-oss's learned attention sinks
+packed = polyattn.flash_attention_varlen(q[0], k[0], v[0], cu, cu, causal=True, sinks=sinks)
+packed.square().mean().backward()                      # grads of q, k, v and sinks
 # --- end of README snippet ---
 
 # the same as PyTorch's own matmul-softmax-matmul on the first batch entry (float32)
@@ -31,5 +37,11 @@ err = (out[:1].detach() - expect).abs().max().item()
 print(f"flash_attention vs matmul-softmax-matmul: max |diff| = {err:.2e}")
 assert err < 1e-4
 assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in sketch.leaves)
+# each packed sequence as the plain call on it alone (same bits)
+for a, b in ((0, 300), (300, N)):
+    alone = polyattn.flash_attention(q[:1, a:b].detach(), k[:1, a:b].detach(), v[:1, a:b].detach(), causal=True,
+                                     sinks=sinks.detach())
+    assert torch.equal(packed[a:b].detach(), alone[0])
+assert sinks.grad is not None and torch.isfinite(sinks.grad).all()
 print(f"polysketch_attention: out {tuple(fast.shape)}, leaf gradient norms "
       + ", ".join(f"{p.grad.norm():.3g}" for p in sketch.leaves))
