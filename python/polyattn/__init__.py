@@ -44,7 +44,8 @@ def _mask(window, global_positions):
 
 
 def _needs_grad(*tensors):
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    """Grad mode on and an input (None: absent) that requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _accum(dtype):
@@ -90,16 +91,27 @@ def _packed_sink_gradient(sinks, out, dout, stats):
     return -(torch.exp(torch.tensor(sinks, dtype=torch.float64)[:, None] - stats.double()) * d.T).sum(-1)
 
 
-def _per_head(name, values):
+def _per_head(fn, name, values):
     """A per-head option (a tensor or a sequence of numbers) as a list of floats; None: []."""
     if values is None:
         return []
     if isinstance(values, torch.Tensor):
         if values.dim() != 1:
-            raise ValueError(f"polyattn.flash_attention: argument '{name}' has shape {list(values.shape)}; "
+            raise ValueError(f"polyattn.{fn}: argument '{name}' has shape {list(values.shape)}; "
                              "expected one value per query head [H]")
         return [float(x) for x in values.detach().double().tolist()]
     return [float(x) for x in values]
+
+
+def _softmax_args(fn, causal, scale, window, global_positions, sinks, softcap, alibi_slopes):
+    """The softmax ops' arguments from causal to alibi_slopes (the sinks are args[5])."""
+    return (bool(causal), None if scale is None else float(scale), *_mask(window, global_positions),
+            _per_head(fn, "sinks", sinks), float(softcap), _per_head(fn, "alibi_slopes", alibi_slopes))
+
+
+def _sink_input(sinks):
+    """The sinks as an input of the autograd Function: the tensor, or None for a plain sequence."""
+    return sinks if isinstance(sinks, torch.Tensor) else None
 
 
 _Flash = _exact_function("flash")
@@ -113,11 +125,10 @@ def flash_attention(q, k, v, causal=False, scale=None, window=(-1, -1), global_p
     Score modifiers (off by default): `softcap` > 0 caps the scaled scores, s = softcap·tanh(s /
     softcap); `alibi_slopes` (one per query head) adds slope_h·(j − pos_i); `sinks` (one logit per
     query head, a tensor that may require grad) adds exp(sink_h) to each row's denominator only."""
-    args = (bool(causal), None if scale is None else float(scale), *_mask(window, global_positions),
-            _per_head("sinks", sinks), float(softcap), _per_head("alibi_slopes", alibi_slopes), _bhnd(layout))
-    sink_tensor = sinks if isinstance(sinks, torch.Tensor) else None
-    if _needs_grad(q, k, v, *([sink_tensor] if sink_tensor is not None else [])):
-        return _Flash.apply(q, k, v, sink_tensor, (), args)
+    args = (*_softmax_args("flash_attention", causal, scale, window, global_positions, sinks, softcap, alibi_slopes),
+            _bhnd(layout))
+    if _needs_grad(q, k, v, _sink_input(sinks)):
+        return _Flash.apply(q, k, v, _sink_input(sinks), (), args)
     return _ops.flash_forward(q, k, v, *args)[0]
 
 
@@ -133,11 +144,10 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, sc
     of k and v.
     Each sequence is attended as flash_attention attends one (causal alignment bottom-right,
     masks and positions per sequence); the other arguments are flash_attention's."""
-    args = (bool(causal), None if scale is None else float(scale), *_mask(window, global_positions),
-            _per_head("sinks", sinks), float(softcap), _per_head("alibi_slopes", alibi_slopes))
-    sink_tensor = sinks if isinstance(sinks, torch.Tensor) else None
-    if _needs_grad(q, k, v, *([sink_tensor] if sink_tensor is not None else [])):
-        return _FlashVarlen.apply(q, k, v, sink_tensor, (cu_seqlens_q, cu_seqlens_k), args)
+    args = _softmax_args("flash_attention_varlen", causal, scale, window, global_positions, sinks, softcap,
+                         alibi_slopes)
+    if _needs_grad(q, k, v, _sink_input(sinks)):
+        return _FlashVarlen.apply(q, k, v, _sink_input(sinks), (cu_seqlens_q, cu_seqlens_k), args)
     return _ops.flash_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *args)[0]
 
 

@@ -18,6 +18,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "kernels.hpp"
@@ -70,32 +71,32 @@ struct call {
   call(const char* name, const Tensor& q, bool bhnd_layout)
       : fn(name), type(dtype_of(name, q)), bhnd(bhnd_layout), scalar(q.scalar_type()) {}
 
-  /// The [B, H, N, d] view of an input; checks device, rank and dtype, copies a tensor whose
-  /// innermost dimension is strided.
-  view4 in(const char* name, const Tensor& x) {
+  /// An input checked for device, rank and dtype (`shape` names the expected dimensions), copied
+  /// when its innermost dimension is strided (tensor_view needs it contiguous).
+  const Tensor& checked(const char* name, const Tensor& x, int64_t rank, const std::string& shape) {
     if (!x.defined()) value_error(std::string(fn) + ": argument '" + name + "' is undefined");
     if (x.device().type() != at::kCPU)
       value_error(std::string(fn) + ": argument '" + name + "' is on " + x.device().str() +
                   "; polyattn runs on the CPU");
-    if (x.dim() != 4)
-      value_error(std::string(fn) + ": argument '" + name + "' has shape " + shape_of(x) + "; expected 4 dimensions " +
-                  (bhnd ? "[B, H, N, d] (layout 'bhnd')" : "[B, N, H, d] (layout 'bnhd')"));
+    if (x.dim() != rank)
+      value_error(std::string(fn) + ": argument '" + name + "' has shape " + shape_of(x) + "; expected " +
+                  std::to_string(rank) + " dimensions " + shape);
     if (x.scalar_type() != scalar)
       value_error(std::string(fn) + ": argument '" + name + "' has dtype " + c10::toString(x.scalar_type()) +
                   " but 'q' has " + c10::toString(scalar));
-    if (x.size(3) > 1 && x.stride(3) != 1) {
+    if (x.size(rank - 1) > 1 && x.stride(rank - 1) != 1) {
       keep.push_back(x.contiguous());
-      return view(keep.back());
+      return keep.back();
     }
-    return view(x);
+    return x;
   }
-  /// A packed [T, heads, dim] input of a varlen call (rank 3; the same checks as `in`).
+  /// The [B, H, N, d] view of an input in the call's layout.
+  view4 in(const char* name, const Tensor& x) {
+    return view(checked(name, x, 4, bhnd ? "[B, H, N, d] (layout 'bhnd')" : "[B, N, H, d] (layout 'bnhd')"));
+  }
+  /// A packed [T, heads, dim] input of a varlen call.
   view3 packed(const char* name, const Tensor& x) {
-    if (!x.defined() || x.device().type() != at::kCPU || x.dim() != 3 || x.scalar_type() != scalar)
-      value_error(std::string(fn) + ": argument '" + name + "' must be a CPU tensor [total, heads, dim] of q's dtype " +
-                  c10::toString(scalar) + "; got " + (x.defined() ? shape_of(x) + " " + c10::toString(x.scalar_type()) +
-                  " on " + x.device().str() : std::string("undefined")));
-    const Tensor& y = x.size(2) > 1 && x.stride(2) != 1 ? (keep.push_back(x.contiguous()), keep.back()) : x;
+    const Tensor& y = checked(name, x, 3, "[total, heads, dim]");
     view3 v;
     v.data = y.data_ptr();
     v.ext = {y.size(0), y.size(1), y.size(2)};
@@ -151,25 +152,23 @@ struct call {
 
 int threads() { return at::get_num_threads(); }
 
+/// The softmax options of a call, score modifiers included (docs/design_exact.md, "Score
+/// modifiers"): sinks (one logit per query head, empty = off), softcap (0 = off), ALiBi slopes
+/// (one per query head, empty = off).
 polyattn::softmax_options softmax_opts(bool causal, c10::optional<double> scale, int64_t wl, int64_t wr,
-                                       const std::vector<int64_t>& global) {
+                                       const std::vector<int64_t>& global, std::vector<double> sinks = {},
+                                       double softcap = 0, std::vector<double> alibi_slopes = {}) {
   polyattn::softmax_options o;
   o.causal = causal;
   if (scale) o.scale = *scale;
   o.window_left = wl;
   o.window_right = wr;
   o.global_positions.assign(global.begin(), global.end());
+  o.sinks = std::move(sinks);
+  o.softcap = softcap;
+  o.alibi_slopes = std::move(alibi_slopes);
   o.threads = threads();
   return o;
-}
-
-/// The score modifiers of the softmax options (docs/design_exact.md, "Score modifiers"): sinks
-/// (one logit per query head, empty = off), softcap (0 = off), ALiBi slopes (one per query head).
-void set_modifiers(polyattn::softmax_options& o, const std::vector<double>& sinks, double softcap,
-                   const std::vector<double>& alibi_slopes) {
-  o.sinks = sinks;
-  o.softcap = softcap;
-  o.alibi_slopes = alibi_slopes;
 }
 
 polyattn::polynomial_options polynomial_opts(int64_t degree, double scale, double bias, bool causal, int64_t wl,
@@ -196,8 +195,7 @@ pair flash_fwd(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, c
     call c("polyattn.flash_attention", q, bhnd);
     const view4 vq = c.in("q", q), vk = c.in("k", k), vv = c.in("v", v);
     Tensor out = c.out(vq, vv.ext[3]), stats = c.new_stats(vq);
-    polyattn::softmax_options o = softmax_opts(causal, scale, wl, wr, global);
-    set_modifiers(o, sinks, softcap, alibi_slopes);
+    const polyattn::softmax_options o = softmax_opts(causal, scale, wl, wr, global, sinks, softcap, alibi_slopes);
     flash_forward(c.type, vq, vk, vv, c.view(out), c.stats(stats), o);
     return pair(out, stats);
   });
@@ -214,8 +212,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> flash_bwd(const Tensor& q, const Tens
     const view4 vq = c.in("q", q), vk = c.in("k", k), vv = c.in("v", v), vo = c.in("out", out), vd = c.in("dout", dout);
     Tensor dq = call::like(q), dk = call::like(k), dv = call::like(v);
     Tensor dsinks = at::empty({sinks.empty() ? 0 : vq.ext[1]}, at::TensorOptions().dtype(accum_of(c.type)));
-    polyattn::softmax_options o = softmax_opts(causal, scale, wl, wr, global);
-    set_modifiers(o, sinks, softcap, alibi_slopes);
+    const polyattn::softmax_options o = softmax_opts(causal, scale, wl, wr, global, sinks, softcap, alibi_slopes);
     flash_backward(c.type, vq, vk, vv, vo, vd, c.stats(stats), c.view(dq), c.view(dk), c.view(dv), o,
                    sinks.empty() ? nullptr : dsinks.data_ptr());
     return std::make_tuple(dq, dk, dv, dsinks);
@@ -242,8 +239,7 @@ pair flash_varlen_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const T
     const std::vector<int64_t> oq = offsets(c.fn, "cu_seqlens_q", cu_q), ok = offsets(c.fn, "cu_seqlens_k", cu_k);
     Tensor out = at::empty({vq.ext[0], vq.ext[1], vv.ext[2]}, at::TensorOptions().dtype(c.scalar));
     Tensor stats = at::empty({vq.ext[1], vq.ext[0]}, at::TensorOptions().dtype(accum_of(c.type)));
-    polyattn::softmax_options o = softmax_opts(causal, scale, wl, wr, global);
-    set_modifiers(o, sinks, softcap, alibi_slopes);
+    const polyattn::softmax_options o = softmax_opts(causal, scale, wl, wr, global, sinks, softcap, alibi_slopes);
     flash_varlen_forward(c.type, vq, vk, vv, c.packed("out", out), c.packed_stats(stats), oq, ok, o);
     return pair(out, stats);
   });
@@ -259,8 +255,7 @@ triple flash_varlen_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const
                 vd = c.packed("dout", dout);
     const std::vector<int64_t> oq = offsets(c.fn, "cu_seqlens_q", cu_q), ok = offsets(c.fn, "cu_seqlens_k", cu_k);
     Tensor dq = call::like(q), dk = call::like(k), dv = call::like(v);
-    polyattn::softmax_options o = softmax_opts(causal, scale, wl, wr, global);
-    set_modifiers(o, sinks, softcap, alibi_slopes);
+    const polyattn::softmax_options o = softmax_opts(causal, scale, wl, wr, global, sinks, softcap, alibi_slopes);
     flash_varlen_backward(c.type, vq, vk, vv, vo, vd, c.packed_stats(stats), c.packed("dq", dq), c.packed("dk", dk),
                           c.packed("dv", dv), oq, ok, o);
     return triple(dq, dk, dv);

@@ -168,6 +168,12 @@ def test_flash_varlen_float32_threads_and_validation():
         polyattn.flash_attention_varlen(q, k, v, cu_q, torch.tensor([0, 6, 13, 21]))  # ends short of total_k
     with pytest.raises(ValueError, match="cu_seqlens_q"):
         polyattn.flash_attention_varlen(q, k, v, cu_q.float(), cu_k)
+    with pytest.raises(ValueError, match=r"argument 'k' has shape \[1, 22, 2, 8\]; expected 3 dimensions"):
+        polyattn.flash_attention_varlen(q, k[None], v, cu_q, cu_k)
+    with pytest.raises(ValueError, match="argument 'v' has dtype Double but 'q' has Float"):
+        polyattn.flash_attention_varlen(q, k, v.double(), cu_q, cu_k)
+    with pytest.raises(ValueError, match="flash_attention_varlen: argument 'sinks' has shape"):
+        polyattn.flash_attention_varlen(q, k, v, cu_q, cu_k, sinks=torch.zeros(2, 2))
     # int32 offsets, as FlashAttention's varlen functions take them: the same call
     assert torch.equal(polyattn.flash_attention_varlen(q, k, v, cu_q.int(), cu_k.int(), causal=True), outs[0])
 
