@@ -10,6 +10,8 @@
 #include <thread>
 #include <vector>
 
+#include "support/sanitizers.hpp"
+
 using polyattn::index_t;
 using polyattn::detail::parallel_for;
 #if POLYATTN_HAS_OPENMP
@@ -128,14 +130,6 @@ TEST_CASE("parallel_for: no helper joins while every processor has a caller", "[
 
 // ThreadSanitizer cannot run a forked child of a process with threads: the child dies when it
 // starts one (the tsan preset, docs/design.md §6), so that build leaves this test out.
-#if defined(__SANITIZE_THREAD__)
-#define POLYATTN_TEST_UNDER_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define POLYATTN_TEST_UNDER_TSAN 1
-#endif
-#endif
-
 #if POLYATTN_HAS_OPENMP && defined(POLYATTN_HAS_PTHREAD_ATFORK) && !defined(POLYATTN_TEST_UNDER_TSAN)
 #include <sys/wait.h>
 #include <unistd.h>

@@ -11,6 +11,7 @@
 
 #include "compare.hpp"
 #include "exact_kernels.hpp"
+#include "sanitizers.hpp"
 #include "tensors.hpp"
 
 namespace polyattn::test {
@@ -25,19 +26,6 @@ struct attention_shape {
     return os.str();
   }
 };
-
-/// True in a build with AddressSanitizer (gcc defines __SANITIZE_ADDRESS__; clang has the feature).
-#if defined(__SANITIZE_ADDRESS__)
-inline constexpr bool kAddressSanitizer = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-inline constexpr bool kAddressSanitizer = true;
-#else
-inline constexpr bool kAddressSanitizer = false;
-#endif
-#else
-inline constexpr bool kAddressSanitizer = false;
-#endif
 
 /// docs/design.md §6: odd head dims, lengths around tile sizes (48 queries, 128 keys), 97, 113, 1025,
 /// Nq != Nk, Nq = 1, B·H > 1 with GQA, strided views. Under AddressSanitizer the one long shape
