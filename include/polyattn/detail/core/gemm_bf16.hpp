@@ -101,11 +101,11 @@ struct pair_dot {
   }
 };
 
-/// C[MR x NR·W] (+)= A[MR x 2·kp] · B[2·kp x NR·W]: pair p of row m at a + m·a_rs + p·a_cs
-/// (in bf16 elements; the last pair single when `odd`), B's pair rows at b + p·ldb (words).
+/// C[MR x NR·W] (+)= alpha · A[MR x 2·kp] · B[2·kp x NR·W]: pair p of row m at a + m·a_rs +
+/// p·a_cs (in bf16 elements; the last pair single when `odd`), B's pair rows at b + p·ldb (words).
 template <int MR, int NR, class Arch>
 inline void pair_micro(index_t kp, bool odd, const std::uint16_t* a, index_t a_rs, index_t a_cs,
-                       const std::uint32_t* b, index_t ldb, float* c, index_t ldc, bool accumulate) {
+                       const std::uint32_t* b, index_t ldb, float* c, index_t ldc, bool accumulate, float alpha) {
   using P = pair_dot<Arch>;
   using B = typename P::B;
   constexpr index_t W = P::W;
@@ -130,6 +130,13 @@ inline void pair_micro(index_t kp, bool odd, const std::uint16_t* a, index_t a_r
   };
   for (index_t p = 0; p < full; ++p) step(p, false);
   if (odd) step(full, true);
+  if (alpha != 1.0f) {
+    const B av(alpha);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+      for (int n = 0; n < NR; ++n) acc[m][n] *= av;
+  }
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
@@ -144,40 +151,45 @@ inline void pair_micro(index_t kp, bool odd, const std::uint16_t* a, index_t a_r
 
 template <int MR, int NR, class Arch>
 inline void pair_row_panel(index_t nv, index_t kp, bool odd, const std::uint16_t* a, index_t a_rs, index_t a_cs,
-                           const std::uint32_t* b, index_t ldb, float* c, index_t ldc, bool accumulate) {
+                           const std::uint32_t* b, index_t ldb, float* c, index_t ldc, bool accumulate, float alpha) {
   constexpr index_t W = simd_width<float, Arch>;
   index_t j = 0;
   for (; j + NR <= nv; j += NR)
-    pair_micro<MR, NR, Arch>(kp, odd, a, a_rs, a_cs, b + j * W, ldb, c + j * W, ldc, accumulate);
+    pair_micro<MR, NR, Arch>(kp, odd, a, a_rs, a_cs, b + j * W, ldb, c + j * W, ldc, accumulate, alpha);
   if constexpr (NR > 1) {
-    if (j < nv) pair_row_panel<MR, NR - 1, Arch>(nv - j, kp, odd, a, a_rs, a_cs, b + j * W, ldb, c + j * W, ldc, accumulate);
+    if (j < nv)
+      pair_row_panel<MR, NR - 1, Arch>(nv - j, kp, odd, a, a_rs, a_cs, b + j * W, ldb, c + j * W, ldc, accumulate, alpha);
   }
 }
 
 template <int MR, class Arch>
 inline void pair_rows_tail(index_t rows, index_t nv, index_t kp, bool odd, const std::uint16_t* a, index_t a_rs,
-                           index_t a_cs, const std::uint32_t* b, index_t ldb, float* c, index_t ldc, bool accumulate) {
+                           index_t a_cs, const std::uint32_t* b, index_t ldb, float* c, index_t ldc, bool accumulate,
+                           float alpha) {
   if constexpr (MR > 0) {
     if (rows == MR)
-      pair_row_panel<MR, gemm_tile<float, Arch>::kNr, Arch>(nv, kp, odd, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
+      pair_row_panel<MR, gemm_tile<float, Arch>::kNr, Arch>(nv, kp, odd, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, alpha);
     else
-      pair_rows_tail<MR - 1, Arch>(rows, nv, kp, odd, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
+      pair_rows_tail<MR - 1, Arch>(rows, nv, kp, odd, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, alpha);
   }
 }
 
-/// C[m x n] = (accumulate ? C : 0) + A[m x k] · B[k x n] over k = 2·kp − odd contraction
-/// indices, A(i, q) = bf16 at a + i·a_rs + (q / 2)·a_cs + q % 2, B packed by pack_pairs (n
-/// rounded up to whole vectors, as gemm). A's pair words are read unaligned.
+/// C[m x n] = (accumulate ? C : 0) + alpha · A[m x k] · B[k x n] over k = 2·kp − odd
+/// contraction indices, A(i, q) = bf16 at a + i·a_rs + (q / 2)·a_cs + q % 2, B packed by
+/// pack_pairs (n rounded up to whole vectors, as gemm). A's pair words are read unaligned. The
+/// fp32 sum of the products is multiplied by alpha once, as it leaves the registers: the bits of
+/// scaling the stored product, without a pass over C (the scores' scale, whose Qᵀ is unscaled).
 template <class Arch = default_arch>
 void gemm_pairs(index_t m, index_t n, index_t kp, bool odd, const std::uint16_t* a, index_t a_rs, index_t a_cs,
-                const std::uint32_t* b, index_t ldb, float* c, index_t ldc, bool accumulate) {
+                const std::uint32_t* b, index_t ldb, float* c, index_t ldc, bool accumulate, float alpha = 1.0f) {
   constexpr int MR = gemm_tile<float, Arch>::kMr;
   constexpr int NR = gemm_tile<float, Arch>::kNr;
   const index_t nv = ceil_div(n, simd_width<float, Arch>);
   index_t i = 0;
   for (; i + MR <= m; i += MR)
-    pair_row_panel<MR, NR, Arch>(nv, kp, odd, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc, accumulate);
-  if (i < m) pair_rows_tail<MR - 1, Arch>(m - i, nv, kp, odd, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc, accumulate);
+    pair_row_panel<MR, NR, Arch>(nv, kp, odd, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc, accumulate, alpha);
+  if (i < m)
+    pair_rows_tail<MR - 1, Arch>(m - i, nv, kp, odd, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc, accumulate, alpha);
 }
 
 /// Packs B[k x n] (rows of bf16 bits: B(q, c) = src[q·ld_src + c]) into ceil(k/2) pair rows of

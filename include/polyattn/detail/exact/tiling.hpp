@@ -110,8 +110,7 @@ void prepare_forward_scratch(const forward_pass<T, Weights>& f, attention_scratc
 
 /// Sᵀ[nk x lanes] = K_blk · Qᵀ (scaled) into s.st, for keys [j0, j0 + nk) of one part, a
 /// softcap applied as the fp32 product is stored (score_product). Returns whether it was (the
-/// bf16 pair product scales its scores after storing them, so it leaves the cap to
-/// modify_score_tile).
+/// bf16 pair product leaves the cap to modify_score_tile).
 template <class T, class Weights, class Arch>
 bool key_block_scores(const forward_pass<T, Weights>& f, attention_scratch<accum_t<T>>& s, const query_block& qb,
                       index_t j0, index_t nk, const kv_part<T>& part) {
@@ -126,11 +125,9 @@ bool key_block_scores(const forward_pass<T, Weights>& f, attention_scratch<accum
   const T* kblk = part.k_row(qb.b, qb.hk, j0);
   const index_t ks = part.k.stride(2);
   if constexpr (bf16_pairs<T, Arch>) {
+    // Qᵀ is packed unscaled (exact): the scale multiplies the fp32 scores as they are stored
     gemm_pairs<Arch>(nk, lanes, ceil_div(d, 2), d % 2 != 0, reinterpret_cast<const std::uint16_t*>(kblk), ks, 2,
-                     s.qw.data(), lanes, st, lanes, false);
-    // Qᵀ is packed unscaled (exact): the scale multiplies the fp32 scores
-    if (f.pb.scale != A(1))
-      for (index_t r = 0; r < nk; ++r) scale_padded<A, Arch>(st + r * lanes, lanes, f.pb.scale);
+                     s.qw.data(), lanes, st, lanes, false, f.pb.scale);
     return false;
   } else if constexpr (is_half_v<T>) {
     for (index_t r = 0; r < nk; ++r) widen(kblk + r * ks, d, s.kpack.data() + r * d);

@@ -340,9 +340,9 @@ bool backward_tile(const backward_pass<T, Weights>& f, attention_backward_scratc
   if constexpr (bf16_pairs<T, Arch>) {  // exact products of bf16 pairs; Qᵀ unscaled: scale the scores
     A* st = s.st.data();
     if (f.d == 0) std::fill(st, st + nk * lanes, A(0));
-    else gemm_pairs<Arch>(nk, lanes, ceil_div(f.d, 2), f.d % 2 != 0, kr.k16, kr.ks16, 2, qp.qtw, lanes, st, lanes, false);
-    if (f.pb.scale != A(1))
-      for (index_t r = 0; r < nk; ++r) scale_padded<A, Arch>(st + r * lanes, lanes, f.pb.scale);
+    else
+      gemm_pairs<Arch>(nk, lanes, ceil_div(f.d, 2), f.d % 2 != 0, kr.k16, kr.ks16, 2, qp.qtw, lanes, st, lanes, false,
+                       f.pb.scale);
     gemm_pairs<Arch>(nk, lanes, ceil_div(f.dval, 2), f.dval % 2 != 0, kr.v16, kr.vs16, 2, qp.dotw, lanes,
                      s.dpt.data(), lanes, false);
   } else {
