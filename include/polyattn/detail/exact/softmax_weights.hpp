@@ -42,17 +42,11 @@ struct softmax_weights {
     return xsimd::select(p < batch<T, Arch>(eps * eps), batch<T, Arch>(T(0)), p);
   }
 
-  /// The lowest argument handed to xsimd::exp: exp is 0 there in float and double (xsimd
-  /// returns 0 below −88.4 and −708.4), and x / ln 2 still fits an integer. xsimd's exp
-  /// converts x / ln 2 to an integer, which for −∞ (a masked score, a lane's initial max) or a
-  /// huge negative difference is undefined behaviour (clang's -fsanitize=undefined aborts on
-  /// it; the double conversion is a scalar cast). Clamping there changes no result.
+  /// The lowest argument handed to an exponential: exp is 0 there in float and double, and
+  /// x / ln 2 still fits an integer (vexp clamps its vector argument itself, simd.hpp; the
+  /// scalar std::exp calls below and the backward's vexp clamp at this floor, which changes no
+  /// result).
   static constexpr T exp_floor() { return T(-1000); }
-
-  /// exp(max(x, exp_floor())); max(floor, x) keeps a NaN argument NaN.
-  static batch<T, Arch> exp_clamped(const batch<T, Arch>& x) {
-    return vexp(vmax(batch<T, Arch>(exp_floor()), x));
-  }
 
   void init(T* m, T* l, index_t lanes) const {
     std::fill(m, m + lanes, masked_score());
@@ -68,19 +62,19 @@ struct softmax_weights {
       const B m_old = B::load_unaligned(m + c);
       const B m_new = vmax(m_old, bmax);
       const B m_use = xsimd::select(m_new == neg_inf, B(T(0)), m_new);
-      const B a = exp_clamped(m_old - m_use);
+      const B a = vexp(m_old - m_use);
       B sum(T(0));
       if (flush_subnormal)
         for (index_t r = 0; r < rows; ++r) {
           T* p = st + r * ld + c;
-          const B e = flushed(exp_clamped(B::load_unaligned(p) - m_use));
+          const B e = flushed(vexp(B::load_unaligned(p) - m_use));
           e.store_unaligned(p);
           sum += e;
         }
       else
         for (index_t r = 0; r < rows; ++r) {
           T* p = st + r * ld + c;
-          const B e = exp_clamped(B::load_unaligned(p) - m_use);
+          const B e = vexp(B::load_unaligned(p) - m_use);
           e.store_unaligned(p);
           sum += e;
         }
@@ -106,7 +100,7 @@ struct softmax_weights {
     const T m_use = m_new == masked_score() ? T(0) : m_new;
     B sum(T(0));
     for (index_t c = 0; c < n; c += W) {
-      B e = exp_clamped(B::load_unaligned(s + c) - B(m_use));
+      B e = vexp(B::load_unaligned(s + c) - B(m_use));
       if (flush_subnormal) e = flushed(e);
       e.store_unaligned(s + c);
       sum += e;
@@ -153,7 +147,7 @@ struct softmax_weights {
   /// The exponent is clamped to [exp_floor(), 0]: s − lse <= 0 for every allowed score up to
   /// rounding, the clamp keeps exp's argument finite for masked entries (which `hide`
   /// overwrites afterwards) and for empty rows (lse = +∞ here). The clamp's operands are in the
-  /// order that keeps a NaN (max(floor, x), min(0, x), as exp_clamped): a NaN lse or score
+  /// order that keeps a NaN (max(floor, x), min(0, x), as vexp's clamp): a NaN lse or score
   /// gives p = NaN, never a plausible 0.
   void backward_tile(const T* st, T* pt, T* dpt, index_t rows, index_t ld, index_t lanes, const T* c,
                      const T* dd) const {
