@@ -85,11 +85,14 @@ double exp_float_ulps(float lo, float hi, std::vector<float>& outs) {
 
 TEST_CASE("the float vector exponential against std::exp", "[softmax][exp]") {
   // detail::vexp<float>: round(x / ln 2), a degree-6 polynomial (tools/fit_exp.py, 0.72 ulp on
-  // [−ln2/2, ln2/2] in float), times 2^n (scalef on AVX-512, two exponent-bit powers elsewhere)
+  // [−ln2/2, ln2/2] in float), times 2^n (scalef on AVX-512, two exponent-bit powers elsewhere);
+  // the same bits on both paths when compiled alike
   std::vector<float> outs;
   const double worst = exp_float_ulps<detail::default_arch>(-110.0f, 95.0f, outs);
   INFO("worst error " << worst << " ulp");
-  CHECK(worst <= 1.0);  // measured 0.88 ulp (g++ 12, AVX-512; the AVX2 path gives the same bits)
+  // measured (g++ 12): 0.88 ulp where the multiply-adds are fused (-O2/-O3, or FMA3), 1.14 where
+  // they are not (-Og on AVX-512, whose xsimd fma is a·b + c, or a build without FMA)
+  CHECK(worst <= 1.5);
 #if XSIMD_WITH_AVX512F && XSIMD_WITH_AVX2
   // the exponent-bit powers of the AVX2 path give the same bits as scalef, subnormals included
   std::vector<float> avx2;

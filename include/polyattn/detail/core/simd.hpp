@@ -76,7 +76,7 @@ inline xsimd::batch<T, Arch> vmin(const xsimd::batch<T, Arch>& a, const xsimd::b
 
 /// exp(x) lane by lane, NaN for NaN, 0 and inf where float and double underflow and overflow.
 /// Float (docs/design_exact.md, "The exponential"): n = round(x / ln 2), f = x − n·ln 2 (two
-/// fused steps, ln 2 split in a high and a low float), e^f by one Horner chain of six fused
+/// steps, ln 2 split Cody–Waite style so the first is exact), e^f by one Horner chain of six
 /// multiply-adds (a degree-6 polynomial fitted for the least relative error on [−ln2/2, ln2/2],
 /// tools/fit_exp.py: 0.72 ulp in float), then times 2^n: AVX-512's vscalefps, or elsewhere two
 /// exact powers of two made from the exponent bits (2^⌊n/2⌋ then 2^(n−⌊n/2⌋), one rounding, so a
@@ -100,7 +100,10 @@ inline xsimd::batch<T, Arch> vexp(const xsimd::batch<T, Arch>& x) {
   } else {
     const B xc = xsimd::min(B(89.0f), xsimd::max(B(-104.0f), x));
     const B n = xsimd::nearbyint(xc * B(1.44269504088896341f));
-    const B f = xsimd::fma(n, B(1.904654299957768e-09f), xsimd::fma(n, B(-0.693147182464599609375f), xc));
+    // ln 2 = C1 + C2 with C1 = 355/512: n·C1 is exact and so is x − n·C1 (the two are within a
+    // factor 2), so f does not depend on whether the compiler fuses the multiply-adds (xsimd 8's
+    // fma is a·b + c on AVX-512, fused only where GCC contracts it: at -O2 and -O3, not at -Og)
+    const B f = xsimd::fma(n, B(2.12194440e-4f), xsimd::fma(n, B(-0.693359375f), xc));
     B p(1.381449784e-03f);
     p = xsimd::fma(p, f, B(8.368707302e-03f));
     p = xsimd::fma(p, f, B(4.166838921e-02f));
