@@ -258,9 +258,11 @@ class uninitialized_buffer {
 constexpr index_t round_up(index_t n, index_t m) { return (n + m - 1) / m * m; }
 constexpr index_t ceil_div(index_t n, index_t m) { return (n + m - 1) / m; }
 
-/// x[i] *= a for i in [0, n); n a multiple of the vector width.
+/// x[i] *= a for i in [0, n); n a multiple of the vector width. Nothing to do for a = 1, which
+/// changes no bit (the online softmax's rescale of a row whose maximum stayed, alpha = e^0).
 template <class T, class Arch>
 inline void scale_padded(T* x, index_t n, T a) {
+  if (a == T(1)) return;
   using B = batch<T, Arch>;
   const B av(a);
   for (index_t i = 0; i < n; i += simd_width<T, Arch>) (B::load_unaligned(x + i) * av).store_unaligned(x + i);

@@ -764,8 +764,7 @@ void decode_key_block(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T
         if (!f.mask.allowed(r % f.Nq, j0 + j)) sr[j] = Weights::masked_score();
     A* row = partial + r * f.slot;
     A alpha(1);
-    if (f.weights.apply_row(sr, nkp, row[f.dvp], row[f.dvp + 1], alpha) && alpha != A(1))
-      scale_padded<A, Arch>(row, f.dvp, alpha);
+    if (f.weights.apply_row(sr, nkp, row[f.dvp], row[f.dvp + 1], alpha)) scale_padded<A, Arch>(row, f.dvp, alpha);
   }
   if (f.dv > 0) decode_block_values<T, Weights, Arch>(f, s, pc, np, rows, j0, nk, hidden, partial);
 }

@@ -205,8 +205,7 @@ void forward_key_block(const forward_pass<T, Weights>& f, attention_scratch<accu
   const bool partial = f.mask.partial(qb.i0, qb.nq, j0, nk);
   if (partial) f.mask.hide(st, lanes, lanes, qb.i0, j0, nk, Weights::masked_score());
   if (f.weights.apply(st, nk, lanes, lanes, s.m.data(), s.l.data(), s.alpha.data()))
-    for (index_t i = 0; i < qb.nq; ++i)  // (a row whose maximum stayed has alpha = e^0 = 1 exactly)
-      if (s.alpha[to_size(i)] != A(1)) scale_padded<A, Arch>(s.o.data() + i * f.dvp, f.dvp, s.alpha[to_size(i)]);
+    for (index_t i = 0; i < qb.nq; ++i) scale_padded<A, Arch>(s.o.data() + i * f.dvp, f.dvp, s.alpha[to_size(i)]);
   if (f.dv == 0) return;
   accumulate_values<T, Weights, Arch>(f, s, qb, j0, nk, part, partial);
 }
