@@ -42,10 +42,9 @@ struct softmax_weights {
     return xsimd::select(p < batch<T, Arch>(eps * eps), batch<T, Arch>(T(0)), p);
   }
 
-  /// The lowest argument handed to an exponential: exp is 0 there in float and double, and
-  /// x / ln 2 still fits an integer (vexp clamps its vector argument itself, simd.hpp; the
-  /// scalar std::exp calls below and the backward's vexp clamp at this floor, which changes no
-  /// result).
+  /// The lowest argument handed to the scalar std::exp calls below: exp is 0 there in float and
+  /// double (the vector exponential, vexp in simd.hpp, clamps its argument itself); clamping
+  /// there changes no result.
   static constexpr T exp_floor() { return T(-1000); }
 
   void init(T* m, T* l, index_t lanes) const {
@@ -144,21 +143,21 @@ struct softmax_weights {
 
   /// Scores Sᵀ in, probabilities Pᵀ = exp(S − lse) out into pt and, in place of dPᵀ,
   /// dSᵀ = P ∘ (dP − D) with D_i = dO_i·O_i (the softmax Jacobian, FlashAttention-2 eq. for dS).
-  /// The exponent is clamped to [exp_floor(), 0]: s − lse <= 0 for every allowed score up to
-  /// rounding, the clamp keeps exp's argument finite for masked entries (which `hide`
-  /// overwrites afterwards) and for empty rows (lse = +∞ here). The clamp's operands are in the
-  /// order that keeps a NaN (max(floor, x), min(0, x), as vexp's clamp): a NaN lse or score
-  /// gives p = NaN, never a plausible 0.
+  /// The exponent is clamped to at most 0: s − lse <= 0 for every allowed score up to rounding;
+  /// below, vexp clamps its argument itself, which keeps it finite for masked entries (which
+  /// `hide` overwrites afterwards) and for empty rows (lse = +∞ here). min(0, x) has its
+  /// operands in the order that keeps a NaN (as vexp's clamp): a NaN lse or score gives p = NaN,
+  /// never a plausible 0.
   void backward_tile(const T* st, T* pt, T* dpt, index_t rows, index_t ld, index_t lanes, const T* c,
                      const T* dd) const {
     using B = batch<T, Arch>;
-    const B lo(exp_floor()), zero(T(0));
+    const B zero(T(0));
     auto tile = [&](auto flush) {  // (flush: std::bool_constant, one loop each, no per-element branch)
       for (index_t col = 0; col < lanes; col += simd_width<T, Arch>) {
         const B cv = B::load_unaligned(c + col), dv = B::load_unaligned(dd + col);
         for (index_t r = 0; r < rows; ++r) {
           const index_t at = r * ld + col;
-          B p = vexp(vmin(zero, vmax(lo, B::load_unaligned(st + at) - cv)));
+          B p = vexp(vmin(zero, B::load_unaligned(st + at) - cv));
           if constexpr (decltype(flush)::value) p = flushed(p);
           p.store_unaligned(pt + at);
           (p * (B::load_unaligned(dpt + at) - dv)).store_unaligned(dpt + at);
