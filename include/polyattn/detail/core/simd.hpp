@@ -60,6 +60,17 @@ inline constexpr index_t simd_width = static_cast<index_t>(xsimd::batch<T, Arch>
 #define POLYATTN_BEGIN_INTRINSICS
 #define POLYATTN_END_INTRINSICS
 #endif
+
+// A small vector helper that takes an array of registers (vhaddp) must be inlined, or its caller
+// keeps the array in memory. GCC stopped inlining it in a translation unit with many kernels (the
+// benchmark's: a bf16 decode step's accumulators spilled, 1.4x the time of a small program's).
+#if defined(__GNUC__)
+#define POLYATTN_ALWAYS_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define POLYATTN_ALWAYS_INLINE __forceinline
+#else
+#define POLYATTN_ALWAYS_INLINE inline
+#endif
 POLYATTN_BEGIN_INTRINSICS
 
 /// xsimd::max(a, b).
@@ -177,7 +188,7 @@ inline T vsum(const xsimd::batch<T, Arch>& x) {
 /// 4 % faster in fp32 and bf16, an f16 1:1 step 12 %, an fp32 1:1 step 2 % slower (the same
 /// network on 256-bit halves measured as the old one).
 template <class T, class Arch>
-inline xsimd::batch<T, Arch> vhaddp(const xsimd::batch<T, Arch>* rows) {
+POLYATTN_ALWAYS_INLINE xsimd::batch<T, Arch> vhaddp(const xsimd::batch<T, Arch>* rows) {
 #if XSIMD_WITH_AVX512F
   if constexpr (std::is_same_v<T, float> && std::is_base_of<xsimd::avx512f, Arch>::value) {
     __m512 t[8], u[4];

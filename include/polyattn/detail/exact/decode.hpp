@@ -11,8 +11,12 @@
 //   - Weights::apply_row on each row's scores (keys in lanes), then O_row += Σ_j p_j v_j;
 //   - bf16 with POLYATTN_BF16_PAIRS (bf16_pairs): the scores' dot products run on bf16 pairs
 //     (vdpbf16ps), the queries unscaled and the fp32 scores scaled after, as the tiled path;
-//     P·V stays in fp32 with V widened (P is not rounded: packing V as pairs of keys measured
-//     slower for one row and no faster for 8, docs/design_exact.md "Decode");
+//     P·V stays in fp32 and P is not rounded (packing V as pairs of keys measured slower for
+//     one row and no faster for 8; pairing two rows in registers no faster either,
+//     docs/design_exact.md "Decode");
+//   - bf16 V rows are read as 32-bit words, each word two columns' floats by a shift and a mask
+//     (decode_values_words), so a bf16 task's O rows hold their columns in groups of 2W, even
+//     columns then odd, put back in order by the merge;
 //   - split-KV: the keys are cut into chunks of kDecodeChunk, one task per (batch, kv head,
 //     row group, chunk), each leaving a partial (m, l, O); a second pass merges the chunks in
 //     order with Weights::merge (log-sum-exp rescaling for softmax, plain sums for polynomial).
@@ -86,11 +90,13 @@ struct decode_pass {
   index_t heads_per_task, subgroups, chunks, dvp, slot;  // slot: values a row's partial takes
   attention_mask mask;
 
-  static decode_pass make(const attention_problem<T>& pb, const Weights& w, const kv_parts<T>& kv, index_t W) {
+  /// W: the vector width; `words`: O rows in groups of 2W columns (decode_values_words).
+  static decode_pass make(const attention_problem<T>& pb, const Weights& w, const kv_parts<T>& kv, index_t W,
+                          bool words) {
     const index_t B = pb.q.extent(0), H = pb.q.extent(1), Nq = pb.q.extent(2), d = pb.q.extent(3);
     const index_t Hk = pb.k.extent(1), Nk = pb.k.extent(2), dv = pb.v.extent(3), group = H / Hk;
     const index_t hpt = std::min(group, std::max<index_t>(1, kDecodeRows / Nq));
-    const index_t dvp = round_up(dv, W);
+    const index_t dvp = round_up(dv, words ? 2 * W : W);
     return decode_pass{pb, w, kv, B, H, Nq, d, Hk, Nk, dv, group, hpt, ceil_div(group, hpt),
                        std::max<index_t>(1, ceil_div(Nk, kDecodeChunk)), dvp, dvp + 2,
                        attention_mask::of(pb.causal, Nq, Nk, pb.band)};
@@ -187,6 +193,48 @@ void decode_dots(const T* k, index_t ks, index_t d, const typename decode_dot_op
     for (int x = 0; x < KN; ++x) dot[r * dot_stride + x] = acc[r][x];
 }
 
+/// decode_scores for one row whose d values take NC vectors (NC ≤ 4; Tail: the last one holds
+/// fewer than `step` values): the keys of a vector group one after the other, each key's NC
+/// multiply-adds in column order into its own accumulator, then the group's W accumulators
+/// reduced together: the same sums in the same order as decode_dots, with the accumulators and
+/// the NC query vectors in registers and no length tested in the key loop (the general loop
+/// kept 8 key pointers and the accumulators on the stack: 8.8 against 6 cycles a key for bf16
+/// pairs at d = 64, docs/design_exact.md "Decode").
+template <int NC, bool Tail, class T, class Arch>
+void decode_scores_row(const T* k, index_t ks, index_t nk, index_t d, const typename decode_dot_op<T, Arch>::Q* q,
+                       accum_t<T>* s, accum_t<T> pad, accum_t<T> scale) {
+  using Op = decode_dot_op<T, Arch>;
+  using A = accum_t<T>;
+  using Bt = batch<A, Arch>;
+  constexpr index_t W = simd_width<A, Arch>;
+  const index_t tail = Tail ? d - (NC - 1) * Op::step : Op::step;  // values of the last vector
+  Bt qv[NC];
+#pragma GCC unroll 4
+  for (int c = 0; c < NC; ++c) qv[c] = Op::load_q(q + c * Op::step);
+  const auto dot = [&](const T* kr) {
+    Bt a(A(0));
+#pragma GCC unroll 4
+    for (int c = 0; c + 1 < NC; ++c) a = Op::madd(Op::load_k(kr + c * Op::step, Op::step), qv[c], a);
+    const T* last = kr + (NC - 1) * Op::step;
+    return Op::madd(Tail ? Op::load_k(last, tail) : Op::load_k(last, Op::step), qv[NC - 1], a);
+  };
+  Bt acc[to_size(W)];
+  for (index_t j0 = 0; j0 < nk; j0 += W) {
+    const index_t n = std::min(W, nk - j0);
+    const T* kr = k + j0 * ks;
+    if (n == W) {
+#pragma GCC unroll 16
+      for (index_t x = 0; x < W; ++x, kr += ks) acc[x] = dot(kr);
+    } else {
+      for (index_t x = 0; x < W; ++x, kr += ks) acc[x] = x < n ? dot(kr) : Bt(A(0));
+    }
+    Bt sv = vhaddp(acc);
+    if constexpr (bf16_pairs<T, Arch>) sv = sv * Bt(scale);
+    sv.store_unaligned(s + j0);
+    for (index_t x = n; x < W; ++x) s[j0 + x] = pad;
+  }
+}
+
 /// s_r[0, nk) = q_r · k_j for RN rows (q_r = q + r·dq, s_r = s + r·kDecodeScoreRow) and the keys
 /// of one block (rows of k, stride ks); each s_r padded to whole vectors with `pad`.
 /// With bf16 pairs (bf16_pairs<T, Arch>) the rows are qh's unscaled bf16 (stride 2·dq) and
@@ -197,6 +245,32 @@ void decode_scores(const T* k, index_t ks, index_t nk, index_t d, const accum_t<
   using A = accum_t<T>;
   using Bt = batch<A, Arch>;
   constexpr index_t W = simd_width<A, Arch>;
+  if constexpr (RN == 1) {  // one row of at most 4 vectors: decode_scores_row
+    const auto* qr = [&] {
+      if constexpr (bf16_pairs<T, Arch>) return qh;
+      else return q;
+    }();
+    constexpr index_t step = decode_dot_op<T, Arch>::step;
+    const auto row = [&](auto nc, auto tail) {
+      decode_scores_row<decltype(nc)::value, decltype(tail)::value, T, Arch>(k, ks, nk, d, qr, s, pad, scale);
+    };
+    using whole = std::false_type;
+    using part = std::true_type;
+    switch (d % step == 0 ? d / step : 0) {
+      case 1: return row(std::integral_constant<int, 1>{}, whole{});
+      case 2: return row(std::integral_constant<int, 2>{}, whole{});
+      case 3: return row(std::integral_constant<int, 3>{}, whole{});
+      case 4: return row(std::integral_constant<int, 4>{}, whole{});
+      default: break;
+    }
+    switch (d % step == 0 ? 0 : ceil_div(d, step)) {
+      case 1: return row(std::integral_constant<int, 1>{}, part{});
+      case 2: return row(std::integral_constant<int, 2>{}, part{});
+      case 3: return row(std::integral_constant<int, 3>{}, part{});
+      case 4: return row(std::integral_constant<int, 4>{}, part{});
+      default: break;
+    }
+  }
   Bt acc[to_size(RN * W)];
   auto dots = [&](auto kn, index_t j) {
     constexpr int KN = decltype(kn)::value;
@@ -261,10 +335,98 @@ void decode_values_columns(accum_t<T>* o, index_t os, const accum_t<T>* p, const
     for (int x = 0; x < NV; ++x) acc[r][x].store_unaligned(o + r * os + c0 + x * W);
 }
 
+/// bf16 values read as 32-bit words: W words hold 2W values, and a bf16 is the top half of its
+/// float, so word << 16 is the even column's float and word & 0xffff0000 the odd one's — two
+/// integer operations for 2W values where widening (vpmovzxwd, a shuffle, and a shift per W)
+/// took four, and the shuffles bound the loop (8.3 cycles a key at dv = 64 on Zen 4, with V in
+/// L1; docs/design_exact.md "Decode"). So a bf16 task's O rows hold each group of 2W columns as
+/// [even columns | odd columns] (decode_values_in_order puts them back); each column's sum is the
+/// same multiply-adds in the same key order as decode_values_columns'. Groups [c0, c0 + NG·2W),
+/// Partial: the last ends at dv (zero-filled past it).
+template <int RN, int NG, bool Partial, class Arch>
+void decode_values_words(float* o, index_t os, const float* p, const bf16* v, index_t vs, index_t ja, index_t jb,
+                         index_t c0, index_t dv) {
+  using B = batch<float, Arch>;
+  using U = batch<std::uint32_t, Arch>;
+  constexpr index_t W = simd_width<float, Arch>;
+  B acc[std::size_t(RN)][std::size_t(NG)][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < RN; ++r)
+#pragma GCC unroll 8
+    for (int g = 0; g < NG; ++g)
+      for (int e = 0; e < 2; ++e) acc[r][g][e] = B::load_unaligned(o + r * os + c0 + (2 * g + e) * W);
+  for (index_t j = ja; j < jb; ++j) {
+    const auto* row = reinterpret_cast<const std::uint16_t*>(v + j * vs) + c0;
+    B ev[std::size_t(NG)], od[std::size_t(NG)];
+#pragma GCC unroll 8
+    for (int g = 0; g < NG; ++g) {
+      U w;
+      if (Partial && g == NG - 1) {
+        alignas(64) std::uint16_t tmp[to_size(2 * W)] = {};
+        std::copy(row + g * 2 * W, row + (dv - c0), tmp);
+        w = U::load_aligned(reinterpret_cast<const std::uint32_t*>(tmp));
+      } else {
+        w = U::load_unaligned(reinterpret_cast<const std::uint32_t*>(row + g * 2 * W));
+      }
+      ev[g] = xsimd::bitwise_cast<B>(w << 16);
+      od[g] = xsimd::bitwise_cast<B>(w & U(0xffff0000u));
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < RN; ++r) {
+      const B pj(p[r * kDecodeScoreRow + j]);
+#pragma GCC unroll 8
+      for (int g = 0; g < NG; ++g) {
+        acc[r][g][0] = xsimd::fma(pj, ev[g], acc[r][g][0]);
+        acc[r][g][1] = xsimd::fma(pj, od[g], acc[r][g][1]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RN; ++r)
+#pragma GCC unroll 8
+    for (int g = 0; g < NG; ++g)
+      for (int e = 0; e < 2; ++e) acc[r][g][e].store_unaligned(o + r * os + c0 + (2 * g + e) * W);
+}
+
+/// Whether a task's O rows are in decode_values_words' layout (groups of 2W columns, even then
+/// odd): bf16 values.
+template <class T>
+inline constexpr bool kDecodeValueWords = std::is_same_v<T, bf16>;
+
+/// o[0, n) (n a multiple of 2W) from decode_values_words' layout to column order.
+template <class Arch>
+void decode_values_in_order(float* o, index_t n) {
+  constexpr index_t W = simd_width<float, Arch>;
+  alignas(64) float tmp[to_size(2 * W)];
+  for (index_t c0 = 0; c0 < n; c0 += 2 * W) {
+    for (index_t l = 0; l < W; ++l) {
+      tmp[2 * l] = o[c0 + l];
+      tmp[2 * l + 1] = o[c0 + W + l];
+    }
+    std::copy(tmp, tmp + 2 * W, o + c0);
+  }
+}
+
 template <int RN, class T, class Arch>
 void decode_values(accum_t<T>* o, index_t os, const accum_t<T>* p, const T* v, index_t vs, index_t ja, index_t jb,
                    index_t dv) {
   constexpr index_t W = simd_width<accum_t<T>, Arch>;
+  if constexpr (kDecodeValueWords<T>) {  // groups of 2W columns: two at a time (four for one row)
+    constexpr index_t G = 2 * W;
+    const auto groups = [&](auto ng, auto partial, index_t c0) {
+      decode_values_words<RN, decltype(ng)::value, decltype(partial)::value, Arch>(o, os, p, v, vs, ja, jb, c0, dv);
+    };
+    index_t c0 = 0;
+    if constexpr (RN == 1)
+      for (; c0 + 4 * G <= dv; c0 += 4 * G) groups(std::integral_constant<int, 4>{}, std::false_type{}, c0);
+    for (; c0 + 2 * G <= dv; c0 += 2 * G) groups(std::integral_constant<int, 2>{}, std::false_type{}, c0);
+    if (c0 + G <= dv) {
+      groups(std::integral_constant<int, 1>{}, std::false_type{}, c0);
+      c0 += G;
+    }
+    if (c0 < dv) groups(std::integral_constant<int, 1>{}, std::true_type{}, c0);
+    return;
+  }
   const auto columns = [&](auto nv, auto partial, index_t c0) {
     decode_values_columns<RN, decltype(nv)::value, decltype(partial)::value, T, Arch>(o, os, p, v, vs, ja, jb, c0, dv);
   };
@@ -883,6 +1045,7 @@ void decode_merge(const decode_pass<T, Weights>& f, index_t g, accum_t<T>* parti
       const A factor = fold_sink(f.weights, f.pb.mods, h, m, l);
       scale_padded<A, Arch>(o, f.dvp, factor);
     }
+    if constexpr (kDecodeValueWords<T>) decode_values_in_order<Arch>(o, f.dvp);
     if (f.dv > 0) store_output_row<T, Arch>(f.pb, o, f.weights.denominator(m, l), b, h, i);
     if (f.pb.stats.size() > 0) f.pb.stats(b, h, i) = f.weights.row_statistic(m, l);
   }
@@ -911,7 +1074,7 @@ decode_workspace<A>& calling_thread_decode_workspace() {
 template <class T, class Weights, class Arch>
 void run_decode_attention(const attention_problem<T>& pb, const Weights& weights, const kv_parts<T>& kv) {
   using A = accum_t<T>;
-  const auto f = decode_pass<T, Weights>::make(pb, weights, kv, simd_width<A, Arch>);
+  const auto f = decode_pass<T, Weights>::make(pb, weights, kv, simd_width<A, Arch>, kDecodeValueWords<T>);
   const index_t tasks = f.row_groups() * f.chunks;
   const int threads = threads_for(pb.threads, 2.0 * double(f.d + f.dv) * double(f.B * f.H * f.Nq) *
                                                   f.mask.keys_seen_estimate());
