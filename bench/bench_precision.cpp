@@ -53,14 +53,18 @@ void BM_bf16_dot_peak(benchmark::State& state) {
   state.counters["fp32_GFLOP/s"] = measured_peak_gflops(1);
 }
 
-/// q, k, v, out [1, H, N, d] of storage T with N(0, 1) entries (rounded to T).
+/// q, k, v, out [1, H, N, d] of storage T with N(0, 1) entries (rounded to T), 64-byte aligned as
+/// a serving framework's tensors are (PyTorch's CPU allocator aligns to 64): a bf16 decode step
+/// reads V rows as whole vectors, and rows 16 bytes off a line split every load (the words
+/// read's gain then vanishes: docs/design_exact.md "Decode").
 template <class T>
 struct typed_inputs {
+  using buffer = std::vector<T, polyattn::detail::aligned_allocator<T>>;
   std::int64_t h, nq, nk, d;
-  std::vector<T> q, k, v, out;
-  static std::vector<T> make(std::size_t n, std::uint64_t seed) {
+  buffer q, k, v, out;
+  static buffer make(std::size_t n, std::uint64_t seed) {
     const std::vector<float> x = random_vector(n, seed);
-    return std::vector<T>(x.begin(), x.end());
+    return buffer(x.begin(), x.end());
   }
   typed_inputs(std::int64_t h_, std::int64_t nq_, std::int64_t nk_, std::int64_t d_)
       : h(h_), nq(nq_), nk(nk_), d(d_), q(make(std::size_t(h * nq * d), 1)), k(make(std::size_t(h * nk * d), 2)),
