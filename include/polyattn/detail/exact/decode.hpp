@@ -208,7 +208,7 @@ void decode_scores_row(const T* k, index_t ks, index_t nk, index_t d, const type
   using Bt = batch<A, Arch>;
   constexpr index_t W = simd_width<A, Arch>;
   const index_t tail = Tail ? d - (NC - 1) * Op::step : Op::step;  // values of the last vector
-  Bt qv[NC];
+  Bt qv[std::size_t(NC)];
 #pragma GCC unroll 4
   for (int c = 0; c < NC; ++c) qv[c] = Op::load_q(q + c * Op::step);
   const auto dot = [&](const T* kr) {
