@@ -80,6 +80,11 @@ void store_output_row(const attention_problem<T>& pb, accum_t<T>* o, accum_t<T> 
     store_row<T, Arch>(o, dv, den, &pb.out(b, h, i, 0));
 }
 
+/// Whether a task's O rows are in decode_values_words' layout (groups of 2W columns, even then
+/// odd): bf16 values.
+template <class T>
+inline constexpr bool kDecodeValueWords = std::is_same_v<T, bf16>;
+
 template <class T, class Weights>
 struct decode_pass {
   using A = accum_t<T>;
@@ -90,13 +95,12 @@ struct decode_pass {
   index_t heads_per_task, subgroups, chunks, dvp, slot;  // slot: values a row's partial takes
   attention_mask mask;
 
-  /// W: the vector width; `words`: O rows in groups of 2W columns (decode_values_words).
-  static decode_pass make(const attention_problem<T>& pb, const Weights& w, const kv_parts<T>& kv, index_t W,
-                          bool words) {
+  /// W: the vector width (bf16's O rows take whole groups of 2W columns: decode_values_words).
+  static decode_pass make(const attention_problem<T>& pb, const Weights& w, const kv_parts<T>& kv, index_t W) {
     const index_t B = pb.q.extent(0), H = pb.q.extent(1), Nq = pb.q.extent(2), d = pb.q.extent(3);
     const index_t Hk = pb.k.extent(1), Nk = pb.k.extent(2), dv = pb.v.extent(3), group = H / Hk;
     const index_t hpt = std::min(group, std::max<index_t>(1, kDecodeRows / Nq));
-    const index_t dvp = round_up(dv, words ? 2 * W : W);
+    const index_t dvp = round_up(dv, kDecodeValueWords<T> ? 2 * W : W);
     return decode_pass{pb, w, kv, B, H, Nq, d, Hk, Nk, dv, group, hpt, ceil_div(group, hpt),
                        std::max<index_t>(1, ceil_div(Nk, kDecodeChunk)), dvp, dvp + 2,
                        attention_mask::of(pb.causal, Nq, Nk, pb.band)};
@@ -215,8 +219,7 @@ void decode_scores_row(const T* k, index_t ks, index_t nk, index_t d, const type
     Bt a(A(0));
 #pragma GCC unroll 4
     for (int c = 0; c + 1 < NC; ++c) a = Op::madd(Op::load_k(kr + c * Op::step, Op::step), qv[c], a);
-    const T* last = kr + (NC - 1) * Op::step;
-    return Op::madd(Tail ? Op::load_k(last, tail) : Op::load_k(last, Op::step), qv[NC - 1], a);
+    return Op::madd(Op::load_k(kr + (NC - 1) * Op::step, tail), qv[NC - 1], a);
   };
   Bt acc[to_size(W)];
   for (index_t j0 = 0; j0 < nk; j0 += W) {
@@ -387,11 +390,6 @@ void decode_values_words(float* o, index_t os, const float* p, const bf16* v, in
     for (int g = 0; g < NG; ++g)
       for (int e = 0; e < 2; ++e) acc[r][g][e].store_unaligned(o + r * os + c0 + (2 * g + e) * W);
 }
-
-/// Whether a task's O rows are in decode_values_words' layout (groups of 2W columns, even then
-/// odd): bf16 values.
-template <class T>
-inline constexpr bool kDecodeValueWords = std::is_same_v<T, bf16>;
 
 /// o[0, n) (n a multiple of 2W) from decode_values_words' layout to column order.
 template <class Arch>
@@ -1074,7 +1072,7 @@ decode_workspace<A>& calling_thread_decode_workspace() {
 template <class T, class Weights, class Arch>
 void run_decode_attention(const attention_problem<T>& pb, const Weights& weights, const kv_parts<T>& kv) {
   using A = accum_t<T>;
-  const auto f = decode_pass<T, Weights>::make(pb, weights, kv, simd_width<A, Arch>, kDecodeValueWords<T>);
+  const auto f = decode_pass<T, Weights>::make(pb, weights, kv, simd_width<A, Arch>);
   const index_t tasks = f.row_groups() * f.chunks;
   const int threads = threads_for(pb.threads, 2.0 * double(f.d + f.dv) * double(f.B * f.H * f.Nq) *
                                                   f.mask.keys_seen_estimate());
