@@ -1,8 +1,8 @@
 // tests/test_varlen.cpp — packed variable-length batches (varlen.hpp), the exact kernels: flash
 // and polynomial forward and backward against the float64 gradient oracle applied to a copy of
 // each sequence (random lengths including 0 and 1, nq != nk, GQA, causal and not, a window with
-// global positions), threads 1 vs 2 bitwise, one bf16 forward, empty batches and the validation
-// messages. The linear family: test_varlen_linear.cpp.
+// global positions), threads 1 vs 2 bitwise, one bf16 forward, the sinks' gradient against central
+// differences of the modifier oracle, empty batches and the validation messages. The linear family: test_varlen_linear.cpp.
 #include <polyattn/varlen.hpp>
 
 #include <cmath>
@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "support/backward_oracles.hpp"
+#include "support/modifier_oracle.hpp"
 #include "support/oracles.hpp"
 #include "support/tensors.hpp"
 #include "support/throws.hpp"
@@ -99,6 +100,79 @@ TEST_CASE("varlen: bf16 flash forward matches the float64 oracle on the rounded 
     const dense_result o = softmax_oracle<double>(qs.cview(), ks.cview(), vs.cview(), test_mask(true), 1.0 / std::sqrt(double(D)));
     require_rows("out", static_cast<index_t>(s), c.out, q0, o, 1e-2);  // out rounded to bf16: 2^-8 relative
   }
+}
+
+namespace {
+
+/// The packed backward's dsinks (threads as given) for flash with the spec's sinks, causal or not.
+template <class T>
+std::vector<accum_t<T>> packed_dsinks(packed_case<T>& c, const modifier_spec& m, int threads) {
+  std::vector<accum_t<T>> ds(static_cast<std::size_t>(H), accum_t<T>(0));
+  const softmax_options so = m.options(threads);
+  flash_attention<T>(c.q.view, c.k.view, c.v.view, c.out.view, c.seqs(), so, c.stats_view());
+  flash_attention_backward<T>(c.q.view, c.k.view, c.v.view, c.out.view, c.dout.view, c.stats_cview(), c.dq.view,
+                              c.dk.view, c.dv.view, c.seqs(), so, tensor_view<accum_t<T>, 1>(ds.data(), {H}));
+  return ds;
+}
+
+/// L = Σ out ∘ dout over every sequence, each sequence's copy through the float64 modifier oracle.
+template <class T>
+double packed_oracle_loss(const packed_case<T>& c, const modifier_spec& m) {
+  double loss = 0;
+  for (std::size_t s = 0; s + 1 < c.off.q.size(); ++s) {
+    const index_t q0 = c.off.q[s], nq = c.off.q[s + 1] - q0, k0 = c.off.k[s], nk = c.off.k[s + 1] - k0;
+    const auto qs = sequence_copy(c.q, q0, nq), ks = sequence_copy(c.k, k0, nk), vs = sequence_copy(c.v, k0, nk),
+               gs = sequence_copy(c.dout, q0, nq);
+    const dense_result o = modifier_oracle<T>(qs.cview(), ks.cview(), vs.cview(), m);
+    for (std::size_t x = 0; x < o.data.size(); ++x) loss += o.data[x] * double(gs.storage[x]);
+  }
+  return loss;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("varlen: the sinks' gradient of a packed batch against central differences of the oracle",
+                   "[varlen][modifiers]", float, double) {
+  for (bool causal : {true, false}) {
+    INFO("causal " << causal);
+    packed_case<TestType> c(D, DV, causal ? 61 : 62);
+    modifier_spec m;
+    m.mask = test_mask(causal);
+    m.scale = 1.0 / std::sqrt(double(D));
+    m.sinks = {0.4, -0.7, 1.3, 0.0};  // one per query head (H = 4)
+    const auto ds = packed_dsinks(c, m, 2);
+    REQUIRE(same_bits(ds, packed_dsinks(c, m, 1)));
+    for (std::size_t h = 0; h < m.sinks.size(); ++h) {
+      modifier_spec up = m, down = m;
+      const double step = 1e-5;
+      up.sinks[h] += step;
+      down.sinks[h] -= step;
+      const double fd = (packed_oracle_loss(c, up) - packed_oracle_loss(c, down)) / (2 * step);
+      INFO("head " << h << ": dsinks " << ds[h] << ", central difference " << fd);
+      CHECK(std::abs(double(ds[h]) - fd) <= (std::is_same_v<TestType, double> ? 1e-7 : 1e-4) * (1 + std::abs(fd)));
+    }
+  }
+}
+
+TEST_CASE("varlen: the packed dsinks overload validates dsinks before writing anything", "[varlen][modifiers]") {
+  packed_case<float> c(D, DV, 63);
+  softmax_options so;
+  so.sinks = {0.1, 0.2, 0.3, 0.4};
+  flash_attention<float>(c.q.view, c.k.view, c.v.view, c.out.view, c.seqs(), so, c.stats_view());
+  std::fill(c.dq.data.begin(), c.dq.data.end(), 7.0f);
+  std::vector<float> ds(4, 0.0f);
+  auto backward = [&](const softmax_options& o, tensor_view<float, 1> d) {
+    flash_attention_backward<float>(c.q.view, c.k.view, c.v.view, c.out.view, c.dout.view, c.stats_cview(), c.dq.view,
+                                    c.dk.view, c.dv.view, c.seqs(), o, d);
+  };
+  require_invalid_argument([&] { backward(so, tensor_view<float, 1>(ds.data(), {3})); },
+                           {"flash_attention_backward", "'dsinks' has shape [3]",
+                            "[heads] = [4] for 'q' [" + std::to_string(c.tq) + ", 4, 8]"});
+  require_invalid_argument([&] { backward(softmax_options{}, tensor_view<float, 1>(ds.data(), {4})); },
+                           {"flash_attention_backward", "'dsinks'", "option 'sinks' is empty"});
+  const tensor_view<float, 1> into_dq(c.dq.data.data(), {4});
+  require_invalid_argument([&] { backward(so, into_dq); }, {"flash_attention_backward", "'dq'", "'dsinks'", "overlap"});
+  for (float x : c.dq.data) REQUIRE(x == 7.0f);  // nothing written
 }
 
 TEST_CASE("varlen: an empty batch and empty sequences write nothing but their rows", "[varlen]") {

@@ -22,6 +22,7 @@
 #include "detail/core/check_options.hpp"
 #include "detail/core/packed.hpp"
 #include "detail/core/validation.hpp"
+#include "detail/exact/modifiers.hpp"
 #include "flash.hpp"
 #include "linear.hpp"
 #include "options.hpp"
@@ -146,6 +147,25 @@ void flash_attention_backward(detail::packed_input<T> q, detail::packed_input<T>
                               tensor_view<T, 3> dv, const packed_sequences& seqs, const softmax_options& opts = {}) {
   detail::packed_exact_backward<T>("flash_attention_backward", q, k, v, out, dout, stats, dq, dk, dv, seqs, opts,
                                    [](auto... a) { flash_attention_backward<T>(a...); });
+}
+
+/// The same, also writing dsinks [H] (written, not accumulated), the gradient with respect to
+/// `opts.sinks`, which must be set: dsinks_h = −Σ_i exp(sinks_h − stats_{h,i})·(dout_i·out_i)
+/// over every query row i of every sequence, summed in double in packed row order and rounded
+/// once (the rank-4 overload's formula on the batch as one sequence of rows; the same bits for
+/// any thread count).
+template <class T>
+void flash_attention_backward(detail::packed_input<T> q, detail::packed_input<T> k, detail::packed_input<T> v,
+                              detail::packed_input<T> out, detail::packed_input<T> dout,
+                              detail::packed_stats_input<T> stats, tensor_view<T, 3> dq, tensor_view<T, 3> dk,
+                              tensor_view<T, 3> dv, const packed_sequences& seqs, const softmax_options& opts,
+                              tensor_view<accum_t<T>, 1> dsinks) {
+  detail::check_sink_gradient_output<T>("flash_attention_backward", opts, q, k, v, out, dout, stats, dq, dk, dv, dsinks);
+  flash_attention_backward<T>(q, k, v, out, dout, stats, dq, dk, dv, seqs, opts);
+  const index_t rows = out.extent(0);
+  detail::sink_gradients<T>(detail::modifiers_of<accum_t<T>>(opts), detail::sequence_rows(out, 0, rows),
+                            detail::sequence_rows(dout, 0, rows), detail::sequence_stats(stats, 0, rows), dsinks,
+                            detail::resolve_threads(opts.threads));
 }
 
 /// polynomial_attention on a packed batch.

@@ -57,7 +57,7 @@ def _exact_function(name):
     backward calls the kernel's backward op (`<name>_forward`, `<name>_backward`). `extra` are
     tensors both ops take after q, k, v and after the stats (a varlen call's offsets); `sinks` is
     None or flash's sinks tensor, whose values are args[5] (flash's argument order) and whose
-    gradient is the backward op's fourth output, or (varlen ops: none) formed here."""
+    gradient is the backward op's fourth output."""
     forward_op, backward_op = getattr(_ops, name + "_forward"), getattr(_ops, name + "_backward")
 
     class _Exact(torch.autograd.Function):
@@ -76,19 +76,10 @@ def _exact_function(name):
             grads = backward_op(q, k, v, out, dout, stats, *extra, *ctx.args)
             dsinks = None
             if ctx.needs_input_grad[3]:
-                dsinks = grads[3] if len(grads) > 3 else _packed_sink_gradient(ctx.args[5], out, dout, stats)
-                dsinks = dsinks.to(ctx.sinks_dtype)
+                dsinks = grads[3].to(ctx.sinks_dtype)
             return (*grads[:3], dsinks, None, None)
 
     return _Exact
-
-
-def _packed_sink_gradient(sinks, out, dout, stats):
-    """dsinks_h = −Σ_i exp(sink_h − lse_hi)·(dO_i·O_i) of a packed call (out, dout [T, H, dv], stats
-    [H, T]), in float64: the formula of C++'s flash_attention_backward with dsinks, which has no
-    packed overload."""
-    d = (dout.double() * out.double()).sum(-1)  # [T, H]
-    return -(torch.exp(torch.tensor(sinks, dtype=torch.float64)[:, None] - stats.double()) * d.T).sum(-1)
 
 
 def _per_head(fn, name, values):

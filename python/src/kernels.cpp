@@ -104,12 +104,18 @@ void flash_varlen_forward(dtype t, view3 q, view3 k, view3 v, view3 out, view2 s
 
 void flash_varlen_backward(dtype t, view3 q, view3 k, view3 v, view3 out, view3 dout, view2 stats, view3 dq,
                            view3 dk, view3 dv, const std::vector<std::int64_t>& cu_q,
-                           const std::vector<std::int64_t>& cu_k, const polyattn::softmax_options& o) {
+                           const std::vector<std::int64_t>& cu_k, const polyattn::softmax_options& o, void* dsinks) {
   dispatch(t, [&](auto x) {
     using T = decltype(x);
-    polyattn::flash_attention_backward<T>(tv<T, 3>(q), tv<T, 3>(k), tv<T, 3>(v), tv<T, 3>(out), tv<T, 3>(dout),
-                                          sv<T, 2>(stats), tv<T, 3>(dq), tv<T, 3>(dk), tv<T, 3>(dv),
-                                          polyattn::packed_sequences(cu_q, cu_k), o);
+    using A = polyattn::accum_t<T>;
+    const polyattn::packed_sequences seqs(cu_q, cu_k);
+    if (dsinks)
+      polyattn::flash_attention_backward<T>(tv<T, 3>(q), tv<T, 3>(k), tv<T, 3>(v), tv<T, 3>(out), tv<T, 3>(dout),
+                                            sv<T, 2>(stats), tv<T, 3>(dq), tv<T, 3>(dk), tv<T, 3>(dv), seqs, o,
+                                            polyattn::tensor_view<A, 1>(static_cast<A*>(dsinks), {q.ext[1]}));
+    else
+      polyattn::flash_attention_backward<T>(tv<T, 3>(q), tv<T, 3>(k), tv<T, 3>(v), tv<T, 3>(out), tv<T, 3>(dout),
+                                            sv<T, 2>(stats), tv<T, 3>(dq), tv<T, 3>(dk), tv<T, 3>(dv), seqs, o);
   });
 }
 

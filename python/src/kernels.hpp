@@ -55,9 +55,11 @@ void flash_backward(dtype t, view4 q, view4 k, view4 v, view4 out, view4 dout, v
 void flash_varlen_forward(dtype t, view3 q, view3 k, view3 v, view3 out, view2 stats,
                           const std::vector<std::int64_t>& cu_q, const std::vector<std::int64_t>& cu_k,
                           const polyattn::softmax_options& o);
+/// dsinks as flash_backward's.
 void flash_varlen_backward(dtype t, view3 q, view3 k, view3 v, view3 out, view3 dout, view2 stats, view3 dq,
                            view3 dk, view3 dv, const std::vector<std::int64_t>& cu_q,
-                           const std::vector<std::int64_t>& cu_k, const polyattn::softmax_options& o);
+                           const std::vector<std::int64_t>& cu_k, const polyattn::softmax_options& o,
+                           void* dsinks = nullptr);
 void polynomial_forward(dtype t, view4 q, view4 k, view4 v, view4 out, view3 stats,
                         const polyattn::polynomial_options& o);
 void polynomial_backward(dtype t, view4 q, view4 k, view4 v, view4 out, view4 dout, view3 stats, view4 dq, view4 dk,

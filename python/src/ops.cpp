@@ -245,7 +245,8 @@ pair flash_varlen_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const T
   });
 }
 
-triple flash_varlen_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& dout,
+/// dq, dk, dv and dsinks, as flash_bwd.
+std::tuple<Tensor, Tensor, Tensor, Tensor> flash_varlen_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& dout,
                         const Tensor& stats, const Tensor& cu_q, const Tensor& cu_k, bool causal,
                         c10::optional<double> scale, int64_t wl, int64_t wr, std::vector<int64_t> global,
                         std::vector<double> sinks, double softcap, std::vector<double> alibi_slopes) {
@@ -255,10 +256,11 @@ triple flash_varlen_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const
                 vd = c.packed("dout", dout);
     const std::vector<int64_t> oq = offsets(c.fn, "cu_seqlens_q", cu_q), ok = offsets(c.fn, "cu_seqlens_k", cu_k);
     Tensor dq = call::like(q), dk = call::like(k), dv = call::like(v);
+    Tensor dsinks = at::empty({sinks.empty() ? 0 : vq.ext[1]}, at::TensorOptions().dtype(accum_of(c.type)));
     const polyattn::softmax_options o = softmax_opts(causal, scale, wl, wr, global, sinks, softcap, alibi_slopes);
     flash_varlen_backward(c.type, vq, vk, vv, vo, vd, c.packed_stats(stats), c.packed("dq", dq), c.packed("dk", dk),
-                          c.packed("dv", dv), oq, ok, o);
-    return triple(dq, dk, dv);
+                          c.packed("dv", dv), oq, ok, o, sinks.empty() ? nullptr : dsinks.data_ptr());
+    return std::make_tuple(dq, dk, dv, dsinks);
   });
 }
 
@@ -540,7 +542,7 @@ TORCH_LIBRARY(polyattn, m) {
         &flash_varlen_fwd);
   m.def("flash_varlen_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor dout, Tensor stats, "
         "Tensor cu_seqlens_q, Tensor cu_seqlens_k, bool causal, float? scale, int window_left, int window_right, "
-        "int[] global_positions, float[] sinks, float softcap, float[] alibi_slopes) -> (Tensor, Tensor, Tensor)",
+        "int[] global_positions, float[] sinks, float softcap, float[] alibi_slopes) -> (Tensor, Tensor, Tensor, Tensor)",
         &flash_varlen_bwd);
   m.def("polynomial_forward(Tensor q, Tensor k, Tensor v, int degree, float scale, float normalizer_bias, bool causal, "
         "int window_left, int window_right, int[] global_positions, bool bhnd) -> (Tensor, Tensor)",

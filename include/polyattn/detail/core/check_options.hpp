@@ -97,15 +97,16 @@ void check_score_modifiers(const char* fn, const softmax_options& opts, index_t 
     fail(fn, "option 'softcap' = " + format_value(opts.softcap) + " underflows to 0 in the kernel's precision");
 }
 
-/// dsinks [H] of the backward overload that writes the sinks' gradient: opts.sinks set, one
-/// value per query head of q, a writable view sharing no memory with the call's inputs and
-/// other outputs (which the overload's plain backward checks afterwards).
-template <class T, class A>
-void check_sink_gradient_output(const char* fn, const softmax_options& opts, const tensor_view<const T, 4>& q,
-                                const tensor_view<const T, 4>& k, const tensor_view<const T, 4>& v,
-                                const tensor_view<const T, 4>& out, const tensor_view<const T, 4>& dout,
-                                const tensor_view<const A, 3>& stats, const tensor_view<T, 4>& dq,
-                                const tensor_view<T, 4>& dk, const tensor_view<T, 4>& dv,
+/// dsinks [H] of the backward overloads that write the sinks' gradient: opts.sinks set, one
+/// value per query head of q (extent 1 of q [B, H, Nq, d] and of packed q [Tq, H, d]), a
+/// writable view sharing no memory with the call's inputs and other outputs (which the
+/// overload's plain backward checks afterwards).
+template <class T, class A, std::size_t R, std::size_t RS>
+void check_sink_gradient_output(const char* fn, const softmax_options& opts, const tensor_view<const T, R>& q,
+                                const tensor_view<const T, R>& k, const tensor_view<const T, R>& v,
+                                const tensor_view<const T, R>& out, const tensor_view<const T, R>& dout,
+                                const tensor_view<const A, RS>& stats, const tensor_view<T, R>& dq,
+                                const tensor_view<T, R>& dk, const tensor_view<T, R>& dv,
                                 const tensor_view<A, 1>& dsinks) {
   check_view(fn, "dsinks", dsinks);
   if (dsinks.extent(0) != q.extent(1))
