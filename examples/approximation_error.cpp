@@ -179,8 +179,17 @@ using view = polyattn::tensor_view<float, 4>;
 cview head(const mat& x) { return cview(x.data(), {1, 1, x.rows(), x.cols()}); }  // one head [1, 1, rows, cols]
 view head(mat& x) { return view(x.data(), {1, 1, x.rows(), x.cols()}); }
 
+/// ‖out − exact‖_F / ‖exact‖_F, summed in double in a plain loop (Eigen's vectorised norm() of
+/// a double matrix trips GCC 12's -Wmaybe-uninitialized inside its AVX-512 intrinsics).
 double relative_error(const mat& out, const matd& exact) {
-  return (out.cast<double>() - exact).norm() / exact.norm();
+  double diff = 0, ref = 0;
+  for (index_t i = 0; i < exact.rows(); ++i)
+    for (index_t c = 0; c < exact.cols(); ++c) {
+      const double e = exact(i, c), d = double(out(i, c)) - e;
+      diff += d * d;
+      ref += e * e;
+    }
+  return std::sqrt(diff / ref);
 }
 
 struct row {
