@@ -1,6 +1,6 @@
 // The exact forward's decode path (detail/exact/decode.hpp): calls with at most 4 queries a head
-// run with keys in lanes, the heads of a GQA group in one task and the keys split into fixed
-// chunks of 4096 merged in order. Oracle checks across chunk and block boundaries, GQA groups
+// run with keys in lanes, the heads of a GQA group in one task and the keys split into chunks
+// (512 to 4096 keys, by the key count alone) merged in order. Oracle checks across chunk and block boundaries, GQA groups
 // larger than a task's rows, masks, stats; bitwise thread invariance; non-finite values; and
 // the lane-by-lane horizontal sum the scores rely on. Then the tiled path's split-KV prefill
 // (tiling.hpp): up to 4 query blocks a head (Nq <= 192) over more than 4096 keys, the keys cut
@@ -8,8 +8,10 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <cstring>
 #include <initializer_list>
 #include <limits>
+#include <random>
 #include <utility>
 
 #include "support/exact_battery.hpp"
@@ -34,7 +36,7 @@ TEMPLATE_TEST_CASE("vhaddp: lane i is the sum of row i", "[decode]", float, doub
 
 namespace {
 
-/// Decode shapes: Nq <= 4, keys across the 256-key blocks and 4096-key chunks, GQA groups of 1
+/// Decode shapes: Nq <= 4, keys across the 256-key blocks and the chunks, GQA groups of 1
 /// to 8 heads (a task holds 8 / Nq heads), strided views, odd head dims; tasks of 3 to 8 rows
 /// (the rows in lanes of decode_scores_lanes where they fill more than half a vector) with head
 /// dims below a vector and fewer keys than a vector.
@@ -122,7 +124,49 @@ void check_causal_thread_invariance(std::initializer_list<attention_shape> shape
 }  // namespace
 
 TEST_CASE("decode path: the same bits for any thread count, across chunks", "[decode][threads]") {
-  check_causal_thread_invariance({{1, 1, 1, 1, 20000, 64, 64, false}, {2, 8, 2, 2, 9000, 32, 48, true}});
+  // chunks of 2560, 2304 and 512 keys (8, 4 and 6 of them): a short cache of one head splits too
+  check_causal_thread_invariance({{1, 1, 1, 1, 20000, 64, 64, false},
+                                  {2, 8, 2, 2, 9000, 32, 48, true},
+                                  {1, 1, 1, 1, 3000, 64, 64, false}});
+}
+
+TEST_CASE("decode path: a chunk's keys depend on the sequence's keys and row groups alone", "[decode]") {
+  // enough chunks for 8 tasks a sequence (kv heads × row groups × chunks), in whole 256-key
+  // blocks, 512 to 4096 keys
+  CHECK(detail::decode_chunk(1, 1) == 512);
+  CHECK(detail::decode_chunk(3000, 1) == 512);    // 375 -> 512: 6 chunks
+  CHECK(detail::decode_chunk(4096, 1) == 512);    // 8 chunks of 512
+  CHECK(detail::decode_chunk(4097, 1) == 768);    // 513 -> three blocks
+  CHECK(detail::decode_chunk(20000, 1) == 2560);  // 2500 -> ten blocks
+  CHECK(detail::decode_chunk(32768, 1) == 4096);
+  CHECK(detail::decode_chunk(std::int64_t(1) << 40, 1) == 4096);
+  CHECK(detail::decode_chunk(4096, 2) == 1024);   // 4 chunks for each of 2 groups
+  CHECK(detail::decode_chunk(4096, 3) == 1536);   // 3 chunks: 1366 -> six blocks
+  CHECK(detail::decode_chunk(4096, 8) == 4096);   // one chunk a group, as every group of 8 or more
+  CHECK(detail::decode_chunk(2000, 8) == 2048);
+  CHECK(detail::decode_chunk(100000, 16) == 4096);
+}
+
+TEST_CASE("decode path: a sequence's rows are the same bits alone and in a batch", "[decode]") {
+  // one kv head over 3000 keys: chunks of 512 whatever the batch (the chunking never looks at it)
+  const index_t B = 3, H = 4, N = 3000, d = 40;
+  const auto size = [](index_t n) { return static_cast<std::size_t>(n); };
+  std::vector<float> q(size(B * H * d)), k(size(B * N * d)), v(size(B * N * d)), all(size(B * H * d)), one(size(H * d));
+  std::mt19937 gen(17);
+  std::normal_distribution<float> nd;
+  for (auto* x : {&q, &k, &v}) for (float& e : *x) e = nd(gen);
+  softmax_options so;
+  so.threads = 2;
+  flash_attention<float>(tensor_view<const float, 4>(q.data(), {B, H, 1, d}), tensor_view<const float, 4>(k.data(), {B, 1, N, d}),
+                         tensor_view<const float, 4>(v.data(), {B, 1, N, d}), tensor_view<float, 4>(all.data(), {B, H, 1, d}), so);
+  for (index_t b = 0; b < B; ++b) {
+    flash_attention<float>(tensor_view<const float, 4>(q.data() + b * H * d, {1, H, 1, d}),
+                           tensor_view<const float, 4>(k.data() + b * N * d, {1, 1, N, d}),
+                           tensor_view<const float, 4>(v.data() + b * N * d, {1, 1, N, d}),
+                           tensor_view<float, 4>(one.data(), {1, H, 1, d}), so);
+    INFO("sequence " << b);
+    CHECK(std::memcmp(one.data(), all.data() + b * H * d, sizeof(float) * one.size()) == 0);
+  }
 }
 
 TEST_CASE("decode path: rows with no key give 0; stats are the oracle's log-sum-exp", "[decode]") {

@@ -17,10 +17,12 @@
 //   - bf16 V rows are read as 32-bit words, each word two columns' floats by a shift and a mask
 //     (decode_values_words), so a bf16 task's O rows hold their columns in groups of 2W, even
 //     columns then odd, put back in order by the merge;
-//   - split-KV: the keys are cut into chunks of kDecodeChunk, one task per (batch, kv head,
-//     row group, chunk), each leaving a partial (m, l, O); a second pass merges the chunks in
-//     order with Weights::merge (log-sum-exp rescaling for softmax, plain sums for polynomial).
-// The chunk size is fixed, so results are bitwise identical for any thread count.
+//   - split-KV: the keys are cut into chunks (decode_chunk: 512 to 4096 keys, enough for 8
+//     tasks a sequence), one task per (batch, kv head, row group, chunk), each leaving a
+//     partial (m, l, O); a second pass merges the chunks in order with Weights::merge
+//     (log-sum-exp rescaling for softmax, plain sums for polynomial).
+// The chunk size depends on a sequence's shape only, never on the threads or the batch, so
+// results are bitwise identical for any thread count, and a sequence's in any batch.
 #pragma once
 
 #include <algorithm>
@@ -41,8 +43,22 @@ namespace polyattn::detail {
 
 inline constexpr index_t kDecodeMaxQueries = 4;  // queries a head at most for the decode path
 inline constexpr index_t kDecodeRows = 8;        // rows (group heads × queries) a task at most
-inline constexpr index_t kDecodeChunk = 4096;    // keys a split-KV chunk: fixed, never the thread count
+inline constexpr index_t kDecodeChunk = 4096;    // keys a split-KV chunk at most
+inline constexpr index_t kDecodeMinChunk = 512;  // and at least (when there are that many keys)
 inline constexpr index_t kDecodeBlock = 256;     // keys a block inside a chunk
+
+/// Keys a split-KV chunk holds for a sequence of nk keys whose kv heads and row groups make
+/// `groups` tasks per chunk: enough chunks for 8 tasks a sequence, in whole blocks, between
+/// kDecodeMinChunk and kDecodeChunk keys. It depends on the sequence's shape alone — never on
+/// the thread count or the batch, so a sequence's bits are the same for any thread count and in
+/// any batch: one kv head over 4096 keys runs as 8 chunks of 512 (a fixed 4096 ran it as one
+/// task on one core), while 8 kv heads or more keep one chunk of up to 4096 keys each (smaller
+/// chunks there only add each chunk's start and merge; docs/design_exact.md, "Decode").
+inline index_t decode_chunk(index_t nk, index_t groups) {
+  const index_t wanted = ceil_div(index_t(8), std::max<index_t>(1, groups));  // chunks a sequence
+  return std::clamp(round_up(ceil_div(nk, wanted), kDecodeBlock), kDecodeMinChunk, kDecodeChunk);
+}
+
 // Scores a row takes in the scratch: a block plus one vector (a paged block's last piece stores
 // whole vectors, up to 15 lanes past the block)
 inline constexpr index_t kDecodeScoreRow = kDecodeBlock + 16;
@@ -92,7 +108,9 @@ struct decode_pass {
   const Weights& weights;
   const kv_parts<T>& kv;
   index_t B, H, Nq, d, Hk, Nk, dv, group;
-  index_t heads_per_task, subgroups, chunks, dvp, slot;  // slot: values a row's partial takes
+  index_t heads_per_task, subgroups;
+  index_t chunk, chunks;  // keys a chunk (decode_chunk) and chunks
+  index_t dvp, slot;      // slot: values a row's partial takes
   attention_mask mask;
 
   /// W: the vector width (bf16's O rows take whole groups of 2W columns: decode_values_words).
@@ -101,8 +119,9 @@ struct decode_pass {
     const index_t Hk = pb.k.extent(1), Nk = pb.k.extent(2), dv = pb.v.extent(3), group = H / Hk;
     const index_t hpt = std::min(group, std::max<index_t>(1, kDecodeRows / Nq));
     const index_t dvp = round_up(dv, kDecodeValueWords<T> ? 2 * W : W);
-    return decode_pass{pb, w, kv, B, H, Nq, d, Hk, Nk, dv, group, hpt, ceil_div(group, hpt),
-                       std::max<index_t>(1, ceil_div(Nk, kDecodeChunk)), dvp, dvp + 2,
+    const index_t chunk = decode_chunk(Nk, Hk * ceil_div(group, hpt));
+    return decode_pass{pb, w, kv, B, H, Nq, d, Hk, Nk, dv, group, hpt, ceil_div(group, hpt), chunk,
+                       std::max<index_t>(1, ceil_div(Nk, chunk)), dvp, dvp + 2,
                        attention_mask::of(pb.causal, Nq, Nk, pb.band)};
   }
   index_t row_groups() const { return B * Hk * subgroups; }
@@ -987,7 +1006,7 @@ void decode_queries(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>
 template <class T, class Weights, class Arch>
 void decode_task(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s, index_t t, accum_t<T>* partials) {
   using A = accum_t<T>;
-  const index_t chunk = t % f.chunks;
+  const index_t c = t % f.chunks;
   index_t b, h0, nh;
   f.rows_of(t / f.chunks, b, h0, nh);
   const index_t rows = nh * f.Nq;
@@ -999,7 +1018,7 @@ void decode_task(const decode_pass<T, Weights>& f, decode_scratch<accum_t<T>>& s
     std::fill(row, row + f.dvp, A(0));
     f.weights.init(row + f.dvp, row + f.dvp + 1, 1);
   }
-  const index_t c0 = chunk * kDecodeChunk, c1 = std::min(f.Nk, c0 + kDecodeChunk);
+  const index_t c0 = c * f.chunk, c1 = std::min(f.Nk, c0 + f.chunk);
   f.mask.for_each_key_block(0, f.Nq, kDecodeBlock, true, [&](index_t j0, index_t n) {
     const index_t a = std::max(j0, c0), e = std::min(j0 + n, c1);
     if (a >= e) return;
