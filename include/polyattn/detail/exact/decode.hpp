@@ -46,16 +46,17 @@ inline constexpr index_t kDecodeRows = 8;        // rows (group heads × queries
 inline constexpr index_t kDecodeChunk = 4096;    // keys a split-KV chunk at most
 inline constexpr index_t kDecodeMinChunk = 512;  // and at least (when there are that many keys)
 inline constexpr index_t kDecodeBlock = 256;     // keys a block inside a chunk
+inline constexpr index_t kDecodeTasks = 8;       // tasks a sequence's step is cut into, keys permitting
 
 /// Keys a split-KV chunk holds for a sequence of nk keys whose kv heads and row groups make
-/// `groups` tasks per chunk: enough chunks for 8 tasks a sequence, in whole blocks, between
-/// kDecodeMinChunk and kDecodeChunk keys. It depends on the sequence's shape alone — never on
+/// `groups` tasks per chunk: enough chunks for kDecodeTasks tasks a sequence, in whole blocks,
+/// between kDecodeMinChunk and kDecodeChunk keys. It depends on the sequence's shape alone — never on
 /// the thread count or the batch, so a sequence's bits are the same for any thread count and in
 /// any batch: one kv head over 4096 keys runs as 8 chunks of 512 (a fixed 4096 ran it as one
 /// task on one core), while 8 kv heads or more keep one chunk of up to 4096 keys each (smaller
 /// chunks there only add each chunk's start and merge; docs/design_exact.md, "Decode").
 inline index_t decode_chunk(index_t nk, index_t groups) {
-  const index_t wanted = ceil_div(index_t(8), std::max<index_t>(1, groups));  // chunks a sequence
+  const index_t wanted = ceil_div(kDecodeTasks, std::max<index_t>(1, groups));  // chunks a sequence
   return std::clamp(round_up(ceil_div(nk, wanted), kDecodeBlock), kDecodeMinChunk, kDecodeChunk);
 }
 
