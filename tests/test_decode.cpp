@@ -1,7 +1,8 @@
 // The exact forward's decode path (detail/exact/decode.hpp): calls with at most 4 queries a head
 // run with keys in lanes, the heads of a GQA group in one task and the keys split into chunks
-// (512 to 4096 keys, by the key count alone) merged in order. Oracle checks across chunk and block boundaries, GQA groups
-// larger than a task's rows, masks, stats; bitwise thread invariance; non-finite values; and
+// (512 to 4096 keys, from the sequence's keys and row groups) merged in order. Oracle checks
+// across chunk and block boundaries, GQA groups larger than a task's rows, masks, stats;
+// bitwise thread and batch invariance; non-finite values; and
 // the lane-by-lane horizontal sum the scores rely on. Then the tiled path's split-KV prefill
 // (tiling.hpp): up to 4 query blocks a head (Nq <= 192) over more than 4096 keys, the keys cut
 // into 4096-key chunks whose partials merge in order.
