@@ -158,8 +158,10 @@ TEST_CASE("decode path: a sequence's rows are the same bits alone and in a batch
   for (auto* x : {&q, &k, &v}) for (float& e : *x) e = nd(gen);
   softmax_options so;
   so.threads = 2;
-  flash_attention<float>(tensor_view<const float, 4>(q.data(), {B, H, 1, d}), tensor_view<const float, 4>(k.data(), {B, 1, N, d}),
-                         tensor_view<const float, 4>(v.data(), {B, 1, N, d}), tensor_view<float, 4>(all.data(), {B, H, 1, d}), so);
+  flash_attention<float>(tensor_view<const float, 4>(q.data(), {B, H, 1, d}),
+                         tensor_view<const float, 4>(k.data(), {B, 1, N, d}),
+                         tensor_view<const float, 4>(v.data(), {B, 1, N, d}),
+                         tensor_view<float, 4>(all.data(), {B, H, 1, d}), so);
   for (index_t b = 0; b < B; ++b) {
     flash_attention<float>(tensor_view<const float, 4>(q.data() + b * H * d, {1, H, 1, d}),
                            tensor_view<const float, 4>(k.data() + b * N * d, {1, 1, N, d}),

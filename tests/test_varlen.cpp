@@ -1,8 +1,9 @@
 // tests/test_varlen.cpp — packed variable-length batches (varlen.hpp), the exact kernels: flash
 // and polynomial forward and backward against the float64 gradient oracle applied to a copy of
 // each sequence (random lengths including 0 and 1, nq != nk, GQA, causal and not, a window with
-// global positions), threads 1 vs 2 bitwise, one bf16 forward, the sinks' gradient against central
-// differences of the modifier oracle, empty batches and the validation messages. The linear family: test_varlen_linear.cpp.
+// global positions), threads 1 vs 2 bitwise, one bf16 forward, the sinks' gradient against
+// central differences of the modifier oracle, empty batches and the validation messages. The
+// linear family: test_varlen_linear.cpp.
 #include <polyattn/varlen.hpp>
 
 #include <cmath>
@@ -123,8 +124,7 @@ double packed_oracle_loss(const packed_case<T>& c, const modifier_spec& m) {
     const index_t q0 = c.off.q[s], nq = c.off.q[s + 1] - q0, k0 = c.off.k[s], nk = c.off.k[s + 1] - k0;
     const auto qs = sequence_copy(c.q, q0, nq), ks = sequence_copy(c.k, k0, nk), vs = sequence_copy(c.v, k0, nk),
                gs = sequence_copy(c.dout, q0, nq);
-    const dense_result o = modifier_oracle<T>(qs.cview(), ks.cview(), vs.cview(), m);
-    for (std::size_t x = 0; x < o.data.size(); ++x) loss += o.data[x] * double(gs.storage[x]);
+    loss += weighted_sum(modifier_oracle<T>(qs.cview(), ks.cview(), vs.cview(), m), gs.storage);
   }
   return loss;
 }

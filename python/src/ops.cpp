@@ -187,6 +187,7 @@ polyattn::polynomial_options polynomial_opts(int64_t degree, double scale, doubl
 
 using pair = std::tuple<Tensor, Tensor>;
 using triple = std::tuple<Tensor, Tensor, Tensor>;
+using quad = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
 pair flash_fwd(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, c10::optional<double> scale, int64_t wl,
                int64_t wr, std::vector<int64_t> global, std::vector<double> sinks, double softcap,
@@ -202,11 +203,10 @@ pair flash_fwd(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, c
 }
 
 /// dq, dk, dv and dsinks ([H] of the accumulation type with sinks, else an empty tensor).
-std::tuple<Tensor, Tensor, Tensor, Tensor> flash_bwd(const Tensor& q, const Tensor& k, const Tensor& v,
-                                                     const Tensor& out, const Tensor& dout, const Tensor& stats,
-                                                     bool causal, c10::optional<double> scale, int64_t wl, int64_t wr,
-                                                     std::vector<int64_t> global, std::vector<double> sinks,
-                                                     double softcap, std::vector<double> alibi_slopes, bool bhnd) {
+quad flash_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& dout,
+               const Tensor& stats, bool causal, c10::optional<double> scale, int64_t wl, int64_t wr,
+               std::vector<int64_t> global, std::vector<double> sinks, double softcap,
+               std::vector<double> alibi_slopes, bool bhnd) {
   return guarded([&] {
     call c("polyattn.flash_attention backward", q, bhnd);
     const view4 vq = c.in("q", q), vk = c.in("k", k), vv = c.in("v", v), vo = c.in("out", out), vd = c.in("dout", dout);
@@ -246,10 +246,10 @@ pair flash_varlen_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const T
 }
 
 /// dq, dk, dv and dsinks, as flash_bwd.
-std::tuple<Tensor, Tensor, Tensor, Tensor> flash_varlen_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& dout,
-                        const Tensor& stats, const Tensor& cu_q, const Tensor& cu_k, bool causal,
-                        c10::optional<double> scale, int64_t wl, int64_t wr, std::vector<int64_t> global,
-                        std::vector<double> sinks, double softcap, std::vector<double> alibi_slopes) {
+quad flash_varlen_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& dout,
+                      const Tensor& stats, const Tensor& cu_q, const Tensor& cu_k, bool causal,
+                      c10::optional<double> scale, int64_t wl, int64_t wr, std::vector<int64_t> global,
+                      std::vector<double> sinks, double softcap, std::vector<double> alibi_slopes) {
   return guarded([&] {
     call c("polyattn.flash_attention_varlen backward", q, false);
     const view3 vq = c.packed("q", q), vk = c.packed("k", k), vv = c.packed("v", v), vo = c.packed("out", out),
@@ -542,7 +542,8 @@ TORCH_LIBRARY(polyattn, m) {
         &flash_varlen_fwd);
   m.def("flash_varlen_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor dout, Tensor stats, "
         "Tensor cu_seqlens_q, Tensor cu_seqlens_k, bool causal, float? scale, int window_left, int window_right, "
-        "int[] global_positions, float[] sinks, float softcap, float[] alibi_slopes) -> (Tensor, Tensor, Tensor, Tensor)",
+        "int[] global_positions, float[] sinks, float softcap, float[] alibi_slopes) "
+        "-> (Tensor, Tensor, Tensor, Tensor)",
         &flash_varlen_bwd);
   m.def("polynomial_forward(Tensor q, Tensor k, Tensor v, int degree, float scale, float normalizer_bias, bool causal, "
         "int window_left, int window_right, int[] global_positions, bool bhnd) -> (Tensor, Tensor)",

@@ -130,9 +130,10 @@ dense_result naive_half_modified(tensor_view<const T, 4> q, tensor_view<const T,
 }
 
 /// Σ out ∘ g over every element: the loss whose gradients the backward tests check.
-inline double weighted_sum(const dense_result& out, const std::vector<double>& g) {
+template <class G>
+double weighted_sum(const dense_result& out, const std::vector<G>& g) {
   double acc = 0;
-  for (std::size_t x = 0; x < out.data.size(); ++x) acc += out.data[x] * g[x];
+  for (std::size_t x = 0; x < out.data.size(); ++x) acc += out.data[x] * double(g[x]);
   return acc;
 }
 

@@ -50,9 +50,9 @@ inline constexpr index_t kDecodeTasks = 8;       // tasks a sequence's step is c
 
 /// Keys a split-KV chunk holds for a sequence of nk keys whose kv heads and row groups make
 /// `groups` tasks per chunk: enough chunks for kDecodeTasks tasks a sequence, in whole blocks,
-/// between kDecodeMinChunk and kDecodeChunk keys. It depends on the sequence's shape alone — never on
-/// the thread count or the batch, so a sequence's bits are the same for any thread count and in
-/// any batch: one kv head over 4096 keys runs as 8 chunks of 512 (a fixed 4096 ran it as one
+/// between kDecodeMinChunk and kDecodeChunk keys. It depends on the sequence's shape alone —
+/// never on the thread count or the batch, so a sequence's bits are the same for any thread
+/// count and in any batch: one kv head over 4096 keys runs as 8 chunks of 512 (a fixed 4096 ran it as one
 /// task on one core), while 8 kv heads or more keep one chunk of up to 4096 keys each (smaller
 /// chunks there only add each chunk's start and merge; docs/design_exact.md, "Decode").
 inline index_t decode_chunk(index_t nk, index_t groups) {
@@ -120,8 +120,8 @@ struct decode_pass {
     const index_t Hk = pb.k.extent(1), Nk = pb.k.extent(2), dv = pb.v.extent(3), group = H / Hk;
     const index_t hpt = std::min(group, std::max<index_t>(1, kDecodeRows / Nq));
     const index_t dvp = round_up(dv, kDecodeValueWords<T> ? 2 * W : W);
-    const index_t chunk = decode_chunk(Nk, Hk * ceil_div(group, hpt));
-    return decode_pass{pb, w, kv, B, H, Nq, d, Hk, Nk, dv, group, hpt, ceil_div(group, hpt), chunk,
+    const index_t subgroups = ceil_div(group, hpt), chunk = decode_chunk(Nk, Hk * subgroups);
+    return decode_pass{pb, w, kv, B, H, Nq, d, Hk, Nk, dv, group, hpt, subgroups, chunk,
                        std::max<index_t>(1, ceil_div(Nk, chunk)), dvp, dvp + 2,
                        attention_mask::of(pb.causal, Nq, Nk, pb.band)};
   }
